@@ -1,0 +1,658 @@
+"""TOML -> frozen, validated settings.
+
+Defaults live here, in one place; config.example.toml documents them. The
+settings object is passed explicitly to whoever needs it: there is no global.
+A bad key or value raises ConfigError with one line that names the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_PATH = Path("/etc/mailgate/config.toml")
+
+_ADDRESS_RE = re.compile(r"^[^@\s<>()\[\],;:\"]+@[A-Za-z0-9.-]+\.[A-Za-z0-9-]+$|^[^@\s]+@localhost$")
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+class ConfigError(Exception):
+    """A bad configuration file, key or value. str() is one line naming the key."""
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str
+    echo: bool = False
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 2525
+    lmtp: bool = False
+    max_message_bytes: int = 25 * 1024 * 1024
+    hostname: str = "mailgate"
+
+
+@dataclass(frozen=True)
+class OutboundSettings:
+    url: str  # maildir:PATH or smtp://host:port
+    starttls: bool = False
+    user: str | None = None
+    password: str | None = None
+    timeout_seconds: float = 30.0
+    max_attempts: int = 12
+    retry_base_seconds: float = 30.0
+    retry_max_seconds: float = 3600.0
+    deadline_hours: float = 48.0
+    poll_seconds: float = 1.0
+
+    @property
+    def scheme(self) -> str:
+        return self.url.split(":", 1)[0]
+
+    @property
+    def maildir(self) -> Path:
+        return Path(self.url.split(":", 1)[1])
+
+
+@dataclass(frozen=True)
+class ImapAccount:
+    name: str
+    host: str
+    username: str
+    queue: str
+    port: int = 993
+    tls: str = "ssl"  # ssl | starttls | none
+    password: str | None = None
+    password_command: str | None = None
+    oauth2_token_command: str | None = None
+    folder: str = "INBOX"
+    after: str = "move"  # move | seen | delete
+    move_to: str = "Processed"
+    failed_folder: str = "Failed"
+    batch_size: int = 50
+    poll_seconds: float = 60.0
+    idle: bool = True
+    max_message_bytes: int = 25 * 1024 * 1024
+    unreachable_warning_minutes: float = 30.0
+    ca_file: Path | None = None
+    shadow: bool = False
+
+
+@dataclass(frozen=True)
+class StatusDef:
+    name: str
+    kind: str  # new | open | pending | solved | closed
+    notify_requester: bool = False
+
+
+@dataclass(frozen=True)
+class Agent:
+    email: str
+    name: str
+    role: str = "agent"  # agent | admin
+    groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AssignmentRule:
+    target: str  # an agent email or "group:NAME"
+    category: str | None = None
+    queue: str | None = None
+    sender_domain: str | None = None
+    subject_keywords: tuple[str, ...] = ()
+    strategy: str = "round-robin"  # round-robin | least-open
+
+
+@dataclass(frozen=True)
+class HelpdeskSettings:
+    address: str
+    comment_address: str
+    subject_tag: str
+    secret_key: str
+    data_dir: Path
+    name: str = "Support"
+    queues: tuple[str, ...] = ()
+    templates_dir: Path | None = None
+    statuses: tuple[StatusDef, ...] = ()
+    priorities: tuple[str, ...] = ("low", "normal", "high", "urgent")
+    default_priority: str = "normal"
+    categories: tuple[str, ...] = ()
+    trusted_authserv_ids: tuple[str, ...] = ()
+    auto_reply_limit_per_hour: int = 5
+    auto_reply_limit_per_day: int = 40
+    new_tickets_per_sender_per_hour: int = 20
+    max_attempts: int = 5
+    worker_poll_seconds: float = 0.5
+    notify_group_on_new: bool = True
+    ratings: tuple[str, ...] = ("1", "2", "3", "4", "5")
+
+    @property
+    def all_addresses(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.address, self.comment_address, *self.queues)))
+
+    def status(self, name: str) -> StatusDef | None:
+        for s in self.statuses:
+            if s.name == name:
+                return s
+        return None
+
+
+@dataclass(frozen=True)
+class SpamSettings:
+    enabled: bool = True
+    threshold: float = 0.9
+    model_path: Path | None = None  # None: data_dir/spam-model.npz, seeded from the shipped model
+    retention_days: int = 30
+
+
+@dataclass(frozen=True)
+class SlaTarget:
+    first_response_hours: float
+    resolution_hours: float
+
+
+@dataclass(frozen=True)
+class SlaTier:
+    name: str
+    targets: Mapping[str, SlaTarget]  # by priority
+    always_on: bool = False  # 24x7
+
+
+@dataclass(frozen=True)
+class SlaSettings:
+    timezone: str = "UTC"
+    hours: Mapping[str, tuple[time, time] | None] = field(default_factory=dict)
+    holidays_country: str | None = None
+    extra_holidays: tuple[str, ...] = ()
+    default_tier: str = "customer"
+    tiers: tuple[SlaTier, ...] = ()
+    tier_rules: Mapping[str, str] = field(default_factory=dict)  # address or @domain -> tier
+    warn_before_minutes: float = 60.0
+    escalation_groups: tuple[str, ...] = ("L1", "L2", "L3")
+    auto_close_solved_days: float = 7.0
+    pending_reminder_days: float = 3.0
+    pending_close_days: float = 10.0
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class Settings:
+    path: Path | None
+    database: DatabaseSettings
+    smtp: SmtpSettings
+    outbound: OutboundSettings
+    helpdesk: HelpdeskSettings
+    agents: tuple[Agent, ...]
+    imap: tuple[ImapAccount, ...] = ()
+    spam: SpamSettings = SpamSettings()
+    sla: SlaSettings = SlaSettings()
+    assignment: tuple[AssignmentRule, ...] = ()
+    log: LogSettings = LogSettings()
+
+    def agent(self, email: str) -> Agent | None:
+        email = email.lower()
+        for a in self.agents:
+            if a.email == email:
+                return a
+        return None
+
+    def group_members(self, group: str) -> tuple[Agent, ...]:
+        return tuple(a for a in self.agents if group in a.groups)
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.helpdesk.data_dir / "raw"
+
+    @property
+    def spam_model_path(self) -> Path:
+        return self.spam.model_path or self.helpdesk.data_dir / "spam-model.npz"
+
+
+DEFAULT_STATUSES = (
+    StatusDef("new", "new"),
+    StatusDef("open", "open"),
+    StatusDef("pending", "pending", notify_requester=True),
+    StatusDef("on-hold", "pending"),
+    StatusDef("solved", "solved", notify_requester=True),
+    StatusDef("closed", "closed", notify_requester=True),
+)
+_STATUS_KINDS = ("new", "open", "pending", "solved", "closed")
+
+
+class _Section:
+    """Reads one TOML table, remembering the dotted key for error messages."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: must be a table")
+        self.data = data
+        self.where = where
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = ..., *,
+            required: bool = False) -> Any:
+        self.used.add(name)
+        if name not in self.data:
+            if required or default is ...:
+                raise ConfigError(f"{self.key(name)}: required key is missing")
+            return default
+        value = self.data[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if bool not in kinds and isinstance(value, bool) or not isinstance(value, kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise ConfigError(f"{self.key(name)}: expected {names}, got {value!r}")
+        return value
+
+    def positive(self, name: str, kind: type, default: Any) -> Any:
+        value = self.get(name, kind, default)
+        if value <= 0:
+            raise ConfigError(f"{self.key(name)}: must be greater than 0, got {value!r}")
+        return value
+
+    def address(self, name: str, default: Any = ...) -> str:
+        value = self.get(name, str, default)
+        return _check_address(self.key(name), value)
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.get(name, str, default)
+        if value not in choices:
+            raise ConfigError(f"{self.key(name)}: must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def str_list(self, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        value = self.get(name, list, list(default))
+        if not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{self.key(name)}: expected a list of strings")
+        return tuple(value)
+
+    def sub(self, name: str) -> _Section:
+        self.used.add(name)
+        return _Section(self.data.get(name, {}), self.key(name))
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(f"{self.key(unknown[0])}: unknown key")
+
+
+def _check_address(key: str, value: str) -> str:
+    if not _ADDRESS_RE.match(value):
+        raise ConfigError(f"{key}: not an email address: {value!r}")
+    return value.lower()
+
+
+def _resolve(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def load_settings(path: Path | str) -> Settings:
+    """Read and validate a config file. Raises ConfigError (one line) on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return settings_from_dict(data, base=path.resolve().parent, path=path.resolve())
+
+
+def settings_from_dict(data: dict[str, Any], *, base: Path, path: Path | None = None) -> Settings:
+    root = _Section(data, "")
+    db = _database(root.sub("database"), base)
+    smtp = _smtp(root.sub("smtp"))
+    outbound = _outbound(root.sub("outbound"), base)
+    helpdesk = _helpdesk(root.sub("helpdesk"), base)
+    agents = _agents(root, helpdesk)
+    imap = _imap(root, helpdesk)
+    spam = _spam(root.sub("spam"), base)
+    sla = _sla(root.sub("sla"), helpdesk)
+    assignment = _assignment(root, helpdesk, agents)
+    log_sec = root.sub("log")
+    log = LogSettings(level=log_sec.choice("level", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"))
+    log_sec.finish()
+    root.finish()
+    return Settings(path=path, database=db, smtp=smtp, outbound=outbound, helpdesk=helpdesk,
+                    agents=agents, imap=imap, spam=spam, sla=sla, assignment=assignment, log=log)
+
+
+def _database(sec: _Section, base: Path) -> DatabaseSettings:
+    url = sec.get("url", str, required=True)
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////") and ":memory:" not in url:
+        url = "sqlite:///" + str(_resolve(base, url[len("sqlite:///"):]))
+    elif not url.startswith(("sqlite:", "postgresql")):
+        raise ConfigError(f"database.url: must start with sqlite:/// or postgresql, got {url!r}")
+    echo = sec.get("echo", bool, False)
+    sec.finish()
+    return DatabaseSettings(url=url, echo=echo)
+
+
+def _port(sec: _Section, name: str, default: int) -> int:
+    port = sec.get(name, int, default)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{sec.key(name)}: must be a port number 0-65535, got {port}")
+    return port
+
+
+def _smtp(sec: _Section) -> SmtpSettings:
+    s = SmtpSettings(
+        enabled=sec.get("enabled", bool, True),
+        host=sec.get("host", str, "127.0.0.1"),
+        port=_port(sec, "port", 2525),
+        lmtp=sec.get("lmtp", bool, False),
+        max_message_bytes=sec.positive("max_message_bytes", int, 25 * 1024 * 1024),
+        hostname=sec.get("hostname", str, "mailgate"),
+    )
+    sec.finish()
+    return s
+
+
+def _outbound(sec: _Section, base: Path) -> OutboundSettings:
+    url = sec.get("url", str, required=True)
+    if url.startswith("maildir:"):
+        url = "maildir:" + str(_resolve(base, url[len("maildir:"):]))
+    elif not re.match(r"^smtps?://[^:/]+(:\d+)?/?$", url):
+        raise ConfigError(f"outbound.url: must be maildir:PATH or smtp://host:port, got {url!r}")
+    s = OutboundSettings(
+        url=url,
+        starttls=sec.get("starttls", bool, False),
+        user=sec.get("user", str, None),
+        password=sec.get("password", str, None),
+        timeout_seconds=sec.positive("timeout_seconds", float, 30.0),
+        max_attempts=sec.positive("max_attempts", int, 12),
+        retry_base_seconds=sec.positive("retry_base_seconds", float, 30.0),
+        retry_max_seconds=sec.positive("retry_max_seconds", float, 3600.0),
+        deadline_hours=sec.positive("deadline_hours", float, 48.0),
+        poll_seconds=sec.positive("poll_seconds", float, 1.0),
+    )
+    sec.finish()
+    return s
+
+
+def _helpdesk(sec: _Section, base: Path) -> HelpdeskSettings:
+    address = sec.address("address")
+    tag = sec.get("subject_tag", str, required=True)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,30}", tag):
+        raise ConfigError(f"helpdesk.subject_tag: letters, digits, '.', '_' or '-' only, got {tag!r}")
+    secret = sec.get("secret_key", str, required=True)
+    if len(secret) < 8:
+        raise ConfigError("helpdesk.secret_key: must be at least 8 characters")
+    statuses = _statuses(sec)
+    priorities = sec.str_list("priorities", ("low", "normal", "high", "urgent"))
+    default_priority = sec.get("default_priority", str, "normal")
+    if default_priority not in priorities:
+        raise ConfigError(f"helpdesk.default_priority: {default_priority!r} is not in helpdesk.priorities")
+    templates_dir = sec.get("templates_dir", str, None)
+    queues = tuple(_check_address("helpdesk.queues", q) for q in sec.str_list("queues"))
+    s = HelpdeskSettings(
+        address=address,
+        comment_address=sec.address("comment_address"),
+        subject_tag=tag,
+        secret_key=secret,
+        data_dir=_resolve(base, sec.get("data_dir", str, required=True)),
+        name=sec.get("name", str, "Support"),
+        queues=queues,
+        templates_dir=_resolve(base, templates_dir) if templates_dir else None,
+        statuses=statuses,
+        priorities=priorities,
+        default_priority=default_priority,
+        categories=sec.str_list("categories"),
+        trusted_authserv_ids=sec.str_list("trusted_authserv_ids"),
+        auto_reply_limit_per_hour=sec.positive("auto_reply_limit_per_hour", int, 5),
+        auto_reply_limit_per_day=sec.positive("auto_reply_limit_per_day", int, 40),
+        new_tickets_per_sender_per_hour=sec.positive("new_tickets_per_sender_per_hour", int, 20),
+        max_attempts=sec.positive("max_attempts", int, 5),
+        worker_poll_seconds=sec.positive("worker_poll_seconds", float, 0.5),
+        notify_group_on_new=sec.get("notify_group_on_new", bool, True),
+        ratings=sec.str_list("ratings", ("1", "2", "3", "4", "5")),
+    )
+    sec.finish()
+    return s
+
+
+def _statuses(sec: _Section) -> tuple[StatusDef, ...]:
+    if "statuses" not in sec.data:
+        sec.used.add("statuses")
+        return DEFAULT_STATUSES
+    raw = sec.get("statuses", list)
+    out: list[StatusDef] = []
+    for i, item in enumerate(raw):
+        s = _Section(item, f"helpdesk.statuses[{i}]")
+        name = s.get("name", str, required=True)
+        kind = s.choice("kind", _STATUS_KINDS, "open")
+        out.append(StatusDef(name, kind, s.get("notify_requester", bool, False)))
+        s.finish()
+    kinds = {s.kind for s in out}
+    for needed in ("new", "open", "solved", "closed"):
+        if needed not in kinds:
+            raise ConfigError(f"helpdesk.statuses: needs at least one status of kind {needed!r}")
+    return tuple(out)
+
+
+def _agents(root: _Section, helpdesk: HelpdeskSettings) -> tuple[Agent, ...]:
+    raw = root.get("agents", list, [])
+    out: list[Agent] = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw):
+        s = _Section(item, f"agents[{i}]")
+        email = s.address("email")
+        if email in seen:
+            raise ConfigError(f"agents[{i}].email: {email} is listed twice")
+        if email in helpdesk.all_addresses:
+            raise ConfigError(f"agents[{i}].email: {email} is one of the help desk's own addresses")
+        seen.add(email)
+        out.append(Agent(
+            email=email,
+            name=s.get("name", str, email.split("@")[0]),
+            role=s.choice("role", ("agent", "admin"), "agent"),
+            groups=s.str_list("groups"),
+        ))
+        s.finish()
+    return tuple(out)
+
+
+def _secret_from_env(value: str | None) -> str | None:
+    if value and value.startswith("env:"):
+        return os.environ.get(value[4:])
+    return value
+
+
+def _imap(root: _Section, helpdesk: HelpdeskSettings) -> tuple[ImapAccount, ...]:
+    raw = root.get("imap", list, [])
+    out: list[ImapAccount] = []
+    for i, item in enumerate(raw):
+        s = _Section(item, f"imap[{i}]")
+        tls = s.choice("tls", ("ssl", "starttls", "none"), "ssl")
+        host = s.get("host", str, required=True)
+        username = s.get("username", str, required=True)
+        ca_file = s.get("ca_file", str, None)
+        acct = ImapAccount(
+            name=s.get("name", str, f"{username}@{host}"),
+            host=host,
+            username=username,
+            queue=s.address("queue", helpdesk.address),
+            port=_port(s, "port", 993 if tls == "ssl" else 143),
+            tls=tls,
+            password=_secret_from_env(s.get("password", str, None)),
+            password_command=s.get("password_command", str, None),
+            oauth2_token_command=s.get("oauth2_token_command", str, None),
+            folder=s.get("folder", str, "INBOX"),
+            after=s.choice("after", ("move", "seen", "delete"), "move"),
+            move_to=s.get("move_to", str, "Processed"),
+            failed_folder=s.get("failed_folder", str, "Failed"),
+            batch_size=s.positive("batch_size", int, 50),
+            poll_seconds=s.positive("poll_seconds", float, 60.0),
+            idle=s.get("idle", bool, True),
+            max_message_bytes=s.positive("max_message_bytes", int, 25 * 1024 * 1024),
+            unreachable_warning_minutes=s.positive("unreachable_warning_minutes", float, 30.0),
+            ca_file=Path(ca_file) if ca_file else None,
+            shadow=s.get("shadow", bool, False),
+        )
+        if not (acct.password or acct.password_command or acct.oauth2_token_command):
+            raise ConfigError(f"imap[{i}].password: one of password, password_command or "
+                              "oauth2_token_command is required")
+        if acct.queue not in helpdesk.all_addresses:
+            raise ConfigError(f"imap[{i}].queue: {acct.queue} is not helpdesk.address or one of helpdesk.queues")
+        out.append(acct)
+        s.finish()
+    names = [a.name for a in out]
+    if len(set(names)) != len(names):
+        raise ConfigError("imap: two accounts share a name; give each a distinct 'name'")
+    return tuple(out)
+
+
+def _spam(sec: _Section, base: Path) -> SpamSettings:
+    threshold = sec.get("threshold", float, 0.9)
+    if not 0.0 < threshold <= 1.0:
+        raise ConfigError(f"spam.threshold: must be in (0, 1], got {threshold}")
+    model_path = sec.get("model_path", str, None)
+    s = SpamSettings(
+        enabled=sec.get("enabled", bool, True),
+        threshold=threshold,
+        model_path=_resolve(base, model_path) if model_path else None,
+        retention_days=sec.positive("retention_days", int, 30),
+    )
+    sec.finish()
+    return s
+
+
+def _parse_hours(key: str, value: str) -> tuple[time, time] | None:
+    if value.strip().lower() in ("", "closed", "off"):
+        return None
+    m = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", value)
+    if not m:
+        raise ConfigError(f"{key}: expected 'HH:MM-HH:MM' or 'closed', got {value!r}")
+    h1, m1, h2, m2 = (int(x) for x in m.groups())
+    try:
+        start = time(h1, m1)
+        end = time(h2, m2) if (h2, m2) != (24, 0) else time(23, 59, 59, 999999)
+    except ValueError:
+        raise ConfigError(f"{key}: not a valid time range: {value!r}") from None
+    if end <= start:
+        raise ConfigError(f"{key}: end must be after start: {value!r}")
+    return start, end
+
+
+def _sla(sec: _Section, helpdesk: HelpdeskSettings) -> SlaSettings:
+    tz = sec.get("timezone", str, "UTC")
+    try:
+        from zoneinfo import ZoneInfo
+
+        ZoneInfo(tz)
+    except Exception:
+        raise ConfigError(f"sla.timezone: unknown time zone {tz!r}") from None
+    hours_sec = sec.sub("hours")
+    hours: dict[str, tuple[time, time] | None] = {}
+    for day in _DAYS:
+        default = "09:00-17:00" if day not in ("sat", "sun") else "closed"
+        hours[day] = _parse_hours(hours_sec.key(day), hours_sec.get(day, str, default))
+    hours_sec.finish()
+    tiers: list[SlaTier] = []
+    for i, item in enumerate(sec.get("tiers", list, [])):
+        t = _Section(item, f"sla.tiers[{i}]")
+        name = t.get("name", str, required=True)
+        targets_sec = t.sub("targets")
+        targets: dict[str, SlaTarget] = {}
+        for prio in helpdesk.priorities:
+            p = targets_sec.sub(prio)
+            targets[prio] = SlaTarget(
+                first_response_hours=p.positive("first_response_hours", float, 8.0),
+                resolution_hours=p.positive("resolution_hours", float, 40.0),
+            )
+            p.finish()
+        targets_sec.finish()
+        tiers.append(SlaTier(name=name, targets=targets, always_on=t.get("always_on", bool, False)))
+        t.finish()
+    if not tiers:
+        tiers.append(SlaTier(name="customer", targets={
+            p: SlaTarget(8.0, 40.0) for p in helpdesk.priorities}))
+    tier_names = {t.name for t in tiers}
+    default_tier = sec.get("default_tier", str, tiers[0].name if "customer" not in tier_names
+                           else "customer")
+    if default_tier not in tier_names:
+        raise ConfigError(f"sla.default_tier: {default_tier!r} is not one of the sla.tiers")
+    rules_sec = sec.sub("tier_rules")
+    rules: dict[str, str] = {}
+    for pattern in list(rules_sec.data):
+        tier = rules_sec.get(pattern, str)
+        if tier not in tier_names:
+            raise ConfigError(f"sla.tier_rules.{pattern}: {tier!r} is not one of the sla.tiers")
+        rules[pattern.lower()] = tier
+    rules_sec.finish()
+    country = sec.get("holidays_country", str, None)
+    if country:
+        import holidays
+
+        if country.upper() not in holidays.list_supported_countries():
+            raise ConfigError(f"sla.holidays_country: unknown country code {country!r}")
+    s = SlaSettings(
+        timezone=tz,
+        hours=hours,
+        holidays_country=country.upper() if country else None,
+        extra_holidays=sec.str_list("extra_holidays"),
+        default_tier=default_tier,
+        tiers=tuple(tiers),
+        tier_rules=rules,
+        warn_before_minutes=sec.positive("warn_before_minutes", float, 60.0),
+        escalation_groups=sec.str_list("escalation_groups", ("L1", "L2", "L3")),
+        auto_close_solved_days=sec.positive("auto_close_solved_days", float, 7.0),
+        pending_reminder_days=sec.positive("pending_reminder_days", float, 3.0),
+        pending_close_days=sec.positive("pending_close_days", float, 10.0),
+    )
+    sec.finish()
+    return s
+
+
+def _assignment(root: _Section, helpdesk: HelpdeskSettings,
+                agents: tuple[Agent, ...]) -> tuple[AssignmentRule, ...]:
+    raw = root.get("assignment", list, [])
+    groups = {g for a in agents for g in a.groups}
+    emails = {a.email for a in agents}
+    out: list[AssignmentRule] = []
+    for i, item in enumerate(raw):
+        s = _Section(item, f"assignment[{i}]")
+        target = s.get("target", str, required=True)
+        if target.startswith("group:"):
+            if target[6:] not in groups:
+                raise ConfigError(f"assignment[{i}].target: no agent is in group {target[6:]!r}")
+        elif target.lower() not in emails:
+            raise ConfigError(f"assignment[{i}].target: {target!r} is not an agent or group:NAME")
+        out.append(AssignmentRule(
+            target=target if target.startswith("group:") else target.lower(),
+            category=s.get("category", str, None),
+            queue=s.get("queue", str, None),
+            sender_domain=(s.get("sender_domain", str, None) or "").lower() or None,
+            subject_keywords=tuple(k.lower() for k in s.str_list("subject_keywords")),
+            strategy=s.choice("strategy", ("round-robin", "least-open"), "round-robin"),
+        ))
+        s.finish()
+    return tuple(out)
+
+
+def config_path(explicit: str | Path | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("MAILGATE_CONFIG")
+    return Path(env) if env else DEFAULT_CONFIG_PATH

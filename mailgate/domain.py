@@ -1,0 +1,124 @@
+"""Ticket values that need no I/O: subject tags, reply tokens, our Message-IDs.
+
+Stdlib only. Everything here is a plain function over plain data.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+import unicodedata
+
+TOKEN_LENGTH = 12  # base32 characters: 60 bits of HMAC
+
+
+def _mac(secret: str, *parts: str) -> str:
+    digest = hmac.new(secret.encode(), "\x1f".join(parts).encode(), hashlib.sha256).digest()
+    return base64.b32encode(digest).decode("ascii").lower()[:TOKEN_LENGTH]
+
+
+# --- reply tokens: support+123-<token>@example.com ---------------------------
+
+def reply_token(secret: str, ticket_number: int, recipient: str) -> str:
+    """Proves that `recipient` was sent mail about the ticket."""
+    return _mac(secret, "reply", str(ticket_number), recipient.lower())
+
+
+def reply_address(base_address: str, secret: str, ticket_number: int, recipient: str) -> str:
+    local, domain = base_address.split("@", 1)
+    return f"{local}+{ticket_number}-{reply_token(secret, ticket_number, recipient)}@{domain}"
+
+
+_PLUS_RE = re.compile(r"^(?P<local>[^+@]+)\+(?P<ticket>\d{1,12})-(?P<token>[a-z2-7]{4,32})@(?P<domain>.+)$")
+
+
+def parse_plus_address(address: str) -> tuple[str, int, str] | None:
+    """'support+123-tok@x' -> ('support@x', 123, 'tok'); None for any other form."""
+    m = _PLUS_RE.match(address.lower())
+    if not m:
+        return None
+    return f"{m['local']}@{m['domain']}", int(m["ticket"]), m["token"]
+
+
+def base_address(address: str) -> str:
+    """Strip any +detail: 'support+anything@x' -> 'support@x'."""
+    local, _, domain = address.lower().partition("@")
+    return f"{local.split('+', 1)[0]}@{domain}"
+
+
+def token_is_valid(secret: str, ticket_number: int, sender: str, token: str) -> bool:
+    return hmac.compare_digest(reply_token(secret, ticket_number, sender), token.lower())
+
+
+# --- subject tags: [TAG #123] -----------------------------------------------
+
+def tagged_subject(tag: str, ticket_number: int, subject: str) -> str:
+    """The subject with our tag, once, wherever the client put the old one."""
+    stripped = strip_tag(tag, subject)
+    return f"[{tag} #{ticket_number}] {stripped}".rstrip()
+
+
+def tag_pattern(tag: str) -> re.Pattern[str]:
+    return re.compile(r"\[\s*" + re.escape(tag) + r"\s*#\s*(\d{1,12})\s*\]", re.IGNORECASE)
+
+
+def ticket_from_subject(tag: str, subject: str) -> int | None:
+    m = tag_pattern(tag).search(subject)
+    return int(m.group(1)) if m else None
+
+
+def strip_tag(tag: str, subject: str) -> str:
+    return re.sub(r"\s{2,}", " ", tag_pattern(tag).sub("", subject)).strip()
+
+
+_REPLY_PREFIX = re.compile(
+    r"^\s*((re|aw|sv|vs|fw|fwd|wg|tr|rv|ref|antw|odp|vá|ynt|rif|r|fs|vl|отв|ответ|пер|réf|"
+    r"回复|答复|转发)\s*(\[\d+\])?\s*[:：]\s*)+",
+    re.IGNORECASE,
+)
+
+
+def normalize_subject(subject: str) -> str:
+    """Subject without reply/forward prefixes, for display and comparison."""
+    prev = None
+    s = subject
+    while prev != s:
+        prev = s
+        s = _REPLY_PREFIX.sub("", s).strip()
+    return s
+
+
+# --- our Message-IDs carry an HMAC so a forged In-Reply-To cannot claim them --
+
+def make_message_id(secret: str, domain: str, ticket_number: int | None) -> str:
+    """'<mg.123.r4nd0m.mac@domain>' without brackets. Fixed at outbox-row creation."""
+    nonce = secrets.token_hex(8)
+    t = str(ticket_number or 0)
+    return f"mg.{t}.{nonce}.{_mac(secret, 'mid', t, nonce)}@{domain}"
+
+
+_OUR_MID = re.compile(r"^mg\.(\d{1,12})\.([0-9a-f]{16})\.([a-z2-7]{12})@")
+
+
+def ticket_from_our_message_id(secret: str, message_id: str) -> int | None:
+    """The ticket number if message_id is one we made (HMAC checked); else None."""
+    m = _OUR_MID.match(message_id.lower())
+    if not m:
+        return None
+    t, nonce, mac = m.groups()
+    if not hmac.compare_digest(_mac(secret, "mid", t, nonce), mac):
+        return None
+    number = int(t)
+    return number or None
+
+
+# --- text helpers -------------------------------------------------------------
+
+def one_line(value: str, limit: int = 200) -> str:
+    """For rendered headers: no CR/LF or other controls can survive (header injection)."""
+    cleaned = "".join(" " if unicodedata.category(c).startswith("C") else c for c in value)
+    cleaned = re.sub(r"\s+", " ", cleaned).strip()
+    return cleaned[:limit]

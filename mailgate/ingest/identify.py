@@ -1,0 +1,68 @@
+"""Is the sender one of our agents, provably? Pure over plain data.
+
+A From header is trivially forged (threats.md 11-13), so an agent address
+counts as the agent only with a reply token valid for that agent, or with an
+Authentication-Results header stamped by one of *our* configured authserv-ids
+showing DKIM pass for the From domain or SPF pass for an aligned envelope
+domain. Reply-To never identifies anyone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import authres
+
+
+@dataclass(frozen=True)
+class Identity:
+    verified: bool
+    how: str
+
+
+def _aligned(domain: str, from_domain: str) -> bool:
+    domain, from_domain = domain.lower().rstrip("."), from_domain.lower().rstrip(".")
+    return domain == from_domain or from_domain.endswith("." + domain) or domain.endswith("." + from_domain)
+
+
+def auth_results_pass(headers: Sequence[str], trusted_ids: Sequence[str], from_domain: str) -> str | None:
+    """The first trusted DKIM/SPF pass aligned with from_domain, described; None if none."""
+    trusted = {t.lower() for t in trusted_ids}
+    if not trusted or not from_domain:
+        return None
+    for value in headers:
+        try:
+            parsed = authres.AuthenticationResultsHeader.parse(f"Authentication-Results: {value}")
+        except Exception:  # a forged or broken header is simply not evidence
+            continue
+        if (parsed.authserv_id or "").lower() not in trusted:
+            continue
+        for result in parsed.results:
+            if str(result.result).lower() != "pass":
+                continue
+            method = str(result.method).lower()
+            props = {f"{p.type}.{p.name}".lower(): str(p.value) for p in result.properties}
+            if method == "dkim":
+                d = props.get("header.d") or props.get("header.i", "").rpartition("@")[2]
+                if d and _aligned(d, from_domain):
+                    return f"Authentication-Results {parsed.authserv_id}: dkim=pass header.d={d}"
+            elif method == "spf":
+                mf = props.get("smtp.mailfrom", "")
+                d = mf.rpartition("@")[2] or props.get("smtp.helo", "")
+                if d and _aligned(d, from_domain):
+                    return f"Authentication-Results {parsed.authserv_id}: spf=pass smtp.mailfrom={mf}"
+    return None
+
+
+def identify_agent(*, sender: str, agent_emails: Sequence[str], token_valid_for_sender: bool,
+                   auth_results: Sequence[str], trusted_ids: Sequence[str]) -> Identity | None:
+    """None if the sender is not an agent address at all; else whether it is proven."""
+    if sender not in agent_emails:
+        return None
+    if token_valid_for_sender:
+        return Identity(True, "reply token valid for this agent")
+    passed = auth_results_pass(auth_results, trusted_ids, sender.rpartition("@")[2])
+    if passed:
+        return Identity(True, passed)
+    return Identity(False, "agent address without a valid token or trusted DKIM/SPF pass")

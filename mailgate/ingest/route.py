@@ -1,0 +1,66 @@
+"""Which ticket a message belongs to. Pure: the pipeline gathers the facts.
+
+Evidence, strongest first:
+1. a reply token in a recipient address, valid for this sender (proves the
+   sender was mailed about the ticket);
+2. In-Reply-To/References naming a Message-ID that we made (it carries an
+   HMAC, so it cannot be forged), or one we stored, if the sender is a member
+   of that ticket;
+3. the subject tag, if the sender is a member of the ticket or a verified agent.
+A tag, token or reference that names a ticket the sender may not write to
+makes a new ticket and is recorded as a hijack attempt (threats.md 9-11).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RouteFacts:
+    sender: str
+    sender_is_verified_agent: bool
+    token_ticket: int | None  # from a plus address whose token is valid for the sender
+    bad_token_ticket: int | None  # a plus address whose token did not verify
+    our_reference_tickets: tuple[int, ...]  # from Message-IDs with our valid HMAC, newest first
+    stored_reference_tickets: tuple[int, ...]  # from Message-IDs of messages we stored
+    tag_ticket: int | None
+    members: Mapping[int, frozenset[str]] = field(default_factory=dict)  # ticket -> addresses
+    existing: frozenset[int] = frozenset()  # the candidate tickets that exist
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    ticket: int | None
+    reason: str
+    hijack_of: int | None = None  # the ticket a refused message tried to write into
+
+
+def _member(facts: RouteFacts, ticket: int) -> bool:
+    return facts.sender_is_verified_agent or facts.sender in facts.members.get(ticket, frozenset())
+
+
+def decide_route(facts: RouteFacts) -> RouteDecision:
+    if facts.token_ticket is not None and facts.token_ticket in facts.existing:
+        return RouteDecision(facts.token_ticket, f"reply token for #{facts.token_ticket}")
+    for t in facts.our_reference_tickets:
+        if t in facts.existing:
+            return RouteDecision(t, f"References names our Message-ID for #{t}")
+    refused: int | None = None
+    for t in facts.stored_reference_tickets:
+        if t in facts.existing:
+            if _member(facts, t):
+                return RouteDecision(t, f"References names a stored message of #{t}")
+            refused = refused or t
+    tag = facts.tag_ticket
+    if tag is not None and tag in facts.existing:
+        if _member(facts, tag):
+            return RouteDecision(tag, f"subject tag #{tag}, sender is a participant")
+        refused = refused or tag
+    if facts.bad_token_ticket is not None and facts.bad_token_ticket in facts.existing:
+        refused = refused or facts.bad_token_ticket
+    if refused is not None:
+        return RouteDecision(None, f"names #{refused} but sender {facts.sender} is not a participant "
+                                   "and has no valid token: new ticket", hijack_of=refused)
+    return RouteDecision(None, "no ticket matched: new ticket")

@@ -1,0 +1,270 @@
+"""Outgoing mail: composed and queued in the transaction that caused it, sent later.
+
+`enqueue` renders a template into a complete message (its Message-ID fixed
+now, so a crash between send and commit re-sends the same mail, never a
+different one) and adds an outbox row to the caller's session. `OutboxSender`
+claims due rows and delivers them to a maildir or an SMTP relay, with
+exponential backoff until the row's deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from email import policy
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import or_
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from mailgate.config import Settings
+from mailgate.domain import make_message_id, one_line, reply_address
+from mailgate.render import Renderer
+from mailgate.store.engine import is_postgres, session_scope, utcnow
+from mailgate.store.tables import Outbox
+
+log = logging.getLogger(__name__)
+
+# Wide enough that References and Message-IDs are never folded or encoded.
+WIRE_POLICY = policy.SMTP.clone(max_line_length=998)
+STALE_SENDING = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class OutgoingMail:
+    raw: bytes
+    message_id: str
+    subject: str
+    text: str
+
+
+def compose(settings: Settings, *, to: str, subject: str, text: str, html: str | None,
+            message_id: str, ticket_number: int | None, in_reply_to: str | None = None,
+            references: Sequence[str] = (), automatic: bool = True,
+            from_name: str | None = None, cc: Sequence[str] = ()) -> bytes:
+    hd = settings.helpdesk
+    msg = EmailMessage(policy=WIRE_POLICY)
+    display = one_line(from_name or hd.name, 100)
+    local, domain = hd.address.split("@", 1)
+    msg["From"] = Address(display_name=display, username=local, domain=domain)
+    msg["To"] = to
+    if cc:
+        msg["Cc"] = ", ".join(cc)
+    msg["Subject"] = one_line(subject, 250)
+    msg["Date"] = format_datetime(utcnow())
+    msg["Message-ID"] = f"<{message_id}>"
+    if ticket_number is not None:
+        msg["Reply-To"] = reply_address(hd.address, hd.secret_key, ticket_number, to)
+    refs = [r for r in dict.fromkeys(references) if r and " " not in r][-10:]
+    if in_reply_to:
+        msg["In-Reply-To"] = f"<{in_reply_to}>"
+        if in_reply_to not in refs:
+            refs.append(in_reply_to)
+    if refs:
+        msg["References"] = " ".join(f"<{r}>" for r in refs)
+    if automatic:
+        # RFC 3834: anything we send by ourselves is marked, so other robots do not answer it.
+        msg["Auto-Submitted"] = "auto-replied"
+        msg["X-Auto-Response-Suppress"] = "All"
+        msg["Precedence"] = "bulk"
+    if ticket_number is not None:
+        msg["X-Mailgate-Ticket"] = str(ticket_number)
+    msg.set_content(text)
+    if html:
+        msg.add_alternative(html, subtype="html")
+    return msg.as_bytes(policy=WIRE_POLICY)
+
+
+def enqueue(session: Session, settings: Settings, renderer: Renderer, *, template: str, to: str,
+            context: dict[str, Any], ticket_number: int | None, in_reply_to: str | None = None,
+            references: Sequence[str] = (), automatic: bool = True,
+            from_name: str | None = None) -> tuple[Outbox, OutgoingMail]:
+    """Render `template` for one recipient and queue it in the caller's transaction."""
+    domain = settings.helpdesk.address.split("@", 1)[1]
+    message_id = make_message_id(settings.helpdesk.secret_key, domain, ticket_number)
+    rendered = renderer.render_mail(template, {**context, "recipient": to})
+    raw = compose(settings, to=to, subject=rendered.subject, text=rendered.text, html=rendered.html,
+                  message_id=message_id, ticket_number=ticket_number, in_reply_to=in_reply_to,
+                  references=references, automatic=automatic, from_name=from_name)
+    now = utcnow()
+    row = Outbox(
+        ticket_id=ticket_number, message_id=message_id, template=template,
+        mail_from=settings.helpdesk.address, recipients=to, raw=raw, state="queued",
+        next_attempt_at=now, deadline=now + timedelta(hours=settings.outbound.deadline_hours),
+        created_at=now,
+    )
+    session.add(row)
+    return row, OutgoingMail(raw=raw, message_id=message_id, subject=rendered.subject,
+                             text=rendered.text)
+
+
+# --- delivery ------------------------------------------------------------------
+
+class DeliveryError(Exception):
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+def deliver_to_maildir(maildir: Path, row: Outbox) -> None:
+    """Write tmp/ then rename into new/; the name derives from the row so a retry overwrites."""
+    for sub in ("tmp", "new", "cur"):
+        (maildir / sub).mkdir(parents=True, exist_ok=True)
+    name = f"{int(row.created_at.timestamp())}.M{row.id}.{socket.gethostname().replace('/', '_')}"
+    tmp = maildir / "tmp" / name
+    with open(tmp, "wb") as fh:
+        fh.write(f"Return-Path: <{row.mail_from}>\r\n".encode())
+        fh.write(f"Delivered-To: {row.recipients}\r\n".encode())
+        fh.write(row.raw)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, maildir / "new" / name)
+
+
+async def deliver_by_smtp(settings: Settings, row: Outbox) -> None:
+    import aiosmtplib
+
+    ob = settings.outbound
+    scheme, rest = ob.url.split("://", 1)
+    host, _, port = rest.rstrip("/").partition(":")
+    try:
+        await aiosmtplib.send(
+            row.raw, sender=row.mail_from, recipients=row.recipients.split(","),
+            hostname=host, port=int(port or (465 if scheme == "smtps" else 25)),
+            use_tls=scheme == "smtps", start_tls=ob.starttls or None,
+            username=ob.user, password=ob.password, timeout=ob.timeout_seconds,
+        )
+    except aiosmtplib.SMTPRecipientsRefused as exc:
+        codes = [r.code for r in exc.recipients]
+        raise DeliveryError(f"recipients refused: {exc}", permanent=all(c >= 500 for c in codes)) from exc
+    except aiosmtplib.SMTPResponseException as exc:
+        raise DeliveryError(f"{exc.code} {exc.message}", permanent=exc.code >= 500) from exc
+    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+        raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def retry_delay(settings: Settings, attempts: int) -> timedelta:
+    ob = settings.outbound
+    base = min(ob.retry_max_seconds, ob.retry_base_seconds * (2 ** max(0, attempts - 1)))
+    return timedelta(seconds=base * random.uniform(0.8, 1.2))
+
+
+def claim_due(engine: Engine, worker: str, limit: int = 20) -> list[Outbox]:
+    now = utcnow()
+    with session_scope(engine) as session:
+        query = select(Outbox).where(or_(
+            (Outbox.state == "queued") & (Outbox.next_attempt_at <= now),  # type: ignore[operator]
+            # a sender died between claim and result: send again (same Message-ID)
+            (Outbox.state == "sending") & (Outbox.next_attempt_at <= now - STALE_SENDING),  # type: ignore[operator]
+        )).order_by(Outbox.id).limit(limit)  # type: ignore[arg-type]
+        if is_postgres(engine):
+            query = query.with_for_update(skip_locked=True)
+        rows = list(session.exec(query).all())
+        for row in rows:
+            row.state = "sending"
+            row.claimed_by = worker
+            row.next_attempt_at = now
+            row.attempts += 1
+            session.add(row)
+        return rows
+
+
+def record_result(engine: Engine, settings: Settings, row_id: int, error: DeliveryError | None) -> None:
+    with session_scope(engine) as session:
+        row = session.get(Outbox, row_id)
+        if row is None:
+            return
+        now = utcnow()
+        if error is None:
+            row.state, row.sent_at, row.last_error = "sent", now, None
+        else:
+            row.last_error = str(error)[:2000]
+            nxt = now + retry_delay(settings, row.attempts)
+            if error.permanent or row.attempts >= settings.outbound.max_attempts or nxt > row.deadline:
+                row.state = "failed"
+                log.error("outbox %s <%s>: failed for good: %s", row.id, row.message_id, error)
+            else:
+                row.state, row.next_attempt_at = "queued", nxt
+                log.warning("outbox %s <%s>: will retry: %s", row.id, row.message_id, error)
+        session.add(row)
+
+
+async def send_one(settings: Settings, row: Outbox) -> DeliveryError | None:
+    try:
+        if settings.outbound.scheme == "maildir":
+            await asyncio.to_thread(deliver_to_maildir, settings.outbound.maildir, row)
+        else:
+            await deliver_by_smtp(settings, row)
+    except DeliveryError as exc:
+        return exc
+    except OSError as exc:
+        return DeliveryError(f"{type(exc).__name__}: {exc}")
+    return None
+
+
+async def send_due(engine: Engine, settings: Settings, worker: str) -> int:
+    """One pass: claim what is due and try each once. Returns the number sent."""
+    rows = await asyncio.to_thread(claim_due, engine, worker)
+    sent = 0
+    for row in rows:
+        error = await send_one(settings, row)
+        await asyncio.to_thread(record_result, engine, settings, row.id, error)  # type: ignore[arg-type]
+        sent += error is None
+    return sent
+
+
+class OutboxSender:
+    def __init__(self, engine: Engine, settings: Settings, worker: str) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.worker = worker
+        self.wake = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                sent = await send_due(self.engine, self.settings, self.worker)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("outbox pass failed")
+                sent = 0
+            if sent:
+                continue
+            self.wake.clear()
+            waits = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(stop.wait())]
+            await asyncio.wait(waits, timeout=self.settings.outbound.poll_seconds,
+                               return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+
+
+def retry_failed(engine: Engine, ids: Sequence[int] | None = None) -> int:
+    """`mailgate outbox retry`: failed rows get a fresh deadline and go again."""
+    now = utcnow()
+    with session_scope(engine) as session:
+        query = select(Outbox).where(Outbox.state == "failed")
+        if ids:
+            query = query.where(Outbox.id.in_(list(ids)))  # type: ignore[union-attr]
+        rows = session.exec(query).all()
+        for row in rows:
+            row.state, row.attempts, row.next_attempt_at = "queued", 0, now
+            row.deadline = now + timedelta(hours=24)
+            session.add(row)
+        return len(rows)
+
+
+def monotonic() -> float:
+    return time.monotonic()

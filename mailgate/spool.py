@@ -1,0 +1,175 @@
+"""The inbound spool: accept, claim, finish, fail and requeue messages.
+
+Every transport hands its bytes to `accept`, which writes them durably (blob
+fsynced, then the inbound row committed) before the transport acknowledges.
+Workers `claim` a row (attempts counted at claim time, so a message that kills
+the process still uses up its tries), work on it in their own transaction and
+`finish` it there; on an exception the driver calls `fail`, which retries with
+backoff and after the last attempt keeps the row as a dead letter with its
+traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import or_, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+
+from mailgate.store.blobs import BlobStore
+from mailgate.store.engine import is_postgres, session_scope, utcnow
+from mailgate.store.tables import Inbound
+
+log = logging.getLogger(__name__)
+
+# A claim older than this belongs to a worker that died; the row is taken again.
+STALE_CLAIM = timedelta(minutes=10)
+RETRY_DELAYS = (timedelta(seconds=5), timedelta(seconds=30), timedelta(minutes=2),
+                timedelta(minutes=10), timedelta(minutes=30))
+
+
+class SpoolError(Exception):
+    """The message could not be stored: the transport must answer temporary failure."""
+
+
+@dataclass(frozen=True)
+class Accepted:
+    inbound_id: int
+    duplicate: bool  # the same source_key was accepted before
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def body_hash(raw: bytes) -> str:
+    """Hash of the body after the header block: re-deliveries differ only in headers."""
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        i = raw.find(sep)
+        if i >= 0:
+            body = raw[i + len(sep):]
+            break
+    else:
+        body = b""
+    normalised = b"\n".join(line.rstrip() for line in body.replace(b"\r\n", b"\n").split(b"\n"))
+    return hashlib.sha256(normalised.strip()).hexdigest()
+
+
+def accept(engine: Engine, blobs: BlobStore, raw: bytes, *, source: str,
+           queue: str | None = None, envelope_from: str | None = None,
+           envelope_to: tuple[str, ...] = (), source_key: str | None = None) -> Accepted:
+    """Store the raw bytes durably. Raises SpoolError if that was not possible."""
+    try:
+        digest = blobs.put(raw)
+        with session_scope(engine) as session:
+            if source_key is not None:
+                existing = session.exec(select(Inbound.id).where(Inbound.source_key == source_key)).first()
+                if existing is not None:
+                    return Accepted(existing, duplicate=True)
+            row = Inbound(
+                source=source, source_key=source_key, envelope_from=envelope_from,
+                envelope_to=",".join(envelope_to), queue=queue, raw_sha256=digest,
+                size=len(raw), received_at=utcnow(),
+            )
+            session.add(row)
+            session.flush()
+            assert row.id is not None
+            return Accepted(row.id, duplicate=False)
+    except IntegrityError:
+        # Two pollers raced on the same source_key: the other one stored it.
+        with session_scope(engine) as session:
+            existing = session.exec(select(Inbound.id).where(Inbound.source_key == source_key)).first()
+        if existing is not None:
+            return Accepted(existing, duplicate=True)
+        raise SpoolError("could not store message") from None
+    except Exception as exc:
+        log.error("spool accept failed: %s: %s", type(exc).__name__, exc)
+        raise SpoolError("could not store message") from exc
+
+
+def claim(engine: Engine, worker: str, *, max_attempts: int, only_id: int | None = None) -> Inbound | None:
+    """Take one due inbound row for processing, or None if there is none."""
+    now = utcnow()
+    with session_scope(engine) as session:
+        due = or_(
+            (Inbound.state == "queued") & or_(Inbound.next_attempt_at.is_(None),  # type: ignore[union-attr]
+                                              Inbound.next_attempt_at <= now),  # type: ignore[operator]
+            (Inbound.state == "processing") & (Inbound.claimed_at < now - STALE_CLAIM),  # type: ignore[operator]
+        )
+        query = select(Inbound).where(due)
+        if only_id is not None:
+            query = query.where(Inbound.id == only_id)
+        query = query.order_by(Inbound.id).limit(1)  # type: ignore[arg-type]
+        if is_postgres(engine):
+            query = query.with_for_update(skip_locked=True)
+        row = session.exec(query).first()
+        if row is None:
+            return None
+        if row.attempts >= max_attempts:
+            # It was claimed max_attempts times and never finished: the process died
+            # on it each time. Keep it aside instead of crashing again.
+            row.state = "dead"
+            row.last_error = (row.last_error or "") + (
+                f"\nworker died while processing it {row.attempts} times")
+            session.add(row)
+            log.error("inbound %s: dead letter after %s attempts", row.id, row.attempts)
+            return None
+        row.state = "processing"
+        row.claimed_by = worker
+        row.claimed_at = now
+        row.attempts += 1
+        session.add(row)
+        return row
+
+
+def finish(session: Session, inbound: Inbound, *, outcome: str, ticket_number: int | None = None,
+           **fields: object) -> None:
+    """Mark done inside the processing transaction, so the outcome and its effects commit together."""
+    row = session.get(Inbound, inbound.id)
+    assert row is not None
+    row.state = "done"
+    row.outcome = outcome
+    row.ticket_number = ticket_number
+    row.processed_at = utcnow()
+    row.last_error = None
+    for key, value in fields.items():
+        setattr(row, key, value)
+    session.add(row)
+
+
+def fail(engine: Engine, inbound_id: int, error: str, *, max_attempts: int,
+         permanent: bool = False) -> bool:
+    """Record a failed attempt. Returns True if the row is now a dead letter."""
+    with session_scope(engine) as session:
+        row = session.get(Inbound, inbound_id)
+        if row is None:
+            return False
+        row.last_error = error[-20000:]
+        if permanent or row.attempts >= max_attempts:
+            row.state = "dead"
+            row.outcome = "dead"
+        else:
+            row.state = "queued"
+            delay = RETRY_DELAYS[min(row.attempts - 1, len(RETRY_DELAYS) - 1)]
+            row.next_attempt_at = utcnow() + delay
+        row.claimed_by = None
+        session.add(row)
+        return row.state == "dead"
+
+
+def requeue(engine: Engine, ids: list[int] | None = None) -> int:
+    """Put dead letters back in the queue with fresh attempts (all of them if ids is None)."""
+    with session_scope(engine) as session:
+        stmt = update(Inbound).where(Inbound.state == "dead")  # type: ignore[arg-type]
+        if ids:
+            stmt = stmt.where(Inbound.id.in_(ids))  # type: ignore[union-attr]
+        result = session.exec(stmt.values(state="queued", attempts=0, next_attempt_at=None,  # type: ignore[call-overload]
+                                          outcome=None, claimed_by=None))
+        return int(result.rowcount or 0)

@@ -1,0 +1,1 @@
+"""Persistence: tables, engine and sessions, migrations, and the blob store for raw mail."""
