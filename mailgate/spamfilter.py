@@ -1,0 +1,761 @@
+"""Naive-Bayes spam filter: feature extraction, classifier and model file io.
+
+Pure module: no database, no config, no logging side effects. The ingest
+pipeline, the CLI and the retrain job call into it.
+
+Design notes (why, not what):
+
+* Features are hashed (CRC-32 modulo 2^18) so the vocabulary never has to be
+  stored or grown: ``learn_bytes`` can learn a token nobody has seen before,
+  and the model file stays a fixed size.
+* Each token counts once per message, and P(token | class) is estimated per
+  message (``BernoulliNB``: messages of the class containing the token,
+  smoothed by alpha). Scoring uses the evidence of the tokens present only,
+  and a column no training message ever had votes 0. Measured by 5-fold
+  cross-validation on the training part of the corpus, this beat
+  ``MultinomialNB`` (token-mass normalisation: the smaller spam class made
+  every rare ham word a strong ham vote, recall 0.92 at the same false
+  positive rate) and ``ComplementNB`` (same as Multinomial for two classes).
+  Ignoring absent tokens matters for hashed features: absence of 2^18
+  columns is no evidence of anything.
+* Scoring is done here with numpy (a single contiguous log-odds vector and a
+  gather-sum) rather than through ``predict_proba``, which copies the full
+  weight matrix on every call; training and incremental learning still go
+  through scikit-learn (``BernoulliNB.partial_fit``).
+* The model file is ``.npz`` with plain numeric arrays and a JSON header
+  stored as bytes, loaded with ``allow_pickle=False`` and checked strictly:
+  a model file can arrive from anywhere (a backup, a colleague) and must
+  never be able to run code or crash the daemon.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import mailbox
+import math
+import os
+import re
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email import message_from_bytes
+from email.header import decode_header, make_header
+from email.message import Message
+from email.utils import getaddresses, parseaddr
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.naive_bayes import BernoulliNB
+
+__all__ = [
+    "DEFAULT_ALPHA",
+    "DEFAULT_N_FEATURES",
+    "FEATURE_VERSION",
+    "FORMAT_VERSION",
+    "ModelError",
+    "SpamModel",
+    "SpamScore",
+    "evaluate",
+    "extract_tokens",
+    "read_mail_sources",
+]
+
+FORMAT_VERSION = 1
+# Bump whenever extract_tokens changes: a model trained on other tokens would
+# silently score garbage, so load() refuses a mismatch instead.
+FEATURE_VERSION = 1
+FORMAT_NAME = "mailgate-spam-model"
+
+DEFAULT_N_FEATURES = 2**18
+# Chosen by tools/train_default_model.py on the training part of the corpus,
+# validated by time (fit on older mail, test on newer): best accuracy with
+# ham false positives at most 0.5%. sklearn's 1.0 flags 6% of ham here.
+DEFAULT_ALPHA = 0.03
+
+# Hostile-file limits: a zip member can claim any uncompressed size, so the
+# declared sizes are checked before anything is decompressed.
+_MAX_MEMBER_BYTES = 512 * 2**20
+_MIN_FEATURES, _MAX_FEATURES = 2**10, 2**24
+
+# Bound the work per message: a 20 MB attachment-laden mail must not stall
+# the ingest worker, and the first 100k characters carry the signal.
+_MAX_TEXT_CHARS = 100_000
+_MAX_PARTS = 64
+
+_HAM, _SPAM = 0, 1
+
+
+class ModelError(Exception):
+    """A model file is missing, damaged, hostile or from another version."""
+
+
+@dataclass(frozen=True)
+class SpamScore:
+    score: float  # probability of spam, 0..1
+    is_spam: bool  # score >= threshold
+
+
+# --------------------------------------------------------------------------
+# Feature extraction
+# --------------------------------------------------------------------------
+
+# Words start with a letter so that dates, prices and ids do not flood the
+# vocabulary; money and percentages are kept as classes because they are
+# signal in themselves.
+_RE_WORD = re.compile(r"[^\W\d_][\w'\-]*[^\W_]|\$\s?\d[\d,.]*|\d[\d,.]*\s?%|!{2,}|\$", re.UNICODE)
+_RE_URL_HOST = re.compile(r"""(?:https?://|\bwww\.)([^\s/"'<>:?#\\)\]]+)""", re.IGNORECASE)
+_RE_IPV4 = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
+# Comments are removed without a space so "V<!-- x -->iagra" stays one word.
+_RE_HTML_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
+_RE_HTML_DROP = re.compile(r"<(script|style)\b.*?</\1\s*>", re.DOTALL | re.IGNORECASE)
+_RE_HTML_BLOCK = re.compile(
+    r"</?(?:p|br|div|td|th|tr|li|ul|ol|table|tbody|h[1-6]|title|hr|img|center|blockquote)\b[^>]*>",
+    re.IGNORECASE,
+)
+_RE_HTML_TAG = re.compile(r"<[^>]*>")
+_RE_HTML_LINK = re.compile(r"<a\b[^>]*\bhref", re.IGNORECASE)
+_RE_HTML_IMG = re.compile(r"<img\b", re.IGNORECASE)
+_RE_HTML_FORM = re.compile(r"<form\b", re.IGNORECASE)
+_RE_HTML_SCRIPT = re.compile(r"<script\b", re.IGNORECASE)
+_RE_HTML_HIDDEN = re.compile(
+    r"display\s*:\s*none|visibility\s*:\s*hidden|font-size\s*:\s*[01](?:\.\d+)?\s*(?:px|pt)?\b",
+    re.IGNORECASE,
+)
+_RE_HTML_WHITE = re.compile(r"""color\s*[:=]\s*["']?(?:#fff(?:fff)?|white)\b""", re.IGNORECASE)
+_RE_AUTH = re.compile(r"\b(spf|dkim|dmarc|arc)\s*=\s*([a-z]+)", re.IGNORECASE)
+_RE_ALPHA_WORD = re.compile(r"[a-z]+", re.IGNORECASE)
+_SECOND_LEVEL = frozenset({"co", "com", "net", "org", "ac", "gov", "edu", "ne", "or", "go"})
+
+
+def _bucket(n: int) -> str:
+    """Log2 bucket label, so counts generalise instead of memorising values."""
+    if n <= 0:
+        return "0"
+    if n == 1:
+        return "1"
+    lo = 1 << (n.bit_length() - 1)
+    return f"{lo}+" if lo >= 16 else f"{lo}-{2 * lo - 1}"
+
+
+def _decode_header(value: Any) -> str:
+    if value is None:
+        return ""
+    raw = str(value)
+    try:
+        return str(make_header(decode_header(raw)))
+    except Exception:
+        # Broken encoded-words are common in spam; the raw text still has words.
+        return raw
+
+
+def _registered_domain(host: str) -> str:
+    """Approximate the registrable domain without a public-suffix list."""
+    labels = [x for x in host.split(".") if x]
+    if len(labels) <= 2:
+        return ".".join(labels)
+    if len(labels[-1]) == 2 and labels[-2] in _SECOND_LEVEL:
+        return ".".join(labels[-3:])
+    return ".".join(labels[-2:])
+
+
+def _domain_of(addr: str) -> str:
+    _, _, dom = addr.rpartition("@")
+    return dom.strip().strip(">").lower() if "@" in addr else ""
+
+
+def _part_text(part: Message) -> str:
+    payload = part.get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        return ""
+    charset = part.get_content_charset() or "latin-1"
+    try:
+        return payload.decode(charset, errors="replace")
+    except (LookupError, ValueError):
+        # Unknown charset names ("x-user-defined", typos) are still mostly ASCII.
+        return payload.decode("latin-1", errors="replace")
+
+
+def _html_to_text(markup: str) -> str:
+    markup = _RE_HTML_COMMENT.sub("", markup)
+    markup = _RE_HTML_DROP.sub(" ", markup)
+    markup = _RE_HTML_BLOCK.sub(" ", markup)
+    # Inline tags vanish without a space: "<b>F</b>REE" is meant to read "FREE".
+    markup = _RE_HTML_TAG.sub("", markup)
+    return html.unescape(markup)
+
+
+def _url_tokens(text: str, out: set[str]) -> int:
+    hosts: set[str] = set()
+    for m in _RE_URL_HOST.finditer(text):
+        host = m.group(1).lower().rstrip(".,;")
+        if m.group(0).lower().startswith("www."):
+            host = "www." + host
+        host = host.rpartition("@")[2]  # http://user@host tricks
+        if host:
+            hosts.add(host)
+    for host in hosts:
+        if _RE_IPV4.match(host):
+            out.add("url:ip")
+            continue
+        out.add("url:" + host)
+        out.add("urldom:" + _registered_domain(host))
+        out.add("urltld:" + host.rsplit(".", 1)[-1])
+    return len(hosts)
+
+
+def _word_tokens(text: str, prefix: str, out: set[str]) -> tuple[int, int]:
+    """Add word tokens; return (words, all-caps words) for the shouting signal."""
+    n_words = n_caps = 0
+    for m in _RE_WORD.finditer(text):
+        w = m.group(0)
+        if len(w) > 30:
+            continue
+        c = w[0]
+        if c == "$":
+            out.add(prefix + ("$" if len(w) == 1 else "$num"))
+            continue
+        if c.isdigit():
+            out.add(prefix + "num%")
+            continue
+        if c == "!":
+            out.add(prefix + "!!")
+            continue
+        n_words += 1
+        if len(w) >= 3 and w.isupper():
+            n_caps += 1
+        out.add(prefix + w.lower())
+    return n_words, n_caps
+
+
+def _header_tokens(msg: Message, out: set[str]) -> None:
+    name, addr = parseaddr(_decode_header(msg.get("From")))
+    dom = _domain_of(addr)
+    if dom:
+        out.add("fromdom:" + dom)
+        out.add("fromtld:" + dom.rsplit(".", 1)[-1])
+    else:
+        out.add("from:noaddr")
+    if not name:
+        out.add("from:noname")
+    elif "@" in name:
+        # A display name that is itself an address different from the real
+        # one is the classic phishing disguise.
+        shown = parseaddr(name)[1].lower()
+        out.add("from:name_addr_mismatch" if shown != addr.lower() else "from:name_is_addr")
+    elif dom and "." in name and " " not in name.strip():
+        out.add("from:name_is_domain")
+
+    auth_seen = False
+    for value in msg.get_all("Authentication-Results", []) or []:
+        for kind, result in _RE_AUTH.findall(str(value)):
+            out.add(f"auth:{kind.lower()}={result.lower()}")
+            auth_seen = True
+    for value in msg.get_all("Received-SPF", []) or []:
+        words = str(value).split()
+        if words:
+            out.add("rspf:" + words[0].lower())
+            auth_seen = True
+    if not auth_seen:
+        out.add("auth:none")
+
+    mailer = msg.get("X-Mailer") or msg.get("User-Agent")
+    if mailer:
+        # Version numbers change weekly; the product name is what carries over.
+        words = _RE_ALPHA_WORD.findall(_decode_header(mailer).lower())[:3]
+        out.add("xm:" + " ".join(words))
+    else:
+        out.add("xm:none")
+
+    hops = len(msg.get_all("Received", []) or [])
+    out.add("hops:" + _bucket(hops))
+
+    if not msg.get("Message-ID"):
+        out.add("hdr:no_msgid")
+    if msg.get("In-Reply-To") or msg.get("References"):
+        out.add("hdr:reply")
+    n_rcpt = len(getaddresses([str(v) for v in (msg.get_all("To", []) or [])]))
+    n_rcpt += len(getaddresses([str(v) for v in (msg.get_all("Cc", []) or [])]))
+    out.add("rcpt:" + _bucket(n_rcpt))
+    out.add("ct:" + msg.get_content_type())
+
+
+def _body_tokens(msg: Message, out: set[str]) -> None:
+    plain: list[str] = []
+    markup: list[str] = []
+    charsets: set[str] = set()
+    n_parts = 0
+    for part in msg.walk():
+        if part.is_multipart():
+            continue
+        n_parts += 1
+        if n_parts > _MAX_PARTS:
+            break
+        ctype = part.get_content_type()
+        cs = part.get_content_charset()
+        if cs:
+            charsets.add(cs.lower())
+        filename = part.get_filename()
+        if filename or part.get_content_maintype() not in ("text", "message"):
+            out.add("att:" + ctype)
+            if filename and "." in filename:
+                out.add("attext:" + filename.rsplit(".", 1)[-1].lower()[:10])
+            continue
+        if ctype == "text/html":
+            markup.append(_part_text(part)[:_MAX_TEXT_CHARS])
+        elif part.get_content_maintype() == "text":
+            plain.append(_part_text(part)[:_MAX_TEXT_CHARS])
+
+    for cs in charsets or {"none"}:
+        out.add("cs:" + cs)
+
+    html_text = "\n".join(markup)
+    if html_text:
+        if not plain:
+            out.add("html:only")
+        out.add("html:links=" + _bucket(len(_RE_HTML_LINK.findall(html_text))))
+        out.add("html:img=" + _bucket(len(_RE_HTML_IMG.findall(html_text))))
+        if _RE_HTML_HIDDEN.search(html_text):
+            out.add("html:hidden")
+        if _RE_HTML_WHITE.search(html_text):
+            out.add("html:white")
+        if _RE_HTML_FORM.search(html_text):
+            out.add("html:form")
+        if _RE_HTML_SCRIPT.search(html_text):
+            out.add("html:script")
+
+    # What the reader sees: the plain part when there is one (multipart/
+    # alternative), else the HTML rendered to text.
+    visible = "\n".join(plain) if plain else _html_to_text(html_text)
+    visible = visible[:_MAX_TEXT_CHARS]
+    if html_text and not plain:
+        ratio = len(visible.strip()) / max(len(html_text), 1)
+        out.add("html:textratio=" + ("low" if ratio < 0.1 else "mid" if ratio < 0.4 else "high"))
+
+    n_words, n_caps = _word_tokens(visible, "", out)
+    out.add("len:" + _bucket(n_words // 10))
+    if n_words >= 20:
+        share = n_caps / n_words
+        out.add("caps:" + ("high" if share > 0.3 else "some" if share > 0.1 else "low"))
+    n_hosts = _url_tokens(html_text + "\n" + "\n".join(plain), out)
+    out.add("urls:" + _bucket(n_hosts))
+
+
+def extract_tokens(raw: bytes) -> set[str]:
+    """The set of feature tokens of one raw message. Never raises."""
+    out: set[str] = set()
+    try:
+        msg = message_from_bytes(raw)
+        subject = _decode_header(msg.get("Subject"))
+        if not subject.strip():
+            out.add("s:empty")
+        n_words, n_caps = _word_tokens(subject, "s:", out)
+        if n_words >= 2 and n_caps == n_words:
+            out.add("s:allcaps")
+        _header_tokens(msg, out)
+        _body_tokens(msg, out)
+    except Exception:
+        # Mail that defeats the parser is itself a signal; keep whatever words
+        # the raw bytes have so the message still gets a meaningful score.
+        out.add("parse:failed")
+        _word_tokens(raw[:_MAX_TEXT_CHARS].decode("latin-1"), "", out)
+    return out
+
+
+def _hash_tokens(tokens: Iterable[str], n_features: int) -> np.ndarray:
+    """Sorted unique column indices. CRC-32 is stable across processes, unlike hash()."""
+    mask = n_features - 1
+    idx = {zlib.crc32(t.encode("utf-8", "replace")) & mask for t in tokens}
+    return np.fromiter(idx, dtype=np.int64, count=len(idx))
+
+
+# --------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
+
+
+class SpamModel:
+    """Naive Bayes over the presence of hashed mail features."""
+
+    def __init__(
+        self,
+        feature_count: np.ndarray,
+        class_count: np.ndarray,
+        *,
+        alpha: float,
+        trained_at: str | None = None,
+        updated_at: str | None = None,
+    ) -> None:
+        self._n_features = int(feature_count.shape[1])
+        self._alpha = float(alpha)
+        self._feature_count = np.ascontiguousarray(feature_count, dtype=np.float64)
+        self._class_count = np.ascontiguousarray(class_count, dtype=np.float64)
+        self._trained_at = trained_at
+        self._updated_at = updated_at
+        self._refresh()
+
+    # -- construction -----------------------------------------------------
+
+    @classmethod
+    def empty(
+        cls, *, alpha: float = DEFAULT_ALPHA, n_features: int = DEFAULT_N_FEATURES
+    ) -> SpamModel:
+        _check_params(n_features, alpha)
+        return cls(
+            np.zeros((2, n_features), dtype=np.float64),
+            np.zeros(2, dtype=np.float64),
+            alpha=alpha,
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> SpamModel:
+        path = Path(path)
+        try:
+            npz = np.load(path, allow_pickle=False)
+        except FileNotFoundError as exc:
+            raise ModelError(f"{path}: spam model file not found") from exc
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise ModelError(f"{path}: not a mailgate spam model (.npz): {exc}") from exc
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise ModelError(f"{path}: not a mailgate spam model: expected an .npz archive")
+        with npz:
+            return cls._from_npz(npz, path)
+
+    @classmethod
+    def _from_npz(cls, npz: np.lib.npyio.NpzFile, path: Path) -> SpamModel:
+        expected = {"header", "feature_count", "class_count"}
+        names = set(npz.files)
+        if names != expected:
+            raise ModelError(
+                f"{path}: unexpected arrays {sorted(names)}; expected {sorted(expected)}"
+            )
+        for info in npz.zip.infolist():
+            if info.file_size > _MAX_MEMBER_BYTES:
+                raise ModelError(f"{path}: member {info.filename} is implausibly large")
+        try:
+            header_arr = npz["header"]
+            feature_count = npz["feature_count"]
+            class_count = npz["class_count"]
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            # ValueError is what numpy raises for object (pickled) arrays
+            # under allow_pickle=False: the payload is never unpickled.
+            raise ModelError(f"{path}: refused model array: {exc}") from exc
+
+        if header_arr.dtype != np.uint8 or header_arr.ndim != 1:
+            raise ModelError(f"{path}: header must be a 1-d uint8 array of JSON")
+        try:
+            header = json.loads(header_arr.tobytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelError(f"{path}: header is not JSON: {exc}") from exc
+        if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+            raise ModelError(f"{path}: not a mailgate spam model (format tag missing)")
+        if header.get("version") != FORMAT_VERSION:
+            raise ModelError(
+                f"{path}: model format version {header.get('version')!r} is not supported "
+                f"(this mailgate reads version {FORMAT_VERSION}); "
+                "retrain with `mailgate spam train`"
+            )
+        if header.get("feature_version") != FEATURE_VERSION:
+            raise ModelError(
+                f"{path}: model was trained on feature set {header.get('feature_version')!r}, "
+                f"this mailgate extracts set {FEATURE_VERSION}; retrain with `mailgate spam train`"
+            )
+        n_features = header.get("n_features")
+        alpha = header.get("alpha")
+        if not isinstance(n_features, int) or isinstance(n_features, bool):
+            raise ModelError(f"{path}: header n_features must be an integer")
+        if not isinstance(alpha, int | float) or isinstance(alpha, bool):
+            raise ModelError(f"{path}: header alpha must be a number")
+        try:
+            _check_params(n_features, float(alpha))
+        except ValueError as exc:
+            raise ModelError(f"{path}: {exc}") from exc
+
+        if feature_count.dtype != np.float32 or feature_count.shape != (2, n_features):
+            raise ModelError(
+                f"{path}: feature_count must be float32 of shape (2, {n_features}), "
+                f"got {feature_count.dtype} {feature_count.shape}"
+            )
+        if class_count.dtype != np.float64 or class_count.shape != (2,):
+            raise ModelError(
+                f"{path}: class_count must be float64 of shape (2,), "
+                f"got {class_count.dtype} {class_count.shape}"
+            )
+        for name, arr in (("feature_count", feature_count), ("class_count", class_count)):
+            if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+                raise ModelError(f"{path}: {name} holds negative or non-finite counts")
+        trained_at = header.get("trained_at")
+        updated_at = header.get("updated_at")
+        return cls(
+            feature_count.astype(np.float64),
+            class_count,
+            alpha=float(alpha),
+            trained_at=trained_at if isinstance(trained_at, str) else None,
+            updated_at=updated_at if isinstance(updated_at, str) else None,
+        )
+
+    def save(self, path: Path) -> None:
+        """Write atomically: readers see the old model or the new, never half a file."""
+        path = Path(path)
+        header = json.dumps(
+            {"format": FORMAT_NAME, "version": FORMAT_VERSION, "feature_version": FEATURE_VERSION}
+            | self.meta,
+            sort_keys=True,
+        ).encode("utf-8")
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez_compressed(
+                    fh,
+                    header=np.frombuffer(header, dtype=np.uint8),
+                    # float32 halves the file; counts stay exact below 2^24.
+                    feature_count=self._feature_count.astype(np.float32),
+                    class_count=self._class_count.astype(np.float64),
+                )
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+    # -- properties -------------------------------------------------------
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return {
+            "trained_at": self._trained_at,
+            "updated_at": self._updated_at,
+            "n_ham": int(self._class_count[_HAM]),
+            "n_spam": int(self._class_count[_SPAM]),
+            "n_features": self._n_features,
+            "alpha": self._alpha,
+            "version": FORMAT_VERSION,
+            "feature_version": FEATURE_VERSION,
+        }
+
+    @property
+    def ready(self) -> bool:
+        """A model that has not seen both classes cannot tell them apart."""
+        return bool(self._class_count[_HAM] > 0 and self._class_count[_SPAM] > 0)
+
+    # -- scoring ----------------------------------------------------------
+
+    def vectorize(self, raw: bytes) -> np.ndarray:
+        """Column indices of the hashed features of one message (for benches and tools)."""
+        return _hash_tokens(extract_tokens(raw), self._n_features)
+
+    def log_odds(self, columns: np.ndarray) -> float:
+        return float(self._bias + self._weights[columns].sum())
+
+    def score_bytes(self, raw: bytes, threshold: float) -> SpamScore:
+        return self.score_columns(self.vectorize(raw), threshold)
+
+    def score_columns(self, columns: np.ndarray, threshold: float) -> SpamScore:
+        if not self.ready:
+            # Fail open: an untrained filter must not quarantine customer mail.
+            return SpamScore(score=0.0, is_spam=False)
+        score = _sigmoid(self.log_odds(columns))
+        return SpamScore(score=score, is_spam=score >= threshold)
+
+    # -- training ---------------------------------------------------------
+
+    def learn_bytes(self, raw: bytes, is_spam: bool) -> None:
+        X = _rows_to_csr([self.vectorize(raw)], self._n_features)
+        self._partial_fit(X, np.array([_SPAM if is_spam else _HAM]))
+        self._updated_at = _now()
+
+    def fit(
+        self,
+        messages: Iterable[tuple[bytes, bool]],
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Train from scratch. ``progress`` gets the running message count after each one."""
+
+        def columns() -> Iterator[tuple[np.ndarray, bool]]:
+            for done, (raw, is_spam) in enumerate(messages, start=1):
+                yield self.vectorize(raw), is_spam
+                if progress is not None:
+                    progress(done)
+
+        self.fit_columns(columns())
+
+    def fit_columns(self, rows: Iterable[tuple[np.ndarray, bool]]) -> None:
+        """Train from scratch on already vectorized messages (cross-validation, tools)."""
+        self._feature_count = np.zeros((2, self._n_features), dtype=np.float64)
+        self._class_count = np.zeros(2, dtype=np.float64)
+        self._refresh()
+        batch: list[np.ndarray] = []
+        labels: list[int] = []
+        for cols, is_spam in rows:
+            batch.append(cols)
+            labels.append(_SPAM if is_spam else _HAM)
+            # Chunks keep memory flat for a mailbox of any size.
+            if len(batch) >= 2000:
+                self._partial_fit(_rows_to_csr(batch, self._n_features), np.array(labels))
+                batch, labels = [], []
+        if batch:
+            self._partial_fit(_rows_to_csr(batch, self._n_features), np.array(labels))
+        self._trained_at = _now()
+        self._updated_at = self._trained_at
+
+    def to_sklearn(self) -> BernoulliNB:
+        """The fitted scikit-learn estimator holding the same counts.
+
+        Its ``predict_proba`` also counts absent columns as evidence, so its
+        probabilities differ from ``score_bytes``; it is what ``partial_fit``
+        runs on and the speed reference in bench/spam.py.
+        """
+        nb = BernoulliNB(alpha=self._alpha)
+        nb.classes_ = np.array([_HAM, _SPAM])
+        nb.n_features_in_ = self._n_features
+        nb.class_count_ = self._class_count.copy()
+        nb.feature_count_ = self._feature_count.copy()
+        if self.ready:
+            nb.feature_log_prob_ = self._feature_log_prob()
+            nb.class_log_prior_ = np.log(self._class_count / self._class_count.sum())
+        return nb
+
+    def _partial_fit(self, X: sp.csr_matrix, y: np.ndarray) -> None:
+        nb = self.to_sklearn()
+        with np.errstate(divide="ignore"):
+            # log(0) prior while one class is still unseen is expected here.
+            nb.partial_fit(X, y, classes=None if self._class_count.any() else [_HAM, _SPAM])
+        self._feature_count = np.ascontiguousarray(nb.feature_count_, dtype=np.float64)
+        self._class_count = np.ascontiguousarray(nb.class_count_, dtype=np.float64)
+        self._refresh()
+
+    def _feature_log_prob(self) -> np.ndarray:
+        # Same estimate as BernoulliNB.feature_log_prob_.
+        return (
+            np.log(self._feature_count + self._alpha)
+            - np.log(self._class_count + 2 * self._alpha)[:, None]
+        )
+
+    def _refresh(self) -> None:
+        # Two-class NB reduces to one weight per column plus a bias; keeping
+        # that single contiguous vector is what makes scoring a gather-sum.
+        if self.ready:
+            flp = self._feature_log_prob()
+            weights = flp[_SPAM] - flp[_HAM]
+            # A column no message ever had is no evidence; without this every
+            # new word would vote for the smaller class.
+            weights[self._feature_count.sum(axis=0) == 0] = 0.0
+            self._weights = np.ascontiguousarray(weights)
+            prior = np.log(self._class_count)
+            self._bias = float(prior[_SPAM] - prior[_HAM])
+        else:
+            self._weights = np.zeros(self._n_features, dtype=np.float64)
+            self._bias = 0.0
+
+
+def _check_params(n_features: int, alpha: float) -> None:
+    if not (_MIN_FEATURES <= n_features <= _MAX_FEATURES) or n_features & (n_features - 1):
+        raise ValueError(
+            f"n_features must be a power of two in [{_MIN_FEATURES}, {_MAX_FEATURES}], "
+            f"got {n_features}"
+        )
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a positive finite number, got {alpha}")
+
+
+def _sigmoid(z: float) -> float:
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
+
+
+def _rows_to_csr(rows: Sequence[np.ndarray], n_features: int) -> sp.csr_matrix:
+    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum([len(r) for r in rows], out=indptr[1:])
+    indices = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    data = np.ones(len(indices), dtype=np.float64)
+    return sp.csr_matrix((data, indices, indptr), shape=(len(rows), n_features))
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename is only durable once the directory entry is on disk.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------
+# Mail sources and evaluation
+# --------------------------------------------------------------------------
+
+
+def read_mail_sources(paths: Sequence[Path]) -> Iterator[bytes]:
+    """Raw messages from folders of files, maildirs or mbox files, in name order."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            subdirs = [path / "cur", path / "new"]
+            if any(d.is_dir() for d in subdirs):
+                for d in subdirs:
+                    if d.is_dir():
+                        yield from _read_files(d)
+            else:
+                yield from _read_files(path)
+        elif path.is_file():
+            with path.open("rb") as fh:
+                is_mbox = fh.read(5) == b"From "
+            if is_mbox:
+                box = mailbox.mbox(path, create=False)
+                try:
+                    for key in box.iterkeys():
+                        yield box.get_bytes(key)
+                finally:
+                    box.close()
+            else:
+                yield path.read_bytes()  # a lone .eml
+        else:
+            raise FileNotFoundError(f"no such mail source: {path}")
+
+
+def _read_files(directory: Path) -> Iterator[bytes]:
+    for entry in sorted(directory.iterdir()):
+        # Dot files are editor/maildir bookkeeping, never messages.
+        if entry.name.startswith(".") or not entry.is_file():
+            continue
+        yield entry.read_bytes()
+
+
+def evaluate(
+    model: SpamModel, ham: Iterable[bytes], spam: Iterable[bytes], threshold: float
+) -> dict[str, float | int]:
+    n_ham = n_spam = ham_fp = spam_tp = 0
+    for raw in ham:
+        n_ham += 1
+        ham_fp += model.score_bytes(raw, threshold).is_spam
+    for raw in spam:
+        n_spam += 1
+        spam_tp += model.score_bytes(raw, threshold).is_spam
+    total = n_ham + n_spam
+    correct = (n_ham - ham_fp) + spam_tp
+    return {
+        "accuracy": round(correct / total, 4) if total else 0.0,
+        "spam_recall": round(spam_tp / n_spam, 4) if n_spam else 0.0,
+        "ham_false_positive_rate": round(ham_fp / n_ham, 4) if n_ham else 0.0,
+        "n_ham": n_ham,
+        "n_spam": n_spam,
+    }

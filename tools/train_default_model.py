@@ -1,0 +1,222 @@
+"""Build the shipped spam model (models/spam-model.npz) and its model card.
+
+Run from the repository root:
+
+    python tools/train_default_model.py [--corpus ../shared/corpus/spamassassin]
+
+Steps, in this order so that the held-out part never influences a choice:
+
+1. Split each corpus folder by file name: first 80% train, last 20% held out.
+2. Choose alpha on the train part only, by time: train on the first 60% of
+   each folder, validate on 60-80%. The model is judged on later mail, and
+   a shuffled cross-validation lets newsletters from one sender sit in both
+   folds, which flatters recall and hides false positives. The choice is the
+   best validation accuracy among the alphas whose ham false-positive rate
+   is at most 0.5% (quarantining a customer's mail costs more than a missed
+   spam).
+3. Train on the train part, report the held-out metrics.
+4. Train on the whole corpus with the same alpha, save the model, write the card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mailgate.spamfilter import (  # noqa: E402  (runs from a checkout, not installed)
+    SpamModel,
+    evaluate,
+)
+
+HAM_FOLDERS = ("easy-ham-1", "hard-ham-1")
+SPAM_FOLDERS = ("spam-1",)
+ALPHAS = (0.01, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 1.0)
+MAX_CV_FP_RATE = 0.005
+THRESHOLDS = (0.5, 0.9)
+
+
+def folder_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def validate(
+    train: Sequence[tuple[np.ndarray, bool]],
+    valid: Sequence[tuple[np.ndarray, bool]],
+    alpha: float,
+    threshold: float,
+) -> dict[str, float]:
+    model = SpamModel.empty(alpha=alpha)
+    model.fit_columns(train)
+    labels = np.array([is_spam for _, is_spam in valid])
+    predicted = np.array([model.score_columns(cols, threshold).is_spam for cols, _ in valid])
+    return {
+        "accuracy": float((predicted == labels).mean()),
+        "ham_false_positive_rate": float(predicted[~labels].mean()),
+        "spam_recall": float(predicted[labels].mean()),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--corpus", type=Path, default=ROOT.parent / "shared" / "corpus" / "spamassassin"
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "models" / "spam-model.npz")
+    parser.add_argument("--threshold", type=float, default=0.9, help="spam.threshold default")
+    args = parser.parse_args()
+
+    vectorizer = SpamModel.empty()
+    fit_part: list[tuple[np.ndarray, bool]] = []
+    valid_part: list[tuple[np.ndarray, bool]] = []
+    held: dict[str, list[Path]] = {}
+    for name in HAM_FOLDERS + SPAM_FOLDERS:
+        files = folder_files(args.corpus / name)
+        n60, n80 = int(len(files) * 0.6), int(len(files) * 0.8)
+        rows = [(vectorizer.vectorize(p.read_bytes()), name in SPAM_FOLDERS) for p in files[:n80]]
+        fit_part += rows[:n60]
+        valid_part += rows[n60:]
+        held[name] = files[n80:]
+
+    cv: dict[float, dict[str, float]] = {}
+    for alpha in ALPHAS:
+        cv[alpha] = validate(fit_part, valid_part, alpha, args.threshold)
+        rounded = {k: round(v, 4) for k, v in cv[alpha].items()}
+        print(f"valid alpha={alpha:<5} {json.dumps(rounded)}")
+    allowed = [a for a in ALPHAS if cv[a]["ham_false_positive_rate"] <= MAX_CV_FP_RATE]
+    alpha = max(allowed or ALPHAS, key=lambda a: (cv[a]["accuracy"], -a))
+    print(f"chosen alpha={alpha}")
+
+    model = SpamModel.empty(alpha=alpha)
+    model.fit_columns(fit_part + valid_part)
+    ham_held = [p.read_bytes() for name in HAM_FOLDERS for p in held[name]]
+    spam_held = [p.read_bytes() for name in SPAM_FOLDERS for p in held[name]]
+    heldout = {t: evaluate(model, ham_held, spam_held, t) for t in THRESHOLDS}
+    hard = [p.read_bytes() for p in held["hard-ham-1"]]
+    hard_fp = {t: evaluate(model, hard, [], t)["ham_false_positive_rate"] for t in THRESHOLDS}
+    for t in THRESHOLDS:
+        print(f"held-out threshold={t} {json.dumps(heldout[t])} hard-ham fp={hard_fp[t]}")
+
+    everything = [
+        (p.read_bytes(), name in SPAM_FOLDERS)
+        for name in HAM_FOLDERS + SPAM_FOLDERS
+        for p in sorted(x for x in (args.corpus / name).iterdir() if x.is_file())
+    ]
+    final = SpamModel.empty(alpha=alpha)
+    started = time.perf_counter()
+    final.fit(everything)
+    train_seconds = time.perf_counter() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    final.save(args.out)
+    size = args.out.stat().st_size
+    print(f"saved {args.out} ({size} bytes, trained in {train_seconds:.1f} s) {final.meta}")
+
+    card = args.out.with_suffix(".md")
+    card.write_text(
+        render_card(final.meta, alpha, cv, heldout, hard_fp, size, args.threshold),
+        encoding="utf-8",
+    )
+    print(f"wrote {card}")
+    return 0
+
+
+def render_card(
+    meta: dict,
+    alpha: float,
+    cv: dict[float, dict[str, float]],
+    heldout: dict[float, dict],
+    hard_fp: dict[float, float],
+    size: int,
+    threshold: float,
+) -> str:
+    cv_rows = "\n".join(
+        f"| {a} | {m['accuracy']:.4f} | {m['ham_false_positive_rate']:.4f} "
+        f"| {m['spam_recall']:.4f} |"
+        for a, m in cv.items()
+    )
+    held_rows = "\n".join(
+        f"| {t} | {m['accuracy']:.4f} | {m['ham_false_positive_rate']:.4f} "
+        f"| {hard_fp[t]:.4f} | {m['spam_recall']:.4f} | {m['n_ham']} | {m['n_spam']} |"
+        for t, m in heldout.items()
+    )
+    today = datetime.now(UTC).date().isoformat()
+    return f"""# Model card: models/spam-model.npz
+
+Default spam model shipped with mailgate (`mailgate.spamfilter.SpamModel`).
+Generated by `tools/train_default_model.py` on {today}; rerun it to rebuild.
+
+## Data
+
+- Public SpamAssassin corpus (2002), read from `../shared/corpus/spamassassin/`:
+  easy-ham-1 (2500 ham), hard-ham-1 (250 ham), spam-1 (500 spam).
+  Nothing from it is stored in the repository; the model holds only hashed
+  token counts.
+- Shipped model: trained on all of it ({meta["n_ham"]} ham, {meta["n_spam"]} spam),
+  trained_at {meta["trained_at"]}.
+- The corpus is 2002 mail from one collector: no Authentication-Results or
+  Received-SPF headers, mailing-list ham, Received chains of that site.
+  Expect drift on current mail; retrain on your own ham and spam with
+  `mailgate spam train` and teach it with `#spam` and quarantine release.
+
+## Model
+
+- Naive Bayes over token presence (scikit-learn `BernoulliNB` counts;
+  scored as the log-odds of the tokens present, columns never seen in
+  training vote 0), class prior from the training counts.
+- Hashed vocabulary: CRC-32 modulo {meta["n_features"]} (2^{meta["n_features"].bit_length() - 1}).
+- alpha = {alpha}, chosen on the training 80% only, by time (fit on the first
+  60% of each folder, validate on 60-80%): highest accuracy among alphas
+  with ham false-positive rate <= {MAX_CV_FP_RATE} at threshold {threshold}.
+- Feature set version {meta["feature_version"]}, file format version {meta["version"]}.
+- File size: {size} bytes ({size / 2**20:.2f} MiB), `.npz` of float arrays plus a
+  JSON header, loaded with `allow_pickle=False`.
+
+## Features
+
+- Decoded subject words (`s:` prefix), separate from body words.
+- Visible body words: text/plain parts, or the HTML rendered to text when
+  there is no plain part (comments removed, inline tags joined so that
+  `F<b></b>REE` reads `FREE`). Money (`$num`), percentages and `!!` runs
+  are kept as classes; bare numbers are dropped.
+- HTML signals: HTML-only, link and image counts (log2 buckets), hidden
+  text (display:none, visibility:hidden, 0-1px fonts), white text, forms,
+  scripts, text-to-markup ratio.
+- URL host, registrable domain and TLD; IP-literal URLs; number of hosts.
+- Headers: sender domain and TLD, From display name that is a different
+  address, Authentication-Results (spf/dkim/dmarc/arc results) and
+  Received-SPF result, X-Mailer / User-Agent product name (no version),
+  charsets, top-level Content-Type, Received hop count (bucketed), missing
+  Message-ID, reply headers, recipient count (bucketed).
+- Attachments: content type and file extension.
+- Each token counts once per message.
+
+## Validation inside the training 80%: fit 0-60%, test 60-80% (threshold {threshold})
+
+| alpha | accuracy | ham FP rate | spam recall |
+|---|---|---|---|
+{cv_rows}
+
+## Held-out metrics (trained on the first 80% by file name, tested on the last 20%)
+
+| threshold | accuracy | ham FP rate | hard-ham FP rate | spam recall | n_ham | n_spam |
+|---|---|---|---|---|---|---|
+{held_rows}
+
+Targets from issue 4: accuracy >= 0.985, ham FP rate <= 0.005, spam recall >= 0.95.
+The held-out part was not used to choose alpha or features after the first
+design; it is a single small sample (550 ham, 100 spam), so one message is
+0.18 points of ham FP rate and 1 point of recall.
+"""
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
