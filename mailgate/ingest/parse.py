@@ -1,0 +1,1021 @@
+"""Turn raw mail bytes into a ParsedMessage: the pure, defensive first step of ingest.
+
+Everything here works on bytes and plain values: no database, no config. Hostile input
+either parses leniently (with notes in ``defects``) or raises UnusableMessage; no other
+exception is meant to escape. The stdlib parser runs with the compat32 policy because it
+keeps raw header text and never invokes the (slow, occasionally raising) structured
+header parser; header decoding, address parsing and limits are done here instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import io
+import mimetypes
+import re
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.generator import BytesGenerator
+from email.message import Message
+from email.parser import BytesParser
+from email.policy import compat32
+from email.utils import parsedate_to_datetime
+
+import html2text
+import nh3
+from mailparser.dates import parse_mail_date
+from mailparser.utils import mime_header_view
+
+__all__ = ["Attachment", "ParsedMessage", "UnusableMessage", "parse_message"]
+
+
+class UnusableMessage(Exception):
+    """The bytes cannot be handled as a mail (reason in str(exc)).
+
+    The caller dead-letters it (exit 65).
+    """
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content_type: str
+    data: bytes
+    content_id: str | None
+    inline: bool
+
+
+@dataclass(frozen=True)
+class ParsedMessage:
+    message_id: str | None
+    subject: str
+    from_addr: str
+    from_name: str
+    to: tuple[str, ...]
+    cc: tuple[str, ...]
+    reply_to: tuple[str, ...]
+    delivered_to: tuple[str, ...]
+    in_reply_to: tuple[str, ...]
+    references: tuple[str, ...]
+    date: datetime | None
+    headers: tuple[tuple[str, str], ...]
+    text: str
+    html: str | None
+    attachments: tuple[Attachment, ...]
+    defects: tuple[str, ...]
+    is_dsn: bool
+    dsn_original_message_ids: tuple[str, ...]
+    dsn_failed_recipients: tuple[str, ...]
+
+    def header(self, name: str) -> str | None:
+        key = name.lower()
+        for hname, value in self.headers:
+            if hname == key:
+                return value
+        return None
+
+    def header_all(self, name: str) -> list[str]:
+        key = name.lower()
+        return [value for hname, value in self.headers if hname == key]
+
+
+# --------------------------------------------------------------------------- limits
+
+# Same notion of a header line as email.feedparser, so the pre-scan sees what the parser sees.
+_HEADER_LINE_RE = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+_CONTAINER_CT_RE = re.compile(rb"^content-type:\s*(?:multipart|message)/", re.I | re.M)
+_BOUNDARY_RE = re.compile(rb'boundary\s*=\s*(?:"([^"\r\n]*)"|([^\s;]+))', re.I)
+_ADDRESS_HEADERS = frozenset(
+    {
+        "from",
+        "sender",
+        "to",
+        "cc",
+        "bcc",
+        "reply-to",
+        "resent-from",
+        "resent-sender",
+        "resent-to",
+        "resent-cc",
+        "resent-bcc",
+        "delivered-to",
+        "x-original-to",
+        "return-path",
+    }
+)
+_MAX_DEFECTS = 100
+
+
+def _scan_header_fields(raw: bytes) -> list[tuple[str, bytes]]:
+    """Header fields of the top-level block as (lowercased name, unfolded raw field bytes)."""
+    fields: list[tuple[str, bytes]] = []
+    pos = 0
+    size = len(raw)
+    first = True
+    while pos < size:
+        end = raw.find(b"\n", pos)
+        end = size if end < 0 else end + 1
+        line = raw[pos:end]
+        pos = end
+        content = line.rstrip(b"\r\n")
+        if not content:
+            break
+        if first and content.startswith(b"From "):
+            # mbox separator line: the parser keeps it as the unixfrom, not a header.
+            first = False
+            continue
+        first = False
+        if content[:1] in (b" ", b"\t"):
+            if fields:
+                name, value = fields[-1]
+                fields[-1] = (name, value + content)
+            continue
+        match = _HEADER_LINE_RE.match(content)
+        if match is None:
+            break
+        fields.append((match.group(1).decode("ascii").lower(), content))
+    return fields
+
+
+def _precheck(
+    raw: bytes, *, max_depth: int, max_header_bytes: int, max_addresses: int
+) -> list[tuple[str, bytes]]:
+    if not raw.strip():
+        raise UnusableMessage("empty message")
+    fields = _scan_header_fields(raw)
+    if not fields:
+        raise UnusableMessage("no header block (input does not start with a mail header)")
+    if any(b"\x00" in value for _, value in fields):
+        raise UnusableMessage("NUL byte in the header block (binary data, not a mail)")
+    per_name: dict[str, int] = {}
+    for name, value in fields:
+        if len(value) > max_header_bytes:
+            raise UnusableMessage(
+                f"header {name!r} is {len(value)} bytes long (limit {max_header_bytes})"
+            )
+        if name in _ADDRESS_HEADERS:
+            # '@' count is an upper bound on the addresses; cheap and linear, unlike parsing.
+            per_name[name] = per_name.get(name, 0) + value.count(b"@")
+            if per_name[name] > max_addresses:
+                raise UnusableMessage(f"header {name!r} names more than {max_addresses} addresses")
+    # The stdlib parser and walkers recurse per nesting level, so depth must be known
+    # before parsing. Only mails declaring more containers than the limit need the scan.
+    if len(_CONTAINER_CT_RE.findall(raw)) > max_depth:
+        depth = _scan_mime_depth(raw, max_depth)
+        if depth > max_depth:
+            raise UnusableMessage(f"MIME nesting deeper than {max_depth} levels")
+    return fields
+
+
+def _scan_mime_depth(raw: bytes, limit: int) -> int:
+    """Approximate the MIME container depth by following boundaries line by line.
+
+    Stops as soon as the depth exceeds ``limit``. A None entry stands for an
+    encapsulated message/*, which ends when an enclosing boundary shows up.
+    """
+    stack: list[bytes | None] = []
+    in_headers = True
+    ctype = b""
+    collecting = False
+    deepest = 0
+    for line in raw.splitlines():
+        if in_headers:
+            if not line.strip():
+                lowered = ctype.lower().lstrip()
+                in_headers = False
+                if lowered.startswith(b"multipart/"):
+                    match = _BOUNDARY_RE.search(ctype)
+                    if match:
+                        stack.append((match.group(1) or match.group(2) or b"").strip())
+                elif lowered.startswith(b"message/"):
+                    stack.append(None)
+                    in_headers = True
+                ctype = b""
+                collecting = False
+                deepest = max(deepest, len(stack))
+                if deepest > limit:
+                    return deepest
+                continue
+            if line[:1] in (b" ", b"\t"):
+                if collecting:
+                    ctype += line
+            else:
+                collecting = line[:13].lower() == b"content-type:"
+                if collecting:
+                    ctype = line[13:]
+            continue
+        if stack and line.startswith(b"--"):
+            stripped = line.rstrip()
+            for index in range(len(stack) - 1, -1, -1):
+                boundary = stack[index]
+                if boundary is None:
+                    continue
+                if stripped == b"--" + boundary:
+                    del stack[index + 1 :]
+                    in_headers = True
+                    ctype = b""
+                    collecting = False
+                    break
+                if stripped == b"--" + boundary + b"--":
+                    del stack[index:]
+                    break
+    return deepest
+
+
+def _tree_stats(msg: Message) -> tuple[int, int]:
+    """(max depth, part count) of the parsed tree, iteratively: no recursion on hostile depth."""
+    deepest = 0
+    count = 0
+    stack: list[tuple[Message, int]] = [(msg, 0)]
+    while stack:
+        part, depth = stack.pop()
+        count += 1
+        deepest = max(deepest, depth)
+        # delivery-status blocks are header groups, not MIME parts.
+        if part.is_multipart() and part.get_content_type() != "message/delivery-status":
+            payload = part.get_payload()
+            if isinstance(payload, list):
+                stack.extend((child, depth + 1) for child in payload)
+    return deepest, count
+
+
+# --------------------------------------------------------------------------- text decoding
+
+_CHARSET_ALIASES: dict[str, str | None] = {
+    "x-unknown": None,
+    "unknown": None,
+    "unknown-8bit": None,
+    "x-user-defined": None,
+    "default": None,
+    "charset": None,
+    "ks_c_5601-1987": "cp949",
+    "ks_c_5601": "cp949",
+    "gb2312": "gb18030",
+    "gbk": "gb18030",
+    "x-gbk": "gb18030",
+    "iso-8859-8-i": "iso-8859-8",
+    "x-mac-roman": "mac_roman",
+    "macintosh": "mac_roman",
+    # Mail labelled latin-1 is in practice windows-1252 (curly quotes, euro sign).
+    "iso-8859-1": "cp1252",
+    "latin1": "cp1252",
+    "latin-1": "cp1252",
+    "us-ascii": "ascii",
+    "ansi_x3.4-1968": "ascii",
+    "shift_jis": "cp932",
+    "shift-jis": "cp932",
+    "x-sjis": "cp932",
+    "sjis": "cp932",
+    "windows-874": "cp874",
+    "unicode-1-1-utf-7": "utf-7",
+    "utf8": "utf-8",
+}
+_TEXT_CODEC_CACHE: dict[str, str | None] = {}
+
+
+def _codec_for(charset: str | None) -> str | None:
+    """Map a declared charset to a Python text codec, None when unknown or not text."""
+    if not charset:
+        return None
+    name = charset.strip().strip("\"'").lower()
+    # RFC 2231 language suffix: utf-8*en
+    name = name.split("*", 1)[0]
+    if name in _TEXT_CODEC_CACHE:
+        return _TEXT_CODEC_CACHE[name]
+    codec: str | None
+    if name in _CHARSET_ALIASES:
+        codec = _CHARSET_ALIASES[name]
+    else:
+        try:
+            info = codecs.lookup(name)
+            # Refuse bytes-to-bytes codecs (zlib, base64, rot13...) named as charsets.
+            codec = info.name if getattr(info, "_is_text_encoding", True) else None
+        except LookupError:
+            codec = None
+    if len(_TEXT_CODEC_CACHE) < 512:
+        _TEXT_CODEC_CACHE[name] = codec
+    return codec
+
+
+def _decode_bytes(data: bytes, charset: str | None, defects: list[str], what: str) -> str:
+    codec = _codec_for(charset)
+    if codec is None:
+        if charset and charset.strip().lower() not in ("", "unknown-8bit"):
+            defects.append(f"{what}: unknown charset {charset[:40]!r}, decoded as utf-8/cp1252")
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return data.decode("cp1252", errors="replace")
+    try:
+        return data.decode(codec)
+    except (UnicodeDecodeError, LookupError):
+        pass
+    # Mislabelled 8-bit text is usually utf-8 (or cp1252 when sent as "us-ascii").
+    if codec != "utf-8":
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        else:
+            defects.append(f"{what}: not valid {charset[:40] if charset else ''}, decoded as utf-8")
+            return text
+    defects.append(f"{what}: invalid bytes for charset {charset!r:.40}, replaced")
+    fallback = "cp1252" if codec == "ascii" else codec
+    try:
+        return data.decode(fallback, errors="replace")
+    except LookupError:
+        return data.decode("utf-8", errors="replace")
+
+
+_SURROGATES_RE = re.compile("[\ud800-\udfff]")
+_UNSAFE_CTRL_RE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _clean_str(text: str) -> str:
+    """Drop NUL (PostgreSQL text refuses it) and lone surrogates (not encodable as utf-8)."""
+    if _UNSAFE_CTRL_RE.search(text) is None:
+        return text
+    return _SURROGATES_RE.sub("\ufffd", text.replace("\x00", ""))
+
+
+def _fix_8bit(value: str, defects: list[str], what: str) -> str:
+    """BytesParser hands 8-bit header octets over as surrogate escapes: decode them properly."""
+    if _SURROGATES_RE.search(value) is None:
+        return value
+    data = value.encode("ascii", "surrogateescape")
+    try:
+        text = data.decode("utf-8")
+        defects.append(f"8-bit characters in header {what}, decoded as utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("cp1252", errors="replace")
+        defects.append(f"8-bit characters in header {what}, decoded as cp1252")
+    return text
+
+
+_ENCODED_WORD_RE = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?]*)\?=")
+_FOLD_RE = re.compile(r"\r?\n(?=[ \t])")
+_CRLF_RE = re.compile(r"[\r\n]+")
+
+
+def _decode_words(value: str, defects: list[str], what: str) -> str:
+    """Decode RFC 2047 encoded words leniently (also inside quotes and glued to text)."""
+    if "=?" not in value:
+        return value
+    pieces: list[tuple[str | None, bytes | str]] = []
+    pos = 0
+    for match in _ENCODED_WORD_RE.finditer(value):
+        between = value[pos : match.start()]
+        # Whitespace between two encoded words is not part of the text (RFC 2047 6.2).
+        if between and not (between.isspace() and pieces and pieces[-1][0] is not None):
+            pieces.append((None, between))
+        charset, encoding, payload = match.group(1), match.group(2).lower(), match.group(3)
+        try:
+            if encoding == "q":
+                data = binascii.a2b_qp(payload.encode("ascii", "replace"), header=True)
+            else:
+                raw = payload.encode("ascii", "replace").rstrip(b"=")
+                if len(raw) % 4 == 1:
+                    raw = raw[:-1]
+                data = base64.b64decode(raw + b"=" * (-len(raw) % 4))
+        except (binascii.Error, ValueError):
+            defects.append(f"{what}: undecodable encoded word kept as text")
+            pieces.append((None, match.group(0)))
+        else:
+            # Adjacent words in one charset are joined before decoding, so multi-byte
+            # characters split across words (common with ISO-2022-JP, utf-8) survive.
+            last = pieces[-1] if pieces else None
+            if last is not None and last[0] == charset and isinstance(last[1], bytes):
+                pieces[-1] = (charset, last[1] + data)
+            else:
+                pieces.append((charset, data))
+        pos = match.end()
+    tail = value[pos:]
+    if tail:
+        pieces.append((None, tail))
+    out: list[str] = []
+    for charset, chunk in pieces:
+        if charset is None or isinstance(chunk, str):
+            out.append(chunk if isinstance(chunk, str) else chunk.decode("ascii", "replace"))
+        else:
+            out.append(_decode_bytes(chunk, charset, defects, what))
+    return "".join(out)
+
+
+def _decode_header(value: str, defects: list[str], what: str) -> str:
+    """Raw header value -> unfolded, decoded text without CR/LF."""
+    value = _FOLD_RE.sub("", value)
+    value = _fix_8bit(value, defects, what)
+    value = _decode_words(value, defects, what)
+    # Encoded words can smuggle CR/LF; never let them reach a header we might reuse.
+    value = _CRLF_RE.sub(" ", value)
+    return _clean_str(value).strip()
+
+
+_WS_CTRL_RE = re.compile(r"[\s\x00-\x1f\x7f]+")
+
+
+def _one_line(text: str) -> str:
+    return _WS_CTRL_RE.sub(" ", text).strip()
+
+
+# --------------------------------------------------------------------------- addresses
+
+# Strict addr-spec: one unquoted '@', dot-atom or quoted local part, dot-atom or literal
+# domain; non-ASCII allowed for SMTPUTF8. 'a@evil@corp' and friends fail here.
+_ATEXT = r"[^\x00-\x20\"(),.:;<>@\[\\\]\x7f]"
+_ADDR_SPEC_RE = re.compile(
+    rf'(?:{_ATEXT}+(?:\.{_ATEXT}+)*|"(?:[^"\\\r\n]|\\.)*")'
+    rf"@(?:{_ATEXT}+(?:\.{_ATEXT}+)*|\[[^\[\]\\\s]*\])"
+)
+
+
+def _split_address_list(value: str) -> list[tuple[str, str, str]]:
+    """Split an address list into (phrase, angle-addr or None-ish, comment) per element.
+
+    A small linear tokenizer: quoted strings, nested comments and angle brackets are
+    honoured, group syntax ('name: a, b;') is flattened.
+    """
+    elements: list[tuple[str, str, str]] = []
+    phrase: list[str] = []
+    angle: list[str] = []
+    comment: list[str] = []
+    has_angle = False
+    i = 0
+    n = len(value)
+
+    def flush() -> None:
+        nonlocal has_angle
+        text = "".join(phrase).strip()
+        addr = "".join(angle).strip() if has_angle else ""
+        if text or addr:
+            elements.append((text, addr if has_angle else "\x00", "".join(comment).strip()))
+        phrase.clear()
+        angle.clear()
+        comment.clear()
+        has_angle = False
+
+    while i < n:
+        ch = value[i]
+        if ch == '"':
+            j = i + 1
+            buf = []
+            while j < n and value[j] != '"':
+                if value[j] == "\\" and j + 1 < n:
+                    j += 1
+                buf.append(value[j])
+                j += 1
+            phrase.append('"' + "".join(buf).replace("\\", "\\\\").replace('"', '\\"') + '"')
+            i = j + 1
+        elif ch == "(":
+            depth = 1
+            j = i + 1
+            start = j
+            while j < n and depth:
+                if value[j] == "\\":
+                    j += 2
+                    continue
+                if value[j] == "(":
+                    depth += 1
+                elif value[j] == ")":
+                    depth -= 1
+                j += 1
+            comment.append(value[start : j - 1 if depth == 0 else j])
+            phrase.append(" ")
+            i = j
+        elif ch == "<":
+            j = value.find(">", i + 1)
+            if j < 0:
+                j = n
+            angle.clear()
+            angle.append(value[i + 1 : j])
+            has_angle = True
+            i = j + 1
+        elif ch in ",;":
+            flush()
+            i += 1
+        elif ch == ":" and not has_angle and "@" not in "".join(phrase):
+            # group display name: drop it, the members follow
+            phrase.clear()
+            comment.clear()
+            i += 1
+        else:
+            phrase.append(ch)
+            i += 1
+    flush()
+    return elements
+
+
+def _unquote_phrase(text: str) -> str:
+    out: list[str] = []
+    for match in re.finditer(r'"((?:[^"\\]|\\.)*)"|([^"]+)', text):
+        if match.group(1) is not None:
+            out.append(re.sub(r"\\(.)", r"\1", match.group(1)))
+        else:
+            out.append(match.group(2))
+    return "".join(out)
+
+
+def _normalize_addr(candidate: str) -> str | None:
+    addr = candidate.strip()
+    if addr.startswith("@") and ":" in addr:
+        # obsolete source route <@relay:user@host>
+        addr = addr.split(":", 1)[1]
+    addr = re.sub(r"\s*([@.])\s*", r"\1", addr)
+    if _ADDR_SPEC_RE.fullmatch(addr) is None:
+        return None
+    return addr.lower()
+
+
+def _parse_addresses(
+    raw_value: str, defects: list[str], what: str, *, lenient: bool = False
+) -> list[tuple[str, str]]:
+    """(display name, lowercased addr-spec) pairs; invalid addresses are dropped with a defect.
+
+    ``lenient`` accepts the single valid address token inside a bare phrase (Yahoo's
+    'Delivered-To: mailing list x@y'); it is only for trace headers, never for From.
+    """
+    value = _fix_8bit(_FOLD_RE.sub("", raw_value), defects, what)
+    value = _CRLF_RE.sub(" ", value)
+    result: list[tuple[str, str]] = []
+    for phrase, angle, comment in _split_address_list(value):
+        candidate = angle if angle != "\x00" else phrase
+        addr = _normalize_addr(candidate) if candidate else None
+        if addr is None and lenient and angle == "\x00":
+            tokens = [t for t in candidate.split() if "@" in t]
+            addr = _normalize_addr(tokens[0]) if len(tokens) == 1 else None
+        if addr is None:
+            if candidate.strip():
+                defects.append(f"{what}: invalid address {candidate.strip()[:80]!r} ignored")
+            continue
+        name_src = phrase if angle != "\x00" else comment
+        name = _one_line(_decode_words(_unquote_phrase(name_src), defects, what))
+        result.append((_clean_str(name), _clean_str(addr)))
+    return result
+
+
+_MSGID_RE = re.compile(r"<([^<>\s]+)>")
+
+
+def _parse_msgids(raw_value: str) -> list[str]:
+    value = _CRLF_RE.sub(" ", _FOLD_RE.sub("", raw_value))
+    ids = _MSGID_RE.findall(value)
+    if not ids:
+        # Some clients omit the brackets; accept bare tokens that look like ids.
+        ids = [token.strip("<>,;") for token in value.split() if "@" in token]
+    return [_clean_str(i) for i in ids if i]
+
+
+# --------------------------------------------------------------------------- attachments
+
+_BIDI_AND_FORMAT_RE = re.compile("[\u200b-\u200f\u202a-\u202e\u2066-\u2069\u061c\ufeff]")
+_DRIVE_RE = re.compile(r"^[A-Za-z]:")
+_MAX_FILENAME = 200
+
+
+def sanitize_filename(name: str | None) -> str:
+    """A display-only file name: no path parts, controls or bidi tricks, at most 200 chars."""
+    if not name:
+        return "attachment"
+    text = unicodedata.normalize("NFC", name)
+    text = _BIDI_AND_FORMAT_RE.sub("", text)
+    text = "".join(ch for ch in text if unicodedata.category(ch)[0] != "C")
+    text = re.split(r"[/\\]", text)[-1]
+    text = _DRIVE_RE.sub("", text).strip()
+    if not text.strip("."):
+        return "attachment"
+    if len(text) > _MAX_FILENAME:
+        stem, dot, ext = text.rpartition(".")
+        if dot and 0 < len(ext) <= 16:
+            text = stem[: _MAX_FILENAME - len(ext) - 1] + "." + ext
+        else:
+            text = text[:_MAX_FILENAME]
+    return text
+
+
+def _content_id(value: str | None) -> str | None:
+    if not value:
+        return None
+    cid = str(value).strip()
+    if cid.lower().startswith("cid:"):
+        cid = cid[4:]
+    cid = cid.strip().strip("<>").strip()
+    return _clean_str(cid) or None
+
+
+_CID_REF_RE = re.compile(r"""cid:([^"'\s>)]+)""", re.I)
+
+
+# --------------------------------------------------------------------------- HTML
+
+_HTML_TAGS = set(nh3.ALLOWED_TAGS) | {"font"}
+_HTML_ATTRIBUTES: dict[str, set[str]] = {k: set(v) for k, v in nh3.ALLOWED_ATTRIBUTES.items()}
+_HTML_ATTRIBUTES.setdefault("*", set()).update({"title", "dir", "lang"})
+_HTML_ATTRIBUTES.setdefault("font", set()).update({"color", "face", "size"})
+# cid: lets inline images resolve against our attachments; javascript:/data: stay out.
+_URL_SCHEMES = set(nh3.ALLOWED_URL_SCHEMES) | {"cid"}
+
+
+def sanitize_html(html: str) -> str:
+    return nh3.clean(
+        html,
+        tags=_HTML_TAGS,
+        attributes=_HTML_ATTRIBUTES,
+        url_schemes=_URL_SCHEMES,
+        link_rel="noopener noreferrer nofollow",
+        strip_comments=True,
+    )
+
+
+def html_to_text(html: str) -> str:
+    converter = html2text.HTML2Text()
+    converter.body_width = 0
+    converter.ignore_images = True
+    converter.ignore_emphasis = True
+    converter.unicode_snob = True
+    converter.single_line_break = False
+    try:
+        text = converter.handle(html)
+    except Exception:  # noqa: BLE001 - third-party converter on hostile markup; fall back below
+        text = nh3.clean(html, tags=set())
+    return text.strip()
+
+
+# --------------------------------------------------------------------------- the walk
+
+_DEFECT_TEXT = {
+    "MissingHeaderBodySeparatorDefect": "no blank line between headers and body",
+    "StartBoundaryNotFoundDefect": "multipart boundary never found",
+    "CloseBoundaryNotFoundDefect": "multipart closing boundary missing",
+    "FirstHeaderLineIsContinuationDefect": "first header line is a continuation line",
+    "MisplacedEnvelopeHeaderDefect": "mbox 'From ' line inside the headers",
+    "MultipartInvariantViolationDefect": "multipart type without subparts",
+    "NoBoundaryInMultipartDefect": "multipart without boundary parameter",
+    "InvalidBase64PaddingDefect": "base64 body with bad padding",
+    "InvalidBase64CharactersDefect": "base64 body with invalid characters",
+    "InvalidBase64LengthDefect": "base64 body with invalid length",
+    "InvalidMultipartContentTransferEncodingDefect": "multipart with invalid transfer encoding",
+}
+
+
+def _describe_defect(defect: object, where: str) -> str:
+    name = type(defect).__name__
+    text = _DEFECT_TEXT.get(name) or re.sub(r"(?<!^)(?=[A-Z])", " ", name).lower()
+    return f"{text} ({where})"
+
+
+def _message_bytes(msg: Message) -> bytes:
+    buf = io.BytesIO()
+    # maxheaderlen=0: do not refold headers, keep the forwarded mail as close to its bytes.
+    BytesGenerator(buf, mangle_from_=False, maxheaderlen=0, policy=compat32).flatten(msg)
+    return buf.getvalue()
+
+
+def _raw_header_values(msg: Message, name: str) -> list[str]:
+    key = name.lower()
+    return [str(v) for k, v in msg.raw_items() if k.lower() == key]
+
+
+@dataclass
+class _Collector:
+    defects: list[str]
+    texts: list[str]
+    htmls: list[str]
+    attachments: list[tuple[str, str, bytes, str | None, str | None]]
+    is_dsn: bool = False
+    dsn_ids: list[str] | None = None
+    dsn_failed: list[str] | None = None
+    tnef_bodies: list[str] | None = None
+
+
+def _payload_bytes(part: Message, defects: list[str], where: str) -> bytes:
+    try:
+        data = part.get_payload(decode=True)
+    except (ValueError, TypeError, binascii.Error, LookupError, AssertionError) as exc:
+        defects.append(f"undecodable body ({where}): {type(exc).__name__}")
+        data = None
+    if isinstance(data, bytes):
+        return data
+    payload = part.get_payload()
+    if isinstance(payload, str):
+        return payload.encode("ascii", "surrogateescape")
+    return b""
+
+
+def _dsn_status(part: Message, col: _Collector) -> None:
+    assert col.dsn_failed is not None
+    blocks = part.get_payload()
+    if not isinstance(blocks, list):
+        # Not parsed into blocks (e.g. encoded): read the text ourselves.
+        text = _payload_bytes(part, col.defects, "delivery-status").decode("utf-8", "replace")
+        blocks = [
+            BytesParser(policy=compat32).parsebytes(chunk.strip().encode() + b"\n\n")
+            for chunk in re.split(r"\r?\n\s*\r?\n", text)
+            if chunk.strip()
+        ]
+    for block in blocks:
+        if not isinstance(block, Message):
+            continue
+        action = str(block.get("action", "")).strip().lower()
+        if not action.startswith("failed"):
+            continue
+        for field in ("final-recipient", "original-recipient"):
+            for raw in _raw_header_values(block, field):
+                value = _FOLD_RE.sub("", raw).strip()
+                addr_type, sep, addr = value.partition(";")
+                candidate = addr if sep else addr_type
+                normalized = _normalize_addr(candidate.strip().strip("<>"))
+                if normalized and normalized not in col.dsn_failed:
+                    col.dsn_failed.append(normalized)
+
+
+def _dsn_ids_from_headers(raw_values: Iterable[str], col: _Collector) -> None:
+    assert col.dsn_ids is not None
+    for raw in raw_values:
+        for mid in _parse_msgids(raw)[:1]:
+            if mid not in col.dsn_ids:
+                col.dsn_ids.append(mid)
+
+
+def _handle_tnef(data: bytes, col: _Collector, where: str) -> None:
+    from tnefparse import TNEF  # imported lazily: only Outlook mail needs it
+
+    try:
+        tnef = TNEF(data, do_checksum=False)
+        contained: list[tuple[str, bytes]] = []
+        for att in tnef.attachments:
+            name = att.long_filename() or att.name
+            if isinstance(name, bytes):
+                name = name.decode("utf-8", "replace")
+            payload = att.data if isinstance(att.data, bytes) else b""
+            contained.append((str(name).strip("\x00"), payload))
+        body = tnef.body
+    except Exception as exc:  # noqa: BLE001 - tnefparse raises anything on hostile input
+        col.defects.append(f"winmail.dat could not be decoded ({where}): {type(exc).__name__}")
+        return
+    for name, payload in contained:
+        ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        col.attachments.append((name, ctype, payload, None, None))
+    if body and col.tnef_bodies is not None:
+        if isinstance(body, bytes):
+            body = _decode_bytes(body, None, col.defects, "winmail.dat body")
+        col.tnef_bodies.append(str(body))
+
+
+def _walk(msg: Message, col: _Collector) -> None:
+    # (part, index path, inside a delivery report)
+    stack: list[tuple[Message, str, bool]] = [(msg, "1", False)]
+    while stack:
+        part, where, in_report = stack.pop()
+        try:
+            _visit(part, where, in_report, col, stack)
+        except RecursionError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one broken part must not lose the mail
+            col.defects.append(f"part {where} skipped: {type(exc).__name__}: {str(exc)[:80]}")
+
+
+def _visit(
+    part: Message,
+    where: str,
+    in_report: bool,
+    col: _Collector,
+    stack: list[tuple[Message, str, bool]],
+) -> None:
+    for defect in part.defects:
+        if len(col.defects) < _MAX_DEFECTS:
+            col.defects.append(_describe_defect(defect, f"part {where}"))
+    view, view_defects = mime_header_view(part)
+    col.defects.extend(f"{d} (part {where})" for d in view_defects)
+    ctype = view.get_content_type()
+
+    if ctype == "message/delivery-status":
+        if col.dsn_failed is not None:
+            _dsn_status(part, col)
+        return
+
+    payload = part.get_payload()
+    if isinstance(payload, list):
+        if ctype.startswith("message/"):
+            nested = payload[0] if payload and isinstance(payload[0], Message) else None
+            if nested is None:
+                return
+            if in_report:
+                _dsn_ids_from_headers(_raw_header_values(nested, "message-id"), col)
+            subjects = _raw_header_values(nested, "subject")
+            subject = ""
+            if subjects:
+                subject = _one_line(_decode_header(subjects[0], col.defects, "Subject"))
+            name = sanitize_filename((subject[: _MAX_FILENAME - 4] or "forwarded message") + ".eml")
+            col.attachments.append(
+                (name, "message/rfc822", _message_bytes(nested), view.get("content-id"), None)
+            )
+            return
+        report = ctype == "multipart/report" and (
+            str(view.get_param("report-type", "")).lower() == "delivery-status"
+        )
+        if report:
+            col.is_dsn = True
+            col.dsn_ids = col.dsn_ids if col.dsn_ids is not None else []
+            col.dsn_failed = col.dsn_failed if col.dsn_failed is not None else []
+        children = [c for c in payload if isinstance(c, Message)]
+        for index in range(len(children) - 1, -1, -1):
+            stack.append((children[index], f"{where}.{index + 1}", in_report or report))
+        return
+
+    disposition = view.get_content_disposition()
+    raw_name = view.get_filename() or view.get_param("name")
+    filename: str | None = None
+    if raw_name:
+        if isinstance(raw_name, tuple):
+            raw_name = raw_name[2]
+        filename = _decode_words(str(raw_name), col.defects, "attachment name")
+
+    if ctype in ("text/plain", "text/html") and disposition != "attachment" and not filename:
+        data = _payload_bytes(part, col.defects, f"part {where}")
+        text = _decode_bytes(data, view.get_content_charset(), col.defects, f"part {where}")
+        text = _clean_str(text.replace("\r\n", "\n"))
+        (col.texts if ctype == "text/plain" else col.htmls).append(text)
+        return
+
+    data = _payload_bytes(part, col.defects, f"part {where}")
+    if ctype == "text/rfc822-headers" and in_report:
+        headers = BytesParser(policy=compat32).parsebytes(data, headersonly=True)
+        _dsn_ids_from_headers(_raw_header_values(headers, "message-id"), col)
+    is_tnef = ctype in ("application/ms-tnef", "application/vnd.ms-tnef") or (
+        (filename or "").lower() == "winmail.dat"
+    )
+    if is_tnef:
+        col.attachments.append(
+            (filename or "winmail.dat", ctype, data, view.get("content-id"), None)
+        )
+        _handle_tnef(data, col, f"part {where}")
+        return
+    col.attachments.append((filename or "", ctype, data, view.get("content-id"), disposition))
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _parse_date(raw: str | None, defects: list[str]) -> datetime | None:
+    if raw is None:
+        return None
+    value = _CRLF_RE.sub(" ", _FOLD_RE.sub("", raw)).strip()
+    value = _fix_8bit(value, defects, "Date")
+    if not value:
+        defects.append("empty Date header")
+        return None
+    result = parse_mail_date(value)
+    if result.value is not None:
+        if "weekday-mismatch" in result.reasons:
+            defects.append("Date: weekday does not match the date")
+        return result.value
+    try:
+        parsed = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        defects.append(f"unparseable Date {value[:60]!r}")
+        return None
+    if parsed.tzinfo is None:
+        defects.append("Date without time zone, taken as UTC")
+        return parsed.replace(tzinfo=UTC)
+    defects.append(f"non-standard Date {value[:60]!r} ({', '.join(result.reasons)})")
+    try:
+        return parsed.astimezone(UTC)
+    except (OverflowError, ValueError):
+        return None
+
+
+def _dedupe(items: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(i for i in items if i))
+
+
+def parse_message(
+    raw: bytes,
+    *,
+    max_depth: int = 20,
+    max_parts: int = 500,
+    max_header_bytes: int = 256_000,
+    max_addresses: int = 500,
+) -> ParsedMessage:
+    """Parse raw mail bytes; raise UnusableMessage when they cannot be handled as a mail."""
+    raw = bytes(raw)
+    _precheck(
+        raw, max_depth=max_depth, max_header_bytes=max_header_bytes, max_addresses=max_addresses
+    )
+    try:
+        msg = BytesParser(policy=compat32).parsebytes(raw)
+        depth, parts = _tree_stats(msg)
+    except RecursionError:
+        # Backstop only: the pre-scan should have refused this already.
+        raise UnusableMessage(f"MIME nesting deeper than {max_depth} levels") from None
+    if depth > max_depth:
+        raise UnusableMessage(f"MIME nesting deeper than {max_depth} levels")
+    if parts > max_parts:
+        raise UnusableMessage(f"{parts} MIME parts (limit {max_parts})")
+
+    defects: list[str] = []
+    raw_items = [(str(k).lower(), str(v)) for k, v in msg.raw_items()]
+    from_values = [v for k, v in raw_items if k == "from"]
+    if len(from_values) > 1:
+        raise UnusableMessage("more than one From header (RFC 7489 6.6.1)")
+
+    headers = tuple((name, _decode_header(value, defects, name)) for name, value in raw_items)
+
+    def first_raw(name: str) -> str | None:
+        found = [v for k, v in raw_items if k == name]
+        if len(found) > 1 and name in ("subject", "message-id", "date", "to", "cc", "reply-to"):
+            defects.append(f"duplicate {name} header, the first one is used")
+        return found[0] if found else None
+
+    def addresses(*names: str, lenient: bool = False) -> tuple[str, ...]:
+        out: list[str] = []
+        for name in names:
+            for k, v in raw_items:
+                if k == name:
+                    parsed = _parse_addresses(v, defects, name, lenient=lenient)
+                    out.extend(addr for _, addr in parsed)
+        return _dedupe(out)
+
+    from_addr = from_name = ""
+    if from_values:
+        parsed_from = _parse_addresses(from_values[0], defects, "from")
+        if parsed_from:
+            from_name, from_addr = parsed_from[0]
+            if len(parsed_from) > 1:
+                defects.append("From names several mailboxes, the first one is used")
+        else:
+            defects.append("From header without a valid address")
+    else:
+        defects.append("missing From header")
+
+    raw_mid = first_raw("message-id")
+    mids = _parse_msgids(raw_mid) if raw_mid is not None else []
+    message_id = mids[0] if mids else None
+    if message_id is None:
+        defects.append("missing Message-ID")
+
+    raw_subject = first_raw("subject")
+    subject = _one_line(_decode_header(raw_subject, defects, "subject")) if raw_subject else ""
+
+    col = _Collector(defects=defects, texts=[], htmls=[], attachments=[], tnef_bodies=[])
+    try:
+        _walk(msg, col)
+    except RecursionError:
+        raise UnusableMessage(f"MIME nesting deeper than {max_depth} levels") from None
+
+    html_src = "\n".join(h for h in col.htmls if h.strip())
+    html = sanitize_html(html_src) if html_src else None
+    text = "\n\n".join(t.strip("\n") for t in col.texts if t.strip())
+    if not text and html:
+        text = html_to_text(html)
+    if not text and col.tnef_bodies:
+        text = "\n\n".join(col.tnef_bodies).strip()
+
+    referenced = {ref.lower() for ref in _CID_REF_RE.findall(html_src)} if html_src else set()
+    attachments: list[Attachment] = []
+    for name, ctype, data, cid_raw, _disposition in col.attachments:
+        cid = _content_id(cid_raw)
+        attachments.append(
+            Attachment(
+                filename=sanitize_filename(name),
+                content_type=ctype.lower(),
+                data=data,
+                content_id=cid,
+                # Only images the HTML actually shows are inline; anything else is listed,
+                # so a customer's screenshot is never hidden from the agent.
+                inline=cid is not None and cid.lower() in referenced,
+            )
+        )
+
+    in_reply_to_raw = first_raw("in-reply-to")
+    references_raw = " ".join(v for k, v in raw_items if k == "references")
+    date_raw = first_raw("date")
+
+    if len(defects) > _MAX_DEFECTS:
+        dropped = len(defects) - _MAX_DEFECTS
+        defects = defects[:_MAX_DEFECTS] + [f"... and {dropped} more defects"]
+
+    return ParsedMessage(
+        message_id=message_id,
+        subject=subject,
+        from_addr=from_addr,
+        from_name=from_name,
+        to=addresses("to"),
+        cc=addresses("cc"),
+        reply_to=addresses("reply-to"),
+        delivered_to=addresses("delivered-to", "x-original-to", lenient=True),
+        in_reply_to=_dedupe(_parse_msgids(in_reply_to_raw) if in_reply_to_raw else []),
+        references=_dedupe(_parse_msgids(references_raw)),
+        date=_parse_date(date_raw, defects),
+        headers=headers,
+        text=text,
+        html=html,
+        attachments=tuple(attachments),
+        defects=tuple(dict.fromkeys(defects)),
+        is_dsn=col.is_dsn,
+        dsn_original_message_ids=tuple(col.dsn_ids or ()),
+        dsn_failed_recipients=tuple(col.dsn_failed or ()),
+    )

@@ -1,0 +1,465 @@
+"""Tests for mailgate.ingest.parse: decoding, sanitising, limits and hostile input."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from mailgate.ingest.parse import (
+    ParsedMessage,
+    UnusableMessage,
+    parse_message,
+    sanitize_filename,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "spamassassin"
+
+
+def fixture(name: str) -> ParsedMessage:
+    return parse_message((FIXTURES / name).read_bytes())
+
+
+def mail(headers: str, body: str = "Hello\n") -> bytes:
+    return (headers.strip("\n") + "\n\n" + body).replace("\n", "\r\n").encode("utf-8")
+
+
+BASIC = """From: "Doe, Jane" <Jane.Doe@Example.COM>
+To: support@example.com, "Other" <other@example.com>
+Cc: cc1@example.com
+Reply-To: jane+replies@example.com
+Delivered-To: support@example.com
+X-Original-To: helpdesk@example.com
+Subject: Printer on fire
+Message-ID: <abc123@example.com>
+In-Reply-To: <parent@example.com>
+References: <root@example.com>
+ <parent@example.com>
+Date: Tue, 05 Mar 2024 10:12:00 +0100
+"""
+
+
+# --------------------------------------------------------------------------- headers
+
+
+def test_basic_fields() -> None:
+    msg = parse_message(mail(BASIC, "It is on fire.\n"))
+    assert msg.message_id == "abc123@example.com"
+    assert msg.from_addr == "jane.doe@example.com"
+    assert msg.from_name == "Doe, Jane"
+    assert msg.to == ("support@example.com", "other@example.com")
+    assert msg.cc == ("cc1@example.com",)
+    assert msg.reply_to == ("jane+replies@example.com",)
+    assert msg.delivered_to == ("support@example.com", "helpdesk@example.com")
+    assert msg.in_reply_to == ("parent@example.com",)
+    assert msg.references == ("root@example.com", "parent@example.com")
+    assert msg.date == datetime(2024, 3, 5, 9, 12, tzinfo=UTC)
+    assert msg.text == "It is on fire."
+    assert msg.html is None
+    assert msg.attachments == ()
+    assert msg.defects == ()
+    assert not msg.is_dsn
+    assert msg.header("SUBJECT") == "Printer on fire"
+    assert msg.header("x-missing") is None
+    assert msg.header_all("references") == ["<root@example.com> <parent@example.com>"]
+    assert msg.headers[0] == ("from", '"Doe, Jane" <Jane.Doe@Example.COM>')
+
+
+def test_missing_from_and_message_id_are_defects_not_failures() -> None:
+    msg = parse_message(mail("Subject: hi\nDate: not a date at all"))
+    assert msg.from_addr == ""
+    assert msg.message_id is None
+    assert msg.date is None
+    assert any("missing From" in d for d in msg.defects)
+    assert any("missing Message-ID" in d for d in msg.defects)
+    assert any("Date" in d for d in msg.defects)
+
+
+def test_strict_address_parsing_refuses_double_at() -> None:
+    msg = parse_message(mail("From: a@evil@corp\nTo: x@y.example, b@evil@corp\nSubject: s"))
+    assert msg.from_addr == ""
+    assert msg.to == ("x@y.example",)
+    assert any("a@evil@corp" in d for d in msg.defects)
+
+
+def test_encoded_display_name_cannot_inject_an_address() -> None:
+    # The encoded word decodes to '<boss@corp>' but is a display name, never an address.
+    raw = mail("From: =?utf-8?q?=3Cboss=40corp=3E?= <mallory@evil.example>\nSubject: s")
+    msg = parse_message(raw)
+    assert msg.from_addr == "mallory@evil.example"
+    assert msg.from_name == "<boss@corp>"
+
+
+def test_subject_with_encoded_crlf_is_one_line() -> None:
+    raw = mail("From: a@b.example\nSubject: =?utf-8?q?hi=0D=0ABcc:_victim@x.example?=")
+    msg = parse_message(raw)
+    assert msg.subject == "hi Bcc: victim@x.example"
+    assert "\n" not in msg.header("subject")  # type: ignore[operator]
+
+
+def test_eight_bit_header_is_decoded_with_defect() -> None:
+    raw = b"From: J\xc3\xbcrgen <j@example.de>\r\nSubject: Gr\xfc\xdfe\r\n\r\nx\r\n"
+    msg = parse_message(raw)
+    assert msg.from_name == "Jürgen"
+    assert msg.subject == "Grüße"
+    assert any("8-bit" in d for d in msg.defects)
+
+
+def test_duplicate_subject_uses_first() -> None:
+    msg = parse_message(mail("From: a@b.example\nSubject: first\nSubject: second"))
+    assert msg.subject == "first"
+    assert any("duplicate subject" in d for d in msg.defects)
+
+
+def test_date_without_zone_is_utc_with_defect() -> None:
+    msg = parse_message(mail("From: a@b.example\nDate: Thu, 22 Aug 2002 07:36:16"))
+    assert msg.date == datetime(2002, 8, 22, 7, 36, 16, tzinfo=UTC)
+    assert any("time zone" in d for d in msg.defects)
+
+
+def test_long_lines_are_fine() -> None:
+    body = "x" * 5000 + "\n"
+    msg = parse_message(mail("From: a@b.example\nSubject: " + "s" * 3000, body))
+    assert msg.text == "x" * 5000
+    assert len(msg.subject) == 3000
+
+
+def test_mbox_from_line_is_tolerated() -> None:
+    raw = b"From someone@example.com Thu Aug 22 12:36:23 2002\n" + mail(BASIC)
+    assert parse_message(raw).from_addr == "jane.doe@example.com"
+
+
+def test_nul_and_surrogates_never_reach_text() -> None:
+    raw = mail("From: a@b.example\nContent-Type: text/plain; charset=utf-7", "a+2D3-b\x00c\n")
+    msg = parse_message(raw)
+    assert "\x00" not in msg.text
+    msg.text.encode("utf-8")
+
+
+# --------------------------------------------------------------------------- charsets
+
+
+def test_folded_subject_with_mixed_and_unknown_charsets() -> None:
+    msg = fixture("subject_folded_mixed.eml")
+    assert msg.subject == "Grüße aus München and more text Café “quoted” €café"
+    assert msg.text == "Body in an unknown charset: café"
+    assert any("x-unknown" in d for d in msg.defects)
+
+
+def test_iso_2022_jp_subject_and_body() -> None:
+    msg = fixture("subject_iso2022jp.eml")
+    assert msg.subject == "会議の件について"
+    assert msg.from_name == "山田"
+    assert msg.text == "よろしくお願いします。"
+
+
+def test_windows_1251_subject_and_body() -> None:
+    msg = fixture("subject_windows1251.eml")
+    assert msg.subject == "Проблема с входом"
+    assert msg.from_name == "Иван Иванов"
+    assert msg.text == "Не могу войти в систему."
+
+
+def test_body_charset_lie_falls_back() -> None:
+    raw = (
+        b"From: a@b.example\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+        b"caf\xc3\xa9 and na\xefve\r\n"
+    )
+    msg = parse_message(raw)
+    assert "caf" in msg.text
+    assert any("charset" in d for d in msg.defects)
+
+
+# --------------------------------------------------------------------------- HTML
+
+
+def test_html_only_is_sanitized_and_converted() -> None:
+    msg = fixture("html_only.eml")
+    assert msg.html is not None
+    lowered = msg.html.lower()
+    hostile = ("<script", "onclick", "onload", "onerror", "javascript:", "<svg", "<iframe", "alert")
+    for bad in hostile:
+        assert bad not in lowered
+    assert 'href="https://example.org/help"' in msg.html
+    assert "Hello support, my printer is broken." in msg.text
+    assert "alert" not in msg.text
+
+
+# --------------------------------------------------------------------------- attachments
+
+
+def test_rfc2231_and_hostile_filenames() -> None:
+    msg = fixture("attachments_hostile.eml")
+    assert msg.text == "See attached."
+    names = [a.filename for a in msg.attachments]
+    assert names == ["Rechnung März 2024.pdf", "passwd", "x.exe", "evilnamefdp.exe"]
+    assert msg.attachments[0].content_type == "application/pdf"
+    assert msg.attachments[0].data == b"%PDF-1.4 fake"
+    for name in names:
+        assert "/" not in name and "\\" not in name and "\x00" not in name
+        assert "\u202e" not in name
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("../../etc/passwd", "passwd"),
+        ("C:\\x.exe", "x.exe"),
+        ("C:x.exe", "x.exe"),
+        ("a\x00b.txt", "ab.txt"),
+        ("invoice\u202eexe.pdf", "invoiceexe.pdf"),
+        ("..", "attachment"),
+        ("", "attachment"),
+        (None, "attachment"),
+        ("line\r\nbreak.txt", "linebreak.txt"),
+    ],
+)
+def test_sanitize_filename(raw: str | None, expected: str) -> None:
+    assert sanitize_filename(raw) == expected
+
+
+def test_sanitize_filename_keeps_extension_when_truncating() -> None:
+    name = sanitize_filename("a" * 500 + ".pdf")
+    assert len(name) == 200
+    assert name.endswith(".pdf")
+
+
+def test_inline_cid_image() -> None:
+    msg = fixture("inline_cid.eml")
+    assert msg.text == "See the screenshot."
+    assert msg.html is not None and 'src="cid:image001.png@01DA0000"' in msg.html
+    first, second = msg.attachments
+    assert first.content_id == "image001.png@01DA0000"
+    assert first.inline is True
+    assert first.data.startswith(b"\x89PNG")
+    assert second.content_id == "other@01DA0000"
+    assert second.inline is False
+
+
+def test_forwarded_message_is_one_eml_attachment() -> None:
+    msg = fixture("forwarded_rfc822.eml")
+    assert msg.text == "Forwarding the customer's mail."
+    assert len(msg.attachments) == 1
+    att = msg.attachments[0]
+    assert att.filename == "Invoice question €.eml"
+    assert att.content_type == "message/rfc822"
+    inner = parse_message(att.data)
+    assert inner.message_id == "inner1@example.org"
+    assert inner.text == "Why is my invoice so high?"
+    assert [a.filename for a in inner.attachments] == ["invoice.pdf"]
+
+
+def _tnef_object(level: int, name: int, kind: int, data: bytes) -> bytes:
+    checksum = sum(data) & 0xFFFF
+    return struct.pack("<BHHI", level, name, kind, len(data)) + data + struct.pack("<H", checksum)
+
+
+def build_tnef(filename: str, payload: bytes) -> bytes:
+    """A minimal winmail.dat: version, code page and one attachment (title + data)."""
+    out = struct.pack("<IH", 0x223E9F78, 0x1234)
+    out += _tnef_object(1, 0x9006, 0x0008, struct.pack("<I", 0x00010000))
+    out += _tnef_object(1, 0x9007, 0x0006, struct.pack("<II", 1252, 0))
+    out += _tnef_object(2, 0x9002, 0x0006, b"\x01\x00" + b"\x00" * 12)
+    out += _tnef_object(2, 0x8010, 0x0001, filename.encode("ascii") + b"\x00")
+    out += _tnef_object(2, 0x800F, 0x0006, payload)
+    return out
+
+
+def tnef_mail(tnef: bytes) -> bytes:
+    import base64
+
+    encoded = base64.encodebytes(tnef).decode("ascii")
+    return mail(
+        "From: outlook@example.com\nSubject: TNEF\n"
+        'Content-Type: multipart/mixed; boundary="T"',
+        "--T\nContent-Type: text/plain\n\nSee attachment.\n"
+        '--T\nContent-Type: application/ms-tnef; name="winmail.dat"\n'
+        'Content-Disposition: attachment; filename="winmail.dat"\n'
+        f"Content-Transfer-Encoding: base64\n\n{encoded}--T--\n",
+    )
+
+
+def test_winmail_dat_is_decoded_and_kept() -> None:
+    tnef = build_tnef("report.txt", b"hello from tnef")
+    msg = parse_message(tnef_mail(tnef))
+    names = [a.filename for a in msg.attachments]
+    assert names == ["winmail.dat", "report.txt"]
+    assert msg.attachments[0].data == tnef
+    assert msg.attachments[0].content_type == "application/ms-tnef"
+    assert msg.attachments[1].data == b"hello from tnef"
+    assert msg.attachments[1].content_type == "text/plain"
+
+
+def test_broken_winmail_dat_keeps_original_with_defect() -> None:
+    msg = parse_message(tnef_mail(b"not a tnef stream at all"))
+    assert [a.filename for a in msg.attachments] == ["winmail.dat"]
+    assert msg.attachments[0].data == b"not a tnef stream at all"
+    assert any("winmail.dat" in d for d in msg.defects)
+
+
+def test_archives_are_not_decompressed() -> None:
+    import base64
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("inner.txt", "x" * 10_000)
+    data = buf.getvalue()
+    msg = parse_message(
+        mail(
+            'From: a@b.example\nContent-Type: multipart/mixed; boundary="Z"',
+            "--Z\nContent-Type: text/plain\n\nzip\n--Z\nContent-Type: application/zip; "
+            'name="a.zip"\nContent-Transfer-Encoding: base64\n\n'
+            + base64.encodebytes(data).decode()
+            + "--Z--\n",
+        )
+    )
+    assert [(a.filename, a.data) for a in msg.attachments] == [("a.zip", data)]
+
+
+# --------------------------------------------------------------------------- DSN
+
+
+def test_rfc3464_bounce() -> None:
+    msg = fixture("dsn_rfc3464.eml")
+    assert msg.is_dsn
+    assert msg.dsn_original_message_ids == ("outbox-42-abc@mailgate.example.com",)
+    assert msg.dsn_failed_recipients == ("gone.user@example.org",)
+    assert "could not" in msg.text
+
+
+def test_dsn_with_returned_message_rfc822() -> None:
+    raw = mail(
+        "From: MAILER-DAEMON@mx.example\nSubject: failure\n"
+        'Content-Type: multipart/report; report-type="delivery-status"; boundary="R"',
+        "--R\nContent-Type: text/plain\n\nfailed\n"
+        "--R\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; mx\n\n"
+        "Final-Recipient: rfc822;<nobody@example.org>\nAction: failed\nStatus: 5.0.0\n\n"
+        "--R\nContent-Type: message/rfc822\n\nFrom: support@example.com\n"
+        "Message-ID: <orig-1@example.com>\nSubject: hello\n\nbody\n--R--\n",
+    )
+    msg = parse_message(raw)
+    assert msg.is_dsn
+    assert msg.dsn_original_message_ids == ("orig-1@example.com",)
+    assert msg.dsn_failed_recipients == ("nobody@example.org",)
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def nested_multipart(depth: int) -> bytes:
+    parts = [b"From: a@b.example\nSubject: deep\n"]
+    for i in range(depth):
+        parts.append(b"Content-Type: multipart/mixed; boundary=b%d\n\n--b%d\n" % (i, i))
+    parts.append(b"Content-Type: text/plain\n\nbottom\n")
+    for i in reversed(range(depth)):
+        parts.append(b"--b%d--\n" % i)
+    return b"".join(parts)
+
+
+def test_600_deep_nesting_is_unusable_not_recursion_error() -> None:
+    with pytest.raises(UnusableMessage, match="nesting"):
+        parse_message(nested_multipart(600))
+
+
+def test_nesting_within_limit_parses() -> None:
+    assert parse_message(nested_multipart(15)).text == "bottom"
+
+
+def test_deep_message_rfc822_chain_is_unusable() -> None:
+    raw = b"From: a@b.example\nSubject: s\n"
+    raw += b"Content-Type: message/rfc822\n\nFrom: a@b.example\n" * 600 + b"\nbottom\n"
+    with pytest.raises(UnusableMessage):
+        parse_message(raw)
+
+
+def test_too_many_parts() -> None:
+    body = "".join("--P\nContent-Type: text/plain\n\npart\n" for _ in range(50)) + "--P--\n"
+    raw = mail('From: a@b.example\nContent-Type: multipart/mixed; boundary="P"', body)
+    with pytest.raises(UnusableMessage, match="parts"):
+        parse_message(raw, max_parts=20)
+    assert parse_message(raw).text.count("part") == 50
+
+
+def test_huge_from_header_is_refused_quickly() -> None:
+    addresses = ", ".join(f"user{i}@example.com" for i in range(20_000))
+    raw = mail(f"From: {addresses}\nSubject: s")
+    start = time.perf_counter()
+    with pytest.raises(UnusableMessage):
+        parse_message(raw)
+    assert time.perf_counter() - start < 0.5
+
+
+def test_address_count_limit_under_byte_limit() -> None:
+    addresses = ",".join(f"u{i}@x.io" for i in range(600))
+    with pytest.raises(UnusableMessage, match="more than 500 addresses"):
+        parse_message(mail(f"From: a@b.example\nTo: {addresses}"))
+
+
+def test_header_byte_limit() -> None:
+    with pytest.raises(UnusableMessage, match="bytes long"):
+        parse_message(mail("From: a@b.example\nX-Junk: " + "a" * 300_000))
+
+
+def test_two_from_headers_are_refused() -> None:
+    with pytest.raises(UnusableMessage, match="From"):
+        parse_message(mail("From: a@b.example\nFrom: boss@corp.example\nSubject: s"))
+
+
+@pytest.mark.parametrize("raw", [b"", b"   \r\n\t\n", b"\r\n\r\nbody only\r\n"])
+def test_empty_or_headerless_input(raw: bytes) -> None:
+    with pytest.raises(UnusableMessage):
+        parse_message(raw)
+
+
+def test_random_bytes_are_unusable() -> None:
+    rng = random.Random(20240305)
+    for _ in range(200):
+        with pytest.raises(UnusableMessage):
+            parse_message(rng.randbytes(rng.randint(1, 4096)))
+
+
+# --------------------------------------------------------------------------- speed, corpus
+
+
+def test_typical_message_parses_in_a_few_ms() -> None:
+    raw = (FIXTURES / "inline_cid.eml").read_bytes()
+    parse_message(raw)
+    rounds = 200
+    start = time.perf_counter()
+    for _ in range(rounds):
+        parse_message(raw)
+    per_message_ms = (time.perf_counter() - start) / rounds * 1000
+    print(f"inline_cid.eml: {per_message_ms:.3f} ms per parse")
+    assert per_message_ms < 10
+
+
+def test_spamassassin_corpus_parses_or_is_unusable() -> None:
+    if not CORPUS.is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"corpus missing at {CORPUS}")
+        pytest.skip(f"corpus not found at {CORPUS}")
+    counts: Counter[str] = Counter()
+    start = time.perf_counter()
+    for path in sorted(CORPUS.rglob("*")):
+        if not path.is_file():
+            continue
+        try:
+            parse_message(path.read_bytes())
+        except UnusableMessage:
+            counts["unusable"] += 1
+        else:
+            counts["parsed"] += 1
+    elapsed = time.perf_counter() - start
+    total = sum(counts.values())
+    print(f"corpus: {dict(counts)} of {total} in {elapsed:.2f}s")
+    assert total >= 3000
+    assert counts["parsed"] >= total * 0.99
