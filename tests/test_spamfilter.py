@@ -1,0 +1,334 @@
+"""Spam filter: training round trip, hostile model files, atomic save, feedback."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mailgate import spamfilter
+from mailgate.spamfilter import ModelError, SpamModel, evaluate, read_mail_sources
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "spamassassin"
+SHIPPED = REPO / "models" / "spam-model.npz"
+
+SPAM_MAIL = b"""\
+From: "Best Deals" <promo@cheap-meds-online.biz>
+To: undisclosed-recipients:;
+Subject: FREE VIAGRA!!! Lowest prices, order now $$$
+MIME-Version: 1.0
+Content-Type: text/html; charset="iso-8859-1"
+
+<html><body><font color="#ff0000" size="5">CLICK HERE to order cheap viagra
+and cialis with NO prescription! Lose weight fast, make money from home,
+100% guaranteed, limited time offer!!!</font>
+<a href="http://cheap-meds-online.biz/order">Order now</a>
+<a href="http://cheap-meds-online.biz/remove">remove me from this list</a>
+<img src="http://cheap-meds-online.biz/x.gif"></body></html>
+"""
+
+HAM_MAIL = b"""\
+From: Alice Martin <alice@example.org>
+To: support@example.com
+Subject: Re: printer driver fails after upgrade
+Message-ID: <20240301.1@example.org>
+In-Reply-To: <ticket-123@example.com>
+MIME-Version: 1.0
+Content-Type: text/plain; charset=us-ascii
+
+Hi,
+
+thanks for the quick answer. I tried the patch you sent yesterday but the
+kernel module still fails to load after the upgrade. The log shows the same
+error as before. Could you have a look at the attached configuration when
+you get a chance? I can also test a newer build if that helps.
+
+Regards,
+Alice
+"""
+
+
+def corpus_or_skip() -> Path:
+    if CORPUS.is_dir():
+        return CORPUS
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"shared corpus missing at {CORPUS} (required in CI)")
+    pytest.skip(f"shared corpus not found at {CORPUS}")
+
+
+def slice_of(folder: Path, every: int) -> list[bytes]:
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    return [p.read_bytes() for p in files[::every]]
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[SpamModel, list[bytes], list[bytes]]:
+    corpus = corpus_or_skip()
+    ham = slice_of(corpus / "easy-ham-1", 10) + slice_of(corpus / "hard-ham-1", 5)
+    spam = slice_of(corpus / "spam-1", 2)
+    # Even/odd split keeps the slice small and both halves alike.
+    model = SpamModel.empty()
+    seen: list[int] = []
+    model.fit(
+        [(m, False) for m in ham[::2]] + [(m, True) for m in spam[::2]],
+        progress=seen.append,
+    )
+    assert seen == list(range(1, len(ham[::2]) + len(spam[::2]) + 1))
+    return model, ham[1::2], spam[1::2]
+
+
+def test_train_eval_score_round_trip(trained, tmp_path: Path) -> None:
+    model, ham, spam = trained
+    report = evaluate(model, ham, spam, threshold=0.9)
+    assert set(report) == {"accuracy", "spam_recall", "ham_false_positive_rate", "n_ham", "n_spam"}
+    assert report["n_ham"] == len(ham) and report["n_spam"] == len(spam)
+    # Loose floors: a 400-message slice, not the shipped-model quality bar.
+    assert report["accuracy"] >= 0.9
+    assert report["spam_recall"] >= 0.7
+    assert report["ham_false_positive_rate"] <= 0.05
+
+    path = tmp_path / "m.npz"
+    model.save(path)
+    loaded = SpamModel.load(path)
+    assert loaded.meta == model.meta
+    for raw in ham[:10] + spam[:10]:
+        a, b = model.score_bytes(raw, 0.9), loaded.score_bytes(raw, 0.9)
+        # float32 on disk: counts are integers, so scores agree to rounding.
+        assert a.is_spam == b.is_spam
+        assert a.score == pytest.approx(b.score, abs=1e-6)
+    assert evaluate(loaded, ham, spam, 0.9) == report
+
+
+def test_meta_fields(trained) -> None:
+    model, _, _ = trained
+    meta = model.meta
+    for key in ("trained_at", "n_ham", "n_spam", "n_features", "alpha", "version"):
+        assert key in meta
+    assert meta["n_features"] == spamfilter.DEFAULT_N_FEATURES
+    assert meta["n_ham"] == 150 and meta["n_spam"] == 125
+
+
+def test_scores_match_numpy_reference(trained) -> None:
+    """The fast path is the presence-only NB log-odds computed from the counts."""
+    model, ham, _ = trained
+    nb = model.to_sklearn()
+    flp = nb.feature_log_prob_
+    w = flp[1] - flp[0]
+    w[nb.feature_count_.sum(axis=0) == 0] = 0
+    bias = np.log(nb.class_count_[1] / nb.class_count_[0])
+    cols = model.vectorize(ham[0])
+    assert model.log_odds(cols) == pytest.approx(bias + w[cols].sum())
+
+
+def test_learn_as_spam_raises_score(trained, tmp_path: Path) -> None:
+    model, ham, _ = trained
+    # Work on a copy so the module fixture stays as trained.
+    model.save(tmp_path / "copy.npz")
+    copy = SpamModel.load(tmp_path / "copy.npz")
+    raw = ham[0]
+    cols = copy.vectorize(raw)
+    before = copy.log_odds(cols)
+    copy.learn_bytes(raw, is_spam=True)
+    # Compare log-odds: the probability of a clear ham can sit at 0.0 both times.
+    assert copy.log_odds(cols) > before
+    assert copy.meta["n_spam"] == model.meta["n_spam"] + 1
+
+
+def test_empty_model_fails_open_and_learns() -> None:
+    model = SpamModel.empty()
+    assert model.score_bytes(SPAM_MAIL, 0.5) == spamfilter.SpamScore(0.0, False)
+    model.learn_bytes(SPAM_MAIL, True)
+    assert model.score_bytes(SPAM_MAIL, 0.5).score == 0.0  # still one class only
+    model.learn_bytes(HAM_MAIL, False)
+    assert model.score_bytes(SPAM_MAIL, 0.5).is_spam
+    assert not model.score_bytes(HAM_MAIL, 0.5).is_spam
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"\x00\xff\xfe garbage",
+        b"Subject: =?bogus?Q?broken?=\n"
+        b"Content-Type: text/plain; charset=no-such-charset\n\n\xff\xfe",
+        b"Content-Type: multipart/mixed; boundary=x\n\n"
+        b"--x\nContent-Transfer-Encoding: base64\n\n!!!",
+        b"From: <<<@@@>>>\nContent-Type: text/html\n\n<a href='http://[::1'>" + b"<" * 5000,
+    ],
+)
+def test_bad_mail_never_raises(raw: bytes) -> None:
+    model = SpamModel.empty()
+    model.learn_bytes(SPAM_MAIL, True)
+    model.learn_bytes(HAM_MAIL, False)
+    score = model.score_bytes(raw, 0.9)
+    assert 0.0 <= score.score <= 1.0
+
+
+class _Marker:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _write_npz(path: Path, **arrays: object) -> None:
+    # Hand-built so object arrays get in the file exactly as an attacker would write them.
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)  # type: ignore[arg-type]
+
+
+def test_hostile_pickle_payload_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    payload = np.empty(1, dtype=object)
+    payload[0] = _Marker(str(marker))
+    header = np.frombuffer(
+        json.dumps({"format": "mailgate-spam-model", "version": 1}).encode(), dtype=np.uint8
+    )
+    path = tmp_path / "hostile.npz"
+    _write_npz(path, header=header, feature_count=payload, class_count=payload)
+    with pytest.raises(ModelError):
+        SpamModel.load(path)
+    assert not marker.exists()
+
+    # A bare pickle renamed to .npz, and a .npy holding an object array.
+    raw_pickle = tmp_path / "raw.npz"
+    raw_pickle.write_bytes(pickle.dumps(_Marker(str(marker))))
+    with pytest.raises(ModelError):
+        SpamModel.load(raw_pickle)
+    npy = tmp_path / "obj.npy"
+    np.save(npy, payload, allow_pickle=True)
+    with pytest.raises(ModelError):
+        SpamModel.load(npy)
+    assert not marker.exists()
+
+
+def test_garbage_and_wrong_shapes_are_refused(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(os.urandom(4096))
+    with pytest.raises(ModelError):
+        SpamModel.load(garbage)
+    with pytest.raises(ModelError, match="not found"):
+        SpamModel.load(tmp_path / "missing.npz")
+
+    good = tmp_path / "good.npz"
+    SpamModel.empty(n_features=2**10).save(good)
+    with np.load(good, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+
+    def variant(name: str, **changes: object) -> Path:
+        path = tmp_path / f"{name}.npz"
+        _write_npz(path, **(arrays | changes))
+        return path
+
+    header = json.loads(arrays["header"].tobytes())
+
+    def with_header(**kv: object) -> np.ndarray:
+        return np.frombuffer(json.dumps(header | kv).encode(), dtype=np.uint8)
+
+    bad = [
+        variant("shape", feature_count=np.zeros((2, 2**11), dtype=np.float32)),
+        variant("dtype", feature_count=arrays["feature_count"].astype(np.float64)),
+        variant("negative", class_count=np.array([-1.0, 2.0])),
+        variant("nan", class_count=np.array([np.nan, 2.0])),
+        variant("extra", extra=np.zeros(3)),
+        variant("hdr_json", header=np.frombuffer(b"{not json", dtype=np.uint8)),
+        variant("hdr_version", header=with_header(version=99)),
+        variant("hdr_features", header=with_header(feature_version=0)),
+        variant("hdr_alpha", header=with_header(alpha=-1)),
+        variant("hdr_nfeat", header=with_header(n_features=1000)),
+    ]
+    for path in bad:
+        with pytest.raises(ModelError):
+            SpamModel.load(path)
+
+
+def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "model.npz"
+    old = SpamModel.empty(n_features=2**10)
+    old.learn_bytes(SPAM_MAIL, True)
+    old.save(target)
+    before = target.read_bytes()
+
+    replaced: list[tuple[Path, Path]] = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        replaced.append((Path(src), Path(dst)))
+        assert Path(src).read_bytes()[:2] == b"PK"  # complete zip before the swap
+        real_replace(src, dst)
+
+    monkeypatch.setattr(spamfilter.os, "replace", spy)
+    new = SpamModel.empty(n_features=2**10)
+    new.learn_bytes(HAM_MAIL, False)
+    new.save(target)
+    [(src, dst)] = replaced
+    assert src.parent == target.parent and src != target and dst == target
+    assert SpamModel.load(target).meta["n_ham"] == 1
+
+    # A crash while writing leaves the previous model untouched and no temp behind.
+    target.write_bytes(before)
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(spamfilter.np, "savez_compressed", boom)
+    with pytest.raises(OSError, match="disk full"):
+        new.save(target)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.npz"]
+
+
+def test_read_mail_sources(tmp_path: Path) -> None:
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "2.eml").write_bytes(HAM_MAIL)
+    (folder / "1.eml").write_bytes(SPAM_MAIL)
+    (folder / ".hidden").write_bytes(b"not mail")
+
+    maildir = tmp_path / "maildir"
+    for sub in ("cur", "new", "tmp"):
+        (maildir / sub).mkdir(parents=True)
+    (maildir / "cur" / "a").write_bytes(HAM_MAIL)
+    (maildir / "new" / "b").write_bytes(SPAM_MAIL)
+    (maildir / "tmp" / "c").write_bytes(b"half written")
+
+    mbox = tmp_path / "box.mbox"
+    buf = io.BytesIO()
+    for raw in (HAM_MAIL, SPAM_MAIL, HAM_MAIL):
+        buf.write(b"From sender@example.org Mon Jan  1 00:00:00 2024\n" + raw + b"\n")
+    mbox.write_bytes(buf.getvalue())
+
+    assert list(read_mail_sources([folder])) == [SPAM_MAIL, HAM_MAIL]
+    assert list(read_mail_sources([maildir])) == [HAM_MAIL, SPAM_MAIL]
+    from_mbox = list(read_mail_sources([mbox]))
+    assert len(from_mbox) == 3
+    assert b"Subject: FREE VIAGRA" in from_mbox[1]
+    assert len(list(read_mail_sources([folder, maildir, mbox]))) == 7
+    with pytest.raises(FileNotFoundError):
+        list(read_mail_sources([tmp_path / "nope"]))
+
+
+def test_shipped_model_loads_and_separates() -> None:
+    assert SHIPPED.is_file(), "models/spam-model.npz must be committed"
+    assert SHIPPED.stat().st_size < 5 * 2**20
+    model = SpamModel.load(SHIPPED)
+    assert model.meta["n_ham"] > 0 and model.meta["n_spam"] > 0
+    spam = model.score_bytes(SPAM_MAIL, 0.9)
+    ham = model.score_bytes(HAM_MAIL, 0.9)
+    assert spam.is_spam and spam.score > 0.9
+    assert not ham.is_spam and ham.score < 0.1
+
+
+def test_shipped_model_is_a_zip_of_plain_arrays() -> None:
+    with zipfile.ZipFile(SHIPPED) as zf:
+        assert sorted(zf.namelist()) == ["class_count.npy", "feature_count.npy", "header.npy"]
