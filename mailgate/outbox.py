@@ -14,7 +14,6 @@ import logging
 import os
 import random
 import socket
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -151,7 +150,7 @@ async def deliver_by_smtp(settings: Settings, row: Outbox) -> None:
         raise DeliveryError(f"recipients refused: {exc}", permanent=all(c >= 500 for c in codes)) from exc
     except aiosmtplib.SMTPResponseException as exc:
         raise DeliveryError(f"{exc.code} {exc.message}", permanent=exc.code >= 500) from exc
-    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
 
 
@@ -265,6 +264,3 @@ def retry_failed(engine: Engine, ids: Sequence[int] | None = None) -> int:
             session.add(row)
         return len(rows)
 
-
-def monotonic() -> float:
-    return time.monotonic()

@@ -141,9 +141,7 @@ def _scan_header_fields(raw: bytes) -> list[tuple[str, bytes]]:
     return fields
 
 
-def _precheck(
-    raw: bytes, *, max_depth: int, max_header_bytes: int, max_addresses: int
-) -> list[tuple[str, bytes]]:
+def _precheck(raw: bytes, *, max_depth: int, max_header_bytes: int, max_addresses: int) -> list[tuple[str, bytes]]:
     if not raw.strip():
         raise UnusableMessage("empty message")
     fields = _scan_header_fields(raw)
@@ -154,9 +152,7 @@ def _precheck(
     per_name: dict[str, int] = {}
     for name, value in fields:
         if len(value) > max_header_bytes:
-            raise UnusableMessage(
-                f"header {name!r} is {len(value)} bytes long (limit {max_header_bytes})"
-            )
+            raise UnusableMessage(f"header {name!r} is {len(value)} bytes long (limit {max_header_bytes})")
         if name in _ADDRESS_HEADERS:
             # '@' count is an upper bound on the addresses; cheap and linear, unlike parsing.
             per_name[name] = per_name.get(name, 0) + value.count(b"@")
@@ -530,9 +526,7 @@ def _normalize_addr(candidate: str) -> str | None:
     return addr.lower()
 
 
-def _parse_addresses(
-    raw_value: str, defects: list[str], what: str, *, lenient: bool = False
-) -> list[tuple[str, str]]:
+def _parse_addresses(raw_value: str, defects: list[str], what: str, *, lenient: bool = False) -> list[tuple[str, str]]:
     """(display name, lowercased addr-spec) pairs; invalid addresses are dropped with a defect.
 
     ``lenient`` accepts the single valid address token inside a bare phrase (Yahoo's
@@ -588,11 +582,10 @@ def sanitize_filename(name: str | None) -> str:
     if not text.strip("."):
         return "attachment"
     if len(text) > _MAX_FILENAME:
-        stem, dot, ext = text.rpartition(".")
-        if dot and 0 < len(ext) <= 16:
-            text = stem[: _MAX_FILENAME - len(ext) - 1] + "." + ext
-        else:
-            text = text[:_MAX_FILENAME]
+        _stem, dot, ext = text.rpartition(".")
+        # Keep a short extension visible: it is what tells the reader what the file is.
+        keep = len(ext) + 1 if dot and 0 < len(ext) <= 16 else 0
+        text = text[: _MAX_FILENAME - keep] + text[len(text) - keep :] if keep else text[:_MAX_FILENAME]
     return text
 
 
@@ -810,13 +803,9 @@ def _visit(
             if subjects:
                 subject = _one_line(_decode_header(subjects[0], col.defects, "Subject"))
             name = sanitize_filename((subject[: _MAX_FILENAME - 4] or "forwarded message") + ".eml")
-            col.attachments.append(
-                (name, "message/rfc822", _message_bytes(nested), view.get("content-id"), None)
-            )
+            col.attachments.append((name, "message/rfc822", _message_bytes(nested), view.get("content-id"), None))
             return
-        report = ctype == "multipart/report" and (
-            str(view.get_param("report-type", "")).lower() == "delivery-status"
-        )
+        report = ctype == "multipart/report" and (str(view.get_param("report-type", "")).lower() == "delivery-status")
         if report:
             col.is_dsn = True
             col.dsn_ids = col.dsn_ids if col.dsn_ids is not None else []
@@ -845,13 +834,9 @@ def _visit(
     if ctype == "text/rfc822-headers" and in_report:
         headers = BytesParser(policy=compat32).parsebytes(data, headersonly=True)
         _dsn_ids_from_headers(_raw_header_values(headers, "message-id"), col)
-    is_tnef = ctype in ("application/ms-tnef", "application/vnd.ms-tnef") or (
-        (filename or "").lower() == "winmail.dat"
-    )
+    is_tnef = ctype in ("application/ms-tnef", "application/vnd.ms-tnef") or ((filename or "").lower() == "winmail.dat")
     if is_tnef:
-        col.attachments.append(
-            (filename or "winmail.dat", ctype, data, view.get("content-id"), None)
-        )
+        col.attachments.append((filename or "winmail.dat", ctype, data, view.get("content-id"), None))
         _handle_tnef(data, col, f"part {where}")
         return
     col.attachments.append((filename or "", ctype, data, view.get("content-id"), disposition))
@@ -902,9 +887,7 @@ def parse_message(
 ) -> ParsedMessage:
     """Parse raw mail bytes; raise UnusableMessage when they cannot be handled as a mail."""
     raw = bytes(raw)
-    _precheck(
-        raw, max_depth=max_depth, max_header_bytes=max_header_bytes, max_addresses=max_addresses
-    )
+    _precheck(raw, max_depth=max_depth, max_header_bytes=max_header_bytes, max_addresses=max_addresses)
     try:
         msg = BytesParser(policy=compat32).parsebytes(raw)
         depth, parts = _tree_stats(msg)

@@ -133,7 +133,8 @@ class Inbound(SQLModel, table=True):
     received_at: datetime = Field(index=True)
     processed_at: datetime | None = None
     ticket_number: int | None = None
-    message_id_header: str | None = Field(default=None, max_length=998)
+    message_id_header: str | None = Field(default=None, max_length=998, index=True)
+    body_hash: str | None = Field(default=None, max_length=64)
     subject: str | None = Field(default=None, sa_type=Text)
     from_addr: str | None = Field(default=None, max_length=320)
     spam_score: float | None = None

@@ -1,8 +1,8 @@
 """initial schema
 
 Revision ID: 0001
-Revises: 
-Create Date: 2026-11-27 09:28:26.067787
+Revises:
+Create Date: 2026-11-27 09:34:32.555418
 """
 
 from collections.abc import Sequence
@@ -72,6 +72,7 @@ def upgrade() -> None:
     sa.Column('processed_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
     sa.Column('ticket_number', sa.Integer(), nullable=True),
     sa.Column('message_id_header', sqlmodel.sql.sqltypes.AutoString(length=998), nullable=True),
+    sa.Column('body_hash', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True),
     sa.Column('subject', sa.Text(), nullable=True),
     sa.Column('from_addr', sqlmodel.sql.sqltypes.AutoString(length=320), nullable=True),
     sa.Column('spam_score', sa.Float(), nullable=True),
@@ -80,6 +81,7 @@ def upgrade() -> None:
     sa.UniqueConstraint('source_key')
     )
     with op.batch_alter_table('inbound', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_inbound_message_id_header'), ['message_id_header'], unique=False)
         batch_op.create_index(batch_op.f('ix_inbound_outcome'), ['outcome'], unique=False)
         batch_op.create_index(batch_op.f('ix_inbound_raw_sha256'), ['raw_sha256'], unique=False)
         batch_op.create_index(batch_op.f('ix_inbound_received_at'), ['received_at'], unique=False)
@@ -280,6 +282,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_inbound_received_at'))
         batch_op.drop_index(batch_op.f('ix_inbound_raw_sha256'))
         batch_op.drop_index(batch_op.f('ix_inbound_outcome'))
+        batch_op.drop_index(batch_op.f('ix_inbound_message_id_header'))
 
     op.drop_table('inbound')
     op.drop_table('imapstate')

@@ -1,0 +1,81 @@
+"""Changes made from the CLI: the same rules and notices as by mail, actor 'cli'."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mailgate.ingest import notify
+from mailgate.ingest.apply import add_event, add_participant, set_due_times, set_status
+from mailgate.runtime import Runtime
+from mailgate.store.engine import session_scope, utcnow
+from mailgate.store.tables import Message, Ticket
+
+
+def update_ticket(rt: Runtime, number: int, *, status: str | None = None, priority: str | None = None,
+                  category: str | None = None, owner: str | None = None, assist: str | None = None,
+                  tier: str | None = None, actor: str = "cli") -> dict[str, Any]:
+    s = rt.settings
+    if status is not None and s.helpdesk.status(status) is None:
+        raise ValueError(f"--status: unknown status {status!r}; one of "
+                         + ", ".join(x.name for x in s.helpdesk.statuses))
+    if priority is not None and priority not in s.helpdesk.priorities:
+        raise ValueError(f"--priority: one of {', '.join(s.helpdesk.priorities)}")
+    if category is not None and s.helpdesk.categories and category not in s.helpdesk.categories:
+        raise ValueError(f"--category: one of {', '.join(s.helpdesk.categories)}")
+    for flag, email in (("--owner", owner), ("--assist", assist)):
+        if email is not None and email != "" and s.agent(email) is None:
+            raise ValueError(f"{flag}: {email} is not a configured agent")
+    if tier is not None and tier not in [t.name for t in s.sla.tiers]:
+        raise ValueError(f"--tier: one of {', '.join(t.name for t in s.sla.tiers)}")
+    changes: list[str] = []
+    with session_scope(rt.engine) as session:
+        ticket = session.get(Ticket, number)
+        if ticket is None:
+            raise ValueError(f"no ticket #{number}")
+        if status is not None:
+            old = set_status(rt, session, ticket, status, actor)
+            if old is not None:
+                changes.append(f"status: {old} -> {status}")
+                status_def = s.helpdesk.status(status)
+                if status_def is not None and status_def.notify_requester and not ticket.from_spam:
+                    requester = notify.requester_and_cc(session, ticket)[:1]
+                    for to in requester:
+                        notify.send(rt, session, ticket=ticket, template="requester/status", to=to,
+                                    extra={"old_status": old}, record_kind="system")
+        for field, value in (("priority", priority), ("category", category), ("tier", tier)):
+            if value is not None and getattr(ticket, field) != value:
+                add_event(session, ticket, actor, field, getattr(ticket, field), value)
+                changes.append(f"{field}: {getattr(ticket, field)} -> {value}")
+                setattr(ticket, field, value)
+                if field in ("priority", "tier"):
+                    set_due_times(rt, ticket)
+        if owner is not None:
+            new_owner = owner.lower() or None
+            if new_owner != ticket.owner:
+                add_event(session, ticket, actor, "owner", ticket.owner, new_owner)
+                changes.append(f"owner: {ticket.owner or 'nobody'} -> {new_owner or 'nobody'}")
+                ticket.owner = new_owner
+                if new_owner:
+                    notify.notify_agents(rt, session, ticket, "agent/assigned", [new_owner], message=None,
+                                         extra={"by": actor})
+        if assist and add_participant(session, ticket, assist.lower(), "assistant"):
+            add_event(session, ticket, actor, "assistant", None, assist.lower())
+            changes.append(f"assistant added: {assist.lower()}")
+        ticket.updated_at = utcnow()
+        session.add(ticket)
+    return {"number": number, "changes": changes}
+
+
+def add_note(rt: Runtime, number: int, text: str, author: str) -> None:
+    with session_scope(rt.engine) as session:
+        ticket = session.get(Ticket, number)
+        if ticket is None:
+            raise ValueError(f"no ticket #{number}")
+        message = Message(ticket_id=number, kind="internal", direction="in", from_addr=author,
+                          from_name=author, subject=ticket.subject, text=text.strip(), full_text=text,
+                          author_agent=author if rt.settings.agent(author) else None, created_at=utcnow())
+        session.add(message)
+        add_event(session, ticket, author, "note", None, None)
+        notify.notify_agents(rt, session, ticket, "agent/note",
+                             notify.ticket_agents(rt, session, ticket, everyone_if_unowned=False),
+                             message=message, exclude=author)

@@ -1,0 +1,455 @@
+"""The `mailgate` command. Thin: parse options, call the package, print.
+
+Exit codes: 0 ok; 2 bad usage or configuration (one line, no traceback);
+for `ingest`, 65 unusable input (kept as a dead letter) and 75 temporary
+failure (the sender should retry), as sysexits.h and rt-mailgate use them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlmodel import select
+
+from mailgate.config import ConfigError, Settings, config_path, load_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="mailgate: an email-first help desk daemon.")
+tickets_app = typer.Typer(no_args_is_help=True, help="List, show and change tickets.")
+outbox_app = typer.Typer(no_args_is_help=True, help="Outgoing mail queue.")
+dead_app = typer.Typer(no_args_is_help=True, help="Messages that could not be processed.")
+db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
+spam_app = typer.Typer(no_args_is_help=True, help="The spam filter.")
+quarantine_app = typer.Typer(no_args_is_help=True, help="Messages held as spam.")
+app.add_typer(tickets_app, name="tickets")
+app.add_typer(outbox_app, name="outbox")
+app.add_typer(dead_app, name="deadletter")
+app.add_typer(db_app, name="db")
+app.add_typer(spam_app, name="spam")
+spam_app.add_typer(quarantine_app, name="quarantine")
+
+EX_DATAERR = 65
+EX_TEMPFAIL = 75
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Config file "
+                      "(default: $MAILGATE_CONFIG, then /etc/mailgate/config.toml).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    typer.echo(f"mailgate: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def settings_for(config: Path | None) -> Settings:
+    try:
+        return load_settings(config_path(config))
+    except ConfigError as exc:
+        fail(f"config error: {exc}")
+
+
+def setup_logging(settings: Settings, level: str | None = None) -> None:
+    logging.basicConfig(level=level or settings.log.level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # aiosmtpd logs every SMTP command at INFO; apscheduler every job run.
+    for noisy in ("mail.log", "apscheduler", "alembic.runtime.migration"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def runtime_for(config: Path | None, *, upgrade: bool = True) -> Any:
+    from mailgate.runtime import Runtime
+    from mailgate.store import migrate
+
+    settings = settings_for(config)
+    setup_logging(settings, "WARNING")
+    try:
+        rt = Runtime.build(settings)
+        if upgrade and migrate.current_revision(rt.engine) is None:
+            migrate.upgrade(rt.engine)
+    except Exception as exc:
+        fail(f"database {settings.database.url}: {type(exc).__name__}: {exc}", EX_TEMPFAIL)
+    return rt
+
+
+def print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+# --- run / ingest / import ------------------------------------------------------------
+
+@app.command()
+def run(config: ConfigOpt = None) -> None:
+    """Run the daemon: SMTP/LMTP listener, IMAP pollers, ingest worker, outbox, scheduler."""
+    from mailgate.service import serve
+
+    settings = settings_for(config)
+    setup_logging(settings)
+    try:
+        code = asyncio.run(serve(settings))
+    except OSError as exc:
+        fail(f"cannot start: {exc}", 1)
+    except RuntimeError as exc:
+        fail(str(exc), 1)
+    raise typer.Exit(code)
+
+
+@app.command()
+def ingest(config: ConfigOpt = None,
+           queue: Annotated[str | None, typer.Option(help="The support address it was sent to.")] = None,
+           sender: Annotated[str | None, typer.Option("--from", help="Envelope sender.")] = None) -> None:
+    """Read one message on stdin, store it, process it; print the ticket number."""
+    from mailgate import spool
+    from mailgate.ingest.pipeline import run_one
+
+    raw = sys.stdin.buffer.read()
+    rt = runtime_for(config)
+    try:
+        accepted = spool.accept(rt.engine, rt.blobs, raw, source="ingest",
+                                queue=queue.lower() if queue else None, envelope_from=sender)
+    except spool.SpoolError as exc:
+        fail(f"temporary failure, message not stored: {exc}", EX_TEMPFAIL)
+    result = run_one(rt, spool.worker_id(), only_id=accepted.inbound_id)
+    if result is None:
+        typer.echo(f"queued as inbound {accepted.inbound_id}")
+        return
+    if result.outcome == "dead":
+        fail(f"unusable message kept as dead letter {accepted.inbound_id}: {result.reason}", EX_DATAERR)
+    if result.outcome == "retry":
+        # Stored: the daemon's worker will try again. Not a temporary failure for the sender.
+        typer.echo(f"stored as inbound {accepted.inbound_id}; processing will be retried: {result.reason}")
+        return
+    if result.ticket_number is not None:
+        typer.echo(str(result.ticket_number))
+    else:
+        typer.echo(f"{result.outcome}: {result.reason}")
+
+
+@app.command("import")
+def import_(path: Path, config: ConfigOpt = None,
+            queue: Annotated[str | None, typer.Option(help="Queue address for new tickets.")] = None,
+            json_out: JsonOpt = False) -> None:
+    """Import an mbox file, a maildir, or a folder of one-message files."""
+    from rich.progress import Progress
+
+    from mailgate import spool
+    from mailgate.ingest.pipeline import run_one
+    from mailgate.mailsource import iter_messages
+
+    rt = runtime_for(config)
+    if not path.exists():
+        fail(f"{path}: no such file or directory")
+    outcomes: dict[str, int] = {}
+    worker = spool.worker_id()
+    with Progress(transient=True, disable=json_out or not sys.stderr.isatty(),
+                  console=Console(stderr=True)) as progress:
+        task = progress.add_task("importing", total=None)
+        for key, raw in iter_messages(path):
+            try:
+                accepted = spool.accept(rt.engine, rt.blobs, raw, source="import", queue=queue,
+                                        source_key=f"import:{key}")
+            except spool.SpoolError as exc:
+                fail(f"stopped: could not store {key}: {exc}", EX_TEMPFAIL)
+            if accepted.duplicate:
+                outcomes["already imported"] = outcomes.get("already imported", 0) + 1
+            else:
+                result = run_one(rt, worker, only_id=accepted.inbound_id)
+                name = result.outcome if result else "queued"
+                outcomes[name] = outcomes.get(name, 0) + 1
+            progress.advance(task)
+    if json_out:
+        print_json(outcomes)
+    else:
+        for name, n in sorted(outcomes.items()):
+            typer.echo(f"{name}: {n}")
+
+
+# --- tickets ------------------------------------------------------------------------------
+
+STATE_STYLE = {"overdue": "bold red", "unanswered": "yellow", "answered": "green", "pending": "cyan",
+               "closed": "dim"}
+
+
+def _row_style(t: dict[str, Any]) -> str:
+    if t["status_kind"] in ("solved", "closed"):
+        return STATE_STYLE["closed"]
+    if t["overdue"]:
+        return STATE_STYLE["overdue"]
+    if t["status_kind"] == "pending":
+        return STATE_STYLE["pending"]
+    return STATE_STYLE["answered"] if t["answered"] else STATE_STYLE["unanswered"]
+
+
+DEFAULT_COLUMNS = "number,status,priority,owner,requester,subject,created_at"
+
+
+@tickets_app.command("list")
+def tickets_list(
+    config: ConfigOpt = None, json_out: JsonOpt = False,
+    status: Annotated[str | None, typer.Option(help="Exact status name.")] = None,
+    open_: Annotated[bool, typer.Option("--open", help="new, open and pending kinds.")] = False,
+    closed: Annotated[bool, typer.Option("--closed", help="solved and closed kinds.")] = False,
+    overdue: Annotated[bool, typer.Option("--overdue")] = False,
+    owner: Annotated[str | None, typer.Option()] = None,
+    queue: Annotated[str | None, typer.Option()] = None,
+    priority: Annotated[str | None, typer.Option()] = None,
+    category: Annotated[str | None, typer.Option()] = None,
+    requester: Annotated[str | None, typer.Option()] = None,
+    since: Annotated[datetime | None, typer.Option(help="Created at or after (ISO date/time, UTC).")] = None,
+    text: Annotated[str | None, typer.Option(help="Words in the subject or public messages.")] = None,
+    sort: Annotated[str, typer.Option(help="One of: " + ", ".join(
+        ("number", "created_at", "updated_at", "priority", "status", "resolution_due")))] = "number",
+    columns: Annotated[str, typer.Option(help="Comma-separated columns for the table.")] = DEFAULT_COLUMNS,
+) -> None:
+    """List tickets (colours: red overdue, yellow unanswered, green answered, cyan pending, dim closed)."""
+    from mailgate.store.engine import as_utc, session_scope
+    from mailgate.views import SORT_FIELDS, TicketFilter, list_tickets, ticket_summary
+
+    if sort not in SORT_FIELDS:
+        fail(f"--sort: one of {', '.join(SORT_FIELDS)}")
+    rt = runtime_for(config)
+    f = TicketFilter(status=status, open=open_, closed=closed, overdue=overdue, owner=owner, queue=queue,
+                     priority=priority, category=category, requester=requester,
+                     since=as_utc(since) if since else None, text=text)
+    with session_scope(rt.engine) as session:
+        rows = [ticket_summary(session, t) for t in list_tickets(session, f, sort)]
+    if json_out:
+        print_json(rows)
+        return
+    cols = [c.strip() for c in columns.split(",") if c.strip()]
+    unknown = [c for c in cols if rows and c not in rows[0]]
+    if unknown:
+        fail(f"--columns: unknown column {unknown[0]!r}")
+    table = Table(show_lines=False)
+    for c in cols:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*["" if r.get(c) is None else str(r.get(c)) for c in cols], style=_row_style(r))
+    Console().print(table)
+
+
+def _load_ticket(session: Any, number: int) -> Any:
+    from mailgate.store.tables import Ticket
+
+    ticket = session.get(Ticket, number)
+    if ticket is None:
+        fail(f"no ticket #{number}", 1)
+    return ticket
+
+
+@tickets_app.command("show")
+def tickets_show(number: int, config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
+    """Show one ticket with its messages, rule hits and events."""
+    from mailgate.store.engine import session_scope
+    from mailgate.views import ticket_detail
+
+    rt = runtime_for(config)
+    with session_scope(rt.engine) as session:
+        data = ticket_detail(session, _load_ticket(session, number))
+    if json_out:
+        print_json(data)
+        return
+    console = Console()
+    console.print(f"[bold]#{data['number']} {data['subject']}[/bold]")
+    for key in ("status", "priority", "category", "queue", "requester", "participants", "owner", "assistants",
+                "tier", "created_at", "first_response_due", "resolution_due", "overdue", "rating"):
+        console.print(f"  {key:20} {data[key]}", markup=False, highlight=False)
+    for m in data["messages"]:
+        console.print(f"\n[bold]{m['created_at']} {m['kind']} {m['direction']}[/bold] {m['from']}")
+        console.print(m["text"], markup=False, highlight=False)
+        for a in m["attachments"]:
+            console.print(f"  [attachment] {a['filename']!r} {a['content_type']} {a['size']} bytes",
+                          markup=False)
+        for h in m["rule_hits"]:
+            console.print(f"  [{h['step']}] {h['reason']}", style="dim", markup=False)
+
+
+@tickets_app.command("update")
+def tickets_update(
+    number: int, config: ConfigOpt = None,
+    status: Annotated[str | None, typer.Option()] = None,
+    priority: Annotated[str | None, typer.Option()] = None,
+    category: Annotated[str | None, typer.Option()] = None,
+    owner: Annotated[str | None, typer.Option()] = None,
+    assist: Annotated[str | None, typer.Option()] = None,
+    tier: Annotated[str | None, typer.Option()] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Change a ticket from the command line (recorded as actor 'cli'; notices go out as by mail)."""
+    from mailgate.admin import update_ticket
+
+    rt = runtime_for(config)
+    try:
+        data = update_ticket(rt, number, status=status, priority=priority, category=category, owner=owner,
+                             assist=assist, tier=tier)
+    except ValueError as exc:
+        fail(str(exc), 1)
+    if json_out:
+        print_json(data)
+    else:
+        typer.echo(f"#{number}: " + ("; ".join(data["changes"]) or "nothing changed"))
+
+
+@tickets_app.command("note")
+def tickets_note(number: int, config: ConfigOpt = None,
+                 text: Annotated[str | None, typer.Option(help="Note text (default: read stdin).")] = None,
+                 author: Annotated[str, typer.Option(help="Recorded author.")] = "cli") -> None:
+    """Add an internal note (never sent to the requester)."""
+    from mailgate.admin import add_note
+
+    rt = runtime_for(config)
+    body = text if text is not None else sys.stdin.read()
+    if not body.strip():
+        fail("empty note")
+    try:
+        add_note(rt, number, body, author)
+    except ValueError as exc:
+        fail(str(exc), 1)
+    typer.echo(f"#{number}: note added")
+
+
+# --- outbox and dead letters -----------------------------------------------------------------
+
+@outbox_app.command("list")
+def outbox_list(config: ConfigOpt = None, json_out: JsonOpt = False,
+                state: Annotated[str | None, typer.Option(help="queued, sending, sent or failed")] = None,
+                limit: Annotated[int, typer.Option()] = 100) -> None:
+    """Outgoing mail, newest first."""
+    from mailgate.store.engine import iso, session_scope
+    from mailgate.store.tables import Outbox
+
+    rt = runtime_for(config)
+    with session_scope(rt.engine) as session:
+        query = select(Outbox).order_by(Outbox.id.desc()).limit(limit)  # type: ignore[union-attr]
+        if state:
+            query = query.where(Outbox.state == state)
+        rows = [{"id": r.id, "ticket": r.ticket_id, "to": r.recipients, "template": r.template,
+                 "state": r.state, "attempts": r.attempts, "message_id": r.message_id,
+                 "created_at": iso(r.created_at), "sent_at": iso(r.sent_at),
+                 "next_attempt_at": iso(r.next_attempt_at), "last_error": r.last_error}
+                for r in session.exec(query).all()]
+    if json_out:
+        print_json(rows)
+        return
+    table = Table()
+    for c in ("id", "ticket", "to", "template", "state", "attempts", "last_error"):
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[str(r[c] or "") for c in ("id", "ticket", "to", "template", "state", "attempts",
+                                                   "last_error")])
+    Console().print(table)
+
+
+@outbox_app.command("retry")
+def outbox_retry(ids: Annotated[list[int] | None, typer.Argument(help="Outbox ids (default: all failed).")] = None,
+                 config: ConfigOpt = None) -> None:
+    """Send failed outgoing mail again."""
+    from mailgate.outbox import retry_failed
+
+    rt = runtime_for(config)
+    typer.echo(f"{retry_failed(rt.engine, ids)} queued again")
+
+
+def _inbound_rows(rt: Any, where: Any, limit: int) -> list[dict[str, Any]]:
+    from mailgate.store.engine import iso, session_scope
+    from mailgate.store.tables import Inbound
+
+    with session_scope(rt.engine) as session:
+        rows = session.exec(select(Inbound).where(where).order_by(Inbound.id.desc()).limit(limit)).all()  # type: ignore[union-attr]
+        return [{"id": r.id, "source": r.source, "received_at": iso(r.received_at), "from": r.from_addr,
+                 "subject": r.subject, "message_id": r.message_id_header, "attempts": r.attempts,
+                 "outcome": r.outcome, "spam_score": r.spam_score, "size": r.size,
+                 "reason": (r.last_error or "").strip().splitlines()[-1:][0] if r.last_error else
+                 _stop_reason(r.rule_hits), "error": r.last_error} for r in rows]
+
+
+def _stop_reason(rule_hits: str) -> str:
+    hits = json.loads(rule_hits or "[]")
+    return next((h["reason"] for h in reversed(hits) if h["step"] == "stop"), "")
+
+
+@dead_app.command("list")
+def deadletter_list(config: ConfigOpt = None, json_out: JsonOpt = False,
+                    limit: Annotated[int, typer.Option()] = 100) -> None:
+    """Messages kept aside after failing, with the reason."""
+    from mailgate.store.tables import Inbound
+
+    rt = runtime_for(config)
+    rows = _inbound_rows(rt, Inbound.state == "dead", limit)
+    if json_out:
+        print_json(rows)
+        return
+    for r in rows:
+        typer.echo(f"{r['id']:>6}  {r['received_at']}  {r['source']:6}  attempts={r['attempts']}  {r['reason']}")
+
+
+@dead_app.command("retry")
+def deadletter_retry(ids: Annotated[list[int] | None, typer.Argument(help="Inbound ids (default: all).")] = None,
+                     config: ConfigOpt = None) -> None:
+    """Put dead letters back in the queue; the running daemon processes them."""
+    from mailgate import spool
+
+    rt = runtime_for(config)
+    typer.echo(f"{spool.requeue(rt.engine, ids)} requeued")
+
+
+@app.command("screened")
+def screened_list(config: ConfigOpt = None, json_out: JsonOpt = False,
+                  limit: Annotated[int, typer.Option()] = 100) -> None:
+    """Automatic mail (bounces, auto-replies) that matched no ticket, and rate-limited mail."""
+    from mailgate.store.tables import Inbound
+
+    rt = runtime_for(config)
+    rows = _inbound_rows(rt, Inbound.outcome == "screened", limit)
+    if json_out:
+        print_json(rows)
+        return
+    for r in rows:
+        typer.echo(f"{r['id']:>6}  {r['received_at']}  {r['from']}  {r['subject']!r}  {r['reason']}")
+
+
+# --- database, doctor ----------------------------------------------------------------------------
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOpt = None) -> None:
+    """Apply schema migrations."""
+    from mailgate.store import migrate
+
+    rt = runtime_for(config, upgrade=False)
+    before = migrate.current_revision(rt.engine)
+    migrate.upgrade(rt.engine)
+    typer.echo(f"database at {migrate.current_revision(rt.engine)} (was {before or 'empty'})")
+
+
+@app.command()
+def doctor(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
+    """Check config, database, outbound relay and IMAP logins; non-zero exit on any failure."""
+    from mailgate.doctor import run_checks
+
+    settings = settings_for(config)
+    setup_logging(settings, "ERROR")
+    checks = run_checks(settings)
+    if json_out:
+        print_json(checks)
+    else:
+        for c in checks:
+            mark = {"ok": "ok  ", "warning": "WARN", "error": "FAIL"}[c["status"]]
+            typer.echo(f"[{mark}] {c['name']}: {c['detail']}")
+    if any(c["status"] == "error" for c in checks):
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""`mailgate doctor`: each check returns ok, warning or error with one line of detail."""
+
+from __future__ import annotations
+
+import smtplib
+from typing import Any
+
+from mailgate.config import Settings
+from mailgate.runtime import Runtime
+
+
+def _check(name: str, status: str, detail: str) -> dict[str, Any]:
+    return {"name": name, "status": status, "detail": detail}
+
+
+def run_checks(settings: Settings) -> list[dict[str, Any]]:
+    checks = [_check("config", "ok", str(settings.path))]
+    rt = Runtime.build(settings)
+    try:
+        from mailgate.store import migrate
+
+        current, head = migrate.current_revision(rt.engine), migrate.head_revision()
+        if current == head:
+            checks.append(_check("database", "ok", f"schema at {current}"))
+        else:
+            checks.append(_check("database", "error" if current else "warning",
+                                 f"schema at {current or 'empty'}, code needs {head}: run `mailgate db upgrade`"))
+    except Exception as exc:
+        checks.append(_check("database", "error", f"{type(exc).__name__}: {exc}"))
+    checks.append(_outbound(settings))
+    checks.extend(_imap(settings, rt))
+    model = rt.spam_model() if settings.spam.enabled else None
+    checks.append(_check("spam model", "ok" if model or not settings.spam.enabled else "warning",
+                         "disabled" if not settings.spam.enabled else
+                         (f"{settings.spam_model_path}" if model else "no usable model: filter off")))
+    return checks
+
+
+def _outbound(settings: Settings) -> dict[str, Any]:
+    ob = settings.outbound
+    if ob.scheme == "maildir":
+        path = ob.maildir
+        try:
+            for sub in ("tmp", "new", "cur"):
+                (path / sub).mkdir(parents=True, exist_ok=True)
+            probe = path / "tmp" / ".doctor"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            return _check("outbound", "error", f"maildir {path}: {exc}")
+        return _check("outbound", "ok", f"maildir {path} writable")
+    scheme, rest = ob.url.split("://", 1)
+    host, _, port = rest.rstrip("/").partition(":")
+    try:
+        cls = smtplib.SMTP_SSL if scheme == "smtps" else smtplib.SMTP
+        with cls(host, int(port or (465 if scheme == "smtps" else 25)), timeout=10) as smtp:
+            smtp.ehlo()
+            if ob.starttls:
+                smtp.starttls()
+                smtp.ehlo()
+            if ob.user and ob.password:
+                smtp.login(ob.user, ob.password)
+            code, _ = smtp.noop()
+    except (OSError, smtplib.SMTPException) as exc:
+        return _check("outbound", "error", f"{ob.url}: {type(exc).__name__}: {exc}")
+    return _check("outbound", "ok", f"{ob.url} answered {code}")
+
+
+def _imap(settings: Settings, rt: Runtime) -> list[dict[str, Any]]:
+    if not settings.imap:
+        return []
+    try:
+        from mailgate.transport.imap import check_login, imap_health
+    except ImportError as exc:
+        return [_check("imap", "error", f"IMAP support unavailable: {exc}")]
+    from mailgate.store.engine import utcnow
+
+    out = []
+    for account in settings.imap:
+        error = check_login(account)
+        out.append(_check(f"imap {account.name}", "error" if error else "ok", error or "login and select ok"))
+    try:
+        for h in imap_health(rt.engine, settings.imap, utcnow()):
+            if h.get("warning"):
+                out.append(_check(f"imap {h['name']} health", "warning", h["warning"]))
+    except Exception as exc:
+        out.append(_check("imap health", "warning", f"{type(exc).__name__}: {exc}"))
+    return out

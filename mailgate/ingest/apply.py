@@ -1,0 +1,550 @@
+"""Apply a routed message to the store: tickets, messages, commands, events.
+
+Every change writes an Event (the audit trail). Notices are not sent here:
+`apply_message` records effects on the context and `send_effects` turns them
+into outbox rows, in the same transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func
+from sqlmodel import Session, select
+
+from mailgate.config import StatusDef
+from mailgate.domain import base_address
+from mailgate.ingest import notify
+from mailgate.ingest.commands import CommandRules, ParsedCommands, validate
+from mailgate.ingest.stop import Stop
+from mailgate.runtime import Runtime
+from mailgate.sla import tier_for_address
+from mailgate.store.engine import as_utc, utcnow
+from mailgate.store.tables import (
+    Attachment,
+    Contact,
+    Event,
+    Message,
+    Outbox,
+    Participant,
+    Ticket,
+)
+
+if TYPE_CHECKING:
+    from mailgate.ingest.pipeline import Context
+
+log = logging.getLogger(__name__)
+
+
+# --- small store helpers -------------------------------------------------------------
+
+def add_event(session: Session, ticket: Ticket, actor: str, action: str, old: Any = None,
+              new: Any = None, detail: str | None = None) -> None:
+    session.add(Event(ticket_id=ticket.number, created_at=utcnow(), actor=actor, action=action,
+                      old=None if old is None else str(old), new=None if new is None else str(new),
+                      detail=detail))
+
+
+def ticket_members(session: Session, ticket: Ticket) -> set[str]:
+    """Addresses that may write into the ticket: requester, CCs, assistants, owner."""
+    out = set(session.exec(select(Participant.email).where(Participant.ticket_id == ticket.number)).all())
+    requester = session.get(Contact, ticket.requester_id)
+    if requester is not None:
+        out.add(requester.email)
+    if ticket.owner:
+        out.add(ticket.owner)
+    return out
+
+
+def contact_for(rt: Runtime, session: Session, email: str, name: str = "") -> Contact:
+    contact = session.exec(select(Contact).where(Contact.email == email)).first()
+    if contact is None:
+        contact = Contact(email=email, name=name[:200], created_at=utcnow())
+        session.add(contact)
+        session.flush()
+    elif name and not contact.name:
+        contact.name = name[:200]
+        session.add(contact)
+    return contact
+
+
+def first_status(rt: Runtime, kind: str) -> StatusDef:
+    return next(s for s in rt.settings.helpdesk.statuses if s.kind == kind)
+
+
+def store_message(ctx: Context, ticket: Ticket | None, *, kind: str, direction: str, text: str,
+                  author_agent: str | None = None) -> Message:
+    msg = ctx.msg
+    message = Message(
+        ticket_id=ticket.number if ticket else None, inbound_id=ctx.inbound.id, kind=kind,
+        direction=direction, from_addr=ctx.sender, from_name=ctx.sender_name[:200],
+        to_addrs=",".join(ctx.recipients), subject=msg.subject, text=text, full_text=msg.text,
+        html=msg.html, message_id=msg.message_id, in_reply_to=" ".join(msg.in_reply_to) or None,
+        body_hash=ctx.body_hash, raw_sha256=ctx.inbound.raw_sha256, author_agent=author_agent,
+        screen_kind=ctx.verdict.kind if ctx.verdict else None, spam_score=ctx.spam_score,
+        created_at=ctx.now,
+    )
+    message.rule_hits = json.dumps(ctx.hits)
+    ctx.session.add(message)
+    ctx.session.flush()
+    for att in msg.attachments:
+        digest = ctx.rt.blobs.put(att.data)
+        ctx.session.add(Attachment(
+            message_id=message.id, filename=att.filename[:255], content_type=att.content_type[:255],
+            size=len(att.data), sha256=digest, content_id=att.content_id, inline=att.inline))
+    return message
+
+
+# --- status, priority and SLA -----------------------------------------------------------
+
+def set_due_times(rt: Runtime, ticket: Ticket) -> None:
+    due = rt.due_times(ticket.tier, ticket.priority, as_utc(ticket.created_at))
+    if due is not None:
+        ticket.first_response_due, ticket.resolution_due = due
+
+
+def set_status(rt: Runtime, session: Session, ticket: Ticket, name: str, actor: str) -> str | None:
+    """Change the status; returns the old name, or None if nothing changed."""
+    status = rt.settings.helpdesk.status(name)
+    assert status is not None
+    if status.name == ticket.status:
+        return None
+    old, old_kind = ticket.status, ticket.status_kind
+    now = utcnow()
+    ticket.status, ticket.status_kind = status.name, status.kind
+    if status.kind == "pending" and old_kind != "pending":
+        ticket.sla_paused_at = now  # waiting for the customer: the clock stops
+    elif old_kind == "pending" and status.kind != "pending" and ticket.sla_paused_at is not None:
+        paused = now - as_utc(ticket.sla_paused_at)
+        if ticket.first_response_due and ticket.first_responded_at is None:
+            ticket.first_response_due = as_utc(ticket.first_response_due) + paused
+        if ticket.resolution_due:
+            ticket.resolution_due = as_utc(ticket.resolution_due) + paused
+        ticket.sla_paused_at = None
+    if status.kind == "solved":
+        ticket.solved_at = now
+    if status.kind == "closed":
+        ticket.closed_at = now
+    if status.kind in ("new", "open", "pending"):
+        ticket.solved_at = ticket.closed_at = None
+    ticket.updated_at = now
+    add_event(session, ticket, actor, "status", old, status.name)
+    return old
+
+
+def pick_owner(rt: Runtime, session: Session, ticket: Ticket, sender: str) -> str | None:
+    """Assignment rules: the first matching rule wins; groups by round-robin or least open."""
+    subject = ticket.subject.lower()
+    sender_domain = sender.rpartition("@")[2]
+    for rule in rt.settings.assignment:
+        if rule.category and rule.category != ticket.category:
+            continue
+        if rule.queue and rule.queue.lower() != ticket.queue:
+            continue
+        if rule.sender_domain and not (sender_domain == rule.sender_domain
+                                       or sender_domain.endswith("." + rule.sender_domain)):
+            continue
+        if rule.subject_keywords and not any(k in subject for k in rule.subject_keywords):
+            continue
+        if not rule.target.startswith("group:"):
+            return rule.target
+        members = [a.email for a in rt.settings.group_members(rule.target[6:])]
+        if rule.strategy == "least-open":
+            def open_count(email: str) -> int:
+                return session.exec(select(func.count()).select_from(Ticket).where(
+                    Ticket.owner == email, Ticket.status_kind.in_(("new", "open", "pending")))).one()  # type: ignore[attr-defined]
+            return min(members, key=lambda e: (open_count(e), members.index(e)))
+        # round-robin: the member after whoever got the last ticket from any member
+        last = session.exec(select(Ticket.owner).where(Ticket.owner.in_(members))  # type: ignore[union-attr]
+                            .order_by(Ticket.number.desc()).limit(1)).first()  # type: ignore[union-attr]
+        return members[(members.index(last) + 1) % len(members)] if last in members else members[0]
+    return None
+
+
+def create_ticket(ctx: Context, *, requester: str, requester_name: str, subject: str,
+                  actor: str, owner: str | None = None) -> Ticket:
+    rt, session = ctx.rt, ctx.session
+    contact = contact_for(rt, session, requester, requester_name)
+    now = ctx.now
+    queue = ctx.inbound.queue or next(
+        (a for a in (base_address(r) for r in ctx.recipients) if a in rt.settings.helpdesk.all_addresses
+         and a != rt.settings.helpdesk.comment_address), rt.settings.helpdesk.address)
+    new = first_status(rt, "new")
+    ticket = Ticket(
+        subject=subject[:998] or "(no subject)", requester_id=contact.id, queue=queue,  # type: ignore[arg-type]
+        priority=rt.settings.helpdesk.default_priority, status=new.name, status_kind=new.kind,
+        tier=contact.tier or tier_for_address(requester, rt.settings.sla.tier_rules,
+                                              rt.settings.sla.default_tier),
+        created_at=now, updated_at=now, last_public_in_at=now,
+    )
+    session.add(ticket)
+    session.flush()
+    ticket.owner = owner or pick_owner(rt, session, ticket, requester)
+    set_due_times(rt, ticket)
+    add_event(session, ticket, actor, "created", None, ticket.status, f"via {ctx.inbound.source}")
+    if ticket.owner:
+        add_event(session, ticket, "system" if owner is None else actor, "owner", None, ticket.owner)
+    return ticket
+
+
+def new_tickets_from_sender_last_hour(session: Session, sender: str, now: datetime) -> int:
+    contact = session.exec(select(Contact).where(Contact.email == sender)).first()
+    if contact is None:
+        return 0
+    return session.exec(select(func.count()).select_from(Ticket).where(
+        Ticket.requester_id == contact.id, Ticket.created_at > now - timedelta(hours=1))).one()
+
+
+# --- the message, by who sent it ----------------------------------------------------------
+
+def apply_message(ctx: Context) -> None:
+    verdict = ctx.verdict
+    assert verdict is not None
+    if ctx.msg.is_dsn:
+        record_bounce(ctx)
+    if ctx.ticket is None:
+        new_ticket_from_message(ctx)
+        return
+    ctx.ticket.updated_at = ctx.now
+    if verdict.kind is not None:
+        # Automatic mail (out-of-office, bounce, list) on a ticket: kept, never answered,
+        # and it changes no state.
+        store_message(ctx, ctx.ticket, kind="auto", direction="in", text=ctx.msg.text)
+        ctx.outcome = "reply"
+        return
+    if ctx.agent is not None:
+        agent_message(ctx)
+        return
+    requester_message(ctx)
+
+
+def new_ticket_from_message(ctx: Context) -> None:
+    verdict = ctx.verdict
+    assert verdict is not None
+    if verdict.is_automatic:
+        raise Stop("screened", f"{verdict.reason}; matches no ticket")
+    if not ctx.sender:
+        raise Stop("screened", "no sender address")
+    if ctx.agent is not None and ctx.commands is not None and ctx.commands.commands:
+        open_on_behalf(ctx)
+        return
+    cap = ctx.rt.settings.helpdesk.new_tickets_per_sender_per_hour
+    if new_tickets_from_sender_last_hour(ctx.session, ctx.sender, ctx.now) >= cap:
+        raise Stop("screened", f"{ctx.sender} opened {cap} tickets in the last hour: rate limit")
+    ticket = create_ticket(ctx, requester=ctx.sender, requester_name=ctx.sender_name,
+                           subject=ctx.msg.subject, actor=ctx.sender)
+    ctx.ticket = ticket
+    kind = "auto" if verdict.kind is not None else "public"
+    message = store_message(ctx, ticket, kind=kind, direction="in", text=ctx.msg.text)
+    assert ctx.decision is not None
+    ctx.effects.append(("new_ticket", {
+        "message": message, "confirm": verdict.may_answer,
+        "hijack_of": ctx.decision.hijack_of}))
+    ctx.outcome = "ticket"
+
+
+def requester_message(ctx: Context) -> None:
+    ticket = ctx.ticket
+    assert ticket is not None
+    rt = ctx.rt
+    first_line = ctx.visible_text.strip().split("\n", 1)[0].strip().rstrip(".!")
+    if ticket.status_kind == "solved" and first_line in rt.settings.helpdesk.ratings:
+        old = ticket.rating
+        ticket.rating = first_line
+        add_event(ctx.session, ticket, ctx.sender, "rating", old, first_line)
+        store_message(ctx, ticket, kind="public", direction="in", text=ctx.visible_text)
+        ctx.outcome = "reply"
+        return
+    message = store_message(ctx, ticket, kind="public", direction="in", text=ctx.visible_text)
+    ticket.last_public_in_at = ctx.now
+    if ticket.status_kind in ("pending", "solved", "closed"):
+        set_status(rt, ctx.session, ticket, first_status(rt, "open").name, ctx.sender)
+    ctx.effects.append(("requester_reply", {"message": message}))
+    ctx.outcome = "reply"
+
+
+def open_on_behalf(ctx: Context) -> None:
+    """A verified agent's mail with commands and no ticket: #requester opens one for a customer."""
+    agent = ctx.agent
+    cmds = ctx.commands
+    assert agent is not None and cmds is not None
+    errors = validate(cmds, command_rules(ctx, None), has_ticket=False)
+    requester = cmds.get("requester")
+    if errors or requester is None:
+        raise Stop("screened", "agent commands without a ticket refused: " + "; ".join(errors))
+    ticket = create_ticket(ctx, requester=requester.arg.lower(), requester_name="",
+                           subject=ctx.msg.subject, actor=agent.email, owner=agent.email)
+    ctx.ticket = ticket
+    agent_message(ctx, skip=("requester",))
+
+
+def command_rules(ctx: Context, ticket: Ticket | None) -> CommandRules:
+    s = ctx.rt.settings
+    assert ctx.agent is not None
+    canned = [n[len("canned/"):-len(".txt.j2")] for n in ctx.rt.renderer.env.list_templates()
+              if n.startswith("canned/") and n.endswith(".txt.j2")]
+    return CommandRules(
+        statuses=[st.name for st in s.helpdesk.statuses], priorities=list(s.helpdesk.priorities),
+        categories=list(s.helpdesk.categories), tiers=[t.name for t in s.sla.tiers],
+        agents=[a.email for a in s.agents], canned=canned, author=ctx.agent.email,
+        author_is_admin=ctx.agent.role == "admin", owner=ticket.owner if ticket else None)
+
+
+def agent_message(ctx: Context, skip: tuple[str, ...] = ()) -> None:
+    ticket, agent = ctx.ticket, ctx.agent
+    assert ticket is not None and agent is not None
+    cmds = ctx.commands or ParsedCommands((), ctx.visible_text, ())
+    errors = [] if skip else validate(cmds, command_rules(ctx, ticket), has_ticket=True)
+    if errors:
+        # Nothing changes; the words are still kept (internal, so nobody is mailed them).
+        store_message(ctx, ticket, kind="internal", direction="in", text=ctx.visible_text,
+                      author_agent=agent.email)
+        ctx.effects.append(("result", {"errors": errors, "changes": []}))
+        ctx.outcome = "note"
+        return
+    changes, body = apply_commands(ctx, ticket, cmds, skip)
+    is_note = ctx.to_comment_address or cmds.has("note") or cmds.has("spam")
+    collision = collision_notice(ctx, ticket)
+    if is_note or not body.strip():
+        message = store_message(ctx, ticket, kind="internal", direction="in", text=body,
+                                author_agent=agent.email)
+        if body.strip() and not cmds.has("spam"):
+            ctx.effects.append(("note", {"message": message}))
+        ctx.outcome = "note"
+    else:
+        message = store_message(ctx, ticket, kind="public", direction="out", text=body,
+                                author_agent=agent.email)
+        if ticket.first_responded_at is None:
+            ticket.first_responded_at = ctx.now
+        ticket.last_public_out_at = ctx.now
+        if ticket.status_kind == "new" and not cmds.has("status"):
+            set_status(ctx.rt, ctx.session, ticket, first_status(ctx.rt, "open").name, agent.email)
+        ctx.effects.append(("answer", {"message": message}))
+        ctx.outcome = "reply"
+    if cmds.commands or collision:
+        ctx.effects.append(("result", {"errors": [], "changes": changes, "collision": collision}))
+
+
+def collision_notice(ctx: Context, ticket: Ticket) -> str | None:
+    """If another agent answered after the mail this agent replied to, say who and when."""
+    replied_to = [*ctx.msg.in_reply_to, *reversed(ctx.msg.references)]
+    seen_at = None
+    for mid in replied_to:
+        row = ctx.session.exec(select(Outbox.created_at).where(Outbox.message_id == mid)).first()
+        if row is None:
+            row = ctx.session.exec(select(Message.created_at).where(Message.message_id == mid)).first()
+        if row is not None:
+            seen_at = row
+            break
+    if seen_at is None:
+        return None
+    later = ctx.session.exec(select(Message).where(
+        Message.ticket_id == ticket.number, Message.kind == "public", Message.direction == "out",
+        Message.author_agent.is_not(None), Message.author_agent != ctx.agent.email,  # type: ignore[union-attr]
+        Message.created_at > seen_at).order_by(Message.created_at)).first()  # type: ignore[arg-type]
+    if later is None:
+        return None
+    return (f"{later.author_agent} answered the requester at "
+            f"{as_utc(later.created_at).isoformat(timespec='minutes')}, after the message you "
+            "replied to. Your reply was delivered as well.")
+
+
+def apply_commands(ctx: Context, ticket: Ticket, cmds: ParsedCommands,
+                   skip: tuple[str, ...]) -> tuple[list[str], str]:
+    """Apply validated commands; returns the change lines and the text to send or keep."""
+    rt, session = ctx.rt, ctx.session
+    agent = ctx.agent
+    assert agent is not None
+    actor = agent.email
+    changes: list[str] = []
+    body = cmds.body
+    for c in cmds.commands:
+        if c.name in skip:
+            continue
+        if c.name == "status":
+            old = set_status(rt, session, ticket, c.arg, actor)
+            if old is not None:
+                changes.append(f"status: {old} -> {c.arg}")
+                status = rt.settings.helpdesk.status(c.arg)
+                if status and status.notify_requester:
+                    ctx.effects.append(("status", {"old": old}))
+        elif c.name == "priority":
+            old, ticket.priority = ticket.priority, c.arg.lower()
+            set_due_times(rt, ticket)
+            add_event(session, ticket, actor, "priority", old, ticket.priority)
+            changes.append(f"priority: {old} -> {ticket.priority}")
+        elif c.name == "category":
+            old, ticket.category = ticket.category, c.arg
+            add_event(session, ticket, actor, "category", old, c.arg)
+            changes.append(f"category: {old or '-'} -> {c.arg}")
+        elif c.name == "tier":
+            old, ticket.tier = ticket.tier, c.arg
+            set_due_times(rt, ticket)
+            add_event(session, ticket, actor, "tier", old, c.arg)
+            changes.append(f"tier: {old} -> {c.arg}")
+        elif c.name == "assign":
+            target = actor if c.arg.lower() == "me" else c.arg.lower()
+            old, ticket.owner = ticket.owner, target
+            add_event(session, ticket, actor, "owner", old, target)
+            changes.append(f"owner: {old or 'nobody'} -> {target}")
+            if target != actor:
+                ctx.effects.append(("assigned", {"to": target, "by": actor}))
+        elif c.name in ("assist", "cc"):
+            role = "assistant" if c.name == "assist" else "cc"
+            email = c.arg.lower()
+            if add_participant(session, ticket, email, role):
+                add_event(session, ticket, actor, role, None, email)
+                changes.append(f"{role} added: {email}")
+        elif c.name == "uncc":
+            email = c.arg.lower()
+            for p in session.exec(select(Participant).where(
+                    Participant.ticket_id == ticket.number, Participant.email == email,
+                    Participant.role == "cc")).all():
+                session.delete(p)
+                add_event(session, ticket, actor, "cc removed", email, None)
+                changes.append(f"cc removed: {email}")
+        elif c.name == "canned":
+            text = rt.renderer.render_text(f"canned/{c.arg}.txt.j2", {
+                "ticket": notify.ticket_context(rt, session, ticket),
+                "helpdesk": notify.helpdesk_context(rt), "agent": {"name": agent.name, "email": agent.email}})
+            body = (text.rstrip("\n") + "\n\n" + body).strip("\n")
+            changes.append(f"canned answer {c.arg} inserted")
+        elif c.name == "merge":
+            target = merge_tickets(ctx, ticket, int(c.arg.lstrip("#")))
+            changes.append(f"merged into #{target}")
+        elif c.name == "spam":
+            mark_spam(ctx, ticket)
+            changes.append("marked as spam, learned and closed")
+        elif c.name == "requester":
+            pass  # handled by open_on_behalf before we get here
+    return changes, body
+
+
+def add_participant(session: Session, ticket: Ticket, email: str, role: str) -> bool:
+    exists = session.exec(select(Participant).where(
+        Participant.ticket_id == ticket.number, Participant.email == email,
+        Participant.role == role)).first()
+    if exists is not None:
+        return False
+    session.add(Participant(ticket_id=ticket.number, email=email, role=role))  # type: ignore[arg-type]
+    return True
+
+
+def merge_tickets(ctx: Context, source: Ticket, target_number: int) -> int:
+    session = ctx.session
+    target = session.get(Ticket, target_number)
+    if target is None or target.number == source.number:
+        raise ValueError(f"cannot merge #{source.number} into #{target_number}")
+    actor = ctx.agent.email if ctx.agent else "system"
+    for m in session.exec(select(Message).where(Message.ticket_id == source.number)).all():
+        m.ticket_id = target.number
+        session.add(m)
+    for p in session.exec(select(Participant).where(Participant.ticket_id == source.number)).all():
+        add_participant(session, target, p.email, p.role)
+    requester = session.get(Contact, source.requester_id)
+    if requester is not None and source.requester_id != target.requester_id:
+        add_participant(session, target, requester.email, "cc")
+    source.merged_into = target.number
+    set_status(ctx.rt, session, source, first_status(ctx.rt, "closed").name, actor)
+    add_event(session, source, actor, "merged", None, target.number)
+    add_event(session, target, actor, "merged from", None, source.number)
+    ctx.ticket = target  # the agent's own message lands on the surviving ticket
+    return target.number  # type: ignore[return-value]
+
+
+def mark_spam(ctx: Context, ticket: Ticket) -> None:
+    first = ctx.session.exec(select(Message).where(
+        Message.ticket_id == ticket.number, Message.direction == "in",
+        Message.raw_sha256.is_not(None)).order_by(Message.id)).first()  # type: ignore[union-attr,arg-type]
+    if first is not None and first.raw_sha256:
+        ctx.rt.learn_spam(ctx.rt.blobs.get(first.raw_sha256), True)
+    ticket.from_spam = True
+    actor = ctx.agent.email if ctx.agent else "system"
+    set_status(ctx.rt, ctx.session, ticket, first_status(ctx.rt, "closed").name, actor)
+    add_event(ctx.session, ticket, actor, "spam", None, "learned")
+
+
+def record_bounce(ctx: Context) -> None:
+    """A DSN about a mail we sent: mark that outbox row failed and note it on its ticket."""
+    for mid in ctx.msg.dsn_original_message_ids:
+        row = ctx.session.exec(select(Outbox).where(Outbox.message_id == mid)).first()
+        if row is None:
+            continue
+        row.state = "failed"
+        recipients = ", ".join(ctx.msg.dsn_failed_recipients) or row.recipients
+        row.last_error = f"bounced: {recipients}"
+        ctx.session.add(row)
+        ctx.hit("bounce", True, f"outbox {row.id} <{mid}> bounced for {recipients}")
+        if row.ticket_id is not None:
+            ticket = ctx.session.get(Ticket, row.ticket_id)
+            if ticket is not None:
+                add_event(ctx.session, ticket, "system", "bounce", None, recipients,
+                          f"our message <{mid}> bounced")
+                if ctx.ticket is None:
+                    ctx.ticket = ticket
+
+
+# --- effects -> outbox rows ------------------------------------------------------------------
+
+def send_effects(ctx: Context) -> None:
+    ticket = ctx.ticket
+    if ticket is None:
+        return
+    rt, session = ctx.rt, ctx.session
+    hd = rt.settings.helpdesk
+    for name, data in ctx.effects:
+        message: Message | None = data.get("message")
+        if name == "new_ticket":
+            if data["confirm"]:
+                hijack = data.get("hijack_of")
+                notify.send(rt, session, ticket=ticket, template="requester/created", to=ctx.sender,
+                            message=message, in_reply_to=ctx.msg.message_id, record_kind="system",
+                            extra={"hijack_notice": hijack}, hits=ctx.hits)
+            if ticket.owner:
+                recipients = [ticket.owner]
+            elif hd.notify_group_on_new:
+                recipients = [a.email for a in rt.settings.agents]
+            else:
+                recipients = []
+            notify.notify_agents(rt, session, ticket, "agent/new_ticket", recipients, message=message,
+                                 exclude=ctx.sender)
+        elif name == "requester_reply":
+            notify.notify_agents(rt, session, ticket, "agent/requester_reply",
+                                 notify.ticket_agents(rt, session, ticket, everyone_if_unowned=True),
+                                 message=message)
+        elif name == "answer":
+            assert message is not None and ctx.agent is not None
+            last_in = session.exec(select(Message.message_id).where(
+                Message.ticket_id == ticket.number, Message.direction == "in",
+                Message.kind == "public").order_by(Message.id.desc())).first()  # type: ignore[union-attr]
+            for to in notify.requester_and_cc(session, ticket):
+                notify.send(rt, session, ticket=ticket, template="requester/answer", to=to,
+                            message=message, in_reply_to=last_in, automatic=False,
+                            from_name=f"{ctx.agent.name} via {hd.name}")
+        elif name == "note":
+            notify.notify_agents(rt, session, ticket, "agent/note",
+                                 notify.ticket_agents(rt, session, ticket, everyone_if_unowned=True),
+                                 message=message, exclude=ctx.sender)
+        elif name == "status":
+            if ticket.from_spam or ticket.merged_into:
+                continue
+            requester = session.get(Contact, ticket.requester_id)
+            if requester is not None:
+                notify.send(rt, session, ticket=ticket, template="requester/status", to=requester.email,
+                            extra={"old_status": data["old"]}, record_kind="system", hits=ctx.hits)
+        elif name == "assigned":
+            notify.notify_agents(rt, session, ticket, "agent/assigned", [data["to"]], message=None,
+                                 extra={"by": data["by"]})
+        elif name == "result":
+            assert ctx.agent is not None
+            notify.send(rt, session, ticket=ticket, template="agent/result", to=ctx.agent.email,
+                        in_reply_to=ctx.msg.message_id,
+                        extra={"errors": data["errors"], "changes": data["changes"],
+                               "collision": data.get("collision")})
+        elif name == "spoofed_commands":
+            notify.send(rt, session, ticket=ticket, template="agent/spoofed", to=data["agent"],
+                        extra={"sender": ctx.sender, "subject": ctx.msg.subject})
+

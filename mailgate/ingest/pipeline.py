@@ -1,0 +1,306 @@
+"""The ingest pipeline: one message, one transaction, steps run from a table.
+
+Each step is a small function over the Context; it records what it found in
+`ctx.hits` (kept with the message as rule_hits). Outcomes that end the work
+early (duplicate, screened, quarantined) are `Stop` exceptions that the driver
+catches; `UnusableMessage` from parsing makes a dead letter at once; any other
+exception is retried by the spool and in the end kept as a dead letter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlmodel import Session, select
+
+from mailgate import domain, spool
+from mailgate.config import Agent
+from mailgate.ingest import apply
+from mailgate.ingest.commands import ParsedCommands, parse_commands
+from mailgate.ingest.identify import Identity, identify_agent
+from mailgate.ingest.parse import ParsedMessage, UnusableMessage, parse_message
+from mailgate.ingest.replytext import visible_reply_text
+from mailgate.ingest.route import RouteDecision, RouteFacts, decide_route
+from mailgate.ingest.screen import ScreenVerdict, screen_message
+from mailgate.ingest.stop import Stop
+from mailgate.runtime import Runtime
+from mailgate.store.engine import session_scope, utcnow
+from mailgate.store.tables import Contact, Inbound, Message, Ticket
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    rt: Runtime
+    session: Session
+    inbound: Inbound
+    raw: bytes
+    now: datetime
+    parsed: ParsedMessage | None = None
+    verdict: ScreenVerdict | None = None
+    sender: str = ""
+    sender_name: str = ""
+    recipients: tuple[str, ...] = ()
+    to_comment_address: bool = False
+    token_ticket: int | None = None
+    bad_token_ticket: int | None = None
+    agent: Agent | None = None  # a verified agent
+    identity: Identity | None = None
+    spam_score: float | None = None
+    decision: RouteDecision | None = None
+    ticket: Ticket | None = None
+    visible_text: str = ""
+    commands: ParsedCommands | None = None
+    body_hash: str = ""
+    outcome: str = "ticket"
+    effects: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    hits: list[dict[str, Any]] = field(default_factory=list)
+
+    def hit(self, step: str, hit: bool, reason: str) -> None:
+        self.hits.append({"step": step, "hit": hit, "reason": reason})
+
+    @property
+    def msg(self) -> ParsedMessage:
+        assert self.parsed is not None
+        return self.parsed
+
+
+# --- steps ------------------------------------------------------------------------
+
+def step_parse(ctx: Context) -> None:
+    ctx.parsed = parse_message(ctx.raw)
+    ctx.body_hash = spool.body_hash(ctx.raw)
+    detail = f"{len(ctx.msg.attachments)} attachment(s)"
+    if ctx.msg.defects:
+        detail += "; repaired: " + "; ".join(ctx.msg.defects[:5])
+    ctx.hit("parse", bool(ctx.msg.defects), detail)
+
+
+def step_dedupe(ctx: Context) -> None:
+    mid = ctx.msg.message_id
+    if not mid:
+        ctx.hit("dedupe", False, "no Message-ID")
+        return
+    # Message-ID alone is not enough: an attacker could reuse one to suppress a real mail.
+    earlier = ctx.session.exec(select(Inbound).where(
+        Inbound.message_id_header == mid, Inbound.body_hash == ctx.body_hash,
+        Inbound.state == "done", Inbound.id != ctx.inbound.id,
+        Inbound.outcome != "duplicate")).first()
+    if earlier is not None:
+        raise Stop("duplicate", f"same Message-ID and body as inbound {earlier.id}")
+    ctx.hit("dedupe", False, "first time seen")
+
+
+def step_screen(ctx: Context) -> None:
+    ctx.verdict = screen_message(ctx.msg, envelope_from=ctx.inbound.envelope_from)
+    ctx.hit("screen", ctx.verdict.kind is not None, ctx.verdict.reason or "written by a person")
+
+
+def step_identify(ctx: Context) -> None:
+    hd = ctx.rt.settings.helpdesk
+    ctx.sender = ctx.msg.from_addr or (ctx.inbound.envelope_from or "").lower()
+    ctx.sender_name = ctx.msg.from_name
+    envelope = tuple(a for a in ctx.inbound.envelope_to.split(",") if a)
+    ctx.recipients = tuple(dict.fromkeys(
+        a.lower() for a in (*envelope, *ctx.msg.delivered_to, *ctx.msg.to, *ctx.msg.cc)))
+    for addr in ctx.recipients:
+        if domain.base_address(addr) == hd.comment_address:
+            ctx.to_comment_address = True
+        plus = domain.parse_plus_address(addr)
+        if plus is None or plus[0] not in hd.all_addresses:
+            continue
+        _, number, token = plus
+        if domain.token_is_valid(hd.secret_key, number, ctx.sender, token):
+            ctx.token_ticket = number
+        else:
+            ctx.bad_token_ticket = number
+    ctx.identity = identify_agent(
+        sender=ctx.sender, agent_emails=[a.email for a in ctx.rt.settings.agents],
+        token_valid_for_sender=ctx.token_ticket is not None,
+        auth_results=ctx.msg.header_all("authentication-results"),
+        trusted_ids=hd.trusted_authserv_ids)
+    if ctx.identity is not None and ctx.identity.verified:
+        ctx.agent = ctx.rt.settings.agent(ctx.sender)
+    ctx.hit("identify", ctx.identity is not None,
+            ctx.identity.how if ctx.identity else f"sender {ctx.sender or 'unknown'}")
+
+
+def _known_correspondent(ctx: Context) -> bool:
+    if ctx.agent is not None or ctx.token_ticket is not None:
+        return True
+    contact = ctx.session.exec(select(Contact).where(Contact.email == ctx.sender)).first()
+    if contact is None:
+        return False
+    return ctx.session.exec(select(Ticket.number).where(
+        Ticket.requester_id == contact.id, Ticket.from_spam == False)).first() is not None  # noqa: E712
+
+
+def step_spam(ctx: Context) -> None:
+    assert ctx.verdict is not None
+    if ctx.verdict.is_automatic:
+        ctx.hit("spam", False, "automatic mail: not scored")
+        return
+    if _known_correspondent(ctx):
+        ctx.hit("spam", False, "known requester or agent: never filtered")
+        return
+    model = ctx.rt.spam_model()
+    if model is None:
+        ctx.hit("spam", False, "spam filter off")
+        return
+    result = model.score_bytes(ctx.raw, ctx.rt.settings.spam.threshold)
+    ctx.spam_score = result.score
+    if result.is_spam:
+        raise Stop("quarantined", f"spam score {result.score:.3f} >= {ctx.rt.settings.spam.threshold}")
+    ctx.hit("spam", False, f"spam score {result.score:.3f}")
+
+
+def _ticket_numbers_for_ids(session: Session, ids: list[str]) -> list[int]:
+    if not ids:
+        return []
+    found: dict[str, int] = {}
+    for mid, t in session.exec(select(Message.message_id, Message.ticket_id).where(
+            Message.message_id.in_(ids), Message.ticket_id.is_not(None))).all():  # type: ignore[union-attr]
+        found[mid] = t  # type: ignore[index,assignment]
+    return [found[i] for i in reversed(ids) if i in found]
+
+
+def _resolve_merges(session: Session, number: int | None) -> Ticket | None:
+    seen: set[int] = set()
+    while number is not None and number not in seen:
+        seen.add(number)
+        ticket = session.get(Ticket, number)
+        if ticket is None or ticket.merged_into is None:
+            return ticket
+        number = ticket.merged_into
+    return None
+
+
+def step_route(ctx: Context) -> None:
+    hd = ctx.rt.settings.helpdesk
+    refs = list(dict.fromkeys([*ctx.msg.references, *ctx.msg.in_reply_to]))
+    ours = [t for t in (domain.ticket_from_our_message_id(hd.secret_key, r) for r in reversed(refs)) if t]
+    # Outbox rows to agents are not ticket messages; their ids are ours (HMAC) anyway.
+    stored = _ticket_numbers_for_ids(ctx.session, [r for r in refs if not r.startswith("mg.")])
+    tag = domain.ticket_from_subject(hd.subject_tag, ctx.msg.subject)
+    candidates = {t for t in (ctx.token_ticket, ctx.bad_token_ticket, tag, *ours, *stored) if t}
+    existing: set[int] = set()
+    members: dict[int, frozenset[str]] = {}
+    for number in candidates:
+        ticket = ctx.session.get(Ticket, number)
+        if ticket is None:
+            continue
+        existing.add(number)
+        members[number] = frozenset(apply.ticket_members(ctx.session, ticket))
+    facts = RouteFacts(
+        sender=ctx.sender, sender_is_verified_agent=ctx.agent is not None,
+        token_ticket=ctx.token_ticket, bad_token_ticket=ctx.bad_token_ticket,
+        our_reference_tickets=tuple(ours), stored_reference_tickets=tuple(stored),
+        tag_ticket=tag, members=members, existing=frozenset(existing))
+    ctx.decision = decide_route(facts)
+    ctx.ticket = _resolve_merges(ctx.session, ctx.decision.ticket)
+    reason = ctx.decision.reason
+    if ctx.ticket is not None and ctx.ticket.number != ctx.decision.ticket:
+        reason += f"; #{ctx.decision.ticket} was merged into #{ctx.ticket.number}"
+    ctx.hit("route", ctx.ticket is not None, reason)
+    if ctx.decision.hijack_of is not None:
+        log.warning("%s: %s", ctx.msg.message_id, reason)
+
+
+def step_commands(ctx: Context) -> None:
+    text = visible_reply_text(ctx.msg.text)
+    ctx.visible_text = text
+    looks_like_commands = parse_commands(text).commands or parse_commands(text).errors
+    if ctx.identity is not None and not ctx.identity.verified and looks_like_commands:
+        ctx.hit("commands", True, "commands from an unverified agent address: ignored")
+        ctx.effects.append(("spoofed_commands", {"agent": ctx.sender}))
+        return
+    if ctx.agent is None or (ctx.verdict is not None and ctx.verdict.kind is not None):
+        ctx.hit("commands", False, "not a verified agent's own mail: no commands read")
+        return
+    ctx.commands = parse_commands(text)
+    names = " ".join("#" + c.name for c in ctx.commands.commands) or "none"
+    ctx.hit("commands", bool(ctx.commands.commands), f"commands: {names}")
+
+
+def step_apply(ctx: Context) -> None:
+    apply.apply_message(ctx)
+
+
+def step_notify(ctx: Context) -> None:
+    apply.send_effects(ctx)
+
+
+STEPS: tuple[tuple[str, Callable[[Context], None]], ...] = (
+    ("parse", step_parse),
+    ("dedupe", step_dedupe),
+    ("screen", step_screen),
+    ("identify", step_identify),
+    ("spam", step_spam),
+    ("route", step_route),
+    ("commands", step_commands),
+    ("apply", step_apply),
+    ("notify", step_notify),
+)
+
+
+# --- driver -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Result:
+    inbound_id: int
+    outcome: str  # ticket | reply | note | screened | quarantined | duplicate | dead | retry
+    ticket_number: int | None = None
+    reason: str = ""
+
+
+def process_claimed(rt: Runtime, inbound: Inbound) -> Result:
+    """Run every step for one claimed inbound row, in one transaction."""
+    raw = rt.blobs.get(inbound.raw_sha256)
+    with session_scope(rt.engine) as session:
+        ctx = Context(rt=rt, session=session, inbound=inbound, raw=raw, now=utcnow())
+        reason = ""
+        try:
+            for _name, step in STEPS:
+                step(ctx)
+        except Stop as stop:
+            ctx.hit("stop", True, stop.reason)
+            ctx.outcome, reason = stop.outcome, stop.reason
+        number = ctx.ticket.number if ctx.ticket is not None else None
+        msg = ctx.parsed
+        spool.finish(
+            session, inbound, outcome=ctx.outcome, ticket_number=number,
+            rule_hits=json.dumps(ctx.hits), spam_score=ctx.spam_score, body_hash=ctx.body_hash,
+            message_id_header=msg.message_id if msg else None,
+            subject=msg.subject[:1000] if msg else None, from_addr=ctx.sender or None,
+        )
+    log.info("%s: inbound %s -> %s%s", (msg.message_id if msg else None) or "<no id>", inbound.id,
+             ctx.outcome, f" #{number}" if number else "")
+    return Result(inbound.id or 0, ctx.outcome, number, reason)
+
+
+def run_one(rt: Runtime, worker: str, *, only_id: int | None = None) -> Result | None:
+    """Claim and process one inbound message. Never raises for a bad message."""
+    max_attempts = rt.settings.helpdesk.max_attempts
+    inbound = spool.claim(rt.engine, worker, max_attempts=max_attempts, only_id=only_id)
+    if inbound is None:
+        return None
+    assert inbound.id is not None
+    try:
+        return process_claimed(rt, inbound)
+    except UnusableMessage as exc:
+        spool.fail(rt.engine, inbound.id, f"unusable message: {exc}", max_attempts=max_attempts,
+                   permanent=True)
+        log.error("inbound %s: dead letter: unusable message: %s", inbound.id, exc)
+        return Result(inbound.id, "dead", reason=f"unusable message: {exc}")
+    except Exception as exc:
+        dead = spool.fail(rt.engine, inbound.id, traceback.format_exc(), max_attempts=max_attempts)
+        log.exception("inbound %s: processing failed (%s)", inbound.id,
+                      "dead letter" if dead else "will retry")
+        return Result(inbound.id, "dead" if dead else "retry", reason=f"{type(exc).__name__}: {exc}")

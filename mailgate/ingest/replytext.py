@@ -1,0 +1,202 @@
+"""The new words of a reply: quoted history, quote headers and signatures removed.
+
+mail-parser-reply finds the quote headers of the languages it knows (its HEADER_REGEX);
+our own markers add Finnish, Russian, forwarded-message banners, mobile footers and
+the '>' quoting it leaves alone. We work line by line on the original text so that
+indentation and the agent's '#commands' survive exactly as written.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from functools import lru_cache
+
+from mailparser_reply.constants import MAIL_LANGUAGES
+from mailparser_reply.parser import EmailMessage
+
+__all__ = ["visible_reply_text"]
+
+# Header detection only needs the start of a line; capping the length keeps the
+# library's nested lazy patterns from going quadratic on one huge hostile line.
+_MAX_SCAN_LINE = 400
+
+_SEPARATOR_RE = re.compile(
+    r"^\s*-{2,}\s*(?:original message|ursprüngliche nachricht|alkuperäinen viesti"
+    r"|исходное сообщение|message d'origine|forwarded message|weitergeleitete nachricht"
+    r"|välitetty viesti|пересылаемое сообщение|переадресованное сообщение)\s*-{2,}\s*$",
+    re.IGNORECASE,
+)
+_FORWARD_BANNER_RE = re.compile(
+    r"^\s*(?:begin forwarded message|anfang der weitergeleiteten nachricht"
+    r"|välitetty viesti alkaa|начало переадресованного сообщения"
+    r"|début du message réexpédié)\s*:\s*$",
+    re.IGNORECASE,
+)
+# "On ... wrote:", "Am ... schrieb ...:", "... kirjoitti:", "... написал(а):" and the
+# Thunderbird forms ("X wrote:", "X пишет:"); also matched on two joined lines, as Gmail
+# wraps long ones.
+_WROTE_RE = re.compile(
+    r"^\s*(?:"
+    r"on\b.{1,300}\bwrote\s*:"
+    r"|.{1,300}\bwrote\s*:"
+    r"|am\b.{1,300}\bschrieb\b.{0,200}:"
+    r"|.{1,300}\bschrieb\s*:"
+    r"|.{1,300}\bkirjoitti\b.{0,200}:"
+    r"|.{1,300}(?:написал\(а\)|написала|написал|пишет)\s*:"
+    r"|le\b.{1,300}\ba écrit\s*:"
+    r")\s*$",
+    re.IGNORECASE,
+)
+# Cheap keyword test so the backtracking pattern above only runs on candidate lines.
+_WROTE_HINTS = ("wrote", "schrieb", "kirjoitti", "написал", "пишет", "a écrit")
+
+
+def _has_wrote_hint(line: str) -> bool:
+    lowered = line.lower()
+    return any(hint in lowered for hint in _WROTE_HINTS)
+
+
+_OUTLOOK_FROM_RE = re.compile(r"^\s*\*?(?:from|von|lähettäjä|от|de)\*?\s*:\s*\S", re.IGNORECASE)
+_OUTLOOK_FIELD_RE = re.compile(
+    r"^\s*\*?(?:sent|date|to|subject|cc|gesendet|datum|an|betreff|lähetetty|päivämäärä"
+    r"|vastaanottaja|aihe|отправлено|дата|кому|тема|копия|envoyé|à|objet)\*?\s*:",
+    re.IGNORECASE,
+)
+_UNDERSCORE_RE = re.compile(r"^\s*_{10,}\s*$")
+_QUOTED_RE = re.compile(r"^\s*>")
+_SIG_DASH_RE = re.compile(r"^-- ?$")
+_MOBILE_FOOTER_RE = re.compile(
+    r"^\s*(?:"
+    r"sent from my [\w\- ]{1,40}|sent from (?:outlook|mail) for [\w ]{1,20}"
+    r"|get outlook for (?:ios|android)"
+    r"|von meinem [\w\- ]{1,40} gesendet|gesendet von meinem [\w\- ]{1,40}"
+    r"|gesendet von outlook für (?:ios|android)|outlook für (?:ios|android) herunterladen"
+    r"|lähetetty (?:\w+ ){0,3}\w+(?:sta|stä)(?: \(\w+\))?"
+    r"|отправлено с (?:моего )?[\w\- ]{1,40}|отправлено из [\w\-. ]{1,40}"
+    r")\s*[.!]?\s*$",
+    re.IGNORECASE,
+)
+
+
+@lru_cache(maxsize=16)
+def _library_header_regex(languages: tuple[str, ...]) -> re.Pattern[str]:
+    known = [lang for lang in languages if lang in MAIL_LANGUAGES] or ["en"]
+    # EmailMessage compiles the header regex for its languages; we reuse it on our
+    # own line-preserving view of the text instead of its stripped copy.
+    return EmailMessage(text="", languages=list(known)).HEADER_REGEX
+
+
+def _library_cut(lines: list[str], start: int, languages: tuple[str, ...]) -> int | None:
+    view = "\n".join(line.strip()[:_MAX_SCAN_LINE] for line in lines)
+    offset = sum(len(line.strip()[:_MAX_SCAN_LINE]) + 1 for line in lines[:start])
+    match = _library_header_regex(languages).search(view, offset)
+    if match is None:
+        return None
+    position = match.start()
+    # The Outlook pattern may start on the newline before its first field.
+    while position < len(view) and view[position] == "\n":
+        position += 1
+    return view.count("\n", 0, position)
+
+
+def _is_outlook_block(lines: list[str], index: int) -> bool:
+    if not _OUTLOOK_FROM_RE.match(lines[index]):
+        return False
+    fields = sum(1 for line in lines[index + 1 : index + 6] if _OUTLOOK_FIELD_RE.match(line))
+    return fields >= 2
+
+
+def _next_nonblank(lines: list[str], index: int) -> int | None:
+    for j in range(index, min(index + 3, len(lines))):
+        if lines[j].strip():
+            return j
+    return None
+
+
+def _introduces_quote(lines: list[str], index: int) -> bool:
+    j = _next_nonblank(lines, index + 1)
+    return j is not None and bool(_QUOTED_RE.match(lines[j]))
+
+
+def _classify(lines: list[str], index: int) -> tuple[str, int] | None:
+    """('hard', n): history starts here, drop the rest. ('soft', n): drop these n lines
+    only, because '>' quoting follows and interleaved answers below must survive."""
+    line = lines[index]
+    if len(line) > 2 * _MAX_SCAN_LINE:
+        return None
+    if _SEPARATOR_RE.match(line) or _FORWARD_BANNER_RE.match(line):
+        return ("hard", 1)
+    if _is_outlook_block(lines, index):
+        return ("hard", 1)
+    if _UNDERSCORE_RE.match(line):
+        j = _next_nonblank(lines, index + 1)
+        if j is not None and _is_outlook_block(lines, j):
+            return ("hard", 1)
+        return None
+    span = 0
+    nxt = lines[index + 1].strip() if index + 1 < len(lines) else ""
+    if _has_wrote_hint(line) and _WROTE_RE.match(line):
+        span = 1
+    elif (
+        nxt
+        and len(nxt) < _MAX_SCAN_LINE
+        and not line.rstrip().endswith(":")
+        and _has_wrote_hint(nxt)
+        and _WROTE_RE.match(line.rstrip() + " " + nxt)
+    ):
+        span = 2
+    if span:
+        return ("soft", span) if _introduces_quote(lines, index + span - 1) else ("hard", span)
+    # Any other "...:" line directly introducing a '>' quoted block is a quote header.
+    if line.rstrip().endswith(":") and _introduces_quote(lines, index):
+        return ("soft", 1)
+    return None
+
+
+def visible_reply_text(text: str, *, languages: Sequence[str] = ("en", "de", "fi", "ru")) -> str:
+    """The new text of a reply; never empty when ``text`` is not (falls back to it)."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+    # Agent #commands at the very top stay as written and are never scanned as markers.
+    head = 0
+    while head < len(lines) and (not lines[head].strip() or lines[head].lstrip().startswith("#")):
+        head += 1
+
+    cut = len(lines)
+    dropped: set[int] = set()
+    index = head
+    while index < len(lines):
+        verdict = _classify(lines, index)
+        if verdict is None:
+            index += 1
+            continue
+        kind, span = verdict
+        if kind == "hard":
+            cut = index
+            break
+        dropped.update(range(index, index + span))
+        index += span
+
+    library = _library_cut(lines, head, tuple(lang.lower() for lang in languages))
+    if library is not None and head <= library < cut and library not in dropped:
+        if _introduces_quote(lines, library):
+            dropped.add(library)
+        else:
+            cut = library
+
+    body: list[str] = []
+    for number in range(head, cut):
+        line = lines[number]
+        if _SIG_DASH_RE.match(line) or _MOBILE_FOOTER_RE.match(line):
+            break
+        if number in dropped or _QUOTED_RE.match(line):
+            continue
+        body.append(line.rstrip())
+
+    kept = "\n".join(lines[:head] + body).strip("\n")
+    # Collapse the blank runs left where quoted blocks were removed.
+    kept = re.sub(r"\n{3,}", "\n\n", kept).rstrip()
+    if not kept.strip():
+        return text.strip()
+    return kept

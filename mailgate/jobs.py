@@ -1,0 +1,90 @@
+"""Scheduled passes. Each takes a lease first, so with several daemon
+instances on one database a pass runs on one of them at a time."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import select
+
+from mailgate.runtime import Runtime
+from mailgate.store.engine import as_utc, session_scope, utcnow
+from mailgate.store.tables import Event, Inbound, Lease, Ticket
+
+log = logging.getLogger(__name__)
+
+
+def take_lease(rt: Runtime, name: str, holder: str, ttl: timedelta) -> bool:
+    """True if `holder` now holds the lease `name` (fresh, renewed, or taken over after expiry)."""
+    now = utcnow()
+    try:
+        with session_scope(rt.engine) as session:
+            lease = session.get(Lease, name, with_for_update=True)
+            if lease is None:
+                session.add(Lease(name=name, holder=holder, expires_at=now + ttl))
+                return True
+            if lease.holder != holder and as_utc(lease.expires_at) > now:
+                return False
+            lease.holder, lease.expires_at = holder, now + ttl
+            session.add(lease)
+            return True
+    except IntegrityError:  # another instance inserted it first
+        return False
+
+
+def purge_quarantine(rt: Runtime) -> int:
+    """Quarantined messages older than spam.retention_days are dropped from the listing."""
+    cutoff = utcnow() - timedelta(days=rt.settings.spam.retention_days)
+    with session_scope(rt.engine) as session:
+        result = session.exec(update(Inbound).where(  # type: ignore[call-overload]
+            Inbound.outcome == "quarantined", Inbound.received_at < cutoff).values(outcome="purged"))
+        return int(result.rowcount or 0)
+
+
+def auto_close_solved(rt: Runtime) -> int:
+    closed = next(s for s in rt.settings.helpdesk.statuses if s.kind == "closed")
+    cutoff = utcnow() - timedelta(days=rt.settings.sla.auto_close_solved_days)
+    n = 0
+    with session_scope(rt.engine) as session:
+        for ticket in session.exec(select(Ticket).where(
+                Ticket.status_kind == "solved", Ticket.solved_at < cutoff)).all():  # type: ignore[operator]
+            old = ticket.status
+            ticket.status, ticket.status_kind, ticket.closed_at = closed.name, "closed", utcnow()
+            session.add(ticket)
+            session.add(Event(ticket_id=ticket.number, created_at=utcnow(), actor="system",
+                              action="status", old=old, new=closed.name, detail="auto-close"))
+            n += 1
+    return n
+
+
+JOBS = (
+    ("purge-quarantine", purge_quarantine, timedelta(hours=1)),
+    ("auto-close", auto_close_solved, timedelta(minutes=15)),
+)
+
+
+def run_job(rt: Runtime, holder: str, name: str) -> None:
+    for job_name, func, every in JOBS:
+        if job_name != name:
+            continue
+        if not take_lease(rt, f"job:{name}", holder, every):
+            return
+        try:
+            n = func(rt)
+            if n:
+                log.info("job %s: %d", name, n)
+        except Exception:
+            log.exception("job %s failed", name)
+
+
+def start_scheduler(rt: Runtime, holder: str) -> AsyncIOScheduler:
+    scheduler = AsyncIOScheduler(timezone="UTC")
+    for name, _func, every in JOBS:
+        scheduler.add_job(run_job, "interval", args=(rt, holder, name), seconds=every.total_seconds(),
+                          id=name, max_instances=1, coalesce=True)
+    scheduler.start()
+    return scheduler

@@ -1,0 +1,727 @@
+"""IMAP poller: a mailbox as a queue, feeding spool.accept (DESIGN.md section 1).
+
+One ImapPoller per [[imap]] account, each its own asyncio task, so one failing
+mailbox never stops the others. A pass: SELECT, compare UIDVALIDITY with the
+stored one, UID SEARCH for UIDs above the stored last_uid, then per batch:
+UID FETCH (RFC822.SIZE) to leave oversize mail alone, UID FETCH BODY.PEEK[],
+spool.accept each message (committed), optionally run the ingest pipeline,
+then the after-action (MOVE / \\Seen / delete) and only then advance last_uid.
+
+Exactly once rests on three things: the spool is idempotent on
+source_key = imap:<account>:<uidvalidity>:<uid> (and, here, on the raw bytes'
+sha256 within the account, which covers a UIDVALIDITY rescan); the mailbox is
+only changed after the commit; last_uid only moves after the action. A crash
+anywhere re-fetches at most one batch, which the spool then recognises.
+
+Only UID commands are used: sequence numbers shift under concurrent expunges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import hashlib
+import logging
+import random
+import re
+import shlex
+import ssl
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import aioimaplib
+from sqlalchemy.engine import Engine
+from sqlmodel import select
+
+from mailgate import spool
+from mailgate.config import ImapAccount
+from mailgate.store.blobs import BlobStore
+from mailgate.store.engine import as_utc, iso, session_scope, utcnow
+from mailgate.store.tables import ImapState, Inbound
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# RFC 2177 lets servers drop an IDLE after 30 minutes; re-issue well before.
+IDLE_MAX_SECONDS = 25 * 60
+COMMAND_TIMEOUT = 60.0
+CREDENTIAL_COMMAND_TIMEOUT = 60.0
+
+_UIDVALIDITY_RE = re.compile(rb"\[UIDVALIDITY (\d+)\]")
+_FETCH_HEAD_RE = re.compile(rb"^\d+ FETCH \(")
+_UID_RE = re.compile(rb"\bUID (\d+)")
+_SIZE_RE = re.compile(rb"\bRFC822\.SIZE (\d+)")
+_LITERAL_RE = re.compile(rb"\{(\d+)\}$")
+
+
+class ImapError(Exception):
+    """A failure talking to the IMAP server; str() is one line for logs and health."""
+
+
+@dataclass(frozen=True)
+class _Item:
+    uid: int
+    action: str  # move | failed | seen | delete | none
+
+
+# ---------------------------------------------------------------- credentials
+
+
+def _run_credential_command(what: str, command: str) -> str:
+    """Run the operator's command (no shell) and return its stdout, stripped."""
+    try:
+        res = subprocess.run(shlex.split(command), capture_output=True, text=True,
+                             timeout=CREDENTIAL_COMMAND_TIMEOUT, check=False)
+    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        raise ImapError(f"{what} failed: {exc}") from None
+    if res.returncode != 0:
+        err = " ".join(res.stderr.split()) or f"exit status {res.returncode}"
+        raise ImapError(f"{what} failed: {err}")
+    value = res.stdout.strip()
+    if not value:
+        raise ImapError(f"{what} failed: it printed nothing")
+    return value
+
+
+def _quote(mailbox: str) -> str:
+    return '"' + mailbox.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def uid_set(uids: Iterable[int]) -> str:
+    """Compact UID set (1:3,7): keeps command lines short for big batches."""
+    ordered = sorted(set(uids))
+    parts: list[str] = []
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}:{ordered[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, ImapError):
+        return str(exc)
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _ssl_context(account: ImapAccount) -> ssl.SSLContext:
+    if account.ca_file:
+        return ssl.create_default_context(cafile=str(account.ca_file))
+    return ssl.create_default_context()
+
+
+# ------------------------------------------------------------------- session
+
+
+class _Session:
+    """One authenticated, selected IMAP connection."""
+
+    def __init__(self, account: ImapAccount, timeout: float = COMMAND_TIMEOUT) -> None:
+        self.account = account
+        self.timeout = timeout
+        self.lost = asyncio.Event()
+        self.client: aioimaplib.IMAP4 | None = None
+        self.uidvalidity = 0
+
+    @property
+    def c(self) -> aioimaplib.IMAP4:
+        assert self.client is not None
+        return self.client
+
+    def has(self, capability: str) -> bool:
+        return capability in self.c.protocol.capabilities
+
+    async def call(self, aw: Awaitable[T], timeout: float | None = None) -> T:
+        """Await an aioimaplib call, but give up at once when the connection drops.
+
+        aioimaplib leaves a pending command waiting forever (or until its own
+        timeout) when the server goes away; we want to reconnect promptly.
+        """
+        task = asyncio.ensure_future(aw)
+        lost = asyncio.ensure_future(self.lost.wait())
+        try:
+            done, _ = await asyncio.wait({task, lost}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            lost.cancel()
+        if task in done:
+            return task.result()
+        task.cancel()
+        if lost in done:
+            raise ImapError(f"connection to {self.account.host}:{self.account.port} lost")
+        raise ImapError("IMAP command timed out")
+
+    async def ok(self, aw: Awaitable[aioimaplib.Response], what: str) -> aioimaplib.Response:
+        resp = await self.call(aw)
+        if resp.result != "OK":
+            raise ImapError(f"{what} failed: {_text(resp)}")
+        return resp
+
+    async def open(self) -> None:
+        a = self.account
+        ctx = _ssl_context(a) if a.tls == "ssl" else None
+        # IMAP4 with an ssl_context rather than IMAP4_SSL: only the former passes conn_lost_cb.
+        self.client = aioimaplib.IMAP4(host=a.host, port=a.port, timeout=self.timeout,
+                                       conn_lost_cb=lambda _exc: self.lost.set(), ssl_context=ctx)
+        await self.call(self.c.wait_hello_from_server())
+        if a.tls == "starttls":
+            await self._starttls()
+        await self._authenticate()
+        # Dovecot and others change the capability list after login (MOVE, UIDPLUS, IDLE).
+        await self.call(self.c.protocol.capability(), timeout=self.timeout)
+
+    async def _starttls(self) -> None:
+        # aioimaplib 2.0 has no STARTTLS (iroco-co/aioimaplib#1): send the command,
+        # then upgrade the transport under the same protocol object.
+        if not self.has("STARTTLS"):
+            raise ImapError(f"{self.account.host} does not offer STARTTLS")
+        proto = self.c.protocol
+        resp = await self.call(proto.execute(aioimaplib.Command("STARTTLS", proto.new_tag(),
+                                                                loop=proto.loop)),
+                               timeout=self.timeout)
+        if resp.result != "OK":
+            raise ImapError(f"STARTTLS failed: {_text(resp)}")
+        loop = asyncio.get_running_loop()
+        transport = await asyncio.wait_for(
+            loop.start_tls(proto.transport, proto, _ssl_context(self.account),
+                           server_hostname=self.account.host),
+            self.timeout)
+        proto.transport = transport
+        # Capabilities announced before TLS must not be trusted (RFC 3501 6.2.1).
+        await self.call(proto.capability(), timeout=self.timeout)
+
+    async def _authenticate(self) -> None:
+        a = self.account
+        if a.oauth2_token_command:
+            token = await asyncio.to_thread(_run_credential_command, "oauth2_token_command",
+                                            a.oauth2_token_command)
+            resp = await self.call(self.c.xoauth2(a.username, token))  # type: ignore[arg-type]
+            if resp.result != "OK":
+                raise ImapError(f"XOAUTH2 login as {a.username} failed: {_text(resp)}")
+            return
+        if a.password_command:
+            password = await asyncio.to_thread(_run_credential_command, "password_command",
+                                               a.password_command)
+        else:
+            password = a.password or ""
+        resp = await self.call(self.c.login(a.username, password))
+        if resp.result != "OK":
+            raise ImapError(f"login as {a.username} failed: {_text(resp)}")
+
+    async def select(self, folder: str, *, readonly: bool = False) -> int:
+        if readonly:
+            # EXAMINE: the server guarantees no change at all, not even \Recent.
+            resp = await self.ok(self.c.examine(_quote(folder)), f"EXAMINE {folder}")
+            # aioimaplib only tracks SELECT; UID commands need the SELECTED state.
+            self.c.protocol.state = aioimaplib.SELECTED
+        else:
+            resp = await self.ok(self.c.select(_quote(folder)), f"SELECT {folder}")
+        for line in resp.lines:
+            m = _UIDVALIDITY_RE.search(bytes(line))
+            if m:
+                self.uidvalidity = int(m.group(1))
+                return self.uidvalidity
+        raise ImapError(f"SELECT {folder}: server sent no UIDVALIDITY")
+
+    async def create(self, folder: str) -> None:
+        resp = await self.call(self.c.create(_quote(folder)))
+        if resp.result != "OK" and b"ALREADYEXISTS" not in b" ".join(bytes(x) for x in resp.lines):
+            # Not every server says [ALREADYEXISTS]; the MOVE/COPY that follows tells the truth.
+            log.debug("CREATE %s: %s", folder, _text(resp))
+
+    async def search_new(self, last_uid: int) -> list[int]:
+        resp = await self.ok(self.c.uid_search("UID", f"{last_uid + 1}:*", charset=None),
+                             "UID SEARCH")
+        uids: list[int] = []
+        for line in resp.lines[:-1]:
+            uids += [int(x) for x in bytes(line).split() if x.isdigit()]
+        # "n:*" always matches the highest UID, even when it is <= last_uid.
+        return sorted(u for u in set(uids) if u > last_uid)
+
+    async def sizes(self, uids: Sequence[int]) -> dict[int, int]:
+        resp = await self.ok(self.c.uid("fetch", uid_set(uids), "(UID RFC822.SIZE)"),
+                             "UID FETCH RFC822.SIZE")
+        out: dict[int, int] = {}
+        for line in resp.lines:
+            if isinstance(line, bytes) and _FETCH_HEAD_RE.match(line):
+                u, s = _UID_RE.search(line), _SIZE_RE.search(line)
+                if u and s:
+                    out[int(u.group(1))] = int(s.group(1))
+        return out
+
+    async def bodies(self, uids: Sequence[int]) -> dict[int, bytes]:
+        resp = await self.ok(self.c.uid("fetch", uid_set(uids), "(UID BODY.PEEK[])"),
+                             "UID FETCH BODY.PEEK[]")
+        return parse_bodies(resp.lines)
+
+    async def act(self, items: Sequence[_Item]) -> None:
+        a = self.account
+        groups: dict[str, list[int]] = {}
+        for it in items:
+            groups.setdefault(it.action, []).append(it.uid)
+        for action, uids in groups.items():
+            if action == "move":
+                await self.move(uids, a.move_to)
+            elif action == "failed":
+                await self.move(uids, a.failed_folder)
+            elif action == "seen":
+                await self.ok(self.c.uid("store", uid_set(uids), "+FLAGS.SILENT", r"(\Seen)"),
+                              "UID STORE \\Seen")
+            elif action == "delete":
+                await self.delete(uids)
+
+    async def move(self, uids: Sequence[int], folder: str) -> None:
+        for attempt in (1, 2):
+            if self.has("MOVE"):
+                resp = await self.call(self.c.uid("move", uid_set(uids), _quote(folder)))
+            else:
+                resp = await self.call(self.c.uid("copy", uid_set(uids), _quote(folder)))
+                if resp.result == "OK":
+                    await self.delete(uids)
+            if resp.result == "OK":
+                return
+            if attempt == 1 and b"TRYCREATE" in b" ".join(bytes(x) for x in resp.lines):
+                await self.create(folder)
+                continue
+            raise ImapError(f"moving UIDs {uid_set(uids)} to {folder} failed: {_text(resp)}")
+
+    async def delete(self, uids: Sequence[int]) -> None:
+        await self.ok(self.c.uid("store", uid_set(uids), "+FLAGS.SILENT", r"(\Deleted)"),
+                      "UID STORE \\Deleted")
+        if self.has("UIDPLUS"):
+            await self.ok(self.c.uid("expunge", uid_set(uids)), "UID EXPUNGE")
+        else:
+            # Without UIDPLUS a plain EXPUNGE would also remove messages someone
+            # else flagged \Deleted; leave ours flagged, the server's cleanup or
+            # the next client with EXPUNGE removes them. They are above last_uid
+            # no more, so they are not fetched again.
+            log.info("%s: server lacks UIDPLUS; messages left flagged \\Deleted", self.account.name)
+
+    async def wait_for_news(self, stop: asyncio.Event, seconds: float) -> None:
+        """IDLE until the server pushes something, stop is set, or `seconds` pass."""
+        use_idle = self.account.idle and self.has("IDLE")
+        waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(stop.wait()),
+                                             asyncio.ensure_future(self.lost.wait())}
+        idle: asyncio.Future[Any] | None = None
+        push: asyncio.Future[Any] | None = None
+        if use_idle:
+            queue = self.c.protocol.idle_queue
+            while not queue.empty():  # pushes from an earlier IDLE were handled by the last pass
+                queue.get_nowait()
+            # Our own timeout below governs; the library's must not fire first.
+            idle = await self.call(self.c.idle_start(timeout=IDLE_MAX_SECONDS + 60),
+                                   timeout=self.timeout)
+            push = asyncio.ensure_future(self.c.wait_server_push(timeout=IDLE_MAX_SECONDS + 60))
+            waiters.add(push)
+        try:
+            done, _ = await asyncio.wait(waiters, timeout=seconds,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        if self.lost.is_set():
+            raise ImapError(f"connection to {self.account.host}:{self.account.port} lost")
+        if push is not None and push in done and not push.cancelled() and push.exception() is None:
+            lines = push.result()
+            if any(bytes(x).startswith(b"BYE") for x in lines if isinstance(x, bytes | bytearray)):
+                said = b" ".join(bytes(x) for x in lines).decode(errors="replace")
+                raise ImapError(f"server closed the connection: {said}")
+        if idle is not None:
+            self.c.idle_done()
+            resp = await self.call(asyncio.wait_for(idle, self.timeout))
+            if resp.result != "OK":
+                raise ImapError(f"IDLE failed: {_text(resp)}")
+
+    async def close(self) -> None:
+        if self.client is None:
+            return
+        try:
+            if not self.lost.is_set():
+                await self.call(self.c.logout(), timeout=5)
+        except Exception:  # noqa: BLE001 - the connection is being thrown away anyway
+            pass
+        finally:
+            transport = self.c.protocol.transport
+            if transport is not None:
+                transport.close()
+
+
+def _text(resp: aioimaplib.Response) -> str:
+    last = resp.lines[-1] if resp.lines else b""
+    return f"{resp.result} {bytes(last).decode(errors='replace')}".strip()
+
+
+def parse_bodies(lines: Sequence[bytes | bytearray]) -> dict[int, bytes]:
+    """Pick (UID, literal) pairs out of an aioimaplib UID FETCH ... BODY[] response.
+
+    aioimaplib gives: b'n FETCH (UID u BODY[] {size}', bytearray(literal), b')' per
+    message. The UID may also come after the literal (b' UID u)'), and unsolicited
+    FETCH lines (flag changes) may be mixed in.
+    """
+    out: dict[int, bytes] = {}
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if isinstance(line, bytes) and _FETCH_HEAD_RE.match(line) and _LITERAL_RE.search(line) \
+                and i + 1 < len(lines) and isinstance(lines[i + 1], bytearray):
+            m = _UID_RE.search(line)
+            tail = lines[i + 2] if i + 2 < len(lines) else b""
+            if m is None and isinstance(tail, bytes):
+                m = _UID_RE.search(tail)
+            if m is not None:
+                out[int(m.group(1))] = bytes(lines[i + 1])
+            i += 2
+            continue
+        i += 1
+    return out
+
+
+# -------------------------------------------------------------------- poller
+
+
+class ImapPoller:
+    """Moves the mail of one IMAP mailbox into the spool, exactly once."""
+
+    def __init__(self, account: ImapAccount, engine: Engine, blobs: BlobStore, *,
+                 process: Callable[[int], Awaitable[str]] | None = None,
+                 on_health: Callable[[str, dict[str, Any]], None] | None = None,
+                 backoff_initial: float = 1.0, backoff_max: float = 300.0) -> None:
+        self.account = account
+        self.engine = engine
+        self.blobs = blobs
+        self.process = process
+        self.on_health = on_health
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self._key_prefix = f"imap:{account.name}:"
+        self._last_ok_mono = time.monotonic()  # outage clock starts when the poller does
+        self._warned_at: float | None = None
+        if account.tls == "none" and account.host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("imap %s: tls = \"none\" sends the password in clear to %s",
+                        account.name, account.host)
+
+    # -- public ---------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll until stop is set. Never raises, except CancelledError."""
+        delay = self.backoff_initial
+        while not stop.is_set():
+            session = _Session(self.account)
+            try:
+                await session.open()
+                await self._prepare(session)
+                while not stop.is_set():
+                    await self._drain(session, stop)
+                    await self._ok()
+                    delay = self.backoff_initial
+                    if stop.is_set():
+                        break
+                    await session.wait_for_news(stop, min(self.account.poll_seconds,
+                                                          IDLE_MAX_SECONDS))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a poller must outlive any failure
+                await self._failed(exc)
+            finally:
+                await asyncio.shield(session.close())
+            if stop.is_set():
+                break
+            # Jitter spreads reconnects of many pollers after a shared outage.
+            sleep = delay * random.uniform(0.5, 1.0)
+            delay = min(delay * 2, self.backoff_max)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), sleep)
+
+    async def poll_once(self) -> int:
+        """One connect-fetch-accept-act pass. Returns how many new messages were accepted.
+
+        Raises ImapError/SpoolError/OSError after recording the error in health.
+        """
+        session = _Session(self.account)
+        try:
+            await session.open()
+            await self._prepare(session)
+            accepted = await self._drain(session, None)
+            await self._ok()
+            return accepted
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._failed(exc)
+            raise
+        finally:
+            await asyncio.shield(session.close())
+
+    # -- one pass -----------------------------------------------------------
+    async def _prepare(self, session: _Session) -> None:
+        a = self.account
+        if not a.shadow:
+            # Create targets up front so a missing folder is an error at connect
+            # time, not after messages were accepted.
+            folders = {a.failed_folder} | ({a.move_to} if a.after == "move" else set())
+            for folder in sorted(folders):
+                await session.create(folder)
+        uidvalidity = await session.select(a.folder, readonly=a.shadow)
+        await asyncio.to_thread(self._check_uidvalidity, uidvalidity)
+
+    async def _drain(self, session: _Session, stop: asyncio.Event | None) -> int:
+        accepted = 0
+        while True:
+            _, last_uid = await asyncio.to_thread(self._position)
+            uids = await session.search_new(last_uid)
+            if not uids:
+                return accepted
+            for start in range(0, len(uids), self.account.batch_size):
+                accepted += await self._batch(session, uids[start:start + self.account.batch_size])
+                if stop is not None and stop.is_set():
+                    return accepted
+
+    async def _batch(self, session: _Session, uids: list[int]) -> int:
+        a = self.account
+        uv = session.uidvalidity
+        sizes = await session.sizes(uids)
+        fetchable = [u for u in uids if u in sizes and sizes[u] <= a.max_message_bytes]
+        for u in uids:
+            if u in sizes and sizes[u] > a.max_message_bytes:
+                await self._report_oversize(u, sizes[u])
+        bodies = await session.bodies(fetchable) if fetchable else {}
+        done: list[_Item] = []
+        position: int | None = None
+        accepted = 0
+        try:
+            for uid in uids:
+                raw = bodies.get(uid)
+                if raw is None:
+                    # Oversize (reported), or expunged by someone else meanwhile.
+                    position = uid
+                    continue
+                inbound_id, duplicate, outcome = await asyncio.to_thread(self._accept, uv, uid, raw)
+                accepted += 0 if duplicate else 1
+                if outcome is None and self.process is not None:
+                    outcome = await self._run_process(inbound_id)
+                done.append(_Item(uid, self._action_for(outcome)))
+                position = uid
+        except Exception:
+            # Act on what was committed before a later accept failed, so a spool
+            # outage never makes us fetch again what is already stored.
+            await self._finish_batch(session, uv, done, position)
+            raise
+        await self._finish_batch(session, uv, done, position)
+        return accepted
+
+    async def _finish_batch(self, session: _Session, uv: int, done: list[_Item],
+                            position: int | None) -> None:
+        if done and not self.account.shadow:
+            await session.act(done)
+        if position is not None:
+            await asyncio.to_thread(self._advance, uv, position)
+
+    def _action_for(self, outcome: str | None) -> str:
+        a = self.account
+        if a.shadow:
+            return "none"
+        if outcome == "dead":
+            return "failed"
+        return a.after
+
+    async def _run_process(self, inbound_id: int) -> str | None:
+        assert self.process is not None
+        try:
+            return await self.process(inbound_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001
+            # The message is safely spooled; the ingest worker retries it. Blocking
+            # the mailbox on it would stall every message behind it.
+            log.exception("imap %s: processing inbound %s failed; left to the worker",
+                          self.account.name, inbound_id)
+            return None
+
+    async def _report_oversize(self, uid: int, size: int) -> None:
+        a = self.account
+        msg = (f"message UID {uid} in {a.folder} is {size} bytes, over max_message_bytes "
+               f"({a.max_message_bytes}); left in place")
+        log.error("imap %s: %s", a.name, msg)
+        await asyncio.to_thread(self._record, None, msg)
+
+    # -- health -------------------------------------------------------------
+    async def _ok(self) -> None:
+        self._last_ok_mono = time.monotonic()
+        self._warned_at = None
+        health = await asyncio.to_thread(self._record, utcnow(), None)
+        self._emit(health)
+
+    async def _failed(self, exc: BaseException) -> None:
+        msg = _one_line(exc)
+        log.error("imap %s: %s", self.account.name, msg)
+        try:
+            health = await asyncio.to_thread(self._record, None, msg)
+        except Exception as db_exc:  # noqa: BLE001 - the database may be the thing that failed
+            log.error("imap %s: could not record health: %s", self.account.name, _one_line(db_exc))
+            health = {"name": self.account.name, "last_error": msg}
+        limit = self.account.unreachable_warning_minutes * 60
+        now = time.monotonic()
+        if now - self._last_ok_mono >= limit and (self._warned_at is None
+                                                  or now - self._warned_at >= limit):
+            self._warned_at = now
+            log.warning("imap %s: mailbox not reachable for %.0f minutes: %s",
+                        self.account.name, (now - self._last_ok_mono) / 60, msg)
+        self._emit(health)
+
+    def _emit(self, health: dict[str, Any]) -> None:
+        if self.on_health is not None:
+            try:
+                self.on_health(self.account.name, health)
+            except Exception:  # noqa: BLE001
+                log.exception("imap %s: on_health callback failed", self.account.name)
+
+    # -- database (sync, run in threads) ------------------------------------------
+    def _state(self, session: Any) -> ImapState:
+        row = session.exec(select(ImapState).where(ImapState.account == self.account.name)).first()
+        if row is None:
+            row = ImapState(account=self.account.name)
+            session.add(row)
+            session.flush()
+        return row
+
+    def _position(self) -> tuple[int | None, int]:
+        with session_scope(self.engine) as s:
+            row = self._state(s)
+            return row.uidvalidity, row.last_uid
+
+    def _check_uidvalidity(self, uidvalidity: int) -> None:
+        with session_scope(self.engine) as s:
+            row = self._state(s)
+            if row.uidvalidity == uidvalidity:
+                return
+            if row.uidvalidity is not None:
+                # The mailbox was recreated or restored: every UID may mean another
+                # message now. Rescan; _accept recognises mail it has seen by its bytes.
+                log.warning("imap %s: UIDVALIDITY changed %s -> %s; rescanning %s",
+                            self.account.name, row.uidvalidity, uidvalidity, self.account.folder)
+            row.uidvalidity = uidvalidity
+            row.last_uid = 0
+            s.add(row)
+
+    def _advance(self, uidvalidity: int, uid: int) -> None:
+        with session_scope(self.engine) as s:
+            row = self._state(s)
+            # Guards against a concurrent UIDVALIDITY reset or a slower twin poller.
+            if row.uidvalidity == uidvalidity and uid > row.last_uid:
+                row.last_uid = uid
+                s.add(row)
+
+    def _accept(self, uidvalidity: int, uid: int, raw: bytes) -> tuple[int, bool, str | None]:
+        """spool.accept, unless these exact bytes came from this account before.
+
+        Returns (inbound id, duplicate, outcome if it was already processed).
+        """
+        digest = hashlib.sha256(raw).hexdigest()
+        with session_scope(self.engine) as s:
+            prior = s.exec(select(Inbound).where(
+                Inbound.raw_sha256 == digest,
+                Inbound.source_key.startswith(self._key_prefix, autoescape=True),  # type: ignore[union-attr]
+            ).order_by(Inbound.id).limit(1)).first()  # type: ignore[arg-type]
+        if prior is None:
+            key = f"{self._key_prefix}{uidvalidity}:{uid}"
+            res = spool.accept(self.engine, self.blobs, raw, source="imap",
+                               queue=self.account.queue, source_key=key)
+            if not res.duplicate:
+                return res.inbound_id, False, None
+            with session_scope(self.engine) as s:
+                prior = s.get(Inbound, res.inbound_id)
+            assert prior is not None
+        assert prior.id is not None
+        if prior.state == "dead":
+            return prior.id, True, "dead"
+        if prior.state == "done":
+            return prior.id, True, prior.outcome or "done"
+        return prior.id, True, None
+
+    def _record(self, ok_at: datetime | None, error: str | None) -> dict[str, Any]:
+        with session_scope(self.engine) as s:
+            row = self._state(s)
+            if ok_at is not None:
+                row.last_ok_at = ok_at
+            if error is not None:
+                row.last_error = error[:2000]
+                row.last_error_at = utcnow()
+            s.add(row)
+            return _health_of(self.account, row, utcnow())
+
+
+# ------------------------------------------------------------------ doctor
+
+
+def _health_of(account: ImapAccount, row: ImapState | None, now: datetime) -> dict[str, Any]:
+    ok_at = as_utc(row.last_ok_at) if row and row.last_ok_at else None
+    err_at = as_utc(row.last_error_at) if row and row.last_error_at else None
+    error = row.last_error if row else None
+    limit = timedelta(minutes=account.unreachable_warning_minutes)
+    warning = None
+    if ok_at is None:
+        if error:
+            warning = f"imap {account.name}: never fetched successfully; last error: {error}"
+    elif now - ok_at > limit:
+        minutes = int((now - ok_at).total_seconds() // 60)
+        warning = (f"imap {account.name}: no successful fetch for {minutes} minutes"
+                   + (f"; last error: {error}" if error and err_at and err_at >= ok_at else ""))
+    return {
+        "name": account.name,
+        "host": account.host,
+        "folder": account.folder,
+        "queue": account.queue,
+        "shadow": account.shadow,
+        "uidvalidity": row.uidvalidity if row else None,
+        "last_uid": row.last_uid if row else 0,
+        "last_ok_at": iso(ok_at),
+        "last_error": error,
+        "last_error_at": iso(err_at),
+        "ok": ok_at is not None and (err_at is None or ok_at >= err_at),
+        "warning": warning,
+    }
+
+
+def imap_health(engine: Engine, accounts: Sequence[ImapAccount],
+                now: datetime) -> list[dict[str, Any]]:
+    """Per mailbox: position, last success, last error, and a warning if unreachable too long."""
+    with session_scope(engine) as s:
+        rows = {r.account: r for r in s.exec(select(ImapState)).all()}
+    return [_health_of(a, rows.get(a.name), as_utc(now)) for a in accounts]
+
+
+async def check_login_async(account: ImapAccount, timeout: float = 20.0) -> str:
+    session = _Session(account, timeout=timeout)
+    try:
+        await asyncio.wait_for(session.open(), timeout)
+        await asyncio.wait_for(session.select(account.folder), timeout)
+        return ""
+    except Exception as exc:  # noqa: BLE001 - doctor reports, never raises
+        return f"imap {account.name}: {_one_line(exc)}"
+    finally:
+        await session.close()
+
+
+def check_login(account: ImapAccount) -> str:
+    """For `mailgate doctor`: '' if login and SELECT work, else one error line."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(check_login_async(account))
+    # Called from inside a running loop: asyncio.run would refuse, use a thread.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, check_login_async(account)).result()
