@@ -168,10 +168,7 @@ def test_windows_1251_subject_and_body() -> None:
 
 
 def test_body_charset_lie_falls_back() -> None:
-    raw = (
-        b"From: a@b.example\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
-        b"caf\xc3\xa9 and na\xefve\r\n"
-    )
+    raw = b"From: a@b.example\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\ncaf\xc3\xa9 and na\xefve\r\n"
     msg = parse_message(raw)
     assert "caf" in msg.text
     assert any("charset" in d for d in msg.defects)
@@ -277,8 +274,7 @@ def tnef_mail(tnef: bytes) -> bytes:
 
     encoded = base64.encodebytes(tnef).decode("ascii")
     return mail(
-        "From: outlook@example.com\nSubject: TNEF\n"
-        'Content-Type: multipart/mixed; boundary="T"',
+        'From: outlook@example.com\nSubject: TNEF\nContent-Type: multipart/mixed; boundary="T"',
         "--T\nContent-Type: text/plain\n\nSee attachment.\n"
         '--T\nContent-Type: application/ms-tnef; name="winmail.dat"\n'
         'Content-Disposition: attachment; filename="winmail.dat"\n'
@@ -317,9 +313,7 @@ def test_archives_are_not_decompressed() -> None:
         mail(
             'From: a@b.example\nContent-Type: multipart/mixed; boundary="Z"',
             "--Z\nContent-Type: text/plain\n\nzip\n--Z\nContent-Type: application/zip; "
-            'name="a.zip"\nContent-Transfer-Encoding: base64\n\n'
-            + base64.encodebytes(data).decode()
-            + "--Z--\n",
+            'name="a.zip"\nContent-Transfer-Encoding: base64\n\n' + base64.encodebytes(data).decode() + "--Z--\n",
         )
     )
     assert [(a.filename, a.data) for a in msg.attachments] == [("a.zip", data)]

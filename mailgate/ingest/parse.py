@@ -634,7 +634,9 @@ def html_to_text(html: str) -> str:
         text = converter.handle(html)
     except Exception:  # noqa: BLE001 - third-party converter on hostile markup; fall back below
         text = nh3.clean(html, tags=set())
-    return text.strip()
+    # html2text marks line breaks with trailing double spaces (Markdown); plain text needs none.
+    text = "\n".join(line.rstrip() for line in text.splitlines())
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
 # --------------------------------------------------------------------------- the walk

@@ -1,0 +1,134 @@
+"""Tests for mailgate.ingest.replytext: the visible new text of replies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mailgate.ingest.parse import parse_message
+from mailgate.ingest.replytext import visible_reply_text
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        (
+            "reply_outlook_en.eml",
+            "Hi,\n\nthe printer works again after the restart.\n\nKind regards\nJohn Smith\nCorp Ltd.",
+        ),
+        (
+            "reply_outlook_de.eml",
+            "Hallo,\n\nder Drucker läuft wieder.\n\nMit freundlichen Grüßen\nMax Mustermann",
+        ),
+        ("reply_outlook_fi.eml", "Moi,\n\ntulostin toimii taas.\n\nTerveisin\nMatti"),
+        (
+            "reply_outlook_ru.eml",
+            "Добрый день,\n\nпринтер снова работает.\n\nС уважением,\nИван",
+        ),
+        ("reply_gmail_en.eml", "Thanks, that did it!"),
+        ("reply_gmail_fi.eml", "Kiitos, nyt toimii!"),
+        ("reply_gmail_html_de.eml", "Hat funktioniert, danke!"),
+        ("reply_apple_de.eml", "Danke, das hat geholfen."),
+        ("reply_apple_ru.eml", "Спасибо, помогло."),
+        ("reply_thunderbird_en.eml", "Yes, it is plugged in.\n\nNo, that was the problem. Thanks!"),
+        ("reply_thunderbird_ru.eml", "Всё заработало, спасибо."),
+    ],
+)
+def test_client_replies(name: str, expected: str) -> None:
+    msg = parse_message((FIXTURES / name).read_bytes())
+    visible = visible_reply_text(msg.text)
+    assert visible == expected
+    # The quoted notice carried '#status closed': it must never look like a new command.
+    assert "#status" not in visible
+
+
+def test_commands_at_top_are_kept_verbatim() -> None:
+    text = (
+        "#status  closed\n#assign me\n\nDone.\n\n-- \nAlice\n\n"
+        "From: Customer <c@example.org>\nSent: Tuesday\nTo: support@example.com\n"
+        "Subject: x\n\n#status open\n"
+    )
+    assert visible_reply_text(text) == "#status  closed\n#assign me\n\nDone."
+
+
+def test_only_quoted_text_falls_back_to_original() -> None:
+    text = "> just a quote\n> nothing new\n"
+    assert visible_reply_text(text) == text.strip()
+
+
+def test_empty_text() -> None:
+    assert visible_reply_text("") == ""
+    assert visible_reply_text("  \n ") == ""
+
+
+def test_interleaved_answers_survive() -> None:
+    text = "On Tue, 5 Mar 2024, Support wrote:\n> Is it plugged in?\nYes.\n> Is it switched on?\nNo, that was it."
+    assert visible_reply_text(text) == "Yes.\nNo, that was it."
+
+
+def test_ordinary_words_are_not_signatures() -> None:
+    text = "Thanks, that fixed it.\n- first point\n- second point\nBest,\nBob"
+    assert visible_reply_text(text) == text
+
+
+def test_indentation_is_preserved() -> None:
+    text = "Config:\n\n    [smtp]\n    port = 25\n\nOn Mon, X wrote:\n> old"
+    assert visible_reply_text(text) == "Config:\n\n    [smtp]\n    port = 25"
+
+
+@pytest.mark.parametrize(
+    "footer",
+    [
+        "Sent from my iPhone",
+        "Get Outlook for iOS",
+        "Von meinem iPhone gesendet",
+        "Lähetetty iPhonesta",
+        "Отправлено с iPhone",
+    ],
+)
+def test_mobile_footers(footer: str) -> None:
+    assert visible_reply_text(f"Works now.\n\n{footer}\n\n> old text") == "Works now."
+
+
+@pytest.mark.parametrize(
+    "separator",
+    [
+        "-----Original Message-----",
+        "-----Ursprüngliche Nachricht-----",
+        "---------- Forwarded message ---------",
+        "Begin forwarded message:",
+        "Anfang der weitergeleiteten Nachricht:",
+    ],
+)
+def test_separators(separator: str) -> None:
+    text = f"New text.\n\n{separator}\nFrom: a@b.example\nSubject: old\n\nold body"
+    assert visible_reply_text(text) == "New text."
+
+
+def test_german_outlook_header_block_without_separator() -> None:
+    text = (
+        "Erledigt.\n\nVon: Support <support@example.com>\nGesendet: Dienstag, 5. März 2024\n"
+        "An: Max\nBetreff: Drucker\n\nalter Text"
+    )
+    assert visible_reply_text(text) == "Erledigt."
+
+
+def test_wrapped_gmail_header() -> None:
+    text = "Fine.\n\nOn Tue, Mar 5, 2024 at 10:12 AM Someone With A Long Name <\nsomeone@example.com> wrote:\n\n> old"
+    assert visible_reply_text(text) == "Fine."
+
+
+def test_crlf_input() -> None:
+    assert visible_reply_text("Yes.\r\n\r\nOn Mon, X wrote:\r\n> q\r\n") == "Yes."
+
+
+def test_huge_hostile_line_is_fast() -> None:
+    import time
+
+    text = "On " + "x " * 200_000 + "\n> q"
+    start = time.perf_counter()
+    visible_reply_text(text)
+    assert time.perf_counter() - start < 1.0
