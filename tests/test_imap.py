@@ -1,0 +1,489 @@
+"""IMAP poller against a real Dovecot (tests/imapserver.py); no mock servers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from sqlalchemy.engine import Engine
+from sqlmodel import select
+
+from mailgate.config import ImapAccount
+from mailgate.store.blobs import BlobStore
+from mailgate.store.engine import make_engine, session_scope, utcnow
+from mailgate.store.migrate import upgrade
+from mailgate.store.tables import ImapState, Inbound
+from mailgate.transport.imap import (
+    ImapError,
+    ImapPoller,
+    check_login,
+    imap_health,
+    parse_bodies,
+    uid_set,
+)
+
+if TYPE_CHECKING:
+    from tests.imapserver import Dovecot
+
+# Fixtures dovecot and imap_user; harmless if tests/conftest.py registers it too.
+# Under bare `pytest` (rootdir not on sys.path, no tests/__init__.py) the module
+# is only importable by its short name.
+try:
+    import tests.imapserver  # noqa: F401
+    pytest_plugins = ["tests.imapserver"]
+except ModuleNotFoundError:
+    pytest_plugins = ["imapserver"]
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[1]
+POISON = b"X-Test-Poison: yes"
+
+
+def message(i: int, *, poison: bool = False, pad: int = 0, tag: str = "t") -> bytes:
+    headers = [f"From: customer{i}@example.org", "To: support@example.com",
+               f"Subject: help request {tag}{i}", f"Message-ID: <{tag}{i}.{time.time_ns()}@example.org>",
+               "Date: Mon, 01 Jan 2024 10:00:00 +0000"]
+    if poison:
+        headers.append(POISON.decode())
+    body = f"Please help with problem {tag}{i}.\r\n" + ("x" * 76 + "\r\n") * (pad // 78)
+    return ("\r\n".join(headers) + "\r\n\r\n" + body).encode()
+
+
+class Pipeline:
+    """Stands in for the ingest pipeline: 'dead' for poison mail, else 'ticket'."""
+
+    def __init__(self, engine: Engine, blobs: BlobStore) -> None:
+        self.engine, self.blobs = engine, blobs
+        self.calls: list[int] = []
+
+    async def __call__(self, inbound_id: int) -> str:
+        self.calls.append(inbound_id)
+        with session_scope(self.engine) as s:
+            row = s.get(Inbound, inbound_id)
+            assert row is not None
+            outcome = "dead" if POISON in self.blobs.get(row.raw_sha256) else "ticket"
+            row.state, row.outcome = ("dead" if outcome == "dead" else "done"), outcome
+            s.add(row)
+        return outcome
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Engine:
+    eng = make_engine("sqlite:///" + str(tmp_path / "mailgate.db"))
+    upgrade(eng)
+    return eng
+
+
+@pytest.fixture
+def blobs(tmp_path: Path) -> BlobStore:
+    return BlobStore(tmp_path / "raw")
+
+
+@pytest.fixture
+def pipeline(engine: Engine, blobs: BlobStore) -> Pipeline:
+    return Pipeline(engine, blobs)
+
+
+def rows(engine: Engine) -> list[Inbound]:
+    with session_scope(engine) as s:
+        return list(s.exec(select(Inbound).order_by(Inbound.id)).all())  # type: ignore[arg-type]
+
+
+def state(engine: Engine, name: str) -> ImapState:
+    with session_scope(engine) as s:
+        row = s.exec(select(ImapState).where(ImapState.account == name)).first()
+        assert row is not None
+        return row
+
+
+async def wait_until(cond: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+# --------------------------------------------------------------- unit-level
+
+
+def test_uid_set_compacts_runs() -> None:
+    assert uid_set([5, 1, 2, 3, 9, 10, 7]) == "1:3,5,7,9:10"
+    assert uid_set([4]) == "4"
+
+
+def test_parse_bodies_handles_uid_after_literal_and_unsolicited_fetch() -> None:
+    lines: list[bytes | bytearray] = [
+        b"1 FETCH (FLAGS (\\Seen))",
+        b"2 FETCH (UID 7 BODY[] {3}", bytearray(b"abc"), b")",
+        b"3 FETCH (BODY[] {2}", bytearray(b"de"), b" UID 9)",
+        b"Fetch completed.",
+    ]
+    assert parse_bodies(lines) == {7: b"abc", 9: b"de"}
+
+
+# ------------------------------------------------------------ against Dovecot
+
+
+def test_n_messages_become_n_rows_and_are_moved(dovecot: Dovecot, imap_user: str, engine: Engine,
+                                                blobs: BlobStore, pipeline: Pipeline) -> None:
+    n = 23
+    for i in range(n):
+        dovecot.append(imap_user, message(i))
+    account = dovecot.account(imap_user, batch_size=5)
+    poller = ImapPoller(account, engine, blobs, process=pipeline)
+
+    assert asyncio.run(poller.poll_once()) == n
+    got = rows(engine)
+    assert len(got) == n
+    assert len({r.source_key for r in got}) == n
+    assert {r.queue for r in got} == {"support@example.com"}
+    assert {r.source for r in got} == {"imap"}
+    assert len(pipeline.calls) == n
+    assert dovecot.count(imap_user, "INBOX") == 0
+    assert dovecot.count(imap_user, "Processed") == n
+    assert state(engine, imap_user).last_uid == n
+
+    assert asyncio.run(poller.poll_once()) == 0
+    assert len(rows(engine)) == n
+    assert len(pipeline.calls) == n
+
+
+def test_without_process_callback_still_moves(dovecot: Dovecot, imap_user: str, engine: Engine,
+                                              blobs: BlobStore) -> None:
+    for i in range(3):
+        dovecot.append(imap_user, message(i))
+    poller = ImapPoller(dovecot.account(imap_user, move_to="Done Mail"), engine, blobs)
+    assert asyncio.run(poller.poll_once()) == 3
+    assert dovecot.count(imap_user, "Done Mail") == 3
+    assert {r.state for r in rows(engine)} == {"queued"}
+
+
+def test_message_appended_while_idle_is_picked_up(dovecot: Dovecot, imap_user: str,
+                                                  engine: Engine, blobs: BlobStore,
+                                                  pipeline: Pipeline) -> None:
+    # poll_seconds is far above the wait below: only IDLE can deliver in time.
+    account = dovecot.account(imap_user, poll_seconds=120.0)
+    health: list[dict[str, Any]] = []
+    poller = ImapPoller(account, engine, blobs, process=pipeline,
+                        on_health=lambda _name, h: health.append(h))
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(poller.run(stop))
+        await wait_until(lambda: any(h["ok"] for h in health), what="first pass")
+        await asyncio.sleep(0.3)  # let it enter IDLE
+        dovecot.append(imap_user, message(1))
+        await wait_until(lambda: len(rows(engine)) == 1, timeout=10, what="IDLE pickup")
+        await wait_until(lambda: dovecot.count(imap_user, "Processed") == 1, what="move")
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+    asyncio.run(scenario())
+    assert len(rows(engine)) == 1
+    assert pipeline.calls == [rows(engine)[0].id]
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import asyncio, os, signal, sys
+    from pathlib import Path
+    from mailgate.config import ImapAccount
+    from mailgate.store.blobs import BlobStore
+    from mailgate.store.engine import make_engine
+    from mailgate.transport.imap import ImapPoller
+    db, raw, host, port, user, kill_after = sys.argv[1:7]
+    engine = make_engine("sqlite:///" + db)
+    calls = 0
+    async def process(inbound_id):
+        global calls
+        calls += 1
+        if calls == int(kill_after):
+            os.kill(os.getpid(), signal.SIGKILL)  # after the commit, before the move
+        return "ticket"
+    account = ImapAccount(name=user, host=host, port=int(port), tls="none", username=user,
+                          password="secret", queue="support@example.com", batch_size=4)
+    asyncio.run(ImapPoller(account, engine, BlobStore(Path(raw)), process=process).poll_once())
+""")
+
+
+def test_kill_9_mid_batch_then_restart_gives_exactly_n(dovecot: Dovecot, imap_user: str,
+                                                       engine: Engine, blobs: BlobStore,
+                                                       tmp_path: Path, pipeline: Pipeline) -> None:
+    n, kill_after = 10, 6  # batches of 4: one batch moved, the second dies on its 2nd message
+    for i in range(n):
+        dovecot.append(imap_user, message(i))
+    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(tmp_path / "mailgate.db"),
+                           str(tmp_path / "raw"), dovecot.host, str(dovecot.port), imap_user,
+                           str(kill_after)], cwd=REPO, capture_output=True, timeout=60)
+    assert proc.returncode == -9, proc.stderr.decode()
+    assert len(rows(engine)) == kill_after
+    assert dovecot.count(imap_user, "Processed") == 4
+    assert dovecot.count(imap_user, "INBOX") == n - 4
+
+    account = dovecot.account(imap_user, batch_size=4)
+    accepted = asyncio.run(ImapPoller(account, engine, blobs, process=pipeline).poll_once())
+    assert accepted == n - kill_after
+    assert len(rows(engine)) == n
+    assert len({r.source_key for r in rows(engine)}) == n
+    assert dovecot.count(imap_user, "INBOX") == 0
+    assert dovecot.count(imap_user, "Processed") == n
+
+
+def test_cancel_mid_batch_then_new_poller_gives_exactly_n(dovecot: Dovecot, imap_user: str,
+                                                          engine: Engine, blobs: BlobStore) -> None:
+    n = 8
+    for i in range(n):
+        dovecot.append(imap_user, message(i))
+    account = dovecot.account(imap_user, batch_size=8)
+
+    async def scenario() -> None:
+        seen = 0
+        started = asyncio.Event()
+
+        async def slow(_inbound_id: int) -> str:
+            nonlocal seen
+            seen += 1
+            if seen == 3:
+                started.set()
+                await asyncio.sleep(60)
+            return "ticket"
+
+        task = asyncio.create_task(ImapPoller(account, engine, blobs, process=slow)
+                                   .run(asyncio.Event()))
+        await asyncio.wait_for(started.wait(), 15)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert len(rows(engine)) == 3
+        assert await ImapPoller(account, engine, blobs).poll_once() == n - 3
+
+    asyncio.run(scenario())
+    assert len(rows(engine)) == n
+    assert dovecot.count(imap_user, "Processed") == n
+
+
+def test_reconnects_after_dovecot_restart(dovecot: Dovecot, imap_user: str, engine: Engine,
+                                          blobs: BlobStore, pipeline: Pipeline) -> None:
+    account = dovecot.account(imap_user, poll_seconds=2.0)
+    health: list[dict[str, Any]] = []
+    poller = ImapPoller(account, engine, blobs, process=pipeline, backoff_initial=0.2,
+                        backoff_max=1.0, on_health=lambda _n, h: health.append(h))
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(poller.run(stop))
+        for i in range(3):
+            dovecot.append(imap_user, message(i))
+        await wait_until(lambda: len(rows(engine)) == 3, what="first messages")
+        await asyncio.to_thread(dovecot.stop)
+        await wait_until(lambda: any(not h["ok"] for h in health), what="error reported")
+        await asyncio.to_thread(dovecot.start)
+        for i in range(3, 5):
+            await asyncio.to_thread(dovecot.append, imap_user, message(i))
+        await wait_until(lambda: len(rows(engine)) == 5, what="messages after restart")
+        await wait_until(lambda: health[-1]["ok"], what="health ok again")
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        if not dovecot.running:
+            dovecot.start()
+    assert len(rows(engine)) == 5
+    assert dovecot.count(imap_user, "Processed") == 5
+    assert state(engine, imap_user).last_error  # the outage was recorded
+
+
+def test_uidvalidity_change_rescans_without_duplicates(dovecot: Dovecot, imap_user: str,
+                                                       engine: Engine, blobs: BlobStore,
+                                                       pipeline: Pipeline) -> None:
+    # after = seen keeps processed mail in INBOX, so a rescan really sees it again.
+    for i in range(4):
+        dovecot.append(imap_user, message(i))
+    account = dovecot.account(imap_user, after="seen")
+    poller = ImapPoller(account, engine, blobs, process=pipeline)
+    assert asyncio.run(poller.poll_once()) == 4
+    assert all("\\Seen" in f for f in dovecot.flags(imap_user).values())
+    old = state(engine, imap_user).uidvalidity
+
+    dovecot.set_uidvalidity(imap_user, 4242)
+    dovecot.append(imap_user, message(99))
+    assert asyncio.run(poller.poll_once()) == 1
+    assert len(rows(engine)) == 5
+    assert len(pipeline.calls) == 5
+    st = state(engine, imap_user)
+    assert (old, st.uidvalidity, st.last_uid) == (old, 4242, 5)
+    assert old != 4242
+    assert dovecot.count(imap_user) == 5
+    assert asyncio.run(poller.poll_once()) == 0
+
+
+def test_poison_message_goes_to_failed_and_is_not_fetched_again(
+        dovecot: Dovecot, imap_user: str, engine: Engine, blobs: BlobStore,
+        pipeline: Pipeline) -> None:
+    dovecot.append(imap_user, message(1))
+    dovecot.append(imap_user, message(2, poison=True))
+    dovecot.append(imap_user, message(3))
+    poller = ImapPoller(dovecot.account(imap_user), engine, blobs, process=pipeline)
+    assert asyncio.run(poller.poll_once()) == 3
+    assert dovecot.count(imap_user, "Failed") == 1
+    assert dovecot.count(imap_user, "Processed") == 2
+    assert dovecot.count(imap_user, "INBOX") == 0
+    assert asyncio.run(poller.poll_once()) == 0
+    assert len(pipeline.calls) == 3
+    assert [r.state for r in rows(engine)] == ["done", "dead", "done"]
+
+
+def test_two_mailboxes_feed_two_queues_and_a_broken_one_does_not_stop_them(
+        dovecot: Dovecot, engine: Engine, blobs: BlobStore, pipeline: Pipeline) -> None:
+    sales, billing = dovecot.new_user(), dovecot.new_user()
+    for i in range(3):
+        dovecot.append(sales, message(i, tag="s"))
+    for i in range(2):
+        dovecot.append(billing, message(i, tag="b"))
+    accounts = [dovecot.account(sales, queue="sales@example.com"),
+                dovecot.account(billing, queue="billing@example.com"),
+                dovecot.account(billing, name="broken", password="wrong")]
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(ImapPoller(a, engine, blobs, process=pipeline,
+                                                backoff_initial=0.2).run(stop))
+                 for a in accounts]
+        await wait_until(lambda: len(rows(engine)) == 5, what="both mailboxes")
+        await wait_until(lambda: _has_error(engine, "broken"), what="broken mailbox error")
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+    asyncio.run(scenario())
+    by_queue: dict[str, int] = {}
+    for r in rows(engine):
+        by_queue[r.queue or ""] = by_queue.get(r.queue or "", 0) + 1
+    assert by_queue == {"sales@example.com": 3, "billing@example.com": 2}
+    assert dovecot.count(sales, "Processed") == 3
+    assert dovecot.count(billing, "Processed") == 2
+    assert "login as" in (state(engine, "broken").last_error or "")
+
+
+def _has_error(engine: Engine, name: str) -> bool:
+    with session_scope(engine) as s:
+        row = s.exec(select(ImapState).where(ImapState.account == name)).first()
+        return row is not None and bool(row.last_error)
+
+
+@pytest.mark.parametrize("mode", ["starttls", "ssl"])
+def test_tls_logins(mode: str, dovecot: Dovecot, imap_user: str, engine: Engine,
+                    blobs: BlobStore) -> None:
+    port = dovecot.ssl_port if mode == "ssl" else dovecot.port
+    account = dovecot.account(imap_user, tls=mode, port=port)
+    assert check_login(account) == ""
+    dovecot.append(imap_user, message(1))
+    assert asyncio.run(ImapPoller(account, engine, blobs).poll_once()) == 1
+    assert dovecot.count(imap_user, "Processed") == 1
+
+    untrusted = dovecot.account(imap_user, tls=mode, port=port, ca_file=None)
+    assert "CERTIFICATE_VERIFY_FAILED" in check_login(untrusted)
+
+
+def test_check_login_reports_bad_password(dovecot: Dovecot, imap_user: str) -> None:
+    err = check_login(dovecot.account(imap_user, password="nope"))
+    assert err.startswith(f"imap {imap_user}: login as {imap_user} failed: NO")
+
+
+def test_oversize_message_left_in_place_and_reported_once(
+        dovecot: Dovecot, imap_user: str, engine: Engine, blobs: BlobStore,
+        caplog: pytest.LogCaptureFixture) -> None:
+    dovecot.append(imap_user, message(1))
+    big_uid = dovecot.append(imap_user, message(2, pad=6000))
+    dovecot.append(imap_user, message(3))
+    poller = ImapPoller(dovecot.account(imap_user, max_message_bytes=3000), engine, blobs)
+    with caplog.at_level(logging.ERROR, logger="mailgate.transport.imap"):
+        assert asyncio.run(poller.poll_once()) == 2
+        assert asyncio.run(poller.poll_once()) == 0
+    assert dovecot.uids(imap_user) == [big_uid]
+    assert dovecot.count(imap_user, "Processed") == 2
+    assert len(rows(engine)) == 2
+    assert f"UID {big_uid}" in (state(engine, imap_user).last_error or "")
+    reports = [r for r in caplog.records if "over max_message_bytes" in r.getMessage()]
+    assert len(reports) == 1
+    assert "\\Seen" not in dovecot.flags(imap_user)[big_uid]  # never fetched, not even partly
+
+
+def test_shadow_mode_leaves_mailbox_untouched(dovecot: Dovecot, imap_user: str, engine: Engine,
+                                              blobs: BlobStore, pipeline: Pipeline) -> None:
+    for i in range(3):
+        dovecot.append(imap_user, message(i))
+    before = dovecot.flags(imap_user)
+    poller = ImapPoller(dovecot.account(imap_user, shadow=True), engine, blobs, process=pipeline)
+    assert asyncio.run(poller.poll_once()) == 3
+    assert asyncio.run(poller.poll_once()) == 0
+    dovecot.append(imap_user, message(3))
+    assert asyncio.run(poller.poll_once()) == 1
+    assert len(rows(engine)) == 4
+    assert len(pipeline.calls) == 4
+    assert dovecot.count(imap_user) == 4
+    after = dovecot.flags(imap_user)
+    assert {u: after[u] for u in before} == before
+    assert dovecot.folders(imap_user) == ["INBOX"]
+
+
+def test_password_command_and_failing_oauth2_command(dovecot: Dovecot, imap_user: str,
+                                                     engine: Engine, blobs: BlobStore) -> None:
+    dovecot.append(imap_user, message(1))
+    ok = dovecot.account(imap_user, password=None, password_command="printf '%s\\n' secret")
+    assert asyncio.run(ImapPoller(ok, engine, blobs).poll_once()) == 1
+
+    bad = dovecot.account(imap_user, name="oauth", password=None,
+                          oauth2_token_command="sh -c 'echo refresh token expired >&2; exit 3'")
+    health: list[dict[str, Any]] = []
+    poller = ImapPoller(bad, engine, blobs, on_health=lambda _n, h: health.append(h))
+    with pytest.raises(ImapError, match="oauth2_token_command failed: refresh token expired"):
+        asyncio.run(poller.poll_once())
+    assert health[-1]["last_error"] == "oauth2_token_command failed: refresh token expired"
+    [report] = imap_health(engine, [bad], utcnow())
+    assert report["warning"] and "refresh token expired" in report["warning"]
+
+
+def test_imap_health_warns_when_unreachable_too_long(dovecot: Dovecot, imap_user: str,
+                                                     engine: Engine, blobs: BlobStore) -> None:
+    dovecot.append(imap_user, message(1))
+    account = dovecot.account(imap_user, unreachable_warning_minutes=30)
+    other = dovecot.account("never-polled")
+    asyncio.run(ImapPoller(account, engine, blobs).poll_once())
+    now = utcnow()
+    fresh, never = imap_health(engine, [account, other], now)
+    assert (fresh["ok"], fresh["warning"], fresh["last_uid"]) == (True, None, 1)
+    assert (never["ok"], never["warning"], never["last_ok_at"]) == (False, None, None)
+    [stale] = imap_health(engine, [account], now + timedelta(minutes=45))
+    assert stale["warning"] == f"imap {imap_user}: no successful fetch for 45 minutes"
+
+
+def test_unreachable_mailbox_logs_a_warning(engine: Engine, blobs: BlobStore,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    dead = ImapAccount(name="dead", host="127.0.0.1", port=1, tls="none", username="x",
+                       password="x", queue="support@example.com",
+                       unreachable_warning_minutes=0.0001)
+    poller = ImapPoller(dead, engine, blobs, backoff_initial=0.05, backoff_max=0.1)
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(poller.run(stop))
+        await wait_until(lambda: any(r.levelno == logging.WARNING for r in caplog.records),
+                         timeout=5, what="warning")
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+    with caplog.at_level(logging.WARNING, logger="mailgate.transport.imap"):
+        asyncio.run(scenario())
+    assert any("not reachable for" in r.getMessage() for r in caplog.records)
+    assert state(engine, "dead").last_ok_at is None
