@@ -414,6 +414,21 @@ def test_empty_or_headerless_input(raw: bytes) -> None:
         parse_message(raw)
 
 
+def test_stray_nul_in_header_is_repaired_not_refused() -> None:
+    msg = parse_message(b"From: a@b.example\r\nSubject: x\x00y\r\n\r\nbody\r\n")
+    assert msg.subject == "xy"
+    assert any("NUL" in d for d in msg.defects)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"Dear support, my printer is broken.\n", b"key: value\nother: thing\n\nbody\n"],
+)
+def test_text_without_mail_headers_is_unusable(raw: bytes) -> None:
+    with pytest.raises(UnusableMessage):
+        parse_message(raw)
+
+
 def test_random_bytes_are_unusable() -> None:
     rng = random.Random(20240305)
     for _ in range(200):

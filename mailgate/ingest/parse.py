@@ -87,6 +87,7 @@ class ParsedMessage:
 
 # Same notion of a header line as email.feedparser, so the pre-scan sees what the parser sees.
 _HEADER_LINE_RE = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+_CONTROL_BYTES_RE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _CONTAINER_CT_RE = re.compile(rb"^content-type:\s*(?:multipart|message)/", re.I | re.M)
 _BOUNDARY_RE = re.compile(rb'boundary\s*=\s*(?:"([^"\r\n]*)"|([^\s;]+))', re.I)
 _ADDRESS_HEADERS = frozenset(
@@ -108,6 +109,17 @@ _ADDRESS_HEADERS = frozenset(
     }
 )
 _MAX_DEFECTS = 100
+# At least one of these marks a header block as mail, not text that happens to hold a colon.
+_MAIL_HEADERS = _ADDRESS_HEADERS | {
+    "subject",
+    "date",
+    "message-id",
+    "received",
+    "mime-version",
+    "content-type",
+    "in-reply-to",
+    "references",
+}
 
 
 def _scan_header_fields(raw: bytes) -> list[tuple[str, bytes]]:
@@ -147,8 +159,14 @@ def _precheck(raw: bytes, *, max_depth: int, max_header_bytes: int, max_addresse
     fields = _scan_header_fields(raw)
     if not fields:
         raise UnusableMessage("no header block (input does not start with a mail header)")
-    if any(b"\x00" in value for _, value in fields):
-        raise UnusableMessage("NUL byte in the header block (binary data, not a mail)")
+    # A stray control byte is repaired later; a header block full of them is binary
+    # data that merely happens to start with something like "Xy:".
+    block_size = sum(len(value) for _, value in fields)
+    controls = sum(len(_CONTROL_BYTES_RE.findall(value)) for _, value in fields)
+    if controls > max(4, block_size // 20):
+        raise UnusableMessage("binary data in the header block, not a mail")
+    if not any(name in _MAIL_HEADERS for name, _ in fields):
+        raise UnusableMessage("no mail header (From, To, Subject, Date, Received, ...) found")
     per_name: dict[str, int] = {}
     for name, value in fields:
         if len(value) > max_header_bytes:
@@ -406,6 +424,8 @@ def _decode_header(value: str, defects: list[str], what: str) -> str:
     value = _FOLD_RE.sub("", value)
     value = _fix_8bit(value, defects, what)
     value = _decode_words(value, defects, what)
+    if "\x00" in value:
+        defects.append(f"NUL removed from header {what}")
     # Encoded words can smuggle CR/LF; never let them reach a header we might reuse.
     value = _CRLF_RE.sub(" ", value)
     return _clean_str(value).strip()
