@@ -17,7 +17,7 @@ import mimetypes
 import re
 import unicodedata
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.generator import BytesGenerator
 from email.message import Message
@@ -696,14 +696,17 @@ def _raw_header_values(msg: Message, name: str) -> list[str]:
 
 @dataclass
 class _Collector:
+    """What the walk found; attachments are (raw name, content type, data, raw Content-ID)."""
+
     defects: list[str]
-    texts: list[str]
-    htmls: list[str]
-    attachments: list[tuple[str, str, bytes, str | None, str | None]]
+    texts: list[str] = field(default_factory=list)
+    htmls: list[str] = field(default_factory=list)
+    attachments: list[tuple[str, str, bytes, str | None]] = field(default_factory=list)
+    tnef_bodies: list[str] = field(default_factory=list)
     is_dsn: bool = False
+    # None until a delivery report is seen: only parts inside one are read for these.
     dsn_ids: list[str] | None = None
     dsn_failed: list[str] | None = None
-    tnef_bodies: list[str] | None = None
 
 
 def _payload_bytes(part: Message, defects: list[str], where: str) -> bytes:
@@ -737,8 +740,8 @@ def _dsn_status(part: Message, col: _Collector) -> None:
         action = str(block.get("action", "")).strip().lower()
         if not action.startswith("failed"):
             continue
-        for field in ("final-recipient", "original-recipient"):
-            for raw in _raw_header_values(block, field):
+        for header_name in ("final-recipient", "original-recipient"):
+            for raw in _raw_header_values(block, header_name):
                 value = _FOLD_RE.sub("", raw).strip()
                 addr_type, sep, addr = value.partition(";")
                 candidate = addr if sep else addr_type
@@ -773,8 +776,8 @@ def _handle_tnef(data: bytes, col: _Collector, where: str) -> None:
         return
     for name, payload in contained:
         ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
-        col.attachments.append((name, ctype, payload, None, None))
-    if body and col.tnef_bodies is not None:
+        col.attachments.append((name, ctype, payload, None))
+    if body:
         if isinstance(body, bytes):
             body = _decode_bytes(body, None, col.defects, "winmail.dat body")
         col.tnef_bodies.append(str(body))
@@ -825,7 +828,7 @@ def _visit(
             if subjects:
                 subject = _one_line(_decode_header(subjects[0], col.defects, "Subject"))
             name = sanitize_filename((subject[: _MAX_FILENAME - 4] or "forwarded message") + ".eml")
-            col.attachments.append((name, "message/rfc822", _message_bytes(nested), view.get("content-id"), None))
+            col.attachments.append((name, "message/rfc822", _message_bytes(nested), view.get("content-id")))
             return
         report = ctype == "multipart/report" and (str(view.get_param("report-type", "")).lower() == "delivery-status")
         if report:
@@ -858,10 +861,10 @@ def _visit(
         _dsn_ids_from_headers(_raw_header_values(headers, "message-id"), col)
     is_tnef = ctype in ("application/ms-tnef", "application/vnd.ms-tnef") or ((filename or "").lower() == "winmail.dat")
     if is_tnef:
-        col.attachments.append((filename or "winmail.dat", ctype, data, view.get("content-id"), None))
+        col.attachments.append((filename or "winmail.dat", ctype, data, view.get("content-id")))
         _handle_tnef(data, col, f"part {where}")
         return
-    col.attachments.append((filename or "", ctype, data, view.get("content-id"), disposition))
+    col.attachments.append((filename or "", ctype, data, view.get("content-id")))
 
 
 # --------------------------------------------------------------------------- entry point
@@ -965,7 +968,7 @@ def parse_message(
     raw_subject = first_raw("subject")
     subject = _one_line(_decode_header(raw_subject, defects, "subject")) if raw_subject else ""
 
-    col = _Collector(defects=defects, texts=[], htmls=[], attachments=[], tnef_bodies=[])
+    col = _Collector(defects=defects)
     try:
         _walk(msg, col)
     except RecursionError:
@@ -981,7 +984,7 @@ def parse_message(
 
     referenced = {ref.lower() for ref in _CID_REF_RE.findall(html_src)} if html_src else set()
     attachments: list[Attachment] = []
-    for name, ctype, data, cid_raw, _disposition in col.attachments:
+    for name, ctype, data, cid_raw in col.attachments:
         cid = _content_id(cid_raw)
         attachments.append(
             Attachment(
