@@ -30,6 +30,7 @@ class ConfigError(Exception):
 class DatabaseSettings:
     url: str
     echo: bool = False
+    busy_timeout_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -345,8 +346,9 @@ def _database(sec: _Section, base: Path) -> DatabaseSettings:
     elif not url.startswith(("sqlite:", "postgresql")):
         raise ConfigError(f"database.url: must start with sqlite:/// or postgresql, got {url!r}")
     echo = sec.get("echo", bool, False)
+    busy = sec.positive("busy_timeout_seconds", float, 30.0)
     sec.finish()
-    return DatabaseSettings(url=url, echo=echo)
+    return DatabaseSettings(url=url, echo=echo, busy_timeout_seconds=busy)
 
 
 def _port(sec: _Section, name: str, default: int) -> int:

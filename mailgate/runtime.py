@@ -40,7 +40,8 @@ class Runtime:
             Path(settings.database.url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         return cls(
             settings=settings,
-            engine=make_engine(settings.database.url, echo=settings.database.echo),
+            engine=make_engine(settings.database.url, echo=settings.database.echo,
+                               busy_timeout=settings.database.busy_timeout_seconds),
             blobs=BlobStore(settings.raw_dir),
             renderer=Renderer(settings.helpdesk.templates_dir),
         )

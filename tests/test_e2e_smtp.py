@@ -1,0 +1,269 @@
+"""End to end: `mailgate run` as a subprocess, smtplib in, the outgoing maildir out."""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    Daemon,
+    cli,
+    cli_json,
+    mail,
+    start_daemon,
+    wait_until,
+    write_config,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def open_ticket(daemon: Daemon, **kw: str) -> dict:
+    m = mail(**kw)
+    daemon.send(m)
+    wait_until(lambda: daemon.tickets())
+    daemon.wait_idle()
+    return daemon.tickets()[-1]
+
+
+def confirmation(daemon: Daemon, to: str = "carol@customer.org"):
+    mails = [m for m in daemon.sent_to(to) if "registered as ticket" in m.get_body(("plain",)).get_content()]
+    assert len(mails) >= 1
+    return mails[-1]
+
+
+def test_new_ticket_gets_confirmation_and_agents_get_notices(daemon: Daemon) -> None:
+    daemon.send(mail(subject="Printer on fire", message_id="<first@customer.org>"))
+    sent = daemon.wait_sent(3)
+    assert len(sent) == 3  # requester confirmation + one notice to each of the two agents
+    tickets = daemon.tickets()
+    assert len(tickets) == 1
+    t = tickets[0]
+    assert t["subject"] == "Printer on fire" and t["requester"] == "carol@customer.org"
+    assert t["status"] == "new" and t["priority"] == "normal"
+    conf = confirmation(daemon)
+    assert conf["Subject"] == f"[EXAMPLE #{t['number']}] Printer on fire"
+    assert conf["In-Reply-To"] == "<first@customer.org>"
+    assert conf["Auto-Submitted"] == "auto-replied"
+    assert str(conf["Reply-To"]).startswith(f"support+{t['number']}-")
+    assert conf.get_body(("html",)) is not None
+    assert sorted(str(m["To"]) for m in sent) == ["alice@example.com", "bob@example.com", "carol@customer.org"]
+    shown = daemon.ticket(t["number"])
+    kinds = [(m["kind"], m["direction"]) for m in shown["messages"]]
+    assert kinds == [("public", "in"), ("system", "out")]
+    steps = [h["step"] for h in shown["messages"][0]["rule_hits"]]
+    assert steps[:5] == ["parse", "dedupe", "screen", "identify", "spam"]
+    assert any(h["step"] == "route" and "new ticket" in h["reason"] for h in shown["messages"][0]["rule_hits"])
+
+
+def test_reply_by_subject_tag(daemon: Daemon) -> None:
+    t = open_ticket(daemon)
+    daemon.send(mail(subject=f"Re: [EXAMPLE #{t['number']}] Printer on fire", body="Still burning."))
+    wait_until(lambda: len(daemon.ticket(t["number"])["messages"]) == 3)
+    assert len(daemon.tickets()) == 1
+    last = daemon.ticket(t["number"])["messages"][-1]
+    assert last["text"].strip() == "Still burning." and last["kind"] == "public"
+
+
+def test_reply_by_references_with_tag_removed(daemon: Daemon) -> None:
+    t = open_ticket(daemon)
+    conf = confirmation(daemon)
+    daemon.send(mail(subject="AW: Printer", body="Antwort ohne Tag.",
+                     headers={"In-Reply-To": conf["Message-ID"], "References": conf["Message-ID"]}))
+    wait_until(lambda: len(daemon.ticket(t["number"])["messages"]) == 3)
+    assert len(daemon.tickets()) == 1
+
+
+def test_reply_to_token_address_from_a_client_that_drops_everything(daemon: Daemon) -> None:
+    t = open_ticket(daemon)
+    reply_to = str(confirmation(daemon)["Reply-To"])
+    daemon.send(mail(to=reply_to, subject="new subject entirely", body="By token."),
+                recipients=[reply_to])
+    wait_until(lambda: len(daemon.ticket(t["number"])["messages"]) == 3)
+    hits = daemon.ticket(t["number"])["messages"][-1]["rule_hits"]
+    assert any(h["step"] == "route" and "reply token" in h["reason"] for h in hits)
+
+
+def test_hijack_attempt_opens_a_new_ticket_and_says_so(daemon: Daemon) -> None:
+    t = open_ticket(daemon)
+    daemon.send(mail(sender="mallory@evil.example", subject=f"Re: [EXAMPLE #{t['number']}] close this",
+                     body="Please close it."))
+    wait_until(lambda: len(daemon.tickets()) == 2)
+    daemon.wait_idle()
+    assert len(daemon.ticket(t["number"])["messages"]) == 2  # untouched
+    mallory = daemon.sent_to("mallory@evil.example")
+    assert len(mallory) == 1
+    text = mallory[0].get_body(("plain",)).get_content()
+    assert f"You wrote about ticket #{t['number']}" in text
+    new = daemon.tickets()[-1]
+    assert new["requester"] == "mallory@evil.example"
+
+
+def test_same_message_twice_makes_one_ticket(daemon: Daemon) -> None:
+    m = mail(message_id="<dup@customer.org>")
+    daemon.send(m)
+    daemon.send(m)
+    wait_until(lambda: cli_json(daemon.config, "tickets", "list"))
+    daemon.wait_idle()
+    assert len(daemon.tickets()) == 1
+    assert len(daemon.ticket(daemon.tickets()[0]["number"])["messages"]) == 2  # message + confirmation
+
+
+def test_auto_reply_is_stored_on_its_ticket_and_never_answered(daemon: Daemon) -> None:
+    t = open_ticket(daemon)
+    before = len(daemon.sent())
+    conf = confirmation(daemon)
+    daemon.send(mail(subject=f"Automatic reply: [EXAMPLE #{t['number']}] Printer on fire",
+                     body="I am out of the office until Monday.",
+                     headers={"Auto-Submitted": "auto-replied", "In-Reply-To": conf["Message-ID"]}))
+    wait_until(lambda: len(daemon.ticket(t["number"])["messages"]) == 3)
+    daemon.wait_idle()
+    shown = daemon.ticket(t["number"])
+    assert shown["messages"][-1]["kind"] == "auto"
+    assert shown["status"] == t["status"]
+    assert len(daemon.sent()) == before
+
+
+def test_unmatched_bounce_is_screened_not_a_ticket(daemon: Daemon) -> None:
+    daemon.send(mail(sender="MAILER-DAEMON@mx.example.net", subject="Undelivered Mail Returned to Sender",
+                     body="This is the mail system."), sender="")
+    wait_until(lambda: cli_json(daemon.config, "screened"))
+    daemon.wait_idle()
+    assert daemon.tickets() == []
+    assert daemon.sent() == []
+
+
+def test_garbage_becomes_a_dead_letter_and_the_daemon_keeps_serving(daemon: Daemon) -> None:
+    daemon.send(bytes(range(256)) * 4)
+    wait_until(lambda: cli_json(daemon.config, "deadletter", "list"))
+    dead = cli_json(daemon.config, "deadletter", "list")
+    assert len(dead) == 1 and "unusable" in dead[0]["reason"]
+    assert daemon.alive()
+    open_ticket(daemon)
+    assert len(daemon.tickets()) == 1
+
+
+def test_recipient_check_size_limit_and_long_lines(workdir: Path) -> None:
+    cfg = write_config(workdir)
+    cfg.write_text(cfg.read_text().replace("[smtp]\n", "[smtp]\nmax_message_bytes = 20000\n"))
+    d = start_daemon(cfg)
+    try:
+        with smtplib.SMTP("127.0.0.1", d.port) as smtp:
+            smtp.ehlo()
+            smtp.mail("carol@customer.org")
+            code, _ = smtp.rcpt("someone-else@example.com")
+            assert code == 550
+            assert smtp.rcpt("support+anything@example.com")[0] == 250
+            smtp.rset()
+            # refused at MAIL (SIZE= declared) or at the end of DATA: both 552
+            with pytest.raises(smtplib.SMTPResponseException) as err:
+                smtp.sendmail("carol@customer.org", ["support@example.com"],
+                              b"Subject: big\r\n\r\n" + b"x" * 100 + b"\r\n" + (b"y" * 70 + b"\r\n") * 400)
+            assert err.value.smtp_code == 552
+        long_line = b"From: carol@customer.org\r\nSubject: long line\r\nMessage-ID: <long@x>\r\n\r\n" + b"z" * 5000
+        d.send(long_line)
+        wait_until(lambda: d.tickets())
+        assert len(d.tickets()) == 1
+    finally:
+        d.stop()
+
+
+def test_storage_failure_answers_451_and_loses_nothing(workdir: Path) -> None:
+    cfg = write_config(workdir)
+    cfg.write_text(cfg.read_text().replace('[database]\n', '[database]\nbusy_timeout_seconds = 1.0\n'))
+    d = start_daemon(cfg)
+    try:
+        d.send(mail(subject="warm up"))
+        d.wait_idle()
+        con = sqlite3.connect(workdir / "mailgate.db", timeout=5, isolation_level=None)
+        con.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(smtplib.SMTPDataError) as err:
+                d.send(mail(subject="during outage"))
+            assert err.value.smtp_code == 451
+            assert b"Traceback" not in err.value.smtp_error and b"Error" not in err.value.smtp_error
+        finally:
+            con.execute("ROLLBACK")
+            con.close()
+        assert d.alive()
+        d.send(mail(subject="after outage"))  # the sender's retry
+        wait_until(lambda: len(d.tickets()) == 2)
+        assert sorted(t["subject"] for t in d.tickets()) == ["after outage", "warm up"]
+    finally:
+        d.stop()
+
+
+def test_lmtp_mode_answers_per_recipient(workdir: Path) -> None:
+    cfg = write_config(workdir)
+    cfg.write_text(cfg.read_text().replace("[smtp]\n", "[smtp]\nlmtp = true\n"))
+    d = start_daemon(cfg)
+    try:
+        # smtplib.LMTP reads a single reply after DATA, so speak the protocol by hand (RFC 2033 4.2).
+        with socket.create_connection(("127.0.0.1", d.port), timeout=30) as sock:
+            f = sock.makefile("rwb")
+
+            def reply() -> bytes:
+                lines = [f.readline()]
+                while lines[-1][3:4] == b"-":
+                    lines.append(f.readline())
+                return lines[-1]
+
+            def say(line: bytes) -> bytes:
+                f.write(line + b"\r\n")
+                f.flush()
+                return reply()
+
+            assert reply().startswith(b"220")
+            assert say(b"LHLO test").startswith(b"250")
+            assert say(b"MAIL FROM:<carol@customer.org>").startswith(b"250")
+            assert say(b"RCPT TO:<support@example.com>").startswith(b"250")
+            assert say(b"RCPT TO:<nobody@example.com>").startswith(b"550")
+            assert say(b"RCPT TO:<support-comment@example.com>").startswith(b"250")
+            assert say(b"DATA").startswith(b"354")
+            f.write(mail(subject="via lmtp").as_bytes().replace(b"\n", b"\r\n") + b".\r\n")
+            f.flush()
+            assert reply().startswith(b"250") and reply().startswith(b"250")  # one per accepted recipient
+            assert say(b"QUIT").startswith(b"221")
+        wait_until(lambda: d.tickets())
+        assert len(d.tickets()) == 1
+    finally:
+        d.stop()
+
+
+def test_sigterm_stops_cleanly(daemon: Daemon) -> None:
+    open_ticket(daemon)
+    t0 = time.monotonic()
+    assert daemon.stop() == 0
+    assert time.monotonic() - t0 < 30
+
+
+def test_ingest_exit_codes(workdir: Path) -> None:
+    cfg = write_config(workdir)
+    ok = cli(cfg, "ingest", input=mail(subject="by pipe").as_bytes())
+    assert ok.stdout.decode().strip() == "1"
+    bad = cli(cfg, "ingest", input=b"\x00\x01\x02 not mail", check=False)
+    assert bad.returncode == 65
+    assert len(cli_json(cfg, "deadletter", "list")) == 1
+    con = sqlite3.connect(workdir / "mailgate.db", timeout=5, isolation_level=None)
+    cfg.write_text(cfg.read_text().replace('[database]\n', '[database]\nbusy_timeout_seconds = 1.0\n'))
+    con.execute("BEGIN EXCLUSIVE")
+    try:
+        busy = cli(cfg, "ingest", input=mail(subject="locked").as_bytes(), check=False)
+        assert busy.returncode == 75, busy.stderr
+    finally:
+        con.execute("ROLLBACK")
+        con.close()
+
+
+def test_bad_config_is_one_line_naming_the_key(workdir: Path) -> None:
+    cfg = write_config(workdir)
+    cfg.write_text(cfg.read_text().replace('port = ', 'port = "x" #'))
+    proc = cli(cfg, "run", check=False)
+    assert proc.returncode == 2
+    err = proc.stderr.decode().strip()
+    assert "\n" not in err and "smtp.port" in err and "Traceback" not in err
