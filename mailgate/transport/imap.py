@@ -352,7 +352,10 @@ class _Session:
             return
         try:
             if not self.lost.is_set():
-                await self.call(self.c.logout(), timeout=5)
+                if self.c.has_pending_idle():
+                    # Cancelled mid-IDLE: LOGOUT would queue behind the IDLE forever.
+                    self.c.idle_done()
+                await self.call(self.c.logout(), timeout=2)
         except Exception:  # noqa: BLE001 - the connection is being thrown away anyway
             pass
         finally:
