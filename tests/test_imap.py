@@ -335,6 +335,27 @@ def test_poison_message_goes_to_failed_and_is_not_fetched_again(
     assert [r.state for r in rows(engine)] == ["done", "dead", "done"]
 
 
+def test_large_batches_are_split_so_aioimaplib_does_not_overflow(dovecot: Dovecot, imap_user: str) -> None:
+    # aioimaplib recurses once per response line of a read: ~1000 size lines
+    # in one reply used to raise RecursionError and drop the connection.
+    from mailgate.transport.imap import _Session
+
+    n = 1100
+    dovecot.append_many(imap_user, [f"Subject: {i}\r\n\r\n{i}\r\n".encode() for i in range(n)])
+
+    async def scenario() -> tuple[int, int, int]:
+        session = _Session(dovecot.account(imap_user, batch_size=5000))
+        try:
+            await session.open()
+            await session.select("INBOX", readonly=True)
+            uids = await session.search_new(0)
+            return len(uids), len(await session.sizes(uids)), len(await session.bodies(uids))
+        finally:
+            await session.close()
+
+    assert asyncio.run(scenario()) == (n, n, n)
+
+
 def test_two_mailboxes_feed_two_queues_and_a_broken_one_does_not_stop_them(
         dovecot: Dovecot, engine: Engine, blobs: BlobStore, pipeline: Pipeline) -> None:
     sales, billing = dovecot.new_user(), dovecot.new_user()

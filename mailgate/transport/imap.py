@@ -52,6 +52,11 @@ T = TypeVar("T")
 IDLE_MAX_SECONDS = 25 * 60
 COMMAND_TIMEOUT = 60.0
 CREDENTIAL_COMMAND_TIMEOUT = 60.0
+# aioimaplib parses a read recursively, one level per response line: a reply
+# with ~1000 lines in one socket read (sizes of 1000 messages, EXPUNGEs after
+# a big MOVE) raises RecursionError and kills the connection. So no single
+# command names more UIDs than this, whatever batch_size says.
+MAX_UIDS_PER_COMMAND = 150
 
 _UIDVALIDITY_RE = re.compile(rb"\[UIDVALIDITY (\d+)\]")
 _FETCH_HEAD_RE = re.compile(rb"^\d+ FETCH \(")
@@ -87,6 +92,10 @@ def _run_credential_command(what: str, command: str) -> str:
     if not value:
         raise ImapError(f"{what} failed: it printed nothing")
     return value
+
+
+def _chunks(uids: Sequence[int], size: int = MAX_UIDS_PER_COMMAND) -> list[Sequence[int]]:
+    return [uids[i:i + size] for i in range(0, len(uids), size)]
 
 
 def _quote(mailbox: str) -> str:
@@ -254,36 +263,41 @@ class _Session:
         return sorted(u for u in set(uids) if u > last_uid)
 
     async def sizes(self, uids: Sequence[int]) -> dict[int, int]:
-        resp = await self.ok(self.c.uid("fetch", uid_set(uids), "(UID RFC822.SIZE)"),
-                             "UID FETCH RFC822.SIZE")
         out: dict[int, int] = {}
-        for line in resp.lines:
-            if isinstance(line, bytes) and _FETCH_HEAD_RE.match(line):
-                u, s = _UID_RE.search(line), _SIZE_RE.search(line)
-                if u and s:
-                    out[int(u.group(1))] = int(s.group(1))
+        for part in _chunks(uids):
+            resp = await self.ok(self.c.uid("fetch", uid_set(part), "(UID RFC822.SIZE)"),
+                                 "UID FETCH RFC822.SIZE")
+            for line in resp.lines:
+                if isinstance(line, bytes) and _FETCH_HEAD_RE.match(line):
+                    u, s = _UID_RE.search(line), _SIZE_RE.search(line)
+                    if u and s:
+                        out[int(u.group(1))] = int(s.group(1))
         return out
 
     async def bodies(self, uids: Sequence[int]) -> dict[int, bytes]:
-        resp = await self.ok(self.c.uid("fetch", uid_set(uids), "(UID BODY.PEEK[])"),
-                             "UID FETCH BODY.PEEK[]")
-        return parse_bodies(resp.lines)
+        out: dict[int, bytes] = {}
+        for part in _chunks(uids):
+            resp = await self.ok(self.c.uid("fetch", uid_set(part), "(UID BODY.PEEK[])"),
+                                 "UID FETCH BODY.PEEK[]")
+            out.update(parse_bodies(resp.lines))
+        return out
 
     async def act(self, items: Sequence[_Item]) -> None:
         a = self.account
         groups: dict[str, list[int]] = {}
         for it in items:
             groups.setdefault(it.action, []).append(it.uid)
-        for action, uids in groups.items():
-            if action == "move":
-                await self.move(uids, a.move_to)
-            elif action == "failed":
-                await self.move(uids, a.failed_folder)
-            elif action == "seen":
-                await self.ok(self.c.uid("store", uid_set(uids), "+FLAGS.SILENT", r"(\Seen)"),
-                              "UID STORE \\Seen")
-            elif action == "delete":
-                await self.delete(uids)
+        for action, all_uids in groups.items():
+            for uids in _chunks(all_uids):
+                if action == "move":
+                    await self.move(uids, a.move_to)
+                elif action == "failed":
+                    await self.move(uids, a.failed_folder)
+                elif action == "seen":
+                    await self.ok(self.c.uid("store", uid_set(uids), "+FLAGS.SILENT", r"(\Seen)"),
+                                  "UID STORE \\Seen")
+                elif action == "delete":
+                    await self.delete(uids)
 
     async def move(self, uids: Sequence[int], folder: str) -> None:
         for attempt in (1, 2):
