@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,6 +34,8 @@ class Runtime:
     blobs: BlobStore
     renderer: Renderer
     _spam_model: Any = None
+    _spam_stamp: tuple[int, int, int] | None = None
+    _spam_tried: bool = False
     _spam_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -65,16 +71,27 @@ class Runtime:
                         add_business_time(cal, start, timedelta(hours=target.resolution_hours)))
         return None
 
-    # --- spam model, loaded lazily and swapped atomically after learning -----
+    # --- spam model -----------------------------------------------------------
+    # Loaded lazily, reloaded when the file changes (another process, e.g. `mailgate spam
+    # quarantine release` or `spam train`, saved a new one), and never mutated in place:
+    # learning works on a copy and swaps the reference, so a scorer holding the old model
+    # in another thread is unaffected. The file lock orders learners across processes.
     def spam_model(self) -> SpamModel | None:
         if not self.settings.spam.enabled:
             return None
         with self._spam_lock:
-            if self._spam_model is None:
-                self._spam_model = self._load_spam_model()
-            return self._spam_model
+            return self._current_spam_model()
 
-    def _load_spam_model(self) -> SpamModel | None:
+    def _current_spam_model(self) -> SpamModel | None:
+        """The model for the file as it is now; call with _spam_lock held. One stat() when unchanged."""
+        path = self.settings.spam_model_path
+        stamp = _file_stamp(path)
+        if not self._spam_tried or stamp != self._spam_stamp:
+            self._spam_tried = True
+            self._spam_model, self._spam_stamp = self._load_spam_model()
+        return self._spam_model
+
+    def _load_spam_model(self) -> tuple[SpamModel | None, tuple[int, int, int] | None]:
         from mailgate.spamfilter import ModelError, SpamModel
 
         path = self.settings.spam_model_path
@@ -82,19 +99,68 @@ class Runtime:
             shipped = packaged_dir("models") / "spam-model.npz"
             if not shipped.exists():
                 log.warning("no spam model at %s and none shipped: spam filter off", path)
-                return None
+                return None, None
             path.parent.mkdir(parents=True, exist_ok=True)
-            SpamModel.load(shipped).save(path)
+            try:
+                SpamModel.load(shipped).save(path)
+            except (ModelError, OSError) as exc:
+                log.error("cannot seed spam model %s from %s: %s: spam filter off", path, shipped, exc)
+                return None, None
+        # Stat before reading: if the file is replaced in between, the next call reloads once more.
+        stamp = _file_stamp(path)
         try:
-            return SpamModel.load(path)
+            model = SpamModel.load(path)
         except ModelError as exc:
-            log.error("spam model %s refused: %s: spam filter off", path, exc)
-            return None
+            log.error("spam model refused: %s: spam filter off until the file changes", exc)
+            return None, stamp
+        log.info("spam model %s loaded (%s)", path, model.meta)
+        return model, stamp
 
-    def learn_spam(self, raw: bytes, is_spam: bool) -> None:
-        model = self.spam_model()
-        if model is None:
-            return
-        with self._spam_lock:
-            model.learn_bytes(raw, is_spam)
-            model.save(self.settings.spam_model_path)
+    def learn_spam(self, raw: bytes, is_spam: bool) -> bool:
+        """Teach the model one message and save it atomically. False if the filter is off."""
+        if not self.settings.spam.enabled:
+            return False
+        path = self.settings.spam_model_path
+        with self._spam_lock, _file_lock(path):
+            # Reload first if another process learned since: its update must not be lost.
+            model = self._current_spam_model()
+            if model is None:
+                return False
+            updated = model.copy()
+            updated.learn_bytes(raw, is_spam)
+            updated.save(path)
+            self._spam_model, self._spam_stamp = updated, _file_stamp(path)
+        return True
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock beside the model file, held while learning."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def load_spam_model(settings: Settings) -> SpamModel:
+    """The configured model for the CLI (score, eval): the data_dir file, else the shipped one.
+
+    Raises ModelError (one line, fit for the user) if it is missing or refused.
+    """
+    from mailgate.spamfilter import SpamModel
+
+    path = settings.spam_model_path
+    if not path.exists() and settings.spam.model_path is None:
+        path = packaged_dir("models") / "spam-model.npz"
+    return SpamModel.load(path)

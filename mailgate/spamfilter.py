@@ -417,6 +417,20 @@ class SpamModel:
             alpha=alpha,
         )
 
+    def copy(self) -> SpamModel:
+        """An independent model with the same counts.
+
+        ``learn_bytes`` mutates in place; a long-lived process learns on a copy
+        and swaps the reference, so a concurrent scorer never sees half an update.
+        """
+        return SpamModel(
+            self._feature_count.copy(),
+            self._class_count.copy(),
+            alpha=self._alpha,
+            trained_at=self._trained_at,
+            updated_at=self._updated_at,
+        )
+
     @classmethod
     def load(cls, path: Path) -> SpamModel:
         path = Path(path)

@@ -147,6 +147,11 @@ def step_spam(ctx: Context) -> None:
     if ctx.verdict.is_automatic:
         ctx.hit("spam", False, "automatic mail: not scored")
         return
+    if ctx.inbound.outcome == "released":  # set by mailgate.quarantine.release, kept until finish
+        ctx.spam_score = ctx.inbound.spam_score
+        score = "" if ctx.spam_score is None else f" (spam score was {ctx.spam_score:.3f})"
+        ctx.hit("spam", False, f"released from quarantine{score}: not filtered")
+        return
     if _known_correspondent(ctx):
         ctx.hit("spam", False, "known requester or agent: never filtered")
         return

@@ -1,0 +1,73 @@
+"""The spam quarantine: list held messages and release false positives.
+
+A quarantined message is an inbound row with outcome 'quarantined' (its raw
+bytes, spam_score and rule hits kept; nothing else was made from it). Release
+learns it as ham, marks the row 'released' and puts it back in the spool: the
+pipeline then runs as for any new mail except that the spam step lets it
+through (see pipeline.step_spam), so it becomes a ticket with a confirmation,
+or a reply on its ticket. The row's outcome becomes whatever the pipeline made
+of it; the 'released from quarantine' rule hit stays on the message.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import update
+from sqlmodel import select
+
+from mailgate.runtime import Runtime
+from mailgate.store.engine import iso, session_scope
+from mailgate.store.tables import Inbound
+
+log = logging.getLogger(__name__)
+
+QUARANTINED = "quarantined"
+RELEASED = "released"
+
+
+def list_quarantine(rt: Runtime, *, limit: int = 1000) -> list[dict[str, Any]]:
+    """Held messages, newest first (purged ones, past spam.retention_days, are not listed)."""
+    with session_scope(rt.engine) as session:
+        rows = session.exec(select(Inbound).where(Inbound.outcome == QUARANTINED)
+                            .order_by(Inbound.id.desc()).limit(limit)).all()  # type: ignore[union-attr]
+        return [{"id": r.id, "received_at": iso(r.received_at), "from": r.from_addr, "subject": r.subject,
+                 "spam_score": None if r.spam_score is None else round(r.spam_score, 4),
+                 "message_id": r.message_id_header} for r in rows]
+
+
+@dataclass(frozen=True)
+class Released:
+    inbound_id: int
+    ok: bool
+    detail: str  # why not, when not ok
+    learned: bool = False
+
+
+def release(rt: Runtime, inbound_id: int) -> Released:
+    """Take one message out of the quarantine: learn it as ham and queue it for ticketing.
+
+    The state change is one conditional UPDATE, so two operators releasing the same
+    message at once release (and teach) it once.
+    """
+    with session_scope(rt.engine) as session:
+        row = session.get(Inbound, inbound_id)
+        if row is None:
+            return Released(inbound_id, False, "no such message")
+        if row.outcome != QUARANTINED:
+            return Released(inbound_id, False, f"not in quarantine (outcome {row.outcome or row.state})")
+        sha = row.raw_sha256
+        changed = session.exec(update(Inbound).where(  # type: ignore[call-overload]
+            Inbound.id == inbound_id, Inbound.outcome == QUARANTINED).values(
+            outcome=RELEASED, state="queued", attempts=0, next_attempt_at=None, claimed_by=None,
+            claimed_at=None, last_error=None))
+        if not changed.rowcount:
+            return Released(inbound_id, False, "released by someone else meanwhile")
+    learned = False
+    try:
+        learned = rt.learn_spam(rt.blobs.get(sha), False)
+    except Exception as exc:  # the release itself must not fail on the model: the mail matters more
+        log.error("inbound %s released but not learned as ham: %s: %s", inbound_id, type(exc).__name__, exc)
+    return Released(inbound_id, True, "", learned)

@@ -1,0 +1,146 @@
+"""Spam end to end through `mailgate run`: quarantine, listing, release, known requesters, #spam feedback."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Daemon, cli, cli_json, mail, start_daemon, wait_until, write_config
+
+pytestmark = pytest.mark.e2e
+
+# A short, blatant spam from the public corpus; the shipped model scores it 1.0.
+OBVIOUS_SPAM = "spam-1/00048.8a64080dbd9d868358a22b655fb1b1cd.txt"
+SPAMMER = "alewss6@hotmail.com"
+
+
+def corpus_spam(corpus: Path) -> bytes:
+    raw = (corpus / OBVIOUS_SPAM).read_bytes()
+    if raw.startswith(b"From "):  # the corpus keeps the mbox separator line
+        raw = raw.split(b"\n", 1)[1]
+    return raw
+
+
+def score(daemon: Daemon, path: Path) -> float:
+    return float(cli_json(daemon.config, "spam", "score", str(path))["score"])
+
+
+def quarantine(daemon: Daemon) -> list[dict]:
+    return cli_json(daemon.config, "spam", "quarantine", "list")
+
+
+@pytest.fixture
+def spam_daemon(workdir: Path) -> Daemon:
+    d = start_daemon(write_config(workdir, spam_enabled=True))
+    yield d  # type: ignore[misc]
+    d.stop()
+
+
+def test_obvious_spam_is_quarantined_then_released_as_a_ticket_and_learned_as_ham(
+        spam_daemon: Daemon, corpus: Path, workdir: Path) -> None:
+    d = spam_daemon
+    raw = corpus_spam(corpus)
+    eml = workdir / "spam.eml"
+    eml.write_bytes(raw)
+    before = score(d, eml)
+    assert before >= 0.99
+
+    d.send(raw, sender=SPAMMER)
+    wait_until(lambda: quarantine(d))
+    d.wait_idle()
+    assert d.tickets() == []
+    assert d.sent() == []  # no confirmation, no agent notice: never answer spam
+    held = quarantine(d)
+    assert len(held) == 1
+    q = held[0]
+    assert q["from"] == SPAMMER and q["subject"] == "GET IN AT THE TOP!"
+    assert q["message_id"] == "200208240231.DAA13330@webnote.net"
+    assert q["spam_score"] >= 0.99 and q["received_at"].endswith("Z")
+
+    out = cli(d.config, "spam", "quarantine", "release", str(q["id"])).stdout.decode()
+    assert f"{q['id']}: released, learned as ham" in out
+    wait_until(lambda: d.tickets())
+    d.wait_idle()
+    sent = d.wait_sent(3)
+    assert sorted(str(m["To"]) for m in sent) == sorted(["alice@example.com", "bob@example.com", SPAMMER])
+    confirmation = d.sent_to(SPAMMER)[0]
+    assert "registered as ticket #1" in confirmation.get_body(("plain",)).get_content()
+
+    tickets = d.tickets()
+    assert len(tickets) == 1 and tickets[0]["requester"] == SPAMMER
+    first = d.ticket(tickets[0]["number"])["messages"][0]
+    assert first["direction"] == "in" and first["spam_score"] >= 0.99
+    spam_hits = [h for h in first["rule_hits"] if h["step"] == "spam"]
+    assert len(spam_hits) == 1 and spam_hits[0]["reason"].startswith("released from quarantine")
+    assert quarantine(d) == []
+
+    assert score(d, eml) < before  # learned as ham
+    # Released twice: refused, nothing learned again.
+    again = cli(d.config, "spam", "quarantine", "release", str(q["id"]), check=False)
+    assert again.returncode == 1 and "not in quarantine" in again.stderr.decode()
+    assert len(d.tickets()) == 1
+
+
+def test_a_known_requesters_spammy_mail_is_not_filtered(spam_daemon: Daemon, corpus: Path,
+                                                        workdir: Path) -> None:
+    d = spam_daemon
+    d.send(mail(subject="Printer on fire"))
+    wait_until(lambda: d.tickets())
+    d.wait_idle()
+    raw = re.sub(rb"(?m)^From: .*$", b"From: Carol <carol@customer.org>", corpus_spam(corpus), count=1)
+    eml = workdir / "carol-spam.eml"
+    eml.write_bytes(raw)
+    assert score(d, eml) >= 0.99
+
+    d.send(raw, sender="carol@customer.org")
+    wait_until(lambda: len(d.tickets()) == 2)
+    d.wait_idle()
+    assert quarantine(d) == []
+    shown = d.ticket(d.tickets()[-1]["number"])
+    assert shown["requester"] == "carol@customer.org"
+    first = shown["messages"][0]
+    assert first["spam_score"] is None
+    assert [h["reason"] for h in first["rule_hits"] if h["step"] == "spam"] == [
+        "known requester or agent: never filtered"]
+
+
+def test_agent_hash_spam_learns_and_closes_without_mailing_the_requester(spam_daemon: Daemon,
+                                                                         workdir: Path) -> None:
+    d = spam_daemon
+    pitch = mail(sender="Dave <dave@growth-partners.example>", subject="Quick question",
+                 body="Hi there, we can get your website on the first page of search results. "
+                      "Reply for a free quote.\n\nDave", message_id="<pitch@growth-partners.example>")
+    eml = workdir / "pitch.eml"
+    eml.write_bytes(pitch.as_bytes())
+    before = score(d, eml)
+    assert before < 0.9
+
+    d.send(pitch)
+    wait_until(lambda: d.tickets())
+    d.wait_idle()
+    sent = d.wait_sent(3)
+    assert len(sent) == 3  # confirmation to Dave, a notice to each agent
+    number = d.tickets()[0]["number"]
+    first = d.ticket(number)["messages"][0]
+    assert first["spam_score"] == pytest.approx(before, abs=0.2)  # scored (headers differ slightly in transit)
+    assert any(h["step"] == "spam" and h["reason"].startswith("spam score") for h in first["rule_hits"])
+
+    notice = d.sent_to("alice@example.com")[0]
+    reply_to = str(notice["Reply-To"])
+    assert reply_to.startswith(f"support+{number}-")
+    d.send(mail(sender="Alice <alice@example.com>", to=reply_to, subject=f"Re: {notice['Subject']}",
+                body="#spam\n"), sender="alice@example.com", recipients=[reply_to])
+    wait_until(lambda: d.ticket(number)["status"] == "closed")
+    d.wait_idle()
+
+    sent = d.wait_sent(4)
+    # Only the result of her command goes to Alice; Dave keeps just his first confirmation.
+    assert sorted(str(m["To"]) for m in sent) == [
+        "alice@example.com", "alice@example.com", "bob@example.com", "dave@growth-partners.example"]
+    assert "marked as spam" in sent[-1].get_body(("plain",)).get_content()
+    events = d.ticket(number)["events"]
+    assert [(e["action"], e["new"]) for e in events if e["action"] == "spam"] == [("spam", "learned")]
+    after = score(d, eml)
+    assert after > before and after >= 0.9
