@@ -113,7 +113,7 @@ def ingest(config: ConfigOpt = None,
     raw = sys.stdin.buffer.read()
     rt = runtime_for(config)
     try:
-        accepted = spool.accept(rt.engine, rt.blobs, raw, source="ingest",
+        accepted = spool.accept(rt.spool_engine, rt.blobs, raw, source="ingest",
                                 queue=queue.lower() if queue else None, envelope_from=sender)
     except spool.SpoolError as exc:
         fail(f"temporary failure, message not stored: {exc}", EX_TEMPFAIL)
@@ -154,7 +154,7 @@ def import_(path: Path, config: ConfigOpt = None,
         task = progress.add_task("importing", total=None)
         for key, raw in iter_messages(path):
             try:
-                accepted = spool.accept(rt.engine, rt.blobs, raw, source="import", queue=queue,
+                accepted = spool.accept(rt.spool_engine, rt.blobs, raw, source="import", queue=queue,
                                         source_key=f"import:{key}")
             except spool.SpoolError as exc:
                 fail(f"stopped: could not store {key}: {exc}", EX_TEMPFAIL)

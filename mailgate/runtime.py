@@ -33,6 +33,8 @@ class Runtime:
     engine: Engine
     blobs: BlobStore
     renderer: Renderer
+    # SQLite: a second, synchronous=FULL engine for spool.accept. PostgreSQL: None.
+    durable_engine: Engine | None = None
     _spam_model: Any = None
     _spam_stamp: tuple[int, int, int] | None = None
     _spam_tried: bool = False
@@ -47,10 +49,18 @@ class Runtime:
         return cls(
             settings=settings,
             engine=make_engine(settings.database.url, echo=settings.database.echo,
-                               busy_timeout=settings.database.busy_timeout_seconds),
+                               busy_timeout=settings.database.busy_timeout_seconds, durable=False),
+            durable_engine=make_engine(settings.database.url, echo=settings.database.echo,
+                                     busy_timeout=settings.database.busy_timeout_seconds)
+            if settings.database.url.startswith("sqlite") else None,
             blobs=BlobStore(settings.raw_dir),
             renderer=Renderer(settings.helpdesk.templates_dir),
         )
+
+    @property
+    def spool_engine(self) -> Engine:
+        """The engine whose commit must survive power loss: it precedes an SMTP 250."""
+        return self.durable_engine or self.engine
 
     # --- SLA ---------------------------------------------------------------
     def calendar(self, tier: str) -> BusinessCalendar:

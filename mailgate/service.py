@@ -110,7 +110,7 @@ async def serve(settings: Settings) -> int:
     pollers = start_imap_pollers(rt, ingest, stop)
     server = None
     if settings.smtp.enabled:
-        handler = IngestHandler(rt.engine, rt.blobs, settings.helpdesk.all_addresses,
+        handler = IngestHandler(rt.spool_engine, rt.blobs, settings.helpdesk.all_addresses,
                                 lmtp=settings.smtp.lmtp, on_accepted=ingest.notify)
         server = await start_server(handler, settings.smtp.host, settings.smtp.port,
                                     hostname=settings.smtp.hostname,
@@ -136,6 +136,7 @@ async def serve(settings: Settings) -> int:
         task.cancel()
     await asyncio.gather(*tasks.values(), return_exceptions=True)
     rt.engine.dispose()
+    rt.spool_engine.dispose()
     log.info("stopped")
     return 0
 
@@ -147,6 +148,6 @@ def start_imap_pollers(rt: Runtime, ingest: IngestWorker, stop: asyncio.Event) -
 
     tasks = []
     for account in rt.settings.imap:
-        poller = ImapPoller(account, rt.engine, rt.blobs, process=ingest.process)
+        poller = ImapPoller(account, rt.spool_engine, rt.blobs, process=ingest.process)
         tasks.append(asyncio.create_task(poller.run(stop), name=f"imap:{account.name}"))
     return tasks

@@ -194,7 +194,8 @@ class Daemon:
             try:
                 con = sqlite3.connect(db, timeout=5)
                 try:
-                    busy = con.execute("select count(*) from inbound where state in ('queued','processing')").fetchone()[0]
+                    busy = con.execute(
+                        "select count(*) from inbound where state in ('queued','processing')").fetchone()[0]
                     out = con.execute("select count(*) from outbox where state in ('queued','sending')").fetchone()[0]
                 finally:
                     con.close()

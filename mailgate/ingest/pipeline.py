@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import text
 from sqlmodel import Session, select
 
 from mailgate import domain, spool
@@ -30,7 +31,7 @@ from mailgate.ingest.route import RouteDecision, RouteFacts, decide_route
 from mailgate.ingest.screen import ScreenVerdict, screen_message
 from mailgate.ingest.stop import Stop
 from mailgate.runtime import Runtime
-from mailgate.store.engine import session_scope, utcnow
+from mailgate.store.engine import is_postgres, session_scope, utcnow
 from mailgate.store.tables import Contact, Inbound, Message, Ticket
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,10 @@ def step_dedupe(ctx: Context) -> None:
     if not mid:
         ctx.hit("dedupe", False, "no Message-ID")
         return
+    if is_postgres(ctx.rt.engine):
+        # Two instances may hold the same message at once (sent to both): serialise them on
+        # its Message-ID so that the second one sees the first one's outcome.
+        ctx.session.exec(text("SELECT pg_advisory_xact_lock(hashtextextended(:mid, 0))").bindparams(mid=mid))
     # Message-ID alone is not enough: an attacker could reuse one to suppress a real mail.
     earlier = ctx.session.exec(select(Inbound).where(
         Inbound.message_id_header == mid, Inbound.body_hash == ctx.body_hash,

@@ -1,5 +1,7 @@
-"""Engine and sessions. SQLite gets WAL and synchronous=FULL: the spool's commit
-precedes an SMTP 250, so it must survive power loss (threats.md, durability)."""
+"""Engine and sessions. SQLite runs in WAL mode. The spool's commit precedes an SMTP
+250, so it must survive power loss: its engine uses synchronous=FULL. Processing and
+sending can be redone from the spool after a power loss (the worst case is a re-sent
+notice with the same Message-ID), so their engine uses synchronous=NORMAL."""
 
 from __future__ import annotations
 
@@ -29,7 +31,9 @@ def iso(value: datetime | None) -> str | None:
     return as_utc(value).replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
 
 
-def make_engine(url: str, *, echo: bool = False, busy_timeout: float = 30.0) -> Engine:
+def make_engine(url: str, *, echo: bool = False, busy_timeout: float = 30.0, durable: bool = True) -> Engine:
+    """durable=False (SQLite only): synchronous=NORMAL, for work that can be redone after a
+    power loss; the spool's acceptance, which precedes a 250, always uses a durable engine."""
     if url.startswith("sqlite"):
         engine = create_engine(url, echo=echo, connect_args={"timeout": busy_timeout, "check_same_thread": False})
 
@@ -40,7 +44,7 @@ def make_engine(url: str, *, echo: bool = False, busy_timeout: float = 30.0) -> 
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
             cur.close()

@@ -1,0 +1,144 @@
+"""SMTP ingest throughput: mailgate beside a do-nothing aiosmtpd handler, same mail, same run.
+
+    .venv/bin/python bench/smtp_ingest.py [--messages 2000] [--connections 4]
+
+Sends the same N real messages from ../shared/corpus/spamassassin over C
+connections to (a) an aiosmtpd server whose handler only answers 250 and
+(b) `mailgate run` on SQLite (spam filter on, outgoing mail to a maildir).
+Prints messages/s for both, the ratio, p50/p99 accept latency (end of DATA
+to 250), the time until the last ticket was committed, and the daemon's
+peak RSS. Run by hand; never in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import smtplib
+import sqlite3
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.conftest import CORPUS, free_port, start_daemon, write_config  # noqa: E402
+
+
+def corpus_messages(n: int) -> list[bytes]:
+    files = sorted(p for d in ("easy-ham-1", "hard-ham-1", "spam-1") for p in (CORPUS / d).iterdir())
+    # interleave folders so spam and ham mix as in real traffic
+    files.sort(key=lambda p: p.name)
+    out = [p.read_bytes() for p in files[:n]]
+    # the corpus has bare LF; smtplib's sendmail normalises line endings itself
+    return out
+
+
+def send_all(port: int, messages: list[bytes], connections: int) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+    lock = threading.Lock()
+    chunks = [messages[i::connections] for i in range(connections)]
+
+    def worker(chunk: list[bytes]) -> None:
+        mine: list[float] = []
+        with smtplib.SMTP("127.0.0.1", port, timeout=120) as smtp:
+            for raw in chunk:
+                t0 = time.perf_counter()
+                smtp.sendmail("bench@customer.org", ["support@example.com"], raw)
+                mine.append(time.perf_counter() - t0)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in chunks]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0, latencies
+
+
+class Nothing:
+    async def handle_DATA(self, server, session, envelope) -> str:  # noqa: ANN001
+        return "250 OK"
+
+
+def run_reference(messages: list[bytes], connections: int) -> tuple[float, list[float]]:
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import SMTP
+
+    class LongLines(SMTP):
+        line_length_limit = 1024 * 1024
+
+    port = free_port()
+
+    class C(Controller):
+        def factory(self) -> SMTP:
+            return LongLines(self.handler, data_size_limit=None, enable_SMTPUTF8=True)
+
+    controller = C(Nothing(), hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        return send_all(port, messages, connections)
+    finally:
+        controller.stop()
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--messages", type=int, default=2000)
+    ap.add_argument("--connections", type=int, default=4)
+    args = ap.parse_args()
+    messages = corpus_messages(args.messages)
+    n = len(messages)
+
+    ref_time, ref_lat = run_reference(messages, args.connections)
+
+    work = Path(tempfile.mkdtemp(prefix="mgbench."))
+    daemon = start_daemon(write_config(work, spam_enabled=True))
+    try:
+        t0 = time.perf_counter()
+        mg_time, mg_lat = send_all(daemon.port, messages, args.connections)
+        db = sqlite3.connect(work / "mailgate.db", timeout=30)
+        while True:
+            left = db.execute("select count(*) from inbound where state in ('queued','processing')").fetchone()[0]
+            if left == 0:
+                break
+            time.sleep(0.05)
+        end_to_end = time.perf_counter() - t0
+        outcomes = dict(db.execute("select coalesce(outcome, state), count(*) from inbound group by 1").fetchall())
+        db.close()
+        rss = peak_rss_mb(daemon.proc.pid)
+    finally:
+        daemon.stop()
+
+    print(f"messages: {n} over {args.connections} connections (corpus: {CORPUS})")
+    for name, took, lat in (("do-nothing aiosmtpd", ref_time, ref_lat), ("mailgate accept", mg_time, mg_lat)):
+        print(f"{name:20}: {n / took:8.1f} msg/s   p50 {pct(lat, .5):6.2f} ms  p99 {pct(lat, .99):6.2f} ms")
+    print(f"accept ratio        : {(n / mg_time) / (n / ref_time):8.2f}  (target >= 0.5)")
+    print(f"end to end          : {n / end_to_end:8.1f} msg/s  (last message processed after {end_to_end:.1f} s; "
+          "target >= 150)")
+    print(f"peak RSS (daemon)   : {rss:8.1f} MB (target < 200)")
+    print(f"outcomes            : {outcomes}")
+    print(f"median latency      : {statistics.median(mg_lat) * 1000:.2f} ms")
+
+
+if __name__ == "__main__":
+    asyncio.set_event_loop_policy(None)
+    main()

@@ -1,0 +1,99 @@
+"""Several daemon instances on one PostgreSQL database: nothing processed or sent twice.
+
+Needs MAILGATE_TEST_POSTGRES_URL (CI sets it), e.g.
+postgresql+psycopg://postgres@127.0.0.1:5432/test. Each test makes its own database.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import cli, cli_json, free_port, mail, need, sent_messages, start_daemon, wait_until, write_config
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    base = os.environ.get("MAILGATE_TEST_POSTGRES_URL")
+    need(bool(base), "MAILGATE_TEST_POSTGRES_URL is not set")
+    import sqlalchemy
+
+    name = f"mg_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(base, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except sqlalchemy.exc.OperationalError as exc:
+        need(False, f"PostgreSQL not reachable at {base}: {exc.orig}")
+    url = base.rsplit("/", 1)[0] + "/" + name
+    yield url
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+def test_two_instances_share_the_work_exactly_once(pg_url: str, workdir: Path) -> None:
+    # Two daemons as on two machines: one database, a shared data_dir (raw mail must be
+    # readable by whichever instance claims it), one outgoing maildir, two listeners.
+    shared = workdir / "shared"
+    cfg_a = write_config(workdir / "a", database=pg_url, outbound=f"maildir:{shared}/sent")
+    cfg_b = write_config(workdir / "b", database=pg_url, outbound=f"maildir:{shared}/sent")
+    for cfg in (cfg_a, cfg_b):
+        cfg.write_text(cfg.read_text().replace('data_dir = "data"', f'data_dir = "{shared}/data"'))
+    cli(cfg_a, "db", "upgrade")
+    a = start_daemon(cfg_a)
+    b = start_daemon(cfg_b, port=None)
+    try:
+        n = 40
+        errors: list[BaseException] = []
+
+        def send(daemon, start: int) -> None:  # type: ignore[no-untyped-def]
+            try:
+                for i in range(start, n, 2):
+                    daemon.send(mail(sender=f"user{i}@customer{i}.org", subject=f"Problem {i}",
+                                     message_id=f"<p{i}@customer.org>"))
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=send, args=(d, s)) for d, s in ((a, 0), (b, 1))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        maildir = shared / "sent"
+        # each ticket: one confirmation + one notice to each of the two agents
+        wait_until(lambda: len(sent_messages(maildir)) >= 3 * n, timeout=90)
+        tickets = cli_json(cfg_a, "tickets", "list")
+        assert len(tickets) == n
+        assert sorted(t["subject"] for t in tickets) == sorted(f"Problem {i}" for i in range(n))
+        out = cli_json(cfg_a, "outbox", "list", "--limit", "1000")
+        assert len(out) == 3 * n and all(r["state"] == "sent" for r in out)
+        sent = sent_messages(maildir)
+        ids = [m["Message-ID"] for m in sent]
+        assert len(ids) == 3 * n and len(set(ids)) == 3 * n  # nothing sent twice
+        # the same message delivered to both instances is still one ticket
+        twice = mail(sender="dup@customer.org", subject="Twice", message_id="<twice@customer.org>")
+        a.send(twice)
+        b.send(twice)
+        wait_until(lambda: len(cli_json(cfg_a, "tickets", "list", "--requester", "dup@customer.org")) == 1)
+        wait_until(lambda: len(cli_json(cfg_a, "tickets", "list")) == n + 1)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_import_and_tickets_on_postgres(pg_url: str, workdir: Path) -> None:
+    cfg = write_config(workdir, database=pg_url, smtp_port=free_port())
+    proc = cli(cfg, "ingest", input=mail(subject="on postgres").as_bytes())
+    number = int(proc.stdout.decode().strip())
+    shown = cli_json(cfg, "tickets", "show", str(number))
+    assert shown["subject"] == "on postgres" and shown["created_at"].endswith("Z")
+    assert [m["kind"] for m in shown["messages"]] == ["public", "system"]
