@@ -111,7 +111,7 @@ class AssignmentRule:
     queue: str | None = None
     sender_domain: str | None = None
     subject_keywords: tuple[str, ...] = ()
-    strategy: str = "round-robin"  # round-robin | least-open
+    strategy: str = "round-robin"  # round-robin | least-open | notify (group: stay unassigned, tell all)
 
 
 @dataclass(frozen=True)
@@ -647,7 +647,7 @@ def _assignment(root: _Section, helpdesk: HelpdeskSettings,
             queue=s.get("queue", str, None),
             sender_domain=(s.get("sender_domain", str, None) or "").lower() or None,
             subject_keywords=tuple(k.lower() for k in s.str_list("subject_keywords")),
-            strategy=s.choice("strategy", ("round-robin", "least-open"), "round-robin"),
+            strategy=s.choice("strategy", ("round-robin", "least-open", "notify"), "round-robin"),
         ))
         s.finish()
     return tuple(out)

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func
 from sqlmodel import Session, select
 
-from mailgate.config import StatusDef
+from mailgate.config import AssignmentRule, StatusDef
 from mailgate.domain import base_address
 from mailgate.ingest import notify
-from mailgate.ingest.commands import CommandRules, ParsedCommands, validate
+from mailgate.ingest.commands import CommandRules, ParsedCommands, find_choice, validate
 from mailgate.ingest.stop import Stop
 from mailgate.runtime import Runtime
 from mailgate.sla import tier_for_address
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
     from mailgate.ingest.pipeline import Context
 
 log = logging.getLogger(__name__)
+
+MAX_CC_FROM_HEADERS = 10  # a requester's Cc list, not a mailing list
 
 
 # --- small store helpers -------------------------------------------------------------
@@ -78,9 +82,11 @@ def first_status(rt: Runtime, kind: str) -> StatusDef:
 def store_message(ctx: Context, ticket: Ticket | None, *, kind: str, direction: str, text: str,
                   author_agent: str | None = None) -> Message:
     msg = ctx.msg
+    # An agent appears under the name configured for them, not whatever their client says.
+    from_name = ctx.agent.name if author_agent and ctx.agent is not None else ctx.sender_name
     message = Message(
         ticket_id=ticket.number if ticket else None, inbound_id=ctx.inbound.id, kind=kind,
-        direction=direction, from_addr=ctx.sender, from_name=ctx.sender_name[:200],
+        direction=direction, from_addr=ctx.sender, from_name=from_name[:200],
         to_addrs=",".join(ctx.recipients), subject=msg.subject, text=text, full_text=msg.text,
         html=msg.html, message_id=msg.message_id, in_reply_to=" ".join(msg.in_reply_to) or None,
         body_hash=ctx.body_hash, raw_sha256=ctx.inbound.raw_sha256, author_agent=author_agent,
@@ -135,33 +141,71 @@ def set_status(rt: Runtime, session: Session, ticket: Ticket, name: str, actor: 
     return old
 
 
-def pick_owner(rt: Runtime, session: Session, ticket: Ticket, sender: str) -> str | None:
-    """Assignment rules: the first matching rule wins; groups by round-robin or least open."""
-    subject = ticket.subject.lower()
-    sender_domain = sender.rpartition("@")[2]
-    for rule in rt.settings.assignment:
-        if rule.category and rule.category != ticket.category:
+def matching_rule(rules: Sequence[AssignmentRule], *, category: str | None, queue: str, sender: str,
+                  subject: str) -> tuple[int, AssignmentRule] | None:
+    """The first rule whose every given condition holds (first match wins)."""
+    subject = subject.lower()
+    sender_domain = sender.rpartition("@")[2].lower()
+    for i, rule in enumerate(rules):
+        if rule.category and (category or "").casefold() != rule.category.casefold():
             continue
-        if rule.queue and rule.queue.lower() != ticket.queue:
+        if rule.queue and rule.queue.lower() != queue.lower():
             continue
         if rule.sender_domain and not (sender_domain == rule.sender_domain
                                        or sender_domain.endswith("." + rule.sender_domain)):
             continue
         if rule.subject_keywords and not any(k in subject for k in rule.subject_keywords):
             continue
-        if not rule.target.startswith("group:"):
-            return rule.target
-        members = [a.email for a in rt.settings.group_members(rule.target[6:])]
-        if rule.strategy == "least-open":
-            def open_count(email: str) -> int:
-                return session.exec(select(func.count()).select_from(Ticket).where(
-                    Ticket.owner == email, Ticket.status_kind.in_(("new", "open", "pending")))).one()  # type: ignore[attr-defined]
-            return min(members, key=lambda e: (open_count(e), members.index(e)))
-        # round-robin: the member after whoever got the last ticket from any member
-        last = session.exec(select(Ticket.owner).where(Ticket.owner.in_(members))  # type: ignore[union-attr]
-                            .order_by(Ticket.number.desc()).limit(1)).first()  # type: ignore[union-attr]
-        return members[(members.index(last) + 1) % len(members)] if last in members else members[0]
+        return i, rule
     return None
+
+
+def _rule_for(rt: Runtime, session: Session, ticket: Ticket) -> tuple[int, AssignmentRule] | None:
+    requester = session.get(Contact, ticket.requester_id)
+    return matching_rule(rt.settings.assignment, category=ticket.category, queue=ticket.queue,
+                         sender=requester.email if requester else "", subject=ticket.subject)
+
+
+def pick_owner(rt: Runtime, session: Session, ticket: Ticket) -> tuple[str | None, str | None]:
+    """(owner, why) by the assignment rules; owner None if no rule assigns one.
+
+    Round-robin state is the rule's own last assignment (its Event), so manual
+    reassignments and other rules do not skip or repeat anyone in the rotation.
+    """
+    found = _rule_for(rt, session, ticket)
+    if found is None:
+        return None, None
+    index, rule = found
+    why = f"assignment[{index}]"
+    if not rule.target.startswith("group:"):
+        return rule.target, why
+    members = [a.email for a in rt.settings.group_members(rule.target[6:])]
+    if not members or rule.strategy == "notify":
+        return None, why
+    if rule.strategy == "least-open":
+        def open_count(email: str) -> int:
+            return session.exec(select(func.count()).select_from(Ticket).where(
+                Ticket.owner == email, Ticket.number != ticket.number,
+                Ticket.status_kind.in_(("new", "open", "pending")))).one()  # type: ignore[attr-defined]
+        return min(members, key=lambda e: (open_count(e), members.index(e))), why
+    last = session.exec(select(Event.new).where(
+        Event.action == "owner", Event.actor == "system", Event.detail == why)
+        .order_by(Event.id.desc()).limit(1)).first()  # type: ignore[union-attr]
+    return (members[(members.index(last) + 1) % len(members)] if last in members else members[0]), why
+
+
+def unowned_recipients(rt: Runtime, session: Session, ticket: Ticket) -> list[str]:
+    """Who hears about a ticket nobody owns: the group its rule names, else the group a
+    rule names for its queue, else every agent."""
+    found = _rule_for(rt, session, ticket)
+    candidates = [found[1]] if found else []
+    candidates += [r for r in rt.settings.assignment if r.queue and r.queue.lower() == ticket.queue.lower()]
+    for rule in candidates:
+        if rule.target.startswith("group:"):
+            members = [a.email for a in rt.settings.group_members(rule.target[6:])]
+            if members:
+                return members
+    return [a.email for a in rt.settings.agents]
 
 
 def create_ticket(ctx: Context, *, requester: str, requester_name: str, subject: str,
@@ -182,11 +226,14 @@ def create_ticket(ctx: Context, *, requester: str, requester_name: str, subject:
     )
     session.add(ticket)
     session.flush()
-    ticket.owner = owner or pick_owner(rt, session, ticket, requester)
+    why = None
+    if owner is None:
+        owner, why = pick_owner(rt, session, ticket)
+    ticket.owner = owner
     set_due_times(rt, ticket)
     add_event(session, ticket, actor, "created", None, ticket.status, f"via {ctx.inbound.source}")
     if ticket.owner:
-        add_event(session, ticket, "system" if owner is None else actor, "owner", None, ticket.owner)
+        add_event(session, ticket, "system" if why else actor, "owner", None, ticket.owner, why)
     return ticket
 
 
@@ -205,6 +252,8 @@ def apply_message(ctx: Context) -> None:
     assert verdict is not None
     if ctx.msg.is_dsn:
         record_bounce(ctx)
+    if verdict.kind is None and _spoofed_agent(ctx):
+        refuse_spoofed(ctx)
     if ctx.ticket is None:
         new_ticket_from_message(ctx)
         return
@@ -221,6 +270,50 @@ def apply_message(ctx: Context) -> None:
     requester_message(ctx)
 
 
+def _spoofed_agent(ctx: Context) -> bool:
+    """An agent's address without proof, trying to act as the agent (#commands or a note)."""
+    if ctx.identity is None or ctx.identity.verified:
+        return False
+    return ctx.to_comment_address or any(name == "spoofed_commands" for name, _ in ctx.effects)
+
+
+def refuse_spoofed(ctx: Context) -> None:
+    """Apply nothing, keep the message as screened (listable), and warn the real agent.
+
+    Handling it as a stranger's mail instead would write the forged text into the
+    agent's own tickets (the owner is a member) or open a ticket in the agent's name.
+    """
+    agent = ctx.rt.settings.agent(ctx.sender)
+    assert agent is not None and ctx.identity is not None
+    ctx.effects[:] = [e for e in ctx.effects if e[0] != "spoofed_commands"]
+    what = "a note to the comment address" if ctx.to_comment_address else "#commands"
+    log.warning("%s: %s from %s without proof of identity: refused", ctx.msg.message_id, what, ctx.sender)
+    notify.send(ctx.rt, ctx.session, ticket=ctx.ticket, template="agent/spoofed", to=agent.email,
+                extra={"sender": ctx.sender, "subject": ctx.msg.subject, "what": what,
+                       "message_id": ctx.msg.message_id or ""})
+    raise Stop("screened", f"{what} from agent address {ctx.sender}: {ctx.identity.how}; "
+                           "nothing applied, agent warned")
+
+
+def add_ccs_from_headers(ctx: Context, ticket: Ticket) -> None:
+    """People the requester (or a member) copied on their mail become CC participants,
+    so they get the public answers, as the requester would expect of a reply-all."""
+    s = ctx.rt.settings
+    own = set(s.helpdesk.all_addresses)
+    requester = ctx.session.get(Contact, ticket.requester_id)
+    skip = {ctx.sender, requester.email if requester else ""}
+    added = 0
+    for addr in dict.fromkeys(a.lower() for a in (*ctx.msg.to, *ctx.msg.cc)):
+        if addr in skip or base_address(addr) in own or s.agent(addr) is not None or "@" not in addr:
+            continue
+        if added >= MAX_CC_FROM_HEADERS:
+            ctx.hit("cc", True, f"more than {MAX_CC_FROM_HEADERS} copied addresses: the rest ignored")
+            break
+        if add_participant(ctx.session, ticket, addr, "cc"):
+            add_event(ctx.session, ticket, ctx.sender, "cc", None, addr, "copied on the requester's mail")
+            added += 1
+
+
 def new_ticket_from_message(ctx: Context) -> None:
     verdict = ctx.verdict
     assert verdict is not None
@@ -228,7 +321,7 @@ def new_ticket_from_message(ctx: Context) -> None:
         raise Stop("screened", f"{verdict.reason}; matches no ticket")
     if not ctx.sender:
         raise Stop("screened", "no sender address")
-    if ctx.agent is not None and ctx.commands is not None and ctx.commands.commands:
+    if ctx.agent is not None and ctx.commands is not None and (ctx.commands.commands or ctx.commands.errors):
         open_on_behalf(ctx)
         return
     cap = ctx.rt.settings.helpdesk.new_tickets_per_sender_per_hour
@@ -239,6 +332,8 @@ def new_ticket_from_message(ctx: Context) -> None:
     ctx.ticket = ticket
     kind = "auto" if verdict.kind is not None else "public"
     message = store_message(ctx, ticket, kind=kind, direction="in", text=ctx.msg.text)
+    if verdict.kind is None:
+        add_ccs_from_headers(ctx, ticket)
     assert ctx.decision is not None
     ctx.effects.append(("new_ticket", {
         "message": message, "confirm": verdict.may_answer,
@@ -259,6 +354,7 @@ def requester_message(ctx: Context) -> None:
         ctx.outcome = "reply"
         return
     message = store_message(ctx, ticket, kind="public", direction="in", text=ctx.visible_text)
+    add_ccs_from_headers(ctx, ticket)
     ticket.last_public_in_at = ctx.now
     if ticket.status_kind in ("pending", "solved", "closed"):
         set_status(rt, ctx.session, ticket, first_status(rt, "open").name, ctx.sender)
@@ -273,46 +369,91 @@ def open_on_behalf(ctx: Context) -> None:
     assert agent is not None and cmds is not None
     errors = validate(cmds, command_rules(ctx, None), has_ticket=False)
     requester = cmds.get("requester")
-    if errors or requester is None:
+    if not errors and requester is None:
+        errors = ["this message names no ticket: reply to a notice, or use #requester EMAIL to open one"]
+    if errors:
+        # There is no ticket to keep the words on: the mail stays listable as screened.
+        notify.send(ctx.rt, ctx.session, ticket=None, template="agent/result", to=agent.email,
+                    in_reply_to=ctx.msg.message_id,
+                    extra={"errors": errors, "changes": [], "collision": None, "subject": ctx.msg.subject})
         raise Stop("screened", "agent commands without a ticket refused: " + "; ".join(errors))
+    assert requester is not None
     ticket = create_ticket(ctx, requester=requester.arg.lower(), requester_name="",
                            subject=ctx.msg.subject, actor=agent.email, owner=agent.email)
     ctx.ticket = ticket
-    agent_message(ctx, skip=("requester",))
+    agent_message(ctx, validated=True)
 
 
 def command_rules(ctx: Context, ticket: Ticket | None) -> CommandRules:
     s = ctx.rt.settings
+    session = ctx.session
     assert ctx.agent is not None
-    canned = [n[len("canned/"):-len(".txt.j2")] for n in ctx.rt.renderer.env.list_templates()
-              if n.startswith("canned/") and n.endswith(".txt.j2")]
+    canned = sorted(n[len("canned/"):-len(".txt.j2")] for n in ctx.rt.renderer.env.list_templates()
+                    if n.startswith("canned/") and n.endswith(".txt.j2"))
+    cmds = ctx.commands
+    merge_targets: set[int] = set()
+    for c in cmds.commands if cmds else ():
+        if c.name == "merge" and c.arg.lstrip("#").isdigit():
+            target = session.get(Ticket, int(c.arg.lstrip("#")))
+            if target is not None and target.merged_into is None:
+                merge_targets.add(target.number)  # type: ignore[arg-type]
+    ccs = session.exec(select(Participant.email).where(
+        Participant.ticket_id == ticket.number, Participant.role == "cc")).all() if ticket else []
     return CommandRules(
         statuses=[st.name for st in s.helpdesk.statuses], priorities=list(s.helpdesk.priorities),
         categories=list(s.helpdesk.categories), tiers=[t.name for t in s.sla.tiers],
         agents=[a.email for a in s.agents], canned=canned, author=ctx.agent.email,
-        author_is_admin=ctx.agent.role == "admin", owner=ticket.owner if ticket else None)
+        author_is_admin=ctx.agent.role == "admin", owner=ticket.owner if ticket else None,
+        ticket=ticket.number if ticket else None, merge_targets=frozenset(merge_targets),
+        own_addresses=frozenset(s.helpdesk.all_addresses), ccs=frozenset(ccs))
 
 
-def agent_message(ctx: Context, skip: tuple[str, ...] = ()) -> None:
+def render_canned(ctx: Context, ticket: Ticket, cmds: ParsedCommands) -> tuple[dict[str, str], list[str]]:
+    """Every canned answer the message asks for, rendered before anything changes, so a
+    broken template is an error reply and not a half-applied message."""
+    out: dict[str, str] = {}
+    errors: list[str] = []
+    agent = ctx.agent
+    assert agent is not None
+    for c in cmds.commands:
+        if c.name != "canned" or c.arg in out:
+            continue
+        try:
+            out[c.arg] = ctx.rt.renderer.render_text(f"canned/{c.arg}.txt.j2", {
+                "ticket": notify.ticket_context(ctx.rt, ctx.session, ticket),
+                "helpdesk": notify.helpdesk_context(ctx.rt),
+                "agent": {"name": agent.name, "email": agent.email}}).strip("\n")
+        except Exception as exc:  # an operator's template: report it, do not crash the message
+            errors.append(f"{c.line}: the canned answer failed to render: {type(exc).__name__}: {exc}")
+    return out, errors
+
+
+def agent_message(ctx: Context, *, validated: bool = False) -> None:
     ticket, agent = ctx.ticket, ctx.agent
     assert ticket is not None and agent is not None
     cmds = ctx.commands or ParsedCommands((), ctx.visible_text, ())
-    errors = [] if skip else validate(cmds, command_rules(ctx, ticket), has_ticket=True)
+    errors = [] if validated else validate(cmds, command_rules(ctx, ticket), has_ticket=True)
+    canned: dict[str, str] = {}
+    if not errors:
+        canned, errors = render_canned(ctx, ticket, cmds)
     if errors:
-        # Nothing changes; the words are still kept (internal, so nobody is mailed them).
+        # Nothing changes and nobody but the agent is mailed; the words are kept as internal.
         store_message(ctx, ticket, kind="internal", direction="in", text=ctx.visible_text,
                       author_agent=agent.email)
         ctx.effects.append(("result", {"errors": errors, "changes": []}))
         ctx.outcome = "note"
         return
-    changes, body = apply_commands(ctx, ticket, cmds, skip)
-    is_note = ctx.to_comment_address or cmds.has("note") or cmds.has("spam")
     collision = collision_notice(ctx, ticket)
+    changes, body = apply_commands(ctx, ticket, cmds, canned)
+    ticket = ctx.ticket  # after #merge the conversation continues on the surviving ticket
+    assert ticket is not None
+    is_note = ctx.to_comment_address or cmds.has("note") or cmds.has("spam")
     if is_note or not body.strip():
         message = store_message(ctx, ticket, kind="internal", direction="in", text=body,
                                 author_agent=agent.email)
         if body.strip() and not cmds.has("spam"):
             ctx.effects.append(("note", {"message": message}))
+            changes.append("internal note stored (not sent to the requester)")
         ctx.outcome = "note"
     else:
         message = store_message(ctx, ticket, kind="public", direction="out", text=body,
@@ -323,6 +464,7 @@ def agent_message(ctx: Context, skip: tuple[str, ...] = ()) -> None:
         if ticket.status_kind == "new" and not cmds.has("status"):
             set_status(ctx.rt, ctx.session, ticket, first_status(ctx.rt, "open").name, agent.email)
         ctx.effects.append(("answer", {"message": message}))
+        changes.append("answer sent to " + ", ".join(notify.requester_and_cc(ctx.session, ticket)))
         ctx.outcome = "reply"
     if cmds.commands or collision:
         ctx.effects.append(("result", {"errors": [], "changes": changes, "collision": collision}))
@@ -330,6 +472,7 @@ def agent_message(ctx: Context, skip: tuple[str, ...] = ()) -> None:
 
 def collision_notice(ctx: Context, ticket: Ticket) -> str | None:
     """If another agent answered after the mail this agent replied to, say who and when."""
+    assert ctx.agent is not None
     replied_to = [*ctx.msg.in_reply_to, *reversed(ctx.msg.references)]
     seen_at = None
     for mid in replied_to:
@@ -347,79 +490,107 @@ def collision_notice(ctx: Context, ticket: Ticket) -> str | None:
         Message.created_at > seen_at).order_by(Message.created_at)).first()  # type: ignore[arg-type]
     if later is None:
         return None
-    return (f"{later.author_agent} answered the requester at "
-            f"{as_utc(later.created_at).isoformat(timespec='minutes')}, after the message you "
+    name = later.from_name or later.author_agent
+    return (f"{name} <{later.author_agent}> answered the requester at "
+            f"{as_utc(later.created_at).isoformat(timespec='minutes')} UTC, after the message you "
             "replied to. Your reply was delivered as well.")
 
 
 def apply_commands(ctx: Context, ticket: Ticket, cmds: ParsedCommands,
-                   skip: tuple[str, ...]) -> tuple[list[str], str]:
+                   canned: dict[str, str]) -> tuple[list[str], str]:
     """Apply validated commands; returns the change lines and the text to send or keep."""
     rt, session = ctx.rt, ctx.session
+    hd = rt.settings.helpdesk
     agent = ctx.agent
     assert agent is not None
     actor = agent.email
     changes: list[str] = []
     body = cmds.body
-    for c in cmds.commands:
-        if c.name in skip:
-            continue
+    top_canned: list[str] = []
+    # #merge first: every other command of the message then acts on the surviving ticket.
+    for c in sorted(cmds.commands, key=lambda c: c.name != "merge"):
         if c.name == "status":
-            old = set_status(rt, session, ticket, c.arg, actor)
+            name = find_choice(c.arg, [st.name for st in hd.statuses]) or c.arg
+            old = set_status(rt, session, ticket, name, actor)
             if old is not None:
-                changes.append(f"status: {old} -> {c.arg}")
-                status = rt.settings.helpdesk.status(c.arg)
+                changes.append(f"status: {old} -> {name}")
+                status = hd.status(name)
                 if status and status.notify_requester:
                     ctx.effects.append(("status", {"old": old}))
         elif c.name == "priority":
-            old, ticket.priority = ticket.priority, c.arg.lower()
+            old, ticket.priority = ticket.priority, find_choice(c.arg, hd.priorities) or c.arg.lower()
             set_due_times(rt, ticket)
             add_event(session, ticket, actor, "priority", old, ticket.priority)
             changes.append(f"priority: {old} -> {ticket.priority}")
         elif c.name == "category":
-            old, ticket.category = ticket.category, c.arg
-            add_event(session, ticket, actor, "category", old, c.arg)
-            changes.append(f"category: {old or '-'} -> {c.arg}")
+            old, ticket.category = ticket.category, find_choice(c.arg, hd.categories) or c.arg
+            add_event(session, ticket, actor, "category", old, ticket.category)
+            changes.append(f"category: {old or '-'} -> {ticket.category}")
+            if ticket.owner is None and not cmds.has("assign"):
+                # A category known only now may be what an assignment rule waits for.
+                owner, why = pick_owner(rt, session, ticket)
+                if owner:
+                    ticket.owner = owner
+                    add_event(session, ticket, "system", "owner", None, owner, why)
+                    changes.append(f"owner: nobody -> {owner} ({why})")
+                    if owner != actor:
+                        ctx.effects.append(("assigned", {"to": owner, "by": actor, "role": "owner"}))
         elif c.name == "tier":
-            old, ticket.tier = ticket.tier, c.arg
+            old, ticket.tier = ticket.tier, find_choice(c.arg, [t.name for t in rt.settings.sla.tiers]) or c.arg
             set_due_times(rt, ticket)
-            add_event(session, ticket, actor, "tier", old, c.arg)
-            changes.append(f"tier: {old} -> {c.arg}")
+            add_event(session, ticket, actor, "tier", old, ticket.tier)
+            changes.append(f"tier: {old} -> {ticket.tier}")
         elif c.name == "assign":
             target = actor if c.arg.lower() == "me" else c.arg.lower()
+            if target == ticket.owner:
+                changes.append(f"owner: {target} (unchanged)")
+                continue
             old, ticket.owner = ticket.owner, target
             add_event(session, ticket, actor, "owner", old, target)
             changes.append(f"owner: {old or 'nobody'} -> {target}")
             if target != actor:
-                ctx.effects.append(("assigned", {"to": target, "by": actor}))
+                ctx.effects.append(("assigned", {"to": target, "by": actor, "role": "owner"}))
         elif c.name in ("assist", "cc"):
             role = "assistant" if c.name == "assist" else "cc"
             email = c.arg.lower()
             if add_participant(session, ticket, email, role):
                 add_event(session, ticket, actor, role, None, email)
                 changes.append(f"{role} added: {email}")
+                if role == "assistant" and email != actor:
+                    ctx.effects.append(("assigned", {"to": email, "by": actor, "role": "assistant"}))
+            else:
+                changes.append(f"{role} {email} (already there)")
         elif c.name == "uncc":
             email = c.arg.lower()
             for p in session.exec(select(Participant).where(
                     Participant.ticket_id == ticket.number, Participant.email == email,
                     Participant.role == "cc")).all():
                 session.delete(p)
-                add_event(session, ticket, actor, "cc removed", email, None)
-                changes.append(f"cc removed: {email}")
+            add_event(session, ticket, actor, "cc removed", email, None)
+            changes.append(f"cc removed: {email}")
         elif c.name == "canned":
-            text = rt.renderer.render_text(f"canned/{c.arg}.txt.j2", {
-                "ticket": notify.ticket_context(rt, session, ticket),
-                "helpdesk": notify.helpdesk_context(rt), "agent": {"name": agent.name, "email": agent.email}})
-            body = (text.rstrip("\n") + "\n\n" + body).strip("\n")
+            text = canned[c.arg]
+            if c.inline:
+                # A function replacement: the canned text is not a regex template.
+                body = re.sub(rf"(?im)^[ \t]*#canned[ \t]+{re.escape(c.arg)}[ \t]*$",
+                              lambda _m, t=text: t, body, count=1)
+            else:
+                top_canned.append(text)
             changes.append(f"canned answer {c.arg} inserted")
         elif c.name == "merge":
-            target = merge_tickets(ctx, ticket, int(c.arg.lstrip("#")))
-            changes.append(f"merged into #{target}")
+            source = ticket.number
+            ticket = merge_tickets(ctx, ticket, int(c.arg.lstrip("#")))
+            changes.append(f"merged #{source} into #{ticket.number}")
         elif c.name == "spam":
-            mark_spam(ctx, ticket)
-            changes.append("marked as spam, learned and closed")
+            learned = mark_spam(ctx, ticket)
+            changes.append("marked as spam and closed; " + (
+                "the spam filter learned its first message" if learned else "spam filter off: nothing learned"))
         elif c.name == "requester":
             pass  # handled by open_on_behalf before we get here
+    if top_canned:
+        # The commands stand at the top, so that is where their canned answers go.
+        body = "\n\n".join([*top_canned, body] if body.strip() else top_canned)
+    ticket.updated_at = ctx.now
     return changes, body
 
 
@@ -430,15 +601,19 @@ def add_participant(session: Session, ticket: Ticket, email: str, role: str) -> 
     if exists is not None:
         return False
     session.add(Participant(ticket_id=ticket.number, email=email, role=role))  # type: ignore[arg-type]
+    session.flush()
     return True
 
 
-def merge_tickets(ctx: Context, source: Ticket, target_number: int) -> int:
+def merge_tickets(ctx: Context, source: Ticket, target_number: int) -> Ticket:
+    """Move the source's history, people and requester into the target; the source is closed
+    and remembers the target, so later replies to it (tag, token, references) land there."""
     session = ctx.session
     target = session.get(Ticket, target_number)
-    if target is None or target.number == source.number:
+    if target is None or target.number == source.number:  # validate() makes this unreachable
         raise ValueError(f"cannot merge #{source.number} into #{target_number}")
     actor = ctx.agent.email if ctx.agent else "system"
+    told = notify.requester_and_cc(session, source)
     for m in session.exec(select(Message).where(Message.ticket_id == source.number)).all():
         m.ticket_id = target.number
         session.add(m)
@@ -451,20 +626,25 @@ def merge_tickets(ctx: Context, source: Ticket, target_number: int) -> int:
     set_status(ctx.rt, session, source, first_status(ctx.rt, "closed").name, actor)
     add_event(session, source, actor, "merged", None, target.number)
     add_event(session, target, actor, "merged from", None, source.number)
+    ctx.effects.append(("merged", {"source": source.number, "source_subject": source.subject, "to": told}))
     ctx.ticket = target  # the agent's own message lands on the surviving ticket
-    return target.number  # type: ignore[return-value]
+    return target
 
 
-def mark_spam(ctx: Context, ticket: Ticket) -> None:
+def mark_spam(ctx: Context, ticket: Ticket) -> bool:
+    """Close as spam and teach the filter the ticket's first message; True if it learned."""
     first = ctx.session.exec(select(Message).where(
         Message.ticket_id == ticket.number, Message.direction == "in",
         Message.raw_sha256.is_not(None)).order_by(Message.id)).first()  # type: ignore[union-attr,arg-type]
+    learned = False
     if first is not None and first.raw_sha256:
-        ctx.rt.learn_spam(ctx.rt.blobs.get(first.raw_sha256), True)
+        # With [spam] enabled = false there is no model: closing still works.
+        learned = bool(ctx.rt.learn_spam(ctx.rt.blobs.get(first.raw_sha256), True))
     ticket.from_spam = True
     actor = ctx.agent.email if ctx.agent else "system"
     set_status(ctx.rt, ctx.session, ticket, first_status(ctx.rt, "closed").name, actor)
-    add_event(ctx.session, ticket, actor, "spam", None, "learned")
+    add_event(ctx.session, ticket, actor, "spam", None, "learned" if learned else "closed")
+    return learned
 
 
 def record_bounce(ctx: Context) -> None:
@@ -506,14 +686,15 @@ def send_effects(ctx: Context) -> None:
             if ticket.owner:
                 recipients = [ticket.owner]
             elif hd.notify_group_on_new:
-                recipients = [a.email for a in rt.settings.agents]
+                recipients = unowned_recipients(rt, session, ticket)
             else:
                 recipients = []
             notify.notify_agents(rt, session, ticket, "agent/new_ticket", recipients, message=message,
                                  exclude=ctx.sender)
         elif name == "requester_reply":
             notify.notify_agents(rt, session, ticket, "agent/requester_reply",
-                                 notify.ticket_agents(rt, session, ticket, everyone_if_unowned=True),
+                                 notify.ticket_agents(rt, session, ticket,
+                                                      unowned=unowned_recipients(rt, session, ticket)),
                                  message=message)
         elif name == "answer":
             assert message is not None and ctx.agent is not None
@@ -525,26 +706,31 @@ def send_effects(ctx: Context) -> None:
                             message=message, in_reply_to=last_in, automatic=False,
                             from_name=f"{ctx.agent.name} via {hd.name}")
         elif name == "note":
+            # Reply-To is the comment address: answering a note is a note again, so the
+            # note quoted in that answer cannot reach the requester by a slip of the client.
             notify.notify_agents(rt, session, ticket, "agent/note",
-                                 notify.ticket_agents(rt, session, ticket, everyone_if_unowned=True),
-                                 message=message, exclude=ctx.sender)
+                                 notify.ticket_agents(rt, session, ticket,
+                                                      unowned=unowned_recipients(rt, session, ticket)),
+                                 message=message, exclude=ctx.sender, reply_base=hd.comment_address)
         elif name == "status":
             if ticket.from_spam or ticket.merged_into:
                 continue
             requester = session.get(Contact, ticket.requester_id)
             if requester is not None:
-                notify.send(rt, session, ticket=ticket, template="requester/status", to=requester.email,
-                            extra={"old_status": data["old"]}, record_kind="system", hits=ctx.hits)
+                notify.send(rt, session, ticket=ticket, template=notify.status_template(rt, ticket.status),
+                            to=requester.email, extra={"old_status": data["old"]}, record_kind="system",
+                            hits=ctx.hits)
+        elif name == "merged":
+            for to in data["to"]:
+                notify.send(rt, session, ticket=ticket, template="requester/merged", to=to,
+                            extra={"merged_from": data["source"], "merged_subject": data["source_subject"]},
+                            record_kind="system", hits=ctx.hits)
         elif name == "assigned":
             notify.notify_agents(rt, session, ticket, "agent/assigned", [data["to"]], message=None,
-                                 extra={"by": data["by"]})
+                                 extra={"by": data["by"], "role": data.get("role", "owner")})
         elif name == "result":
             assert ctx.agent is not None
             notify.send(rt, session, ticket=ticket, template="agent/result", to=ctx.agent.email,
                         in_reply_to=ctx.msg.message_id,
                         extra={"errors": data["errors"], "changes": data["changes"],
-                               "collision": data.get("collision")})
-        elif name == "spoofed_commands":
-            notify.send(rt, session, ticket=ticket, template="agent/spoofed", to=data["agent"],
-                        extra={"sender": ctx.sender, "subject": ctx.msg.subject})
-
+                               "collision": data.get("collision"), "subject": ctx.msg.subject})

@@ -2,14 +2,18 @@
 
 Commands are read only from the lines at the very top of the visible (quote-
 stripped) text, so a quoted notice or an out-of-office echo that contains
-`#status closed` is never a command (threats.md 17).
+`#status closed` is never a command (threats.md 17). The one exception is
+`#canned NAME` on a line of its own further down: it marks where a canned
+answer goes, and is validated with the rest.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+
+from mailgate.domain import base_address
 
 # name -> whether it takes an argument
 KNOWN: dict[str, bool] = {
@@ -17,8 +21,13 @@ KNOWN: dict[str, bool] = {
     "tier": True, "note": False, "spam": False, "merge": True, "canned": True,
     "requester": True, "cc": True, "uncc": True,
 }
+# Commands that may sensibly appear more than once in one message.
+REPEATABLE = frozenset({"cc", "uncc", "assist", "canned"})
 _LINE = re.compile(r"^#([A-Za-z][A-Za-z_-]*)(?:[ \t]+(.*))?$")
-_EMAIL = re.compile(r"^[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+$")
+_INLINE_CANNED = re.compile(r"^[ \t]*#canned[ \t]+(\S+)[ \t]*$", re.IGNORECASE)
+_EMAIL = re.compile(r"^[^@\s<>,;]+@[^@\s<>,;]+\.[^@\s<>,;]+$")
+# HTML-to-text conversion leaves no-break and zero-width spaces where the agent typed spaces.
+_ODD_SPACE = str.maketrans({"\u00a0": " ", "\u2007": " ", "\u202f": " ", "\u200b": "", "\ufeff": ""})
 
 
 @dataclass(frozen=True)
@@ -26,12 +35,13 @@ class Command:
     name: str
     arg: str
     line: str
+    inline: bool = False  # a #canned line inside the body: replaced in place
 
 
 @dataclass(frozen=True)
 class ParsedCommands:
     commands: tuple[Command, ...]
-    body: str  # the text below the commands
+    body: str  # the text below the commands (inline #canned lines still in it)
     errors: tuple[str, ...]
 
     def has(self, name: str) -> bool:
@@ -40,9 +50,17 @@ class ParsedCommands:
     def get(self, name: str) -> Command | None:
         return next((c for c in self.commands if c.name == name), None)
 
+    @property
+    def first(self) -> Command | None:
+        return self.commands[0] if self.commands else None
+
+
+def _command_line(line: str) -> re.Match[str] | None:
+    return _LINE.match(line.strip())
+
 
 def parse_commands(text: str) -> ParsedCommands:
-    lines = text.replace("\r\n", "\n").split("\n")
+    lines = text.replace("\r\n", "\n").translate(_ODD_SPACE).split("\n")
     i = 0
     while i < len(lines) and not lines[i].strip():
         i += 1
@@ -50,7 +68,17 @@ def parse_commands(text: str) -> ParsedCommands:
     errors: list[str] = []
     while i < len(lines):
         line = lines[i].strip()
-        m = _LINE.match(line)
+        if not line:
+            # HTML mail puts every <div>/<p> on its own paragraph: a blank line between two
+            # command lines does not end the block, a blank line before prose does.
+            j = i
+            while j < len(lines) and not lines[j].strip():
+                j += 1
+            if commands and j < len(lines) and _command_line(lines[j]):
+                i = j
+                continue
+            break
+        m = _command_line(line)
         if not m:
             break
         name, arg = m.group(1).lower(), (m.group(2) or "").strip()
@@ -66,10 +94,21 @@ def parse_commands(text: str) -> ParsedCommands:
         else:
             commands.append(Command(name, arg, line))
         i += 1
-    names = [c.name for c in commands if c.name not in ("cc", "uncc", "assist")]
+    body = "\n".join(lines[i:]).strip("\n")
+    for line in body.split("\n"):
+        m = _INLINE_CANNED.match(line)
+        if m:
+            commands.append(Command("canned", m.group(1), line.strip(), inline=True))
+    names = [c.name for c in commands if c.name not in REPEATABLE]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         errors.append(f"#{dup}: given more than once")
-    return ParsedCommands(tuple(commands), "\n".join(lines[i:]).strip("\n"), tuple(errors))
+    return ParsedCommands(tuple(commands), body, tuple(errors))
+
+
+def find_choice(value: str, choices: Sequence[str]) -> str | None:
+    """The configured spelling of `value`, matched without regard to case."""
+    folded = value.casefold()
+    return next((c for c in choices if c.casefold() == folded), None)
 
 
 @dataclass(frozen=True)
@@ -85,27 +124,33 @@ class CommandRules:
     author: str
     author_is_admin: bool
     owner: str | None  # the ticket's current owner, None without a ticket
+    ticket: int | None = None  # the ticket the message is about
+    merge_targets: Collection[int] = field(default_factory=frozenset)  # tickets that exist, unmerged
+    own_addresses: Collection[str] = field(default_factory=frozenset)  # the help desk's addresses
+    ccs: Collection[str] = field(default_factory=frozenset)  # the ticket's CC participants
 
 
 def validate(parsed: ParsedCommands, rules: CommandRules, *, has_ticket: bool) -> list[str]:
     """Every reason the command set must be refused; empty means apply all of it."""
     errors = list(parsed.errors)
+    agents = {a.lower() for a in rules.agents}
+    own = {a.lower() for a in rules.own_addresses}
     for c in parsed.commands:
         arg = c.arg
-        if c.name == "status" and arg not in rules.statuses:
+        if c.name == "status" and find_choice(arg, rules.statuses) is None:
             errors.append(f"{c.line}: unknown status; one of {', '.join(rules.statuses)}")
-        elif c.name == "priority" and arg.lower() not in rules.priorities:
+        elif c.name == "priority" and find_choice(arg, rules.priorities) is None:
             errors.append(f"{c.line}: unknown priority; one of {', '.join(rules.priorities)}")
-        elif c.name == "category" and rules.categories and arg not in rules.categories:
+        elif c.name == "category" and rules.categories and find_choice(arg, rules.categories) is None:
             errors.append(f"{c.line}: unknown category; one of {', '.join(rules.categories)}")
         elif c.name == "tier":
             if not rules.author_is_admin:
                 errors.append(f"{c.line}: only an admin may change the tier")
-            elif arg not in rules.tiers:
+            elif find_choice(arg, rules.tiers) is None:
                 errors.append(f"{c.line}: unknown tier; one of {', '.join(rules.tiers)}")
         elif c.name == "assign":
             target = rules.author if arg.lower() == "me" else arg.lower()
-            if target not in rules.agents:
+            if target not in agents:
                 errors.append(f"{c.line}: {arg} is not an agent")
             elif not rules.author_is_admin and rules.owner not in (None, rules.author):
                 errors.append(f"{c.line}: the ticket belongs to {rules.owner}; "
@@ -113,14 +158,30 @@ def validate(parsed: ParsedCommands, rules: CommandRules, *, has_ticket: bool) -
             elif not rules.author_is_admin and target != rules.author and rules.owner is None:
                 errors.append(f"{c.line}: only an admin may assign a ticket to another agent")
         elif c.name == "assist":
-            if arg.lower() not in rules.agents:
+            if arg.lower() not in agents:
                 errors.append(f"{c.line}: {arg} is not an agent")
             elif not rules.author_is_admin and rules.owner not in (None, rules.author):
                 errors.append(f"{c.line}: only the owner or an admin may add assistants")
-        elif c.name in ("cc", "uncc", "requester") and not _EMAIL.match(arg):
-            errors.append(f"{c.line}: not an email address")
-        elif c.name == "merge" and not arg.lstrip("#").isdigit():
-            errors.append(f"{c.line}: #merge takes a ticket number")
+        elif c.name in ("cc", "uncc", "requester"):
+            if not _EMAIL.match(arg):
+                errors.append(f"{c.line}: not an email address")
+            elif base_address(arg) in own:
+                # mail to ourselves would come straight back in: a loop
+                errors.append(f"{c.line}: {arg} is one of the help desk's own addresses")
+            elif c.name == "uncc" and arg.lower() not in {x.lower() for x in rules.ccs}:
+                errors.append(f"{c.line}: {arg} is not a CC participant of this ticket")
+            elif c.name != "uncc" and arg.lower() in agents:
+                errors.append(f"{c.line}: {arg} is an agent; "
+                              + ("use #assist to add an agent" if c.name == "cc"
+                                 else "a ticket on behalf of a customer needs the customer's address"))
+        elif c.name == "merge":
+            digits = arg.lstrip("#")
+            if not digits.isdigit():
+                errors.append(f"{c.line}: #merge takes a ticket number")
+            elif rules.ticket is not None and int(digits) == rules.ticket:
+                errors.append(f"{c.line}: a ticket cannot be merged into itself")
+            elif int(digits) not in rules.merge_targets:
+                errors.append(f"{c.line}: there is no open ticket #{digits} to merge into")
         elif c.name == "canned" and arg not in rules.canned:
             known = ", ".join(rules.canned) or "none are installed"
             errors.append(f"{c.line}: no canned answer {arg!r}; known: {known}")
@@ -134,4 +195,8 @@ def validate(parsed: ParsedCommands, rules: CommandRules, *, has_ticket: bool) -
                       "send it to the support address, not as a reply")
     if parsed.has("note") and parsed.has("canned"):
         errors.append("#canned: a canned answer goes to the requester and cannot be part of a #note")
+    if parsed.has("spam"):
+        clash = [c.line for c in parsed.commands if c.name in ("status", "merge", "canned", "requester")]
+        if clash:
+            errors.append(f"{clash[0]}: #spam closes the ticket and cannot be combined with it")
     return errors

@@ -22,12 +22,23 @@ class Identity:
 
 
 def _aligned(domain: str, from_domain: str) -> bool:
+    """The authenticated domain is the From domain or a parent of it.
+
+    Not a child of it: a subdomain may be delegated to a third party (a mailing
+    service, a tenant), and a pass for that party must not speak for our agents.
+    """
     domain, from_domain = domain.lower().rstrip("."), from_domain.lower().rstrip(".")
-    return domain == from_domain or from_domain.endswith("." + domain) or domain.endswith("." + from_domain)
+    return bool(domain) and "." in domain and (domain == from_domain or from_domain.endswith("." + domain))
 
 
 def auth_results_pass(headers: Sequence[str], trusted_ids: Sequence[str], from_domain: str) -> str | None:
-    """The first trusted DKIM/SPF pass aligned with from_domain, described; None if none."""
+    """The trusted DKIM/SPF pass aligned with from_domain, described; None if none.
+
+    `headers` in message order, topmost first. Only the topmost header stamped
+    by a trusted authserv-id counts: that is the one our own MTA added last. A
+    lower one with the same id was there before our MTA saw the message, so it
+    is a forgery our MTA failed to remove (RFC 8601 section 5), never evidence.
+    """
     trusted = {t.lower() for t in trusted_ids}
     if not trusted or not from_domain:
         return None
@@ -38,20 +49,26 @@ def auth_results_pass(headers: Sequence[str], trusted_ids: Sequence[str], from_d
             continue
         if (parsed.authserv_id or "").lower() not in trusted:
             continue
-        for result in parsed.results:
-            if str(result.result).lower() != "pass":
-                continue
-            method = str(result.method).lower()
-            props = {f"{p.type}.{p.name}".lower(): str(p.value) for p in result.properties}
-            if method == "dkim":
-                d = props.get("header.d") or props.get("header.i", "").rpartition("@")[2]
-                if d and _aligned(d, from_domain):
-                    return f"Authentication-Results {parsed.authserv_id}: dkim=pass header.d={d}"
-            elif method == "spf":
-                mf = props.get("smtp.mailfrom", "")
-                d = mf.rpartition("@")[2] or props.get("smtp.helo", "")
-                if d and _aligned(d, from_domain):
-                    return f"Authentication-Results {parsed.authserv_id}: spf=pass smtp.mailfrom={mf}"
+        return _first_pass(parsed, from_domain)
+    return None
+
+
+def _first_pass(parsed: authres.AuthenticationResultsHeader, from_domain: str) -> str | None:
+    for result in parsed.results:
+        if str(result.result).lower() != "pass":
+            continue
+        method = str(result.method).lower()
+        props = {f"{p.type}.{p.name}".lower(): str(p.value) for p in result.properties}
+        if method == "dkim":
+            d = props.get("header.d") or props.get("header.i", "").rpartition("@")[2]
+            if d and _aligned(d, from_domain):
+                return f"Authentication-Results {parsed.authserv_id}: dkim=pass header.d={d}"
+        elif method == "spf":
+            # The envelope sender only, as DMARC does: a HELO name says nothing about From.
+            mf = props.get("smtp.mailfrom", "")
+            d = mf.rpartition("@")[2]
+            if d and _aligned(d, from_domain):
+                return f"Authentication-Results {parsed.authserv_id}: spf=pass smtp.mailfrom={mf}"
     return None
 
 

@@ -10,14 +10,14 @@ our own addresses.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func
 from sqlmodel import Session, select
 
-from mailgate.domain import base_address, tagged_subject
+from mailgate.domain import base_address, reply_address, tagged_subject
 from mailgate.outbox import enqueue
 from mailgate.runtime import Runtime
 from mailgate.store.engine import iso, utcnow
@@ -78,36 +78,77 @@ def loop_guard_allows(rt: Runtime, session: Session, recipient: str) -> bool:
     return sent_since(timedelta(days=1)) < hd.auto_reply_limit_per_day
 
 
-def send(rt: Runtime, session: Session, *, ticket: Ticket, template: str, to: str,
+class PrivacyError(RuntimeError):
+    """A requester-facing template was about to receive an internal message."""
+
+
+def is_requester_template(template: str) -> bool:
+    return template.startswith("requester/")
+
+
+def status_template(rt: Runtime, status: str) -> str:
+    """`requester/status-<name>` if the site or package has one, else `requester/status`."""
+    name = f"requester/status-{status}"
+    if rt.renderer.exists(f"{name}.subject.j2") and rt.renderer.exists(f"{name}.txt.j2"):
+        return name
+    return "requester/status"
+
+
+def _with_reply_to(raw: bytes, address: str) -> bytes:
+    from email import message_from_bytes
+
+    from mailgate.outbox import WIRE_POLICY
+
+    msg = message_from_bytes(raw, policy=WIRE_POLICY)
+    del msg["Reply-To"]
+    msg["Reply-To"] = address
+    return msg.as_bytes(policy=WIRE_POLICY)
+
+
+def send(rt: Runtime, session: Session, *, ticket: Ticket | None, template: str, to: str,
          extra: dict[str, Any] | None = None, message: Message | None = None,
          in_reply_to: str | None = None, automatic: bool = True, from_name: str | None = None,
-         record_kind: str | None = None, hits: list[dict[str, Any]] | None = None) -> Outbox | None:
-    """Queue one mail about `ticket` to `to`. record_kind: also keep it as a ticket message."""
+         record_kind: str | None = None, hits: list[dict[str, Any]] | None = None,
+         reply_base: str | None = None) -> Outbox | None:
+    """Queue one mail about `ticket` (None: about no ticket) to `to`.
+
+    record_kind: also keep it as a ticket message. reply_base: the address whose
+    plus form goes into Reply-To instead of the support address (the comment
+    address for notes, so that answering a note is a note again).
+    """
+    if is_requester_template(template) and message is not None and message.kind != "public":
+        # Defence in depth: callers only ever pass public messages here; if one ever
+        # does not, fail the transaction loudly rather than mail a note to a customer.
+        raise PrivacyError(f"{template}: refusing to render a {message.kind} message for {to}")
     guarded = automatic and rt.settings.agent(to) is None  # agents' notices are not capped
     if guarded and not loop_guard_allows(rt, session, to):
-        log.warning("ticket %s: loop guard holds back %s to %s", ticket.number, template, to)
+        log.warning("ticket %s: loop guard holds back %s to %s", ticket.number if ticket else "-", template, to)
         if hits is not None:
             hits.append({"step": "notify", "hit": True, "reason": f"loop guard: no {template} to {to}"})
         return None
+    hd = rt.settings.helpdesk
     context = {
         "helpdesk": helpdesk_context(rt),
-        "ticket": ticket_context(rt, session, ticket),
+        "ticket": ticket_context(rt, session, ticket) if ticket is not None else None,
         "message": message_context(message) if message else None,
-        "tagged_subject": tagged_subject(rt.settings.helpdesk.subject_tag, ticket.number or 0,
-                                         ticket.subject),
+        "tagged_subject": tagged_subject(hd.subject_tag, ticket.number or 0, ticket.subject)
+        if ticket is not None else "",
         **(extra or {}),
     }
+    number = ticket.number if ticket is not None else None
     row, mail = enqueue(session, rt.settings, rt.renderer, template=template, to=to, context=context,
-                        ticket_number=ticket.number, in_reply_to=in_reply_to,
-                        references=thread_ids(session, ticket), automatic=automatic,
-                        from_name=from_name)
+                        ticket_number=number, in_reply_to=in_reply_to,
+                        references=thread_ids(session, ticket) if ticket is not None else (),
+                        automatic=automatic, from_name=from_name)
+    if reply_base is not None and number is not None:
+        row.raw = _with_reply_to(row.raw, reply_address(reply_base, hd.secret_key, number, to))
     session.flush()
     if guarded:
         session.add(AutoReplyLog(recipient=to, sent_at=utcnow()))
-    if record_kind is not None:
+    if record_kind is not None and ticket is not None:
         session.add(Message(
             ticket_id=ticket.number, outbox_id=row.id, kind=record_kind, direction="out",
-            from_addr=rt.settings.helpdesk.address, from_name=from_name or rt.settings.helpdesk.name,
+            from_addr=hd.address, from_name=from_name or hd.name,
             to_addrs=to, subject=mail.subject, text=mail.text, full_text=mail.text,
             message_id=mail.message_id, in_reply_to=in_reply_to, created_at=utcnow(),
         ))
@@ -122,20 +163,23 @@ def requester_and_cc(session: Session, ticket: Ticket) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def ticket_agents(rt: Runtime, session: Session, ticket: Ticket, *, everyone_if_unowned: bool) -> list[str]:
-    """Owner and assistants; without an owner, the queue's group (or all agents)."""
+def ticket_agents(rt: Runtime, session: Session, ticket: Ticket, *,
+                  unowned: Sequence[str] = ()) -> list[str]:
+    """Owner and assistants; without either, `unowned` (the queue's group, see apply)."""
     out: list[str] = [ticket.owner] if ticket.owner else []
     out += session.exec(select(Participant.email).where(
         Participant.ticket_id == ticket.number, Participant.role == "assistant")).all()
-    if not out and everyone_if_unowned:
-        out = [a.email for a in rt.settings.agents]
+    if not out:
+        out = list(unowned)
     return list(dict.fromkeys(out))
 
 
 def notify_agents(rt: Runtime, session: Session, ticket: Ticket, template: str, recipients: Iterable[str],
                   *, message: Message | None, exclude: str | None = None,
-                  extra: dict[str, Any] | None = None) -> None:
-    for agent in recipients:
+                  extra: dict[str, Any] | None = None, reply_base: str | None = None) -> None:
+    """One notice per agent; each carries a Reply-To token valid for that agent alone."""
+    for agent in dict.fromkeys(recipients):
         if agent != exclude:
             send(rt, session, ticket=ticket, template=template, to=agent, message=message,
-                 in_reply_to=message.message_id if message else None, extra=extra)
+                 in_reply_to=message.message_id if message else None, extra=extra,
+                 reply_base=reply_base)

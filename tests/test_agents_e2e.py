@@ -1,0 +1,362 @@
+"""Agents by email, end to end: `mailgate run` as a subprocess, smtplib in, the outgoing
+maildir out (issue 5, DESIGN.md section 3).
+
+Each scenario reuses one daemon across its steps (a daemon start costs seconds) and
+checks exact counts of the mails each step produced.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import AGENTS, Daemon, mail, start_daemon, wait_until, write_config
+
+pytestmark = pytest.mark.e2e
+
+TRUSTED = 'trusted_authserv_ids = ["mx.example.com"]\ncategories = ["billing", "hardware"]'
+DKIM_PASS = "mx.example.com; dkim=pass header.d=example.com"
+CAROL = "carol@customer.org"
+HANK = "hank@customer.org"
+
+
+class Desk:
+    """A daemon plus a cursor over its outgoing maildir: `take` returns only new mail."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+        self.seen: set[str] = set()
+
+    def take(self) -> list[EmailMessage]:
+        """Every mail sent since the last take, once the daemon is idle."""
+        self.d.wait_idle()
+        time.sleep(0.3)  # let a surplus mail show up, so exact counts mean something
+        self.d.wait_idle()
+        new_dir = self.d.maildir / "new"
+        fresh = sorted((p for p in new_dir.iterdir() if p.name not in self.seen),
+                       key=lambda p: (p.stat().st_mtime_ns, p.name)) if new_dir.is_dir() else []
+        from email import message_from_bytes, policy
+
+        self.seen.update(p.name for p in fresh)
+        return [message_from_bytes(p.read_bytes(), policy=policy.default) for p in fresh]  # type: ignore[misc]
+
+    def send(self, m: EmailMessage, recipients: list[str] | None = None) -> None:
+        self.d.send(m, recipients=recipients)
+
+    def query(self, sql: str, *args: object) -> list[tuple]:
+        """Straight from the database: much cheaper than a `mailgate tickets` subprocess."""
+        con = sqlite3.connect(self.d.config.parent / "mailgate.db", timeout=5)
+        try:
+            return con.execute(sql, args).fetchall()
+        finally:
+            con.close()
+
+    def numbers(self) -> set[int]:
+        return {n for (n,) in self.query("select number from ticket")}
+
+    def owner(self, number: int) -> str | None:
+        return self.query("select owner from ticket where number = ?", number)[0][0]
+
+    def open(self, subject: str, sender: str = f"Carol <{CAROL}>", body: str = "Hello, help please.",
+             **kw: str) -> tuple[int, list[EmailMessage]]:
+        before = self.numbers()
+        self.send(mail(sender=sender, subject=subject, body=body, **kw))
+        number = wait_until(lambda: (self.numbers() - before or {0}).pop())
+        return number, self.take()
+
+
+def to(mails: list[EmailMessage], address: str) -> list[EmailMessage]:
+    return [m for m in mails if address in str(m["To"])]
+
+
+def text(m: EmailMessage) -> str:
+    return m.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+
+
+def reply(notice: EmailMessage, sender: str, body: str, *, headers: dict[str, str] | None = None,
+          html: bool = False) -> tuple[EmailMessage, list[str]]:
+    """What a mail client makes of 'Reply': to Reply-To, threaded, the notice quoted below."""
+    quoted = "\n".join("> " + line for line in text(notice).splitlines())
+    full = f"{body}\n\n-- \n{sender.split('@')[0].title()} | Example Corp | +1 555 0100\n\n" \
+           f"On Mon, 1 Jan 2024 at 10:00, Example Support <support@example.com> wrote:\n{quoted}\n"
+    reply_to = str(notice["Reply-To"])
+    m = mail(sender=sender, to=reply_to, subject="Re: " + str(notice["Subject"]), body=full,
+             headers={"In-Reply-To": str(notice["Message-ID"]), "References": str(notice["Message-ID"]),
+                      **(headers or {})})
+    if html:
+        paragraphs = "".join(f"<div>{line}</div>" for line in body.splitlines())
+        m.set_content(f"<html><body>{paragraphs}<br><div class=gmail_quote>On Mon wrote:"
+                      f"<blockquote>{text(notice)}</blockquote></div></body></html>", subtype="html")
+    return m, [reply_to]
+
+
+@pytest.fixture(scope="module")
+def desk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Desk]:
+    d = start_daemon(write_config(tmp_path_factory.mktemp("agents"), helpdesk_extra=TRUSTED))
+    yield Desk(d)
+    d.stop()
+
+
+def test_answers_notes_collision_and_commands(desk: Desk) -> None:
+    d = desk.d
+    n, mails = desk.open("Printer on fire", body="SECRETQUOTE my printer is on fire",
+                         headers={"Cc": "Dave <dave@customer.org>"})
+    # confirmation to carol; unassigned, no rules: every agent hears of it
+    assert sorted(str(m["To"]) for m in mails) == ["alice@example.com", "bob@example.com", CAROL]
+    notice_a, notice_b = to(mails, "alice@example.com")[0], to(mails, "bob@example.com")[0]
+    assert notice_a["Reply-To"] != notice_b["Reply-To"]  # a token per agent
+    assert d.ticket(n)["participants"] == ["dave@customer.org"]  # copied by the requester
+
+    # Bob answers: requester and CC get only his new text, threaded, from "Bob via ..."
+    desk.send(*reply(notice_b, "bob@example.com", "Please switch it off and unplug it."))
+    mails = desk.take()
+    assert sorted(str(m["To"]) for m in mails) == [CAROL, "dave@customer.org"]  # no result mail to bob
+    answer = to(mails, CAROL)[0]
+    body = text(answer)
+    assert "Please switch it off and unplug it." in body
+    for leaked in ("SECRETQUOTE", "Reply to this mail", "+1 555 0100", "wrote:", "New ticket"):
+        assert leaked not in body
+    assert str(answer["From"]) == "Bob via Example Support <support@example.com>"
+    assert str(answer["Subject"]) == f"[EXAMPLE #{n}] Printer on fire"
+    first_in = d.ticket(n)["messages"][0]["message_id"]
+    assert first_in in str(answer["In-Reply-To"]) and first_in in str(answer["References"])
+    assert "Auto-Submitted" not in answer
+    assert str(answer["Reply-To"]).startswith(f"support+{n}-")
+    assert d.ticket(n)["status"] == "open"
+
+    # Alice answers the older notice: delivered, and she is told Bob was first
+    desk.send(*reply(notice_a, "alice@example.com", "I will come by with an extinguisher."))
+    mails = desk.take()
+    assert sorted(str(m["To"]) for m in mails) == ["alice@example.com", CAROL, "dave@customer.org"]
+    warning = text(to(mails, "alice@example.com")[0])
+    assert "Bob <bob@example.com> answered the requester at" in warning
+    assert "I will come by" in text(to(mails, CAROL)[0])
+
+    # #note: other agents get it, the requester nothing
+    desk.send(*reply(notice_a, "alice@example.com", "#note\nNOTE-MARKER the customer is grumpy"))
+    mails = desk.take()
+    assert sorted(str(m["To"]) for m in mails) == ["alice@example.com", "bob@example.com"]
+    note = to(mails, "bob@example.com")[0]
+    assert "NOTE-MARKER" in text(note)
+    assert str(note["Reply-To"]).startswith(f"support-comment+{n}-")
+    assert "internal note stored" in text(to(mails, "alice@example.com")[0])
+
+    # Bob replies to the note notice: it goes to the comment address, so it is a note too
+    desk.send(*reply(note, "bob@example.com", "COMMENT-MARKER agreed"))
+    mails = desk.take()
+    assert [str(m["To"]) for m in mails] == ["alice@example.com"]
+    assert "COMMENT-MARKER" in text(mails[0])
+    kinds = [(m["kind"], m["text"][:14]) for m in d.ticket(n)["messages"] if m["kind"] == "internal"]
+    assert kinds == [("internal", "NOTE-MARKER th"), ("internal", "COMMENT-MARKER")]
+
+    # One bad line: nothing changes, one error reply naming it
+    desk.send(*reply(notice_a, "alice@example.com", "#status pending\n#priority bogus\nAtomic text"))
+    mails = desk.take()
+    assert [str(m["To"]) for m in mails] == ["alice@example.com"]
+    err = text(mails[0])
+    assert "#priority bogus: unknown priority" in err and "NOT applied" in err
+    t = d.ticket(n)
+    assert (t["status"], t["priority"]) == ("open", "normal")
+
+    # A valid set: all applied, one confirmation listing the changes
+    desk.send(*reply(notice_a, "alice@example.com",
+                     "#status pending\n#priority HIGH\n#category billing\n#assign bob@example.com\n"
+                     "#cc erin@customer.org\nPlease send us the printer's logs."))
+    mails = desk.take()
+    assert sorted(str(m["To"]) for m in mails) == sorted([
+        "alice@example.com", "bob@example.com",  # confirmation, assigned notice
+        CAROL, CAROL, "dave@customer.org", "erin@customer.org"])  # answer (+ status notice to carol)
+    done = text(to(mails, "alice@example.com")[0])
+    for change in ("status: open -> pending", "priority: normal -> high", "category: - -> billing",
+                   "owner: nobody -> bob@example.com", "cc added: erin@customer.org", "answer sent to"):
+        assert change in done
+    assert "assigned ticket" in text(to(mails, "bob@example.com")[0])
+    carol = sorted(text(m) for m in to(mails, CAROL))
+    assert any("waiting for information from you" in c for c in carol)
+    assert any("printer's logs" in c for c in carol)
+    t = d.ticket(n)
+    assert (t["status"], t["priority"], t["category"], t["owner"]) == ("pending", "high", "billing",
+                                                                        "bob@example.com")
+
+    # Role table: bob (agent) may not change the tier; alice #uncc erin, then erin hears nothing
+    desk.send(*reply(notice_b, "bob@example.com", "#tier customer"))
+    mails = desk.take()
+    assert [str(m["To"]) for m in mails] == ["bob@example.com"]
+    assert "only an admin may change the tier" in text(mails[0])
+    desk.send(*reply(notice_a, "alice@example.com", "#uncc erin@customer.org\nLogs received, thanks."))
+    mails = desk.take()
+    assert sorted(str(m["To"]) for m in mails) == ["alice@example.com", CAROL, "dave@customer.org"]
+
+    # #canned, inserted where the command stood, from an HTML-only mail
+    desk.send(*reply(notice_a, "alice@example.com", "#priority urgent\n#canned need-info\nThe model number too.",
+                     html=True))
+    mails = desk.take()
+    assert sorted(str(m["To"]) for m in mails) == ["alice@example.com", CAROL, "dave@customer.org"]
+    canned = text(to(mails, CAROL)[0])
+    assert canned.index("we need a little more") < canned.index("The model number too.")
+    assert "#canned" not in canned and "gmail" not in canned and "SECRETQUOTE" not in canned
+    assert d.ticket(n)["priority"] == "urgent"
+
+    # Solved: the per-status template asks for a rating; the rating lands on the ticket
+    desk.send(*reply(notice_a, "alice@example.com", "#status solved"))
+    mails = desk.take()
+    assert sorted(str(m["To"]) for m in mails) == ["alice@example.com", CAROL]
+    solved = to(mails, CAROL)[0]
+    assert "you may rate it" in text(solved) and "we consider your ticket" in text(solved)
+    desk.send(*reply(solved, CAROL, "5"))
+    wait_until(lambda: d.ticket(n)["rating"] == "5")
+
+
+def test_spoofed_agent_and_authentication_results(desk: Desk) -> None:
+    d = desk.d
+    n, _ = desk.open("Spoof target")
+    subject = f"Re: [EXAMPLE #{n}] Spoof target"
+    # no token, no trusted Authentication-Results: nothing applied, the real alice is warned
+    desk.send(mail(sender="Alice <alice@example.com>", subject=subject, body="#status closed"))
+    mails = desk.take()
+    assert [str(m["To"]) for m in mails] == ["alice@example.com"]
+    assert "neither a valid reply token nor a" in text(mails[0])
+    t = d.ticket(n)
+    assert t["status"] == "new" and len(t["messages"]) == 2
+    # the same header from an authserv-id we do not trust counts for nothing
+    desk.send(mail(sender="alice@example.com", subject=subject, body="#status closed",
+                   headers={"Authentication-Results": "evil.example; dkim=pass header.d=example.com"}))
+    mails = desk.take()
+    assert [str(m["To"]) for m in mails] == ["alice@example.com"]
+    assert d.ticket(n)["status"] == "new"
+    # a spoofed note to the comment address is refused the same way
+    desk.send(mail(sender="alice@example.com", to="support-comment@example.com", subject=subject,
+                   body="forged note"), recipients=["support-comment@example.com"])
+    mails = desk.take()
+    assert [str(m["To"]) for m in mails] == ["alice@example.com"]
+    assert all(m["text"] != "forged note" for m in d.ticket(n)["messages"])
+    # trusted authserv-id with an aligned DKIM pass: the command counts
+    desk.send(mail(sender="alice@example.com", subject=subject, body="#status closed",
+                   headers={"Authentication-Results": DKIM_PASS}))
+    mails = desk.take()
+    assert sorted(str(m["To"]) for m in mails) == ["alice@example.com", CAROL]  # confirmation, status notice
+    assert d.ticket(n)["status"] == "closed"
+
+
+def test_requester_command_opens_a_ticket_for_a_customer(desk: Desk) -> None:
+    d = desk.d
+    before = desk.numbers()
+    desk.send(mail(sender="Alice <alice@example.com>", subject="Your order 4711",
+                   body="#requester frank@customer.org\n#priority high\nHello Frank, your order is delayed.",
+                   headers={"Authentication-Results": DKIM_PASS}))
+    mails = desk.take()
+    assert sorted(str(m["To"]) for m in mails) == ["alice@example.com", "frank@customer.org"]
+    (number,) = desk.numbers() - before
+    t = d.ticket(number)
+    assert (t["requester"], t["owner"], t["priority"]) == ("frank@customer.org", "alice@example.com", "high")
+    frank = to(mails, "frank@customer.org")[0]
+    assert text(frank).startswith("Hello Frank, your order is delayed.")
+    assert str(frank["From"]) == "Alice via Example Support <support@example.com>"
+    assert str(frank["Subject"]) == f"[EXAMPLE #{number}] Your order 4711"
+    # commands naming no ticket: one error reply, no ticket
+    desk.send(mail(sender="alice@example.com", subject="oops", body="#status closed",
+                   headers={"Authentication-Results": DKIM_PASS}))
+    mails = desk.take()
+    assert [str(m["To"]) for m in mails] == ["alice@example.com"]
+    assert "names no ticket" in text(mails[0])
+    assert len(desk.numbers()) == len(before) + 1
+
+
+def test_merge_keeps_histories_and_redirects_replies_and_spam_closes(desk: Desk) -> None:
+    d = desk.d
+    # a requester of its own: the loop guard caps automatic mail per recipient and hour
+    a, mails_a = desk.open("Cannot log in", sender=f"Hank <{HANK}>", body="FIRST-A login fails")
+    conf_a = to(mails_a, HANK)[0]
+    notice = to(mails_a, "alice@example.com")[0]
+    b, _ = desk.open("Login broken", sender="grace@customer.org", body="FIRST-B login broken")
+    for bad in (f"#merge {a}", "#merge 99999"):
+        desk.send(*reply(notice, "alice@example.com", bad))
+        mails = desk.take()
+        assert [str(m["To"]) for m in mails] == ["alice@example.com"] and "NOT applied" in text(mails[0])
+    desk.send(*reply(notice, "alice@example.com", f"#merge {b}"))
+    mails = desk.take()
+    assert sorted(str(m["To"]) for m in mails) == ["alice@example.com", HANK]  # confirmation, merged notice
+    assert "joined" in text(to(mails, HANK)[0]) and f"#{b}" in str(to(mails, HANK)[0]["Subject"])
+    tb = d.ticket(b)
+    texts = [m["text"] for m in tb["messages"]]
+    assert any("FIRST-A" in x for x in texts) and any("FIRST-B" in x for x in texts)
+    assert d.ticket(a)["status"] == "closed"
+    # hank answers the old confirmation (token and tag of #a): it lands on #b
+    desk.send(*reply(conf_a, HANK, "LATE-REPLY still broken"))
+    wait_until(lambda: any("LATE-REPLY" in m["text"] for m in d.ticket(b)["messages"]))
+    assert not any("LATE-REPLY" in m["text"] for m in d.ticket(a)["messages"])
+    mails = desk.take()
+    assert sorted(str(m["To"]) for m in mails) == ["alice@example.com", "bob@example.com"]  # agents told
+    # an answer on #b reaches both requesters
+    desk.send(*reply(to(mails, "alice@example.com")[0], "alice@example.com", "Fixed for both of you."))
+    mails = desk.take()
+    assert sorted(str(m["To"]) for m in mails) == ["grace@customer.org", HANK]
+
+    # #spam with the spam filter off: closed, no word to the requester
+    s, mails = desk.open("Cheap pills", sender="spammer@junk.example", body="buy now")
+    desk.send(*reply(to(mails, "bob@example.com")[0], "bob@example.com", "#spam"))
+    mails = desk.take()
+    assert [str(m["To"]) for m in mails] == ["bob@example.com"]
+    assert "marked as spam and closed" in text(mails[0])
+    assert d.ticket(s)["status"] == "closed"
+
+
+ASSIGN_AGENTS = AGENTS + """
+[[agents]]
+email = "carl@example.com"
+name = "Carl"
+groups = ["L2"]
+"""
+
+RULES = """
+[[assignment]]
+sender_domain = "vip.example"
+target = "alice@example.com"
+
+[[assignment]]
+subject_keywords = ["invoice"]
+target = "group:L1"
+
+[[assignment]]
+subject_keywords = ["outage"]
+target = "group:L2"
+strategy = "notify"
+
+[[assignment]]
+category = "hardware"
+target = "group:L2"
+strategy = "least-open"
+"""
+
+
+def test_assignment_rules_round_robin_group_notice_and_least_open(workdir: Path) -> None:
+    desk = Desk(start_daemon(write_config(workdir, agents=ASSIGN_AGENTS, extra=RULES, helpdesk_extra=TRUSTED)))
+    try:
+        n, mails = desk.open("invoice question", sender="vip@vip.example")  # first match wins
+        assert desk.owner(n) == "alice@example.com"
+        assert sorted(str(m["To"]) for m in mails) == ["alice@example.com", "vip@vip.example"]
+        owners = []
+        for i in range(3):
+            n, mails = desk.open(f"invoice {i}", sender=f"c{i}@customer.org")
+            owners.append(desk.owner(n))
+            assert sorted(str(m["To"]) for m in mails) == sorted([owners[-1], f"c{i}@customer.org"])
+        # the rule's own rotation: the vip ticket (another rule) does not shift it
+        assert owners == ["alice@example.com", "bob@example.com", "alice@example.com"]
+        n, mails = desk.open("outage in region 2", sender="ops@customer.org")
+        assert desk.owner(n) is None
+        assert sorted(str(m["To"]) for m in mails) == ["bob@example.com", "carl@example.com", "ops@customer.org"]
+        n, mails = desk.open("a question", sender="dora@customer.org")
+        assert sorted(str(m["To"]) for m in mails) == ["alice@example.com", "bob@example.com",
+                                                       "carl@example.com", "dora@customer.org"]
+        # a category set later lets the least-open rule pick: carl owns nothing open, bob one
+        desk.send(*reply(to(mails, "alice@example.com")[0], "alice@example.com", "#category hardware"))
+        mails = desk.take()
+        assert sorted(str(m["To"]) for m in mails) == ["alice@example.com", "carl@example.com"]
+        assert desk.owner(n) == "carl@example.com"
+    finally:
+        desk.d.stop()
