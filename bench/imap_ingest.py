@@ -7,6 +7,8 @@ Dovecot (tests/imapserver.py). Printed, all in the same run on the same mail:
 
 1. reference: a bare aioimaplib session doing UID FETCH BODY.PEEK[] of the
    whole mailbox, per batch size (what any IMAP client must pay);
+   and spool.accept of the same mail with no IMAP at all (what any transport
+   must pay: fsynced blob + SQLite commit per message);
 2. ImapPoller.poll_once (no pipeline): fetch + size check + spool.accept
    (fsynced blob + SQLite commit per message) + UID MOVE, per batch size;
 3. unless --no-daemon: `mailgate run` with an [[imap]] account, time from the
@@ -89,6 +91,21 @@ def poller_run(server: Dovecot, user: str, batch: int, work: Path) -> tuple[int,
     elapsed = time.perf_counter() - t0
     engine.dispose()
     return n, elapsed
+
+
+def accept_only(mails: list[bytes], work: Path, tag: str) -> float:
+    """spool.accept of the same mail without IMAP: the floor any transport pays."""
+    from mailgate import spool
+
+    engine = make_engine("sqlite:///" + str(work / f"a{tag}.db"))
+    upgrade(engine)
+    blobs = BlobStore(work / f"araw{tag}")
+    t0 = time.perf_counter()
+    for i, raw in enumerate(mails):
+        spool.accept(engine, blobs, raw, source="imap", source_key=f"bench:{i}")
+    elapsed = time.perf_counter() - t0
+    engine.dispose()
+    return elapsed
 
 
 # ----------------------------------------------------------------- daemon
@@ -242,15 +259,18 @@ def main() -> None:
         ref_user = server.new_user()
         server.append_many(ref_user, mails)
         print(f"setup: APPEND of {n} messages over one connection: {rate(n, time.perf_counter() - t0)}")
-        print("\nbatch  raw aioimaplib UID FETCH          ImapPoller.poll_once (accept+MOVE)   ratio")
+        print("\nbatch  raw aioimaplib UID FETCH     spool.accept alone (no IMAP)  "
+              "ImapPoller.poll_once (fetch+accept+MOVE)  poller/accept-alone")
         for batch in batches:
             got, raw_s = asyncio.run(raw_fetch(server, ref_user, batch))
             assert got == n, got
             user = server.new_user()
             server.append_many(user, mails)
+            acc_s = accept_only(mails, work, str(batch))
             accepted, poll_s = poller_run(server, user, batch, work)
             assert accepted == n and server.count(user, "Processed") == n
-            print(f"{batch:5d}  {rate(n, raw_s)}   {rate(n, poll_s)}   {raw_s / poll_s:5.2f}")
+            print(f"{batch:5d}  {rate(n, raw_s)}  {rate(n, acc_s)}  {rate(n, poll_s)}"
+                  f"          {acc_s / poll_s:5.2f}")
         if not args.no_daemon:
             print(f"\n`mailgate run` end to end (batch_size {args.daemon_batch}, spam filter off):")
             acc, proc_s, tickets = daemon_imap(server, mails, work, args.daemon_batch)
