@@ -1,0 +1,52 @@
+"""Pure ticket values: reply tokens, plus addresses, subject tags, our Message-IDs."""
+
+from __future__ import annotations
+
+from mailgate import domain
+
+SECRET = "test-secret-key-0123456789"
+
+
+def test_reply_token_is_per_ticket_and_recipient() -> None:
+    t = domain.reply_token(SECRET, 5, "Alice@Example.com")
+    assert t == domain.reply_token(SECRET, 5, "alice@example.com") and len(t) == domain.TOKEN_LENGTH
+    assert t != domain.reply_token(SECRET, 6, "alice@example.com")
+    assert t != domain.reply_token(SECRET, 5, "bob@example.com")
+    assert t != domain.reply_token("another-secret-key", 5, "alice@example.com")
+    assert domain.token_is_valid(SECRET, 5, "alice@example.com", t.upper())
+    assert not domain.token_is_valid(SECRET, 5, "bob@example.com", t)
+
+
+def test_reply_address_round_trip() -> None:
+    addr = domain.reply_address("support@example.com", SECRET, 42, "carol@customer.org")
+    base, number, token = domain.parse_plus_address(addr)  # type: ignore[misc]
+    assert (base, number) == ("support@example.com", 42)
+    assert domain.token_is_valid(SECRET, 42, "carol@customer.org", token)
+    comment = domain.reply_address("support-comment@example.com", SECRET, 42, "bob@example.com")
+    assert domain.parse_plus_address(comment)[0] == "support-comment@example.com"  # type: ignore[index]
+    assert domain.parse_plus_address("support@example.com") is None
+    assert domain.parse_plus_address("support+abc@example.com") is None
+    assert domain.base_address("Support+42-xyz@Example.com") == "support@example.com"
+
+
+def test_subject_tags() -> None:
+    assert domain.tagged_subject("EXAMPLE", 7, "Re: [EXAMPLE #7] Printer") == "[EXAMPLE #7] Re: Printer"
+    assert domain.ticket_from_subject("EXAMPLE", "AW: [ example #12 ] x") == 12
+    assert domain.ticket_from_subject("EXAMPLE", "[OTHER #12] x") is None
+    assert domain.strip_tag("EXAMPLE", "Re: [EXAMPLE #7]  Printer") == "Re: Printer"
+    assert domain.normalize_subject("Re: AW: Fwd: SV: Printer") == "Printer"
+
+
+def test_our_message_ids_carry_an_hmac() -> None:
+    mid = domain.make_message_id(SECRET, "example.com", 9)
+    assert domain.ticket_from_our_message_id(SECRET, mid) == 9
+    assert domain.ticket_from_our_message_id("another-secret-key", mid) is None
+    forged = mid.replace("mg.9.", "mg.8.", 1)
+    assert domain.ticket_from_our_message_id(SECRET, forged) is None
+    assert domain.ticket_from_our_message_id(SECRET, domain.make_message_id(SECRET, "example.com", None)) is None
+    assert domain.make_message_id(SECRET, "example.com", 9) != mid  # a fresh nonce each time
+
+
+def test_one_line_refuses_header_injection() -> None:
+    assert domain.one_line("Hi\r\nBcc: victim@x.org") == "Hi Bcc: victim@x.org"
+    assert len(domain.one_line("x" * 500, 100)) == 100
