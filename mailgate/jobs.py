@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
 from mailgate.runtime import Runtime
+from mailgate.spool import holder_is_dead
 from mailgate.store.engine import as_utc, session_scope, utcnow
 from mailgate.store.tables import Event, Inbound, Lease, Ticket
 
@@ -27,13 +28,21 @@ def take_lease(rt: Runtime, name: str, holder: str, ttl: timedelta) -> bool:
             if lease is None:
                 session.add(Lease(name=name, holder=holder, expires_at=now + ttl))
                 return True
-            if lease.holder != holder and as_utc(lease.expires_at) > now:
+            if lease.holder != holder and as_utc(lease.expires_at) > now and not holder_is_dead(lease.holder):
                 return False
             lease.holder, lease.expires_at = holder, now + ttl
             session.add(lease)
             return True
     except IntegrityError:  # another instance inserted it first
         return False
+
+
+def drop_lease(rt: Runtime, name: str, holder: str) -> None:
+    """On a clean stop, so that another instance (or our restart) need not wait for expiry."""
+    with session_scope(rt.engine) as session:
+        lease = session.get(Lease, name)
+        if lease is not None and lease.holder == holder:
+            session.delete(lease)
 
 
 def purge_quarantine(rt: Runtime) -> int:

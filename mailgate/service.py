@@ -14,6 +14,8 @@ import logging
 import os
 import signal
 import socket
+from datetime import timedelta
+from typing import Any
 
 from mailgate import spool
 from mailgate.config import Settings
@@ -62,9 +64,22 @@ class IngestWorker:
         self.wake.set()
 
     async def process(self, inbound_id: int) -> str:
-        """For the IMAP poller: process one accepted message now; its outcome."""
+        """For the IMAP poller: process one accepted message now and return its outcome.
+
+        If the background loop claimed it first, wait for that to finish: the poller files the
+        mail by outcome (a dead letter goes to the Failed folder).
+        """
         result: Result | None = await asyncio.to_thread(run_one, self.rt, self.worker, only_id=inbound_id)
-        return result.outcome if result else "queued"
+        if result is not None:
+            return result.outcome
+        for _ in range(600):
+            state, outcome = await asyncio.to_thread(spool.state_of, self.rt.engine, inbound_id)
+            if state in ("done", "dead"):
+                return outcome or state
+            if state == "queued":  # a retry is scheduled: it is not dead, file it as taken
+                return "queued"
+            await asyncio.sleep(0.1)
+        return "queued"
 
     async def run(self, stop: asyncio.Event, on_processed: asyncio.Event | None = None) -> None:
         while not stop.is_set():
@@ -91,6 +106,7 @@ class IngestWorker:
 async def serve(settings: Settings) -> int:
     rt = Runtime.build(settings)
     await asyncio.to_thread(prepare_database, rt)
+    await asyncio.to_thread(spool.release_dead_claims, rt.engine)
     await asyncio.to_thread(rt.spam_model)  # load (or seed) the model before mail arrives
     worker_name = spool.worker_id()
     stop = asyncio.Event()
@@ -149,5 +165,35 @@ def start_imap_pollers(rt: Runtime, ingest: IngestWorker, stop: asyncio.Event) -
     tasks = []
     for account in rt.settings.imap:
         poller = ImapPoller(account, rt.spool_engine, rt.blobs, process=ingest.process)
-        tasks.append(asyncio.create_task(poller.run(stop), name=f"imap:{account.name}"))
+        tasks.append(asyncio.create_task(poll_under_lease(rt, poller, account.name, ingest.worker, stop),
+                                         name=f"imap:{account.name}"))
     return tasks
+
+
+LEASE_TTL = timedelta(seconds=60)
+
+
+async def poll_under_lease(rt: Runtime, poller: Any, name: str, holder: str, stop: asyncio.Event) -> None:
+    """Run a mailbox's poller only while this instance holds its lease, so that with several
+    instances on one database each mailbox is fetched by one of them at a time."""
+    from mailgate.jobs import drop_lease, take_lease
+
+    lease = f"imap:{name}"
+    try:
+        while not stop.is_set():
+            if not await asyncio.to_thread(take_lease, rt, lease, holder, LEASE_TTL):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), LEASE_TTL.total_seconds() / 3)
+                continue
+            held = asyncio.Event()  # set when the lease is lost or we stop
+            runner = asyncio.create_task(poller.run(held))
+            while not runner.done():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), LEASE_TTL.total_seconds() / 3)
+                if stop.is_set() or not await asyncio.to_thread(take_lease, rt, lease, holder, LEASE_TTL):
+                    held.set()
+                    break
+            await runner
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(drop_lease, rt, lease, holder)

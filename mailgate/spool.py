@@ -49,6 +49,37 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def holder_is_dead(holder: str | None) -> bool:
+    """True if `holder` (a worker_id) is a process on this host that no longer runs."""
+    if not holder:
+        return False
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine's worker: only its claim age can tell
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def release_dead_claims(engine: Engine) -> int:
+    """At start: rows left 'processing' by a killed worker on this host go back to the queue
+    now rather than after STALE_CLAIM. Their attempt already counts."""
+    released = 0
+    with session_scope(engine) as session:
+        for row in session.exec(select(Inbound).where(Inbound.state == "processing")).all():
+            if holder_is_dead(row.claimed_by):
+                row.state, row.claimed_by = "queued", None
+                session.add(row)
+                released += 1
+    if released:
+        log.warning("%d message(s) left in processing by a killed worker were queued again", released)
+    return released
+
+
 def body_hash(raw: bytes) -> str:
     """Hash of the body after the header block: re-deliveries differ only in headers."""
     for sep in (b"\r\n\r\n", b"\n\n"):
@@ -173,3 +204,9 @@ def requeue(engine: Engine, ids: list[int] | None = None) -> int:
         result = session.exec(stmt.values(state="queued", attempts=0, next_attempt_at=None,  # type: ignore[call-overload]
                                           outcome=None, claimed_by=None))
         return int(result.rowcount or 0)
+
+
+def state_of(engine: Engine, inbound_id: int) -> tuple[str | None, str | None]:
+    with session_scope(engine) as session:
+        row = session.get(Inbound, inbound_id)
+        return (row.state, row.outcome) if row else (None, None)

@@ -550,9 +550,6 @@ def test_daemon_turns_imap_mail_into_tickets(dovecot: Dovecot, imap_user: str,
     assert _inbound_count(config) == n
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "the message being processed at the kill stays 'processing' until spool.STALE_CLAIM "
-    "(10 min): the daemon must release its dead predecessor's claims on start"))
 def test_daemon_kill_9_mid_batch_then_restart_gives_exactly_n_tickets(
         dovecot: Dovecot, imap_user: str, workdir: Path) -> None:
     import signal as _signal

@@ -44,6 +44,7 @@ class Context:
     inbound: Inbound
     raw: bytes
     now: datetime
+    prepared: Prepared | None = None
     parsed: ParsedMessage | None = None
     verdict: ScreenVerdict | None = None
     sender: str = ""
@@ -75,9 +76,30 @@ class Context:
 
 # --- steps ------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Prepared:
+    """The pure, costly part of the work, done before the transaction (and, on SQLite, the
+    database's single write lock) is taken: parsing, quote stripping, spam scoring."""
+
+    parsed: ParsedMessage
+    body_hash: str
+    visible_text: str
+    spam_score: float | None  # None: the filter is off
+
+
+def prepare(rt: Runtime, raw: bytes) -> Prepared:
+    parsed = parse_message(raw)  # UnusableMessage propagates: a dead letter at once
+    model = rt.spam_model()
+    score = model.score_bytes(raw, rt.settings.spam.threshold).score if model is not None else None
+    return Prepared(parsed=parsed, body_hash=spool.body_hash(raw),
+                    visible_text=visible_reply_text(parsed.text), spam_score=score)
+
+
 def step_parse(ctx: Context) -> None:
-    ctx.parsed = parse_message(ctx.raw)
-    ctx.body_hash = spool.body_hash(ctx.raw)
+    if ctx.prepared is None:
+        ctx.prepared = prepare(ctx.rt, ctx.raw)
+    ctx.parsed = ctx.prepared.parsed
+    ctx.body_hash = ctx.prepared.body_hash
     detail = f"{len(ctx.msg.attachments)} attachment(s)"
     if ctx.msg.defects:
         detail += "; repaired: " + "; ".join(ctx.msg.defects[:5])
@@ -160,15 +182,15 @@ def step_spam(ctx: Context) -> None:
     if _known_correspondent(ctx):
         ctx.hit("spam", False, "known requester or agent: never filtered")
         return
-    model = ctx.rt.spam_model()
-    if model is None:
+    assert ctx.prepared is not None
+    score = ctx.prepared.spam_score
+    if score is None:
         ctx.hit("spam", False, "spam filter off")
         return
-    result = model.score_bytes(ctx.raw, ctx.rt.settings.spam.threshold)
-    ctx.spam_score = result.score
-    if result.is_spam:
-        raise Stop("quarantined", f"spam score {result.score:.3f} >= {ctx.rt.settings.spam.threshold}")
-    ctx.hit("spam", False, f"spam score {result.score:.3f}")
+    ctx.spam_score = score
+    if score >= ctx.rt.settings.spam.threshold:
+        raise Stop("quarantined", f"spam score {score:.3f} >= {ctx.rt.settings.spam.threshold}")
+    ctx.hit("spam", False, f"spam score {score:.3f}")
 
 
 def _ticket_numbers_for_ids(session: Session, ids: list[str]) -> list[int]:
@@ -224,7 +246,8 @@ def step_route(ctx: Context) -> None:
 
 
 def step_commands(ctx: Context) -> None:
-    text = visible_reply_text(ctx.msg.text)
+    assert ctx.prepared is not None
+    text = ctx.prepared.visible_text
     ctx.visible_text = text
     looks_like_commands = parse_commands(text).commands or parse_commands(text).errors
     if ctx.identity is not None and not ctx.identity.verified and looks_like_commands:
@@ -273,8 +296,9 @@ class Result:
 def process_claimed(rt: Runtime, inbound: Inbound) -> Result:
     """Run every step for one claimed inbound row, in one transaction."""
     raw = rt.blobs.get(inbound.raw_sha256)
+    prepared = prepare(rt, raw)
     with session_scope(rt.engine) as session:
-        ctx = Context(rt=rt, session=session, inbound=inbound, raw=raw, now=utcnow())
+        ctx = Context(rt=rt, session=session, inbound=inbound, raw=raw, now=utcnow(), prepared=prepared)
         reason = ""
         try:
             for _name, step in STEPS:
