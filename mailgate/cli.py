@@ -18,8 +18,9 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 from rich.table import Table
-from sqlmodel import select
 
+# sqlmodel and the rest of the package are imported inside the commands: a config error or
+# --help then answers without paying for SQLAlchemy's import.
 from mailgate.config import ConfigError, Settings, config_path, load_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -323,6 +324,8 @@ def outbox_list(config: ConfigOpt = None, json_out: JsonOpt = False,
                 state: Annotated[str | None, typer.Option(help="queued, sending, sent or failed")] = None,
                 limit: Annotated[int, typer.Option()] = 100) -> None:
     """Outgoing mail, newest first."""
+    from sqlmodel import select
+
     from mailgate.store.engine import iso, session_scope
     from mailgate.store.tables import Outbox
 
@@ -359,6 +362,8 @@ def outbox_retry(ids: Annotated[list[int] | None, typer.Argument(help="Outbox id
 
 
 def _inbound_rows(rt: Any, where: Any, limit: int) -> list[dict[str, Any]]:
+    from sqlmodel import select
+
     from mailgate.store.engine import iso, session_scope
     from mailgate.store.tables import Inbound
 

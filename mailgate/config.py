@@ -12,7 +12,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import time
+from datetime import date, time
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ class OutboundSettings:
     starttls: bool = False
     user: str | None = None
     password: str | None = None
+    ca_file: Path | None = None  # a private CA for the relay's certificate (default: the system store)
     timeout_seconds: float = 30.0
     max_attempts: int = 12
     retry_base_seconds: float = 30.0
@@ -327,7 +328,7 @@ def settings_from_dict(data: dict[str, Any], *, base: Path, path: Path | None = 
     outbound = _outbound(root.sub("outbound"), base)
     helpdesk = _helpdesk(root.sub("helpdesk"), base)
     agents = _agents(root, helpdesk)
-    imap = _imap(root, helpdesk)
+    imap = _imap(root, helpdesk, base)
     spam = _spam(root.sub("spam"), base)
     sla = _sla(root.sub("sla"), helpdesk)
     assignment = _assignment(root, helpdesk, agents)
@@ -375,13 +376,19 @@ def _outbound(sec: _Section, base: Path) -> OutboundSettings:
     url = sec.get("url", str, required=True)
     if url.startswith("maildir:"):
         url = "maildir:" + str(_resolve(base, url[len("maildir:"):]))
-    elif not re.match(r"^smtps?://[^:/]+(:\d+)?/?$", url):
-        raise ConfigError(f"outbound.url: must be maildir:PATH or smtp://host:port, got {url!r}")
+    else:
+        m = re.match(r"^smtps?://[^:/]+(?::(\d+))?/?$", url)
+        if not m:
+            raise ConfigError(f"outbound.url: must be maildir:PATH or smtp://host:port, got {url!r}")
+        if m.group(1) is not None and not 0 < int(m.group(1)) <= 65535:
+            raise ConfigError(f"outbound.url: port must be 1-65535, got {url!r}")
+    ca_file = sec.get("ca_file", str, None)
     s = OutboundSettings(
         url=url,
         starttls=sec.get("starttls", bool, False),
         user=sec.get("user", str, None),
-        password=sec.get("password", str, None),
+        password=_secret_from_env(sec, "password"),
+        ca_file=_resolve(base, ca_file) if ca_file else None,
         timeout_seconds=sec.positive("timeout_seconds", float, 30.0),
         max_attempts=sec.positive("max_attempts", int, 12),
         retry_base_seconds=sec.positive("retry_base_seconds", float, 30.0),
@@ -475,13 +482,20 @@ def _agents(root: _Section, helpdesk: HelpdeskSettings) -> tuple[Agent, ...]:
     return tuple(out)
 
 
-def _secret_from_env(value: str | None) -> str | None:
+def _secret_from_env(sec: _Section, name: str) -> str | None:
+    """A secret given as is, or as "env:VAR" so that it stays out of the file."""
+    value = sec.get(name, str, None)
     if value and value.startswith("env:"):
-        return os.environ.get(value[4:])
+        var = value[4:]
+        if not os.environ.get(var):
+            # Said here, naming the key: otherwise the missing secret shows up later as a
+            # login failure or a misleading "password is required".
+            raise ConfigError(f"{sec.key(name)}: environment variable {var} is not set")
+        return os.environ[var]
     return value
 
 
-def _imap(root: _Section, helpdesk: HelpdeskSettings) -> tuple[ImapAccount, ...]:
+def _imap(root: _Section, helpdesk: HelpdeskSettings, base: Path) -> tuple[ImapAccount, ...]:
     raw = root.get("imap", list, [])
     out: list[ImapAccount] = []
     for i, item in enumerate(raw):
@@ -497,7 +511,7 @@ def _imap(root: _Section, helpdesk: HelpdeskSettings) -> tuple[ImapAccount, ...]
             queue=s.address("queue", helpdesk.address),
             port=_port(s, "port", 993 if tls == "ssl" else 143),
             tls=tls,
-            password=_secret_from_env(s.get("password", str, None)),
+            password=_secret_from_env(s, "password"),
             password_command=s.get("password_command", str, None),
             oauth2_token_command=s.get("oauth2_token_command", str, None),
             folder=s.get("folder", str, "INBOX"),
@@ -509,7 +523,7 @@ def _imap(root: _Section, helpdesk: HelpdeskSettings) -> tuple[ImapAccount, ...]
             idle=s.get("idle", bool, True),
             max_message_bytes=s.positive("max_message_bytes", int, 25 * 1024 * 1024),
             unreachable_warning_minutes=s.positive("unreachable_warning_minutes", float, 30.0),
-            ca_file=Path(ca_file) if ca_file else None,
+            ca_file=_resolve(base, ca_file) if ca_file else None,
             shadow=s.get("shadow", bool, False),
         )
         if not (acct.password or acct.password_command or acct.oauth2_token_command):
@@ -603,6 +617,12 @@ def _sla(sec: _Section, helpdesk: HelpdeskSettings) -> SlaSettings:
             raise ConfigError(f"sla.tier_rules.{pattern}: {tier!r} is not one of the sla.tiers")
         rules[pattern.lower()] = tier
     rules_sec.finish()
+    extra_holidays = sec.str_list("extra_holidays")
+    for day in extra_holidays:
+        try:
+            date.fromisoformat(day)
+        except ValueError:
+            raise ConfigError(f"sla.extra_holidays: not a date (YYYY-MM-DD): {day!r}") from None
     country = sec.get("holidays_country", str, None)
     if country:
         import holidays
@@ -613,7 +633,7 @@ def _sla(sec: _Section, helpdesk: HelpdeskSettings) -> SlaSettings:
         timezone=tz,
         hours=hours,
         holidays_country=country.upper() if country else None,
-        extra_holidays=sec.str_list("extra_holidays"),
+        extra_holidays=extra_holidays,
         default_tier=default_tier,
         tiers=tuple(tiers),
         tier_rules=rules,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import smtplib
+import ssl
 from typing import Any
 
 from mailgate.config import Settings
@@ -52,11 +53,14 @@ def _outbound(settings: Settings) -> dict[str, Any]:
     scheme, rest = ob.url.split("://", 1)
     host, _, port = rest.rstrip("/").partition(":")
     try:
-        cls = smtplib.SMTP_SSL if scheme == "smtps" else smtplib.SMTP
-        with cls(host, int(port or (465 if scheme == "smtps" else 25)), timeout=10) as smtp:
+        context = ssl.create_default_context(cafile=str(ob.ca_file) if ob.ca_file else None)
+        smtp_conn = (smtplib.SMTP_SSL(host, int(port or 465), timeout=10, context=context) if scheme == "smtps"
+                     else smtplib.SMTP(host, int(port or 25), timeout=10))
+        with smtp_conn as smtp:
             smtp.ehlo()
             if ob.starttls:
-                smtp.starttls()
+                # The same trust as the sender's: the configured private CA, else the system store.
+                smtp.starttls(context=context)
                 smtp.ehlo()
             if ob.user and ob.password:
                 smtp.login(ob.user, ob.password)

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import random
+import re
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,6 +62,11 @@ def _utf8_qp() -> Charset:
 _BODY_CHARSET = _utf8_qp()
 
 
+# A Message-ID we may repeat in In-Reply-To/References: printable ASCII only, so a CR or LF in
+# an id taken from inbound mail can never start a header of its own (header injection).
+_MSGID_RE = re.compile(r"^[\x21-\x3b\x3d\x3f-\x7e]+\Z")
+
+
 def _header_text(value: str) -> str:
     """ASCII as is; anything else as RFC 2047 encoded words."""
     return value if value.isascii() else Header(value, "utf-8", maxlinelen=998).encode()
@@ -97,8 +103,8 @@ def compose(settings: Settings, *, to: str, subject: str, text: str, html: str |
     ]
     if ticket_number is not None:
         headers.append(("Reply-To", reply_address(hd.address, hd.secret_key, ticket_number, to)))
-    refs = [r for r in dict.fromkeys(references) if r and r.isascii() and " " not in r][-10:]
-    if in_reply_to and in_reply_to.isascii() and " " not in in_reply_to:
+    refs = [r for r in dict.fromkeys(references) if _MSGID_RE.match(r)][-10:]
+    if in_reply_to and _MSGID_RE.match(in_reply_to):
         headers.append(("In-Reply-To", f"<{in_reply_to}>"))
         if in_reply_to not in refs:
             refs.append(in_reply_to)
@@ -173,6 +179,7 @@ async def deliver_by_smtp(settings: Settings, row: Outbox) -> None:
             hostname=host, port=int(port or (465 if scheme == "smtps" else 25)),
             use_tls=scheme == "smtps", start_tls=ob.starttls or None,
             username=ob.user, password=ob.password, timeout=ob.timeout_seconds,
+            cert_bundle=str(ob.ca_file) if ob.ca_file else None,
         )
     except aiosmtplib.SMTPRecipientsRefused as exc:
         codes = [r.code for r in exc.recipients]
