@@ -637,9 +637,13 @@ def mark_spam(ctx: Context, ticket: Ticket) -> bool:
         Message.ticket_id == ticket.number, Message.direction == "in",
         Message.raw_sha256.is_not(None)).order_by(Message.id)).first()  # type: ignore[union-attr,arg-type]
     learned = False
-    if first is not None and first.raw_sha256:
-        # With [spam] enabled = false there is no model: closing still works.
-        learned = bool(ctx.rt.learn_spam(ctx.rt.blobs.get(first.raw_sha256), True))
+    # With [spam] enabled = false there is no model: closing still works.
+    if first is not None and first.raw_sha256 and ctx.rt.spam_model() is not None:
+        raw = ctx.rt.blobs.get(first.raw_sha256)
+        # Learn only once the close is committed: a rolled-back, retried transaction must
+        # not teach the filter the same message twice.
+        ctx.after_commit.append(lambda: ctx.rt.learn_spam(raw, True))
+        learned = True
     ticket.from_spam = True
     actor = ctx.agent.email if ctx.agent else "system"
     set_status(ctx.rt, ctx.session, ticket, first_status(ctx.rt, "closed").name, actor)

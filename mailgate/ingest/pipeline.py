@@ -63,6 +63,7 @@ class Context:
     body_hash: str = ""
     outcome: str = "ticket"
     effects: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    after_commit: list[Callable[[], object]] = field(default_factory=list)
     hits: list[dict[str, Any]] = field(default_factory=list)
 
     def hit(self, step: str, hit: bool, reason: str) -> None:
@@ -314,6 +315,11 @@ def process_claimed(rt: Runtime, inbound: Inbound) -> Result:
             message_id_header=msg.message_id if msg else None,
             subject=msg.subject[:1000] if msg else None, from_addr=ctx.sender or None,
         )
+    for action in ctx.after_commit:
+        try:
+            action()
+        except Exception:  # the message itself is done; a failed side task must not redo it
+            log.exception("inbound %s: after-commit action failed", inbound.id)
     log.info("%s: inbound %s -> %s%s", (msg.message_id if msg else None) or "<no id>", inbound.id,
              ctx.outcome, f" #{number}" if number else "")
     return Result(inbound.id or 0, ctx.outcome, number, reason)
