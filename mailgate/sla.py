@@ -25,27 +25,37 @@ class BusinessCalendar:
         return self.hours.get(_DAYS[day.weekday()])
 
 
+def _open_span(cal: BusinessCalendar, day: date, tz: ZoneInfo) -> tuple[datetime, datetime] | None:
+    """The day's business window as UTC instants.
+
+    In UTC because Python subtracts and adds aware datetimes that share a tzinfo by wall
+    clock: across a DST change that would count an hour that never happened (or miss one).
+    """
+    win = cal.window(day)
+    if win is None:
+        return None
+    return (datetime.combine(day, win[0], tz).astimezone(UTC),
+            datetime.combine(day, win[1], tz).astimezone(UTC))
+
+
 def add_business_time(cal: BusinessCalendar, start: datetime, duration: timedelta) -> datetime:
     """The moment `duration` of business time after `start` (aware; result in UTC)."""
     if cal.always_on:
         return start.astimezone(UTC) + duration
     tz = ZoneInfo(cal.timezone)
-    local = start.astimezone(tz)
+    now = start.astimezone(UTC)
     remaining = duration
-    day = local.date()
+    day = start.astimezone(tz).date()
     for _ in range(3660):  # ten years of days: a calendar with no open day ends the loop
-        win = cal.window(day)
-        if win is not None:
-            open_at = datetime.combine(day, win[0], tz)
-            close_at = datetime.combine(day, win[1], tz)
-            begin = max(open_at, local)
-            if begin < close_at:
-                available = close_at - begin
+        span = _open_span(cal, day, tz)
+        if span is not None:
+            begin = max(span[0], now)
+            if begin < span[1]:
+                available = span[1] - begin
                 if remaining <= available:
-                    return (begin + remaining).astimezone(UTC)
+                    return begin + remaining
                 remaining -= available
         day += timedelta(days=1)
-        local = datetime.combine(day, time(0), tz)
     raise ValueError("the business calendar has no open hours")
 
 
@@ -56,14 +66,13 @@ def business_time_between(cal: BusinessCalendar, start: datetime, end: datetime)
     if cal.always_on:
         return end - start
     tz = ZoneInfo(cal.timezone)
-    a, b = start.astimezone(tz), end.astimezone(tz)
+    a, b = start.astimezone(UTC), end.astimezone(UTC)
     total = timedelta(0)
-    day = a.date()
-    while day <= b.date():
-        win = cal.window(day)
-        if win is not None:
-            lo = max(datetime.combine(day, win[0], tz), a)
-            hi = min(datetime.combine(day, win[1], tz), b)
+    day, last = start.astimezone(tz).date(), end.astimezone(tz).date()
+    while day <= last:
+        span = _open_span(cal, day, tz)
+        if span is not None:
+            lo, hi = max(span[0], a), min(span[1], b)
             if hi > lo:
                 total += hi - lo
         day += timedelta(days=1)
