@@ -1,0 +1,336 @@
+"""Outgoing mail: the composed bytes, and delivery through an SMTP relay with retries."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import ssl
+from collections.abc import Iterator
+from datetime import timedelta
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailgate.config import Settings, settings_from_dict
+from mailgate.domain import parse_plus_address, token_is_valid
+from mailgate.outbox import DeliveryError, compose, deliver_by_smtp, record_results, retry_delay
+from mailgate.store.engine import utcnow
+from mailgate.store.tables import Outbox
+from tests.conftest import CaptureRelay, cli, cli_json, free_port, mail, start_daemon, wait_until, write_config
+
+SECRET = "test-secret-key-0123456789"
+
+
+def settings(outbound: dict[str, Any] | None = None, base: Path = Path("/nonexistent")) -> Settings:
+    return settings_from_dict({
+        "database": {"url": "sqlite:///mailgate.db"},
+        "outbound": outbound or {"url": "maildir:sent"},
+        "helpdesk": {"address": "support@example.com", "comment_address": "support-comment@example.com",
+                     "subject_tag": "EXAMPLE", "secret_key": SECRET, "data_dir": "data",
+                     "name": "Example Support"},
+    }, base=base)
+
+
+def composed(**kw: Any) -> tuple[bytes, EmailMessage]:
+    args: dict[str, Any] = {"to": "carol@customer.org", "subject": "[EXAMPLE #7] Printer on fire",
+                            "text": "Hello\n", "html": None, "message_id": "mg.7.abc@example.com",
+                            "ticket_number": 7}
+    args.update(kw)
+    raw = compose(settings(), **args)
+    return raw, message_from_bytes(raw, policy=policy.default)  # type: ignore[return-value]
+
+
+def header_lines(raw: bytes) -> list[str]:
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("ascii")
+    return head.split("\r\n")
+
+
+# --- compose ------------------------------------------------------------------------------
+
+def test_ids_on_one_unencoded_line() -> None:
+    refs = [f"ref{i}.{'x' * 60}@customer.org" for i in range(6)]
+    raw, msg = composed(in_reply_to="orig.123@customer.org", references=refs)
+    lines = header_lines(raw)
+    assert "Message-ID: <mg.7.abc@example.com>" in lines
+    assert "In-Reply-To: <orig.123@customer.org>" in lines
+    refs_line = next(line for line in lines if line.startswith("References: "))
+    # Never folded, even at ~450 characters, and the message replied to comes last.
+    assert refs_line == "References: " + " ".join(f"<{r}>" for r in [*refs, "orig.123@customer.org"])
+    assert not any(line.startswith((" ", "\t")) for line in lines)
+    assert b"=?" not in raw.split(b"\r\n\r\n", 1)[0].replace(b"Subject", b"")  # nothing encoded
+    assert msg["Message-ID"] == "<mg.7.abc@example.com>"
+
+
+def test_references_keep_the_last_ten() -> None:
+    raw, msg = composed(references=[f"r{i}@x" for i in range(15)], in_reply_to="r14@x")
+    assert msg["References"] == " ".join(f"<r{i}@x>" for i in range(5, 15))
+
+
+def test_every_line_ends_crlf_and_is_short() -> None:
+    raw, _ = composed(text="line\n" * 5 + "é" * 3000, html="<p>" + "ü" * 3000 + "</p>")
+    assert b"\n" not in raw.replace(b"\r\n", b"")
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+    assert raw.isascii()  # quoted-printable bodies, encoded subject
+
+
+def test_non_ascii_subject_is_rfc2047() -> None:
+    raw, msg = composed(subject="[EXAMPLE #7] Drucker brennt: Größe ß — 火事")
+    subject_line = next(line for line in header_lines(raw) if line.startswith("Subject: "))
+    assert subject_line.startswith("Subject: =?utf-8?")
+    assert msg["Subject"] == "[EXAMPLE #7] Drucker brennt: Größe ß — 火事"
+    ascii_raw, ascii_msg = composed(subject="[EXAMPLE #7] plain")
+    assert "Subject: [EXAMPLE #7] plain" in header_lines(ascii_raw)
+
+
+@pytest.mark.parametrize("subject", ["Hi\r\nBcc: x@evil.example", "Hi\nBcc: x@evil.example", "Hi\rBcc: x@evil.example",
+                                     "Hï\r\nBcc: x@evil.example", "Hi\u2028Bcc: x@evil.example"])
+def test_crlf_in_subject_cannot_inject_a_header(subject: str) -> None:
+    raw, msg = composed(subject=subject)
+    assert msg["Bcc"] is None
+    assert not any(line.lower().startswith("bcc:") for line in header_lines(raw))
+    assert "Bcc: x@evil.example" in msg["Subject"]  # kept as text on the one Subject line
+    assert sum(line.startswith("Subject:") for line in header_lines(raw)) == 1
+
+
+def test_crlf_in_ids_and_display_name_cannot_inject() -> None:
+    raw, msg = composed(in_reply_to="a@b\r\nBcc: x@evil.example", references=["c@d\nBcc:x@evil.example", "ok@x"],
+                        from_name="Support\r\nBcc: x@evil.example")
+    assert msg["Bcc"] is None
+    assert msg["In-Reply-To"] is None
+    assert msg["References"] == "<ok@x>"
+    assert not any(line.lower().startswith("bcc:") for line in header_lines(raw))
+
+
+def test_multipart_text_and_html() -> None:
+    raw, msg = composed(text="Hello Carol\n", html="<p>Hello <b>Carol</b></p>")
+    assert msg.get_content_type() == "multipart/alternative"
+    assert [p.get_content_type() for p in msg.iter_parts()] == ["text/plain", "text/html"]
+    assert msg.get_body(("plain",)).get_content().rstrip() == "Hello Carol"  # type: ignore[union-attr]
+    assert msg.get_body(("html",)).get_content().rstrip() == "<p>Hello <b>Carol</b></p>"  # type: ignore[union-attr]
+    _, plain = composed(html=None)
+    assert plain.get_content_type() == "text/plain" and plain.get_content_charset() == "utf-8"
+
+
+def test_auto_submitted_only_when_automatic() -> None:
+    _, auto = composed(automatic=True)
+    assert auto["Auto-Submitted"] == "auto-replied"
+    assert auto["X-Auto-Response-Suppress"] == "All" and auto["Precedence"] == "bulk"
+    _, human = composed(automatic=False)
+    assert human["Auto-Submitted"] is None and human["Precedence"] is None
+    assert human["X-Auto-Response-Suppress"] is None
+
+
+def test_reply_to_is_a_token_address_for_the_recipient() -> None:
+    _, msg = composed(to="carol@customer.org", ticket_number=7)
+    base, number, token = parse_plus_address(str(msg["Reply-To"]))  # type: ignore[misc]
+    assert (base, number) == ("support@example.com", 7)
+    assert token_is_valid(SECRET, 7, "carol@customer.org", token)
+    assert not token_is_valid(SECRET, 7, "mallory@evil.example", token)
+    assert msg["X-Mailgate-Ticket"] == "7"
+    assert msg["From"] == "Example Support <support@example.com>"
+    _, no_ticket = composed(ticket_number=None)
+    assert no_ticket["Reply-To"] is None and no_ticket["X-Mailgate-Ticket"] is None
+
+
+def test_retry_delay_grows_and_is_capped() -> None:
+    s = settings({"url": "maildir:sent", "retry_base_seconds": 10, "retry_max_seconds": 100})
+    for attempts, base in ((1, 10), (2, 20), (3, 40), (4, 80), (5, 100), (20, 100)):
+        d = retry_delay(s, attempts)
+        assert timedelta(seconds=base * 0.8) <= d <= timedelta(seconds=base * 1.2)
+
+
+# --- record_results: retry, permanent failure, deadline -------------------------------------
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Any]:
+    from sqlmodel import SQLModel
+
+    from mailgate.store.engine import make_engine
+
+    e = make_engine(f"sqlite:///{tmp_path / 'o.db'}")
+    SQLModel.metadata.create_all(e)
+    yield e
+    e.dispose()
+
+
+def _row(engine: Any, *, attempts: int = 1, deadline_in: timedelta = timedelta(hours=1)) -> int:
+    import secrets
+
+    from mailgate.store.engine import session_scope
+
+    now = utcnow()
+    with session_scope(engine) as session:
+        row = Outbox(message_id=f"{secrets.token_hex(4)}@x", template="t", mail_from="support@example.com",
+                     recipients="a@b", raw=b"x",
+                     state="sending", attempts=attempts, next_attempt_at=now, deadline=now + deadline_in,
+                     created_at=now)
+        session.add(row)
+        session.flush()
+        assert row.id is not None
+        return row.id
+
+
+def _state(engine: Any, row_id: int) -> tuple[str, int, str | None]:
+    from mailgate.store.engine import session_scope
+
+    with session_scope(engine) as session:
+        row = session.get(Outbox, row_id)
+        assert row is not None
+        return row.state, row.attempts, row.last_error
+
+
+def test_record_results(engine: Any) -> None:
+    s = settings({"url": "smtp://relay", "retry_base_seconds": 60, "max_attempts": 3})
+    ok, soft, hard, late, spent = (_row(engine), _row(engine), _row(engine),
+                                   _row(engine, deadline_in=timedelta(seconds=30)), _row(engine, attempts=3))
+    record_results(engine, s, [
+        (ok, None), (soft, DeliveryError("451 4.3.0 try later")),
+        (hard, DeliveryError("550 5.1.1 no such user", permanent=True)),
+        (late, DeliveryError("451 4.3.0 try later")),  # next try (~60 s) would be after the deadline
+        (spent, DeliveryError("451 4.3.0 try later")),  # third attempt of three
+    ])
+    assert _state(engine, ok) == ("sent", 1, None)
+    assert _state(engine, soft) == ("queued", 1, "451 4.3.0 try later")
+    assert _state(engine, hard) == ("failed", 1, "550 5.1.1 no such user")
+    assert _state(engine, late) == ("failed", 1, "451 4.3.0 try later")
+    assert _state(engine, spent) == ("failed", 3, "451 4.3.0 try later")
+
+
+# --- delivery from a running daemon to the capture relay ----------------------------------------
+
+def outbox_rows(config: Path) -> list[dict[str, Any]]:
+    con = sqlite3.connect(config.parent / "mailgate.db", timeout=10)
+    try:
+        con.row_factory = sqlite3.Row
+        return [dict(r) for r in con.execute(
+            "select id, state, attempts, last_error, recipients, mail_from, message_id from outbox order by id")]
+    finally:
+        con.close()
+
+
+def test_delivery_retry_then_sent_once_and_permanent_failure(workdir: Path, relay: CaptureRelay) -> None:
+    # No agents: each new ticket sends exactly one mail, the requester's confirmation.
+    config = write_config(workdir, outbound=f"smtp://127.0.0.1:{relay.port}", agents="")
+    relay.fail_with = "451 4.3.0 try again later"
+    d = start_daemon(config)
+    try:
+        d.send(mail(subject="Retry me"))
+        # Retried with backoff: still queued, attempts growing, the relay's answer kept.
+        rows = wait_until(lambda: [r for r in outbox_rows(config) if r["attempts"] >= 2 and r["state"] == "queued"])
+        assert rows[0]["last_error"].startswith("451")
+        listed = cli_json(config, "outbox", "list")
+        assert len(listed) == 1 and listed[0]["state"] in ("queued", "sending")
+        assert listed[0]["attempts"] >= 2 and "451" in listed[0]["last_error"]
+        assert relay.messages == []
+        relay.fail_with = None
+        wait_until(lambda: outbox_rows(config)[0]["state"] == "sent", timeout=30)
+        d.wait_idle()
+        assert len(relay.messages) == 1
+        sender, rcpts, raw = relay.messages[0]
+        assert sender == "support@example.com" and rcpts == ["carol@customer.org"]
+        first = relay.parsed()[0]
+        assert first["Message-ID"] == f"<{outbox_rows(config)[0]['message_id']}>"
+        assert first["Subject"] == "[EXAMPLE #1] Retry me"
+        assert outbox_rows(config)[0]["last_error"] is None
+
+        # 550: failed at once, no retry; `outbox retry` sends it again once the relay accepts.
+        relay.fail_with = "550 5.1.1 mailbox unavailable"
+        d.send(mail(sender="dave@customer.org", subject="Refuse me"))
+        wait_until(lambda: len(outbox_rows(config)) == 2 and outbox_rows(config)[1]["state"] == "failed")
+        failed = outbox_rows(config)[1]
+        assert failed["attempts"] == 1 and failed["last_error"].startswith("550")
+        assert [r["id"] for r in cli_json(config, "outbox", "list", "--state", "failed")] == [failed["id"]]
+        relay.fail_with = None
+        assert cli(config, "outbox", "retry").stdout.decode().strip() == "1 queued again"
+        wait_until(lambda: outbox_rows(config)[1]["state"] == "sent")
+        d.wait_idle()
+        assert len(relay.messages) == 2
+        assert relay.messages[1][1] == ["dave@customer.org"]
+        assert [m["Subject"] for m in relay.parsed()] == ["[EXAMPLE #1] Retry me", "[EXAMPLE #2] Refuse me"]
+        assert cli(config, "outbox", "retry").stdout.decode().strip() == "0 queued again"
+    finally:
+        assert d.stop() == 0
+
+
+# --- STARTTLS and AUTH with a private CA ---------------------------------------------------------
+
+class _TlsRelay:
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.logins: list[str] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+        return "250 OK"
+
+    def authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> Any:
+        from aiosmtpd.smtp import AuthResult, LoginPassword
+
+        ok = (isinstance(auth_data, LoginPassword) and auth_data.login == b"mailgate"
+              and auth_data.password == b"s3cret")
+        if ok:
+            self.logins.append(auth_data.login.decode())
+        return AuthResult(success=ok, handled=False)  # handled=False: aiosmtpd answers 535
+
+
+@pytest.fixture
+def tls_relay(tmp_path: Path) -> Iterator[tuple[_TlsRelay, int, Path]]:
+    import trustme
+    from aiosmtpd.controller import Controller
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(ctx)
+    ca_file = tmp_path / "relay-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    handler = _TlsRelay()
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port, tls_context=ctx, require_starttls=True,
+                            authenticator=handler.authenticate, auth_require_tls=True)
+    controller.start()
+    yield handler, port, ca_file
+    controller.stop()
+
+
+def _outbox_row() -> Outbox:
+    raw, _ = composed()
+    now = utcnow()
+    return Outbox(id=1, message_id="mg.7.abc@example.com", template="t", mail_from="support@example.com",
+                  recipients="carol@customer.org", raw=raw, state="sending", attempts=1, next_attempt_at=now,
+                  deadline=now + timedelta(hours=1), created_at=now)
+
+
+def test_starttls_and_auth_with_configured_ca(tmp_path: Path, tls_relay: tuple[_TlsRelay, int, Path]) -> None:
+    from mailgate.doctor import _outbound
+
+    handler, port, ca_file = tls_relay
+    ob = {"url": f"smtp://127.0.0.1:{port}", "starttls": True, "user": "mailgate", "password": "s3cret",
+          "ca_file": ca_file.name, "timeout_seconds": 10}
+    s = settings(ob, base=tmp_path)  # ca_file relative to the config file's folder
+    assert s.outbound.ca_file == ca_file
+    asyncio.run(deliver_by_smtp(s, _outbox_row()))
+    assert handler.logins == ["mailgate"]
+    assert len(handler.messages) == 1
+    sender, rcpts, raw = handler.messages[0]
+    assert (sender, rcpts) == ("support@example.com", ["carol@customer.org"])
+    assert b"Message-ID: <mg.7.abc@example.com>" in raw
+    assert _outbound(s)["status"] == "ok"  # doctor trusts the same CA
+
+    # Without the CA the certificate is not trusted: a temporary failure (the operator can fix it).
+    untrusted = settings({k: v for k, v in ob.items() if k != "ca_file"}, base=tmp_path)
+    with pytest.raises(DeliveryError) as exc:
+        asyncio.run(deliver_by_smtp(untrusted, _outbox_row()))
+    assert not exc.value.permanent
+    assert "certificate" in str(exc.value).lower()
+    assert _outbound(untrusted)["status"] == "error"
+
+    # A wrong password is refused by the relay with 535.
+    wrong = settings({**ob, "password": "nope"}, base=tmp_path)
+    with pytest.raises(DeliveryError) as exc:
+        asyncio.run(deliver_by_smtp(wrong, _outbox_row()))
+    assert str(exc.value).startswith("535")
+    assert len(handler.messages) == 1
