@@ -1,0 +1,118 @@
+"""Templates: sandboxed, strict, site directory first, HTML autoescaped."""
+
+from __future__ import annotations
+
+import sqlite3
+from email import message_from_bytes, policy
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jinja2.exceptions import SecurityError, UndefinedError
+
+from mailgate.render import Renderer, packaged_dir
+from tests.conftest import cli, mail, write_config
+
+HOSTILE = '<script>alert("x")</script> & <b>bold</b>'
+
+
+def context(subject: str = "Printer on fire", **extra: Any) -> dict[str, Any]:
+    """The shape notify.send hands to a requester template."""
+    return {
+        "helpdesk": {"name": "Example Support", "address": "support@example.com", "subject_tag": "EXAMPLE",
+                     "ratings": ["1", "2", "3", "4", "5"]},
+        "ticket": {"number": 7, "subject": subject, "status": "new", "status_kind": "new", "priority": "normal",
+                   "category": None, "queue": "support@example.com", "tier": "customer", "owner": None,
+                   "requester": "carol@customer.org", "requester_name": "Carol", "first_response_due": None,
+                   "resolution_due": None},
+        "message": None,
+        "tagged_subject": f"[EXAMPLE #7] {subject}",
+        "hijack_notice": None,
+        "recipient": "carol@customer.org",
+        **extra,
+    }
+
+
+def site(tmp_path: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = tmp_path / "site" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return tmp_path / "site"
+
+
+@pytest.mark.parametrize("source", [
+    "{{ ''.__class__.__mro__ }}",
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ ''|attr('__class__') }}",
+    "{{ '{0.__class__}'|attr('format')('x') }}",  # CVE-2025-27516: format reached through |attr
+    "{{ '{0.__class__.__mro__}'.format(ticket) }}",
+    "{{ cycler.__init__.__globals__ }}",
+    "{{ ticket.__class__ }}",
+    "{{ helpdesk.ratings.append('6') }}",  # immutable sandbox: no mutation of the context
+    "{{ ticket.update(number=1) }}",
+])
+def test_sandbox_refuses_escapes(tmp_path: Path, source: str) -> None:
+    r = Renderer(site(tmp_path, {"evil.txt.j2": source}))
+    with pytest.raises(SecurityError):
+        r.render_text("evil.txt.j2", context())
+
+
+def test_strict_undefined_raises_on_a_typo(tmp_path: Path) -> None:
+    r = Renderer(site(tmp_path, {"typo.txt.j2": "Ticket {{ tikcet.number }}",
+                                 "typo2.txt.j2": "Ticket {{ ticket.numbr }}"}))
+    with pytest.raises(UndefinedError, match="tikcet"):
+        r.render_text("typo.txt.j2", context())
+    with pytest.raises(UndefinedError, match="numbr"):
+        r.render_text("typo2.txt.j2", context())
+
+
+def test_every_packaged_requester_template_renders() -> None:
+    r = Renderer()
+    for name in ("requester/created", "requester/answer", "requester/status", "requester/status-solved"):
+        rendered = r.render_mail(name, context(message={"from": "alice@example.com", "from_name": "Alice",
+                                                        "text": "Answer text", "subject": "s", "created_at": None},
+                                               old_status="new"))
+        assert rendered.subject.startswith("[EXAMPLE #7]")
+        assert rendered.text and rendered.html
+
+
+def test_site_directory_overrides_packaged_template(tmp_path: Path) -> None:
+    r = Renderer(site(tmp_path, {"requester/created.subject.j2": "Got it: {{ tagged_subject }}\n"}))
+    rendered = r.render_mail("requester/created", context())
+    assert rendered.subject == "Got it: [EXAMPLE #7] Printer on fire"
+    # The other parts still come from the package.
+    assert rendered.text == Renderer().render_mail("requester/created", context()).text
+    assert (packaged_dir("templates") / "requester" / "created.txt.j2").is_file()
+
+
+def test_subject_is_one_line_whatever_the_template_makes() -> None:
+    rendered = Renderer().render_mail("requester/created", context(subject="Hi\r\nBcc: x@evil.example"))
+    assert "\n" not in rendered.subject and "\r" not in rendered.subject
+
+
+def test_html_autoescapes_subject_text_does_not() -> None:
+    rendered = Renderer().render_mail("requester/created", context(subject=HOSTILE))
+    assert rendered.html is not None
+    assert "<script>" not in rendered.html and "<b>bold</b>" not in rendered.html
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;" in rendered.html
+    assert HOSTILE in rendered.text  # plain text is not HTML: escaping it would garble it
+
+
+def test_daemon_uses_site_templates_and_escapes_html(workdir: Path) -> None:
+    config = write_config(workdir, helpdesk_extra='templates_dir = "site"', agents="")
+    site(workdir, {"requester/created.subject.j2": "Site says: {{ tagged_subject }}",
+                   "requester/created.txt.j2": "Site text for #{{ ticket.number }}\n"})
+    out = cli(config, "ingest", input=mail(subject=HOSTILE).as_bytes())
+    assert out.stdout.decode().strip() == "1"
+    con = sqlite3.connect(workdir / "mailgate.db")
+    try:
+        rows = con.execute("select recipients, raw from outbox order by id").fetchall()
+    finally:
+        con.close()
+    assert [r[0] for r in rows] == ["carol@customer.org"]
+    msg = message_from_bytes(rows[0][1], policy=policy.default)
+    assert msg["Subject"] == f"Site says: [EXAMPLE #1] {HOSTILE}"
+    assert msg.get_body(("plain",)).get_content().strip() == "Site text for #1"  # type: ignore[union-attr]
+    html = msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
+    assert "<script>" not in html and "&lt;script&gt;" in html
