@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from mailgate.ingest import notify
-from mailgate.ingest.apply import add_event, add_participant, set_due_times, set_status
+from mailgate.ingest.apply import add_event, add_participant, set_due_times, set_status, unowned_recipients
 from mailgate.runtime import Runtime
 from mailgate.store.engine import session_scope, utcnow
 from mailgate.store.tables import Message, Ticket
@@ -56,11 +56,15 @@ def update_ticket(rt: Runtime, number: int, *, status: str | None = None, priori
                 changes.append(f"owner: {ticket.owner or 'nobody'} -> {new_owner or 'nobody'}")
                 ticket.owner = new_owner
                 if new_owner:
+                    # The template tells owner from assistant: `role` is part of its context.
                     notify.notify_agents(rt, session, ticket, "agent/assigned", [new_owner], message=None,
-                                         extra={"by": actor})
+                                         extra={"by": actor, "role": "owner"})
         if assist and add_participant(session, ticket, assist.lower(), "assistant"):
             add_event(session, ticket, actor, "assistant", None, assist.lower())
             changes.append(f"assistant added: {assist.lower()}")
+            # As `#assist` by mail does: the new assistant hears of it.
+            notify.notify_agents(rt, session, ticket, "agent/assigned", [assist.lower()], message=None,
+                                 extra={"by": actor, "role": "assistant"})
         ticket.updated_at = utcnow()
         session.add(ticket)
     return {"number": number, "changes": changes}
@@ -76,6 +80,9 @@ def add_note(rt: Runtime, number: int, text: str, author: str) -> None:
                           author_agent=author if rt.settings.agent(author) else None, created_at=utcnow())
         session.add(message)
         add_event(session, ticket, author, "note", None, None)
+        # Told as a note written by mail is: owner and assistants, or the group of an unowned
+        # ticket; Reply-To is the comment address, so an answer to it is a note again.
         notify.notify_agents(rt, session, ticket, "agent/note",
-                             notify.ticket_agents(rt, session, ticket, everyone_if_unowned=False),
-                             message=message, exclude=author)
+                             notify.ticket_agents(rt, session, ticket,
+                                                  unowned=unowned_recipients(rt, session, ticket)),
+                             message=message, exclude=author, reply_base=rt.settings.helpdesk.comment_address)

@@ -113,6 +113,9 @@ def ingest(config: ConfigOpt = None,
 
     raw = sys.stdin.buffer.read()
     rt = runtime_for(config)
+    # An MTA pipe (Postfix) mails stderr back in its bounce: the worker's traceback stays in the
+    # dead letter (`mailgate deadletter list`), and stderr gets only our one line below.
+    logging.getLogger("mailgate.ingest").setLevel(logging.CRITICAL)
     try:
         accepted = spool.accept(rt.spool_engine, rt.blobs, raw, source="ingest",
                                 queue=queue.lower() if queue else None, envelope_from=sender)
@@ -212,10 +215,15 @@ def tickets_list(
 ) -> None:
     """List tickets (colours: red overdue, yellow unanswered, green answered, cyan pending, dim closed)."""
     from mailgate.store.engine import as_utc, session_scope
-    from mailgate.views import SORT_FIELDS, TicketFilter, list_tickets, ticket_summary
+    from mailgate.views import SORT_FIELDS, SUMMARY_FIELDS, TicketFilter, list_tickets, ticket_summary
 
     if sort not in SORT_FIELDS:
         fail(f"--sort: one of {', '.join(SORT_FIELDS)}")
+    cols = [c.strip() for c in columns.split(",") if c.strip()]
+    # Checked before the query, so a wrong name is reported even when no ticket matches.
+    unknown = [c for c in cols if c not in SUMMARY_FIELDS]
+    if unknown:
+        fail(f"--columns: unknown column {unknown[0]!r}")
     rt = runtime_for(config)
     f = TicketFilter(status=status, open=open_, closed=closed, overdue=overdue, owner=owner, queue=queue,
                      priority=priority, category=category, requester=requester,
@@ -225,10 +233,6 @@ def tickets_list(
     if json_out:
         print_json(rows)
         return
-    cols = [c.strip() for c in columns.split(",") if c.strip()]
-    unknown = [c for c in cols if rows and c not in rows[0]]
-    if unknown:
-        fail(f"--columns: unknown column {unknown[0]!r}")
     table = Table(show_lines=False)
     for c in cols:
         table.add_column(c)

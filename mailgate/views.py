@@ -15,6 +15,11 @@ from mailgate.store.tables import Attachment, Contact, Event, Message, Participa
 
 SORT_FIELDS = ("number", "created_at", "updated_at", "priority", "status", "resolution_due",
                "first_response_due", "owner")
+# The keys of ticket_summary, in order: what `tickets list --columns` may name.
+SUMMARY_FIELDS = ("number", "subject", "status", "status_kind", "priority", "category", "queue", "requester",
+                  "participants", "owner", "assistants", "tier", "created_at", "updated_at", "first_response_due",
+                  "resolution_due", "first_responded_at", "overdue", "answered", "escalation_level", "rating",
+                  "merged_into")
 PRIORITY_ORDER = {"urgent": 0, "high": 1, "normal": 2, "low": 3}
 
 

@@ -1,0 +1,387 @@
+"""The CLI contract of DESIGN.md section 6: import, tickets list/show/update/note, dead letters, doctor, db.
+
+One desk is built once per module by `mailgate import` of tests/fixtures/cli_tickets.mbox and a few
+changes; the many filter checks then run the typer app in-process (same code path, no interpreter
+start-up each), while the commands an operator types are also run once as real subprocesses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mailbox
+import re
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from mailgate.cli import STATE_STYLE, _row_style, app
+from tests.conftest import FIXTURES, cli, cli_json, free_port, mail, write_config
+
+MBOX = FIXTURES / "cli_tickets.mbox"
+PASSWD = b"root:x:0:0:root:/root:/bin/bash\n"
+ISO_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+TICKET_FIELDS = {"number", "subject", "status", "priority", "category", "queue", "requester", "participants",
+                 "owner", "assistants", "tier", "created_at", "first_response_due", "resolution_due", "overdue",
+                 "escalation_level", "rating"}
+MESSAGE_FIELDS = {"kind", "direction", "from", "subject", "text", "message_id", "created_at", "attachments"}
+ATTACHMENT_FIELDS = {"filename", "content_type", "size", "sha256"}
+DESK_EXTRA = 'queues = ["sales@example.com"]\ncategories = ["billing", "hardware"]'
+
+
+def invoke(config: Path, *args: str, env: dict[str, str] | None = None) -> Any:
+    result = CliRunner().invoke(app, [*args, "--config", str(config)], env=env)
+    return result
+
+
+def ok(config: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    result = invoke(config, *args, env=env)
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result.stdout
+
+
+def numbers(config: Path, *args: str) -> list[int]:
+    return [t["number"] for t in json.loads(ok(config, "tickets", "list", "--json", *args))]
+
+
+def sql(config: Path, statement: str, *params: Any) -> list[tuple[Any, ...]]:
+    con = sqlite3.connect(config.parent / "mailgate.db", timeout=10)
+    try:
+        rows = con.execute(statement, params).fetchall()
+        con.commit()
+        return rows
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="module")
+def desk() -> Iterator[Path]:
+    """Five tickets from the mbox, then: #1 open/urgent/hardware/alice+bob and answered, #2 high and
+    overdue, #3 pending (overdue times, but paused), #4 closed/low, #5 backdated to 2020 with a note."""
+    workdir = Path(tempfile.mkdtemp(prefix="mg."))
+    config = write_config(workdir, helpdesk_extra=DESK_EXTRA)
+    imported = json.loads(cli(config, "import", str(MBOX), "--json").stdout)
+    assert imported == {"ticket": 5, "reply": 1, "screened": 1}
+    upd = cli_json(config, "tickets", "update", "1", "--status", "open", "--priority", "urgent", "--category",
+                   "hardware", "--owner", "alice@example.com", "--assist", "bob@example.com", "--tier", "customer")
+    assert upd == {"number": 1, "changes": [
+        "status: new -> open", "priority: normal -> urgent", "category: None -> hardware",
+        "owner: nobody -> alice@example.com", "assistant added: bob@example.com"]}
+    ok(config, "tickets", "update", "2", "--priority", "high")
+    ok(config, "tickets", "update", "3", "--status", "pending")
+    ok(config, "tickets", "update", "4", "--status", "closed", "--priority", "low")
+    ok(config, "tickets", "note", "5", "--text", "secret-walrus: customer is difficult", "--author",
+       "alice@example.com")
+    # Due times in the past, written after the updates (a priority change recomputes them).
+    sql(config, "update ticket set first_response_due = '2020-01-01 00:00:00.000000' where number in (2, 3, 4)")
+    sql(config, "update ticket set created_at = '2020-01-01 00:00:00.000000' where number = 5")
+    sql(config, "update ticket set last_public_out_at = '2099-01-01 00:00:00.000000' where number = 1")
+    yield config
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+# --- import ----------------------------------------------------------------------------------------
+
+def test_reimport_is_idempotent(desk: Path) -> None:
+    assert json.loads(ok(desk, "import", str(MBOX), "--json")) == {"already imported": 7}
+    assert numbers(desk) == [1, 2, 3, 4, 5]
+    assert sql(desk, "select count(*) from inbound") == [(7,)]
+    assert json.loads(ok(desk, "screened", "--json"))[0]["subject"] == "Out of office"
+
+
+def test_import_maildir(workdir: Path) -> None:
+    config = write_config(workdir, agents="")
+    box = mailbox.Maildir(str(workdir / "old-mail"), create=True)
+    for i in range(3):
+        box.add(mail(sender=f"user{i}@customer.org", subject=f"Old request {i}",
+                     message_id=f"<old-{i}@customer.org>").as_bytes())
+    box.add(mail(sender="user0@customer.org", subject="Re: [EXAMPLE #1] Old request 0", body="More.",
+                 message_id="<old-3@customer.org>").as_bytes())
+    box.close()
+    out = cli(config, "import", str(workdir / "old-mail"))
+    assert out.stdout.decode().splitlines() == ["reply: 1", "ticket: 3"]
+    again = cli(config, "import", str(workdir / "old-mail"), "--json")
+    assert json.loads(again.stdout) == {"already imported": 4}
+    assert sorted(t["subject"] for t in cli_json(config, "tickets", "list")) == [
+        "Old request 0", "Old request 1", "Old request 2"]
+    missing = cli(config, "import", str(workdir / "nope"), check=False)
+    assert missing.returncode == 2 and "no such file or directory" in missing.stderr.decode()
+
+
+# --- tickets list -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("args", "expected"), [
+    ((), [1, 2, 3, 4, 5]),
+    (("--status", "open"), [1]),
+    (("--status", "new"), [2, 5]),
+    (("--open",), [1, 2, 3, 5]),
+    (("--closed",), [4]),
+    (("--overdue",), [2]),  # #3 is paused (pending), #4 closed
+    (("--owner", "alice@example.com"), [1]),
+    (("--owner", "ALICE@example.com"), [1]),
+    (("--owner", "bob@example.com"), []),
+    (("--queue", "sales@example.com"), [3]),
+    (("--queue", "support@example.com"), [1, 2, 4, 5]),
+    (("--priority", "urgent"), [1]),
+    (("--priority", "normal"), [3, 5]),
+    (("--category", "hardware"), [1]),
+    (("--requester", "carol@customer.org"), [1, 5]),
+    (("--requester", "Carol@Customer.org", "--status", "new"), [5]),
+    (("--since", "2021-01-01"), [1, 2, 3, 4]),
+    (("--since", "2019-12-31T23:00:00"), [1, 2, 3, 4, 5]),
+    (("--text", "zanzibar"), [2]),          # in a message body
+    (("--text", "STILL BURNING"), [1]),     # in the reply, any case
+    (("--text", "scanner"), [5]),           # in a subject
+    (("--text", "secret-walrus"), []),      # internal notes are not searched
+    (("--open", "--priority", "high", "--overdue"), [2]),
+    (("--sort", "priority"), [1, 2, 3, 5, 4]),
+    (("--sort", "created_at"), [5, 1, 2, 3, 4]),
+])
+def test_tickets_list_filters(desk: Path, args: tuple[str, ...], expected: list[int]) -> None:
+    assert numbers(desk, *args) == expected
+
+
+def test_tickets_list_json_has_no_messages(desk: Path) -> None:
+    rows = json.loads(ok(desk, "tickets", "list", "--json"))
+    assert len(rows) == 5
+    for row in rows:
+        assert set(row) >= TICKET_FIELDS and "messages" not in row
+
+
+def test_tickets_list_bad_options(desk: Path) -> None:
+    bad_sort = invoke(desk, "tickets", "list", "--sort", "colour")
+    assert bad_sort.exit_code == 2 and "--sort: one of number" in bad_sort.stderr
+    bad_col = invoke(desk, "tickets", "list", "--columns", "number,colour")
+    assert bad_col.exit_code == 2 and "--columns: unknown column 'colour'" in bad_col.stderr
+    # Also when no ticket matches: the column name is wrong whatever the rows.
+    none = invoke(desk, "tickets", "list", "--status", "nonesuch", "--columns", "colour")
+    assert none.exit_code == 2 and "--columns: unknown column 'colour'" in none.stderr
+
+
+def test_tickets_list_columns(desk: Path) -> None:
+    out = ok(desk, "tickets", "list", "--columns", "number,owner,subject", env={"COLUMNS": "200"})
+    header = next(line for line in out.splitlines() if "number" in line)
+    assert re.findall(r"\w+", header) == ["number", "owner", "subject"]
+    assert "alice@example.com" in out and "Printer on fire" in out
+    assert "carol@customer.org" not in out  # requester column not asked for
+
+
+def test_row_styles() -> None:
+    base = {"status_kind": "open", "overdue": False, "answered": False}
+    assert _row_style(base) == STATE_STYLE["unanswered"] == "yellow"
+    assert _row_style({**base, "answered": True}) == "green"
+    assert _row_style({**base, "overdue": True, "answered": True}) == "bold red"
+    assert _row_style({**base, "status_kind": "pending"}) == "cyan"
+    assert _row_style({**base, "status_kind": "solved", "overdue": True}) == "dim"
+    assert _row_style({**base, "status_kind": "closed"}) == "dim"
+
+
+def test_tickets_list_colours_in_a_terminal(desk: Path) -> None:
+    out = ok(desk, "tickets", "list", "--columns", "number,subject", env={"FORCE_COLOR": "1", "COLUMNS": "200"})
+    styles = {}
+    for line in out.splitlines():
+        m = re.search(r"(\x1b\[[0-9;]+m)\s*│?\s*(\d)\s", line)
+        if m:
+            styles[int(m.group(2))] = m.group(1)
+    assert styles == {1: "\x1b[32m", 2: "\x1b[1;31m", 3: "\x1b[36m", 4: "\x1b[2m", 5: "\x1b[33m"}
+    plain = ok(desk, "tickets", "list", env={"COLUMNS": "200", "TERM": "dumb"})
+    assert "\x1b[" not in plain
+
+
+# --- tickets show --------------------------------------------------------------------------------------
+
+def test_tickets_show_json_contract(desk: Path) -> None:
+    t = json.loads(ok(desk, "tickets", "show", "1", "--json"))
+    assert TICKET_FIELDS | {"messages"} <= set(t)
+    assert (t["number"], t["subject"], t["status"], t["priority"], t["category"], t["queue"], t["requester"]) == (
+        1, "Printer on fire", "open", "urgent", "hardware", "support@example.com", "carol@customer.org")
+    assert (t["owner"], t["assistants"], t["participants"], t["tier"]) == (
+        "alice@example.com", ["bob@example.com"], [], "customer")
+    assert (t["overdue"], t["escalation_level"], t["rating"]) == (False, 0, None)
+    for key in ("created_at", "first_response_due", "resolution_due"):
+        assert ISO_Z.match(t[key]), (key, t[key])
+    kinds = [(m["kind"], m["direction"], m["from"]) for m in t["messages"]]
+    assert kinds == [("public", "in", "carol@customer.org"), ("system", "out", "support@example.com"),
+                     ("public", "in", "carol@customer.org")]
+    for m in t["messages"]:
+        assert set(m) >= MESSAGE_FIELDS and ISO_Z.match(m["created_at"])
+    first, _, reply = t["messages"]
+    assert first["message_id"] == "cli-1@customer.org" and first["subject"] == "Printer on fire"
+    assert first["text"].startswith("My printer is on fire.")
+    assert reply["text"].strip() == "It is still burning." and reply["attachments"] == []
+    overdue = json.loads(ok(desk, "tickets", "show", "2", "--json"))
+    assert overdue["overdue"] is True and overdue["first_response_due"] == "2020-01-01T00:00:00Z"
+
+
+def test_tickets_show_missing_ticket(desk: Path) -> None:
+    result = invoke(desk, "tickets", "show", "99")
+    assert result.exit_code == 1 and result.stderr.strip() == "mailgate: no ticket #99"
+
+
+def test_hostile_attachment_name_is_sanitised_and_blob_named_by_sha256(desk: Path) -> None:
+    t = json.loads(ok(desk, "tickets", "show", "4", "--json"))
+    digest = hashlib.sha256(PASSWD).hexdigest()
+    assert t["messages"][0]["attachments"] == [
+        {"filename": "passwd", "content_type": "text/plain", "size": len(PASSWD), "sha256": digest,
+         "inline": False}]
+    data = desk.parent / "data"
+    blob = data / "raw" / digest[:2] / digest[2:4] / digest
+    assert blob.read_bytes() == PASSWD
+    files = [p for p in data.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.name == "passwd" or ".." in p.parts]
+    assert all(re.fullmatch(r"[0-9a-f]{64}", p.name) for p in files if "raw" in p.parts)
+    assert not (desk.parent / "etc").exists()
+    text = ok(desk, "tickets", "show", "4")
+    assert "[attachment] 'passwd' text/plain 32 bytes" in text
+
+
+# --- tickets update and note ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--status", "bogus"), "--status: unknown status 'bogus'; one of new, open, pending, on-hold, solved, closed"),
+    (("--priority", "asap"), "--priority: one of low, normal, high, urgent"),
+    (("--category", "misc"), "--category: one of billing, hardware"),
+    (("--owner", "mallory@evil.example"), "--owner: mallory@evil.example is not a configured agent"),
+    (("--assist", "mallory@evil.example"), "--assist: mallory@evil.example is not a configured agent"),
+    (("--tier", "gold"), "--tier: one of customer"),
+])
+def test_tickets_update_bad_values(desk: Path, args: tuple[str, ...], message: str) -> None:
+    result = invoke(desk, "tickets", "update", "5", *args)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"mailgate: {message}"
+    assert json.loads(ok(desk, "tickets", "show", "5", "--json"))["status"] == "new"  # nothing changed
+
+
+def test_tickets_update_each_flag_and_cli_exit_code(workdir: Path) -> None:
+    config = write_config(workdir, helpdesk_extra=DESK_EXTRA, agents=_AGENTS_AND_L3)
+    assert cli(config, "ingest", input=mail().as_bytes()).stdout.decode().strip() == "1"
+    for args, change in [
+        (("--status", "open"), "status: new -> open"),
+        (("--priority", "high"), "priority: normal -> high"),
+        (("--category", "billing"), "category: None -> billing"),
+        (("--owner", "Bob@Example.com"), "owner: nobody -> bob@example.com"),
+        (("--assist", "alice@example.com"), "assistant added: alice@example.com"),
+        (("--tier", "gold"), "tier: customer -> gold"),
+        (("--owner", ""), "owner: bob@example.com -> nobody"),
+        (("--status", "open"), None),
+    ]:
+        out = ok(config, "tickets", "update", "1", *args)
+        assert out.strip() == f"#1: {change or 'nothing changed'}"
+    t = json.loads(ok(config, "tickets", "show", "1", "--json"))
+    assert (t["status"], t["priority"], t["category"], t["owner"], t["assistants"], t["tier"]) == (
+        "open", "high", "billing", None, ["alice@example.com"], "gold")
+    actions = [(e["action"], e["actor"]) for e in t["events"] if e["actor"] == "cli"]
+    assert [a for a, _ in actions] == ["status", "priority", "category", "owner", "assistant", "tier", "owner"]
+    # The real command: exit 1 and one line.
+    proc = cli(config, "tickets", "update", "1", "--priority", "asap", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.decode() == "mailgate: --priority: one of low, normal, high, urgent\n"
+    missing = cli(config, "tickets", "update", "42", "--priority", "low", check=False)
+    assert missing.returncode == 1 and missing.stderr.decode() == "mailgate: no ticket #42\n"
+
+
+_AGENTS_AND_L3 = """
+[[agents]]
+email = "alice@example.com"
+name = "Alice"
+groups = ["L1"]
+
+[[agents]]
+email = "bob@example.com"
+name = "Bob"
+groups = ["L2"]
+
+[[sla.tiers]]
+name = "customer"
+
+[[sla.tiers]]
+name = "gold"
+always_on = true
+"""
+
+
+def test_note_is_internal_and_never_mailed_to_the_requester(desk: Path) -> None:
+    t = json.loads(ok(desk, "tickets", "show", "5", "--json"))
+    notes = [m for m in t["messages"] if m["kind"] == "internal"]
+    assert len(notes) == 1 and notes[0]["text"] == "secret-walrus: customer is difficult"
+    assert notes[0]["from"] == "alice@example.com"
+    rows = sql(desk, "select recipients, raw from outbox")
+    with_secret = sorted(r for r, raw in rows if b"secret-walrus" in raw)
+    assert "carol@customer.org" not in with_secret
+    assert with_secret == ["bob@example.com"]  # the other agent is told; the author is not
+    empty = invoke(desk, "tickets", "note", "5", "--text", "  ")
+    assert empty.exit_code == 2 and "empty note" in empty.stderr
+
+
+# --- dead letters ------------------------------------------------------------------------------------------
+
+def test_deadletter_list_and_retry_after_the_cause_is_fixed(workdir: Path) -> None:
+    from mailgate import spool
+    from mailgate.config import load_settings
+    from mailgate.ingest.pipeline import run_one
+    from mailgate.runtime import Runtime
+
+    config = write_config(workdir, agents="", helpdesk_extra='max_attempts = 1\ntemplates_dir = "site"')
+    broken = workdir / "site" / "requester" / "created.subject.j2"
+    broken.parent.mkdir(parents=True)
+    broken.write_text("{{ tikcet.number }}")  # an operator's typo: every confirmation fails
+    proc = cli(config, "ingest", input=mail(subject="Help").as_bytes(), check=False)
+    assert proc.returncode == 65
+    # One line: the traceback is kept with the dead letter, not handed to the MTA's bounce.
+    assert proc.stderr.decode() == "mailgate: unusable message kept as dead letter 1: UndefinedError: 'tikcet' is " \
+        "undefined\n"
+    dead = cli_json(config, "deadletter", "list")
+    # (from and subject are not shown: the processing transaction that would record them rolled back)
+    assert [(d["id"], d["source"], d["attempts"]) for d in dead] == [(1, "ingest", 1)]
+    assert "tikcet" in dead[0]["reason"] and "Traceback" in dead[0]["error"]
+    assert cli_json(config, "tickets", "list") == []
+
+    broken.unlink()
+    assert ok(config, "deadletter", "retry").strip() == "1 requeued"
+    assert ok(config, "deadletter", "retry").strip() == "0 requeued"
+    # What the daemon's worker does with the requeued row:
+    rt = Runtime.build(load_settings(config))
+    result = run_one(rt, spool.worker_id())
+    assert result is not None and (result.outcome, result.ticket_number) == ("ticket", 1)
+    assert json.loads(ok(config, "deadletter", "list", "--json")) == []
+    assert [t["subject"] for t in json.loads(ok(config, "tickets", "list", "--json"))] == ["Help"]
+
+
+# --- doctor and db -----------------------------------------------------------------------------------------
+
+def test_doctor_ok_with_maildir_and_fails_naming_an_unreachable_relay(workdir: Path) -> None:
+    good = write_config(workdir / "good")
+    proc = cli(good, "doctor")
+    lines = proc.stdout.decode().splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "[ok  ] config", "[WARN] database", "[ok  ] outbound", "[ok  ] spam model"]
+    assert "schema at empty" in lines[1] and "run `mailgate db upgrade`" in lines[1]
+    assert lines[2].startswith(f"[ok  ] outbound: maildir {workdir / 'good' / 'sent'} writable")
+    cli(good, "db", "upgrade")
+    assert cli(good, "doctor").stdout.decode().splitlines()[1].startswith("[ok  ] database: schema at ")
+    url = f"smtp://127.0.0.1:{free_port()}"
+    bad = write_config(workdir / "bad", outbound=url)
+    proc = cli(bad, "doctor", "--json", check=False)
+    assert proc.returncode == 1
+    checks = {c["name"]: c for c in json.loads(proc.stdout)}
+    assert checks["outbound"]["status"] == "error" and checks["outbound"]["detail"].startswith(url)
+    assert checks["config"]["status"] == "ok"
+
+
+def test_db_upgrade_on_empty_database_is_idempotent(workdir: Path) -> None:
+    from mailgate.store.migrate import head_revision
+
+    config = write_config(workdir)
+    head = head_revision()
+    first = cli(config, "db", "upgrade").stdout.decode().strip()
+    assert first == f"database at {head} (was empty)"
+    second = cli(config, "db", "upgrade").stdout.decode().strip()
+    assert second == f"database at {head} (was {head})"
+    tables = {r[0] for r in sql(config, "select name from sqlite_master where type = 'table'")}
+    assert {"ticket", "message", "attachment", "event", "inbound", "outbox", "contact"} <= tables
