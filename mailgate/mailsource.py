@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mailbox
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,5 +31,21 @@ def iter_messages(path: Path) -> Iterator[tuple[str, bytes]]:
             return
         box = mailbox.mbox(str(path), factory=None, create=False)
         for i, key in enumerate(box.iterkeys()):
-            # get_bytes drops the mbox 'From ' line and undoes >From quoting
-            yield f"mbox:{path}:{i}", box.get_bytes(key)
+            # get_bytes drops the mbox 'From ' line but keeps the '>From ' quoting of the body
+            yield f"mbox:{path}:{i}", unquote_from(box.get_bytes(key))
+
+
+_QUOTED_FROM = re.compile(rb"^>(>*From )", re.MULTILINE)
+
+
+def unquote_from(raw: bytes) -> bytes:
+    """Undo one level of mbox '>From ' quoting in the body (mboxrd; for mboxo the usual case).
+
+    Writers quote body lines starting with 'From ' so that they do not split the file;
+    without this, every such line would reach the ticket as '>From ...'.
+    """
+    ends = [(i, len(sep)) for sep in (b"\r\n\r\n", b"\n\n") if (i := raw.find(sep)) >= 0]
+    if not ends:
+        return raw
+    i, n = min(ends)
+    return raw[: i + n] + _QUOTED_FROM.sub(rb"\1", raw[i + n:])

@@ -68,10 +68,13 @@ def list_tickets(session: Session, f: TicketFilter, sort: str = "number") -> lis
     if f.since:
         query = query.where(Ticket.created_at >= f.since)
     if f.text:
-        like = f"%{f.text}%"
-        sub = select(Message.ticket_id).where(or_(col(Message.text).ilike(like), col(Message.subject).ilike(like)),
+        # The words as typed: '%' and '_' are not wildcards ("100%" must not match everything).
+        escaped = f.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        like = f"%{escaped}%"
+        sub = select(Message.ticket_id).where(or_(col(Message.text).ilike(like, escape="\\"),
+                                                  col(Message.subject).ilike(like, escape="\\")),
                                               Message.kind != "internal")
-        query = query.where(or_(col(Ticket.subject).ilike(like), col(Ticket.number).in_(sub)))
+        query = query.where(or_(col(Ticket.subject).ilike(like, escape="\\"), col(Ticket.number).in_(sub)))
     tickets = list(session.exec(query).all())
     now = utcnow()
     if f.overdue:

@@ -139,6 +139,9 @@ def test_import_maildir(workdir: Path) -> None:
     (("--text", "STILL BURNING"), [1]),     # in the reply, any case
     (("--text", "scanner"), [5]),           # in a subject
     (("--text", "secret-walrus"), []),      # internal notes are not searched
+    (("--text", "%"), []),                  # not a wildcard
+    (("--text", "_"), []),
+    (("--text", "40 seats"), [3]),
     (("--open", "--priority", "high", "--overdue"), [2]),
     (("--sort", "priority"), [1, 2, 3, 5, 4]),
     (("--sort", "created_at"), [5, 1, 2, 3, 4]),
@@ -213,7 +216,8 @@ def test_tickets_show_json_contract(desk: Path) -> None:
         assert set(m) >= MESSAGE_FIELDS and ISO_Z.match(m["created_at"])
     first, _, reply = t["messages"]
     assert first["message_id"] == "cli-1@customer.org" and first["subject"] == "Printer on fire"
-    assert first["text"].startswith("My printer is on fire.")
+    # The mbox's '>From ' quoting is undone on import.
+    assert first["text"].strip() == "My printer is on fire.\nFrom the smell of it, the toner."
     assert reply["text"].strip() == "It is still burning." and reply["attachments"] == []
     overdue = json.loads(ok(desk, "tickets", "show", "2", "--json"))
     assert overdue["overdue"] is True and overdue["first_response_due"] == "2020-01-01T00:00:00Z"
