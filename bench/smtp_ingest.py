@@ -95,6 +95,13 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))] * 1000
@@ -116,15 +123,19 @@ def main() -> None:
         t0 = time.perf_counter()
         mg_time, mg_lat = send_all(daemon.port, messages, args.connections)
         db = sqlite3.connect(work / "mailgate.db", timeout=30)
+        journal = sqlite3.connect(work / "data" / "accept-journal.db", timeout=30)
         while True:
+            waiting = journal.execute("select count(*) from journal").fetchone()[0]
             left = db.execute("select count(*) from inbound where state in ('queued','processing')").fetchone()[0]
-            if left == 0:
+            if waiting == 0 and left == 0:
                 break
             time.sleep(0.05)
+        journal.close()
         end_to_end = time.perf_counter() - t0
         outcomes = dict(db.execute("select coalesce(outcome, state), count(*) from inbound group by 1").fetchall())
         db.close()
-        rss = peak_rss_mb(daemon.proc.pid)
+        rss_main = peak_rss_mb(daemon.proc.pid)
+        rss_children = sum(peak_rss_mb(c) for c in children(daemon.proc.pid))
     finally:
         daemon.stop()
 
@@ -134,7 +145,8 @@ def main() -> None:
     print(f"accept ratio        : {(n / mg_time) / (n / ref_time):8.2f}  (target >= 0.5)")
     print(f"end to end          : {n / end_to_end:8.1f} msg/s  (last message processed after {end_to_end:.1f} s; "
           "target >= 150)")
-    print(f"peak RSS (daemon)   : {rss:8.1f} MB (target < 200)")
+    print(f"peak RSS            : {rss_main + rss_children:8.1f} MB = main {rss_main:.1f} + work process "
+          f"(and its spawn helper) {rss_children:.1f} (target < 200)")
     print(f"outcomes            : {outcomes}")
     print(f"median latency      : {statistics.median(mg_lat) * 1000:.2f} ms")
 

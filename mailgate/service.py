@@ -1,9 +1,10 @@
 """`mailgate run`: build the components in order, serve, stop them in reverse.
 
-Start: schema, ingest worker, outbox sender, scheduler, IMAP pollers, and the
-SMTP listener last (so nothing is accepted before it can be processed); then
-sd_notify READY=1. Stop (SIGTERM/SIGINT): stop accepting first, let the worker
-and the sender finish what they hold within a time limit, then close.
+Start: schema, the work process (ingest worker and outbox sender, see
+mailgate.worker), scheduler, IMAP pollers, and the SMTP listener last (so
+nothing is accepted before it can be processed); then sd_notify READY=1.
+Stop (SIGTERM/SIGINT): stop accepting first, then let the work process finish
+the message and the mail it holds within a time limit.
 """
 
 from __future__ import annotations
@@ -14,16 +15,17 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 from mailgate import spool
 from mailgate.config import Settings
-from mailgate.ingest.pipeline import Result, run_one
-from mailgate.outbox import OutboxSender
+from mailgate.journal import AcceptJournal
 from mailgate.runtime import Runtime
 from mailgate.store import migrate
 from mailgate.transport.smtp import IngestHandler, start_server
+from mailgate.worker import WorkProcess, journal_for
 
 log = logging.getLogger(__name__)
 DRAIN_SECONDS = 20.0
@@ -52,82 +54,58 @@ def prepare_database(rt: Runtime) -> None:
                            "run `mailgate db upgrade`")
 
 
-class IngestWorker:
-    """Claims inbound rows one at a time and runs the pipeline on each (in a thread)."""
+class ImapOutcome:
+    """For the IMAP poller: wake the work process and wait for a message's outcome.
 
-    def __init__(self, rt: Runtime, worker: str) -> None:
+    The poller files each mail by its outcome (a dead letter goes to the Failed folder).
+    """
+
+    def __init__(self, rt: Runtime, work: WorkProcess) -> None:
         self.rt = rt
-        self.worker = worker
-        self.wake = asyncio.Event()
+        self.work = work
 
-    def notify(self, _inbound_id: int | None = None) -> None:
-        self.wake.set()
-
-    async def process(self, inbound_id: int) -> str:
-        """For the IMAP poller: process one accepted message now and return its outcome.
-
-        If the background loop claimed it first, wait for that to finish: the poller files the
-        mail by outcome (a dead letter goes to the Failed folder).
-        """
-        result: Result | None = await asyncio.to_thread(run_one, self.rt, self.worker, only_id=inbound_id)
-        if result is not None:
-            return result.outcome
-        for _ in range(600):
+    async def __call__(self, inbound_id: int) -> str:
+        self.work.notify()
+        for _ in range(1200):
             state, outcome = await asyncio.to_thread(spool.state_of, self.rt.engine, inbound_id)
             if state in ("done", "dead"):
                 return outcome or state
-            if state == "queued":  # a retry is scheduled: it is not dead, file it as taken
-                return "queued"
+            if state == "queued" and outcome is None and await asyncio.to_thread(self._retry_scheduled, inbound_id):
+                return "queued"  # it failed once and will be retried: not dead, file it as taken
             await asyncio.sleep(0.1)
         return "queued"
 
-    async def run(self, stop: asyncio.Event, on_processed: asyncio.Event | None = None) -> None:
-        while not stop.is_set():
-            self.wake.clear()
-            try:
-                result = await asyncio.to_thread(run_one, self.rt, self.worker)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the database itself is failing: back off, never crash-loop
-                log.exception("ingest worker pass failed")
-                result = None
-                await asyncio.sleep(1.0)
-            if result is not None:
-                if on_processed is not None:
-                    on_processed.set()
-                continue
-            waits = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(stop.wait())]
-            await asyncio.wait(waits, timeout=self.rt.settings.helpdesk.worker_poll_seconds,
-                               return_when=asyncio.FIRST_COMPLETED)
-            for w in waits:
-                w.cancel()
+    def _retry_scheduled(self, inbound_id: int) -> bool:
+        from mailgate.store.engine import session_scope
+        from mailgate.store.tables import Inbound
+
+        with session_scope(self.rt.engine) as session:
+            row = session.get(Inbound, inbound_id)
+            return row is not None and row.attempts > 0 and row.next_attempt_at is not None
 
 
 async def serve(settings: Settings) -> int:
     rt = Runtime.build(settings)
     await asyncio.to_thread(prepare_database, rt)
     await asyncio.to_thread(spool.release_dead_claims, rt.engine)
-    await asyncio.to_thread(rt.spam_model)  # load (or seed) the model before mail arrives
-    worker_name = spool.worker_id()
+    holder = spool.worker_id()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    ingest = IngestWorker(rt, worker_name)
-    sender = OutboxSender(rt.engine, settings, worker_name)
-    tasks: dict[str, asyncio.Task[None]] = {
-        "ingest": asyncio.create_task(ingest.run(stop, sender.wake), name="ingest"),
-        "outbox": asyncio.create_task(sender.run(stop), name="outbox"),
-    }
+    work = WorkProcess(settings)
+    work.start()
+    supervisor = asyncio.create_task(work.supervise(stop, lambda: spool.release_dead_claims(rt.engine)))
     from mailgate.jobs import start_scheduler
 
-    scheduler = start_scheduler(rt, worker_name)
-    pollers = start_imap_pollers(rt, ingest, stop)
+    scheduler = start_scheduler(rt, holder)
+    pollers = start_imap_pollers(rt, ImapOutcome(rt, work), holder, stop)
+    journal = journal_for(rt)
     server = None
     if settings.smtp.enabled:
-        handler = IngestHandler(rt.spool_engine, rt.blobs, settings.helpdesk.all_addresses,
-                                lmtp=settings.smtp.lmtp, on_accepted=ingest.notify)
+        handler = IngestHandler(smtp_accept(rt, journal), settings.helpdesk.all_addresses,
+                                lmtp=settings.smtp.lmtp, on_accepted=work.notify)
         server = await start_server(handler, settings.smtp.host, settings.smtp.port,
                                     hostname=settings.smtp.hostname,
                                     max_message_bytes=settings.smtp.max_message_bytes)
@@ -146,26 +124,37 @@ async def serve(settings: Settings) -> int:
         task.cancel()
     await asyncio.gather(*pollers, return_exceptions=True)
     scheduler.shutdown(wait=False)
-    done, pending = await asyncio.wait(tasks.values(), timeout=DRAIN_SECONDS)
-    for task in pending:
-        log.warning("%s did not finish within %.0fs: cancelled", task.get_name(), DRAIN_SECONDS)
-        task.cancel()
-    await asyncio.gather(*tasks.values(), return_exceptions=True)
+    await supervisor
+    await work.stop(DRAIN_SECONDS)
+    if journal is not None:
+        journal.close()
     rt.engine.dispose()
     rt.spool_engine.dispose()
     log.info("stopped")
     return 0
 
 
-def start_imap_pollers(rt: Runtime, ingest: IngestWorker, stop: asyncio.Event) -> list[asyncio.Task[None]]:
+def smtp_accept(rt: Runtime, journal: AcceptJournal | None) -> Callable[..., str]:
+    """How the listener stores a message: the journal on SQLite, the spool on PostgreSQL."""
+    if journal is not None:
+        return journal.accept
+
+    def accept(raw: bytes, **envelope: Any) -> str:
+        return str(spool.accept(rt.spool_engine, rt.blobs, raw, **envelope).inbound_id)
+
+    return accept
+
+
+def start_imap_pollers(rt: Runtime, process: ImapOutcome, holder: str,
+                       stop: asyncio.Event) -> list[asyncio.Task[None]]:
     if not rt.settings.imap:
         return []
     from mailgate.transport.imap import ImapPoller
 
     tasks = []
     for account in rt.settings.imap:
-        poller = ImapPoller(account, rt.spool_engine, rt.blobs, process=ingest.process)
-        tasks.append(asyncio.create_task(poll_under_lease(rt, poller, account.name, ingest.worker, stop),
+        poller = ImapPoller(account, rt.spool_engine, rt.blobs, process=process)
+        tasks.append(asyncio.create_task(poll_under_lease(rt, poller, account.name, holder, stop),
                                          name=f"imap:{account.name}"))
     return tasks
 

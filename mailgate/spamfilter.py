@@ -48,11 +48,13 @@ from email.header import decode_header, make_header
 from email.message import Message
 from email.utils import getaddresses, parseaddr
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
-from sklearn.naive_bayes import BernoulliNB
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+    from sklearn.naive_bayes import BernoulliNB
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -633,6 +635,10 @@ class SpamModel:
         probabilities differ from ``score_bytes``; it is what ``partial_fit``
         runs on and the speed reference in bench/spam.py.
         """
+        # Imported here: scoring needs numpy only, and scipy + scikit-learn add ~90 MB
+        # to every process that merely scores.
+        from sklearn.naive_bayes import BernoulliNB
+
         nb = BernoulliNB(alpha=self._alpha)
         nb.classes_ = np.array([_HAM, _SPAM])
         nb.n_features_in_ = self._n_features
@@ -694,6 +700,8 @@ def _sigmoid(z: float) -> float:
 
 
 def _rows_to_csr(rows: Sequence[np.ndarray], n_features: int) -> sp.csr_matrix:
+    import scipy.sparse as sp
+
     indptr = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum([len(r) for r in rows], out=indptr[1:])
     indices = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)

@@ -185,23 +185,29 @@ class Daemon:
         return self.sent()
 
     def wait_idle(self, timeout: float = 30) -> None:
-        """Until the spool has no queued or processing rows and the outbox nothing queued."""
+        """Until the acceptance journal is empty, the spool has no queued or processing rows,
+        and the outbox nothing queued."""
         import sqlite3
 
         db = self.config.parent / "mailgate.db"
+        journal = self.config.parent / "data" / "accept-journal.db"
+
+        def count(path: Path, query: str) -> int:
+            if not path.exists():
+                return 0
+            con = sqlite3.connect(path, timeout=5)
+            try:
+                return int(con.execute(query).fetchone()[0])
+            finally:
+                con.close()
 
         def idle() -> bool:
             try:
-                con = sqlite3.connect(db, timeout=5)
-                try:
-                    busy = con.execute(
-                        "select count(*) from inbound where state in ('queued','processing')").fetchone()[0]
-                    out = con.execute("select count(*) from outbox where state in ('queued','sending')").fetchone()[0]
-                finally:
-                    con.close()
+                return (count(journal, "select count(*) from journal") == 0
+                        and count(db, "select count(*) from inbound where state in ('queued','processing')") == 0
+                        and count(db, "select count(*) from outbox where state in ('queued','sending')") == 0)
             except sqlite3.Error:
                 return False
-            return busy == 0 and out == 0
 
         wait_until(idle, timeout)
 

@@ -173,22 +173,33 @@ def test_recipient_check_size_limit_and_long_lines(workdir: Path) -> None:
         d.stop()
 
 
-def test_storage_failure_answers_451_and_loses_nothing(workdir: Path) -> None:
+@pytest.mark.parametrize("failure", ["locked acceptance store", "raw mail directory unwritable"])
+def test_storage_failure_answers_451_and_loses_nothing(workdir: Path, failure: str) -> None:
     cfg = write_config(workdir)
     cfg.write_text(cfg.read_text().replace('[database]\n', '[database]\nbusy_timeout_seconds = 1.0\n'))
     d = start_daemon(cfg)
     try:
         d.send(mail(subject="warm up"))
         d.wait_idle()
-        con = sqlite3.connect(workdir / "mailgate.db", timeout=5, isolation_level=None)
-        con.execute("BEGIN EXCLUSIVE")
+        raw_dir = workdir / "data" / "raw"
+        con = sqlite3.connect(workdir / "data" / "accept-journal.db", timeout=5, isolation_level=None)
+        if failure == "locked acceptance store":
+            # On SQLite the listener commits to the acceptance journal (mailgate.journal).
+            con.execute("BEGIN EXCLUSIVE")
+        else:
+            raw_dir.rename(workdir / "raw-away")
+            raw_dir.write_bytes(b"")  # a file where the blob directory should be
         try:
             with pytest.raises(smtplib.SMTPDataError) as err:
                 d.send(mail(subject="during outage"))
             assert err.value.smtp_code == 451
             assert b"Traceback" not in err.value.smtp_error and b"Error" not in err.value.smtp_error
         finally:
-            con.execute("ROLLBACK")
+            if failure == "locked acceptance store":
+                con.execute("ROLLBACK")
+            else:
+                raw_dir.unlink()
+                (workdir / "raw-away").rename(raw_dir)
             con.close()
         assert d.alive()
         d.send(mail(subject="after outage"))  # the sender's retry

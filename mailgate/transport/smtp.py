@@ -1,7 +1,8 @@
 """SMTP/LMTP listener on aiosmtpd. It moves bytes: policy lives in the pipeline.
 
 Recipients are checked at RCPT (550 for addresses that are not ours), size at
-MAIL and DATA (552), and 250 is answered only after `spool.accept` committed.
+MAIL and DATA (552), and 250 is answered only after the message is durably
+stored (`spool.accept`, or the acceptance journal on SQLite).
 Any failure answers 451 without internal detail: aiosmtpd's default for an
 exception is a permanent "500 Error: (Class) text", which would bounce the
 customer's mail and leak internals (threats.md 1-2).
@@ -15,11 +16,8 @@ from collections.abc import Callable, Sequence
 
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
-from sqlalchemy.engine import Engine
 
-from mailgate import spool
 from mailgate.domain import base_address
-from mailgate.store.blobs import BlobStore
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +34,14 @@ class LenientLMTP(LMTP):
     line_length_limit = LONG_LINE_LIMIT
 
 
+# accept(raw, source=, queue=, envelope_from=, envelope_to=) -> a queue id; raises on failure.
+AcceptFn = Callable[..., str]
+
+
 class IngestHandler:
-    def __init__(self, engine: Engine, blobs: BlobStore, addresses: Sequence[str], *,
-                 lmtp: bool = False, on_accepted: Callable[[int], None] | None = None) -> None:
-        self.engine = engine
-        self.blobs = blobs
+    def __init__(self, accept: AcceptFn, addresses: Sequence[str], *, lmtp: bool = False,
+                 on_accepted: Callable[[], None] | None = None) -> None:
+        self.accept = accept
         self.addresses = frozenset(a.lower() for a in addresses)
         self.lmtp = lmtp
         self.on_accepted = on_accepted
@@ -59,17 +60,16 @@ class IngestHandler:
         raw = envelope.original_content or b""
         queue = next((base_address(r) for r in envelope.rcpt_tos), None)
         try:
-            accepted = await asyncio.to_thread(
-                spool.accept, self.engine, self.blobs, raw, source="lmtp" if self.lmtp else "smtp",
-                queue=queue, envelope_from=envelope.mail_from or "",
-                envelope_to=tuple(r.lower() for r in envelope.rcpt_tos))
+            queue_id = await asyncio.to_thread(
+                self.accept, raw, source="lmtp" if self.lmtp else "smtp", queue=queue,
+                envelope_from=envelope.mail_from or "", envelope_to=tuple(r.lower() for r in envelope.rcpt_tos))
         except Exception as exc:  # SpoolError, or anything unexpected: the sender retries
             log.error("DATA from %s not stored: %s", envelope.mail_from, exc)
             reply = "451 4.3.0 Temporary failure, please try again later"
         else:
             if self.on_accepted is not None:
-                self.on_accepted(accepted.inbound_id)
-            reply = f"250 2.0.0 OK queued as {accepted.inbound_id}"
+                self.on_accepted()
+            reply = f"250 2.0.0 OK queued as {queue_id}"
         if self.lmtp:
             # LMTP answers DATA once per accepted recipient (RFC 2033 4.2).
             return "\r\n".join([reply] * max(1, len(envelope.rcpt_tos)))
