@@ -362,7 +362,7 @@ def outbox_retry(ids: Annotated[list[int] | None, typer.Argument(help="Outbox id
     from mailgate.outbox import retry_failed
 
     rt = runtime_for(config)
-    typer.echo(f"{retry_failed(rt.engine, ids)} queued again")
+    typer.echo(f"{retry_failed(rt.engine, ids, rt.settings.outbound.deadline_hours)} queued again")
 
 
 def _inbound_rows(rt: Any, where: Any, limit: int) -> list[dict[str, Any]]:

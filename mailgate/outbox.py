@@ -287,8 +287,8 @@ class OutboxSender:
                 w.cancel()
 
 
-def retry_failed(engine: Engine, ids: Sequence[int] | None = None) -> int:
-    """`mailgate outbox retry`: failed rows get a fresh deadline and go again."""
+def retry_failed(engine: Engine, ids: Sequence[int] | None = None, deadline_hours: float = 24.0) -> int:
+    """`mailgate outbox retry`: failed rows get a fresh deadline (outbound.deadline_hours) and go again."""
     now = utcnow()
     with session_scope(engine) as session:
         query = select(Outbox).where(Outbox.state == "failed")
@@ -297,7 +297,7 @@ def retry_failed(engine: Engine, ids: Sequence[int] | None = None) -> int:
         rows = session.exec(query).all()
         for row in rows:
             row.state, row.attempts, row.next_attempt_at = "queued", 0, now
-            row.deadline = now + timedelta(hours=24)
+            row.deadline = now + timedelta(hours=deadline_hours)
             session.add(row)
         return len(rows)
 
