@@ -39,6 +39,7 @@ class Runtime:
     _spam_stamp: tuple[int, int, int] | None = None
     _spam_tried: bool = False
     _spam_lock: threading.Lock = field(default_factory=threading.Lock)
+    _calendars: dict[tuple[str, int], BusinessCalendar] = field(default_factory=dict)
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
@@ -64,9 +65,15 @@ class Runtime:
 
     # --- SLA ---------------------------------------------------------------
     def calendar(self, tier: str) -> BusinessCalendar:
+        year = datetime.now(UTC).year
+        key = (tier, year)
+        if key not in self._calendars:  # the holidays package is slow to ask; a year's answer keeps
+            self._calendars[key] = self._build_calendar(tier, year)
+        return self._calendars[key]
+
+    def _build_calendar(self, tier: str, year: int) -> BusinessCalendar:
         sla = self.settings.sla
         always_on = any(t.name == tier and t.always_on for t in sla.tiers)
-        year = datetime.now(UTC).year
         return BusinessCalendar(
             timezone=sla.timezone, hours=sla.hours, always_on=always_on,
             holidays=holiday_dates(sla.holidays_country, sla.extra_holidays, range(year - 1, year + 3)),

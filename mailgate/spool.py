@@ -127,7 +127,15 @@ def accept(engine: Engine, blobs: BlobStore, raw: bytes, *, source: str,
 
 def claim(engine: Engine, worker: str, *, max_attempts: int, only_id: int | None = None) -> Inbound | None:
     """Take one due inbound row for processing, or None if there is none."""
+    rows = claim_batch(engine, worker, max_attempts=max_attempts, limit=1, only_id=only_id)
+    return rows[0] if rows else None
+
+
+def claim_batch(engine: Engine, worker: str, *, max_attempts: int, limit: int,
+                only_id: int | None = None) -> list[Inbound]:
+    """Take up to `limit` due rows in one commit (a deep queue costs one claim per batch)."""
     now = utcnow()
+    claimed: list[Inbound] = []
     with session_scope(engine) as session:
         due = or_(
             (Inbound.state == "queued") & or_(Inbound.next_attempt_at.is_(None),  # type: ignore[union-attr]
@@ -137,27 +145,26 @@ def claim(engine: Engine, worker: str, *, max_attempts: int, only_id: int | None
         query = select(Inbound).where(due)
         if only_id is not None:
             query = query.where(Inbound.id == only_id)
-        query = query.order_by(Inbound.id).limit(1)  # type: ignore[arg-type]
+        query = query.order_by(Inbound.id).limit(limit)  # type: ignore[arg-type]
         if is_postgres(engine):
             query = query.with_for_update(skip_locked=True)
-        row = session.exec(query).first()
-        if row is None:
-            return None
-        if row.attempts >= max_attempts:
-            # It was claimed max_attempts times and never finished: the process died
-            # on it each time. Keep it aside instead of crashing again.
-            row.state = "dead"
-            row.last_error = (row.last_error or "") + (
-                f"\nworker died while processing it {row.attempts} times")
+        for row in session.exec(query).all():
+            if row.attempts >= max_attempts:
+                # It was claimed max_attempts times and never finished: the process died
+                # on it each time. Keep it aside instead of crashing again.
+                row.state = "dead"
+                row.outcome = "dead"
+                row.last_error = (row.last_error or "") + (
+                    f"\nworker died while processing it {row.attempts} times")
+                log.error("inbound %s: dead letter after %s attempts", row.id, row.attempts)
+            else:
+                row.state = "processing"
+                row.claimed_by = worker
+                row.claimed_at = now
+                row.attempts += 1
+                claimed.append(row)
             session.add(row)
-            log.error("inbound %s: dead letter after %s attempts", row.id, row.attempts)
-            return None
-        row.state = "processing"
-        row.claimed_by = worker
-        row.claimed_at = now
-        row.attempts += 1
-        session.add(row)
-        return row
+    return claimed
 
 
 def finish(session: Session, inbound: Inbound, *, outcome: str, ticket_number: int | None = None,

@@ -50,25 +50,25 @@ class IngestWorker:
         self.journal = journal
         self.wake = asyncio.Event()
 
-    def next_message(self) -> Result | None:
-        from mailgate.ingest.pipeline import run_one
+    def next_messages(self) -> list[Result]:
+        from mailgate.ingest.pipeline import run_batch
 
         if self.journal is not None:
             self.journal.drain(self.rt.engine)
-        return run_one(self.rt, self.worker)
+        return run_batch(self.rt, self.worker)
 
     async def run(self, stop: asyncio.Event, on_processed: asyncio.Event | None = None) -> None:
         while not stop.is_set():
             self.wake.clear()
             try:
-                result = await asyncio.to_thread(self.next_message)
+                results = await asyncio.to_thread(self.next_messages)
             except asyncio.CancelledError:
                 raise
             except Exception:  # the database itself is failing: back off, never crash-loop
                 log.exception("ingest worker pass failed")
-                result = None
+                results = []
                 await asyncio.sleep(1.0)
-            if result is not None:
+            if results:
                 if on_processed is not None:
                     on_processed.set()
                 continue

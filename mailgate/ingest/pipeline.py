@@ -327,11 +327,20 @@ def process_claimed(rt: Runtime, inbound: Inbound) -> Result:
 
 def run_one(rt: Runtime, worker: str, *, only_id: int | None = None) -> Result | None:
     """Claim and process one inbound message. Never raises for a bad message."""
-    max_attempts = rt.settings.helpdesk.max_attempts
-    inbound = spool.claim(rt.engine, worker, max_attempts=max_attempts, only_id=only_id)
-    if inbound is None:
-        return None
+    inbound = spool.claim(rt.engine, worker, max_attempts=rt.settings.helpdesk.max_attempts, only_id=only_id)
+    return process_one(rt, inbound) if inbound is not None else None
+
+
+def run_batch(rt: Runtime, worker: str, limit: int = 10) -> list[Result]:
+    """Claim up to `limit` messages in one commit, then process each in its own transaction."""
+    rows = spool.claim_batch(rt.engine, worker, max_attempts=rt.settings.helpdesk.max_attempts, limit=limit)
+    return [process_one(rt, inbound) for inbound in rows]
+
+
+def process_one(rt: Runtime, inbound: Inbound) -> Result:
+    """Process a claimed row; any failure is recorded on the row (retry or dead letter)."""
     assert inbound.id is not None
+    max_attempts = rt.settings.helpdesk.max_attempts
     try:
         return process_claimed(rt, inbound)
     except UnusableMessage as exc:
