@@ -135,7 +135,10 @@ def enqueue(session: Session, settings: Settings, renderer: Renderer, *, templat
     now = utcnow()
     row = Outbox(
         ticket_id=ticket_number, message_id=message_id, template=template,
-        mail_from=settings.helpdesk.address, recipients=to, raw=raw, state="queued",
+        mail_from=settings.helpdesk.address, recipients=to, raw=raw,
+        # An IMAP account in shadow mode (trialled beside the old system) sends nothing:
+        # its mail is kept for inspection in `mailgate outbox list` and never claimed.
+        state="shadow" if session.info.get("shadow") else "queued",
         next_attempt_at=now, deadline=now + timedelta(hours=settings.outbound.deadline_hours),
         created_at=now,
     )
@@ -177,7 +180,7 @@ async def deliver_by_smtp(settings: Settings, row: Outbox) -> None:
         await aiosmtplib.send(
             row.raw, sender=row.mail_from, recipients=row.recipients.split(","),
             hostname=host, port=int(port or (465 if scheme == "smtps" else 25)),
-            use_tls=scheme == "smtps", start_tls=ob.starttls or None,
+            use_tls=scheme == "smtps", start_tls=ob.starttls,  # false: plain SMTP (a local relay); true: required
             username=ob.user, password=ob.password, timeout=ob.timeout_seconds,
             cert_bundle=str(ob.ca_file) if ob.ca_file else None,
         )

@@ -183,13 +183,15 @@ def finish(session: Session, inbound: Inbound, *, outcome: str, ticket_number: i
 
 
 def fail(engine: Engine, inbound_id: int, error: str, *, max_attempts: int,
-         permanent: bool = False) -> bool:
-    """Record a failed attempt. Returns True if the row is now a dead letter."""
+         permanent: bool = False, **fields: object) -> bool:
+    """Record a failed attempt (and header fields for the listing). True if now a dead letter."""
     with session_scope(engine) as session:
         row = session.get(Inbound, inbound_id)
         if row is None:
             return False
         row.last_error = error[-20000:]
+        for key, value in fields.items():
+            setattr(row, key, value)
         if permanent or row.attempts >= max_attempts:
             row.state = "dead"
             row.outcome = "dead"

@@ -278,3 +278,15 @@ def test_bad_config_is_one_line_naming_the_key(workdir: Path) -> None:
     assert proc.returncode == 2
     err = proc.stderr.decode().strip()
     assert "\n" not in err and "smtp.port" in err and "Traceback" not in err
+
+
+def test_dead_letter_list_names_sender_and_subject(workdir: Path) -> None:
+    cfg = write_config(workdir)
+    two_from = (b"From: a@customer.org\r\nFrom: b@customer.org\r\nSubject: =?utf-8?q?caf=C3=A9?=\r\n"
+                b"Message-ID: <two-from@customer.org>\r\n\r\nbody\r\n")
+    assert cli(cfg, "ingest", input=two_from, check=False).returncode == 65
+    dead = cli_json(cfg, "deadletter", "list")
+    assert len(dead) == 1
+    assert dead[0]["from"] == "a@customer.org" and dead[0]["subject"] == "café"
+    assert dead[0]["message_id"] == "two-from@customer.org"
+    assert "From" in dead[0]["reason"]

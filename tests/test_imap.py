@@ -550,6 +550,29 @@ def test_daemon_turns_imap_mail_into_tickets(dovecot: Dovecot, imap_user: str,
     assert _inbound_count(config) == n
 
 
+def test_daemon_shadow_mode_tickets_but_sends_nothing(dovecot: Dovecot, imap_user: str,
+                                                      workdir: Path) -> None:
+    from tests.conftest import cli_json, start_daemon, wait_until
+
+    n = 3
+    config = _daemon_config(workdir, dovecot, imap_user, shadow=True)
+    for i in range(n):
+        dovecot.append(imap_user, message(i, tag="s"))
+    daemon = start_daemon(config)
+    try:
+        wait_until(lambda: len(daemon.tickets()) >= n, timeout=30)
+        daemon.wait_idle()
+        time.sleep(0.5)
+        tickets = daemon.tickets()
+        outbox = cli_json(config, "outbox", "list")
+    finally:
+        daemon.stop()
+    assert len(tickets) == n
+    assert dovecot.count(imap_user, "INBOX") == n  # the mailbox is untouched
+    assert len(outbox) == 3 * n and {r["state"] for r in outbox} == {"shadow"}  # kept, never sent
+    assert daemon.sent() == []
+
+
 def test_daemon_kill_9_mid_batch_then_restart_gives_exactly_n_tickets(
         dovecot: Dovecot, imap_user: str, workdir: Path) -> None:
     import signal as _signal

@@ -242,8 +242,6 @@ def test_pending_stops_the_clock_and_open_resumes_it(monkeypatch: pytest.MonkeyP
     assert ticket.resolution_due == utc(2026, 3, 4, 12)
 
 
-@pytest.mark.xfail(strict=True, reason="apply.set_status shifts due times by wall-clock pause time, not business "
-                                       "time: a pause over a weekend adds 66 h to the due time")
 def test_pending_over_a_weekend_resumes_with_the_business_time_left(monkeypatch: pytest.MonkeyPatch) -> None:
     # Paused Friday 16:00 with 2 business hours left (Fri 16-17, Mon 9-10) before the first-response
     # due time, Monday 10:00; resumed Monday 10:00: those 2 hours are still left -> Monday 12:00,

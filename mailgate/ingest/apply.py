@@ -23,7 +23,7 @@ from mailgate.ingest import notify
 from mailgate.ingest.commands import CommandRules, ParsedCommands, find_choice, validate
 from mailgate.ingest.stop import Stop
 from mailgate.runtime import Runtime
-from mailgate.sla import tier_for_address
+from mailgate.sla import add_business_time, business_time_between, tier_for_address
 from mailgate.store.engine import as_utc, utcnow
 from mailgate.store.tables import (
     Attachment,
@@ -124,11 +124,18 @@ def set_status(rt: Runtime, session: Session, ticket: Ticket, name: str, actor: 
     if status.kind == "pending" and old_kind != "pending":
         ticket.sla_paused_at = now  # waiting for the customer: the clock stops
     elif old_kind == "pending" and status.kind != "pending" and ticket.sla_paused_at is not None:
-        paused = now - as_utc(ticket.sla_paused_at)
+        # The clock resumes with the business time that was left when it stopped, not the
+        # wall-clock pause: a pause over a weekend must not eat the Monday.
+        cal = rt.calendar(ticket.tier)
+        paused_at = as_utc(ticket.sla_paused_at)
+
+        def resumed(due: datetime) -> datetime:
+            return add_business_time(cal, now, business_time_between(cal, paused_at, as_utc(due)))
+
         if ticket.first_response_due and ticket.first_responded_at is None:
-            ticket.first_response_due = as_utc(ticket.first_response_due) + paused
+            ticket.first_response_due = resumed(ticket.first_response_due)
         if ticket.resolution_due:
-            ticket.resolution_due = as_utc(ticket.resolution_due) + paused
+            ticket.resolution_due = resumed(ticket.resolution_due)
         ticket.sla_paused_at = None
     if status.kind == "solved":
         ticket.solved_at = now

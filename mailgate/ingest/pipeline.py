@@ -15,6 +15,10 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from email.header import decode_header, make_header
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from email.utils import parseaddr
 from typing import Any
 
 from sqlalchemy import text
@@ -299,6 +303,7 @@ def process_claimed(rt: Runtime, inbound: Inbound) -> Result:
     raw = rt.blobs.get(inbound.raw_sha256)
     prepared = prepare(rt, raw)
     with session_scope(rt.engine) as session:
+        session.info["shadow"] = from_shadow_mailbox(rt, inbound)
         ctx = Context(rt=rt, session=session, inbound=inbound, raw=raw, now=utcnow(), prepared=prepared)
         reason = ""
         try:
@@ -325,6 +330,12 @@ def process_claimed(rt: Runtime, inbound: Inbound) -> Result:
     return Result(inbound.id or 0, ctx.outcome, number, reason)
 
 
+def from_shadow_mailbox(rt: Runtime, inbound: Inbound) -> bool:
+    """Was this fetched from an IMAP account in shadow mode? (source_key imap:NAME:...)"""
+    key = inbound.source_key or ""
+    return inbound.source == "imap" and any(a.shadow and key.startswith(f"imap:{a.name}:") for a in rt.settings.imap)
+
+
 def run_one(rt: Runtime, worker: str, *, only_id: int | None = None) -> Result | None:
     """Claim and process one inbound message. Never raises for a bad message."""
     inbound = spool.claim(rt.engine, worker, max_attempts=rt.settings.helpdesk.max_attempts, only_id=only_id)
@@ -345,11 +356,26 @@ def process_one(rt: Runtime, inbound: Inbound) -> Result:
         return process_claimed(rt, inbound)
     except UnusableMessage as exc:
         spool.fail(rt.engine, inbound.id, f"unusable message: {exc}", max_attempts=max_attempts,
-                   permanent=True)
+                   permanent=True, **header_summary(rt, inbound))
         log.error("inbound %s: dead letter: unusable message: %s", inbound.id, exc)
         return Result(inbound.id, "dead", reason=f"unusable message: {exc}")
     except Exception as exc:
-        dead = spool.fail(rt.engine, inbound.id, traceback.format_exc(), max_attempts=max_attempts)
+        dead = spool.fail(rt.engine, inbound.id, traceback.format_exc(), max_attempts=max_attempts,
+                          **header_summary(rt, inbound))
         log.exception("inbound %s: processing failed (%s)", inbound.id,
                       "dead letter" if dead else "will retry")
         return Result(inbound.id, "dead" if dead else "retry", reason=f"{type(exc).__name__}: {exc}")
+
+
+def header_summary(rt: Runtime, inbound: Inbound) -> dict[str, str | None]:
+    """From, Subject and Message-ID for the dead-letter list, read leniently from the first
+    64 KB (the full parse may be what failed); empty where even that fails."""
+    try:
+        head = rt.blobs.get(inbound.raw_sha256)[:65536]
+        msg = BytesHeaderParser(policy=compat32).parsebytes(head)
+        subject = str(make_header(decode_header(msg.get("subject", ""))))
+        return {"from_addr": parseaddr(msg.get("from", ""))[1][:320] or None,
+                "subject": domain.one_line(subject, 1000) or None,
+                "message_id_header": (msg.get("message-id") or "").strip().strip("<>")[:998] or None}
+    except Exception:  # a summary is a courtesy: never let it hide the real failure
+        return {}
