@@ -36,12 +36,7 @@ def update_ticket(rt: Runtime, number: int, *, status: str | None = None, priori
             old = set_status(rt, session, ticket, status, actor)
             if old is not None:
                 changes.append(f"status: {old} -> {status}")
-                status_def = s.helpdesk.status(status)
-                if status_def is not None and status_def.notify_requester and not ticket.from_spam:
-                    requester = notify.requester_and_cc(session, ticket)[:1]
-                    for to in requester:
-                        notify.send(rt, session, ticket=ticket, template="requester/status", to=to,
-                                    extra={"old_status": old}, record_kind="system")
+                notify.status_changed(rt, session, ticket, old)
         for field, value in (("priority", priority), ("category", category), ("tier", tier)):
             if value is not None and getattr(ticket, field) != value:
                 add_event(session, ticket, actor, field, getattr(ticket, field), value)

@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok; 2 bad usage or configuration (one line, no traceback);
 for `ingest`, 65 unusable input (kept as a dead letter) and 75 temporary
-failure (the sender should retry), as sysexits.h and rt-mailgate use them.
+failure, a bad configuration included (the MTA should retry), as sysexits.h
+and rt-mailgate use them.
 """
 
 from __future__ import annotations
@@ -51,11 +52,11 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def settings_for(config: Path | None) -> Settings:
+def settings_for(config: Path | None, *, error_code: int = 2) -> Settings:
     try:
         return load_settings(config_path(config))
     except ConfigError as exc:
-        fail(f"config error: {exc}")
+        fail(f"config error: {exc}", error_code)
 
 
 def setup_logging(settings: Settings, level: str | None = None) -> None:
@@ -66,11 +67,11 @@ def setup_logging(settings: Settings, level: str | None = None) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
-def runtime_for(config: Path | None, *, upgrade: bool = True) -> Any:
+def runtime_for(config: Path | None, *, upgrade: bool = True, config_error_code: int = 2) -> Any:
     from mailgate.runtime import Runtime
     from mailgate.store import migrate
 
-    settings = settings_for(config)
+    settings = settings_for(config, error_code=config_error_code)
     setup_logging(settings, "WARNING")
     try:
         rt = Runtime.build(settings)
@@ -112,7 +113,8 @@ def ingest(config: ConfigOpt = None,
     from mailgate.ingest.pipeline import run_one
 
     raw = sys.stdin.buffer.read()
-    rt = runtime_for(config)
+    # A broken config is the operator's to fix, not the sender's: an MTA must defer (75), not bounce.
+    rt = runtime_for(config, config_error_code=EX_TEMPFAIL)
     # An MTA pipe (Postfix) mails stderr back in its bounce: the worker's traceback stays in the
     # dead letter (`mailgate deadletter list`), and stderr gets only our one line below.
     logging.getLogger("mailgate.ingest").setLevel(logging.CRITICAL)
@@ -121,7 +123,11 @@ def ingest(config: ConfigOpt = None,
                                 queue=queue.lower() if queue else None, envelope_from=sender)
     except spool.SpoolError as exc:
         fail(f"temporary failure, message not stored: {exc}", EX_TEMPFAIL)
-    result = run_one(rt, spool.worker_id(), only_id=accepted.inbound_id)
+    try:
+        result = run_one(rt, spool.worker_id(), only_id=accepted.inbound_id)
+    except Exception as exc:  # stored is stored: the daemon's worker processes it later
+        typer.echo(f"stored as inbound {accepted.inbound_id}; not processed yet: {type(exc).__name__}")
+        return
     if result is None:
         typer.echo(f"queued as inbound {accepted.inbound_id}")
         return

@@ -14,7 +14,7 @@ from sqlmodel import select
 from mailgate.runtime import Runtime
 from mailgate.spool import holder_is_dead
 from mailgate.store.engine import as_utc, session_scope, utcnow
-from mailgate.store.tables import Event, Inbound, Lease, Ticket
+from mailgate.store.tables import Inbound, Lease, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +55,23 @@ def purge_quarantine(rt: Runtime) -> int:
 
 
 def auto_close_solved(rt: Runtime) -> int:
+    """Solved tickets close after sla.auto_close_solved_days, with the same notice as by hand."""
+    from mailgate.ingest.apply import add_event, set_status
+    from mailgate.ingest.notify import status_changed
+
     closed = next(s for s in rt.settings.helpdesk.statuses if s.kind == "closed")
     cutoff = utcnow() - timedelta(days=rt.settings.sla.auto_close_solved_days)
     n = 0
     with session_scope(rt.engine) as session:
         for ticket in session.exec(select(Ticket).where(
                 Ticket.status_kind == "solved", Ticket.solved_at < cutoff)).all():  # type: ignore[operator]
-            old = ticket.status
-            ticket.status, ticket.status_kind, ticket.closed_at = closed.name, "closed", utcnow()
-            session.add(ticket)
-            session.add(Event(ticket_id=ticket.number, created_at=utcnow(), actor="system",
-                              action="status", old=old, new=closed.name, detail="auto-close"))
-            n += 1
+            old = set_status(rt, session, ticket, closed.name, "system")
+            if old is not None:
+                add_event(session, ticket, "system", "auto-close", None, None,
+                          f"solved for {rt.settings.sla.auto_close_solved_days:g} days")
+                status_changed(rt, session, ticket, old)
+                session.add(ticket)
+                n += 1
     return n
 
 

@@ -249,7 +249,7 @@ async def send_one(settings: Settings, row: Outbox) -> DeliveryError | None:
             await deliver_by_smtp(settings, row)
     except DeliveryError as exc:
         return exc
-    except OSError as exc:
+    except Exception as exc:  # recorded per row: one odd failure must not void the batch's results
         return DeliveryError(f"{type(exc).__name__}: {exc}")
     return None
 

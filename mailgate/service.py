@@ -168,18 +168,27 @@ async def poll_under_lease(rt: Runtime, poller: Any, name: str, holder: str, sto
     from mailgate.jobs import drop_lease, take_lease
 
     lease = f"imap:{name}"
+    pause = LEASE_TTL.total_seconds() / 3
+
+    async def holds() -> bool:
+        try:
+            return await asyncio.to_thread(take_lease, rt, lease, holder, LEASE_TTL)
+        except Exception as exc:  # the database is down: keep trying, never end this task
+            log.error("imap %s: cannot take its lease: %s: %s", name, type(exc).__name__, exc)
+            return False
+
     try:
         while not stop.is_set():
-            if not await asyncio.to_thread(take_lease, rt, lease, holder, LEASE_TTL):
+            if not await holds():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), LEASE_TTL.total_seconds() / 3)
+                    await asyncio.wait_for(stop.wait(), pause)
                 continue
             held = asyncio.Event()  # set when the lease is lost or we stop
             runner = asyncio.create_task(poller.run(held))
             while not runner.done():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), LEASE_TTL.total_seconds() / 3)
-                if stop.is_set() or not await asyncio.to_thread(take_lease, rt, lease, holder, LEASE_TTL):
+                    await asyncio.wait_for(stop.wait(), pause)
+                if stop.is_set() or not await holds():
                     held.set()
                     break
             await runner

@@ -1,7 +1,8 @@
 """The inbound spool: accept, claim, finish, fail and requeue messages.
 
-Every transport hands its bytes to `accept`, which writes them durably (blob
-fsynced, then the inbound row committed) before the transport acknowledges.
+Transports hand their bytes to `accept`, which writes them durably (blob
+fsynced, then the inbound row committed) before the transport acknowledges
+(SMTP on SQLite goes through mailgate.journal first, which ends here too).
 Workers `claim` a row (attempts counted at claim time, so a message that kills
 the process still uses up its tries), work on it in their own transaction and
 `finish` it there; on an exception the driver calls `fail`, which retries with
@@ -133,7 +134,8 @@ def claim(engine: Engine, worker: str, *, max_attempts: int, only_id: int | None
 
 def claim_batch(engine: Engine, worker: str, *, max_attempts: int, limit: int,
                 only_id: int | None = None) -> list[Inbound]:
-    """Take up to `limit` due rows in one commit (a deep queue costs one claim per batch)."""
+    """Take up to `limit` due rows in one commit (a deep queue costs one claim per batch).
+    Only rows never tried before are batched; a row tried before is claimed alone."""
     now = utcnow()
     claimed: list[Inbound] = []
     with session_scope(engine) as session:
@@ -148,7 +150,12 @@ def claim_batch(engine: Engine, worker: str, *, max_attempts: int, limit: int,
         query = query.order_by(Inbound.id).limit(limit)  # type: ignore[arg-type]
         if is_postgres(engine):
             query = query.with_for_update(skip_locked=True)
-        for row in session.exec(query).all():
+        rows = list(session.exec(query).all())
+        # A row tried before (perhaps a worker died on it) is claimed alone, so that if it
+        # kills the worker again it does not take the attempts of nine innocent messages with it.
+        tried_before = bool(rows) and rows[0].attempts > 0
+        rows = rows[:1] if tried_before else [r for r in rows if r.attempts == 0]
+        for row in rows:
             if row.attempts >= max_attempts:
                 # It was claimed max_attempts times and never finished: the process died
                 # on it each time. Keep it aside instead of crashing again.

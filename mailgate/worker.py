@@ -42,7 +42,8 @@ def journal_for(rt: Runtime) -> AcceptJournal | None:
 
 
 class IngestWorker:
-    """Claims inbound rows one at a time and runs the pipeline on each (in a thread)."""
+    """Moves journal rows into the spool, claims inbound rows in small batches and runs the
+    pipeline on each, one transaction per message (in a thread)."""
 
     def __init__(self, rt: Runtime, worker: str, journal: AcceptJournal | None = None) -> None:
         self.rt = rt
@@ -54,7 +55,9 @@ class IngestWorker:
         from mailgate.ingest.pipeline import run_batch
 
         if self.journal is not None:
-            self.journal.drain(self.rt.engine)
+            # The durable engine: the journal rows are deleted only after this commit, so
+            # it must survive a power loss as the acceptance did.
+            self.journal.drain(self.rt.spool_engine)
         return run_batch(self.rt, self.worker)
 
     async def run(self, stop: asyncio.Event, on_processed: asyncio.Event | None = None) -> None:

@@ -303,12 +303,14 @@ def refuse_spoofed(ctx: Context) -> None:
 
 
 def add_ccs_from_headers(ctx: Context, ticket: Ticket) -> None:
-    """People the requester (or a member) copied on their mail become CC participants,
+    """People the requester copied on their mail become CC participants,
     so they get the public answers, as the requester would expect of a reply-all."""
     s = ctx.rt.settings
     own = set(s.helpdesk.all_addresses)
     requester = ctx.session.get(Contact, ticket.requester_id)
-    skip = {ctx.sender, requester.email if requester else ""}
+    if requester is None or ctx.sender != requester.email:
+        return  # only the requester widens the audience; a CC or a forwarded-to reader may not
+    skip = {ctx.sender, requester.email}
     added = 0
     for addr in dict.fromkeys(a.lower() for a in (*ctx.msg.to, *ctx.msg.cc)):
         if addr in skip or base_address(addr) in own or s.agent(addr) is not None or "@" not in addr:
@@ -724,13 +726,7 @@ def send_effects(ctx: Context) -> None:
                                                       unowned=unowned_recipients(rt, session, ticket)),
                                  message=message, exclude=ctx.sender, reply_base=hd.comment_address)
         elif name == "status":
-            if ticket.from_spam or ticket.merged_into:
-                continue
-            requester = session.get(Contact, ticket.requester_id)
-            if requester is not None:
-                notify.send(rt, session, ticket=ticket, template=notify.status_template(rt, ticket.status),
-                            to=requester.email, extra={"old_status": data["old"]}, record_kind="system",
-                            hits=ctx.hits)
+            notify.status_changed(rt, session, ticket, data["old"], hits=ctx.hits)
         elif name == "merged":
             for to in data["to"]:
                 notify.send(rt, session, ticket=ticket, template="requester/merged", to=to,

@@ -94,6 +94,18 @@ def status_template(rt: Runtime, status: str) -> str:
     return "requester/status"
 
 
+def status_changed(rt: Runtime, session: Session, ticket: Ticket, old_status: str,
+                   hits: list[dict[str, Any]] | None = None) -> None:
+    """Tell the requester, if the new status says so; the one rule for mail, CLI and jobs."""
+    status = rt.settings.helpdesk.status(ticket.status)
+    if status is None or not status.notify_requester or ticket.from_spam or ticket.merged_into:
+        return
+    requester = session.get(Contact, ticket.requester_id)
+    if requester is not None and requester.email:
+        send(rt, session, ticket=ticket, template=status_template(rt, ticket.status), to=requester.email,
+             extra={"old_status": old_status}, record_kind="system", hits=hits)
+
+
 def _with_reply_to(raw: bytes, address: str) -> bytes:
     from email import message_from_bytes
 

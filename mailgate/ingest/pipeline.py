@@ -36,7 +36,7 @@ from mailgate.ingest.screen import ScreenVerdict, screen_message
 from mailgate.ingest.stop import Stop
 from mailgate.runtime import Runtime
 from mailgate.store.engine import is_postgres, session_scope, utcnow
-from mailgate.store.tables import Contact, Inbound, Message, Ticket
+from mailgate.store.tables import Contact, Inbound, Message, Outbox, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -222,9 +222,17 @@ def _resolve_merges(session: Session, number: int | None) -> Ticket | None:
 def step_route(ctx: Context) -> None:
     hd = ctx.rt.settings.helpdesk
     refs = list(dict.fromkeys([*ctx.msg.references, *ctx.msg.in_reply_to]))
-    ours = [t for t in (domain.ticket_from_our_message_id(hd.secret_key, r) for r in reversed(refs)) if t]
-    # Outbox rows to agents are not ticket messages; their ids are ours (HMAC) anyway.
-    stored = _ticket_numbers_for_ids(ctx.session, [r for r in refs if not r.startswith("mg.")])
+    # Our Message-IDs carry an HMAC (unforgeable) and each was sent to one recipient: naming
+    # one we sent to the sender is evidence like a reply token. One we sent to someone else
+    # (a forwarded notice) counts only if the sender belongs to the ticket, like a stored id.
+    ours: list[int] = []
+    ours_elsewhere: list[int] = []
+    for r in reversed(refs):
+        number = domain.ticket_from_our_message_id(hd.secret_key, r)
+        if number:
+            sent_to = ctx.session.exec(select(Outbox.recipients).where(Outbox.message_id == r)).first() or ""
+            (ours if ctx.sender and ctx.sender in sent_to.split(",") else ours_elsewhere).append(number)
+    stored = ours_elsewhere + _ticket_numbers_for_ids(ctx.session, [r for r in refs if not r.startswith("mg.")])
     tag = domain.ticket_from_subject(hd.subject_tag, ctx.msg.subject)
     candidates = {t for t in (ctx.token_ticket, ctx.bad_token_ticket, tag, *ours, *stored) if t}
     existing: set[int] = set()
@@ -234,7 +242,12 @@ def step_route(ctx: Context) -> None:
         if ticket is None:
             continue
         existing.add(number)
-        members[number] = frozenset(apply.ticket_members(ctx.session, ticket))
+        belongs = apply.ticket_members(ctx.session, ticket)
+        if ctx.identity is not None and not ctx.identity.verified:
+            # An agent's address without proof is a stranger's (DESIGN 3): owning or
+            # assisting the ticket must not let a forged From write into it.
+            belongs.discard(ctx.sender)
+        members[number] = frozenset(belongs)
     facts = RouteFacts(
         sender=ctx.sender, sender_is_verified_agent=ctx.agent is not None,
         token_ticket=ctx.token_ticket, bad_token_ticket=ctx.bad_token_ticket,
@@ -254,7 +267,8 @@ def step_commands(ctx: Context) -> None:
     assert ctx.prepared is not None
     text = ctx.prepared.visible_text
     ctx.visible_text = text
-    looks_like_commands = parse_commands(text).commands or parse_commands(text).errors
+    parsed = parse_commands(text)
+    looks_like_commands = parsed.commands or parsed.errors
     if ctx.identity is not None and not ctx.identity.verified and looks_like_commands:
         ctx.hit("commands", True, "commands from an unverified agent address: ignored")
         ctx.effects.append(("spoofed_commands", {"agent": ctx.sender}))
@@ -262,7 +276,7 @@ def step_commands(ctx: Context) -> None:
     if ctx.agent is None or (ctx.verdict is not None and ctx.verdict.kind is not None):
         ctx.hit("commands", False, "not a verified agent's own mail: no commands read")
         return
-    ctx.commands = parse_commands(text)
+    ctx.commands = parsed
     names = " ".join("#" + c.name for c in ctx.commands.commands) or "none"
     ctx.hit("commands", bool(ctx.commands.commands), f"commands: {names}")
 

@@ -1,0 +1,113 @@
+"""The spool and the acceptance journal, without sockets."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from sqlmodel import select
+
+from mailgate import spool
+from mailgate.config import load_settings
+from mailgate.journal import AcceptJournal
+from mailgate.runtime import Runtime
+from mailgate.store import migrate
+from mailgate.store.engine import session_scope, utcnow
+from mailgate.store.tables import Inbound
+from tests.conftest import mail, write_config
+
+
+@pytest.fixture
+def rt(workdir: Path) -> Runtime:
+    runtime = Runtime.build(load_settings(write_config(workdir)))
+    migrate.upgrade(runtime.engine)
+    return runtime
+
+
+def accept_n(rt: Runtime, n: int) -> list[int]:
+    return [spool.accept(rt.spool_engine, rt.blobs, mail(subject=f"m{i}").as_bytes(), source="ingest").inbound_id
+            for i in range(n)]
+
+
+def set_attempts(rt: Runtime, inbound_id: int, attempts: int) -> None:
+    with session_scope(rt.engine) as session:
+        row = session.get(Inbound, inbound_id)
+        assert row is not None
+        row.attempts = attempts
+        session.add(row)
+
+
+def test_accept_is_idempotent_per_source_key(rt: Runtime) -> None:
+    raw = mail().as_bytes()
+    first = spool.accept(rt.spool_engine, rt.blobs, raw, source="imap", source_key="imap:a:1:7")
+    again = spool.accept(rt.spool_engine, rt.blobs, raw, source="imap", source_key="imap:a:1:7")
+    assert (first.duplicate, again.duplicate) == (False, True)
+    assert first.inbound_id == again.inbound_id
+    assert rt.blobs.get(_sha(rt, first.inbound_id)) == raw
+
+
+def _sha(rt: Runtime, inbound_id: int) -> str:
+    with session_scope(rt.engine) as session:
+        row = session.get(Inbound, inbound_id)
+        assert row is not None
+        return row.raw_sha256
+
+
+def test_batches_take_only_fresh_rows_and_a_retried_row_goes_alone(rt: Runtime) -> None:
+    ids = accept_n(rt, 5)
+    set_attempts(rt, ids[0], 1)  # say a worker died holding it
+    alone = spool.claim_batch(rt.engine, "w:1", max_attempts=5, limit=10)
+    assert [r.id for r in alone] == [ids[0]]
+    rest = spool.claim_batch(rt.engine, "w:1", max_attempts=5, limit=10)
+    assert [r.id for r in rest] == ids[1:]
+    assert all(r.attempts == 1 and r.state == "processing" for r in rest)
+    assert spool.claim_batch(rt.engine, "w:1", max_attempts=5, limit=10) == []
+
+
+def test_a_row_claimed_max_attempts_times_becomes_a_dead_letter(rt: Runtime) -> None:
+    (only,) = accept_n(rt, 1)
+    set_attempts(rt, only, 5)
+    assert spool.claim_batch(rt.engine, "w:1", max_attempts=5, limit=10) == []
+    assert spool.state_of(rt.engine, only) == ("dead", "dead")
+    assert spool.requeue(rt.engine, [only]) == 1
+    assert spool.state_of(rt.engine, only) == ("queued", None)
+
+
+def test_claims_of_a_dead_process_on_this_host_are_released(rt: Runtime) -> None:
+    a, b = accept_n(rt, 2)
+    spool.claim_batch(rt.engine, f"{socket.gethostname()}:999999999", max_attempts=5, limit=1)
+    spool.claim_batch(rt.engine, spool.worker_id(), max_attempts=5, limit=1)  # alive: ourselves
+    assert spool.release_dead_claims(rt.engine) == 1
+    assert spool.state_of(rt.engine, a)[0] == "queued"
+    assert spool.state_of(rt.engine, b)[0] == "processing"
+
+
+def test_fail_retries_then_keeps_a_dead_letter_with_its_reason(rt: Runtime) -> None:
+    (only,) = accept_n(rt, 1)
+    row = spool.claim(rt.engine, "w:1", max_attempts=2)
+    assert row is not None
+    assert spool.fail(rt.engine, only, "boom 1", max_attempts=2) is False
+    assert spool.state_of(rt.engine, only) == ("queued", None)
+    set_attempts(rt, only, 2)
+    assert spool.fail(rt.engine, only, "boom 2", max_attempts=2, subject="s") is True
+    with session_scope(rt.engine) as session:
+        dead = session.get(Inbound, only)
+        assert dead is not None and dead.state == "dead" and dead.last_error == "boom 2" and dead.subject == "s"
+
+
+def test_journal_drain_moves_each_row_once_even_after_a_crash_between_commits(rt: Runtime, workdir: Path) -> None:
+    journal = AcceptJournal(workdir / "data" / "accept-journal.db", rt.blobs)
+    keys = [journal.accept(mail(subject=f"j{i}").as_bytes(), source="smtp", queue="support@example.com",
+                           envelope_from="carol@customer.org", envelope_to=("support@example.com",))
+            for i in range(3)]
+    # A crash after the inbound commit but before the journal delete: the rows are in both.
+    with session_scope(rt.engine) as session:
+        session.add(Inbound(source="smtp", source_key=keys[0], raw_sha256="0" * 64, received_at=utcnow()))
+    assert journal.drain(rt.spool_engine) == 3
+    assert journal.pending() == 0
+    assert journal.drain(rt.spool_engine) == 0
+    with session_scope(rt.engine) as session:
+        found = session.exec(select(Inbound.source_key)).all()
+    assert sorted(found) == sorted(keys)  # three rows, none twice
+    journal.close()
