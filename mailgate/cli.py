@@ -164,7 +164,8 @@ def import_(path: Path, config: ConfigOpt = None,
         task = progress.add_task("importing", total=None)
         for key, raw in iter_messages(path):
             try:
-                accepted = spool.accept(rt.spool_engine, rt.blobs, raw, source="import", queue=queue,
+                accepted = spool.accept(rt.spool_engine, rt.blobs, raw, source="import",
+                                        queue=queue.lower() if queue else None,
                                         source_key=f"import:{key}")
             except spool.SpoolError as exc:
                 fail(f"stopped: could not store {key}: {exc}", EX_TEMPFAIL)

@@ -220,9 +220,10 @@ def create_ticket(ctx: Context, *, requester: str, requester_name: str, subject:
     rt, session = ctx.rt, ctx.session
     contact = contact_for(rt, session, requester, requester_name)
     now = ctx.now
-    queue = ctx.inbound.queue or next(
-        (a for a in (base_address(r) for r in ctx.recipients) if a in rt.settings.helpdesk.all_addresses
-         and a != rt.settings.helpdesk.comment_address), rt.settings.helpdesk.address)
+    hd = rt.settings.helpdesk
+    queues = [a for a in hd.all_addresses if a != hd.comment_address]  # the comment address is no queue
+    given = ctx.inbound.queue if ctx.inbound.queue in queues else None
+    queue = given or next((a for a in (base_address(r) for r in ctx.recipients) if a in queues), hd.address)
     new = first_status(rt, "new")
     ticket = Ticket(
         subject=subject[:998] or "(no subject)", requester_id=contact.id, queue=queue,  # type: ignore[arg-type]

@@ -27,7 +27,11 @@ class BlobStore:
         target = self.path_for(digest)
         if target.exists() and target.stat().st_size == len(data):
             return digest
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.parent.is_dir():
+            # New shard directories: their own entries must be durable too.
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(target.parent.parent)
+            _fsync_dir(self.root)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -44,8 +48,6 @@ class BlobStore:
     def get(self, sha256: str) -> bytes:
         return self.path_for(sha256).read_bytes()
 
-    def exists(self, sha256: str) -> bool:
-        return self.path_for(sha256).exists()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -35,12 +35,9 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(_alembic_config()).get_current_head()
 
 
-def needs_upgrade(engine: Engine) -> bool:
-    return current_revision(engine) != head_revision()
-
-
 def autogenerate(engine: Engine, message: str) -> None:
-    """Developer helper: write a new revision from the difference to the tables."""
+    """Developer helper: write a new revision from the difference to the tables
+    (see docs/development.md)."""
     cfg = _alembic_config()
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn

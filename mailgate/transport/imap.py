@@ -523,6 +523,11 @@ class ImapPoller:
             for uid in uids:
                 raw = bodies.get(uid)
                 if raw is None:
+                    if uid in fetchable:
+                        # It had a size but no body came back (a partial NO, a parse miss):
+                        # stop here so the next pass fetches it again, never pass over it.
+                        log.warning("imap %s: UID %s: no body in the FETCH reply; will retry", a.name, uid)
+                        break
                     # Oversize (reported), or expunged by someone else meanwhile.
                     position = uid
                     continue
