@@ -4,7 +4,8 @@ One ImapPoller per [[imap]] account, each its own asyncio task, so one failing
 mailbox never stops the others. A pass: SELECT, compare UIDVALIDITY with the
 stored one, UID SEARCH for UIDs above the stored last_uid, then per batch:
 UID FETCH (RFC822.SIZE) to leave oversize mail alone, UID FETCH BODY.PEEK[],
-spool.accept each message (committed), optionally run the ingest pipeline,
+spool.accept each message (committed), wait for its outcome from the work
+process (the `process` callback; a dead letter is filed in the Failed folder),
 then the after-action (MOVE / \\Seen / delete) and only then advance last_uid.
 
 Exactly once rests on three things: the spool is idempotent on
