@@ -387,6 +387,14 @@ def _inbound_rows(rt: Any, where: Any, limit: int) -> list[dict[str, Any]]:
                  _stop_reason(r.rule_hits), "error": r.last_error} for r in rows]
 
 
+def _print_inbound(rows: list[dict[str, Any]], json_out: bool, line: str) -> None:
+    if json_out:
+        print_json(rows)
+        return
+    for r in rows:
+        typer.echo(line.format(**r))
+
+
 def _stop_reason(rule_hits: str) -> str:
     hits = json.loads(rule_hits or "[]")
     return next((h["reason"] for h in reversed(hits) if h["step"] == "stop"), "")
@@ -398,13 +406,8 @@ def deadletter_list(config: ConfigOpt = None, json_out: JsonOpt = False,
     """Messages kept aside after failing, with the reason."""
     from mailgate.store.tables import Inbound
 
-    rt = runtime_for(config)
-    rows = _inbound_rows(rt, Inbound.state == "dead", limit)
-    if json_out:
-        print_json(rows)
-        return
-    for r in rows:
-        typer.echo(f"{r['id']:>6}  {r['received_at']}  {r['source']:6}  attempts={r['attempts']}  {r['reason']}")
+    _print_inbound(_inbound_rows(runtime_for(config), Inbound.state == "dead", limit), json_out,
+                   "{id:>6}  {received_at}  {source:6}  attempts={attempts}  {reason}")
 
 
 @dead_app.command("retry")
@@ -423,13 +426,8 @@ def screened_list(config: ConfigOpt = None, json_out: JsonOpt = False,
     """Automatic mail (bounces, auto-replies) that matched no ticket, and rate-limited mail."""
     from mailgate.store.tables import Inbound
 
-    rt = runtime_for(config)
-    rows = _inbound_rows(rt, Inbound.outcome == "screened", limit)
-    if json_out:
-        print_json(rows)
-        return
-    for r in rows:
-        typer.echo(f"{r['id']:>6}  {r['received_at']}  {r['from']}  {r['subject']!r}  {r['reason']}")
+    _print_inbound(_inbound_rows(runtime_for(config), Inbound.outcome == "screened", limit), json_out,
+                   "{id:>6}  {received_at}  {from}  {subject!r}  {reason}")
 
 
 # --- database, doctor ----------------------------------------------------------------------------
