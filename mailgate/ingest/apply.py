@@ -93,7 +93,8 @@ def store_message(ctx: Context, ticket: Ticket | None, *, kind: str, direction: 
         screen_kind=ctx.verdict.kind if ctx.verdict else None, spam_score=ctx.spam_score,
         created_at=ctx.now,
     )
-    message.rule_hits = json.dumps(ctx.hits)
+    message.rule_hits = json.dumps(ctx.hits)  # completed with the later steps' hits at the end
+    ctx.stored.append(message)
     ctx.session.add(message)
     ctx.session.flush()
     for att in msg.attachments:

@@ -68,6 +68,7 @@ class Context:
     outcome: str = "ticket"
     effects: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     after_commit: list[Callable[[], object]] = field(default_factory=list)
+    stored: list[Message] = field(default_factory=list)  # the messages this mail became
     hits: list[dict[str, Any]] = field(default_factory=list)
 
     def hit(self, step: str, hit: bool, reason: str) -> None:
@@ -326,6 +327,9 @@ def process_claimed(rt: Runtime, inbound: Inbound) -> Result:
         except Stop as stop:
             ctx.hit("stop", True, stop.reason)
             ctx.outcome, reason = stop.outcome, stop.reason
+        for message in ctx.stored:
+            message.rule_hits = json.dumps(ctx.hits)
+            session.add(message)
         number = ctx.ticket.number if ctx.ticket is not None else None
         msg = ctx.parsed
         spool.finish(

@@ -1,0 +1,36 @@
+"""Loop guard and flood caps, end to end (threats.md rows 16 and 18)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import cli_json, mail, start_daemon, wait_until, write_config
+
+pytestmark = pytest.mark.e2e
+
+
+def test_automatic_mail_per_recipient_and_new_tickets_per_sender_are_capped(workdir: Path) -> None:
+    cfg = write_config(workdir, helpdesk_extra="auto_reply_limit_per_hour = 3\nnew_tickets_per_sender_per_hour = 5")
+    d = start_daemon(cfg)
+    try:
+        for i in range(7):
+            d.send(mail(sender="robot@flood.example", subject=f"Alert {i}", message_id=f"<alert{i}@flood.example>"))
+        wait_until(lambda: len(cli_json(cfg, "screened")) == 2, timeout=30)
+        d.wait_idle()
+        tickets = d.tickets()
+        screened = cli_json(cfg, "screened")
+        to_robot = d.sent_to("robot@flood.example")
+    finally:
+        d.stop()
+    assert len(tickets) == 5  # the sixth and seventh hit the new-ticket cap...
+    assert len(screened) == 2 and all("rate limit" in r["reason"] for r in screened)  # ...and are kept, listed
+    assert len(to_robot) == 3  # three confirmations an hour to one address, no more
+    held = [h for t in tickets[3:] for m in d_ticket_messages(cfg, t["number"]) for h in m["rule_hits"]
+            if h["step"] == "notify"]
+    assert len(held) == 2 and all("loop guard" in h["reason"] for h in held)
+
+
+def d_ticket_messages(cfg: Path, number: int) -> list[dict]:
+    return cli_json(cfg, "tickets", "show", str(number))["messages"]
