@@ -55,33 +55,56 @@ def prepare_database(rt: Runtime) -> None:
 
 
 class ImapOutcome:
-    """For the IMAP poller: wake the work process and wait for a message's outcome.
+    """For the IMAP poller: wake the work process and wait for messages' outcomes.
 
     The poller files each mail by its outcome (a dead letter goes to the Failed folder).
+    One polling task answers every waiting message with one query per round.
     """
+
+    POLL_SECONDS = 0.05
+    WAIT_SECONDS = 120.0
 
     def __init__(self, rt: Runtime, work: WorkProcess) -> None:
         self.rt = rt
         self.work = work
+        self.waiting: dict[int, list[asyncio.Future[str]]] = {}
+        self.poller: asyncio.Task[None] | None = None
 
     async def __call__(self, inbound_id: int) -> str:
         self.work.notify()
-        for _ in range(1200):
-            state, outcome = await asyncio.to_thread(spool.state_of, self.rt.engine, inbound_id)
-            if state in ("done", "dead"):
-                return outcome or state
-            if state == "queued" and outcome is None and await asyncio.to_thread(self._retry_scheduled, inbound_id):
-                return "queued"  # it failed once and will be retried: not dead, file it as taken
-            await asyncio.sleep(0.1)
-        return "queued"
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.waiting.setdefault(inbound_id, []).append(future)
+        if self.poller is None or self.poller.done():
+            self.poller = asyncio.create_task(self._poll())
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.WAIT_SECONDS)
+        except TimeoutError:
+            return "queued"  # still stored and queued: the poller files it as taken
+        finally:
+            futures = self.waiting.get(inbound_id, [])
+            if future in futures:
+                futures.remove(future)
+            if not futures:
+                self.waiting.pop(inbound_id, None)
 
-    def _retry_scheduled(self, inbound_id: int) -> bool:
-        from mailgate.store.engine import session_scope
-        from mailgate.store.tables import Inbound
-
-        with session_scope(self.rt.engine) as session:
-            row = session.get(Inbound, inbound_id)
-            return row is not None and row.attempts > 0 and row.next_attempt_at is not None
+    async def _poll(self) -> None:
+        while self.waiting:
+            try:
+                rows = await asyncio.to_thread(spool.progress_of, self.rt.engine, list(self.waiting))
+            except Exception as exc:  # the database hiccups: ask again next round
+                log.warning("imap: cannot read message outcomes: %s", exc)
+                rows = {}
+            for inbound_id, (state, outcome, retry_scheduled) in rows.items():
+                if state in ("done", "dead"):
+                    answer = outcome or state
+                elif state == "queued" and retry_scheduled:
+                    answer = "queued"  # it failed once and will be retried: not dead
+                else:
+                    continue
+                for future in self.waiting.pop(inbound_id, []):
+                    if not future.done():
+                        future.set_result(answer)
+            await asyncio.sleep(self.POLL_SECONDS)
 
 
 async def serve(settings: Settings) -> int:

@@ -226,3 +226,11 @@ def state_of(engine: Engine, inbound_id: int) -> tuple[str | None, str | None]:
     with session_scope(engine) as session:
         row = session.get(Inbound, inbound_id)
         return (row.state, row.outcome) if row else (None, None)
+
+
+def progress_of(engine: Engine, ids: list[int]) -> dict[int, tuple[str, str | None, bool]]:
+    """(state, outcome, retry scheduled) for each of these inbound rows, in one query."""
+    with session_scope(engine) as session:
+        rows = session.exec(select(Inbound.id, Inbound.state, Inbound.outcome, Inbound.attempts,
+                                   Inbound.next_attempt_at).where(Inbound.id.in_(ids))).all()  # type: ignore[union-attr]
+    return {i: (state, outcome, attempts > 0 and nxt is not None) for i, state, outcome, attempts, nxt in rows}

@@ -517,7 +517,7 @@ class ImapPoller:
             if u in sizes and sizes[u] > a.max_message_bytes:
                 await self._report_oversize(u, sizes[u])
         bodies = await session.bodies(fetchable) if fetchable else {}
-        done: list[_Item] = []
+        stored: list[tuple[int, int, str | None]] = []  # (uid, inbound id, outcome if known)
         position: int | None = None
         accepted = 0
         try:
@@ -534,17 +534,26 @@ class ImapPoller:
                     continue
                 inbound_id, duplicate, outcome = await asyncio.to_thread(self._accept, uv, uid, raw)
                 accepted += 0 if duplicate else 1
-                if outcome is None and self.process is not None:
-                    outcome = await self._run_process(inbound_id)
-                done.append(_Item(uid, self._action_for(outcome)))
+                stored.append((uid, inbound_id, outcome))
                 position = uid
         except Exception:
             # Act on what was committed before a later accept failed, so a spool
             # outage never makes us fetch again what is already stored.
-            await self._finish_batch(session, uv, done, position)
+            await self._finish_batch(session, uv, await self._outcomes(stored), position)
             raise
-        await self._finish_batch(session, uv, done, position)
+        await self._finish_batch(session, uv, await self._outcomes(stored), position)
         return accepted
+
+    async def _outcomes(self, stored: list[tuple[int, int, str | None]]) -> list[_Item]:
+        """The action for each stored message, by its outcome. The whole batch is waited for
+        at once: the work process takes several messages per claim."""
+        async def outcome_of(inbound_id: int, known: str | None) -> str | None:
+            if known is not None or self.process is None:
+                return known
+            return await self._run_process(inbound_id)
+
+        outcomes = await asyncio.gather(*(outcome_of(i, o) for _, i, o in stored))
+        return [_Item(uid, self._action_for(o)) for (uid, _, _), o in zip(stored, outcomes, strict=True)]
 
     async def _finish_batch(self, session: _Session, uv: int, done: list[_Item],
                             position: int | None) -> None:
