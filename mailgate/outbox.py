@@ -75,8 +75,9 @@ def _header_text(value: str) -> str:
 def compose(settings: Settings, *, to: str, subject: str, text: str, html: str | None,
             message_id: str, ticket_number: int | None, in_reply_to: str | None = None,
             references: Sequence[str] = (), automatic: bool = True,
-            from_name: str | None = None, cc: Sequence[str] = ()) -> bytes:
-    """The wire bytes of one outgoing mail.
+            from_name: str | None = None, cc: Sequence[str] = (), reply_base: str | None = None) -> bytes:
+    """The wire bytes of one outgoing mail. reply_base: whose plus form the Reply-To is
+    (default the support address; the comment address for notes).
 
     Built with the compat32 MIME classes and headers we format ourselves: about ten times
     faster than EmailMessage's header objects, and Message-ID, In-Reply-To and References
@@ -102,7 +103,7 @@ def compose(settings: Settings, *, to: str, subject: str, text: str, html: str |
         ("Message-ID", f"<{message_id}>"),
     ]
     if ticket_number is not None:
-        headers.append(("Reply-To", reply_address(hd.address, hd.secret_key, ticket_number, to)))
+        headers.append(("Reply-To", reply_address(reply_base or hd.address, hd.secret_key, ticket_number, to)))
     refs = [r for r in dict.fromkeys(references) if _MSGID_RE.match(r)][-10:]
     if in_reply_to and _MSGID_RE.match(in_reply_to):
         headers.append(("In-Reply-To", f"<{in_reply_to}>"))
@@ -124,14 +125,14 @@ def compose(settings: Settings, *, to: str, subject: str, text: str, html: str |
 def enqueue(session: Session, settings: Settings, renderer: Renderer, *, template: str, to: str,
             context: dict[str, Any], ticket_number: int | None, in_reply_to: str | None = None,
             references: Sequence[str] = (), automatic: bool = True,
-            from_name: str | None = None) -> tuple[Outbox, OutgoingMail]:
+            from_name: str | None = None, reply_base: str | None = None) -> tuple[Outbox, OutgoingMail]:
     """Render `template` for one recipient and queue it in the caller's transaction."""
     domain = settings.helpdesk.address.split("@", 1)[1]
     message_id = make_message_id(settings.helpdesk.secret_key, domain, ticket_number)
     rendered = renderer.render_mail(template, {**context, "recipient": to})
     raw = compose(settings, to=to, subject=rendered.subject, text=rendered.text, html=rendered.html,
                   message_id=message_id, ticket_number=ticket_number, in_reply_to=in_reply_to,
-                  references=references, automatic=automatic, from_name=from_name)
+                  references=references, automatic=automatic, from_name=from_name, reply_base=reply_base)
     now = utcnow()
     row = Outbox(
         ticket_id=ticket_number, message_id=message_id, template=template,

@@ -299,7 +299,8 @@ def refuse_spoofed(ctx: Context) -> None:
     log.warning("%s: %s from %s without proof of identity: refused", ctx.msg.message_id, what, ctx.sender)
     notify.send(ctx.rt, ctx.session, ticket=ctx.ticket, template="agent/spoofed", to=agent.email,
                 extra={"sender": ctx.sender, "subject": ctx.msg.subject, "what": what,
-                       "message_id": ctx.msg.message_id or ""})
+                       "message_id": ctx.msg.message_id or ""},
+                guard=True)  # forged mail must not become a way to flood an agent
     raise Stop("screened", f"{what} from agent address {ctx.sender}: {ctx.identity.how}; "
                            "nothing applied, agent warned")
 

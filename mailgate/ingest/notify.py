@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import func
 from sqlmodel import Session, select
 
-from mailgate.domain import base_address, reply_address, tagged_subject
+from mailgate.domain import base_address, tagged_subject
 from mailgate.outbox import enqueue
 from mailgate.runtime import Runtime
 from mailgate.store.engine import iso, utcnow
@@ -106,33 +106,23 @@ def status_changed(rt: Runtime, session: Session, ticket: Ticket, old_status: st
              extra={"old_status": old_status}, record_kind="system", hits=hits)
 
 
-def _with_reply_to(raw: bytes, address: str) -> bytes:
-    from email import message_from_bytes
-
-    from mailgate.outbox import WIRE_POLICY
-
-    msg = message_from_bytes(raw, policy=WIRE_POLICY)
-    del msg["Reply-To"]
-    msg["Reply-To"] = address
-    return msg.as_bytes(policy=WIRE_POLICY)
-
-
 def send(rt: Runtime, session: Session, *, ticket: Ticket | None, template: str, to: str,
          extra: dict[str, Any] | None = None, message: Message | None = None,
          in_reply_to: str | None = None, automatic: bool = True, from_name: str | None = None,
          record_kind: str | None = None, hits: list[dict[str, Any]] | None = None,
-         reply_base: str | None = None) -> Outbox | None:
+         reply_base: str | None = None, guard: bool | None = None) -> Outbox | None:
     """Queue one mail about `ticket` (None: about no ticket) to `to`.
 
     record_kind: also keep it as a ticket message. reply_base: the address whose
     plus form goes into Reply-To instead of the support address (the comment
-    address for notes, so that answering a note is a note again).
+    address for notes, so that answering a note is a note again). guard: apply the
+    per-recipient loop guard (default: to automatic mail for anyone but an agent).
     """
     if is_requester_template(template) and message is not None and message.kind != "public":
         # Defence in depth: callers only ever pass public messages here; if one ever
         # does not, fail the transaction loudly rather than mail a note to a customer.
         raise PrivacyError(f"{template}: refusing to render a {message.kind} message for {to}")
-    guarded = automatic and rt.settings.agent(to) is None  # agents' notices are not capped
+    guarded = guard if guard is not None else automatic and rt.settings.agent(to) is None
     if guarded and not loop_guard_allows(rt, session, to):
         log.warning("ticket %s: loop guard holds back %s to %s", ticket.number if ticket else "-", template, to)
         if hits is not None:
@@ -151,13 +141,11 @@ def send(rt: Runtime, session: Session, *, ticket: Ticket | None, template: str,
     row, mail = enqueue(session, rt.settings, rt.renderer, template=template, to=to, context=context,
                         ticket_number=number, in_reply_to=in_reply_to,
                         references=thread_ids(session, ticket) if ticket is not None else (),
-                        automatic=automatic, from_name=from_name)
-    if reply_base is not None and number is not None:
-        row.raw = _with_reply_to(row.raw, reply_address(reply_base, hd.secret_key, number, to))
-    session.flush()
+                        automatic=automatic, from_name=from_name, reply_base=reply_base)
     if guarded:
         session.add(AutoReplyLog(recipient=to, sent_at=utcnow()))
     if record_kind is not None and ticket is not None:
+        session.flush()  # the row's id, for the message that records it
         session.add(Message(
             ticket_id=ticket.number, outbox_id=row.id, kind=record_kind, direction="out",
             from_addr=hd.address, from_name=from_name or hd.name,
