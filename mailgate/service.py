@@ -118,7 +118,7 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     work = WorkProcess(settings)
-    work.start()
+    await work.start()
     supervisor = asyncio.create_task(work.supervise(stop, lambda: spool.release_dead_claims(rt.engine)))
     from mailgate.jobs import start_scheduler
 

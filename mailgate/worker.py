@@ -14,11 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
 import os
 import signal
-import threading
-from multiprocessing.synchronize import Event as ProcessEvent
+import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from mailgate import spool
@@ -31,6 +30,7 @@ if TYPE_CHECKING:
     from mailgate.runtime import Runtime
 
 log = logging.getLogger(__name__)
+WAKE_SIGNAL = signal.SIGUSR1
 
 
 def journal_for(rt: Runtime) -> AcceptJournal | None:
@@ -82,7 +82,7 @@ class IngestWorker:
                 w.cancel()
 
 
-async def work(settings: Settings, wake: ProcessEvent, stop: ProcessEvent) -> None:
+async def work(settings: Settings) -> None:
     # Imported here, in the work process: the main process, which only moves bytes,
     # never loads the pipeline, the spam model or the templates.
     from mailgate.outbox import OutboxSender
@@ -93,86 +93,111 @@ async def work(settings: Settings, wake: ProcessEvent, stop: ProcessEvent) -> No
     name = spool.worker_id()
     ingest = IngestWorker(rt, name, journal_for(rt))
     sender = OutboxSender(rt.engine, settings, name)
-    local_stop = asyncio.Event()
+    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-
-    def bridge() -> None:
-        # multiprocessing events are blocking: forward them to the loop from a thread.
-        while not stop.is_set():
-            if wake.wait(0.25):
-                wake.clear()
-                loop.call_soon_threadsafe(ingest.wake.set)
-        loop.call_soon_threadsafe(local_stop.set)
-
-    threading.Thread(target=bridge, name="wake-bridge", daemon=True).start()
-    await asyncio.gather(ingest.run(local_stop, sender.wake), sender.run(local_stop))
+    loop.add_signal_handler(WAKE_SIGNAL, ingest.wake.set)  # the listener accepted a message
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await asyncio.gather(ingest.run(stop, sender.wake), sender.run(stop))
     if ingest.journal is not None:
         ingest.journal.close()
     rt.engine.dispose()
+    rt.spool_engine.dispose()
     log.info("work process stopped")
 
 
-def work_process_main(settings: Settings, wake: ProcessEvent, stop: ProcessEvent, log_level: str) -> None:
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("apscheduler", "alembic.runtime.migration"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def _die_with_parent() -> None:
+    """Linux: SIGTERM us when the main process dies, even by SIGKILL, so no orphan works on."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m mailgate.worker --config PATH`: started by `mailgate run`, not by hand."""
+    import argparse
+
+    from mailgate.config import ConfigError, load_settings
+
+    parser = argparse.ArgumentParser(prog="mailgate-work")
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args(argv)
+    _die_with_parent()
     # The main process decides when we stop (after it stopped accepting): a Ctrl-C sent
     # to the whole process group must not cut a message in half.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        raise SystemExit(f"mailgate work process: config error: {exc}") from None
+    logging.basicConfig(level=settings.log.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("apscheduler", "alembic.runtime.migration"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     # Accepting mail is what a sender waits for; processing can lag a little behind.
     with contextlib.suppress(OSError):
         os.nice(5)
-    asyncio.run(work(settings, wake, stop))
+    asyncio.run(work(settings))
 
 
 class WorkProcess:
-    """Starts the work process, restarts it if it dies, stops it on request."""
+    """Starts the work process, wakes it, restarts it if it dies, stops it on request.
+
+    A plain child process (not multiprocessing): it reads the same config file, is woken by
+    SIGUSR1 when a message was accepted and stopped by SIGTERM.
+    """
 
     def __init__(self, settings: Settings) -> None:
+        if settings.path is None:
+            raise ValueError("the work process needs the settings' config file")
         self.settings = settings
-        self.ctx = multiprocessing.get_context("spawn")
-        self.wake: ProcessEvent = self.ctx.Event()
-        self.stop_event: ProcessEvent = self.ctx.Event()
-        self.process: multiprocessing.process.BaseProcess | None = None
+        self.process: asyncio.subprocess.Process | None = None
 
-    def start(self) -> None:
-        self.process = self.ctx.Process(
-            target=work_process_main, name="mailgate-work",
-            args=(self.settings, self.wake, self.stop_event, self.settings.log.level))
-        self.process.start()
+    async def start(self) -> None:
+        # SIGUSR1 kills a process that has no handler yet. An ignored signal stays ignored
+        # across exec, so the child cannot die of a wake-up while it is still starting.
+        signal.signal(WAKE_SIGNAL, signal.SIG_IGN)
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mailgate.worker", "--config", str(self.settings.path))
 
     def notify(self) -> None:
-        self.wake.set()
+        if self.alive():
+            assert self.process is not None
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(WAKE_SIGNAL)
 
     def alive(self) -> bool:
-        return self.process is not None and self.process.is_alive()
+        return self.process is not None and self.process.returncode is None
 
-    async def supervise(self, stop: asyncio.Event, engine_release: object) -> None:
+    async def supervise(self, stop: asyncio.Event, release_claims: Callable[[], object]) -> None:
         """Restart the work process with backoff if it dies while we are running."""
         delay = 1.0
         while not stop.is_set():
-            with_timeout = asyncio.ensure_future(stop.wait())
-            await asyncio.wait([with_timeout], timeout=1.0)
-            with_timeout.cancel()
-            if stop.is_set() or self.alive():
-                if self.alive():
-                    delay = 1.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            if stop.is_set():
+                break
+            if self.alive():
+                delay = 1.0
                 continue
-            code = self.process.exitcode if self.process else None
+            code = self.process.returncode if self.process else None
             log.error("work process died (exit code %s): restarting in %.0fs", code, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
-            if callable(engine_release):
-                await asyncio.to_thread(engine_release)
-            self.start()
+            await asyncio.to_thread(release_claims)
+            await self.start()
 
     async def stop(self, timeout: float) -> None:
-        self.stop_event.set()
-        if self.process is None:
+        if not self.alive():
             return
-        await asyncio.to_thread(self.process.join, timeout)
-        if self.process.is_alive():
-            log.warning("work process did not finish within %.0fs: terminating", timeout)
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.process.wait(), timeout)
+        except TimeoutError:
+            log.warning("work process did not finish within %.0fs: killed", timeout)
             self.process.kill()
-            await asyncio.to_thread(self.process.join, 5)
+            await self.process.wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -290,3 +290,20 @@ def test_dead_letter_list_names_sender_and_subject(workdir: Path) -> None:
     assert dead[0]["from"] == "a@customer.org" and dead[0]["subject"] == "café"
     assert dead[0]["message_id"] == "two-from@customer.org"
     assert "From" in dead[0]["reason"]
+
+
+def test_a_killed_work_process_is_restarted_and_nothing_is_lost(daemon: Daemon) -> None:
+    import os
+    import signal as _signal
+
+    def work_pids() -> list[int]:
+        tasks = Path(f"/proc/{daemon.proc.pid}/task")
+        return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+
+    first = wait_until(work_pids)
+    assert len(first) == 1  # one child: the work process (no multiprocessing helpers)
+    os.kill(first[0], _signal.SIGKILL)
+    daemon.send(mail(subject="while the worker was down"))  # accepted by the main process alone
+    wait_until(lambda: daemon.tickets(), timeout=30)
+    assert [t["subject"] for t in daemon.tickets()] == ["while the worker was down"]
+    assert daemon.alive() and work_pids() != first
