@@ -146,7 +146,7 @@ def main() -> None:
     print(f"end to end          : {n / end_to_end:8.1f} msg/s  (last message processed after {end_to_end:.1f} s; "
           "target >= 150)")
     print(f"peak RSS            : {rss_main + rss_children:8.1f} MB = main {rss_main:.1f} + work process "
-          f"(and its spawn helper) {rss_children:.1f} (target < 200)")
+          f"{rss_children:.1f} (target < 200)")
     print(f"outcomes            : {outcomes}")
     print(f"median latency      : {statistics.median(mg_lat) * 1000:.2f} ms")
 
