@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from mailgate.ingest.pipeline import Result
     from mailgate.runtime import Runtime
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mailgate.worker")  # also when run as __main__
 WAKE_SIGNAL = signal.SIGUSR1
 
 
