@@ -290,6 +290,11 @@ class OutboxSender:
             for w in waits:
                 w.cancel()
 
+    async def drain(self) -> None:
+        """At shutdown: send what is due now, pass after pass, until nothing is left to try."""
+        while await send_due(self.engine, self.settings, self.worker):
+            pass
+
 
 def retry_failed(engine: Engine, ids: Sequence[int] | None = None, deadline_hours: float = 24.0) -> int:
     """`mailgate outbox retry`: failed rows get a fresh deadline (outbound.deadline_hours) and go again."""

@@ -1,10 +1,10 @@
 """`mailgate run`: build the components in order, serve, stop them in reverse.
 
-Start: schema, the work process (ingest worker and outbox sender, see
+Start: schema, the outbox sender, the work process (the ingest worker, see
 mailgate.worker), scheduler, IMAP pollers, and the SMTP listener last (so
 nothing is accepted before it can be processed); then sd_notify READY=1.
-Stop (SIGTERM/SIGINT): stop accepting first, then let the work process finish
-the message and the mail it holds within a time limit.
+Stop (SIGTERM/SIGINT): stop accepting first, let the work process finish the
+messages it holds, then the sender the mail they queued, each within a time limit.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from typing import Any
 from mailgate import spool
 from mailgate.config import Settings
 from mailgate.journal import AcceptJournal
+from mailgate.outbox import OutboxSender
 from mailgate.runtime import Runtime
 from mailgate.store import migrate
 from mailgate.transport.smtp import IngestHandler, start_server
-from mailgate.worker import WorkProcess, journal_for
+from mailgate.worker import SENT_SIGNAL, WorkProcess, journal_for
 
 log = logging.getLogger(__name__)
 DRAIN_SECONDS = 20.0
@@ -117,6 +118,10 @@ async def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    sender = OutboxSender(rt.engine, settings, holder)
+    outbox_stop = asyncio.Event()
+    loop.add_signal_handler(SENT_SIGNAL, sender.wake.set)  # before the child can send it
+    outbox = asyncio.create_task(sender.run(outbox_stop), name="outbox")
     work = WorkProcess(settings)
     await work.start()
     supervisor = asyncio.create_task(work.supervise(stop, lambda: spool.release_dead_claims(rt.engine)))
@@ -149,6 +154,15 @@ async def serve(settings: Settings) -> int:
     scheduler.shutdown(wait=False)
     await supervisor
     await work.stop(DRAIN_SECONDS)
+    # Last, so that what the work process queued while draining is sent too.
+    outbox_stop.set()
+    await outbox
+    try:
+        await asyncio.wait_for(sender.drain(), DRAIN_SECONDS)
+    except TimeoutError:
+        log.warning("outbox sender did not finish within %.0fs: the rest goes at the next start", DRAIN_SECONDS)
+    except Exception:  # the database went away while stopping: the rows stay queued
+        log.exception("outbox drain at stop failed")
     if journal is not None:
         journal.close()
     rt.engine.dispose()

@@ -1,8 +1,8 @@
-"""The work process of `mailgate run`: the ingest worker and the outbox sender.
+"""The work process of `mailgate run`: the ingest worker.
 
-The daemon's main process only moves bytes (SMTP/LMTP listener, IMAP pollers)
-and runs the scheduler; parsing, routing, spam scoring, rendering and sending
-happen here, in a child process. Two reasons: a Python thread doing CPU work
+The daemon's main process only moves bytes (SMTP/LMTP listener, IMAP pollers,
+the outbox sender) and runs the scheduler; parsing, routing, spam scoring and
+rendering happen here, in a child process. Two reasons: a Python thread doing CPU work
 holds the GIL and made every SMTP 250 wait behind it, and a message that
 crashes the interpreter (a C extension fault, memory exhaustion) takes down
 only this process, which the main process restarts; its claim is released
@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from mailgate.runtime import Runtime
 
 log = logging.getLogger("mailgate.worker")  # also when run as __main__
-WAKE_SIGNAL = signal.SIGUSR1
+WAKE_SIGNAL = signal.SIGUSR1  # main -> work process: a message was accepted
+SENT_SIGNAL = signal.SIGUSR2  # work process -> main: mail was queued in the outbox
 
 
 def journal_for(rt: Runtime) -> AcceptJournal | None:
@@ -60,7 +61,7 @@ class IngestWorker:
             self.journal.drain(self.rt.spool_engine)
         return run_batch(self.rt, self.worker)
 
-    async def run(self, stop: asyncio.Event, on_processed: asyncio.Event | None = None) -> None:
+    async def run(self, stop: asyncio.Event, on_processed: Callable[[], None] | None = None) -> None:
         while not stop.is_set():
             self.wake.clear()
             try:
@@ -73,7 +74,7 @@ class IngestWorker:
                 await asyncio.sleep(1.0)
             if results:
                 if on_processed is not None:
-                    on_processed.set()
+                    on_processed()
                 continue
             waits = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(stop.wait())]
             await asyncio.wait(waits, timeout=self.rt.settings.helpdesk.worker_poll_seconds,
@@ -85,24 +86,29 @@ class IngestWorker:
 async def work(settings: Settings) -> None:
     # Imported here, in the work process: the main process, which only moves bytes,
     # never loads the pipeline, the spam model or the templates.
-    from mailgate.outbox import OutboxSender
     from mailgate.runtime import Runtime
 
     rt = Runtime.build(settings)
     await asyncio.to_thread(rt.spam_model)  # load (or seed) the model before mail arrives
-    name = spool.worker_id()
-    ingest = IngestWorker(rt, name, journal_for(rt))
-    sender = OutboxSender(rt.engine, settings, name)
+    ingest = IngestWorker(rt, spool.worker_id(), journal_for(rt))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(WAKE_SIGNAL, ingest.wake.set)  # the listener accepted a message
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    await asyncio.gather(ingest.run(stop, sender.wake), sender.run(stop))
+    await ingest.run(stop, on_processed=tell_parent_mail_is_queued)
     if ingest.journal is not None:
         ingest.journal.close()
     rt.engine.dispose()
     rt.spool_engine.dispose()
     log.info("work process stopped")
+
+
+def tell_parent_mail_is_queued() -> None:
+    """Wake the main process's outbox sender: the messages just processed queued mail."""
+    parent = os.getppid()
+    if parent > 1:  # 1: the main process is gone (we are being stopped anyway)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(parent, SENT_SIGNAL)
 
 
 def _die_with_parent() -> None:
@@ -143,7 +149,8 @@ class WorkProcess:
     """Starts the work process, wakes it, restarts it if it dies, stops it on request.
 
     A plain child process (not multiprocessing): it reads the same config file, is woken by
-    SIGUSR1 when a message was accepted and stopped by SIGTERM.
+    SIGUSR1 when a message was accepted, stopped by SIGTERM, and sends SIGUSR2 to its parent
+    when it queued mail (the parent must handle SIGUSR2 before starting it).
     """
 
     def __init__(self, settings: Settings) -> None:
