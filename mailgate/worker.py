@@ -83,7 +83,7 @@ class IngestWorker:
                 w.cancel()
 
 
-async def work(settings: Settings) -> None:
+async def work(settings: Settings, parent_pid: int | None = None) -> None:
     # Imported here, in the work process: the main process, which only moves bytes,
     # never loads the pipeline, the spam model or the templates.
     from mailgate.runtime import Runtime
@@ -95,7 +95,7 @@ async def work(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(WAKE_SIGNAL, ingest.wake.set)  # the listener accepted a message
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    await ingest.run(stop, on_processed=tell_parent_mail_is_queued)
+    await ingest.run(stop, on_processed=parent_notifier(parent_pid))
     if ingest.journal is not None:
         ingest.journal.close()
     rt.engine.dispose()
@@ -103,12 +103,18 @@ async def work(settings: Settings) -> None:
     log.info("work process stopped")
 
 
-def tell_parent_mail_is_queued() -> None:
-    """Wake the main process's outbox sender: the messages just processed queued mail."""
-    parent = os.getppid()
-    if parent > 1:  # 1: the main process is gone (we are being stopped anyway)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(parent, SENT_SIGNAL)
+def parent_notifier(parent_pid: int | None) -> Callable[[], None] | None:
+    """Wake the main process's outbox sender after a batch that queued mail, but only the
+    `mailgate run` that started us: SIGUSR2 would kill a shell that ran us by hand."""
+    if parent_pid is None:
+        return None
+
+    def notify() -> None:
+        if os.getppid() == parent_pid:  # not re-parented: our main process is still there
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(parent_pid, SENT_SIGNAL)
+
+    return notify
 
 
 def _die_with_parent() -> None:
@@ -127,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="mailgate-work")
     parser.add_argument("--config", required=True)
+    parser.add_argument("--parent-pid", type=int, default=None, help="the `mailgate run` to wake (SIGUSR2)")
     args = parser.parse_args(argv)
     _die_with_parent()
     # The main process decides when we stop (after it stopped accepting): a Ctrl-C sent
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     # Accepting mail is what a sender waits for; processing can lag a little behind.
     with contextlib.suppress(OSError):
         os.nice(5)
-    asyncio.run(work(settings))
+    asyncio.run(work(settings, args.parent_pid))
 
 
 class WorkProcess:
@@ -164,7 +171,8 @@ class WorkProcess:
         # across exec, so the child cannot die of a wake-up while it is still starting.
         signal.signal(WAKE_SIGNAL, signal.SIG_IGN)
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mailgate.worker", "--config", str(self.settings.path))
+            sys.executable, "-m", "mailgate.worker", "--config", str(self.settings.path),
+            "--parent-pid", str(os.getpid()))
 
     def notify(self) -> None:
         if self.alive():
