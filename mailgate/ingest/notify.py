@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 
 def ticket_context(rt: Runtime, session: Session, ticket: Ticket) -> dict[str, Any]:
+    # Deliberately not views.ticket_summary: that is the operator's JSON and may grow fields;
+    # this is the whitelist a (possibly site-edited) template may see, nothing internal.
     requester = session.get(Contact, ticket.requester_id)
     return {
         "number": ticket.number,
