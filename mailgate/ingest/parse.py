@@ -25,10 +25,11 @@ from email.parser import BytesParser
 from email.policy import compat32
 from email.utils import parsedate_to_datetime
 
-import html2text
 import nh3
 from mailparser.dates import parse_mail_date
 from mailparser.utils import mime_header_view
+
+from mailgate.ingest.htmltext import html_to_text
 
 __all__ = ["Attachment", "ParsedMessage", "UnusableMessage", "parse_message"]
 
@@ -641,22 +642,6 @@ def sanitize_html(html: str) -> str:
         link_rel="noopener noreferrer nofollow",
         strip_comments=True,
     )
-
-
-def html_to_text(html: str) -> str:
-    converter = html2text.HTML2Text()
-    converter.body_width = 0
-    converter.ignore_images = True
-    converter.ignore_emphasis = True
-    converter.unicode_snob = True
-    converter.single_line_break = False
-    try:
-        text = converter.handle(html)
-    except Exception:  # noqa: BLE001 - third-party converter on hostile markup; fall back below
-        text = nh3.clean(html, tags=set())
-    # html2text marks line breaks with trailing double spaces (Markdown); plain text needs none.
-    text = "\n".join(line.rstrip() for line in text.splitlines())
-    return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
 # --------------------------------------------------------------------------- the walk

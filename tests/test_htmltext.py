@@ -1,0 +1,50 @@
+"""HTML-only mail to readable text (mailgate.ingest.htmltext)."""
+
+from mailgate.ingest.htmltext import html_to_text
+
+
+def test_paragraphs_breaks_and_entities() -> None:
+    html = "<p>Hello&nbsp;<b>support</b>,</p><p>line one<br>line two</p><div>end &amp; done</div>"
+    assert html_to_text(html) == "Hello support,\n\nline one\nline two\n\nend & done"
+
+
+def test_inline_tags_do_not_split_words() -> None:
+    assert html_to_text("<p><b>F</b>REE <i>offer</i></p>") == "FREE offer"
+
+
+def test_links_keep_their_address_unless_it_is_the_text() -> None:
+    html = ('<p>See the <a href="https://example.org/help">help page</a> or '
+            '<a href="https://example.org/x">https://example.org/x</a> or '
+            '<a href="mailto:ops@example.org">ops@example.org</a>.</p>')
+    assert html_to_text(html) == ("See the help page <https://example.org/help> or "
+                                  "https://example.org/x or ops@example.org.")
+
+
+def test_lists_and_tables() -> None:
+    html = "<ul><li>one</li><li>two</li></ul><ol><li>first</li><li>second</li></ol>" \
+           "<table><tr><td>a</td><td>b</td></tr><tr><td>c</td><td>d</td></tr></table>"
+    assert html_to_text(html) == "- one\n- two\n\n1. first\n2. second\n\na  b\nc  d"
+
+
+def test_blockquote_becomes_quoted_lines() -> None:
+    html = ("<div>Thanks, that worked!</div><div>On Monday Support wrote:</div>"
+            "<blockquote><p>Please restart it.</p><p>Regards</p></blockquote>")
+    assert html_to_text(html) == ("Thanks, that worked!\nOn Monday Support wrote:\n\n"
+                                  "> Please restart it.\n>\n> Regards")
+
+
+def test_pre_keeps_its_lines() -> None:
+    assert html_to_text("<p>log:</p><pre>a  b\n  c</pre>") == "log:\n\na  b\n  c"
+
+
+def test_invisible_parts_and_comments_are_dropped() -> None:
+    html = "<head><title>T</title><style>p{}</style></head><!-- hidden --><p>shown<img alt=x>text</p>"
+    assert html_to_text(html) == "showntext"
+
+
+def test_empty_and_hostile_input() -> None:
+    assert html_to_text("") == ""
+    assert html_to_text("<!-- only a comment -->") == ""
+    deep = "<div>" * 20000 + "deep" + "</div>" * 20000  # no recursion on hostile nesting
+    assert "deep" in html_to_text(deep)
+    assert html_to_text("<p>\x00broken <b>markup</p></i>") == "broken markup"
