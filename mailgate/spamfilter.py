@@ -349,11 +349,16 @@ def _body_tokens(msg: Message, out: set[str]) -> None:
     out.add("urls:" + _bucket(n_hosts))
 
 
-def extract_tokens(raw: bytes) -> set[str]:
-    """The set of feature tokens of one raw message. Never raises."""
+def extract_tokens(raw: bytes, msg: Message | None = None) -> set[str]:
+    """The set of feature tokens of one raw message. Never raises.
+
+    msg: the same bytes already parsed with the compat32 policy (the pipeline has
+    them from mailgate.ingest.parse); the tokens are the same either way.
+    """
     out: set[str] = set()
     try:
-        msg = message_from_bytes(raw)
+        if msg is None:
+            msg = message_from_bytes(raw)
         subject = _decode_header(msg.get("Subject"))
         if not subject.strip():
             out.add("s:empty")
@@ -570,15 +575,15 @@ class SpamModel:
 
     # -- scoring ----------------------------------------------------------
 
-    def vectorize(self, raw: bytes) -> np.ndarray:
-        """Column indices of the hashed features of one message (for benches and tools)."""
-        return _hash_tokens(extract_tokens(raw), self._n_features)
+    def vectorize(self, raw: bytes, msg: Message | None = None) -> np.ndarray:
+        """Column indices of the hashed features of one message (msg: see extract_tokens)."""
+        return _hash_tokens(extract_tokens(raw, msg), self._n_features)
 
     def log_odds(self, columns: np.ndarray) -> float:
         return float(self._bias + self._weights[columns].sum())
 
-    def score_bytes(self, raw: bytes, threshold: float) -> SpamScore:
-        return self.score_columns(self.vectorize(raw), threshold)
+    def score_bytes(self, raw: bytes, threshold: float, msg: Message | None = None) -> SpamScore:
+        return self.score_columns(self.vectorize(raw, msg), threshold)
 
     def score_columns(self, columns: np.ndarray, threshold: float) -> SpamScore:
         if not self.ready:

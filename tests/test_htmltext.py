@@ -48,3 +48,8 @@ def test_empty_and_hostile_input() -> None:
     deep = "<div>" * 20000 + "deep" + "</div>" * 20000  # no recursion on hostile nesting
     assert "deep" in html_to_text(deep)
     assert html_to_text("<p>\x00broken <b>markup</p></i>") == "broken markup"
+
+
+def test_break_after_a_block_is_an_empty_line() -> None:
+    html = "<div>#priority urgent</div><div>The model number too.</div><br><div>On Mon wrote:</div>"
+    assert html_to_text(html) == "#priority urgent\nThe model number too.\n\nOn Mon wrote:"

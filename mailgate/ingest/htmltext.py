@@ -90,12 +90,14 @@ class _Writer:
         self.pending = max(self.pending, kind)
 
     def line_break(self) -> None:
-        """<br>: a new line now, and an empty one for a second <br>."""
-        if self.current:
+        """<br>: end the line; at the start of a line, an empty one (as a browser shows it)."""
+        if self.pending:
+            self.settle()
+            self.lines.append((self.depth, ""))
+        elif self.current:
             self.end_line()
         else:
             self.lines.append((self.depth, ""))
-        self.pending = 0
 
     def result(self) -> str:
         self.end_line()

@@ -71,6 +71,9 @@ class ParsedMessage:
     is_dsn: bool
     dsn_original_message_ids: tuple[str, ...]
     dsn_failed_recipients: tuple[str, ...]
+    # The stdlib (compat32) tree it was read from, for the spam filter's features: one
+    # parse serves both. Read it, never change it.
+    mime: Message | None = field(default=None, repr=False, compare=False)
 
     def header(self, name: str) -> str | None:
         key = name.lower()
@@ -1011,4 +1014,5 @@ def parse_message(
         is_dsn=col.is_dsn,
         dsn_original_message_ids=tuple(col.dsn_ids or ()),
         dsn_failed_recipients=tuple(col.dsn_failed or ()),
+        mime=msg,
     )

@@ -85,20 +85,18 @@ class Context:
 @dataclass(frozen=True)
 class Prepared:
     """The pure, costly part of the work, done before the transaction (and, on SQLite, the
-    database's single write lock) is taken: parsing, quote stripping, spam scoring."""
+    database's single write lock) is taken: parsing and spam scoring."""
 
     parsed: ParsedMessage
     body_hash: str
-    visible_text: str
     spam_score: float | None  # None: the filter is off
 
 
 def prepare(rt: Runtime, raw: bytes) -> Prepared:
     parsed = parse_message(raw)  # UnusableMessage propagates: a dead letter at once
     model = rt.spam_model()
-    score = model.score_bytes(raw, rt.settings.spam.threshold).score if model is not None else None
-    return Prepared(parsed=parsed, body_hash=spool.body_hash(raw),
-                    visible_text=visible_reply_text(parsed.text), spam_score=score)
+    score = model.score_bytes(raw, rt.settings.spam.threshold, parsed.mime).score if model is not None else None
+    return Prepared(parsed=parsed, body_hash=spool.body_hash(raw), spam_score=score)
 
 
 def step_parse(ctx: Context) -> None:
@@ -265,10 +263,13 @@ def step_route(ctx: Context) -> None:
 
 
 def step_commands(ctx: Context) -> None:
-    assert ctx.prepared is not None
-    text = ctx.prepared.visible_text
-    ctx.visible_text = text
-    parsed = parse_commands(text)
+    if ctx.identity is None and ctx.ticket is None:
+        # Neither an agent's address nor a reply: a new ticket keeps the whole text, and
+        # quote stripping (about a millisecond) is not needed.
+        ctx.hit("commands", False, "not a verified agent's own mail: no commands read")
+        return
+    ctx.visible_text = visible_reply_text(ctx.msg.text)
+    parsed = parse_commands(ctx.visible_text)
     looks_like_commands = parsed.commands or parsed.errors
     if ctx.identity is not None and not ctx.identity.verified and looks_like_commands:
         ctx.hit("commands", True, "commands from an unverified agent address: ignored")

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session, create_engine
 
 
@@ -63,6 +64,17 @@ def make_engine(url: str, *, echo: bool = False, busy_timeout: float = 30.0, dur
 
 def is_postgres(engine: Engine) -> bool:
     return engine.dialect.name == "postgresql"
+
+
+@event.listens_for(OrmSession, "pending_to_persistent")
+@event.listens_for(OrmSession, "loaded_as_persistent")
+@event.listens_for(OrmSession, "detached_to_persistent")
+def _hold_for_session(session: OrmSession, instance: object) -> None:
+    # SQLAlchemy's identity map holds objects weakly: a Contact created early in a message's
+    # transaction and then dropped by the caller is gone when a later step asks for it, and
+    # every session.get() becomes a SELECT. Our sessions are short (one message, one
+    # command), so holding each object until the session ends costs little.
+    session.info.setdefault("held", []).append(instance)
 
 
 @contextmanager
