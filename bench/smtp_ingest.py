@@ -95,6 +95,14 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (clock ticks of /proc/PID/stat)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def children(pid: int) -> list[int]:
     out: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -120,6 +128,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mgbench."))
     daemon = start_daemon(write_config(work, spam_enabled=True))
     try:
+        cpu_before = {pid: cpu_seconds(pid) for pid in (daemon.proc.pid, *children(daemon.proc.pid))}
         t0 = time.perf_counter()
         mg_time, mg_lat = send_all(daemon.port, messages, args.connections)
         db = sqlite3.connect(work / "mailgate.db", timeout=30)
@@ -134,6 +143,7 @@ def main() -> None:
         end_to_end = time.perf_counter() - t0
         outcomes = dict(db.execute("select coalesce(outcome, state), count(*) from inbound group by 1").fetchall())
         db.close()
+        cpu = {pid: cpu_seconds(pid) - before for pid, before in cpu_before.items()}
         rss_main = peak_rss_mb(daemon.proc.pid)
         rss_children = sum(peak_rss_mb(c) for c in children(daemon.proc.pid))
     finally:
@@ -147,6 +157,9 @@ def main() -> None:
           "target >= 150)")
     print(f"peak RSS            : {rss_main + rss_children:8.1f} MB = main {rss_main:.1f} + work process "
           f"{rss_children:.1f} (target < 200)")
+    cpu_main = cpu.pop(daemon.proc.pid)
+    print(f"CPU during the run  : main {cpu_main:.1f} s, work process {sum(cpu.values()):.1f} s "
+          f"({1000 * sum(cpu.values()) / n:.1f} ms per message)")
     print(f"outcomes            : {outcomes}")
     print(f"median latency      : {statistics.median(mg_lat) * 1000:.2f} ms")
 
