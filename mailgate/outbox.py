@@ -28,7 +28,7 @@ from email.utils import format_datetime, formataddr
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import or_
+from sqlalchemy import or_, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
@@ -224,21 +224,24 @@ def record_results(engine: Engine, settings: Settings, results: Sequence[tuple[i
     """One transaction for a whole pass: each row sent, retried later, or failed for good."""
     with session_scope(engine) as session:
         now = utcnow()
+        sent = [row_id for row_id, error in results if error is None]
+        if sent:  # the usual case, one statement for the pass
+            session.exec(update(Outbox).where(Outbox.id.in_(sent)).values(  # type: ignore[call-overload,union-attr]
+                state="sent", sent_at=now, last_error=None).execution_options(synchronize_session=False))
         for row_id, error in results:
+            if error is None:
+                continue
             row = session.get(Outbox, row_id)
             if row is None:
                 continue
-            if error is None:
-                row.state, row.sent_at, row.last_error = "sent", now, None
+            row.last_error = str(error)[:2000]
+            nxt = now + retry_delay(settings, row.attempts)
+            if error.permanent or row.attempts >= settings.outbound.max_attempts or nxt > as_utc(row.deadline):
+                row.state = "failed"
+                log.error("outbox %s <%s>: failed for good: %s", row.id, row.message_id, error)
             else:
-                row.last_error = str(error)[:2000]
-                nxt = now + retry_delay(settings, row.attempts)
-                if error.permanent or row.attempts >= settings.outbound.max_attempts or nxt > as_utc(row.deadline):
-                    row.state = "failed"
-                    log.error("outbox %s <%s>: failed for good: %s", row.id, row.message_id, error)
-                else:
-                    row.state, row.next_attempt_at = "queued", nxt
-                    log.warning("outbox %s <%s>: will retry: %s", row.id, row.message_id, error)
+                row.state, row.next_attempt_at = "queued", nxt
+                log.warning("outbox %s <%s>: will retry: %s", row.id, row.message_id, error)
             session.add(row)
 
 
