@@ -215,7 +215,7 @@ def _resume(monkeypatch: pytest.MonkeyPatch, ticket: object, now: datetime) -> s
     from mailgate.ingest import apply
 
     monkeypatch.setattr(apply, "utcnow", lambda: now)
-    session = SimpleNamespace(add=lambda obj: None, execute=lambda stmt: None)
+    session = SimpleNamespace(add=lambda obj: None)
     rt = _runtime(_settings())
     return apply.set_status(rt, session, ticket, "open", "cli")  # type: ignore[arg-type]
 
@@ -230,7 +230,7 @@ def test_pending_stops_the_clock_and_open_resumes_it(monkeypatch: pytest.MonkeyP
                     first_response_due=utc(2026, 3, 2, 14), resolution_due=utc(2026, 3, 4, 10))
     monkeypatch.setattr(apply, "utcnow", lambda: t0)
     rt = _runtime(_settings())
-    session = SimpleNamespace(add=lambda obj: None, execute=lambda stmt: None)
+    session = SimpleNamespace(add=lambda obj: None)
     assert apply.set_status(rt, session, ticket, "pending", "cli") == "open"  # type: ignore[arg-type]
     assert ticket.sla_paused_at == t0
     assert apply.set_status(rt, session, ticket, "on-hold", "cli") == "pending"  # type: ignore[arg-type]

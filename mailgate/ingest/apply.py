@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, insert
+from sqlalchemy import func
 from sqlmodel import Session, select
 
 from mailgate.config import AssignmentRule, StatusDef
@@ -47,11 +47,9 @@ MAX_CC_FROM_HEADERS = 10  # a requester's Cc list, not a mailing list
 
 def add_event(session: Session, ticket: Ticket, actor: str, action: str, old: Any = None,
               new: Any = None, detail: str | None = None) -> None:
-    # A Core INSERT: nothing reads an Event back as an object in the same transaction, and
-    # the ORM's unit of work costs several times the statement itself.
-    session.execute(insert(Event).values(
-        ticket_id=ticket.number, created_at=utcnow(), actor=actor, action=action,
-        old=None if old is None else str(old), new=None if new is None else str(new), detail=detail))
+    session.add(Event(ticket_id=ticket.number, created_at=utcnow(), actor=actor, action=action,
+                      old=None if old is None else str(old), new=None if new is None else str(new),
+                      detail=detail))
 
 
 def ticket_members(session: Session, ticket: Ticket) -> set[str]:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, insert
+from sqlalchemy import func
 from sqlmodel import Session, select
 
 from mailgate.domain import base_address, tagged_subject
@@ -145,7 +145,7 @@ def send(rt: Runtime, session: Session, *, ticket: Ticket | None, template: str,
                         references=thread_ids(session, ticket) if ticket is not None else (),
                         automatic=automatic, from_name=from_name, reply_base=reply_base)
     if guarded:
-        session.execute(insert(AutoReplyLog).values(recipient=to, sent_at=utcnow()))
+        session.add(AutoReplyLog(recipient=to, sent_at=utcnow()))
     if record_kind is not None and ticket is not None:
         session.flush()  # the row's id, for the message that records it
         session.add(Message(
