@@ -439,18 +439,6 @@ def test_random_bytes_are_unusable() -> None:
 # --------------------------------------------------------------------------- speed, corpus
 
 
-def test_typical_message_parses_in_a_few_ms() -> None:
-    raw = (FIXTURES / "inline_cid.eml").read_bytes()
-    parse_message(raw)
-    rounds = 200
-    start = time.perf_counter()
-    for _ in range(rounds):
-        parse_message(raw)
-    per_message_ms = (time.perf_counter() - start) / rounds * 1000
-    print(f"inline_cid.eml: {per_message_ms:.3f} ms per parse")
-    assert per_message_ms < 10
-
-
 def test_spamassassin_corpus_parses_or_is_unusable() -> None:
     if not CORPUS.is_dir():
         if os.environ.get("CI") == "true":
@@ -472,3 +460,24 @@ def test_spamassassin_corpus_parses_or_is_unusable() -> None:
     print(f"corpus: {dict(counts)} of {total} in {elapsed:.2f}s")
     assert total >= 3000
     assert counts["parsed"] >= total * 0.99
+
+
+def test_html_nested_beyond_the_limit_is_kept_as_text_only() -> None:
+    # 100,000 nested <div>: the sanitiser would need many minutes for this (its time grows
+    # faster than the square of the depth); the parser keeps the words and says why.
+    body = "<html><body>" + "<div>" * 100_000 + "Hello support, deep inside." + "</div>" * 100_000
+    raw = (b"From: Mallory <mallory@example.net>\r\nTo: support@example.com\r\nSubject: deep\r\n"
+           b"Message-ID: <deep@example.net>\r\nMIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+           + body.encode())
+    msg = parse_message(raw)
+    assert msg.html is None
+    assert "Hello support, deep inside." in msg.text
+    assert any("nested deeper than 2048 levels" in d for d in msg.defects)
+
+
+def test_html_with_many_shallow_tags_is_still_sanitised() -> None:
+    body = "<p>row <b>x</b></p>" * 3000 + "<script>alert(1)</script>"
+    raw = (b"From: a@example.net\r\nTo: support@example.com\r\nSubject: wide\r\n"
+           b"Message-ID: <wide@example.net>\r\nContent-Type: text/html; charset=utf-8\r\n\r\n" + body.encode())
+    msg = parse_message(raw)
+    assert msg.html is not None and "<script" not in msg.html and msg.html.count("<p>") == 3000

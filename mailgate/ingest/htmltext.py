@@ -105,6 +105,23 @@ class _Writer:
         return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip()
 
 
+MAX_HTML_DEPTH = 2048  # libxml2's limit with huge_tree
+
+
+def too_deep(html: str) -> bool:
+    """Is this markup nested deeper than MAX_HTML_DEPTH? nh3 (html5ever) takes time that grows
+    faster than the square of the depth: 10,000 nested <div> cost 0.26 s, 20,000 cost 2 s, so
+    a few hundred kilobytes of hostile HTML would hold the worker for minutes."""
+    if html.count("<") <= MAX_HTML_DEPTH:  # cannot be nested deeper than it has tags
+        return False
+    parser = etree.HTMLParser(huge_tree=True, no_network=True)
+    try:
+        etree.HTML(html.replace("\x00", ""), parser)
+    except (etree.ParserError, ValueError):
+        return False
+    return any(e.type_name == "ERR_RESOURCE_LIMIT" for e in parser.error_log)
+
+
 def html_to_text(html: str) -> str:
     # Plain etree elements: lxml.html's element classes cost a lookup each. huge_tree lifts
     # libxml2's depth limit from 256 to 2048; deeper (hostile) markup loses its layout.

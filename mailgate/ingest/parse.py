@@ -29,7 +29,7 @@ import nh3
 from mailparser.dates import parse_mail_date
 from mailparser.utils import mime_header_view
 
-from mailgate.ingest.htmltext import html_to_text
+from mailgate.ingest.htmltext import MAX_HTML_DEPTH, html_to_text, too_deep
 
 __all__ = ["Attachment", "ParsedMessage", "UnusableMessage", "parse_message"]
 
@@ -963,10 +963,17 @@ def parse_message(
         raise UnusableMessage(f"MIME nesting deeper than {max_depth} levels") from None
 
     html_src = "\n".join(h for h in col.htmls if h.strip())
-    html = sanitize_html(html_src) if html_src else None
     text = "\n\n".join(t.strip("\n") for t in col.texts if t.strip())
-    if not text and html:
-        text = html_to_text(html)
+    if html_src and too_deep(html_src):
+        # Hostile nesting: no HTML view (the sanitiser would take minutes), its bare text
+        # only; the original stays in the raw message.
+        defects.append(f"HTML nested deeper than {MAX_HTML_DEPTH} levels: kept as text only")
+        html = None
+        text = text or html_to_text(html_src)
+    else:
+        html = sanitize_html(html_src) if html_src else None
+        if not text and html:
+            text = html_to_text(html)
     if not text and col.tnef_bodies:
         text = "\n\n".join(col.tnef_bodies).strip()
 
