@@ -7,14 +7,14 @@ import logging
 from datetime import timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from sqlalchemy import update
+from sqlalchemy import or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
 from mailgate.runtime import Runtime
 from mailgate.spool import holder_is_dead
 from mailgate.store.engine import as_utc, session_scope, utcnow
-from mailgate.store.tables import Inbound, Lease, Ticket
+from mailgate.store.tables import Attachment, Inbound, Lease, Message, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,34 @@ def drop_lease(rt: Runtime, name: str, holder: str) -> None:
             session.delete(lease)
 
 
+# A blob stored or reused this recently may belong to a message still being accepted.
+BLOB_IDLE_SECONDS = 3600.0
+
+
 def purge_quarantine(rt: Runtime) -> int:
-    """Quarantined messages older than spam.retention_days are dropped from the listing."""
+    """Quarantined messages older than spam.retention_days are dropped from the listing, and
+    their raw bytes from the blob store unless another row still names the same content."""
     cutoff = utcnow() - timedelta(days=rt.settings.spam.retention_days)
     with session_scope(rt.engine) as session:
-        result = session.exec(update(Inbound).where(  # type: ignore[call-overload]
-            Inbound.outcome == "quarantined", Inbound.received_at < cutoff).values(outcome="purged"))
-        return int(result.rowcount or 0)
+        expired = session.exec(select(Inbound.id, Inbound.raw_sha256).where(
+            Inbound.outcome == "quarantined", Inbound.received_at < cutoff)).all()
+        if not expired:
+            return 0
+        session.exec(update(Inbound).where(Inbound.id.in_([i for i, _ in expired]))  # type: ignore[call-overload,union-attr]
+                     .values(outcome="purged"))
+    digests = sorted({d for _, d in expired})
+    removed = 0
+    for start in range(0, len(digests), 500):
+        chunk = digests[start:start + 500]
+        with session_scope(rt.engine) as session:
+            named = set(session.exec(select(Inbound.raw_sha256).where(
+                Inbound.raw_sha256.in_(chunk),  # type: ignore[attr-defined]
+                or_(Inbound.outcome.is_(None), Inbound.outcome != "purged"))).all())  # type: ignore[union-attr]
+            named |= set(session.exec(select(Message.raw_sha256).where(Message.raw_sha256.in_(chunk))).all())  # type: ignore[union-attr]
+            named |= set(session.exec(select(Attachment.sha256).where(Attachment.sha256.in_(chunk))).all())  # type: ignore[attr-defined]
+        removed += sum(rt.blobs.remove_if_idle(d, BLOB_IDLE_SECONDS) for d in chunk if d not in named)
+    log.info("purged %d quarantined message(s), %d raw file(s) removed", len(expired), removed)
+    return len(expired)
 
 
 def auto_close_solved(rt: Runtime) -> int:

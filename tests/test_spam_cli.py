@@ -250,3 +250,32 @@ def test_purge_quarantine_drops_only_old_quarantined_mail(workdir: Path) -> None
     assert outcomes == {"old": "purged", "young": "quarantined", "old-ticket": "ticket"}
     gone = release(rt, ids["old"])
     assert not gone.ok and "not in quarantine" in gone.detail
+
+
+def test_purge_removes_raw_bytes_no_row_still_needs(workdir: Path) -> None:
+    from mailgate.jobs import BLOB_IDLE_SECONDS, purge_quarantine
+    from mailgate.store.engine import session_scope, utcnow
+    from mailgate.store.tables import Inbound
+
+    rt = _runtime(workdir, spam_enabled=True)
+    long_ago = utcnow().timestamp() - 40 * 86400
+    raws = {name: mail(subject=name).as_bytes() for name in ("alone", "shared", "reused")}
+    blobs = {name: rt.blobs.put(raw) for name, raw in raws.items()}
+    for digest in blobs.values():
+        os.utime(rt.blobs.path_for(digest), (long_ago, long_ago))
+    now = utcnow()
+    with session_scope(rt.engine) as session:
+        for name, digest in blobs.items():
+            session.add(Inbound(source="smtp", raw_sha256=digest, received_at=now - timedelta(days=31),
+                                state="done", outcome="quarantined", subject=name))
+        # the same bytes also arrived later and became a ticket: they must stay
+        session.add(Inbound(source="smtp", raw_sha256=blobs["shared"], received_at=now,
+                            state="done", outcome="ticket"))
+    # the same bytes are being accepted again right now (put, not yet committed)
+    assert rt.blobs.put(raws["reused"]) == blobs["reused"]
+
+    assert purge_quarantine(rt) == 3
+    assert not rt.blobs.path_for(blobs["alone"]).exists()
+    assert rt.blobs.path_for(blobs["shared"]).exists()
+    assert rt.blobs.path_for(blobs["reused"]).exists()  # touched by the put: not idle
+    assert BLOB_IDLE_SECONDS >= 60

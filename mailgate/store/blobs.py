@@ -3,13 +3,23 @@
 A blob is written to a temporary file, fsynced, renamed into place and its
 directory fsynced, all before the database commit that names it. Names come
 only from the sha256 of the content: nothing a sender wrote becomes a path.
+
+Blobs are shared by content, so one is removed (`remove_if_idle`) only when no
+row names it and it was not stored again lately: `put` of content that is
+already there refreshes the file's mtime under a shared lock, and removal
+checks the mtime under the exclusive lock, so a message accepted while the
+purge runs never loses its bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -26,7 +36,12 @@ class BlobStore:
         digest = hashlib.sha256(data).hexdigest()
         target = self.path_for(digest)
         if target.exists() and target.stat().st_size == len(data):
-            return digest
+            with self._lock(fcntl.LOCK_SH):
+                try:
+                    os.utime(target)  # in use again: remove_if_idle leaves it alone
+                    return digest
+                except FileNotFoundError:
+                    pass  # removed just now: write it again below
         if not target.parent.is_dir():
             # New shard directories: their own entries must be durable too.
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -47,6 +62,29 @@ class BlobStore:
 
     def get(self, sha256: str) -> bytes:
         return self.path_for(sha256).read_bytes()
+
+    def remove_if_idle(self, sha256: str, idle_seconds: float) -> bool:
+        """Delete a blob the caller found unreferenced, unless it was stored or reused
+        within `idle_seconds` (a message being accepted right now). True if removed."""
+        target = self.path_for(sha256)
+        with self._lock(fcntl.LOCK_EX):
+            try:
+                if target.stat().st_mtime > time.time() - idle_seconds:
+                    return False
+                target.unlink()
+            except FileNotFoundError:
+                return False
+        return True
+
+    @contextlib.contextmanager
+    def _lock(self, mode: int) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, mode)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
 
 
