@@ -281,6 +281,11 @@ class Dovecot:
     def create_folder(self, user: str, *names: str) -> None:
         self.doveadm("mailbox", "create", "-u", user, *names)
 
+    def message_count(self, user: str, folder: str) -> int:
+        """By doveadm, which takes the folder's Unicode name (no IMAP encoding involved)."""
+        out = self.doveadm("-f", "flow", "mailbox", "status", "-u", user, "messages", folder)
+        return int(out.split("=")[1])
+
     def uidvalidity(self, user: str, folder: str = "INBOX") -> int:
         out = self.doveadm("-f", "flow", "mailbox", "status", "-u", user, "uidvalidity", folder)
         return int(out.split("=")[1])

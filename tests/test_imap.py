@@ -27,6 +27,7 @@ from mailgate.transport.imap import (
     ImapPoller,
     check_login,
     imap_health,
+    mailbox_name,
     parse_bodies,
     uid_set,
 )
@@ -112,6 +113,16 @@ def test_uid_set_compacts_runs() -> None:
     assert uid_set([4]) == "4"
 
 
+def test_mailbox_names_in_modified_utf7() -> None:
+    # RFC 3501 5.1.3's own example, and names our users have
+    assert mailbox_name("~peter/mail/台北/日本語") == "~peter/mail/&U,BTFw-/&ZeVnLIqe-"
+    assert mailbox_name("Entwürfe") == "Entw&APw-rfe"
+    assert mailbox_name("Käsitelty") == "K&AOQ-sitelty"
+    assert mailbox_name("Входящие") == "&BBIERQQ+BDQETwRJBDgENQ-"
+    assert mailbox_name("R&D") == "R&-D"
+    assert mailbox_name("Sent Items") == "Sent Items"
+
+
 def test_parse_bodies_handles_uid_after_literal_and_unsolicited_fetch() -> None:
     lines: list[bytes | bytearray] = [
         b"1 FETCH (FLAGS (\\Seen))",
@@ -157,6 +168,20 @@ def test_without_process_callback_still_moves(dovecot: Dovecot, imap_user: str, 
     assert asyncio.run(poller.poll_once()) == 3
     assert dovecot.count(imap_user, "Done Mail") == 3
     assert {r.state for r in rows(engine)} == {"queued"}
+
+
+def test_non_ascii_folders(dovecot: Dovecot, imap_user: str, engine: Engine, blobs: BlobStore) -> None:
+    # doveadm takes UTF-8 names and stores them as IMAP's modified UTF-7: the poller must
+    # find the same folders by their Unicode names from the config.
+    dovecot.create_folder(imap_user, "Входящие")
+    for i in range(3):
+        dovecot.doveadm("save", "-u", imap_user, "-m", "Входящие", input=message(i))
+    account = dovecot.account(imap_user, folder="Входящие", move_to="Käsitelty", failed_folder="Fehlgeschlagen & Co")
+    assert asyncio.run(ImapPoller(account, engine, blobs).poll_once()) == 3
+    assert len(rows(engine)) == 3
+    assert dovecot.message_count(imap_user, "Käsitelty") == 3
+    assert dovecot.message_count(imap_user, "Входящие") == 0
+    assert "Fehlgeschlagen & Co" in dovecot.doveadm("mailbox", "list", "-u", imap_user)
 
 
 def test_message_appended_while_idle_is_picked_up(dovecot: Dovecot, imap_user: str,

@@ -20,6 +20,7 @@ Only UID commands are used: sequence numbers shift under concurrent expunges.
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
 import hashlib
@@ -99,8 +100,32 @@ def _chunks(uids: Sequence[int], size: int = MAX_UIDS_PER_COMMAND) -> list[Seque
     return [uids[i:i + size] for i in range(0, len(uids), size)]
 
 
+def mailbox_name(name: str) -> str:
+    """A folder name as IMAP4rev1 sends it: modified UTF-7 (RFC 3501 5.1.3). Printable ASCII
+    stands for itself ("&" as "&-"); anything else is UTF-16 in base64 with "," for "/",
+    between "&" and "-": "Entwürfe" -> "Entw&APw-rfe"."""
+    out: list[str] = []
+    pending: list[str] = []
+
+    def flush() -> None:
+        if pending:
+            encoded = base64.b64encode("".join(pending).encode("utf-16-be")).decode("ascii")
+            out.append("&" + encoded.rstrip("=").replace("/", ",") + "-")
+            pending.clear()
+
+    for ch in name:
+        if " " <= ch <= "~":
+            flush()
+            out.append("&-" if ch == "&" else ch)
+        else:
+            pending.append(ch)
+    flush()
+    return "".join(out)
+
+
 def _quote(mailbox: str) -> str:
-    return '"' + mailbox.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    name = mailbox_name(mailbox)
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def uid_set(uids: Iterable[int]) -> str:
