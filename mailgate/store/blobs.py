@@ -78,8 +78,9 @@ class BlobStore:
 
     @contextlib.contextmanager
     def _lock(self, mode: int) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        # Beside the tree, not in it: every file under root is a blob named by its sha256.
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root.with_name(self.root.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, mode)
             yield
