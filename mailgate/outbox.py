@@ -28,7 +28,7 @@ from email.utils import format_datetime, formataddr
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import or_, update
+from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
@@ -203,14 +203,20 @@ def retry_delay(settings: Settings, attempts: int) -> timedelta:
 def claim_due(engine: Engine, worker: str, limit: int = 20) -> list[Outbox]:
     now = utcnow()
     with session_scope(engine) as session:
-        query = select(Outbox).where(or_(
+        # Ids from the (state, next_attempt_at) index, one query per state, then the rows
+        # (see spool.claim_batch: anything else made SQLite read every row ever sent).
+        ids: list[int] = []
+        for due in (
             (Outbox.state == "queued") & (Outbox.next_attempt_at <= now),  # type: ignore[operator]
             # a sender died between claim and result: send again (same Message-ID)
             (Outbox.state == "sending") & (Outbox.next_attempt_at <= now - STALE_SENDING),  # type: ignore[operator]
-        )).order_by(Outbox.id).limit(limit)  # type: ignore[arg-type]
-        if is_postgres(engine):
-            query = query.with_for_update(skip_locked=True)
-        rows = list(session.exec(query).all())
+        ):
+            query = select(Outbox.id).where(due).order_by(Outbox.id + 0).limit(limit)  # type: ignore[operator]
+            if is_postgres(engine):
+                query = query.with_for_update(skip_locked=True)
+            ids += [i for i in session.exec(query).all() if i is not None]
+        rows = list(session.exec(select(Outbox).where(Outbox.id.in_(sorted(ids)[:limit]))  # type: ignore[union-attr]
+                                 .order_by(Outbox.id)).all()) if ids else []  # type: ignore[arg-type]
         for row in rows:
             row.state = "sending"
             row.claimed_by = worker

@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from mailgate.store.blobs import BlobStore
-from mailgate.store.engine import is_postgres, session_scope, utcnow
+from mailgate.store.engine import as_utc, is_postgres, session_scope, utcnow
 from mailgate.store.tables import Inbound
 
 log = logging.getLogger(__name__)
@@ -139,18 +139,30 @@ def claim_batch(engine: Engine, worker: str, *, max_attempts: int, limit: int,
     now = utcnow()
     claimed: list[Inbound] = []
     with session_scope(engine) as session:
-        due = or_(
+        # Ids first, from the (state, next_attempt_at) index alone, one query per state;
+        # then the rows by primary key. One query with OR across states, or ORDER BY id
+        # (SQLite then walks the table in id order), read every row ever received, and
+        # done rows only accumulate: each claim grew slower by the day.
+        cut = now - STALE_CLAIM
+        ids: list[int] = []
+        for due in (
             (Inbound.state == "queued") & or_(Inbound.next_attempt_at.is_(None),  # type: ignore[union-attr]
                                               Inbound.next_attempt_at <= now),  # type: ignore[operator]
-            (Inbound.state == "processing") & (Inbound.claimed_at < now - STALE_CLAIM),  # type: ignore[operator]
-        )
-        query = select(Inbound).where(due)
-        if only_id is not None:
-            query = query.where(Inbound.id == only_id)
-        query = query.order_by(Inbound.id).limit(limit)  # type: ignore[arg-type]
-        if is_postgres(engine):
-            query = query.with_for_update(skip_locked=True)
-        rows = list(session.exec(query).all())
+            # A claim sets next_attempt_at to its time; None: claimed by an older version.
+            (Inbound.state == "processing") & or_(Inbound.next_attempt_at.is_(None),  # type: ignore[union-attr]
+                                                  Inbound.next_attempt_at <= cut),  # type: ignore[operator]
+        ):
+            query = select(Inbound.id).where(due)
+            if only_id is not None:
+                query = query.where(Inbound.id == only_id)
+            query = query.order_by(Inbound.id + 0).limit(limit)  # type: ignore[operator]
+            if is_postgres(engine):
+                query = query.with_for_update(skip_locked=True)
+            ids += [i for i in session.exec(query).all() if i is not None]
+        rows = list(session.exec(select(Inbound).where(Inbound.id.in_(sorted(ids)[:limit]))  # type: ignore[union-attr]
+                                 .order_by(Inbound.id)).all()) if ids else []  # type: ignore[arg-type]
+        rows = [r for r in rows if r.state == "queued" or r.next_attempt_at is not None
+                or (r.claimed_at is not None and as_utc(r.claimed_at) < cut)]
         # A row tried before (perhaps a worker died on it) is claimed alone, so that if it
         # kills the worker again it does not take the attempts of nine innocent messages with it.
         tried_before = bool(rows) and rows[0].attempts > 0
@@ -167,7 +179,7 @@ def claim_batch(engine: Engine, worker: str, *, max_attempts: int, limit: int,
             else:
                 row.state = "processing"
                 row.claimed_by = worker
-                row.claimed_at = now
+                row.claimed_at = row.next_attempt_at = now
                 row.attempts += 1
                 claimed.append(row)
             session.add(row)
