@@ -12,12 +12,26 @@ def _is_maildir(path: Path) -> bool:
     return path.is_dir() and (path / "cur").is_dir() and (path / "new").is_dir()
 
 
+_MAILDIR_NAME = re.compile(r"^(\d+)\.(?:M(\d+))?(?:P\d+)?(?:Q(\d+))?")
+
+
+def delivery_order(key: str) -> tuple[int, int, int, str]:
+    """Sort key for maildir names in delivery order. Names are "<seconds>.M<microseconds>P<pid>
+    Q<counter>.<host>" (Python, Dovecot) or "<seconds>.<pid>.<host>" (older writers): the
+    microseconds are not zero-padded, so sorting the names as text put M999 after M1000
+    and replies before the messages they answer."""
+    m = _MAILDIR_NAME.match(key)
+    if m is None:
+        return (0, 0, 0, key)
+    return (int(m.group(1)), int(m.group(2) or 0), int(m.group(3) or 0), key)
+
+
 def iter_messages(path: Path) -> Iterator[tuple[str, bytes]]:
     """(stable key, raw bytes) for each message; the key makes re-imports idempotent."""
     path = path.resolve()
     if _is_maildir(path):
         md = mailbox.Maildir(str(path), factory=None, create=False)
-        for key in sorted(md.iterkeys()):
+        for key in sorted(md.iterkeys(), key=delivery_order):
             with md.get_file(key) as fh:
                 yield f"maildir:{path}:{key}", fh.read()
     elif path.is_dir():
