@@ -35,7 +35,7 @@ from sqlmodel import Session, select
 from mailgate.config import Settings
 from mailgate.domain import make_message_id, one_line, reply_address
 from mailgate.render import Renderer
-from mailgate.store.engine import as_utc, is_postgres, session_scope, utcnow
+from mailgate.store.engine import as_utc, due_ids, session_scope, utcnow
 from mailgate.store.tables import Outbox
 
 log = logging.getLogger(__name__)
@@ -203,19 +203,12 @@ def retry_delay(settings: Settings, attempts: int) -> timedelta:
 def claim_due(engine: Engine, worker: str, limit: int = 20) -> list[Outbox]:
     now = utcnow()
     with session_scope(engine) as session:
-        # Ids from the (state, next_attempt_at) index, one query per state, then the rows
-        # (see spool.claim_batch: anything else made SQLite read every row ever sent).
-        ids: list[int] = []
-        for due in (
+        ids = due_ids(session, engine, Outbox.id, [  # type: ignore[arg-type]
             (Outbox.state == "queued") & (Outbox.next_attempt_at <= now),  # type: ignore[operator]
             # a sender died between claim and result: send again (same Message-ID)
             (Outbox.state == "sending") & (Outbox.next_attempt_at <= now - STALE_SENDING),  # type: ignore[operator]
-        ):
-            query = select(Outbox.id).where(due).order_by(Outbox.id + 0).limit(limit)  # type: ignore[operator]
-            if is_postgres(engine):
-                query = query.with_for_update(skip_locked=True)
-            ids += [i for i in session.exec(query).all() if i is not None]
-        rows = list(session.exec(select(Outbox).where(Outbox.id.in_(sorted(ids)[:limit]))  # type: ignore[union-attr]
+        ], limit)
+        rows = list(session.exec(select(Outbox).where(Outbox.id.in_(ids))  # type: ignore[union-attr]
                                  .order_by(Outbox.id)).all()) if ids else []  # type: ignore[arg-type]
         for row in rows:
             row.state = "sending"

@@ -19,13 +19,13 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import or_, update
+from sqlalchemy import or_, true, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from mailgate.store.blobs import BlobStore
-from mailgate.store.engine import as_utc, is_postgres, session_scope, utcnow
+from mailgate.store.engine import as_utc, due_ids, session_scope, utcnow
 from mailgate.store.tables import Inbound
 
 log = logging.getLogger(__name__)
@@ -139,27 +139,16 @@ def claim_batch(engine: Engine, worker: str, *, max_attempts: int, limit: int,
     now = utcnow()
     claimed: list[Inbound] = []
     with session_scope(engine) as session:
-        # Ids first, from the (state, next_attempt_at) index alone, one query per state;
-        # then the rows by primary key. One query with OR across states, or ORDER BY id
-        # (SQLite then walks the table in id order), read every row ever received, and
-        # done rows only accumulate: each claim grew slower by the day.
         cut = now - STALE_CLAIM
-        ids: list[int] = []
-        for due in (
-            (Inbound.state == "queued") & or_(Inbound.next_attempt_at.is_(None),  # type: ignore[union-attr]
-                                              Inbound.next_attempt_at <= now),  # type: ignore[operator]
+        only = (Inbound.id == only_id) if only_id is not None else true()
+        ids = due_ids(session, engine, Inbound.id, [  # type: ignore[arg-type]
+            only & (Inbound.state == "queued") & or_(Inbound.next_attempt_at.is_(None),  # type: ignore[union-attr]
+                                                     Inbound.next_attempt_at <= now),  # type: ignore[operator]
             # A claim sets next_attempt_at to its time; None: claimed by an older version.
-            (Inbound.state == "processing") & or_(Inbound.next_attempt_at.is_(None),  # type: ignore[union-attr]
-                                                  Inbound.next_attempt_at <= cut),  # type: ignore[operator]
-        ):
-            query = select(Inbound.id).where(due)
-            if only_id is not None:
-                query = query.where(Inbound.id == only_id)
-            query = query.order_by(Inbound.id + 0).limit(limit)  # type: ignore[operator]
-            if is_postgres(engine):
-                query = query.with_for_update(skip_locked=True)
-            ids += [i for i in session.exec(query).all() if i is not None]
-        rows = list(session.exec(select(Inbound).where(Inbound.id.in_(sorted(ids)[:limit]))  # type: ignore[union-attr]
+            only & (Inbound.state == "processing") & or_(Inbound.next_attempt_at.is_(None),  # type: ignore[union-attr]
+                                                         Inbound.next_attempt_at <= cut),  # type: ignore[operator]
+        ], limit)
+        rows = list(session.exec(select(Inbound).where(Inbound.id.in_(ids))  # type: ignore[union-attr]
                                  .order_by(Inbound.id)).all()) if ids else []  # type: ignore[arg-type]
         rows = [r for r in rows if r.state == "queued" or r.next_attempt_at is not None
                 or (r.claimed_at is not None and as_utc(r.claimed_at) < cut)]

@@ -5,14 +5,16 @@ notice with the same Message-ID), so their engine uses synchronous=NORMAL."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import ColumnElement, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import InstrumentedAttribute
 from sqlalchemy.orm import Session as OrmSession
-from sqlmodel import Session, create_engine
+from sqlmodel import Session, create_engine, select
 
 
 def utcnow() -> datetime:
@@ -64,6 +66,25 @@ def make_engine(url: str, *, echo: bool = False, busy_timeout: float = 30.0, dur
 
 def is_postgres(engine: Engine) -> bool:
     return engine.dialect.name == "postgresql"
+
+
+def due_ids(session: Session, engine: Engine, id_column: InstrumentedAttribute[Any],
+            conditions: Sequence[ColumnElement[bool]], limit: int) -> list[int]:
+    """The lowest `limit` ids matching any of `conditions`, for a claim (locked with SKIP
+    LOCKED on PostgreSQL).
+
+    One query per condition, selecting only the id, ordered by `id + 0`: each is then
+    answered from a (state, next_attempt_at) index. One query with OR across states, or
+    ORDER BY id (SQLite then walks the table in id order), read every row ever stored,
+    and done rows only accumulate (tests/test_query_plans.py).
+    """
+    ids: list[int] = []
+    for condition in conditions:
+        query = select(id_column).where(condition).order_by(id_column + 0).limit(limit)
+        if is_postgres(engine):
+            query = query.with_for_update(skip_locked=True)
+        ids += [i for i in session.exec(query).all() if i is not None]
+    return sorted(ids)[:limit]
 
 
 @event.listens_for(OrmSession, "pending_to_persistent")
