@@ -383,13 +383,13 @@ def test_too_many_parts() -> None:
     assert parse_message(raw).text.count("part") == 50
 
 
-def test_huge_from_header_is_refused_quickly() -> None:
+def test_huge_from_header_is_refused_before_address_parsing() -> None:
+    # Parsing 20,000 addresses takes the email package seconds; the byte-level precheck
+    # (its length, then a count of '@') refuses it before any address is parsed.
     addresses = ", ".join(f"user{i}@example.com" for i in range(20_000))
     raw = mail(f"From: {addresses}\nSubject: s")
-    start = time.perf_counter()
-    with pytest.raises(UnusableMessage):
+    with pytest.raises(UnusableMessage, match="header 'from' is [0-9]+ bytes long"):
         parse_message(raw)
-    assert time.perf_counter() - start < 0.5
 
 
 def test_address_count_limit_under_byte_limit() -> None:
