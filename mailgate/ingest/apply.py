@@ -247,11 +247,9 @@ def create_ticket(ctx: Context, *, requester: str, requester_name: str, subject:
 
 
 def new_tickets_from_sender_last_hour(session: Session, sender: str, now: datetime) -> int:
-    contact = session.exec(select(Contact).where(Contact.email == sender)).first()
-    if contact is None:
-        return 0
-    return session.exec(select(func.count()).select_from(Ticket).where(
-        Ticket.requester_id == contact.id, Ticket.created_at > now - timedelta(hours=1))).one()
+    return session.exec(select(func.count()).select_from(Ticket).join(
+        Contact, Contact.id == Ticket.requester_id).where(
+        Contact.email == sender, Ticket.created_at > now - timedelta(hours=1))).one()
 
 
 # --- the message, by who sent it ----------------------------------------------------------

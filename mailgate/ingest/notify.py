@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import case, func
 from sqlmodel import Session, select
 
 from mailgate.domain import base_address, tagged_subject
@@ -72,12 +72,11 @@ def loop_guard_allows(rt: Runtime, session: Session, recipient: str) -> bool:
     if base_address(recipient) in hd.all_addresses or recipient.split("@")[0] in ("mailer-daemon", "postmaster"):
         return False
     now = utcnow()
-    def sent_since(delta: timedelta) -> int:
-        return session.exec(select(func.count()).select_from(AutoReplyLog).where(
-            AutoReplyLog.recipient == recipient, AutoReplyLog.sent_at > now - delta)).one()
-    if sent_since(timedelta(hours=1)) >= hd.auto_reply_limit_per_hour:
-        return False
-    return sent_since(timedelta(days=1)) < hd.auto_reply_limit_per_day
+    hour_ago = now - timedelta(hours=1)
+    last_day, last_hour = session.exec(select(
+        func.count(), func.coalesce(func.sum(case((AutoReplyLog.sent_at > hour_ago, 1), else_=0)), 0),
+    ).where(AutoReplyLog.recipient == recipient, AutoReplyLog.sent_at > now - timedelta(days=1))).one()
+    return last_hour < hd.auto_reply_limit_per_hour and last_day < hd.auto_reply_limit_per_day
 
 
 class PrivacyError(RuntimeError):
@@ -112,13 +111,15 @@ def send(rt: Runtime, session: Session, *, ticket: Ticket | None, template: str,
          extra: dict[str, Any] | None = None, message: Message | None = None,
          in_reply_to: str | None = None, automatic: bool = True, from_name: str | None = None,
          record_kind: str | None = None, hits: list[dict[str, Any]] | None = None,
-         reply_base: str | None = None, guard: bool | None = None) -> Outbox | None:
+         reply_base: str | None = None, guard: bool | None = None,
+         references: Sequence[str] | None = None) -> Outbox | None:
     """Queue one mail about `ticket` (None: about no ticket) to `to`.
 
     record_kind: also keep it as a ticket message. reply_base: the address whose
     plus form goes into Reply-To instead of the support address (the comment
     address for notes, so that answering a note is a note again). guard: apply the
     per-recipient loop guard (default: to automatic mail for anyone but an agent).
+    references: the ticket's thread_ids, when the caller already has them.
     """
     if is_requester_template(template) and message is not None and message.kind != "public":
         # Defence in depth: callers only ever pass public messages here; if one ever
@@ -142,7 +143,8 @@ def send(rt: Runtime, session: Session, *, ticket: Ticket | None, template: str,
     number = ticket.number if ticket is not None else None
     row, mail = enqueue(session, rt.settings, rt.renderer, template=template, to=to, context=context,
                         ticket_number=number, in_reply_to=in_reply_to,
-                        references=thread_ids(session, ticket) if ticket is not None else (),
+                        references=references if references is not None
+                        else thread_ids(session, ticket) if ticket is not None else (),
                         automatic=automatic, from_name=from_name, reply_base=reply_base)
     if guarded:
         session.add(AutoReplyLog(recipient=to, sent_at=utcnow()))
@@ -180,8 +182,9 @@ def notify_agents(rt: Runtime, session: Session, ticket: Ticket, template: str, 
                   *, message: Message | None, exclude: str | None = None,
                   extra: dict[str, Any] | None = None, reply_base: str | None = None) -> None:
     """One notice per agent; each carries a Reply-To token valid for that agent alone."""
-    for agent in dict.fromkeys(recipients):
-        if agent != exclude:
-            send(rt, session, ticket=ticket, template=template, to=agent, message=message,
-                 in_reply_to=message.message_id if message else None, extra=extra,
-                 reply_base=reply_base)
+    agents = [a for a in dict.fromkeys(recipients) if a != exclude]
+    references = thread_ids(session, ticket) if agents else ()  # one query, not one per agent
+    for agent in agents:
+        send(rt, session, ticket=ticket, template=template, to=agent, message=message,
+             in_reply_to=message.message_id if message else None, extra=extra,
+             reply_base=reply_base, references=references)

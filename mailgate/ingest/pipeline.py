@@ -169,11 +169,8 @@ def step_identify(ctx: Context) -> None:
 def _known_correspondent(ctx: Context) -> bool:
     if ctx.agent is not None or ctx.token_ticket is not None:
         return True
-    contact = ctx.session.exec(select(Contact).where(Contact.email == ctx.sender)).first()
-    if contact is None:
-        return False
-    return ctx.session.exec(select(Ticket.number).where(
-        Ticket.requester_id == contact.id, Ticket.from_spam == False)).first() is not None  # noqa: E712
+    return ctx.session.exec(select(Ticket.number).join(Contact, Contact.id == Ticket.requester_id).where(
+        Contact.email == ctx.sender, Ticket.from_spam == False).limit(1)).first() is not None  # noqa: E712
 
 
 def step_spam(ctx: Context) -> None:
