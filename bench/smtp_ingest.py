@@ -95,12 +95,13 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (clock ticks of /proc/PID/stat)."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU time of a process so far (clock ticks of /proc/PID/stat)."""
     import os
 
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def children(pid: int) -> list[int]:
@@ -143,7 +144,8 @@ def main() -> None:
         end_to_end = time.perf_counter() - t0
         outcomes = dict(db.execute("select coalesce(outcome, state), count(*) from inbound group by 1").fetchall())
         db.close()
-        cpu = {pid: cpu_seconds(pid) - before for pid, before in cpu_before.items()}
+        cpu = {pid: tuple(a - b for a, b in zip(cpu_seconds(pid), before, strict=True))
+               for pid, before in cpu_before.items()}
         rss_main = peak_rss_mb(daemon.proc.pid)
         rss_children = sum(peak_rss_mb(c) for c in children(daemon.proc.pid))
     finally:
@@ -157,9 +159,11 @@ def main() -> None:
           "target >= 150)")
     print(f"peak RSS            : {rss_main + rss_children:8.1f} MB = main {rss_main:.1f} + work process "
           f"{rss_children:.1f} (target < 200)")
-    cpu_main = cpu.pop(daemon.proc.pid)
-    print(f"CPU during the run  : main {cpu_main:.1f} s, work process {sum(cpu.values()):.1f} s "
-          f"({1000 * sum(cpu.values()) / n:.1f} ms per message)")
+    main_user, main_sys = cpu.pop(daemon.proc.pid)
+    work_user, work_sys = (sum(c[0] for c in cpu.values()), sum(c[1] for c in cpu.values()))
+    print(f"CPU during the run  : main {main_user + main_sys:.1f} s (user {main_user:.1f}, system "
+          f"{main_sys:.1f}), work process {work_user + work_sys:.1f} s (user {work_user:.1f}, system "
+          f"{work_sys:.1f}; {1000 * (work_user + work_sys) / n:.1f} ms per message)")
     print(f"outcomes            : {outcomes}")
     print(f"median latency      : {statistics.median(mg_lat) * 1000:.2f} ms")
 
