@@ -135,6 +135,7 @@ class HelpdeskSettings:
     new_tickets_per_sender_per_hour: int = 20
     max_attempts: int = 5
     worker_poll_seconds: float = 0.5
+    parse_processes: int = 1
     notify_group_on_new: bool = True
     ratings: tuple[str, ...] = ("1", "2", "3", "4", "5")
 
@@ -434,11 +435,19 @@ def _helpdesk(sec: _Section, base: Path) -> HelpdeskSettings:
         new_tickets_per_sender_per_hour=sec.positive("new_tickets_per_sender_per_hour", int, 20),
         max_attempts=sec.positive("max_attempts", int, 5),
         worker_poll_seconds=sec.positive("worker_poll_seconds", float, 0.5),
+        parse_processes=_parse_processes(sec),
         notify_group_on_new=sec.get("notify_group_on_new", bool, True),
         ratings=sec.str_list("ratings", ("1", "2", "3", "4", "5")),
     )
     sec.finish()
     return s
+
+
+def _parse_processes(sec: _Section) -> int:
+    value = sec.get("parse_processes", int, 1)
+    if not 0 <= value <= 16:
+        raise ConfigError(f"{sec.key('parse_processes')}: must be between 0 and 16, got {value!r}")
+    return value
 
 
 def _statuses(sec: _Section) -> tuple[StatusDef, ...]:

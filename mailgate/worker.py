@@ -7,6 +7,7 @@ holds the GIL and made every SMTP 250 wait behind it, and a message that
 crashes the interpreter (a C extension fault, memory exhaustion) takes down
 only this process, which the main process restarts; its claim is released
 and counted, so the message ends as a dead letter instead of a crash loop.
+It forks parse-ahead helpers at start (mailgate.ingest.ahead) to use a second core.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING
 
 from mailgate import spool
@@ -26,12 +28,14 @@ from mailgate.journal import AcceptJournal
 from mailgate.store.engine import is_postgres
 
 if TYPE_CHECKING:
+    from mailgate.ingest.ahead import ParseAhead
     from mailgate.ingest.pipeline import Result
     from mailgate.runtime import Runtime
 
 log = logging.getLogger("mailgate.worker")  # also when run as __main__
 WAKE_SIGNAL = signal.SIGUSR1  # main -> work process: a message was accepted
 SENT_SIGNAL = signal.SIGUSR2  # work process -> main: mail was queued in the outbox
+HELPER_DIED_EXIT = 70  # EX_SOFTWARE: a parse-ahead helper died; the main process restarts us
 
 
 def journal_for(rt: Runtime) -> AcceptJournal | None:
@@ -44,12 +48,15 @@ def journal_for(rt: Runtime) -> AcceptJournal | None:
 
 class IngestWorker:
     """Moves journal rows into the spool, claims inbound rows in small batches and runs the
-    pipeline on each, one transaction per message (in a thread)."""
+    pipeline on each, one transaction per message (in a thread); with `ahead`, helper
+    processes parse each batch while its first messages are applied."""
 
-    def __init__(self, rt: Runtime, worker: str, journal: AcceptJournal | None = None) -> None:
+    def __init__(self, rt: Runtime, worker: str, journal: AcceptJournal | None = None,
+                 ahead: ParseAhead | None = None) -> None:
         self.rt = rt
         self.worker = worker
         self.journal = journal
+        self.ahead = ahead
         self.wake = asyncio.Event()
 
     def next_messages(self) -> list[Result]:
@@ -59,7 +66,8 @@ class IngestWorker:
             # The durable engine: the journal rows are deleted only after this commit, so
             # it must survive a power loss as the acceptance did.
             self.journal.drain(self.rt.spool_engine)
-        return run_batch(self.rt, self.worker)
+        # A larger batch when parsing ahead: the helper idles only on a batch's first message.
+        return run_batch(self.rt, self.worker, limit=20 if self.ahead else 10, ahead=self.ahead)
 
     async def run(self, stop: asyncio.Event, on_processed: Callable[[], None] | None = None) -> None:
         while not stop.is_set():
@@ -68,6 +76,11 @@ class IngestWorker:
                 results = await asyncio.to_thread(self.next_messages)
             except asyncio.CancelledError:
                 raise
+            except BrokenProcessPool:
+                # A message may have crashed the helper. Exit: the main process restarts us
+                # and the messages we held are retried, one at a time (spool.claim_batch).
+                log.error("a parse-ahead helper process died: the work process exits to be restarted")
+                raise SystemExit(HELPER_DIED_EXIT) from None
             except Exception:  # the database itself is failing: back off, never crash-loop
                 log.exception("ingest worker pass failed")
                 results = []
@@ -83,19 +96,39 @@ class IngestWorker:
                 w.cancel()
 
 
-async def work(settings: Settings, parent_pid: int | None = None) -> None:
+def start_work(settings: Settings) -> tuple[Runtime, ParseAhead | None]:
+    """Build what the work process needs, then fork the parse-ahead helpers, before any
+    thread exists (so before asyncio.run)."""
     # Imported here, in the work process: the main process, which only moves bytes,
     # never loads the pipeline, the spam model or the templates.
     from mailgate.runtime import Runtime
 
     rt = Runtime.build(settings)
-    await asyncio.to_thread(rt.spam_model)  # load (or seed) the model before mail arrives
-    ingest = IngestWorker(rt, spool.worker_id(), journal_for(rt))
+    rt.spam_model()  # load (or seed) the model before mail arrives; the helpers inherit it
+    processes = settings.helpdesk.parse_processes
+    if not processes:
+        return rt, None
+    import gc
+
+    from mailgate.ingest.ahead import ParseAhead
+
+    # Objects that exist now live as long as the process: keep the collector from writing
+    # to them, so the helpers' copies of their pages stay shared with ours.
+    gc.freeze()
+    return rt, ParseAhead(rt, processes)
+
+
+async def work(rt: Runtime, ahead: ParseAhead | None, parent_pid: int | None = None) -> None:
+    ingest = IngestWorker(rt, spool.worker_id(), journal_for(rt), ahead)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(WAKE_SIGNAL, ingest.wake.set)  # the listener accepted a message
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    await ingest.run(stop, on_processed=parent_notifier(parent_pid))
+    try:
+        await ingest.run(stop, on_processed=parent_notifier(parent_pid))
+    finally:
+        if ahead is not None:
+            ahead.close()
     if ingest.journal is not None:
         ingest.journal.close()
     rt.engine.dispose()
@@ -117,6 +150,18 @@ def parent_notifier(parent_pid: int | None) -> Callable[[], None] | None:
     return notify
 
 
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives each thread that allocates its own arena (up to 8 per core); our few
+    threads take turns, and the extra arenas only hold freed memory (about 10 MB measured
+    with bench/smtp_ingest.py). MALLOC_ARENA_MAX in the environment, if set, wins."""
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).mallopt(-8, arenas)  # M_ARENA_MAX
+
+
 def _die_with_parent() -> None:
     """Linux: SIGTERM us when the main process dies, even by SIGKILL, so no orphan works on."""
     with contextlib.suppress(Exception):
@@ -136,6 +181,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-pid", type=int, default=None, help="the `mailgate run` to wake (SIGUSR2)")
     args = parser.parse_args(argv)
     _die_with_parent()
+    limit_malloc_arenas()
+    # The spam model's numpy needs no BLAS threads, and the parse-ahead helpers are forked
+    # from this process: it should have a single thread then. Set before numpy is imported.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     # The main process decides when we stop (after it stopped accepting): a Ctrl-C sent
     # to the whole process group must not cut a message in half.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -149,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     # Accepting mail is what a sender waits for; processing can lag a little behind.
     with contextlib.suppress(OSError):
         os.nice(5)
-    asyncio.run(work(settings, args.parent_pid))
+    rt, ahead = start_work(settings)
+    asyncio.run(work(rt, ahead, args.parent_pid))
 
 
 class WorkProcess:

@@ -146,6 +146,8 @@ def test_missing_keys_are_named_exactly() -> None:
     ({"helpdesk__secret_key": "short"}, "helpdesk.secret_key: must be at least 8 characters"),
     ({"helpdesk__default_priority": "meh"}, "helpdesk.default_priority: 'meh' is not in helpdesk.priorities"),
     ({"helpdesk__colour": "blue"}, "helpdesk.colour: unknown key"),
+    ({"helpdesk__parse_processes": -1}, "helpdesk.parse_processes: must be between 0 and 16, got -1"),
+    ({"helpdesk__parse_processes": "2"}, "helpdesk.parse_processes: expected int, got '2'"),
     ({"outbound__url": "smtp://relay:99999"}, "outbound.url: port must be 1-65535"),
     ({"outbound__url": "smtp://relay:0"}, "outbound.url: port must be 1-65535"),
     ({"outbound__url": "ftp://relay"}, "outbound.url: must be maildir:PATH or smtp://host:port"),

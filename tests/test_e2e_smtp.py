@@ -307,3 +307,28 @@ def test_a_killed_work_process_is_restarted_and_nothing_is_lost(daemon: Daemon) 
     wait_until(lambda: daemon.tickets(), timeout=30)
     assert [t["subject"] for t in daemon.tickets()] == ["while the worker was down"]
     assert daemon.alive() and work_pids() != first
+
+
+def test_a_killed_parse_helper_restarts_the_work_process_and_nothing_is_lost(daemon: Daemon) -> None:
+    import os
+    import signal as _signal
+
+    def pids() -> tuple[int, int] | None:
+        """(work process, its parse-ahead helper), once both are there."""
+        for task in Path(f"/proc/{daemon.proc.pid}/task").iterdir():
+            for work in (task / "children").read_text().split():
+                helpers = [c for t in Path(f"/proc/{work}/task").iterdir()
+                           for c in (t / "children").read_text().split()]
+                if helpers:
+                    return int(work), int(helpers[0])
+        return None
+
+    first = wait_until(pids)
+    os.kill(first[1], _signal.SIGKILL)  # as a message that crashed the interpreter would
+    for i in range(3):
+        daemon.send(mail(subject=f"after the helper died {i}"))
+    wait_until(lambda: len(daemon.tickets()) == 3, timeout=60)
+    assert sorted(t["subject"] for t in daemon.tickets()) == [f"after the helper died {i}" for i in range(3)]
+    second = wait_until(pids)
+    assert daemon.alive() and second[0] != first[0] and second[1] != first[1]
+    assert "parse-ahead helper process died" in daemon.log.read_text()

@@ -13,13 +13,15 @@ import json
 import logging
 import traceback
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.header import decode_header, make_header
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import parseaddr
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
 from sqlmodel import Session, select
@@ -37,6 +39,9 @@ from mailgate.ingest.stop import Stop
 from mailgate.runtime import Runtime
 from mailgate.store.engine import is_postgres, session_scope, utcnow
 from mailgate.store.tables import Contact, Inbound, Message, Outbox, Ticket
+
+if TYPE_CHECKING:
+    from mailgate.ingest.ahead import ParseAhead
 
 log = logging.getLogger(__name__)
 
@@ -314,10 +319,11 @@ class Result:
     reason: str = ""
 
 
-def process_claimed(rt: Runtime, inbound: Inbound) -> Result:
-    """Run every step for one claimed inbound row, in one transaction."""
+def process_claimed(rt: Runtime, inbound: Inbound, ahead: Future[Prepared] | None = None) -> Result:
+    """Run every step for one claimed inbound row, in one transaction. ahead: its
+    prepare() under way in a parse-ahead helper (see mailgate.ingest.ahead)."""
     raw = rt.blobs.get(inbound.raw_sha256)
-    prepared = prepare(rt, raw)
+    prepared = ahead.result() if ahead is not None else prepare(rt, raw)
     with session_scope(rt.engine) as session:
         session.info["shadow"] = from_shadow_mailbox(rt, inbound)
         ctx = Context(rt=rt, session=session, inbound=inbound, raw=raw, now=utcnow(), prepared=prepared)
@@ -361,18 +367,30 @@ def run_one(rt: Runtime, worker: str, *, only_id: int | None = None) -> Result |
     return process_one(rt, inbound) if inbound is not None else None
 
 
-def run_batch(rt: Runtime, worker: str, limit: int = 10) -> list[Result]:
-    """Claim up to `limit` messages in one commit, then process each in its own transaction."""
+def run_batch(rt: Runtime, worker: str, limit: int = 10, ahead: ParseAhead | None = None) -> list[Result]:
+    """Claim up to `limit` messages in one commit, then process each in its own transaction
+    (with `ahead`, the helpers parse the batch while the first ones are applied)."""
     rows = spool.claim_batch(rt.engine, worker, max_attempts=rt.settings.helpdesk.max_attempts, limit=limit)
-    return [process_one(rt, inbound) for inbound in rows]
+    futures = ahead.submit(rows) if ahead is not None and rows else {}
+    try:
+        return [process_one(rt, inbound, futures.get(inbound.id or 0)) for inbound in rows]
+    finally:
+        for future in futures.values():  # a helper died: do not leave work queued for it
+            future.cancel()
 
 
-def process_one(rt: Runtime, inbound: Inbound) -> Result:
-    """Process a claimed row; any failure is recorded on the row (retry or dead letter)."""
+def process_one(rt: Runtime, inbound: Inbound, ahead: Future[Prepared] | None = None) -> Result:
+    """Process a claimed row; any failure is recorded on the row (retry or dead letter).
+
+    A parse-ahead helper that died is not the message's failure as far as we know: it
+    propagates, and the work process restarts (mailgate.worker).
+    """
     assert inbound.id is not None
     max_attempts = rt.settings.helpdesk.max_attempts
     try:
-        return process_claimed(rt, inbound)
+        return process_claimed(rt, inbound, ahead)
+    except BrokenProcessPool:
+        raise
     except UnusableMessage as exc:
         spool.fail(rt.engine, inbound.id, f"unusable message: {exc}", max_attempts=max_attempts,
                    permanent=True, **header_summary(rt, inbound))
