@@ -26,7 +26,7 @@ from mailgate.outbox import OutboxSender
 from mailgate.runtime import Runtime
 from mailgate.store import migrate
 from mailgate.transport.smtp import IngestHandler, start_server
-from mailgate.worker import SENT_SIGNAL, WorkProcess, journal_for
+from mailgate.worker import SENT_SIGNAL, WorkProcess, journal_for, limit_malloc_arenas
 
 log = logging.getLogger(__name__)
 DRAIN_SECONDS = 20.0
@@ -109,6 +109,7 @@ class ImapOutcome:
 
 
 async def serve(settings: Settings) -> int:
+    limit_malloc_arenas()  # before the first thread allocates
     rt = Runtime.build(settings)
     await asyncio.to_thread(prepare_database, rt)
     await asyncio.to_thread(spool.release_dead_claims, rt.engine)
