@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -121,6 +122,39 @@ def accept(engine: Engine, blobs: BlobStore, raw: bytes, *, source: str,
         if existing is not None:
             return Accepted(existing, duplicate=True)
         raise SpoolError("could not store message") from None
+    except Exception as exc:
+        log.error("spool accept failed: %s: %s", type(exc).__name__, exc)
+        raise SpoolError("could not store message") from exc
+
+
+def accept_batch(engine: Engine, blobs: BlobStore, items: Sequence[tuple[str, bytes]], *, source: str,
+                 queue: str | None = None) -> list[Accepted]:
+    """`accept` for several keyed messages (an IMAP batch: (source_key, raw) each) in one
+    commit: on SQLite a poller that committed per message waited for the database's write
+    lock once per message behind the work process. All or nothing; raises SpoolError."""
+    if not items:
+        return []
+    try:
+        digests = [blobs.put(raw) for _, raw in items]
+        with session_scope(engine) as session:
+            keys = [key for key, _ in items]
+            existing = dict(session.exec(select(Inbound.source_key, Inbound.id).where(
+                Inbound.source_key.in_(keys))).all())  # type: ignore[union-attr]
+            rows: list[Inbound | int] = []
+            for (key, raw), digest in zip(items, digests, strict=True):
+                if key in existing:
+                    rows.append(existing[key])
+                    continue
+                row = Inbound(source=source, source_key=key, envelope_to="", queue=queue,
+                              raw_sha256=digest, size=len(raw), received_at=utcnow())
+                session.add(row)
+                rows.append(row)
+            session.flush()
+            return [Accepted(r, duplicate=True) if isinstance(r, int) else Accepted(r.id or 0, duplicate=False)
+                    for r in rows]
+    except IntegrityError:
+        # Another instance's poller stored some of them meanwhile: one at a time, it sorts out.
+        return [accept(engine, blobs, raw, source=source, queue=queue, source_key=key) for key, raw in items]
     except Exception as exc:
         log.error("spool accept failed: %s: %s", type(exc).__name__, exc)
         raise SpoolError("could not store message") from exc

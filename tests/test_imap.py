@@ -25,6 +25,7 @@ from mailgate.store.tables import ImapState, Inbound
 from mailgate.transport.imap import (
     ImapError,
     ImapPoller,
+    _Session,
     check_login,
     imap_health,
     mailbox_name,
@@ -158,6 +159,33 @@ def test_n_messages_become_n_rows_and_are_moved(dovecot: Dovecot, imap_user: str
     assert asyncio.run(poller.poll_once()) == 0
     assert len(rows(engine)) == n
     assert len(pipeline.calls) == n
+
+
+def test_a_body_missing_from_the_fetch_reply_is_never_passed_over(
+        dovecot: Dovecot, imap_user: str, engine: Engine, blobs: BlobStore, pipeline: Pipeline,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A server may answer a FETCH without one of the bodies (a partial NO). The later
+    # batches must wait: had they been stored, last_uid would move past the missing one.
+    for i in range(6):
+        dovecot.append(imap_user, message(i))
+    real_bodies = _Session.bodies
+    dropped: list[int] = []
+
+    async def bodies_once_without_uid_2(self: _Session, uids: list[int]) -> dict[int, bytes]:
+        got = await real_bodies(self, uids)
+        if 2 in got and not dropped:
+            dropped.append(2)
+            del got[2]
+        return got
+
+    monkeypatch.setattr(_Session, "bodies", bodies_once_without_uid_2)
+    poller = ImapPoller(dovecot.account(imap_user, batch_size=2), engine, blobs, process=pipeline)
+    assert asyncio.run(poller.poll_once()) == 1  # UID 1; UID 2 came without a body
+    assert state(engine, imap_user).last_uid == 1
+    assert dovecot.count(imap_user, "INBOX") == 5
+    assert asyncio.run(poller.poll_once()) == 5
+    assert sorted(int(r.source_key.rsplit(":", 1)[1]) for r in rows(engine)) == [1, 2, 3, 4, 5, 6]
+    assert dovecot.count(imap_user, "INBOX") == 0 and dovecot.count(imap_user, "Processed") == 6
 
 
 def test_without_process_callback_still_moves(dovecot: Dovecot, imap_user: str, engine: Engine,

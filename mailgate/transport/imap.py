@@ -4,9 +4,11 @@ One ImapPoller per [[imap]] account, each its own asyncio task, so one failing
 mailbox never stops the others. A pass: SELECT, compare UIDVALIDITY with the
 stored one, UID SEARCH for UIDs above the stored last_uid, then per batch:
 UID FETCH (RFC822.SIZE) to leave oversize mail alone, UID FETCH BODY.PEEK[],
-spool.accept each message (committed), wait for its outcome from the work
-process (the `process` callback; a dead letter is filed in the Failed folder),
-then the after-action (MOVE / \\Seen / delete) and only then advance last_uid.
+spool.accept_batch (one commit for the batch), wait for its outcomes from the
+work process (the `process` callback; a dead letter is filed in the Failed
+folder), then the after-action (MOVE / \\Seen / delete) and only then advance
+last_uid. The next batch is fetched and stored while the work process handles
+this one; batches are filed and last_uid advanced in order.
 
 Exactly once rests on three things: the spool is idempotent on
 source_key = imap:<account>:<uidvalidity>:<uid> (and, here, on the raw bytes'
@@ -31,8 +33,8 @@ import shlex
 import ssl
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -75,6 +77,25 @@ class ImapError(Exception):
 class _Item:
     uid: int
     action: str  # move | failed | seen | delete | none
+
+
+@dataclass
+class _Stored:
+    """A fetched batch: what spool.accept_batch stored, as (uid, inbound id, outcome if
+    known, duplicate)."""
+
+    uidvalidity: int
+    items: list[tuple[int, int, str | None, bool]] = field(default_factory=list)
+    position: int | None = None  # last_uid once the batch is filed
+    accepted: int = 0
+    incomplete: bool = False  # a body was missing: the rest waits for the next search
+    error: Exception | None = None
+    outcomes: asyncio.Task[list[_Item]] | None = None
+
+    def await_outcomes(self, outcomes: Callable[[list[tuple[int, int, str | None, bool]]],
+                                                 Coroutine[Any, Any, list[_Item]]]) -> _Stored:
+        self.outcomes = asyncio.create_task(outcomes(self.items))
+        return self
 
 
 # ---------------------------------------------------------------- credentials
@@ -528,12 +549,39 @@ class ImapPoller:
             uids = await session.search_new(last_uid)
             if not uids:
                 return accepted
-            for start in range(0, len(uids), self.account.batch_size):
-                accepted += await self._batch(session, uids[start:start + self.account.batch_size])
-                if stop is not None and stop.is_set():
-                    return accepted
+            # While the work process handles one batch, the next is fetched and stored.
+            # Batches are filed (moved) and last_uid advanced strictly in order, each only
+            # after its own messages' outcomes are known.
+            waiting: _Stored | None = None
+            incomplete = False
+            try:
+                for start in range(0, len(uids), self.account.batch_size):
+                    stored = await self._store_batch(session, uids[start:start + self.account.batch_size])
+                    accepted += stored.accepted
+                    if waiting is not None:
+                        await self._file(session, waiting)
+                    waiting = None
+                    if stored.error is not None:
+                        # Act on what was committed before a later accept failed, so a
+                        # spool outage never makes us fetch again what is already stored.
+                        await self._file(session, stored)
+                        raise stored.error
+                    waiting = stored.await_outcomes(self._outcomes)
+                    incomplete = stored.incomplete
+                    if incomplete or (stop is not None and stop.is_set()):
+                        break  # never pass over a message: the next pass starts at last_uid
+            except BaseException:
+                if waiting is not None and waiting.outcomes is not None:
+                    waiting.outcomes.cancel()
+                raise
+            if waiting is not None:
+                await self._file(session, waiting)
+            if incomplete or (stop is not None and stop.is_set()):
+                return accepted
 
-    async def _batch(self, session: _Session, uids: list[int]) -> int:
+    async def _store_batch(self, session: _Session, uids: list[int]) -> _Stored:
+        """FETCH a batch and spool.accept each message. An accept failure is returned in
+        `error`, with what was stored before it, for the caller to file first."""
         a = self.account
         uv = session.uidvalidity
         sizes = await session.sizes(uids)
@@ -542,34 +590,39 @@ class ImapPoller:
             if u in sizes and sizes[u] > a.max_message_bytes:
                 await self._report_oversize(u, sizes[u])
         bodies = await session.bodies(fetchable) if fetchable else {}
-        stored: list[tuple[int, int, str | None]] = []  # (uid, inbound id, outcome if known)
+        batch = _Stored(uidvalidity=uv)
+        fetched: list[tuple[int, bytes]] = []
         position: int | None = None
-        accepted = 0
+        for uid in uids:
+            raw = bodies.get(uid)
+            if raw is None and uid in fetchable:
+                # It had a size but no body came back (a partial NO, a parse miss):
+                # stop here so the next pass fetches it again, never pass over it.
+                log.warning("imap %s: UID %s: no body in the FETCH reply; will retry", a.name, uid)
+                batch.incomplete = True
+                break
+            if raw is not None:
+                fetched.append((uid, raw))
+            position = uid  # or oversize (reported), or expunged by someone else meanwhile
         try:
-            for uid in uids:
-                raw = bodies.get(uid)
-                if raw is None:
-                    if uid in fetchable:
-                        # It had a size but no body came back (a partial NO, a parse miss):
-                        # stop here so the next pass fetches it again, never pass over it.
-                        log.warning("imap %s: UID %s: no body in the FETCH reply; will retry", a.name, uid)
-                        break
-                    # Oversize (reported), or expunged by someone else meanwhile.
-                    position = uid
-                    continue
-                inbound_id, duplicate, outcome = await asyncio.to_thread(self._accept, uv, uid, raw)
-                accepted += 0 if duplicate else 1
-                stored.append((uid, inbound_id, outcome))
-                position = uid
-        except Exception:
-            # Act on what was committed before a later accept failed, so a spool
-            # outage never makes us fetch again what is already stored.
-            await self._finish_batch(session, uv, await self._outcomes(stored), position)
-            raise
-        await self._finish_batch(session, uv, await self._outcomes(stored), position)
-        return accepted
+            stored = await asyncio.to_thread(self._accept_batch, uv, fetched)
+        except Exception as exc:
+            batch.error = exc  # nothing of this batch was stored
+            return batch
+        batch.items = stored
+        batch.accepted = sum(1 for *_, duplicate in stored if not duplicate)
+        batch.position = position
+        return batch
 
-    async def _outcomes(self, stored: list[tuple[int, int, str | None]]) -> list[_Item]:
+    async def _file(self, session: _Session, batch: _Stored) -> None:
+        """Move (or flag) a stored batch by its messages' outcomes, then advance last_uid."""
+        done = await (batch.outcomes if batch.outcomes is not None else self._outcomes(batch.items))
+        if done and not self.account.shadow:
+            await session.act(done)
+        if batch.position is not None:
+            await asyncio.to_thread(self._advance, batch.uidvalidity, batch.position)
+
+    async def _outcomes(self, stored: list[tuple[int, int, str | None, bool]]) -> list[_Item]:
         """The action for each stored message, by its outcome. The whole batch is waited for
         at once: the work process takes several messages per claim."""
         async def outcome_of(inbound_id: int, known: str | None) -> str | None:
@@ -577,15 +630,8 @@ class ImapPoller:
                 return known
             return await self._run_process(inbound_id)
 
-        outcomes = await asyncio.gather(*(outcome_of(i, o) for _, i, o in stored))
-        return [_Item(uid, self._action_for(o)) for (uid, _, _), o in zip(stored, outcomes, strict=True)]
-
-    async def _finish_batch(self, session: _Session, uv: int, done: list[_Item],
-                            position: int | None) -> None:
-        if done and not self.account.shadow:
-            await session.act(done)
-        if position is not None:
-            await asyncio.to_thread(self._advance, uv, position)
+        outcomes = await asyncio.gather(*(outcome_of(i, o) for _, i, o, _ in stored))
+        return [_Item(uid, self._action_for(o)) for (uid, _, _, _), o in zip(stored, outcomes, strict=True)]
 
     def _action_for(self, outcome: str | None) -> str:
         a = self.account
@@ -667,7 +713,7 @@ class ImapPoller:
                 return
             if row.uidvalidity is not None:
                 # The mailbox was recreated or restored: every UID may mean another
-                # message now. Rescan; _accept recognises mail it has seen by its bytes.
+                # message now. Rescan; _accept_batch recognises mail it has seen by its bytes.
                 log.warning("imap %s: UIDVALIDITY changed %s -> %s; rescanning %s",
                             self.account.name, row.uidvalidity, uidvalidity, self.account.folder)
             row.uidvalidity = uidvalidity
@@ -682,32 +728,40 @@ class ImapPoller:
                 row.last_uid = uid
                 s.add(row)
 
-    def _accept(self, uidvalidity: int, uid: int, raw: bytes) -> tuple[int, bool, str | None]:
-        """spool.accept, unless these exact bytes came from this account before.
+    def _accept_batch(self, uidvalidity: int,
+                      fetched: list[tuple[int, bytes]]) -> list[tuple[int, int, str | None, bool]]:
+        """spool.accept_batch of the messages whose exact bytes did not come from this
+        account before (a UIDVALIDITY change renumbers the same mail).
 
-        Returns (inbound id, duplicate, outcome if it was already processed).
+        Returns (uid, inbound id, outcome if it was already processed, duplicate) each.
         """
-        digest = hashlib.sha256(raw).hexdigest()
+        digests = {uid: hashlib.sha256(raw).hexdigest() for uid, raw in fetched}
         with session_scope(self.engine) as s:
-            prior = s.exec(select(Inbound).where(
-                Inbound.raw_sha256 == digest,
-                Inbound.source_key.startswith(self._key_prefix, autoescape=True),  # type: ignore[union-attr]
-            ).order_by(Inbound.id).limit(1)).first()  # type: ignore[arg-type]
-        if prior is None:
-            key = f"{self._key_prefix}{uidvalidity}:{uid}"
-            res = spool.accept(self.engine, self.blobs, raw, source="imap",
-                               queue=self.account.queue, source_key=key)
-            if not res.duplicate:
-                return res.inbound_id, False, None
-            with session_scope(self.engine) as s:
-                prior = s.get(Inbound, res.inbound_id)
-            assert prior is not None
-        assert prior.id is not None
-        if prior.state == "dead":
-            return prior.id, True, "dead"
-        if prior.state == "done":
-            return prior.id, True, prior.outcome or "done"
-        return prior.id, True, None
+            priors: dict[str, Inbound] = {}
+            for row in s.exec(select(Inbound).where(
+                    Inbound.raw_sha256.in_(set(digests.values())),  # type: ignore[attr-defined]
+                    Inbound.source_key.startswith(self._key_prefix, autoescape=True),  # type: ignore[union-attr]
+            ).order_by(Inbound.id)).all():  # type: ignore[arg-type]
+                priors.setdefault(row.raw_sha256, row)
+        new = [(uid, raw) for uid, raw in fetched if digests[uid] not in priors]
+        accepted = dict(zip((uid for uid, _ in new), spool.accept_batch(
+            self.engine, self.blobs, [(f"{self._key_prefix}{uidvalidity}:{uid}", raw) for uid, raw in new],
+            source="imap", queue=self.account.queue), strict=True))
+        out: list[tuple[int, int, str | None, bool]] = []
+        for uid, _ in fetched:
+            res = accepted.get(uid)
+            if res is not None and not res.duplicate:
+                out.append((uid, res.inbound_id, None, False))
+                continue
+            prior = priors.get(digests[uid])
+            if prior is None:
+                assert res is not None
+                with session_scope(self.engine) as s:
+                    prior = s.get(Inbound, res.inbound_id)
+            assert prior is not None and prior.id is not None
+            outcome = "dead" if prior.state == "dead" else (prior.outcome or "done") if prior.state == "done" else None
+            out.append((uid, prior.id, outcome, True))
+        return out
 
     def _record(self, ok_at: datetime | None, error: str | None) -> dict[str, Any]:
         with session_scope(self.engine) as s:
