@@ -111,3 +111,31 @@ def test_journal_drain_moves_each_row_once_even_after_a_crash_between_commits(rt
         found = session.exec(select(Inbound.source_key)).all()
     assert sorted(found) == sorted(keys)  # three rows, none twice
     journal.close()
+
+
+def test_accept_batch_is_one_commit_that_recognises_keys_it_has(rt: Runtime) -> None:
+    raws = [mail(subject=f"b{i}").as_bytes() for i in range(3)]
+    first = spool.accept_batch(rt.spool_engine, rt.blobs, [("imap:a:1:1", raws[0])], source="imap",
+                               queue="support@example.com")
+    assert [a.duplicate for a in first] == [False]
+    both = spool.accept_batch(rt.spool_engine, rt.blobs, [(f"imap:a:1:{i + 1}", raw) for i, raw in enumerate(raws)],
+                              source="imap", queue="support@example.com")
+    assert [a.duplicate for a in both] == [True, False, False]
+    assert both[0].inbound_id == first[0].inbound_id
+    with session_scope(rt.engine) as session:
+        rows = session.exec(select(Inbound).order_by(Inbound.id)).all()  # type: ignore[arg-type]
+        assert [r.source_key for r in rows] == ["imap:a:1:1", "imap:a:1:2", "imap:a:1:3"]
+        assert [r.id for r in rows] == [a.inbound_id for a in both]
+        assert [rt.blobs.get(r.raw_sha256) for r in rows] == raws
+        assert {r.queue for r in rows} == {"support@example.com"} and {r.state for r in rows} == {"queued"}
+
+
+def test_accept_batch_stores_none_of_the_batch_when_one_cannot_be_kept(rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_put(raw: bytes) -> str:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(rt.blobs, "put", broken_put)
+    with pytest.raises(spool.SpoolError):
+        spool.accept_batch(rt.spool_engine, rt.blobs, [("imap:a:1:1", b"x"), ("imap:a:1:2", b"y")], source="imap")
+    with session_scope(rt.engine) as session:
+        assert session.exec(select(Inbound)).all() == []
