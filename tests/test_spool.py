@@ -130,7 +130,8 @@ def test_accept_batch_is_one_commit_that_recognises_keys_it_has(rt: Runtime) -> 
         assert {r.queue for r in rows} == {"support@example.com"} and {r.state for r in rows} == {"queued"}
 
 
-def test_accept_batch_stores_none_of_the_batch_when_one_cannot_be_kept(rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_accept_batch_stores_none_of_the_batch_when_one_cannot_be_kept(
+        rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
     def broken_put(raw: bytes) -> str:
         raise OSError("disk full")
 
