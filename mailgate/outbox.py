@@ -10,20 +10,17 @@ exponential backoff until the row's deadline.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import logging
 import os
 import random
 import re
 import socket
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from email import policy
-from email.charset import QP, Charset
 from email.header import Header
-from email.message import Message
-from email.mime.multipart import MIMEMultipart
-from email.mime.text import MIMEText
 from email.utils import format_datetime, formataddr
 from pathlib import Path
 from typing import Any
@@ -40,8 +37,6 @@ from mailgate.store.tables import Outbox
 
 log = logging.getLogger(__name__)
 
-# CRLF, and lines up to 998 so that References and Message-IDs are never folded.
-WIRE_POLICY = policy.compat32.clone(linesep="\r\n", max_line_length=998)
 STALE_SENDING = timedelta(minutes=10)
 
 
@@ -53,13 +48,23 @@ class OutgoingMail:
     text: str
 
 
-def _utf8_qp() -> Charset:
-    cs = Charset("utf-8")
-    cs.body_encoding = QP  # readable in any mail source view, and no long lines
-    return cs
+def _qp_part(subtype: str, text: str) -> bytes:
+    """A text/SUBTYPE part in UTF-8, quoted-printable (readable in any mail source view, no
+    line over 76): binascii's encoder in C, about ten times faster than email.quoprimime."""
+    body = binascii.b2a_qp(text.replace("\r\n", "\n").encode("utf-8"), istext=True)
+    return (f'Content-Type: text/{subtype}; charset="utf-8"\r\n'
+            "Content-Transfer-Encoding: quoted-printable\r\n\r\n").encode() + body.replace(b"\n", b"\r\n")
 
 
-_BODY_CHARSET = _utf8_qp()
+def _mime_body(text: str, html: str | None) -> bytes:
+    """The MIME headers and body after our own headers: text, or text + HTML alternatives."""
+    if not html:
+        return b"MIME-Version: 1.0\r\n" + _qp_part("plain", text)
+    # "=_" never occurs in quoted-printable text, so the boundary cannot occur in the parts.
+    boundary = f"=_mg{uuid.uuid4().hex}"
+    return (f'MIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary="{boundary}"\r\n\r\n'
+            f"--{boundary}\r\n").encode() + _qp_part("plain", text) + (
+            f"\r\n--{boundary}\r\n").encode() + _qp_part("html", html) + f"\r\n--{boundary}--\r\n".encode()
 
 
 # A Message-ID we may repeat in In-Reply-To/References: printable ASCII only, so a CR or LF in
@@ -79,18 +84,12 @@ def compose(settings: Settings, *, to: str, subject: str, text: str, html: str |
     """The wire bytes of one outgoing mail. reply_base: whose plus form the Reply-To is
     (default the support address; the comment address for notes).
 
-    Built with the compat32 MIME classes and headers we format ourselves: about ten times
-    faster than EmailMessage's header objects, and Message-ID, In-Reply-To and References
-    stay on one unencoded line each (only Subject and the From display name are encoded).
+    Written directly rather than through the email package's generator (which cost about
+    1 ms per mail, most of the work process's time for a notice): Message-ID, In-Reply-To
+    and References stay on one unencoded line each (only Subject and the From display
+    name are encoded), and the parts are quoted-printable UTF-8.
     """
     hd = settings.helpdesk
-    body: Message
-    if html:
-        body = MIMEMultipart("alternative")
-        body.attach(MIMEText(text, "plain", _BODY_CHARSET))  # type: ignore[arg-type]
-        body.attach(MIMEText(html, "html", _BODY_CHARSET))  # type: ignore[arg-type]
-    else:
-        body = MIMEText(text, "plain", _BODY_CHARSET)  # type: ignore[arg-type]
     headers: list[tuple[str, str]] = [
         ("From", formataddr((one_line(from_name or hd.name, 100), hd.address), charset="utf-8")),
         ("To", to),
@@ -117,9 +116,22 @@ def compose(settings: Settings, *, to: str, subject: str, text: str, html: str |
                     ("Precedence", "bulk")]
     if ticket_number is not None:
         headers.append(("X-Mailgate-Ticket", str(ticket_number)))
-    for name, value in reversed(headers):
-        body._headers.insert(0, (name, value))  # ours first, MIME headers after
-    return body.as_bytes(policy=WIRE_POLICY)
+    return "".join(_header_line(name, value) for name, value in headers).encode("ascii") + _mime_body(text, html)
+
+
+def _header_line(name: str, value: str) -> str:
+    """`Name: value` CRLF. A line break in the value is kept only as a fold (followed by a
+    space, as Header.encode writes them); any other becomes a space, so no value can start
+    a header of its own. A line over 998 characters is folded at a space."""
+    lines = value.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    value = lines[0] + "".join(("\r\n" + ln) if ln[:1] in (" ", "\t") else (" " + ln) for ln in lines[1:])
+    out: list[str] = []
+    for line in f"{name}: {value}".split("\r\n"):
+        while len(line) > 998 and (cut := line.rfind(" ", 1, 998)) > 0:
+            out.append(line[:cut])
+            line = line[cut:]
+        out.append(line)
+    return "\r\n".join(out) + "\r\n"
 
 
 def enqueue(session: Session, settings: Settings, renderer: Renderer, *, template: str, to: str,

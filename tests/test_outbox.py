@@ -104,6 +104,19 @@ def test_crlf_in_ids_and_display_name_cannot_inject() -> None:
     assert not any(line.lower().startswith("bcc:") for line in header_lines(raw))
 
 
+def test_a_line_break_in_any_header_value_cannot_start_a_header() -> None:
+    raw, msg = composed(to="carol@customer.org\r\nBcc: x@evil.example", cc=["dan@customer.org\nBcc: y@evil.example"])
+    assert msg["Bcc"] is None
+    assert not any(line.lower().startswith("bcc:") for line in header_lines(raw))
+
+
+def test_a_references_line_over_998_characters_is_folded_between_ids() -> None:
+    refs = [f"r{i}.{'x' * 180}@customer.org" for i in range(10)]
+    raw, msg = composed(references=refs)
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+    assert msg["References"].split() == [f"<{r}>" for r in refs]
+
+
 def test_multipart_text_and_html() -> None:
     raw, msg = composed(text="Hello Carol\n", html="<p>Hello <b>Carol</b></p>")
     assert msg.get_content_type() == "multipart/alternative"
