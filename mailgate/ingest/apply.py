@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func
+from sqlalchemy import bindparam, func
 from sqlmodel import Session, select
 
 from mailgate.config import AssignmentRule, StatusDef
@@ -45,6 +45,14 @@ MAX_CC_FROM_HEADERS = 10  # a requester's Cc list, not a mailing list
 
 # --- small store helpers -------------------------------------------------------------
 
+# Built once (see pipeline: building a statement costs more than running it).
+_PARTICIPANT_EMAILS = select(Participant.email).where(Participant.ticket_id == bindparam("ticket"))
+_CONTACT_BY_EMAIL = select(Contact).where(Contact.email == bindparam("email"))
+_TICKETS_OPENED_BY_SINCE = select(func.count()).select_from(Ticket).join(
+    Contact, Contact.id == Ticket.requester_id).where(
+    Contact.email == bindparam("email"), Ticket.created_at > bindparam("since"))
+
+
 def add_event(session: Session, ticket: Ticket, actor: str, action: str, old: Any = None,
               new: Any = None, detail: str | None = None) -> None:
     session.add(Event(ticket_id=ticket.number, created_at=utcnow(), actor=actor, action=action,
@@ -54,7 +62,7 @@ def add_event(session: Session, ticket: Ticket, actor: str, action: str, old: An
 
 def ticket_members(session: Session, ticket: Ticket) -> set[str]:
     """Addresses that may write into the ticket: requester, CCs, assistants, owner."""
-    out = set(session.exec(select(Participant.email).where(Participant.ticket_id == ticket.number)).all())
+    out = set(session.exec(_PARTICIPANT_EMAILS, params={"ticket": ticket.number}).all())
     requester = session.get(Contact, ticket.requester_id)
     if requester is not None:
         out.add(requester.email)
@@ -64,7 +72,7 @@ def ticket_members(session: Session, ticket: Ticket) -> set[str]:
 
 
 def contact_for(rt: Runtime, session: Session, email: str, name: str = "") -> Contact:
-    contact = session.exec(select(Contact).where(Contact.email == email)).first()
+    contact = session.exec(_CONTACT_BY_EMAIL, params={"email": email}).first()
     if contact is None:
         contact = Contact(email=email, name=name[:200], created_at=utcnow())
         session.add(contact)
@@ -247,9 +255,7 @@ def create_ticket(ctx: Context, *, requester: str, requester_name: str, subject:
 
 
 def new_tickets_from_sender_last_hour(session: Session, sender: str, now: datetime) -> int:
-    return session.exec(select(func.count()).select_from(Ticket).join(
-        Contact, Contact.id == Ticket.requester_id).where(
-        Contact.email == sender, Ticket.created_at > now - timedelta(hours=1))).one()
+    return session.exec(_TICKETS_OPENED_BY_SINCE, params={"email": sender, "since": now - timedelta(hours=1)}).one()
 
 
 # --- the message, by who sent it ----------------------------------------------------------

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import case, func
+from sqlalchemy import bindparam, case, func
 from sqlmodel import Session, select
 
 from mailgate.domain import base_address, tagged_subject
@@ -24,6 +24,17 @@ from mailgate.store.engine import iso, utcnow
 from mailgate.store.tables import AutoReplyLog, Contact, Message, Outbox, Participant, Ticket
 
 log = logging.getLogger(__name__)
+
+
+# Built once (see pipeline: building a statement costs more than running it).
+_THREAD_IDS = select(Message.message_id).where(
+    Message.ticket_id == bindparam("ticket"), Message.message_id.is_not(None),  # type: ignore[union-attr]
+    Message.kind != "internal").order_by(Message.id)  # type: ignore[arg-type]
+_AUTO_REPLIES_SINCE = select(
+    func.count(), func.coalesce(func.sum(case((AutoReplyLog.sent_at > bindparam("hour_ago"), 1), else_=0)), 0),
+).where(AutoReplyLog.recipient == bindparam("recipient"), AutoReplyLog.sent_at > bindparam("day_ago"))
+_PARTICIPANTS_IN_ROLE = select(Participant.email).where(
+    Participant.ticket_id == bindparam("ticket"), Participant.role == bindparam("role"))
 
 
 def ticket_context(rt: Runtime, session: Session, ticket: Ticket) -> dict[str, Any]:
@@ -60,9 +71,7 @@ def helpdesk_context(rt: Runtime) -> dict[str, Any]:
 
 def thread_ids(session: Session, ticket: Ticket) -> list[str]:
     """Message-IDs for References: the ticket's first message and its latest ones."""
-    ids = session.exec(select(Message.message_id).where(
-        Message.ticket_id == ticket.number, Message.message_id.is_not(None),  # type: ignore[union-attr]
-        Message.kind != "internal").order_by(Message.id)).all()  # type: ignore[arg-type]
+    ids = session.exec(_THREAD_IDS, params={"ticket": ticket.number}).all()
     ids = [i for i in ids if i]
     return ids[:1] + ids[-8:] if len(ids) > 9 else ids
 
@@ -73,9 +82,8 @@ def loop_guard_allows(rt: Runtime, session: Session, recipient: str) -> bool:
         return False
     now = utcnow()
     hour_ago = now - timedelta(hours=1)
-    last_day, last_hour = session.exec(select(
-        func.count(), func.coalesce(func.sum(case((AutoReplyLog.sent_at > hour_ago, 1), else_=0)), 0),
-    ).where(AutoReplyLog.recipient == recipient, AutoReplyLog.sent_at > now - timedelta(days=1))).one()
+    last_day, last_hour = session.exec(_AUTO_REPLIES_SINCE, params={
+        "recipient": recipient, "day_ago": now - timedelta(days=1), "hour_ago": hour_ago}).one()
     return last_hour < hd.auto_reply_limit_per_hour and last_day < hd.auto_reply_limit_per_day
 
 
@@ -162,8 +170,7 @@ def send(rt: Runtime, session: Session, *, ticket: Ticket | None, template: str,
 def requester_and_cc(session: Session, ticket: Ticket) -> list[str]:
     requester = session.get(Contact, ticket.requester_id)
     out = [requester.email] if requester and requester.email else []
-    out += session.exec(select(Participant.email).where(
-        Participant.ticket_id == ticket.number, Participant.role == "cc")).all()
+    out += session.exec(_PARTICIPANTS_IN_ROLE, params={"ticket": ticket.number, "role": "cc"}).all()
     return list(dict.fromkeys(out))
 
 
@@ -171,8 +178,7 @@ def ticket_agents(rt: Runtime, session: Session, ticket: Ticket, *,
                   unowned: Sequence[str] = ()) -> list[str]:
     """Owner and assistants; without either, `unowned` (the queue's group, see apply)."""
     out: list[str] = [ticket.owner] if ticket.owner else []
-    out += session.exec(select(Participant.email).where(
-        Participant.ticket_id == ticket.number, Participant.role == "assistant")).all()
+    out += session.exec(_PARTICIPANTS_IN_ROLE, params={"ticket": ticket.number, "role": "assistant"}).all()
     if not out:
         out = list(unowned)
     return list(dict.fromkeys(out))
