@@ -123,7 +123,8 @@ def test_requester_templates_get_a_whitelist_and_refuse_internal_messages(workdi
                             extra={"old_status": "new", "hijack_notice": None})
         assert session.exec(select(Outbox)).all() == []
         # agents' templates may show it
-        row = notify.send(rt, session, ticket=ticket, template="agent/note", to="bob@example.com", message=note)
+        row_id = notify.send(rt, session, ticket=ticket, template="agent/note", to="bob@example.com", message=note)
+        row = session.get(Outbox, row_id)
         assert row is not None and b"PRIV-MARKER" in row.raw
 
 

@@ -14,19 +14,20 @@ from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, case, func
+from sqlalchemy import bindparam, case, func, insert
 from sqlmodel import Session, select
 
 from mailgate.domain import base_address, tagged_subject
 from mailgate.outbox import enqueue
 from mailgate.runtime import Runtime
 from mailgate.store.engine import iso, utcnow
-from mailgate.store.tables import AutoReplyLog, Contact, Message, Outbox, Participant, Ticket
+from mailgate.store.tables import AutoReplyLog, Contact, Message, Participant, Ticket
 
 log = logging.getLogger(__name__)
 
 
 # Built once (see pipeline: building a statement costs more than running it).
+_INSERT_AUTO_REPLY = insert(AutoReplyLog.__table__)  # type: ignore[attr-defined]
 _THREAD_IDS = select(Message.message_id).where(
     Message.ticket_id == bindparam("ticket"), Message.message_id.is_not(None),  # type: ignore[union-attr]
     Message.kind != "internal").order_by(Message.id)  # type: ignore[arg-type]
@@ -120,8 +121,9 @@ def send(rt: Runtime, session: Session, *, ticket: Ticket | None, template: str,
          in_reply_to: str | None = None, automatic: bool = True, from_name: str | None = None,
          record_kind: str | None = None, hits: list[dict[str, Any]] | None = None,
          reply_base: str | None = None, guard: bool | None = None,
-         references: Sequence[str] | None = None) -> Outbox | None:
-    """Queue one mail about `ticket` (None: about no ticket) to `to`.
+         references: Sequence[str] | None = None) -> int | None:
+    """Queue one mail about `ticket` (None: about no ticket) to `to`; its outbox row id,
+    or None if the loop guard held it back.
 
     record_kind: also keep it as a ticket message. reply_base: the address whose
     plus form goes into Reply-To instead of the support address (the comment
@@ -149,22 +151,22 @@ def send(rt: Runtime, session: Session, *, ticket: Ticket | None, template: str,
         **(extra or {}),
     }
     number = ticket.number if ticket is not None else None
-    row, mail = enqueue(session, rt.settings, rt.renderer, template=template, to=to, context=context,
+    outbox_id, mail = enqueue(session, rt.settings, rt.renderer, template=template, to=to, context=context,
                         ticket_number=number, in_reply_to=in_reply_to,
                         references=references if references is not None
                         else thread_ids(session, ticket) if ticket is not None else (),
                         automatic=automatic, from_name=from_name, reply_base=reply_base)
     if guarded:
-        session.add(AutoReplyLog(recipient=to, sent_at=utcnow()))
+        # Appended with Core, like the outbox row: only ever counted, never an object.
+        session.connection().execute(_INSERT_AUTO_REPLY, {"recipient": to, "sent_at": utcnow()})
     if record_kind is not None and ticket is not None:
-        session.flush()  # the row's id, for the message that records it
         session.add(Message(
-            ticket_id=ticket.number, outbox_id=row.id, kind=record_kind, direction="out",
+            ticket_id=ticket.number, outbox_id=outbox_id, kind=record_kind, direction="out",
             from_addr=hd.address, from_name=from_name or hd.name,
             to_addrs=to, subject=mail.subject, text=mail.text, full_text=mail.text,
             message_id=mail.message_id, in_reply_to=in_reply_to, created_at=utcnow(),
         ))
-    return row
+    return outbox_id
 
 
 def requester_and_cc(session: Session, ticket: Ticket) -> list[str]:
