@@ -6,8 +6,11 @@ Sends the same N real messages from ../shared/corpus/spamassassin over C
 connections to (a) an aiosmtpd server whose handler only answers 250 and
 (b) `mailgate run` on SQLite (spam filter on, outgoing mail to a maildir).
 Prints messages/s for both, the ratio, p50/p99 accept latency (end of DATA
-to 250), the time until the last ticket was committed, and the daemon's
-peak RSS. Run by hand; never in CI.
+to 250), the time until the last ticket was committed, the daemon's memory
+(peak PSS summed over its processes, sampled every 50 ms: the memory it
+holds, pages shared after the parse helper's fork counted once; and each
+process's peak RSS, which counts those pages in each) and the CPU time of
+each process. Run by hand; never in CI.
 """
 
 from __future__ import annotations
