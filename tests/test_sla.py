@@ -203,6 +203,12 @@ def test_due_times_by_tier() -> None:
     assert rt.due_times("gold", "normal", start) is None  # type: ignore[attr-defined]
 
 
+def _no_store() -> object:
+    """Stands in for a Session: set_status adds the ticket and appends an event (Core)."""
+    return SimpleNamespace(add=lambda obj: None,
+                           connection=lambda: SimpleNamespace(execute=lambda statement, params: None))
+
+
 def _paused_ticket(paused_at: datetime, first_due: datetime, resolution_due: datetime) -> object:
     from mailgate.store.tables import Ticket
 
@@ -215,7 +221,7 @@ def _resume(monkeypatch: pytest.MonkeyPatch, ticket: object, now: datetime) -> s
     from mailgate.ingest import apply
 
     monkeypatch.setattr(apply, "utcnow", lambda: now)
-    session = SimpleNamespace(add=lambda obj: None)
+    session = _no_store()
     rt = _runtime(_settings())
     return apply.set_status(rt, session, ticket, "open", "cli")  # type: ignore[arg-type]
 
@@ -230,7 +236,7 @@ def test_pending_stops_the_clock_and_open_resumes_it(monkeypatch: pytest.MonkeyP
                     first_response_due=utc(2026, 3, 2, 14), resolution_due=utc(2026, 3, 4, 10))
     monkeypatch.setattr(apply, "utcnow", lambda: t0)
     rt = _runtime(_settings())
-    session = SimpleNamespace(add=lambda obj: None)
+    session = _no_store()
     assert apply.set_status(rt, session, ticket, "pending", "cli") == "open"  # type: ignore[arg-type]
     assert ticket.sla_paused_at == t0
     assert apply.set_status(rt, session, ticket, "on-hold", "cli") == "pending"  # type: ignore[arg-type]
