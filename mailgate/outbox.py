@@ -124,6 +124,10 @@ def _header_line(name: str, value: str) -> str:
     """`Name: value` CRLF. A line break in the value is kept only as a fold (followed by a
     space, as Header.encode writes them); any other becomes a space, so no value can start
     a header of its own. A line over 998 characters is folded at a space."""
+    if not value.isascii():
+        # An address read from mail may hold non-ASCII characters: as an RFC 2047 word
+        # the header stays ASCII, as the email package's generator wrote it.
+        value = _header_text(value)
     lines = value.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     value = lines[0] + "".join(("\r\n" + ln) if ln[:1] in (" ", "\t") else (" " + ln) for ln in lines[1:])
     out: list[str] = []

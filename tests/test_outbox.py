@@ -117,6 +117,14 @@ def test_a_references_line_over_998_characters_is_folded_between_ids() -> None:
     assert msg["References"].split() == [f"<{r}>" for r in refs]
 
 
+@pytest.mark.parametrize("to", ["d\xe4ni\xa6l@customer.org", "Ünïcode <ü@example.org>"])
+def test_a_non_ascii_recipient_still_makes_an_ascii_mail(to: str) -> None:
+    # The corpus has senders like these; the confirmation to them must not fail the message.
+    raw, msg = composed(to=to)
+    assert raw.isascii()
+    assert msg["To"] is not None and msg["Message-ID"] == "<mg.7.abc@example.com>"
+
+
 def test_multipart_text_and_html() -> None:
     raw, msg = composed(text="Hello Carol\n", html="<p>Hello <b>Carol</b></p>")
     assert msg.get_content_type() == "multipart/alternative"
