@@ -162,12 +162,16 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).mallopt(-8, arenas)  # M_ARENA_MAX
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM us when the main process dies, even by SIGKILL, so no orphan works on."""
+def _die_with_parent(parent_pid: int | None) -> None:
+    """Linux: SIGTERM us when the main process dies, even by SIGKILL, so no orphan works on.
+    The kernel only signals deaths after the request: a main process that died while we
+    were starting has already left us to init, so check for that once, afterwards."""
     with contextlib.suppress(Exception):
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if parent_pid is not None and os.getppid() != parent_pid:
+        raise SystemExit("mailgate work process: the main process is gone")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--parent-pid", type=int, default=None, help="the `mailgate run` to wake (SIGUSR2)")
     args = parser.parse_args(argv)
-    _die_with_parent()
+    _die_with_parent(args.parent_pid)
     limit_malloc_arenas()
     # The spam model's numpy needs no BLAS threads, and the parse-ahead helpers are forked
     # from this process: it should have a single thread then. Set before numpy is imported.

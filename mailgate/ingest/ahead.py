@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import multiprocessing
+import os
 import signal
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import TYPE_CHECKING
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 _runtime: Runtime | None = None  # in a helper: the work process's, inherited by fork
 
 
-def _helper_start(rt: Runtime) -> None:
+def _helper_start(rt: Runtime, work_pid: int) -> None:
     global _runtime
     _runtime = rt
     # The work process decides when its helpers stop (it shuts the pool down when it
@@ -43,6 +44,8 @@ def _helper_start(rt: Runtime) -> None:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != work_pid:  # it died before the request above: nobody would kill us
+        os._exit(1)
 
 
 def _started() -> bool:
@@ -62,7 +65,7 @@ class ParseAhead:
 
     def __init__(self, rt: Runtime, processes: int) -> None:
         self.pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
-                                        initializer=_helper_start, initargs=(rt,))
+                                        initializer=_helper_start, initargs=(rt, os.getpid()))
         # With fork, the pool starts every helper at the first submit: do it now, while the
         # caller has one thread, and fail here rather than on the first message.
         if not self.pool.submit(_started).result():
