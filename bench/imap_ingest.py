@@ -178,7 +178,7 @@ def counts(config: Path) -> tuple[int, int, int]:
     return int(total), int(done), int(tickets)
 
 
-def wait_processed(config: Path, n: int, t0: float, timeout: float = 600) -> tuple[float, float, int]:
+def wait_processed(config: Path, n: int, t0: float, timeout: float = 180) -> tuple[float, float, int]:
     """Seconds from t0 until all n are accepted, until all are processed; tickets made."""
     accepted_at = None
     while True:
@@ -188,7 +188,13 @@ def wait_processed(config: Path, n: int, t0: float, timeout: float = 600) -> tup
         if done >= n:
             return accepted_at or time.perf_counter() - t0, time.perf_counter() - t0, tickets
         if time.perf_counter() - t0 > timeout:
-            raise SystemExit(f"timed out: {total} accepted, {done} processed of {n}")
+            con = sqlite3.connect(config.parent / "mailgate.db", timeout=10)
+            stuck = con.execute("select id, state, attempts, claimed_by, claimed_at, next_attempt_at, "
+                                "substr(last_error, 1, 300) from inbound where state not in ('done','dead')").fetchall()
+            con.close()
+            log = (config.parent / "daemon.log")
+            raise SystemExit(f"timed out: {total} accepted, {done} processed of {n}; not processed: {stuck}\n"
+                             + (log.read_text()[-3000:] if log.exists() else ""))
         time.sleep(0.1)
 
 
