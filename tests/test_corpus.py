@@ -50,3 +50,17 @@ def test_every_corpus_message_ends_somewhere_known(corpus: Path, workdir: Path) 
     # Re-importing the same folder is idempotent.
     again = json.loads(cli(cfg, "import", str(corpus / "hard-ham-1"), "--json", timeout=600).stdout)
     assert again == {"already imported": 250}
+
+
+def test_corpus_spam_with_the_filter_off_is_answered_without_a_failure(corpus: Path, workdir: Path) -> None:
+    # With the filter on, the strangest senders of the corpus are quarantined and never
+    # answered; with it off each gets a confirmation, which must not fail the message
+    # (a non-ASCII address once made composing it raise, and the message was retried).
+    cfg = write_config(workdir, spam_enabled=False)
+    out = json.loads(cli(cfg, "import", str(corpus / "spam-1"), "--json", timeout=600).stdout)
+    assert sum(out.values()) == 500 and "quarantined" not in out, out
+    db = sqlite3.connect(workdir / "mailgate.db")
+    unfinished = db.execute("select id, state, substr(last_error, 1, 200) from inbound "
+                            "where state != 'done' or last_error is not null").fetchall()
+    assert unfinished == []
+    assert db.execute("select count(*) from outbox where template = 'requester/created'").fetchone()[0] >= 400
