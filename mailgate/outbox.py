@@ -43,7 +43,8 @@ _INSERT_OUTBOX = insert(Outbox.__table__)  # type: ignore[attr-defined]
 
 @dataclass(frozen=True)
 class OutgoingMail:
-    raw: bytes
+    """What the caller of enqueue keeps of a queued mail (the bytes are in the outbox row)."""
+
     message_id: str
     subject: str
     text: str
@@ -162,8 +163,8 @@ def enqueue(session: Session, settings: Settings, renderer: Renderer, *, templat
         "next_attempt_at": now, "deadline": now + timedelta(hours=settings.outbound.deadline_hours),
         "created_at": now,
     })
-    return inserted.inserted_primary_key[0], OutgoingMail(raw=raw, message_id=message_id, subject=rendered.subject,
-                             text=rendered.text)
+    return inserted.inserted_primary_key[0], OutgoingMail(message_id=message_id, subject=rendered.subject,
+                                                          text=rendered.text)
 
 
 # --- delivery ------------------------------------------------------------------
