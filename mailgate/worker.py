@@ -20,7 +20,7 @@ import signal
 import sys
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from mailgate import spool
 from mailgate.config import Settings
@@ -79,8 +79,7 @@ class IngestWorker:
             except BrokenProcessPool:
                 # A message may have crashed the helper. Exit: the main process restarts us
                 # and the messages we held are retried, one at a time (spool.claim_batch).
-                log.error("a parse-ahead helper process died: the work process exits to be restarted")
-                raise SystemExit(HELPER_DIED_EXIT) from None
+                _helper_died()
             except Exception:  # the database itself is failing: back off, never crash-loop
                 log.exception("ingest worker pass failed")
                 results = []
@@ -94,6 +93,11 @@ class IngestWorker:
                                return_when=asyncio.FIRST_COMPLETED)
             for w in waits:
                 w.cancel()
+
+
+def _helper_died() -> NoReturn:
+    log.error("a parse-ahead helper process died: the work process exits to be restarted")
+    raise SystemExit(HELPER_DIED_EXIT)
 
 
 def start_work(settings: Settings) -> tuple[Runtime, ParseAhead | None]:
@@ -115,7 +119,9 @@ def start_work(settings: Settings) -> tuple[Runtime, ParseAhead | None]:
     # Objects that exist now live as long as the process: keep the collector from writing
     # to them, so the helpers' copies of their pages stay shared with ours.
     gc.freeze()
-    return rt, ParseAhead(rt, processes)
+    ahead = ParseAhead(rt, processes)
+    log.info("%d parse-ahead helper process(es) started", processes)
+    return rt, ahead
 
 
 async def work(rt: Runtime, ahead: ParseAhead | None, parent_pid: int | None = None) -> None:
@@ -202,7 +208,10 @@ def main(argv: list[str] | None = None) -> None:
     # Accepting mail is what a sender waits for; processing can lag a little behind.
     with contextlib.suppress(OSError):
         os.nice(5)
-    rt, ahead = start_work(settings)
+    try:
+        rt, ahead = start_work(settings)
+    except BrokenProcessPool:  # the helper died while it was starting
+        _helper_died()
     asyncio.run(work(rt, ahead, args.parent_pid))
 
 

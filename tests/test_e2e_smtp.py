@@ -323,6 +323,9 @@ def test_a_killed_parse_helper_restarts_the_work_process_and_nothing_is_lost(dae
                     return int(work), int(helpers[0])
         return None
 
+    # Once it is running (a helper that dies while the work process starts is the same
+    # story, told from start-up instead).
+    wait_until(lambda: "parse-ahead helper process(es) started" in daemon.log.read_text())
     first = wait_until(pids)
     os.kill(first[1], _signal.SIGKILL)  # as a message that crashed the interpreter would
     for i in range(3):
