@@ -33,7 +33,7 @@ import shlex
 import ssl
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -89,13 +89,7 @@ class _Stored:
     position: int | None = None  # last_uid once the batch is filed
     accepted: int = 0
     incomplete: bool = False  # a body was missing: the rest waits for the next search
-    error: Exception | None = None
-    outcomes: asyncio.Task[list[_Item]] | None = None
-
-    def await_outcomes(self, outcomes: Callable[[list[tuple[int, int, str | None, bool]]],
-                                                 Coroutine[Any, Any, list[_Item]]]) -> _Stored:
-        self.outcomes = asyncio.create_task(outcomes(self.items))
-        return self
+    outcomes: asyncio.Task[list[_Item]] | None = None  # set once stored
 
 
 # ---------------------------------------------------------------- credentials
@@ -556,17 +550,21 @@ class ImapPoller:
             incomplete = False
             try:
                 for start in range(0, len(uids), self.account.batch_size):
-                    stored = await self._store_batch(session, uids[start:start + self.account.batch_size])
+                    try:
+                        stored = await self._store_batch(session, uids[start:start + self.account.batch_size])
+                    except Exception:
+                        # File what was committed before, so a spool outage never makes us
+                        # fetch it again; the error that stopped us is the one to report.
+                        if waiting is not None:
+                            with contextlib.suppress(Exception):
+                                await self._file(session, waiting)
+                            waiting = None
+                        raise
                     accepted += stored.accepted
                     if waiting is not None:
                         await self._file(session, waiting)
-                    waiting = None
-                    if stored.error is not None:
-                        # Act on what was committed before a later accept failed, so a
-                        # spool outage never makes us fetch again what is already stored.
-                        await self._file(session, stored)
-                        raise stored.error
-                    waiting = stored.await_outcomes(self._outcomes)
+                    stored.outcomes = asyncio.create_task(self._outcomes(stored.items))
+                    waiting = stored
                     incomplete = stored.incomplete
                     if incomplete or (stop is not None and stop.is_set()):
                         break  # never pass over a message: the next pass starts at last_uid
@@ -580,8 +578,7 @@ class ImapPoller:
                 return accepted
 
     async def _store_batch(self, session: _Session, uids: list[int]) -> _Stored:
-        """FETCH a batch and spool.accept each message. An accept failure is returned in
-        `error`, with what was stored before it, for the caller to file first."""
+        """FETCH a batch and store it with one commit (all or nothing: raises SpoolError)."""
         a = self.account
         uv = session.uidvalidity
         sizes = await session.sizes(uids)
@@ -604,11 +601,7 @@ class ImapPoller:
             if raw is not None:
                 fetched.append((uid, raw))
             position = uid  # or oversize (reported), or expunged by someone else meanwhile
-        try:
-            stored = await asyncio.to_thread(self._accept_batch, uv, fetched)
-        except Exception as exc:
-            batch.error = exc  # nothing of this batch was stored
-            return batch
+        stored = await asyncio.to_thread(self._accept_batch, uv, fetched)
         batch.items = stored
         batch.accepted = sum(1 for *_, duplicate in stored if not duplicate)
         batch.position = position
@@ -616,7 +609,8 @@ class ImapPoller:
 
     async def _file(self, session: _Session, batch: _Stored) -> None:
         """Move (or flag) a stored batch by its messages' outcomes, then advance last_uid."""
-        done = await (batch.outcomes if batch.outcomes is not None else self._outcomes(batch.items))
+        assert batch.outcomes is not None
+        done = await batch.outcomes
         if done and not self.account.shadow:
             await session.act(done)
         if batch.position is not None:
