@@ -19,10 +19,19 @@ Design notes (why, not what):
   smaller spam class from turning every rare ham word into a strong vote.
   Ignoring absent tokens matters for hashed features: absence of 2^18
   columns is no evidence of anything.
-* Scoring is done here with numpy (a single contiguous log-odds vector and a
-  gather-sum) rather than through ``predict_proba``, which copies the full
-  weight matrix on every call; training and incremental learning still go
-  through scikit-learn (``BernoulliNB.partial_fit``).
+* Only the ``SCORE_TOKENS`` (15) most decisive tokens of a message vote: the
+  ones whose log-odds are largest in magnitude (Graham's "A Plan for Spam"
+  rule). Summing every token treats hundreds of correlated words as
+  independent evidence, so a long message gets an absurd score (-3000 for
+  a long spam full of ordinary English words, +15 for a long newsletter)
+  and ranking suffers. In time-ordered validation inside the training part
+  (3 folds) this raised the ROC AUC from 0.917 to 0.977 and, at threshold
+  0.9, cut ham false positives from 2 to 1 of 1650 with spam recall 0.62
+  -> 0.66. The counts, the file and learning are unchanged; only scoring.
+* Scoring is done here with numpy (a single contiguous log-odds vector, a
+  gather and a partial sort) rather than through ``predict_proba``, which
+  copies the full weight matrix on every call; training and incremental
+  learning still go through scikit-learn (``BernoulliNB.partial_fit``).
 * The model file is ``.npz`` with plain numeric arrays and a JSON header
   stored as bytes, loaded with ``allow_pickle=False`` and checked strictly:
   a model file can arrive from anywhere (a backup, a colleague) and must
@@ -61,6 +70,7 @@ __all__ = [
     "DEFAULT_N_FEATURES",
     "FEATURE_VERSION",
     "FORMAT_VERSION",
+    "SCORE_TOKENS",
     "ModelError",
     "SpamModel",
     "SpamScore",
@@ -77,9 +87,15 @@ FORMAT_NAME = "mailgate-spam-model"
 
 DEFAULT_N_FEATURES = 2**18
 # Chosen by tools/train_default_model.py on the training part of the corpus,
-# validated by time (fit on older mail, test on newer): best accuracy with
-# ham false positives at most 0.5%. sklearn's 1.0 flags 6% of ham here.
-DEFAULT_ALPHA = 0.03
+# validated by time (three forward folds: fit on older mail, test on newer):
+# best accuracy with ham false positives at most 0.25%. sklearn's 1.0 flags
+# about 5% of ham here.
+DEFAULT_ALPHA = 0.05
+
+# How many tokens vote in a score: the most decisive ones (largest |log-odds|).
+# A scoring rule, not part of the file: counts learned under any value load
+# and score the same way.
+SCORE_TOKENS = 15
 
 # Hostile-file limits: a zip member can claim any uncompressed size, so the
 # declared sizes are checked before anything is decompressed.
@@ -580,7 +596,12 @@ class SpamModel:
         return _hash_tokens(extract_tokens(raw, msg), self._n_features)
 
     def log_odds(self, columns: np.ndarray) -> float:
-        return float(self._bias + self._weights[columns].sum())
+        """Prior log-odds plus the evidence of the SCORE_TOKENS most decisive columns."""
+        w = self._weights[columns]
+        n = len(w)
+        if n > SCORE_TOKENS:
+            w = w[np.argpartition(np.abs(w), n - SCORE_TOKENS)[n - SCORE_TOKENS :]]
+        return float(self._bias + w.sum())
 
     def score_bytes(self, raw: bytes, threshold: float, msg: Message | None = None) -> SpamScore:
         return self.score_columns(self.vectorize(raw, msg), threshold)
@@ -636,9 +657,10 @@ class SpamModel:
     def to_sklearn(self) -> BernoulliNB:
         """The fitted scikit-learn estimator holding the same counts.
 
-        Its ``predict_proba`` also counts absent columns as evidence, so its
-        probabilities differ from ``score_bytes``; it is what ``partial_fit``
-        runs on and the speed reference in bench/spam.py.
+        Its ``predict_proba`` also counts absent columns as evidence and sums
+        every present column, so its probabilities differ from ``score_bytes``;
+        it is what ``partial_fit`` runs on and the speed reference in
+        bench/spam.py.
         """
         # Imported here: scoring needs numpy only, and scipy + scikit-learn add ~90 MB
         # to every process that merely scores.

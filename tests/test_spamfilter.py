@@ -116,15 +116,33 @@ def test_meta_fields(trained) -> None:
 
 
 def test_scores_match_numpy_reference(trained) -> None:
-    """The fast path is the presence-only NB log-odds computed from the counts."""
-    model, ham, _ = trained
+    """The fast path is the presence-only NB log-odds of the most decisive tokens."""
+    model, ham, spam = trained
     nb = model.to_sklearn()
     flp = nb.feature_log_prob_
     w = flp[1] - flp[0]
     w[nb.feature_count_.sum(axis=0) == 0] = 0
     bias = np.log(nb.class_count_[1] / nb.class_count_[0])
-    cols = model.vectorize(ham[0])
-    assert model.log_odds(cols) == pytest.approx(bias + w[cols].sum())
+    for raw in (ham[0], spam[0]):
+        cols = model.vectorize(raw)
+        assert len(cols) > spamfilter.SCORE_TOKENS
+        top = sorted(w[cols], key=abs, reverse=True)[: spamfilter.SCORE_TOKENS]
+        assert model.log_odds(cols) == pytest.approx(bias + sum(top))
+
+
+def test_few_tokens_all_vote(trained) -> None:
+    model, ham, _ = trained
+    cols = model.vectorize(ham[0])[: spamfilter.SCORE_TOKENS - 3]
+    assert model.log_odds(cols) == pytest.approx(model._bias + model._weights[cols].sum())
+
+
+def test_evidence_is_bounded_by_the_top_tokens(trained) -> None:
+    """However long the message, the score moves by at most its strongest clues."""
+    model, _, spam = trained
+    cols = model.vectorize(spam[0])
+    w = model._weights
+    strongest = np.sort(np.abs(w[cols]))[::-1][: spamfilter.SCORE_TOKENS]
+    assert abs(model.log_odds(cols) - model._bias) <= strongest.sum() + 1e-9
 
 
 def test_learn_as_spam_raises_score(trained, tmp_path: Path) -> None:
