@@ -7,13 +7,17 @@ Run from the repository root:
 Steps, in this order so that the held-out part never influences a choice:
 
 1. Split each corpus folder by file name: first 80% train, last 20% held out.
-2. Choose alpha on the train part only, by time: train on the first 60% of
-   each folder, validate on 60-80%. The model is judged on later mail, and
-   a shuffled cross-validation lets newsletters from one sender sit in both
-   folds, which flatters recall and hides false positives. The choice is the
-   best validation accuracy among the alphas whose ham false-positive rate
-   is at most 0.5% (quarantining a customer's mail costs more than a missed
-   spam).
+2. Choose alpha on the train part only, by time, in three forward folds of
+   each folder: fit 0-20% -> validate 20-40%, fit 0-40% -> 40-60%, fit
+   0-60% -> 60-80%, validation results pooled (1650 ham, 300 spam; one
+   60-80% fold alone has 550 ham, where one message is 0.18 points of false
+   positives). The model is judged on later mail, and a shuffled
+   cross-validation lets newsletters from one sender sit in both folds,
+   which flatters recall and hides false positives. The choice is the best
+   pooled validation accuracy among the alphas whose ham false-positive rate
+   is at most 0.25%: half the issue's 0.5% ceiling, kept as a margin
+   because later mail drifts (quarantining a customer's mail costs more
+   than a missed spam).
 3. Train on the train part, report the held-out metrics.
 4. Train on the whole corpus with the same alpha, save the model, write the card.
 """
@@ -34,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mailgate.spamfilter import (  # noqa: E402  (runs from a checkout, not installed)
+    SCORE_TOKENS,
     SpamModel,
     evaluate,
 )
@@ -41,7 +46,9 @@ from mailgate.spamfilter import (  # noqa: E402  (runs from a checkout, not inst
 HAM_FOLDERS = ("easy-ham-1", "hard-ham-1")
 SPAM_FOLDERS = ("spam-1",)
 ALPHAS = (0.01, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 1.0)
-MAX_CV_FP_RATE = 0.005
+MAX_CV_FP_RATE = 0.0025
+# (fit below, validate from, validate below), as fractions of each folder by file name.
+FOLDS = ((0.2, 0.2, 0.4), (0.4, 0.4, 0.6), (0.6, 0.6, 0.8))
 THRESHOLDS = (0.5, 0.9)
 
 
@@ -50,19 +57,26 @@ def folder_files(folder: Path) -> list[Path]:
 
 
 def validate(
-    train: Sequence[tuple[np.ndarray, bool]],
-    valid: Sequence[tuple[np.ndarray, bool]],
-    alpha: float,
-    threshold: float,
+    rows: Sequence[tuple[float, np.ndarray, bool]], alpha: float, threshold: float
 ) -> dict[str, float]:
-    model = SpamModel.empty(alpha=alpha)
-    model.fit_columns(train)
-    labels = np.array([is_spam for _, is_spam in valid])
-    predicted = np.array([model.score_columns(cols, threshold).is_spam for cols, _ in valid])
+    """Pooled forward-fold validation; rows are (position in folder 0..1, columns, is_spam)."""
+    predicted: list[bool] = []
+    labels: list[bool] = []
+    for fit_below, lo, hi in FOLDS:
+        model = SpamModel.empty(alpha=alpha)
+        model.fit_columns((cols, is_spam) for pos, cols, is_spam in rows if pos < fit_below)
+        for pos, cols, is_spam in rows:
+            if lo <= pos < hi:
+                predicted.append(model.score_columns(cols, threshold).is_spam)
+                labels.append(is_spam)
+    p, y = np.array(predicted), np.array(labels)
     return {
-        "accuracy": float((predicted == labels).mean()),
-        "ham_false_positive_rate": float(predicted[~labels].mean()),
-        "spam_recall": float(predicted[labels].mean()),
+        "accuracy": float((p == y).mean()),
+        "ham_false_positive_rate": float(p[~y].mean()),
+        "spam_recall": float(p[y].mean()),
+        "ham_false_positives": int(p[~y].sum()),
+        "n_ham": int((~y).sum()),
+        "n_spam": int(y.sum()),
     }
 
 
@@ -76,20 +90,20 @@ def main() -> int:
     args = parser.parse_args()
 
     vectorizer = SpamModel.empty()
-    fit_part: list[tuple[np.ndarray, bool]] = []
-    valid_part: list[tuple[np.ndarray, bool]] = []
+    train_part: list[tuple[float, np.ndarray, bool]] = []
     held: dict[str, list[Path]] = {}
     for name in HAM_FOLDERS + SPAM_FOLDERS:
         files = folder_files(args.corpus / name)
-        n60, n80 = int(len(files) * 0.6), int(len(files) * 0.8)
-        rows = [(vectorizer.vectorize(p.read_bytes()), name in SPAM_FOLDERS) for p in files[:n80]]
-        fit_part += rows[:n60]
-        valid_part += rows[n60:]
+        n80 = int(len(files) * 0.8)
+        train_part += [
+            (i / len(files), vectorizer.vectorize(p.read_bytes()), name in SPAM_FOLDERS)
+            for i, p in enumerate(files[:n80])
+        ]
         held[name] = files[n80:]
 
     cv: dict[float, dict[str, float]] = {}
     for alpha in ALPHAS:
-        cv[alpha] = validate(fit_part, valid_part, alpha, args.threshold)
+        cv[alpha] = validate(train_part, alpha, args.threshold)
         rounded = {k: round(v, 4) for k, v in cv[alpha].items()}
         print(f"valid alpha={alpha:<5} {json.dumps(rounded)}")
     allowed = [a for a in ALPHAS if cv[a]["ham_false_positive_rate"] <= MAX_CV_FP_RATE]
@@ -97,7 +111,7 @@ def main() -> int:
     print(f"chosen alpha={alpha}")
 
     model = SpamModel.empty(alpha=alpha)
-    model.fit_columns(fit_part + valid_part)
+    model.fit_columns((cols, is_spam) for _, cols, is_spam in train_part)
     ham_held = [p.read_bytes() for name in HAM_FOLDERS for p in held[name]]
     spam_held = [p.read_bytes() for name in SPAM_FOLDERS for p in held[name]]
     heldout = {t: evaluate(model, ham_held, spam_held, t) for t in THRESHOLDS}
@@ -140,7 +154,7 @@ def render_card(
 ) -> str:
     cv_rows = "\n".join(
         f"| {a} | {m['accuracy']:.4f} | {m['ham_false_positive_rate']:.4f} "
-        f"| {m['spam_recall']:.4f} |"
+        f"({m['ham_false_positives']} of {m['n_ham']}) | {m['spam_recall']:.4f} |"
         for a, m in cv.items()
     )
     held_rows = "\n".join(
@@ -169,13 +183,17 @@ Generated by `tools/train_default_model.py` on {today}; rerun it to rebuild.
 
 ## Model
 
-- Naive Bayes over token presence (scikit-learn `BernoulliNB` counts;
-  scored as the log-odds of the tokens present, columns never seen in
-  training vote 0), class prior from the training counts.
+- Naive Bayes over token presence (scikit-learn `BernoulliNB` counts),
+  class prior from the training counts. Scored as the prior log-odds plus
+  the log-odds of the {SCORE_TOKENS} most decisive tokens present (largest
+  magnitude, Graham's rule); absent tokens and columns never seen in
+  training vote 0.
 - Hashed vocabulary: CRC-32 modulo {meta["n_features"]} (2^{meta["n_features"].bit_length() - 1}).
-- alpha = {alpha}, chosen on the training 80% only, by time (fit on the first
-  60% of each folder, validate on 60-80%): highest accuracy among alphas
-  with ham false-positive rate <= {MAX_CV_FP_RATE} at threshold {threshold}.
+- alpha = {alpha}, chosen on the training 80% only, by time, in three
+  forward folds of each folder (fit 0-20% -> validate 20-40%, 0-40% -> 40-60%,
+  0-60% -> 60-80%, pooled): highest accuracy among alphas with ham
+  false-positive rate <= {MAX_CV_FP_RATE} at threshold {threshold} (half the
+  issue's ceiling, as a margin for drift).
 - Feature set version {meta["feature_version"]}, file format version {meta["version"]}.
 - File size: {size} bytes ({size / 2**20:.2f} MiB), `.npz` of float arrays plus a
   JSON header, loaded with `allow_pickle=False`.
@@ -199,7 +217,7 @@ Generated by `tools/train_default_model.py` on {today}; rerun it to rebuild.
 - Attachments: content type and file extension.
 - Each token counts once per message.
 
-## Validation inside the training 80%: fit 0-60%, test 60-80% (threshold {threshold})
+## Validation inside the training 80%: three forward folds, pooled (threshold {threshold})
 
 | alpha | accuracy | ham FP rate | spam recall |
 |---|---|---|---|
@@ -213,13 +231,28 @@ Generated by `tools/train_default_model.py` on {today}; rerun it to rebuild.
 
 Targets from issue 4: accuracy >= 0.985, ham FP rate <= 0.005, spam recall >= 0.95.
 The held-out sample is small (550 ham, 100 spam): one message is 0.18 points
-of ham FP rate and 1 point of recall. Its figures were looked at twice while
-the design was being made (a first MultinomialNB draft, and alpha chosen by
-shuffled cross-validation, which gave ham FP 0.018 here); that is why alpha
-is now chosen by time-ordered validation. Nothing was tuned after that.
-The ham false positives left are all hard ham (commercial newsletters that
-share structure and vocabulary with spam); quarantined mail is kept and
-releasable, and releasing it teaches the model.
+of ham FP rate and 1 point of recall.
+
+How often the held-out figures were looked at, and what was decided before:
+
+1. A first MultinomialNB draft.
+2. alpha chosen by shuffled cross-validation, which gave ham FP 0.018 here;
+   alpha was then chosen by time-ordered validation (fit 0-60%, validate
+   60-80%), which gave held-out accuracy 0.9862, ham FP 0.0091 (5 of 550,
+   all hard ham: commercial newsletters), spam recall 0.96.
+3. This model. Everything below was settled on the training 80% before the
+   held-out part was scored once, and is kept whatever that score is:
+   scoring by the {SCORE_TOKENS} most decisive tokens instead of all of them
+   (pooled forward-fold validation at alpha 0.03: ROC AUC 0.917 -> 0.977,
+   ham false positives 2 -> 1 of 1650, spam recall 0.623 -> 0.657);
+   alpha chosen on three pooled forward folds with a 0.25% false-positive
+   budget; header-consistency tokens (Message-ID and Return-Path domain
+   against the From domain, List-Unsubscribe/List-Id/Precedence,
+   X-Priority) were tried and dropped: no measurable change in validation.
+   The held-out messages themselves (which ones are misclassified) were
+   not examined.
+
+Quarantined mail is kept and releasable, and releasing it teaches the model.
 """
 
 
