@@ -252,6 +252,14 @@ How often the held-out figures were looked at, and what was decided before:
    The held-out messages themselves (which ones are misclassified) were
    not examined.
 
+   Outcome of that one look, at threshold 0.9: accuracy 0.9785 (was
+   0.9862), ham FP 0.0109 = 6 of 550, all hard ham (was 5), spam recall
+   0.92 (was 0.96). Worse than the second look and short of the targets;
+   on the in-training validation the change is better (previous model,
+   alpha 0.03 scoring every token: accuracy 0.9410, 2 of 1650 ham, recall
+   0.6233; this model, alpha 0.05: 0.9513, 2 of 1650, 0.6900). It is kept,
+   as decided before looking; nothing was changed after the look.
+
 Quarantined mail is kept and releasable, and releasing it teaches the model.
 """
 
