@@ -7,7 +7,7 @@ Prints, beside references measured in the same run on the same mail:
 - single-message score latency (median, p99): mailgate's ``score_bytes``
   (parse + features + numpy log-odds) vs a plain scikit-learn pipeline
   (``HashingVectorizer`` over the raw text + ``MultinomialNB.predict_proba``),
-  and the classifier step alone: mailgate's gather-sum vs
+  and the classifier step alone: mailgate's gather and top-15 sum vs
   ``BernoulliNB.predict_proba`` on the same hashed vector;
 - batch throughput (messages per second over the whole corpus);
 - training time for the whole corpus, for both;
