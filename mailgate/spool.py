@@ -135,7 +135,7 @@ def accept_batch(engine: Engine, blobs: BlobStore, items: Sequence[tuple[str, by
     if not items:
         return []
     try:
-        digests = [blobs.put(raw) for _, raw in items]
+        digests = blobs.put_many([raw for _, raw in items])
         with session_scope(engine) as session:
             keys = [key for key, _ in items]
             existing = dict(session.exec(select(Inbound.source_key, Inbound.id).where(
