@@ -132,11 +132,101 @@ def test_accept_batch_is_one_commit_that_recognises_keys_it_has(rt: Runtime) -> 
 
 def test_accept_batch_stores_none_of_the_batch_when_one_cannot_be_kept(
         rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken_put(raw: bytes) -> str:
+    def broken_sync() -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(rt.blobs, "put", broken_put)
+    monkeypatch.setattr(rt.blobs, "_sync_filesystem", broken_sync)
     with pytest.raises(spool.SpoolError):
         spool.accept_batch(rt.spool_engine, rt.blobs, [("imap:a:1:1", b"x"), ("imap:a:1:2", b"y")], source="imap")
     with session_scope(rt.engine) as session:
         assert session.exec(select(Inbound)).all() == []
+    assert [p for p in rt.blobs.root.rglob("*") if p.is_file()] == []  # no temporary file left behind
+
+
+def test_put_many_stores_each_content_once_and_reuses_what_is_there(rt: Runtime) -> None:
+    old = rt.blobs.put(b"already here")
+    digests = rt.blobs.put_many([b"one", b"already here", b"two", b"one"])
+    assert digests[1] == old and digests[0] == digests[3]
+    assert [rt.blobs.get(d) for d in digests] == [b"one", b"already here", b"two", b"one"]
+    files = sorted(p.name for p in rt.blobs.root.rglob("*") if p.is_file())
+    assert files == sorted(set(digests))  # named by content, no temporary file left
+
+
+def journal_row(journal: AcceptJournal, subject: str) -> str:
+    return journal.accept(mail(subject=subject).as_bytes(), source="smtp", queue="support@example.com",
+                          envelope_from="carol@customer.org", envelope_to=("support@example.com",))
+
+
+def test_journal_sessions_that_arrive_together_share_a_commit(rt: Runtime, workdir: Path) -> None:
+    import threading
+
+    journal = AcceptJournal(workdir / "data" / "accept-journal.db", rt.blobs)
+    inserts: list[int] = []
+    real_insert = journal._insert
+
+    def counting_insert(rows: list[tuple[object, ...]]) -> None:
+        inserts.append(len(rows))
+        real_insert(rows)
+
+    journal._insert = counting_insert  # type: ignore[method-assign]
+    with journal._queue:  # a commit under way: the next ones queue up behind it
+        journal._committing = True
+    keys: list[str] = []
+    threads = [threading.Thread(target=lambda i=i: keys.append(journal_row(journal, f"g{i}"))) for i in range(6)]
+    for t in threads:
+        t.start()
+    while len(journal._waiting) < 6:
+        threading.Event().wait(0.01)
+    with journal._queue:
+        journal._committing = False
+        journal._queue.notify_all()
+    for t in threads:
+        t.join()
+    assert inserts == [6] and len(set(keys)) == 6 and journal.pending() == 6
+    assert journal.drain(rt.spool_engine) == 6
+    with session_scope(rt.engine) as session:
+        rows = session.exec(select(Inbound)).all()
+    assert sorted(r.source_key for r in rows) == sorted(keys)
+    assert sorted(rt.blobs.get(r.raw_sha256).split(b"Subject: ")[1][:2] for r in rows) == [
+        b"g0", b"g1", b"g2", b"g3", b"g4", b"g5"]
+    journal.close()
+
+
+def test_a_row_the_journal_refuses_fails_alone_not_its_whole_group(rt: Runtime, workdir: Path) -> None:
+    from mailgate.journal import _Waiting
+
+    journal = AcceptJournal(workdir / "data" / "accept-journal.db", rt.blobs)
+    taken = journal_row(journal, "first")
+    row = ("smtp:fresh", 3, "smtp", None, None, "", "2026-01-01T00:00:00+00:00", b"abc")
+    group = [_Waiting(row), _Waiting((taken, *row[1:])), _Waiting(("smtp:other", *row[1:]))]
+    journal._commit(group)
+    assert [w.done for w in group] == [True, True, True]
+    assert [w.error is None for w in group] == [True, False, True]  # the duplicate key only
+    assert journal.pending() == 3
+    journal.close()
+
+
+def test_a_journal_row_written_by_an_older_version_still_moves(rt: Runtime, workdir: Path) -> None:
+    import sqlite3
+
+    path = workdir / "data" / "accept-journal.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = mail(subject="before the upgrade").as_bytes()
+    digest = rt.blobs.put(raw)  # older versions put the bytes in the blob store at once
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE journal (id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, raw_sha256 TEXT NOT NULL,"
+                " size INTEGER NOT NULL, source TEXT NOT NULL, queue TEXT, envelope_from TEXT,"
+                " envelope_to TEXT NOT NULL, received_at TEXT NOT NULL)")
+    con.execute("INSERT INTO journal (key, raw_sha256, size, source, envelope_to, received_at)"
+                " VALUES ('smtp:old', ?, ?, 'smtp', 'support@example.com', '2026-01-01T00:00:00+00:00')",
+                (digest, len(raw)))
+    con.commit()
+    con.close()
+    journal = AcceptJournal(path, rt.blobs)
+    new_key = journal_row(journal, "after the upgrade")
+    assert journal.drain(rt.spool_engine) == 2
+    with session_scope(rt.engine) as session:
+        rows = {r.source_key: r for r in session.exec(select(Inbound)).all()}
+    assert rows["smtp:old"].raw_sha256 == digest
+    assert b"after the upgrade" in rt.blobs.get(rows[new_key].raw_sha256)
+    journal.close()
