@@ -47,6 +47,10 @@ MAX_CC_FROM_HEADERS = 10  # a requester's Cc list, not a mailing list
 
 # Built once (see pipeline: building a statement costs more than running it).
 _INSERT_EVENT = insert(Event.__table__)  # type: ignore[attr-defined]
+_INSERT_PARTICIPANT = insert(Participant.__table__)  # type: ignore[attr-defined]
+_PARTICIPANT_EXISTS = select(Participant.id).where(
+    Participant.ticket_id == bindparam("ticket"), Participant.email == bindparam("email"),
+    Participant.role == bindparam("role")).limit(1)
 _PARTICIPANT_EMAILS = select(Participant.email).where(Participant.ticket_id == bindparam("ticket"))
 _CONTACT_BY_EMAIL = select(Contact).where(Contact.email == bindparam("email"))
 _TICKETS_OPENED_BY_SINCE = select(func.count()).select_from(Ticket).join(
@@ -617,13 +621,12 @@ def apply_commands(ctx: Context, ticket: Ticket, cmds: ParsedCommands,
 
 
 def add_participant(session: Session, ticket: Ticket, email: str, role: str) -> bool:
-    exists = session.exec(select(Participant).where(
-        Participant.ticket_id == ticket.number, Participant.email == email,
-        Participant.role == role)).first()
-    if exists is not None:
+    """Add a CC or assistant unless they are one already; True if added. Participants are
+    only ever read by queries, so a Core INSERT (a Cc list costs one per address)."""
+    key = {"ticket": ticket.number, "email": email, "role": role}
+    if session.exec(_PARTICIPANT_EXISTS, params=key).first() is not None:
         return False
-    session.add(Participant(ticket_id=ticket.number, email=email, role=role))  # type: ignore[arg-type]
-    session.flush()
+    session.connection().execute(_INSERT_PARTICIPANT, {"ticket_id": ticket.number, "email": email, "role": role})
     return True
 
 
