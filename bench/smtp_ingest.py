@@ -175,6 +175,7 @@ def main() -> None:
         pss.start()
         t0 = time.perf_counter()
         mg_time, mg_lat = send_all(daemon.port, messages, args.connections)
+        cpu_accepting = {pid: sum(cpu_seconds(pid)) - sum(before) for pid, before in cpu_before.items()}
         db = sqlite3.connect(work / "mailgate.db", timeout=30)
         journal = sqlite3.connect(work / "data" / "accept-journal.db", timeout=30)
         while True:
@@ -207,7 +208,7 @@ def main() -> None:
     for pid, role in procs.items():
         user, system = cpu[pid]
         print(f"CPU {role:16}: {user + system:5.1f} s (user {user:.1f}, system {system:.1f}; "
-              f"{1000 * (user + system) / n:.1f} ms per message)")
+              f"{1000 * (user + system) / n:.1f} ms per message; {cpu_accepting[pid]:.1f} s while accepting)")
     print(f"outcomes            : {outcomes}")
     print(f"median latency      : {statistics.median(mg_lat) * 1000:.2f} ms")
 
