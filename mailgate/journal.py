@@ -10,8 +10,8 @@ commit: the first thread to find no commit under way writes every waiting
 row). Keeping the bytes in the row instead of a blob file saves the listener
 two fsyncs per message; the blob store gets them when the row is moved.
 
-The ingest worker moves journal rows into the inbound table in batches
-(`drain`): the bytes go to the blob store (durable), the inbound rows are
+The work process moves journal rows into the inbound table in batches
+(`drain`, in a thread of its own beside the pipeline): the bytes go to the blob store (durable), the inbound rows are
 committed, then the journal rows are deleted. A crash between the two commits
 is harmless: each row carries a random key that becomes the inbound row's
 unique source_key, so the next drain skips what is already there.
@@ -170,18 +170,22 @@ class AcceptJournal:
         with self._lock:
             raws = dict(self._conn.execute(f"SELECT id, raw FROM journal WHERE id IN ({marks})", ids).fetchall())
         keys = [r[1] for r in rows]
+        # Three steps, so that the database's write lock (SQLite takes it at BEGIN) is not
+        # held while the blobs are written: the keys already moved (by a drain that crashed
+        # before its journal delete), the bytes, then the rows in one short transaction.
         with session_scope(engine) as session:
             present = set(session.exec(select(Inbound.source_key).where(
                 Inbound.source_key.in_(keys))).all())  # type: ignore[union-attr]
-            moving = [r for r in rows if r[1] not in present]  # moved before a crash: skipped
-            # A row from before the bytes were kept in the journal names its blob instead.
-            new_bytes = [raws[r[0]] for r in moving if raws.get(r[0]) is not None]
-            digests = iter(self.blobs.put_many(new_bytes))  # durable before the commit naming them
-            values = [{"source": source, "source_key": key, "envelope_from": env_from, "envelope_to": env_to,
-                       "queue": queue, "raw_sha256": next(digests) if raws.get(i) is not None else sha,
-                       "size": size, "received_at": datetime.fromisoformat(received)}
-                      for i, key, sha, size, source, queue, env_from, env_to, received in moving]
-            if values:
+        moving = [r for r in rows if r[1] not in present]
+        # A row from before the bytes were kept in the journal names its blob instead.
+        new_bytes = [raws[r[0]] for r in moving if raws.get(r[0]) is not None]
+        digests = iter(self.blobs.put_many(new_bytes))  # durable before the commit naming them
+        values = [{"source": source, "source_key": key, "envelope_from": env_from, "envelope_to": env_to,
+                   "queue": queue, "raw_sha256": next(digests) if raws.get(i) is not None else sha,
+                   "size": size, "received_at": datetime.fromisoformat(received)}
+                  for i, key, sha, size, source, queue, env_from, env_to, received in moving]
+        if values:
+            with session_scope(engine) as session:
                 session.connection().execute(_INSERT_INBOUND, values)
         with self._lock:
             self._conn.execute(f"DELETE FROM journal WHERE id IN ({marks})", ids)

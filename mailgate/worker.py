@@ -47,9 +47,11 @@ def journal_for(rt: Runtime) -> AcceptJournal | None:
 
 
 class IngestWorker:
-    """Moves journal rows into the spool, claims inbound rows in small batches and runs the
-    pipeline on each, one transaction per message (in a thread); with `ahead`, helper
-    processes parse each batch while its first messages are applied."""
+    """Claims inbound rows in small batches and runs the pipeline on each, one transaction
+    per message (in a thread); with `ahead`, helper processes parse each batch while its
+    first messages are applied. Beside it, a second thread moves SMTP journal rows into
+    the spool: writing their blobs is mostly system calls, which then overlap the
+    pipeline's Python instead of coming before it."""
 
     def __init__(self, rt: Runtime, worker: str, journal: AcceptJournal | None = None,
                  ahead: ParseAhead | None = None) -> None:
@@ -57,19 +59,48 @@ class IngestWorker:
         self.worker = worker
         self.journal = journal
         self.ahead = ahead
-        self.wake = asyncio.Event()
+        self.wake = asyncio.Event()  # the spool may have new rows
+        self.journal_wake = asyncio.Event()  # the journal may have new rows
+
+    def woken(self) -> None:
+        """The main process accepted a message (into the journal, or the spool directly)."""
+        self.journal_wake.set()
+        self.wake.set()
 
     def next_messages(self) -> list[Result]:
         from mailgate.ingest.pipeline import run_batch
 
-        if self.journal is not None:
-            # The durable engine: the journal rows are deleted only after this commit, so
-            # it must survive a power loss as the acceptance did.
-            self.journal.drain(self.rt.spool_engine)
         # A larger batch when parsing ahead: the helper idles only on a batch's first message.
         return run_batch(self.rt, self.worker, limit=20 if self.ahead else 10, ahead=self.ahead)
 
+    async def move_journal(self, stop: asyncio.Event) -> None:
+        """Move SMTP journal rows into the spool until stopped; wakes the pipeline."""
+        assert self.journal is not None
+        while not stop.is_set():
+            self.journal_wake.clear()
+            try:
+                # The durable engine: the journal rows are deleted only after this commit,
+                # so it must survive a power loss as the acceptance did.
+                moved = await asyncio.to_thread(self.journal.drain, self.rt.spool_engine)
+            except Exception:  # a full disk, a broken blob directory: the rows stay; retry
+                log.exception("moving accepted mail from the journal into the spool failed")
+                moved = 0
+                await asyncio.sleep(1.0)
+            if moved:
+                self.wake.set()
+                continue
+            await _wait_any(self.journal_wake, stop, self.rt.settings.helpdesk.worker_poll_seconds)
+
     async def run(self, stop: asyncio.Event, on_processed: Callable[[], None] | None = None) -> None:
+        mover = asyncio.create_task(self.move_journal(stop)) if self.journal is not None else None
+        try:
+            await self.process_spool(stop, on_processed)
+        finally:
+            if mover is not None:
+                stop.set()
+                await mover  # not cancelled: a drain under way finishes before the journal closes
+
+    async def process_spool(self, stop: asyncio.Event, on_processed: Callable[[], None] | None) -> None:
         while not stop.is_set():
             self.wake.clear()
             try:
@@ -88,11 +119,14 @@ class IngestWorker:
                 if on_processed is not None:
                     on_processed()
                 continue
-            waits = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(stop.wait())]
-            await asyncio.wait(waits, timeout=self.rt.settings.helpdesk.worker_poll_seconds,
-                               return_when=asyncio.FIRST_COMPLETED)
-            for w in waits:
-                w.cancel()
+            await _wait_any(self.wake, stop, self.rt.settings.helpdesk.worker_poll_seconds)
+
+
+async def _wait_any(event: asyncio.Event, stop: asyncio.Event, timeout: float) -> None:
+    waits = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(stop.wait())]
+    await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        w.cancel()
 
 
 def _helper_died() -> NoReturn:
@@ -128,7 +162,7 @@ async def work(rt: Runtime, ahead: ParseAhead | None, parent_pid: int | None = N
     ingest = IngestWorker(rt, spool.worker_id(), journal_for(rt), ahead)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(WAKE_SIGNAL, ingest.wake.set)  # the listener accepted a message
+    loop.add_signal_handler(WAKE_SIGNAL, ingest.woken)  # the listener accepted a message
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     try:
         await ingest.run(stop, on_processed=parent_notifier(parent_pid))

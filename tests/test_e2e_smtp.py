@@ -212,7 +212,7 @@ def test_a_broken_raw_mail_directory_delays_mail_but_loses_none(workdir: Path) -
             # fails and is retried, and the journal row stays until it succeeds.
             d.send(mail(subject="during outage"))
             journal = sqlite3.connect(workdir / "data" / "accept-journal.db", timeout=5)
-            wait_until(lambda: "ingest worker pass failed" in d.log.read_text())
+            wait_until(lambda: "moving accepted mail from the journal into the spool failed" in d.log.read_text())
             assert journal.execute("SELECT count(*) FROM journal").fetchone()[0] == 1
             journal.close()
         finally:

@@ -262,8 +262,9 @@ _KILL_SCRIPT = textwrap.dedent("""
 def test_kill_9_mid_batch_then_restart_gives_exactly_n(dovecot: Dovecot, imap_user: str,
                                                        engine: Engine, blobs: BlobStore,
                                                        tmp_path: Path, pipeline: Pipeline) -> None:
-    # Batches of 4: the first is accepted, processed and moved; the second is accepted
-    # whole (4 more rows), and the process dies while waiting for its 2nd outcome.
+    # Batches of 4, stored up to two ahead of filing (LOOKAHEAD_BATCHES): the first two
+    # are accepted (8 rows), and the process dies on the second's 2nd outcome, while it
+    # fetches the third: after the commits, before any move.
     n, kill_after = 10, 6
     stored_at_kill = 8
     for i in range(n):
@@ -273,8 +274,8 @@ def test_kill_9_mid_batch_then_restart_gives_exactly_n(dovecot: Dovecot, imap_us
                            str(kill_after)], cwd=REPO, capture_output=True, timeout=60)
     assert proc.returncode == -9, proc.stderr.decode()
     assert len(rows(engine)) == stored_at_kill
-    assert dovecot.count(imap_user, "Processed") == 4
-    assert dovecot.count(imap_user, "INBOX") == n - 4
+    assert dovecot.count(imap_user, "Processed") == 0
+    assert dovecot.count(imap_user, "INBOX") == n
 
     account = dovecot.account(imap_user, batch_size=4)
     accepted = asyncio.run(ImapPoller(account, engine, blobs, process=pipeline).poll_once())

@@ -355,3 +355,26 @@ def test_starttls_and_auth_with_configured_ca(tmp_path: Path, tls_relay: tuple[_
         asyncio.run(deliver_by_smtp(wrong, _outbox_row()))
     assert str(exc.value).startswith("535")
     assert len(handler.messages) == 1
+
+
+def test_a_maildir_batch_lands_in_new_and_a_row_that_cannot_be_written_fails_alone(tmp_path: Path) -> None:
+    from mailgate.outbox import _maildir_name, deliver_batch_to_maildir
+
+    now = utcnow()
+    rows = [Outbox(id=i, message_id=f"m{i}@x", template="t", mail_from="support@example.com",
+                   recipients=f"r{i}@customer.org", raw=f"Subject: {i}\r\n\r\nbody {i}\r\n".encode(),
+                   created_at=now, next_attempt_at=now, deadline=now) for i in (1, 2, 3)]
+    maildir = tmp_path / "sent"
+    (maildir / "tmp" / _maildir_name(rows[1])).mkdir(parents=True)  # row 2's file cannot be written
+    results = deliver_batch_to_maildir(maildir, rows)
+    assert [r is None for r in results] == [True, False, True]
+    assert isinstance(results[1], DeliveryError)
+    delivered = sorted(p.read_bytes() for p in (maildir / "new").iterdir())
+    assert len(delivered) == 2
+    assert delivered[0].startswith(b"Return-Path: <support@example.com>\r\nDelivered-To: r1@customer.org\r\n")
+    assert delivered[0].endswith(b"body 1\r\n") and delivered[1].endswith(b"body 3\r\n")
+    assert [p.name for p in (maildir / "tmp").iterdir()] == [_maildir_name(rows[1])]  # only the obstacle
+    # A retry of the whole batch overwrites instead of adding copies.
+    (maildir / "tmp" / _maildir_name(rows[1])).rmdir()
+    assert deliver_batch_to_maildir(maildir, rows) == [None, None, None]
+    assert len(list((maildir / "new").iterdir())) == 3

@@ -104,15 +104,7 @@ class BlobStore:
         return Path(tmp)
 
     def _sync_filesystem(self) -> None:
-        assert _syncfs is not None
-        fd = os.open(self.root, os.O_RDONLY)
-        try:
-            # Linux 5.8 and later report write-back errors here, as fsync does.
-            if _syncfs(fd) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"syncfs: {os.strerror(err)}")
-        finally:
-            os.close(fd)
+        sync_filesystem(self.root)
 
     def get(self, sha256: str) -> bytes:
         return self.path_for(sha256).read_bytes()
@@ -150,6 +142,23 @@ def _load_syncfs() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
 
 
 _syncfs = _load_syncfs()
+
+
+def can_sync_filesystem() -> bool:
+    return _syncfs is not None
+
+
+def sync_filesystem(path: Path) -> None:
+    """syncfs(2) of the filesystem that holds `path`: everything written to it is on disk."""
+    assert _syncfs is not None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        # Linux 5.8 and later report write-back errors here, as fsync does.
+        if _syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs: {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

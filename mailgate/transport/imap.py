@@ -61,6 +61,9 @@ CREDENTIAL_COMMAND_TIMEOUT = 60.0
 # a big MOVE) raises RecursionError and kills the connection. So no single
 # command names more UIDs than this, whatever batch_size says.
 MAX_UIDS_PER_COMMAND = 150
+# Batches fetched and stored while an earlier one is still being processed, so that the
+# work process never waits for a FETCH. Each is still filed only after its own outcomes.
+LOOKAHEAD_BATCHES = 2
 
 _UIDVALIDITY_RE = re.compile(rb"\[UIDVALIDITY (\d+)\]")
 _FETCH_HEAD_RE = re.compile(rb"^\d+ FETCH \(")
@@ -543,10 +546,11 @@ class ImapPoller:
             uids = await session.search_new(last_uid)
             if not uids:
                 return accepted
-            # While the work process handles one batch, the next is fetched and stored.
-            # Batches are filed (moved) and last_uid advanced strictly in order, each only
-            # after its own messages' outcomes are known.
-            waiting: _Stored | None = None
+            # While the work process handles a batch, the next ones are fetched and stored
+            # (up to LOOKAHEAD_BATCHES ahead, so that it never waits for a FETCH). Batches
+            # are filed (moved) and last_uid advanced strictly in order, each only after
+            # its own messages' outcomes are known.
+            waiting: list[_Stored] = []
             incomplete = False
             try:
                 for start in range(0, len(uids), self.account.batch_size):
@@ -555,25 +559,27 @@ class ImapPoller:
                     except Exception:
                         # File what was committed before, so a spool outage never makes us
                         # fetch it again; the error that stopped us is the one to report.
-                        if waiting is not None:
-                            with contextlib.suppress(Exception):
-                                await self._file(session, waiting)
-                            waiting = None
+                        with contextlib.suppress(Exception):
+                            while waiting:
+                                await self._file(session, waiting[0])
+                                waiting.pop(0)
                         raise
                     accepted += stored.accepted
-                    if waiting is not None:
-                        await self._file(session, waiting)
                     stored.outcomes = asyncio.create_task(self._outcomes(stored.items))
-                    waiting = stored
+                    waiting.append(stored)
+                    if len(waiting) > LOOKAHEAD_BATCHES:
+                        await self._file(session, waiting.pop(0))
                     incomplete = stored.incomplete
                     if incomplete or (stop is not None and stop.is_set()):
                         break  # never pass over a message: the next pass starts at last_uid
+                while waiting:
+                    await self._file(session, waiting[0])
+                    waiting.pop(0)
             except BaseException:
-                if waiting is not None and waiting.outcomes is not None:
-                    waiting.outcomes.cancel()
+                for batch in waiting:
+                    if batch.outcomes is not None:
+                        batch.outcomes.cancel()
                 raise
-            if waiting is not None:
-                await self._file(session, waiting)
             if incomplete or (stop is not None and stop.is_set()):
                 return accepted
 
