@@ -19,13 +19,13 @@ import socket
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from email.header import Header
 from email.utils import format_datetime, formataddr
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert, update
+from sqlalchemy import bindparam, insert, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
@@ -176,12 +176,12 @@ class DeliveryError(Exception):
         self.permanent = permanent
 
 
-def _maildir_name(row: Outbox) -> str:
+def _maildir_name(row: ClaimedMail) -> str:
     # Derived from the row, so that a retry overwrites instead of adding a second copy.
     return f"{int(row.created_at.timestamp())}.M{row.id}.{socket.gethostname().replace('/', '_')}"
 
 
-def _write_maildir_file(path: Path, row: Outbox, *, fsync: bool) -> None:
+def _write_maildir_file(path: Path, row: ClaimedMail, *, fsync: bool) -> None:
     with open(path, "wb") as fh:
         fh.write(f"Return-Path: <{row.mail_from}>\r\n".encode())
         fh.write(f"Delivered-To: {row.recipients}\r\n".encode())
@@ -191,7 +191,7 @@ def _write_maildir_file(path: Path, row: Outbox, *, fsync: bool) -> None:
             os.fsync(fh.fileno())
 
 
-def deliver_to_maildir(maildir: Path, row: Outbox) -> None:
+def deliver_to_maildir(maildir: Path, row: ClaimedMail) -> None:
     """Write tmp/ then rename into new/."""
     for sub in ("tmp", "new", "cur"):
         (maildir / sub).mkdir(parents=True, exist_ok=True)
@@ -200,7 +200,7 @@ def deliver_to_maildir(maildir: Path, row: Outbox) -> None:
     os.replace(maildir / "tmp" / name, maildir / "new" / name)
 
 
-def deliver_batch_to_maildir(maildir: Path, rows: Sequence[Outbox]) -> list[DeliveryError | None]:
+def deliver_batch_to_maildir(maildir: Path, rows: Sequence[ClaimedMail]) -> list[DeliveryError | None]:
     """Every row as a file in new/, with one thread hand-off and two syncfs(2) calls for the
     batch instead of an fsync per mail: all written to tmp/, synced, renamed into new/,
     synced again (as BlobStore.put_many). A row that cannot be written fails alone."""
@@ -232,7 +232,7 @@ def deliver_batch_to_maildir(maildir: Path, rows: Sequence[Outbox]) -> list[Deli
     return results
 
 
-def _maildir_result(maildir: Path, row: Outbox) -> DeliveryError | None:
+def _maildir_result(maildir: Path, row: ClaimedMail) -> DeliveryError | None:
     try:
         deliver_to_maildir(maildir, row)
     except Exception as exc:  # recorded per row, as send_one does
@@ -240,7 +240,7 @@ def _maildir_result(maildir: Path, row: Outbox) -> DeliveryError | None:
     return None
 
 
-async def deliver_by_smtp(settings: Settings, row: Outbox) -> None:
+async def deliver_by_smtp(settings: Settings, row: ClaimedMail) -> None:
     import aiosmtplib
 
     ob = settings.outbound
@@ -269,7 +269,32 @@ def retry_delay(settings: Settings, attempts: int) -> timedelta:
     return timedelta(seconds=base * random.uniform(0.8, 1.2))
 
 
-def claim_due(engine: Engine, worker: str, limit: int = 20) -> list[Outbox]:
+@dataclass(frozen=True)
+class ClaimedMail:
+    """What the sender needs of a claimed outbox row (plain data: the claim and the results
+    are Core statements, as the ORM's unit of work cost more than the delivery itself)."""
+
+    id: int
+    message_id: str
+    mail_from: str
+    recipients: str
+    raw: bytes
+    created_at: datetime
+    attempts: int
+
+
+_OUTBOX = Outbox.__table__  # type: ignore[attr-defined]
+_CLAIM_OUTBOX = update(_OUTBOX).where(_OUTBOX.c.id.in_(bindparam("ids", expanding=True))).values(
+    state="sending", claimed_by=bindparam("worker"), next_attempt_at=bindparam("now"),
+    attempts=_OUTBOX.c.attempts + 1)
+_CLAIMED_MAIL = select(_OUTBOX.c.id, _OUTBOX.c.message_id, _OUTBOX.c.mail_from, _OUTBOX.c.recipients,
+                       _OUTBOX.c.raw, _OUTBOX.c.created_at, _OUTBOX.c.attempts).where(
+    _OUTBOX.c.id.in_(bindparam("ids", expanding=True))).order_by(_OUTBOX.c.id)
+_MARK_SENT = update(_OUTBOX).where(_OUTBOX.c.id.in_(bindparam("ids", expanding=True))).values(
+    state="sent", sent_at=bindparam("now"), last_error=None)
+
+
+def claim_due(engine: Engine, worker: str, limit: int = 20) -> list[ClaimedMail]:
     now = utcnow()
     with session_scope(engine) as session:
         ids = due_ids(session, engine, Outbox.id, [  # type: ignore[arg-type]
@@ -277,15 +302,11 @@ def claim_due(engine: Engine, worker: str, limit: int = 20) -> list[Outbox]:
             # a sender died between claim and result: send again (same Message-ID)
             (Outbox.state == "sending") & (Outbox.next_attempt_at <= now - STALE_SENDING),  # type: ignore[operator]
         ], limit)
-        rows = list(session.exec(select(Outbox).where(Outbox.id.in_(ids))  # type: ignore[union-attr]
-                                 .order_by(Outbox.id)).all()) if ids else []  # type: ignore[arg-type]
-        for row in rows:
-            row.state = "sending"
-            row.claimed_by = worker
-            row.next_attempt_at = now
-            row.attempts += 1
-            session.add(row)
-        return rows
+        if not ids:
+            return []
+        connection = session.connection()
+        connection.execute(_CLAIM_OUTBOX, {"ids": ids, "worker": worker, "now": now})
+        return [ClaimedMail(*row) for row in connection.execute(_CLAIMED_MAIL, {"ids": ids})]
 
 
 def record_results(engine: Engine, settings: Settings, results: Sequence[tuple[int, DeliveryError | None]]) -> None:
@@ -294,8 +315,7 @@ def record_results(engine: Engine, settings: Settings, results: Sequence[tuple[i
         now = utcnow()
         sent = [row_id for row_id, error in results if error is None]
         if sent:  # the usual case, one statement for the pass
-            session.exec(update(Outbox).where(Outbox.id.in_(sent)).values(  # type: ignore[call-overload,union-attr]
-                state="sent", sent_at=now, last_error=None).execution_options(synchronize_session=False))
+            session.connection().execute(_MARK_SENT, {"ids": sent, "now": now})
         for row_id, error in results:
             if error is None:
                 continue
@@ -313,7 +333,7 @@ def record_results(engine: Engine, settings: Settings, results: Sequence[tuple[i
             session.add(row)
 
 
-async def send_one(settings: Settings, row: Outbox) -> DeliveryError | None:
+async def send_one(settings: Settings, row: ClaimedMail) -> DeliveryError | None:
     try:
         await deliver_by_smtp(settings, row)
     except DeliveryError as exc:
@@ -333,7 +353,7 @@ async def send_due(engine: Engine, settings: Settings, worker: str) -> int:
         results = list(zip((row.id for row in rows), errors, strict=True))
     else:
         results = [(row.id, await send_one(settings, row)) for row in rows]
-    await asyncio.to_thread(record_results, engine, settings, results)  # type: ignore[arg-type]
+    await asyncio.to_thread(record_results, engine, settings, results)
     return sum(error is None for _, error in results)
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from mailgate.config import Settings, settings_from_dict
 from mailgate.domain import parse_plus_address, token_is_valid
-from mailgate.outbox import DeliveryError, compose, deliver_by_smtp, record_results, retry_delay
+from mailgate.outbox import ClaimedMail, DeliveryError, compose, deliver_by_smtp, record_results, retry_delay
 from mailgate.store.engine import utcnow
 from mailgate.store.tables import Outbox
 from tests.conftest import CaptureRelay, cli, cli_json, free_port, mail, start_daemon, wait_until, write_config
@@ -317,12 +317,10 @@ def tls_relay(tmp_path: Path) -> Iterator[tuple[_TlsRelay, int, Path]]:
     controller.stop()
 
 
-def _outbox_row() -> Outbox:
+def _outbox_row() -> ClaimedMail:
     raw, _ = composed()
-    now = utcnow()
-    return Outbox(id=1, message_id="mg.7.abc@example.com", template="t", mail_from="support@example.com",
-                  recipients="carol@customer.org", raw=raw, state="sending", attempts=1, next_attempt_at=now,
-                  deadline=now + timedelta(hours=1), created_at=now)
+    return ClaimedMail(id=1, message_id="mg.7.abc@example.com", mail_from="support@example.com",
+                       recipients="carol@customer.org", raw=raw, created_at=utcnow(), attempts=1)
 
 
 def test_starttls_and_auth_with_configured_ca(tmp_path: Path, tls_relay: tuple[_TlsRelay, int, Path]) -> None:
@@ -360,10 +358,9 @@ def test_starttls_and_auth_with_configured_ca(tmp_path: Path, tls_relay: tuple[_
 def test_a_maildir_batch_lands_in_new_and_a_row_that_cannot_be_written_fails_alone(tmp_path: Path) -> None:
     from mailgate.outbox import _maildir_name, deliver_batch_to_maildir
 
-    now = utcnow()
-    rows = [Outbox(id=i, message_id=f"m{i}@x", template="t", mail_from="support@example.com",
-                   recipients=f"r{i}@customer.org", raw=f"Subject: {i}\r\n\r\nbody {i}\r\n".encode(),
-                   created_at=now, next_attempt_at=now, deadline=now) for i in (1, 2, 3)]
+    rows = [ClaimedMail(id=i, message_id=f"m{i}@x", mail_from="support@example.com", recipients=f"r{i}@customer.org",
+                        raw=f"Subject: {i}\r\n\r\nbody {i}\r\n".encode(), created_at=utcnow(), attempts=1)
+            for i in (1, 2, 3)]
     maildir = tmp_path / "sent"
     (maildir / "tmp" / _maildir_name(rows[1])).mkdir(parents=True)  # row 2's file cannot be written
     results = deliver_batch_to_maildir(maildir, rows)
