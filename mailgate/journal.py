@@ -5,16 +5,17 @@ inbound row to the main database, every 250 would wait behind the ingest
 worker's transaction (measured: p50 18 ms, p99 0.5 s under load). So on SQLite
 the listener commits to this small journal database instead: one row holding
 the raw bytes and the envelope, committed with synchronous=FULL, and only then
-is 250 answered. Sessions that reach DATA together share one commit (group
-commit: the first thread to find no commit under way writes every waiting
-row). Keeping the bytes in the row instead of a blob file saves the listener
-two fsyncs per message; the blob store gets them when the row is moved.
+is 250 answered. Sessions whose DATA ends while a commit is under way share the
+next commit (`GroupCommit`). Keeping the bytes in the row instead of a blob
+file saves the listener two fsyncs per message; the blob store gets them when
+the row is moved.
 
 The work process moves journal rows into the inbound table in batches
-(`drain`, in a thread of its own beside the pipeline): the bytes go to the blob store (durable), the inbound rows are
-committed, then the journal rows are deleted. A crash between the two commits
-is harmless: each row carries a random key that becomes the inbound row's
-unique source_key, so the next drain skips what is already there.
+(`drain`, in a thread of its own beside the pipeline): the bytes go to the
+blob store (durable), the inbound rows are committed, then the journal rows
+are deleted. A crash between the two commits is harmless: each row carries a
+random key that becomes the inbound row's unique source_key, so the next drain
+skips what is already there.
 
 PostgreSQL has row locks and needs none of this: there `spool.accept` is used
 directly.
@@ -22,11 +23,11 @@ directly.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import threading
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -61,15 +62,6 @@ _INSERT_INBOUND = insert(Inbound.__table__)  # type: ignore[attr-defined]
 DRAIN_BYTES = 32 * 1024 * 1024  # the raw bytes one drain holds in memory (at least one message)
 
 
-@dataclass
-class _Waiting:
-    """A message waiting for the next group commit."""
-
-    row: tuple[object, ...]
-    done: bool = False
-    error: Exception | None = None
-
-
 class AcceptJournal:
     def __init__(self, path: Path, blobs: BlobStore, *, busy_timeout: float = 30.0) -> None:
         self.path = path
@@ -85,9 +77,6 @@ class AcceptJournal:
         if "raw" not in {r[1] for r in self._conn.execute("PRAGMA table_info(journal)")}:
             self._conn.execute("ALTER TABLE journal ADD COLUMN raw BLOB")  # a journal written by an older version
         self._lock = threading.Lock()  # the connection
-        self._queue = threading.Condition()
-        self._waiting: list[_Waiting] = []
-        self._committing = False
 
     def close(self) -> None:
         with self._lock:
@@ -95,46 +84,41 @@ class AcceptJournal:
 
     def accept(self, raw: bytes, *, source: str, queue: str | None, envelope_from: str | None,
                envelope_to: tuple[str, ...]) -> str:
-        """Durably keep one message; returns its journal key. Raises SpoolError."""
-        key = f"{source}:{uuid.uuid4().hex}"
-        me = _Waiting((key, len(raw), source, queue, envelope_from, ",".join(envelope_to),
-                       datetime.now(UTC).isoformat(), raw))
-        with self._queue:
-            self._waiting.append(me)
-            while not me.done:
-                if self._committing:  # our row may be in the next group, or in this one
-                    self._queue.wait()
-                    continue
-                group, self._waiting = self._waiting, []
-                self._committing = True
-                self._queue.release()
-                try:
-                    self._commit(group)
-                finally:
-                    self._queue.acquire()
-                    self._committing = False
-                    self._queue.notify_all()
-        if me.error is not None:
-            log.error("journal accept failed: %s: %s", type(me.error).__name__, me.error)
-            raise SpoolError("could not store message") from me.error
+        """Durably keep one message, in a commit of its own; returns its journal key. Raises
+        SpoolError. (The listener goes through GroupCommit instead.)"""
+        key, row = self.row_for(raw, source=source, queue=queue, envelope_from=envelope_from,
+                                envelope_to=envelope_to)
+        error = self.write_rows([row])[0]
+        if error is not None:
+            log.error("journal accept failed: %s: %s", type(error).__name__, error)
+            raise SpoolError("could not store message") from error
         return key
 
-    def _commit(self, group: list[_Waiting]) -> None:
-        """One commit for the whole group; if that fails, one each, so that a message the
-        database refuses does not fail the others with it. Marks every entry done."""
+    @staticmethod
+    def row_for(raw: bytes, *, source: str, queue: str | None, envelope_from: str | None,
+                envelope_to: tuple[str, ...]) -> tuple[str, tuple[object, ...]]:
+        """(key, row) for write_rows: the key becomes the inbound row's source_key."""
+        key = f"{source}:{uuid.uuid4().hex}"
+        return key, (key, len(raw), source, queue, envelope_from, ",".join(envelope_to),
+                     datetime.now(UTC).isoformat(), raw)
+
+    def write_rows(self, rows: list[tuple[object, ...]]) -> list[Exception | None]:
+        """Commit the rows (fsynced) in one transaction; if that fails, each in its own, so
+        that a row the database refuses does not fail the others. The error of each row."""
         try:
-            self._insert([w.row for w in group])
+            self._insert(rows)
+            return [None] * len(rows)
         except Exception as exc:
-            if len(group) == 1:
-                group[0].error = exc
-            else:
-                for waiting in group:
-                    try:
-                        self._insert([waiting.row])
-                    except Exception as one:
-                        waiting.error = one
-        for waiting in group:
-            waiting.done = True
+            if len(rows) == 1:
+                return [exc]
+        errors: list[Exception | None] = []
+        for row in rows:
+            try:
+                self._insert([row])
+                errors.append(None)
+            except Exception as exc:
+                errors.append(exc)
+        return errors
 
     def _insert(self, rows: list[tuple[object, ...]]) -> None:
         with self._lock:
@@ -190,3 +174,45 @@ class AcceptJournal:
         with self._lock:
             self._conn.execute(f"DELETE FROM journal WHERE id IN ({marks})", ids)
         return len(rows)
+
+
+class GroupCommit:
+    """The listener's way into the journal. A message whose DATA ends while a commit is under
+    way waits for the next one, which takes every message waiting then (group commit):
+    one fsync and one thread hand-off per commit instead of per message. Runs on the event
+    loop; the commits run in a worker thread."""
+
+    def __init__(self, journal: AcceptJournal) -> None:
+        self.journal = journal
+        self._waiting: list[tuple[tuple[object, ...], asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def accept(self, raw: bytes, *, source: str, queue: str | None, envelope_from: str | None,
+                     envelope_to: tuple[str, ...]) -> str:
+        """Durably keep one message; returns its journal key. Raises SpoolError."""
+        key, row = self.journal.row_for(raw, source=source, queue=queue, envelope_from=envelope_from,
+                                        envelope_to=envelope_to)
+        committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((row, committed))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._commit_groups())
+        await committed
+        return key
+
+    async def _commit_groups(self) -> None:
+        while self._waiting:
+            group, self._waiting = self._waiting, []
+            try:
+                errors = await asyncio.to_thread(self.journal.write_rows, [row for row, _ in group])
+            except Exception as exc:  # the thread could not even run: every waiter gets it
+                errors = [exc] * len(group)
+            for (_, committed), error in zip(group, errors, strict=True):
+                if committed.done():  # its session went away meanwhile
+                    continue
+                if error is None:
+                    committed.set_result(None)
+                else:
+                    log.error("journal accept failed: %s: %s", type(error).__name__, error)
+                    spool_error = SpoolError("could not store message")
+                    spool_error.__cause__ = error
+                    committed.set_exception(spool_error)

@@ -15,13 +15,13 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
 from mailgate import spool
 from mailgate.config import Settings
-from mailgate.journal import AcceptJournal
+from mailgate.journal import AcceptJournal, GroupCommit
 from mailgate.outbox import OutboxSender
 from mailgate.runtime import Runtime
 from mailgate.store import migrate
@@ -172,13 +172,14 @@ async def serve(settings: Settings) -> int:
     return 0
 
 
-def smtp_accept(rt: Runtime, journal: AcceptJournal | None) -> Callable[..., str]:
+def smtp_accept(rt: Runtime, journal: AcceptJournal | None) -> Callable[..., Awaitable[str]]:
     """How the listener stores a message: the journal on SQLite, the spool on PostgreSQL."""
     if journal is not None:
-        return journal.accept
+        return GroupCommit(journal).accept
 
-    def accept(raw: bytes, **envelope: Any) -> str:
-        return str(spool.accept(rt.spool_engine, rt.blobs, raw, **envelope).inbound_id)
+    async def accept(raw: bytes, **envelope: Any) -> str:
+        accepted = await asyncio.to_thread(spool.accept, rt.spool_engine, rt.blobs, raw, **envelope)
+        return str(accepted.inbound_id)
 
     return accept
 

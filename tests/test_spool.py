@@ -158,31 +158,29 @@ def journal_row(journal: AcceptJournal, subject: str) -> str:
 
 
 def test_journal_sessions_that_arrive_together_share_a_commit(rt: Runtime, workdir: Path) -> None:
-    import threading
+    import asyncio
+
+    from mailgate.journal import GroupCommit
 
     journal = AcceptJournal(workdir / "data" / "accept-journal.db", rt.blobs)
-    inserts: list[int] = []
-    real_insert = journal._insert
+    commits: list[int] = []
+    real_write = journal.write_rows
 
-    def counting_insert(rows: list[tuple[object, ...]]) -> None:
-        inserts.append(len(rows))
-        real_insert(rows)
+    def counting_write(rows: list[tuple[object, ...]]) -> list[Exception | None]:
+        commits.append(len(rows))
+        return real_write(rows)
 
-    journal._insert = counting_insert  # type: ignore[method-assign]
-    with journal._queue:  # a commit under way: the next ones queue up behind it
-        journal._committing = True
-    keys: list[str] = []
-    threads = [threading.Thread(target=lambda i=i: keys.append(journal_row(journal, f"g{i}"))) for i in range(6)]
-    for t in threads:
-        t.start()
-    while len(journal._waiting) < 6:
-        threading.Event().wait(0.01)
-    with journal._queue:
-        journal._committing = False
-        journal._queue.notify_all()
-    for t in threads:
-        t.join()
-    assert inserts == [6] and len(set(keys)) == 6 and journal.pending() == 6
+    journal.write_rows = counting_write  # type: ignore[method-assign]
+    group = GroupCommit(journal)
+
+    async def six_sessions() -> list[str]:
+        # All six reach the end of DATA before the first commit's thread has run.
+        return await asyncio.gather(*(group.accept(
+            mail(subject=f"g{i}").as_bytes(), source="smtp", queue="support@example.com",
+            envelope_from="carol@customer.org", envelope_to=("support@example.com",)) for i in range(6)))
+
+    keys = asyncio.run(six_sessions())
+    assert commits == [6] and len(set(keys)) == 6 and journal.pending() == 6
     assert journal.drain(rt.spool_engine) == 6
     with session_scope(rt.engine) as session:
         rows = session.exec(select(Inbound)).all()
@@ -193,15 +191,32 @@ def test_journal_sessions_that_arrive_together_share_a_commit(rt: Runtime, workd
 
 
 def test_a_row_the_journal_refuses_fails_alone_not_its_whole_group(rt: Runtime, workdir: Path) -> None:
-    from mailgate.journal import _Waiting
+    import asyncio
+
+    from mailgate.journal import GroupCommit
 
     journal = AcceptJournal(workdir / "data" / "accept-journal.db", rt.blobs)
     taken = journal_row(journal, "first")
-    row = ("smtp:fresh", 3, "smtp", None, None, "", "2026-01-01T00:00:00+00:00", b"abc")
-    group = [_Waiting(row), _Waiting((taken, *row[1:])), _Waiting(("smtp:other", *row[1:]))]
-    journal._commit(group)
-    assert [w.done for w in group] == [True, True, True]
-    assert [w.error is None for w in group] == [True, False, True]  # the duplicate key only
+    _, row = journal.row_for(b"abc", source="smtp", queue=None, envelope_from=None, envelope_to=())
+    errors = journal.write_rows([row, (taken, *row[1:]), ("smtp:other", *row[1:])])
+    assert [e is None for e in errors] == [True, False, True]  # the duplicate key only
+    assert journal.pending() == 3
+
+    async def refused() -> None:  # through the listener's path: a SpoolError, no detail
+        import sqlite3
+
+        group = GroupCommit(journal)
+        journal._conn.execute("PRAGMA busy_timeout=0")
+        other = sqlite3.connect(journal.path, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")  # another process holds the journal
+        try:
+            with pytest.raises(spool.SpoolError):
+                await group.accept(b"x", source="smtp", queue=None, envelope_from=None, envelope_to=())
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+
+    asyncio.run(refused())
     assert journal.pending() == 3
     journal.close()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -34,8 +34,8 @@ class LenientLMTP(LMTP):
     line_length_limit = LONG_LINE_LIMIT
 
 
-# accept(raw, source=, queue=, envelope_from=, envelope_to=) -> a queue id; raises on failure.
-AcceptFn = Callable[..., str]
+# await accept(raw, source=, queue=, envelope_from=, envelope_to=) -> a queue id; raises on failure.
+AcceptFn = Callable[..., Awaitable[str]]
 
 
 class IngestHandler:
@@ -60,8 +60,8 @@ class IngestHandler:
         raw = envelope.original_content or b""
         queue = next((base_address(r) for r in envelope.rcpt_tos), None)
         try:
-            queue_id = await asyncio.to_thread(
-                self.accept, raw, source="lmtp" if self.lmtp else "smtp", queue=queue,
+            queue_id = await self.accept(
+                raw, source="lmtp" if self.lmtp else "smtp", queue=queue,
                 envelope_from=envelope.mail_from or "", envelope_to=tuple(r.lower() for r in envelope.rcpt_tos))
         except Exception as exc:  # SpoolError, or anything unexpected: the sender retries
             log.error("DATA from %s not stored: %s", envelope.mail_from, exc)
