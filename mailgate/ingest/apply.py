@@ -24,7 +24,7 @@ from mailgate.ingest.commands import CommandRules, ParsedCommands, find_choice, 
 from mailgate.ingest.stop import Stop
 from mailgate.runtime import Runtime
 from mailgate.sla import add_business_time, business_time_between, tier_for_address
-from mailgate.store.engine import as_utc, utcnow
+from mailgate.store.engine import as_utc, insert_object, utcnow
 from mailgate.store.tables import (
     Attachment,
     Contact,
@@ -85,8 +85,7 @@ def contact_for(rt: Runtime, session: Session, email: str, name: str = "") -> Co
     contact = session.exec(_CONTACT_BY_EMAIL, params={"email": email}).first()
     if contact is None:
         contact = Contact(email=email, name=name[:200], created_at=utcnow())
-        session.add(contact)
-        session.flush()
+        insert_object(session, contact)
     elif name and not contact.name:
         contact.name = name[:200]
         session.add(contact)
@@ -112,9 +111,8 @@ def store_message(ctx: Context, ticket: Ticket | None, *, kind: str, direction: 
         created_at=ctx.now,
     )
     message.rule_hits = json.dumps(ctx.hits)  # completed with the later steps' hits at the end
+    insert_object(ctx.session, message)
     ctx.stored.append(message)
-    ctx.session.add(message)
-    ctx.session.flush()
     for att in msg.attachments:
         digest = ctx.rt.blobs.put(att.data)
         ctx.session.add(Attachment(
@@ -211,6 +209,7 @@ def pick_owner(rt: Runtime, session: Session, ticket: Ticket) -> tuple[str | Non
     if rule.strategy == "least-open":
         def open_count(email: str) -> int:
             return session.exec(select(func.count()).select_from(Ticket).where(
+                # (not yet inserted, the new ticket has no number: IS NOT NULL leaves none out)
                 Ticket.owner == email, Ticket.number != ticket.number,
                 Ticket.status_kind.in_(("new", "open", "pending")))).one()  # type: ignore[attr-defined]
         return min(members, key=lambda e: (open_count(e), members.index(e))), why
@@ -251,13 +250,13 @@ def create_ticket(ctx: Context, *, requester: str, requester_name: str, subject:
                                               rt.settings.sla.default_tier),
         created_at=now, updated_at=now, last_public_in_at=now,
     )
-    session.add(ticket)
-    session.flush()
+    # Owner and due times before the INSERT, so that the row is written once.
     why = None
     if owner is None:
         owner, why = pick_owner(rt, session, ticket)
     ticket.owner = owner
     set_due_times(rt, ticket)
+    insert_object(session, ticket)
     add_event(session, ticket, actor, "created", None, ticket.status, f"via {ctx.inbound.source}")
     if ticket.owner:
         add_event(session, ticket, "system" if why else actor, "owner", None, ticket.owner, why)

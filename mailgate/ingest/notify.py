@@ -20,7 +20,7 @@ from sqlmodel import Session, select
 from mailgate.domain import base_address, tagged_subject
 from mailgate.outbox import enqueue
 from mailgate.runtime import Runtime
-from mailgate.store.engine import iso, utcnow
+from mailgate.store.engine import insert_object, iso, utcnow
 from mailgate.store.tables import AutoReplyLog, Contact, Message, Participant, Ticket
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def send(rt: Runtime, session: Session, *, ticket: Ticket | None, template: str,
         # Appended with Core, like the outbox row: only ever counted, never an object.
         session.connection().execute(_INSERT_AUTO_REPLY, {"recipient": to, "sent_at": utcnow()})
     if record_kind is not None and ticket is not None:
-        session.add(Message(
+        insert_object(session, Message(
             ticket_id=ticket.number, outbox_id=outbox_id, kind=record_kind, direction="out",
             from_addr=hd.address, from_name=from_name or hd.name,
             to_addrs=to, subject=mail.subject, text=mail.text, full_text=mail.text,

@@ -346,14 +346,9 @@ def process_claimed(rt: Runtime, inbound: Inbound, ahead: Future[Prepared] | Non
             ctx.hit("stop", True, stop.reason)
             ctx.outcome, reason = stop.outcome, stop.reason
         hits = json.dumps(ctx.hits)
-        written = []
-        for message in ctx.stored:  # completed with the hits of the steps after store_message
-            if message.id is None:
-                message.rule_hits = hits  # not inserted yet: the INSERT writes it
-            else:
-                written.append({"message": message.id, "rule_hits": hits})
-        if written:  # a Core UPDATE: the ORM's unit of work costs several times the statement
-            session.connection().execute(_SET_RULE_HITS, written)
+        if ctx.stored:  # completed with the hits of the steps after store_message
+            session.connection().execute(_SET_RULE_HITS, [
+                {"message": message.id, "rule_hits": hits} for message in ctx.stored])
         number = ctx.ticket.number if ctx.ticket is not None else None
         msg = ctx.parsed
         spool.finish(
