@@ -379,10 +379,11 @@ def test_doctor_ok_with_maildir_and_fails_naming_an_unreachable_relay(workdir: P
 
 
 def test_db_upgrade_on_empty_database_is_idempotent(workdir: Path) -> None:
-    from mailgate.store.migrate import head_revision
+    from mailgate.store.migrate import head_revision, newest_migration
 
     config = write_config(workdir)
     head = head_revision()
+    assert head == newest_migration()  # HEAD_REVISION names the newest migration script
     first = cli(config, "db", "upgrade").stdout.decode().strip()
     assert first == f"database at {head} (was empty)"
     second = cli(config, "db", "upgrade").stdout.decode().strip()
