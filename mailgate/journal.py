@@ -31,9 +31,8 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
-from sqlmodel import select
 
 from mailgate.spool import SpoolError
 from mailgate.store.blobs import BlobStore
@@ -58,7 +57,8 @@ CREATE TABLE IF NOT EXISTS journal (
 """
 _INSERT = ("INSERT INTO journal (key, raw_sha256, size, source, queue, envelope_from, envelope_to,"
            " received_at, raw) VALUES (?, '', ?, ?, ?, ?, ?, ?, ?)")
-_INSERT_INBOUND = insert(Inbound.__table__)  # type: ignore[attr-defined]
+_INSERT_INBOUND = sqlite_insert(Inbound.__table__).on_conflict_do_nothing(  # type: ignore[attr-defined]
+    index_elements=["source_key"])
 DRAIN_BYTES = 32 * 1024 * 1024  # the raw bytes one drain holds in memory (at least one message)
 
 
@@ -75,7 +75,13 @@ class AcceptJournal:
         self._conn.execute("PRAGMA cache_size=-512")
         self._conn.execute(_SCHEMA)
         if "raw" not in {r[1] for r in self._conn.execute("PRAGMA table_info(journal)")}:
-            self._conn.execute("ALTER TABLE journal ADD COLUMN raw BLOB")  # a journal written by an older version
+            # A journal written by an older version. The listener and the work process both
+            # open it at start: the second one may find the column added meanwhile.
+            try:
+                self._conn.execute("ALTER TABLE journal ADD COLUMN raw BLOB")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):
+                    raise
         self._lock = threading.Lock()  # the connection
 
     def close(self) -> None:
@@ -103,14 +109,17 @@ class AcceptJournal:
                      datetime.now(UTC).isoformat(), raw)
 
     def write_rows(self, rows: list[tuple[object, ...]]) -> list[Exception | None]:
-        """Commit the rows (fsynced) in one transaction; if that fails, each in its own, so
-        that a row the database refuses does not fail the others. The error of each row."""
+        """Commit the rows (fsynced) in one transaction; the error of each row. If one row
+        breaks a constraint, each is tried in its own, so that it does not fail the others;
+        any other error (a locked or failing database) is every row's."""
         try:
             self._insert(rows)
             return [None] * len(rows)
-        except Exception as exc:
+        except sqlite3.IntegrityError as exc:
             if len(rows) == 1:
                 return [exc]
+        except Exception as exc:
+            return [exc] * len(rows)
         errors: list[Exception | None] = []
         for row in rows:
             try:
@@ -153,24 +162,18 @@ class AcceptJournal:
         marks = ",".join("?" * len(ids))
         with self._lock:
             raws = dict(self._conn.execute(f"SELECT id, raw FROM journal WHERE id IN ({marks})", ids).fetchall())
-        keys = [r[1] for r in rows]
-        # Three steps, so that the database's write lock (SQLite takes it at BEGIN) is not
-        # held while the blobs are written: the keys already moved (by a drain that crashed
-        # before its journal delete), the bytes, then the rows in one short transaction.
-        with session_scope(engine) as session:
-            present = set(session.exec(select(Inbound.source_key).where(
-                Inbound.source_key.in_(keys))).all())  # type: ignore[union-attr]
-        moving = [r for r in rows if r[1] not in present]
-        # A row from before the bytes were kept in the journal names its blob instead.
-        new_bytes = [raws[r[0]] for r in moving if raws.get(r[0]) is not None]
+        # The bytes first, outside any transaction (SQLite takes its write lock at BEGIN);
+        # then the rows in one short transaction. A row moved before a crash that came
+        # before its journal delete is skipped by its key.
+        new_bytes = [raws[r[0]] for r in rows if raws.get(r[0]) is not None]
         digests = iter(self.blobs.put_many(new_bytes))  # durable before the commit naming them
+        # A row written by an older version names its blob instead of holding the bytes.
         values = [{"source": source, "source_key": key, "envelope_from": env_from, "envelope_to": env_to,
                    "queue": queue, "raw_sha256": next(digests) if raws.get(i) is not None else sha,
                    "size": size, "received_at": datetime.fromisoformat(received)}
-                  for i, key, sha, size, source, queue, env_from, env_to, received in moving]
-        if values:
-            with session_scope(engine) as session:
-                session.connection().execute(_INSERT_INBOUND, values)
+                  for i, key, sha, size, source, queue, env_from, env_to, received in rows]
+        with session_scope(engine) as session:
+            session.connection().execute(_INSERT_INBOUND, values)
         with self._lock:
             self._conn.execute(f"DELETE FROM journal WHERE id IN ({marks})", ids)
         return len(rows)
@@ -201,7 +204,12 @@ class GroupCommit:
 
     async def _commit_groups(self) -> None:
         while self._waiting:
-            group, self._waiting = self._waiting, []
+            # A session that went away while it waited (the client hung up) is not written:
+            # it never got its 250, and its sender will try again.
+            group = [(row, committed) for row, committed in self._waiting if not committed.done()]
+            self._waiting = []
+            if not group:
+                continue
             try:
                 errors = await asyncio.to_thread(self.journal.write_rows, [row for row, _ in group])
             except Exception as exc:  # the thread could not even run: every waiter gets it

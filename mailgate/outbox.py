@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import contextlib
 import logging
 import os
 import random
@@ -32,7 +33,7 @@ from sqlmodel import Session, select
 from mailgate.config import Settings
 from mailgate.domain import make_message_id, one_line, reply_address
 from mailgate.render import Renderer
-from mailgate.store.blobs import can_sync_filesystem, sync_filesystem
+from mailgate.store.blobs import FilesystemSync, can_sync_filesystem, fsync_dir
 from mailgate.store.engine import as_utc, due_ids, session_scope, utcnow
 from mailgate.store.tables import Outbox
 
@@ -191,53 +192,50 @@ def _write_maildir_file(path: Path, row: ClaimedMail, *, fsync: bool) -> None:
             os.fsync(fh.fileno())
 
 
-def deliver_to_maildir(maildir: Path, row: ClaimedMail) -> None:
-    """Write tmp/ then rename into new/."""
-    for sub in ("tmp", "new", "cur"):
-        (maildir / sub).mkdir(parents=True, exist_ok=True)
-    name = _maildir_name(row)
-    _write_maildir_file(maildir / "tmp" / name, row, fsync=True)
-    os.replace(maildir / "tmp" / name, maildir / "new" / name)
-
-
 def deliver_batch_to_maildir(maildir: Path, rows: Sequence[ClaimedMail]) -> list[DeliveryError | None]:
-    """Every row as a file in new/, with one thread hand-off and two syncfs(2) calls for the
-    batch instead of an fsync per mail: all written to tmp/, synced, renamed into new/,
-    synced again (as BlobStore.put_many). A row that cannot be written fails alone."""
-    if len(rows) < 2 or not can_sync_filesystem():
-        return [_maildir_result(maildir, row) for row in rows]
+    """Every row as a file in new/ (written to tmp/, renamed into new/): with one thread
+    hand-off and two syncfs(2) calls for the batch instead of an fsync per mail, as
+    BlobStore.put_many. A row that cannot be written fails alone; anything else fails the
+    batch, and every row is retried."""
+    try:
+        return _deliver_batch(maildir, rows)
+    except Exception as exc:  # the maildir cannot be created, a sync failed...
+        error = DeliveryError(f"{type(exc).__name__}: {exc}")
+        return [error] * len(rows)
+
+
+def _deliver_batch(maildir: Path, rows: Sequence[ClaimedMail]) -> list[DeliveryError | None]:
     for sub in ("tmp", "new", "cur"):
         (maildir / sub).mkdir(parents=True, exist_ok=True)
+    batched = can_sync_filesystem()
     results: list[DeliveryError | None] = []
     written: list[str] = []
-    for row in rows:
-        name = _maildir_name(row)
+    with FilesystemSync(maildir) if batched else contextlib.nullcontext() as filesystem:
         try:
-            _write_maildir_file(maildir / "tmp" / name, row, fsync=False)
-        except OSError as exc:
-            results.append(DeliveryError(f"{type(exc).__name__}: {exc}"))
-            continue
-        results.append(None)
-        written.append(name)
-    try:
-        sync_filesystem(maildir)
-        for name in written:
-            os.replace(maildir / "tmp" / name, maildir / "new" / name)
-        sync_filesystem(maildir)
-    except OSError as exc:
-        # Whatever reached new/ may be delivered again on the retry: under the same name,
-        # so it overwrites itself.
-        error = DeliveryError(f"{type(exc).__name__}: {exc}")
-        return [error if r is None else r for r in results]
+            for row in rows:
+                name = _maildir_name(row)
+                try:
+                    _write_maildir_file(maildir / "tmp" / name, row, fsync=not batched)
+                except OSError as exc:
+                    with contextlib.suppress(OSError):  # a partial file; not what stood in the way
+                        (maildir / "tmp" / name).unlink(missing_ok=True)
+                    results.append(DeliveryError(f"{type(exc).__name__}: {exc}"))
+                    continue
+                results.append(None)
+                written.append(name)
+            if filesystem is not None:
+                filesystem.sync()  # the mail, before its name is in new/
+            while written:
+                os.replace(maildir / "tmp" / written[0], maildir / "new" / written[0])
+                written.pop(0)
+            if filesystem is not None:
+                filesystem.sync()
+            else:
+                fsync_dir(maildir / "new")
+        finally:
+            for name in written:  # not delivered: retried under the same name
+                (maildir / "tmp" / name).unlink(missing_ok=True)
     return results
-
-
-def _maildir_result(maildir: Path, row: ClaimedMail) -> DeliveryError | None:
-    try:
-        deliver_to_maildir(maildir, row)
-    except Exception as exc:  # recorded per row, as send_one does
-        return DeliveryError(f"{type(exc).__name__}: {exc}")
-    return None
 
 
 async def deliver_by_smtp(settings: Settings, row: ClaimedMail) -> None:

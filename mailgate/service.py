@@ -63,10 +63,13 @@ def create_schema(rt: Runtime) -> None:
     if rt.settings.path is None:  # settings built in code: no config file to hand over
         migrate.upgrade(rt.engine)
         return
-    proc = subprocess.run([sys.executable, "-m", "mailgate.cli", "db", "upgrade", "--config", str(rt.settings.path)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"creating the schema failed: {proc.stderr.strip()[-2000:]}")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "mailgate.cli", "db", "upgrade", "--config",
+                               str(rt.settings.path)], capture_output=True, text=True, check=False, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError("creating the schema took over 10 minutes: run `mailgate db upgrade`") from None
+    if proc.returncode != 0 or migrate.current_revision(rt.engine) != migrate.head_revision():
+        raise RuntimeError(f"creating the schema failed: {proc.stderr.strip()[-2000:] or proc.stdout.strip()}")
 
 
 class ImapOutcome:

@@ -84,8 +84,8 @@ class IngestWorker:
                 moved = await asyncio.to_thread(self.journal.drain, self.rt.spool_engine)
             except Exception:  # a full disk, a broken blob directory: the rows stay; retry
                 log.exception("moving accepted mail from the journal into the spool failed")
-                moved = 0
                 await asyncio.sleep(1.0)
+                continue
             if moved:
                 self.wake.set()
                 continue
@@ -93,12 +93,18 @@ class IngestWorker:
 
     async def run(self, stop: asyncio.Event, on_processed: Callable[[], None] | None = None) -> None:
         mover = asyncio.create_task(self.move_journal(stop)) if self.journal is not None else None
+        if mover is not None:
+            # SMTP keeps answering 250 into the journal: if nothing empties it, stop, and let
+            # the main process restart us (the mover catches what it expects; this is a bug).
+            mover.add_done_callback(lambda task: _mover_ended(task, stop))
         try:
             await self.process_spool(stop, on_processed)
         finally:
             if mover is not None:
                 stop.set()
-                await mover  # not cancelled: a drain under way finishes before the journal closes
+                # Not cancelled: a drain under way finishes before the journal closes. A
+                # failure of its own was logged by _mover_ended.
+                await asyncio.gather(mover, return_exceptions=True)
 
     async def process_spool(self, stop: asyncio.Event, on_processed: Callable[[], None] | None) -> None:
         while not stop.is_set():
@@ -120,6 +126,14 @@ class IngestWorker:
                     on_processed()
                 continue
             await _wait_any(self.wake, stop, self.rt.settings.helpdesk.worker_poll_seconds)
+
+
+def _mover_ended(task: asyncio.Task[None], stop: asyncio.Event) -> None:
+    if task.cancelled() or task.exception() is None:
+        return
+    log.error("the journal mover failed: the work process stops to be restarted",
+              exc_info=task.exception())
+    stop.set()
 
 
 async def _wait_any(event: asyncio.Event, stop: asyncio.Event, timeout: float) -> None:

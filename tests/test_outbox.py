@@ -375,3 +375,8 @@ def test_a_maildir_batch_lands_in_new_and_a_row_that_cannot_be_written_fails_alo
     (maildir / "tmp" / _maildir_name(rows[1])).rmdir()
     assert deliver_batch_to_maildir(maildir, rows) == [None, None, None]
     assert len(list((maildir / "new").iterdir())) == 3
+    # A maildir that cannot be made at all: every row gets the error (and is retried).
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the maildir should be")
+    errors = deliver_batch_to_maildir(blocked, rows)
+    assert all(isinstance(e, DeliveryError) for e in errors) and len(errors) == 3

@@ -132,10 +132,12 @@ def test_accept_batch_is_one_commit_that_recognises_keys_it_has(rt: Runtime) -> 
 
 def test_accept_batch_stores_none_of_the_batch_when_one_cannot_be_kept(
         rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken_sync() -> None:
+    from mailgate.store.blobs import FilesystemSync
+
+    def broken_sync(self: FilesystemSync) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(rt.blobs, "_sync_filesystem", broken_sync)
+    monkeypatch.setattr(FilesystemSync, "sync", broken_sync)
     with pytest.raises(spool.SpoolError):
         spool.accept_batch(rt.spool_engine, rt.blobs, [("imap:a:1:1", b"x"), ("imap:a:1:2", b"y")], source="imap")
     with session_scope(rt.engine) as session:

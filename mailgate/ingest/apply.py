@@ -7,7 +7,6 @@ into outbox rows, in the same transaction.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -110,8 +109,7 @@ def store_message(ctx: Context, ticket: Ticket | None, *, kind: str, direction: 
         screen_kind=ctx.verdict.kind if ctx.verdict else None, spam_score=ctx.spam_score,
         created_at=ctx.now,
     )
-    message.rule_hits = json.dumps(ctx.hits)  # completed with the later steps' hits at the end
-    insert_object(ctx.session, message)
+    insert_object(ctx.session, message)  # its rule_hits are written when the pipeline ends
     ctx.stored.append(message)
     for att in msg.attachments:
         digest = ctx.rt.blobs.put(att.data)

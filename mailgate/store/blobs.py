@@ -47,35 +47,45 @@ class BlobStore:
         if not target.parent.is_dir():
             # New shard directories: their own entries must be durable too.
             target.parent.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(target.parent.parent)
-            _fsync_dir(self.root)
+            fsync_dir(target.parent.parent)
+            fsync_dir(self.root)
         tmp = self._write_temporary(target, data, fsync=True)
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return digest
 
     def put_many(self, datas: Sequence[bytes]) -> list[str]:
         """`put` for a batch, durable when it returns (see the module docstring)."""
-        if len(datas) < 2 or _syncfs is None:
+        if len(datas) < 2 or not can_sync_filesystem():
             return [self.put(data) for data in datas]
         digests = [hashlib.sha256(data).hexdigest() for data in datas]
         pending: dict[Path, Path] = {}  # target -> its written temporary file
-        try:
-            for digest, data in zip(digests, datas, strict=True):
-                target = self.path_for(digest)
-                if target in pending or self._reuse(target, len(data)):
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                pending[target] = self._write_temporary(target, data, fsync=False)
-            if pending:
-                self._sync_filesystem()  # the bytes, before any name points at them
-                for target, tmp in pending.items():
-                    os.replace(tmp, target)
-                pending.clear()
-                self._sync_filesystem()  # the names
-        finally:
-            for tmp in pending.values():
-                tmp.unlink(missing_ok=True)
+        reused = False
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FilesystemSync(self.root) as filesystem:
+            try:
+                for digest, data in zip(digests, datas, strict=True):
+                    target = self.path_for(digest)
+                    if target in pending:
+                        continue
+                    if self._reuse(target, len(data)):
+                        reused = True
+                        continue
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    pending[target] = self._write_temporary(target, data, fsync=False)
+                wrote = bool(pending)
+                if wrote:
+                    filesystem.sync()  # the bytes, before any name points at them
+                    for target, tmp in pending.items():
+                        os.replace(tmp, target)
+                    pending.clear()
+                if wrote or reused:
+                    # The names; also for a reused blob, whose own writer (another batch,
+                    # another process) may not have synced its name yet.
+                    filesystem.sync()
+            finally:
+                for tmp in pending.values():
+                    tmp.unlink(missing_ok=True)
         return digests
 
     def _reuse(self, target: Path, size: int) -> bool:
@@ -103,8 +113,6 @@ class BlobStore:
             raise
         return Path(tmp)
 
-    def _sync_filesystem(self) -> None:
-        sync_filesystem(self.root)
 
     def get(self, sha256: str) -> bytes:
         return self.path_for(sha256).read_bytes()
@@ -144,24 +152,45 @@ def _load_syncfs() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
 _syncfs = _load_syncfs()
 
 
-def can_sync_filesystem() -> bool:
-    return _syncfs is not None
-
-
-def sync_filesystem(path: Path) -> None:
-    """syncfs(2) of the filesystem that holds `path`: everything written to it is on disk."""
-    assert _syncfs is not None
-    fd = os.open(path, os.O_RDONLY)
+def _kernel_reports_sync_errors() -> bool:
+    """syncfs(2) reports write-back errors from Linux 5.8 on; before, it always succeeds."""
     try:
-        # Linux 5.8 and later report write-back errors here, as fsync does.
-        if _syncfs(fd) != 0:
+        major, minor = (int(part) for part in os.uname().release.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (5, 8)
+
+
+_SYNC_ERRORS_REPORTED = _kernel_reports_sync_errors()
+
+
+def can_sync_filesystem() -> bool:
+    return _syncfs is not None and _SYNC_ERRORS_REPORTED
+
+
+class FilesystemSync:
+    """syncfs(2) of the filesystem that holds `path`, through a descriptor opened before the
+    writes it must cover: the kernel reports a write-back error to syncfs only if it came
+    after the descriptor was opened (and no other caller consumed it first)."""
+
+    def __init__(self, path: Path) -> None:
+        assert _syncfs is not None
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def sync(self) -> None:
+        assert _syncfs is not None
+        if _syncfs(self.fd) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"syncfs: {os.strerror(err)}")
-    finally:
-        os.close(fd)
+
+    def __enter__(self) -> FilesystemSync:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
