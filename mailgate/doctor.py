@@ -28,6 +28,7 @@ def run_checks(settings: Settings) -> list[dict[str, Any]]:
                                  f"schema at {current or 'empty'}, code needs {head}: run `mailgate db upgrade`"))
     except Exception as exc:
         checks.append(_check("database", "error", f"{type(exc).__name__}: {exc}"))
+    checks.extend(_journal(settings))
     checks.append(_outbound(settings))
     checks.extend(_imap(settings, rt))
     model = rt.spam_model() if settings.spam.enabled else None
@@ -35,6 +36,26 @@ def run_checks(settings: Settings) -> list[dict[str, Any]]:
                          "disabled" if not settings.spam.enabled else
                          (f"{settings.spam_model_path}" if model else "no usable model: filter off")))
     return checks
+
+
+def _journal(settings: Settings) -> list[dict[str, Any]]:
+    """Mail the SMTP listener accepted but the work process has not taken yet (SQLite only;
+    no line when there is no journal): answered 250, so it must not sit there unseen."""
+    from mailgate.journal import JOURNAL_FILE, STUCK_AFTER, backlog
+    from mailgate.store.engine import utcnow
+
+    try:
+        count, oldest = backlog(settings.helpdesk.data_dir / JOURNAL_FILE)
+    except Exception as exc:
+        return [_check("smtp journal", "error", f"{type(exc).__name__}: {exc}")]
+    if oldest is None:
+        return [] if not (settings.helpdesk.data_dir / JOURNAL_FILE).exists() else [
+            _check("smtp journal", "ok", "empty")]
+    age = utcnow() - oldest
+    detail = f"{count} accepted message(s) waiting, the oldest for {int(age.total_seconds())} s"
+    if age > STUCK_AFTER:
+        return [_check("smtp journal", "warning", detail + ": is `mailgate run` (its work process) running?")]
+    return [_check("smtp journal", "ok", detail)]
 
 
 def _outbound(settings: Settings) -> dict[str, Any]:

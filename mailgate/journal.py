@@ -28,7 +28,7 @@ import logging
 import sqlite3
 import threading
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -60,6 +60,23 @@ _INSERT = ("INSERT INTO journal (key, raw_sha256, size, source, queue, envelope_
 _INSERT_INBOUND = sqlite_insert(Inbound.__table__).on_conflict_do_nothing(  # type: ignore[attr-defined]
     index_elements=["source_key"])
 DRAIN_BYTES = 32 * 1024 * 1024  # the raw bytes one drain holds in memory (at least one message)
+
+
+JOURNAL_FILE = "accept-journal.db"  # in data_dir
+STUCK_AFTER = timedelta(minutes=5)  # older waiting rows: nothing is moving them (doctor warns)
+
+
+def backlog(path: Path) -> tuple[int, datetime | None]:
+    """(rows waiting, when the oldest was accepted) in the journal at `path`, for `doctor`;
+    (0, None) if there is no journal."""
+    if not path.exists():
+        return 0, None
+    conn = sqlite3.connect(path, timeout=5)
+    try:
+        count, oldest = conn.execute("SELECT count(*), min(received_at) FROM journal").fetchone()
+    finally:
+        conn.close()
+    return int(count), datetime.fromisoformat(oldest) if oldest else None
 
 
 class AcceptJournal:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from mailgate import spool
 from mailgate.config import Settings
-from mailgate.journal import AcceptJournal
+from mailgate.journal import JOURNAL_FILE, AcceptJournal
 from mailgate.store.engine import is_postgres
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ def journal_for(rt: Runtime) -> AcceptJournal | None:
     """SQLite: the SMTP acceptance journal (see mailgate.journal). PostgreSQL: none."""
     if is_postgres(rt.engine):
         return None
-    return AcceptJournal(rt.settings.helpdesk.data_dir / "accept-journal.db", rt.blobs,
+    return AcceptJournal(rt.settings.helpdesk.data_dir / JOURNAL_FILE, rt.blobs,
                          busy_timeout=rt.settings.database.busy_timeout_seconds)
 
 

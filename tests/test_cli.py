@@ -390,3 +390,26 @@ def test_db_upgrade_on_empty_database_is_idempotent(workdir: Path) -> None:
     assert second == f"database at {head} (was {head})"
     tables = {r[0] for r in sql(config, "select name from sqlite_master where type = 'table'")}
     assert {"ticket", "message", "attachment", "event", "inbound", "outbox", "contact"} <= tables
+
+
+def test_doctor_warns_about_accepted_mail_that_nothing_moves(workdir: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from mailgate.journal import AcceptJournal
+    from mailgate.store.blobs import BlobStore
+
+    config = write_config(workdir)
+    cli(config, "db", "upgrade")
+    journal = AcceptJournal(workdir / "data" / "accept-journal.db", BlobStore(workdir / "data" / "raw"))
+    assert "[ok  ] smtp journal: empty" in cli(config, "doctor").stdout.decode()
+    key, row = journal.row_for(mail().as_bytes(), source="smtp", queue="support@example.com",
+                               envelope_from="carol@customer.org", envelope_to=("support@example.com",))
+    assert journal.write_rows([row]) == [None]
+    fresh = cli(config, "doctor").stdout.decode()
+    assert "[ok  ] smtp journal: 1 accepted message(s) waiting" in fresh
+    journal._conn.execute("UPDATE journal SET received_at = ?",
+                          ((datetime.now(UTC) - timedelta(minutes=6)).isoformat(),))
+    checks = {c["name"]: c for c in json.loads(cli(config, "doctor", "--json", check=False).stdout)}
+    assert checks["smtp journal"]["status"] == "warning"
+    assert "is `mailgate run` (its work process) running?" in checks["smtp journal"]["detail"]
+    journal.close()
