@@ -105,18 +105,6 @@ class AcceptJournal:
         with self._lock:
             self._conn.close()
 
-    def accept(self, raw: bytes, *, source: str, queue: str | None, envelope_from: str | None,
-               envelope_to: tuple[str, ...]) -> str:
-        """Durably keep one message, in a commit of its own; returns its journal key. Raises
-        SpoolError. (The listener goes through GroupCommit instead.)"""
-        key, row = self.row_for(raw, source=source, queue=queue, envelope_from=envelope_from,
-                                envelope_to=envelope_to)
-        error = self.write_rows([row])[0]
-        if error is not None:
-            log.error("journal accept failed: %s: %s", type(error).__name__, error)
-            raise SpoolError("could not store message") from error
-        return key
-
     @staticmethod
     def row_for(raw: bytes, *, source: str, queue: str | None, envelope_from: str | None,
                 envelope_to: tuple[str, ...]) -> tuple[str, tuple[object, ...]]:

@@ -96,11 +96,16 @@ def test_fail_retries_then_keeps_a_dead_letter_with_its_reason(rt: Runtime) -> N
         assert dead is not None and dead.state == "dead" and dead.last_error == "boom 2" and dead.subject == "s"
 
 
+def journal_row(journal: AcceptJournal, subject: str) -> str:
+    key, row = journal.row_for(mail(subject=subject).as_bytes(), source="smtp", queue="support@example.com",
+                               envelope_from="carol@customer.org", envelope_to=("support@example.com",))
+    assert journal.write_rows([row]) == [None]
+    return key
+
+
 def test_journal_drain_moves_each_row_once_even_after_a_crash_between_commits(rt: Runtime, workdir: Path) -> None:
     journal = AcceptJournal(workdir / "data" / "accept-journal.db", rt.blobs)
-    keys = [journal.accept(mail(subject=f"j{i}").as_bytes(), source="smtp", queue="support@example.com",
-                           envelope_from="carol@customer.org", envelope_to=("support@example.com",))
-            for i in range(3)]
+    keys = [journal_row(journal, f"j{i}") for i in range(3)]
     # A crash after the inbound commit but before the journal delete: the rows are in both.
     with session_scope(rt.engine) as session:
         session.add(Inbound(source="smtp", source_key=keys[0], raw_sha256="0" * 64, received_at=utcnow()))
@@ -152,11 +157,6 @@ def test_put_many_stores_each_content_once_and_reuses_what_is_there(rt: Runtime)
     assert [rt.blobs.get(d) for d in digests] == [b"one", b"already here", b"two", b"one"]
     files = sorted(p.name for p in rt.blobs.root.rglob("*") if p.is_file())
     assert files == sorted(set(digests))  # named by content, no temporary file left
-
-
-def journal_row(journal: AcceptJournal, subject: str) -> str:
-    return journal.accept(mail(subject=subject).as_bytes(), source="smtp", queue="support@example.com",
-                          envelope_from="carol@customer.org", envelope_to=("support@example.com",))
 
 
 def test_journal_sessions_that_arrive_together_share_a_commit(rt: Runtime, workdir: Path) -> None:
