@@ -31,11 +31,23 @@ def run_checks(settings: Settings) -> list[dict[str, Any]]:
     checks.extend(_journal(settings))
     checks.append(_outbound(settings))
     checks.extend(_imap(settings, rt))
-    model = rt.spam_model() if settings.spam.enabled else None
-    checks.append(_check("spam model", "ok" if model or not settings.spam.enabled else "warning",
-                         "disabled" if not settings.spam.enabled else
-                         (f"{settings.spam_model_path}" if model else "no usable model: filter off")))
+    checks.append(_spam_model(settings, rt))
     return checks
+
+
+def _spam_model(settings: Settings, rt: Runtime) -> dict[str, Any]:
+    from mailgate.spamfeatures import FEATURE_VERSION
+
+    if not settings.spam.enabled:
+        return _check("spam model", "ok", "disabled")
+    model = rt.spam_model()
+    if model is None:
+        return _check("spam model", "warning", "no usable model: filter off")
+    detail = f"{settings.spam_model_path} (feature set {model.meta['feature_version']})"
+    if model.meta["feature_version"] < FEATURE_VERSION:
+        # Still correct, only weaker: the newer tokens are learned from feedback alone.
+        detail += f"; `mailgate spam train` would add feature set {FEATURE_VERSION}"
+    return _check("spam model", "ok", detail)
 
 
 def _journal(settings: Settings) -> list[dict[str, Any]]:

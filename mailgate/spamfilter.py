@@ -40,26 +40,23 @@ Design notes (why, not what):
 
 from __future__ import annotations
 
-import html
 import json
 import mailbox
 import math
 import os
-import re
 import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email import message_from_bytes
-from email.header import decode_header, make_header
 from email.message import Message
-from email.utils import getaddresses, parseaddr
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from mailgate.spamfeatures import FEATURE_VERSION, extract_tokens
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -80,9 +77,11 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-# Bump whenever extract_tokens changes: a model trained on other tokens would
-# silently score garbage, so load() refuses a mismatch instead.
-FEATURE_VERSION = 1
+# Feature sets whose tokens extract_tokens still produces unchanged: set 2 only
+# added tokens, so a model trained on set 1 scores correctly (the new columns
+# are empty and vote 0) and learns the new tokens from then on. An upgrade must
+# not turn the filter off until someone retrains.
+READABLE_FEATURE_VERSIONS = frozenset({1, FEATURE_VERSION})
 FORMAT_NAME = "mailgate-spam-model"
 
 DEFAULT_N_FEATURES = 2**18
@@ -102,11 +101,6 @@ SCORE_TOKENS = 15
 _MAX_MEMBER_BYTES = 512 * 2**20
 _MIN_FEATURES, _MAX_FEATURES = 2**10, 2**24
 
-# Bound the work per message: a 20 MB attachment-laden mail must not stall
-# the ingest worker, and the first 100k characters carry the signal.
-_MAX_TEXT_CHARS = 100_000
-_MAX_PARTS = 64
-
 _HAM, _SPAM = 0, 1
 
 
@@ -118,277 +112,6 @@ class ModelError(Exception):
 class SpamScore:
     score: float  # probability of spam, 0..1
     is_spam: bool  # score >= threshold
-
-
-# --------------------------------------------------------------------------
-# Feature extraction
-# --------------------------------------------------------------------------
-
-# Words start with a letter so that dates, prices and ids do not flood the
-# vocabulary; money and percentages are kept as classes because they are
-# signal in themselves.
-_RE_WORD = re.compile(r"[^\W\d_][\w'\-]*[^\W_]|\$\s?\d[\d,.]*|\d[\d,.]*\s?%|!{2,}|\$", re.UNICODE)
-_RE_URL_HOST = re.compile(r"""(?:https?://|\bwww\.)([^\s/"'<>:?#\\)\]]+)""", re.IGNORECASE)
-_RE_IPV4 = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
-# Comments are removed without a space so "V<!-- x -->iagra" stays one word.
-_RE_HTML_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
-_RE_HTML_DROP = re.compile(r"<(script|style)\b.*?</\1\s*>", re.DOTALL | re.IGNORECASE)
-_RE_HTML_BLOCK = re.compile(
-    r"</?(?:p|br|div|td|th|tr|li|ul|ol|table|tbody|h[1-6]|title|hr|img|center|blockquote)\b[^>]*>",
-    re.IGNORECASE,
-)
-_RE_HTML_TAG = re.compile(r"<[^>]*>")
-_RE_HTML_LINK = re.compile(r"<a\b[^>]*\bhref", re.IGNORECASE)
-_RE_HTML_IMG = re.compile(r"<img\b", re.IGNORECASE)
-_RE_HTML_FORM = re.compile(r"<form\b", re.IGNORECASE)
-_RE_HTML_SCRIPT = re.compile(r"<script\b", re.IGNORECASE)
-_RE_HTML_HIDDEN = re.compile(
-    r"display\s*:\s*none|visibility\s*:\s*hidden|font-size\s*:\s*[01](?:\.\d+)?\s*(?:px|pt)?\b",
-    re.IGNORECASE,
-)
-_RE_HTML_WHITE = re.compile(r"""color\s*[:=]\s*["']?(?:#fff(?:fff)?|white)\b""", re.IGNORECASE)
-_RE_AUTH = re.compile(r"\b(spf|dkim|dmarc|arc)\s*=\s*([a-z]+)", re.IGNORECASE)
-_RE_ALPHA_WORD = re.compile(r"[a-z]+", re.IGNORECASE)
-_SECOND_LEVEL = frozenset({"co", "com", "net", "org", "ac", "gov", "edu", "ne", "or", "go"})
-
-
-def _bucket(n: int) -> str:
-    """Log2 bucket label, so counts generalise instead of memorising values."""
-    if n <= 0:
-        return "0"
-    if n == 1:
-        return "1"
-    lo = 1 << (n.bit_length() - 1)
-    return f"{lo}+" if lo >= 16 else f"{lo}-{2 * lo - 1}"
-
-
-def _decode_header(value: Any) -> str:
-    if value is None:
-        return ""
-    raw = str(value)
-    try:
-        return str(make_header(decode_header(raw)))
-    except Exception:
-        # Broken encoded-words are common in spam; the raw text still has words.
-        return raw
-
-
-def _registered_domain(host: str) -> str:
-    """Approximate the registrable domain without a public-suffix list."""
-    labels = [x for x in host.split(".") if x]
-    if len(labels) <= 2:
-        return ".".join(labels)
-    if len(labels[-1]) == 2 and labels[-2] in _SECOND_LEVEL:
-        return ".".join(labels[-3:])
-    return ".".join(labels[-2:])
-
-
-def _domain_of(addr: str) -> str:
-    _, _, dom = addr.rpartition("@")
-    return dom.strip().strip(">").lower() if "@" in addr else ""
-
-
-def _part_text(part: Message) -> str:
-    payload = part.get_payload(decode=True)
-    if not isinstance(payload, bytes):
-        return ""
-    charset = part.get_content_charset() or "latin-1"
-    try:
-        return payload.decode(charset, errors="replace")
-    except (LookupError, ValueError):
-        # Unknown charset names ("x-user-defined", typos) are still mostly ASCII.
-        return payload.decode("latin-1", errors="replace")
-
-
-def _html_to_text(markup: str) -> str:
-    markup = _RE_HTML_COMMENT.sub("", markup)
-    markup = _RE_HTML_DROP.sub(" ", markup)
-    markup = _RE_HTML_BLOCK.sub(" ", markup)
-    # Inline tags vanish without a space: "<b>F</b>REE" is meant to read "FREE".
-    markup = _RE_HTML_TAG.sub("", markup)
-    return html.unescape(markup)
-
-
-def _url_tokens(text: str, out: set[str]) -> int:
-    hosts: set[str] = set()
-    for m in _RE_URL_HOST.finditer(text):
-        host = m.group(1).lower().rstrip(".,;")
-        if m.group(0).lower().startswith("www."):
-            host = "www." + host
-        host = host.rpartition("@")[2]  # http://user@host tricks
-        if host:
-            hosts.add(host)
-    for host in hosts:
-        if _RE_IPV4.match(host):
-            out.add("url:ip")
-            continue
-        out.add("url:" + host)
-        out.add("urldom:" + _registered_domain(host))
-        out.add("urltld:" + host.rsplit(".", 1)[-1])
-    return len(hosts)
-
-
-def _word_tokens(text: str, prefix: str, out: set[str]) -> tuple[int, int]:
-    """Add word tokens; return (words, all-caps words) for the shouting signal."""
-    n_words = n_caps = 0
-    for m in _RE_WORD.finditer(text):
-        w = m.group(0)
-        if len(w) > 30:
-            continue
-        c = w[0]
-        if c == "$":
-            out.add(prefix + ("$" if len(w) == 1 else "$num"))
-            continue
-        if c.isdigit():
-            out.add(prefix + "num%")
-            continue
-        if c == "!":
-            out.add(prefix + "!!")
-            continue
-        n_words += 1
-        if len(w) >= 3 and w.isupper():
-            n_caps += 1
-        out.add(prefix + w.lower())
-    return n_words, n_caps
-
-
-def _header_tokens(msg: Message, out: set[str]) -> None:
-    name, addr = parseaddr(_decode_header(msg.get("From")))
-    dom = _domain_of(addr)
-    if dom:
-        out.add("fromdom:" + dom)
-        out.add("fromtld:" + dom.rsplit(".", 1)[-1])
-    else:
-        out.add("from:noaddr")
-    if not name:
-        out.add("from:noname")
-    elif "@" in name:
-        # A display name that is itself an address different from the real
-        # one is the classic phishing disguise.
-        shown = parseaddr(name)[1].lower()
-        out.add("from:name_addr_mismatch" if shown != addr.lower() else "from:name_is_addr")
-    elif dom and "." in name and " " not in name.strip():
-        out.add("from:name_is_domain")
-
-    auth_seen = False
-    for value in msg.get_all("Authentication-Results", []) or []:
-        for kind, result in _RE_AUTH.findall(str(value)):
-            out.add(f"auth:{kind.lower()}={result.lower()}")
-            auth_seen = True
-    for value in msg.get_all("Received-SPF", []) or []:
-        words = str(value).split()
-        if words:
-            out.add("rspf:" + words[0].lower())
-            auth_seen = True
-    if not auth_seen:
-        out.add("auth:none")
-
-    mailer = msg.get("X-Mailer") or msg.get("User-Agent")
-    if mailer:
-        # Version numbers change weekly; the product name is what carries over.
-        words = _RE_ALPHA_WORD.findall(_decode_header(mailer).lower())[:3]
-        out.add("xm:" + " ".join(words))
-    else:
-        out.add("xm:none")
-
-    hops = len(msg.get_all("Received", []) or [])
-    out.add("hops:" + _bucket(hops))
-
-    if not msg.get("Message-ID"):
-        out.add("hdr:no_msgid")
-    if msg.get("In-Reply-To") or msg.get("References"):
-        out.add("hdr:reply")
-    n_rcpt = len(getaddresses([str(v) for v in (msg.get_all("To", []) or [])]))
-    n_rcpt += len(getaddresses([str(v) for v in (msg.get_all("Cc", []) or [])]))
-    out.add("rcpt:" + _bucket(n_rcpt))
-    out.add("ct:" + msg.get_content_type())
-
-
-def _body_tokens(msg: Message, out: set[str]) -> None:
-    plain: list[str] = []
-    markup: list[str] = []
-    charsets: set[str] = set()
-    n_parts = 0
-    for part in msg.walk():
-        if part.is_multipart():
-            continue
-        n_parts += 1
-        if n_parts > _MAX_PARTS:
-            break
-        ctype = part.get_content_type()
-        cs = part.get_content_charset()
-        if cs:
-            charsets.add(cs.lower())
-        filename = part.get_filename()
-        if filename or part.get_content_maintype() not in ("text", "message"):
-            out.add("att:" + ctype)
-            if filename and "." in filename:
-                out.add("attext:" + filename.rsplit(".", 1)[-1].lower()[:10])
-            continue
-        if ctype == "text/html":
-            markup.append(_part_text(part)[:_MAX_TEXT_CHARS])
-        elif part.get_content_maintype() == "text":
-            plain.append(_part_text(part)[:_MAX_TEXT_CHARS])
-
-    for cs in charsets or {"none"}:
-        out.add("cs:" + cs)
-
-    html_text = "\n".join(markup)
-    if html_text:
-        if not plain:
-            out.add("html:only")
-        out.add("html:links=" + _bucket(len(_RE_HTML_LINK.findall(html_text))))
-        out.add("html:img=" + _bucket(len(_RE_HTML_IMG.findall(html_text))))
-        if _RE_HTML_HIDDEN.search(html_text):
-            out.add("html:hidden")
-        if _RE_HTML_WHITE.search(html_text):
-            out.add("html:white")
-        if _RE_HTML_FORM.search(html_text):
-            out.add("html:form")
-        if _RE_HTML_SCRIPT.search(html_text):
-            out.add("html:script")
-
-    # What the reader sees: the plain part when there is one (multipart/
-    # alternative), else the HTML rendered to text.
-    visible = "\n".join(plain) if plain else _html_to_text(html_text)
-    visible = visible[:_MAX_TEXT_CHARS]
-    if html_text and not plain:
-        ratio = len(visible.strip()) / max(len(html_text), 1)
-        out.add("html:textratio=" + ("low" if ratio < 0.1 else "mid" if ratio < 0.4 else "high"))
-
-    n_words, n_caps = _word_tokens(visible, "", out)
-    out.add("len:" + _bucket(n_words // 10))
-    if n_words >= 20:
-        share = n_caps / n_words
-        out.add("caps:" + ("high" if share > 0.3 else "some" if share > 0.1 else "low"))
-    n_hosts = _url_tokens(html_text + "\n" + "\n".join(plain), out)
-    out.add("urls:" + _bucket(n_hosts))
-
-
-def extract_tokens(raw: bytes, msg: Message | None = None) -> set[str]:
-    """The set of feature tokens of one raw message. Never raises.
-
-    msg: the same bytes already parsed with the compat32 policy (the pipeline has
-    them from mailgate.ingest.parse); the tokens are the same either way.
-    """
-    out: set[str] = set()
-    try:
-        if msg is None:
-            msg = message_from_bytes(raw)
-        subject = _decode_header(msg.get("Subject"))
-        if not subject.strip():
-            out.add("s:empty")
-        n_words, n_caps = _word_tokens(subject, "s:", out)
-        if n_words >= 2 and n_caps == n_words:
-            out.add("s:allcaps")
-        _header_tokens(msg, out)
-        _body_tokens(msg, out)
-    except Exception:
-        # Mail that defeats the parser is itself a signal; keep whatever words
-        # the raw bytes have so the message still gets a meaningful score.
-        out.add("parse:failed")
-        _word_tokens(raw[:_MAX_TEXT_CHARS].decode("latin-1"), "", out)
-    return out
 
 
 def _hash_tokens(tokens: Iterable[str], n_features: int) -> np.ndarray:
@@ -418,8 +141,11 @@ class SpamModel:
         alpha: float,
         trained_at: str | None = None,
         updated_at: str | None = None,
+        feature_version: int = FEATURE_VERSION,
     ) -> None:
         self._n_features = int(feature_count.shape[1])
+        # The feature set it was trained on (fit); learning since may add newer tokens.
+        self._feature_version = feature_version
         self._alpha = float(alpha)
         self._feature_count = np.ascontiguousarray(feature_count, dtype=np.float64)
         self._class_count = np.ascontiguousarray(class_count, dtype=np.float64)
@@ -430,9 +156,7 @@ class SpamModel:
     # -- construction -----------------------------------------------------
 
     @classmethod
-    def empty(
-        cls, *, alpha: float = DEFAULT_ALPHA, n_features: int = DEFAULT_N_FEATURES
-    ) -> SpamModel:
+    def empty(cls, *, alpha: float = DEFAULT_ALPHA, n_features: int = DEFAULT_N_FEATURES) -> SpamModel:
         _check_params(n_features, alpha)
         return cls(
             np.zeros((2, n_features), dtype=np.float64),
@@ -452,6 +176,7 @@ class SpamModel:
             alpha=self._alpha,
             trained_at=self._trained_at,
             updated_at=self._updated_at,
+            feature_version=self._feature_version,
         )
 
     @classmethod
@@ -473,9 +198,7 @@ class SpamModel:
         expected = {"header", "feature_count", "class_count"}
         names = set(npz.files)
         if names != expected:
-            raise ModelError(
-                f"{path}: unexpected arrays {sorted(names)}; expected {sorted(expected)}"
-            )
+            raise ModelError(f"{path}: unexpected arrays {sorted(names)}; expected {sorted(expected)}")
         for info in npz.zip.infolist():
             if info.file_size > _MAX_MEMBER_BYTES:
                 raise ModelError(f"{path}: member {info.filename} is implausibly large")
@@ -502,7 +225,10 @@ class SpamModel:
                 f"(this mailgate reads version {FORMAT_VERSION}); "
                 "retrain with `mailgate spam train`"
             )
-        if header.get("feature_version") != FEATURE_VERSION:
+        feature_version = header.get("feature_version")
+        # Type first: a list in a hostile header is unhashable, True == 1.
+        readable = type(feature_version) is int and feature_version in READABLE_FEATURE_VERSIONS
+        if not readable:
             raise ModelError(
                 f"{path}: model was trained on feature set {header.get('feature_version')!r}, "
                 f"this mailgate extracts set {FEATURE_VERSION}; retrain with `mailgate spam train`"
@@ -525,8 +251,7 @@ class SpamModel:
             )
         if class_count.dtype != np.float64 or class_count.shape != (2,):
             raise ModelError(
-                f"{path}: class_count must be float64 of shape (2,), "
-                f"got {class_count.dtype} {class_count.shape}"
+                f"{path}: class_count must be float64 of shape (2,), got {class_count.dtype} {class_count.shape}"
             )
         for name, arr in (("feature_count", feature_count), ("class_count", class_count)):
             if not np.all(np.isfinite(arr)) or np.any(arr < 0):
@@ -538,6 +263,7 @@ class SpamModel:
             class_count,
             alpha=float(alpha),
             trained_at=trained_at if isinstance(trained_at, str) else None,
+            feature_version=int(feature_version),
             updated_at=updated_at if isinstance(updated_at, str) else None,
         )
 
@@ -545,8 +271,7 @@ class SpamModel:
         """Write atomically: readers see the old model or the new, never half a file."""
         path = Path(path)
         header = json.dumps(
-            {"format": FORMAT_NAME, "version": FORMAT_VERSION, "feature_version": FEATURE_VERSION}
-            | self.meta,
+            {"format": FORMAT_NAME, "version": FORMAT_VERSION} | self.meta,
             sort_keys=True,
         ).encode("utf-8")
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -581,7 +306,7 @@ class SpamModel:
             "n_features": self._n_features,
             "alpha": self._alpha,
             "version": FORMAT_VERSION,
-            "feature_version": FEATURE_VERSION,
+            "feature_version": self._feature_version,
         }
 
     @property
@@ -653,6 +378,7 @@ class SpamModel:
             self._partial_fit(_rows_to_csr(batch, self._n_features), np.array(labels))
         self._trained_at = _now()
         self._updated_at = self._trained_at
+        self._feature_version = FEATURE_VERSION
 
     def to_sklearn(self) -> BernoulliNB:
         """The fitted scikit-learn estimator holding the same counts.
@@ -687,10 +413,7 @@ class SpamModel:
 
     def _feature_log_prob(self) -> np.ndarray:
         # Same estimate as BernoulliNB.feature_log_prob_.
-        return (
-            np.log(self._feature_count + self._alpha)
-            - np.log(self._class_count + 2 * self._alpha)[:, None]
-        )
+        return np.log(self._feature_count + self._alpha) - np.log(self._class_count + 2 * self._alpha)[:, None]
 
     def _refresh(self) -> None:
         # Two-class NB reduces to one weight per column plus a bias; keeping
@@ -711,10 +434,7 @@ class SpamModel:
 
 def _check_params(n_features: int, alpha: float) -> None:
     if not (_MIN_FEATURES <= n_features <= _MAX_FEATURES) or n_features & (n_features - 1):
-        raise ValueError(
-            f"n_features must be a power of two in [{_MIN_FEATURES}, {_MAX_FEATURES}], "
-            f"got {n_features}"
-        )
+        raise ValueError(f"n_features must be a power of two in [{_MIN_FEATURES}, {_MAX_FEATURES}], got {n_features}")
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"alpha must be a positive finite number, got {alpha}")
 
@@ -790,9 +510,7 @@ def _read_files(directory: Path) -> Iterator[bytes]:
         yield entry.read_bytes()
 
 
-def evaluate(
-    model: SpamModel, ham: Iterable[bytes], spam: Iterable[bytes], threshold: float
-) -> dict[str, float | int]:
+def evaluate(model: SpamModel, ham: Iterable[bytes], spam: Iterable[bytes], threshold: float) -> dict[str, float | int]:
     n_ham = n_spam = ham_fp = spam_tp = 0
     for raw in ham:
         n_ham += 1

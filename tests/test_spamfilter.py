@@ -262,6 +262,9 @@ def test_garbage_and_wrong_shapes_are_refused(tmp_path: Path) -> None:
         variant("hdr_json", header=np.frombuffer(b"{not json", dtype=np.uint8)),
         variant("hdr_version", header=with_header(version=99)),
         variant("hdr_features", header=with_header(feature_version=0)),
+        variant("hdr_features_newer", header=with_header(feature_version=99)),
+        variant("hdr_features_list", header=with_header(feature_version=[1])),
+        variant("hdr_features_bool", header=with_header(feature_version=True)),
         variant("hdr_alpha", header=with_header(alpha=-1)),
         variant("hdr_nfeat", header=with_header(n_features=1000)),
     ]
@@ -350,3 +353,28 @@ def test_shipped_model_loads_and_separates() -> None:
 def test_shipped_model_is_a_zip_of_plain_arrays() -> None:
     with zipfile.ZipFile(SHIPPED) as zf:
         assert sorted(zf.namelist()) == ["class_count.npy", "feature_count.npy", "header.npy"]
+
+
+def test_a_model_of_feature_set_1_still_loads_scores_and_learns(tmp_path: Path) -> None:
+    """Set 2 only added tokens: an upgrade must not switch a trained filter off."""
+    path = tmp_path / "old.npz"
+    model = SpamModel.empty(n_features=2**12)
+    model.fit([(SPAM_MAIL, True), (HAM_MAIL, False)])
+    model.save(path)
+    with zipfile.ZipFile(path) as zf:
+        arrays = {name[:-4]: np.load(io.BytesIO(zf.read(name))) for name in zf.namelist()}
+    header = json.loads(arrays["header"].tobytes())
+    assert header["feature_version"] == spamfilter.FEATURE_VERSION == 2
+    header["feature_version"] = 1
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    _write_npz(path, **arrays)
+
+    old = SpamModel.load(path)
+    assert old.meta["feature_version"] == 1
+    assert old.score_bytes(SPAM_MAIL, 0.9).is_spam
+    assert not old.score_bytes(HAM_MAIL, 0.9).is_spam
+    old.learn_bytes(SPAM_MAIL, True)
+    old.save(path)
+    assert SpamModel.load(path).meta["feature_version"] == 1  # trained on set 1, whatever it learned since
+    old.fit([(SPAM_MAIL, True), (HAM_MAIL, False)])
+    assert old.meta["feature_version"] == 2
