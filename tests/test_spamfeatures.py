@@ -74,7 +74,7 @@ def test_recipients_sender_and_reply_to() -> None:
         "Reply-To: offers@elsewhere.example"
     )
     assert {"to:undisclosed", "to:noname", "from:dom_case", "replyto:other"} <= got
-    assert "to:none" in tokens("From: a@example.org")
+    assert not {t for t in tokens("From: a@example.org") if t.startswith("to:")}
     assert "to:eq_from" in tokens("From: james2000@example.org\nTo: james2000@example.org")
     assert "from:lp_digits" in tokens("From: james2000@example.org")
     assert "replyto:same" in tokens("From: a@example.org\nReply-To: A@example.org")

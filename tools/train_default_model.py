@@ -50,6 +50,9 @@ MAX_CV_FP_RATE = 0.0025
 # (fit below, validate from, validate below), as fractions of each folder by file name.
 FOLDS = ((0.2, 0.2, 0.4), (0.4, 0.4, 0.6), (0.6, 0.6, 0.8))
 THRESHOLDS = (0.5, 0.9)
+HELDOUT_OUTCOME_5 = """\
+   Outcome of that look, at threshold 0.9: the same as the fourth to the
+   digit (accuracy 0.9815, spam recall 0.95, ham FP 0.0127 = 7 of 550)."""
 # Written by hand after the one look at the held-out part that this model got
 # (the card's history); a rebuild of the same model reproduces the figures.
 HELDOUT_OUTCOME = """\
@@ -288,7 +291,7 @@ How often the held-out figures were looked at, and what was decided before:
    alpha 0.03 scoring every token: accuracy 0.9410, 2 of 1650 ham, recall
    0.6233; this model, alpha 0.05: 0.9513, 2 of 1650, 0.6900). It is kept,
    as decided before looking; nothing was changed after the look.
-4. This model: feature set 2 (the structure tokens above). Settled on the
+4. Feature set 2 (the structure tokens above). Settled on the
    training 80% before the held-out part was scored once, and kept whatever
    that score is. Pooled forward-fold validation at threshold 0.9, feature
    set 1 -> 2: alpha 0.05 accuracy 0.9513 -> 0.9544, ham FP 2 -> 2 of 1650,
@@ -308,6 +311,16 @@ How often the held-out figures were looked at, and what was decided before:
    naive Bayes. The held-out messages were not examined.
 
 {HELDOUT_OUTCOME}
+5. This model: the same without the `to:none` token (a message without a
+   To header). Looking at the shipped model's weights (training data only),
+   it had learned -6.3, strong ham, from 152 ham and no spam: mail archived
+   with its headers stripped. In live mail a missing To means Bcc'd bulk,
+   and a spammer could buy the bonus by dropping the header. Forward-fold
+   validation was identical to the digit at every alpha, and alpha 0.05
+   was chosen again. Decided before scoring the held-out part, and kept
+   whatever that score is.
+
+{HELDOUT_OUTCOME_5}
 
 Quarantined mail is kept and releasable, and releasing it teaches the model.
 """
