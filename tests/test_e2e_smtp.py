@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import smtplib
 import socket
 import sqlite3
@@ -59,6 +60,21 @@ def test_new_ticket_gets_confirmation_and_agents_get_notices(daemon: Daemon) -> 
     steps = [h["step"] for h in shown["messages"][0]["rule_hits"]]
     assert steps[:5] == ["parse", "dedupe", "screen", "identify", "spam"]
     assert any(h["step"] == "route" and "new ticket" in h["reason"] for h in shown["messages"][0]["rule_hits"])
+
+
+def test_the_listener_prepends_its_received_line(daemon: Daemon) -> None:
+    # RFC 5321 4.4: an SMTP server that accepts a message MUST add a trace line at its top.
+    daemon.send(mail(subject="Traced", message_id="<traced@customer.org>"))
+    wait_until(lambda: daemon.tickets())
+    stored = [p.read_bytes() for p in (daemon.config.parent / "data").rglob("*")
+              if p.is_file() and p.read_bytes().startswith(b"Received: ")]
+    assert len(stored) == 1 and b"Subject: Traced" in stored[0]
+    trace, rest = stored[0].split(b"\r\n", 3)[:3], stored[0].split(b"\r\n", 3)[3]
+    # smtplib's EHLO names the host, or its address literal when the name has no dot.
+    assert re.fullmatch(rb"Received: from [\w.\-\[\]]+ \(\[127\.0\.0\.1\]\)", trace[0])
+    assert trace[1].startswith(b"\tby ") and trace[1].endswith(b"(mailgate) with ESMTP")
+    assert trace[2].startswith(b"\tfor <support@example.com>; ")
+    assert rest.startswith(b"From: Carol <carol@customer.org>")
 
 
 def test_reply_by_subject_tag(daemon: Daemon) -> None:

@@ -110,10 +110,12 @@ def test_agent_hash_spam_learns_and_closes_without_mailing_the_requester(spam_da
                                                                          workdir: Path) -> None:
     d = spam_daemon
     pitch = mail(sender="Dave <dave@growth-partners.example>", subject="Quick question",
-                 body="Hi there, we can get your website on the first page of search results. "
-                      "Reply for a free quote.\n\nDave", message_id="<pitch@growth-partners.example>")
+                 body="Hi there, we could help with the layout of your website. "
+                      "Reply if you want a quote.\n\nDave", message_id="<pitch@growth-partners.example>")
     eml = workdir / "pitch.eml"
-    eml.write_bytes(pitch.as_bytes())
+    # As stored: the listener prepends its Received line (a hop counts as a feature).
+    eml.write_bytes(b"Received: from localhost ([127.0.0.1])\r\n\tby mailgate (mailgate) with ESMTP\r\n"
+                    b"\tfor <support@example.com>; Fri, 27 Nov 2026 20:00:00 +0000\r\n" + pitch.as_bytes())
     before = score(d, eml)
     assert before < 0.9
 

@@ -114,11 +114,12 @@ _ADDRESS_HEADERS = frozenset(
 )
 _MAX_DEFECTS = 100
 # At least one of these marks a header block as mail, not text that happens to hold a colon.
-_MAIL_HEADERS = _ADDRESS_HEADERS | {
+# Trace fields (Received, Return-Path, Delivered-To) do not count: the MTA in
+# front and our own listener add them to whatever bytes arrive, garbage included.
+_MAIL_HEADERS = (_ADDRESS_HEADERS - {"delivered-to", "x-original-to", "return-path"}) | {
     "subject",
     "date",
     "message-id",
-    "received",
     "mime-version",
     "content-type",
     "in-reply-to",
@@ -170,7 +171,7 @@ def _precheck(raw: bytes, *, max_depth: int, max_header_bytes: int, max_addresse
     if controls > max(4, block_size // 20):
         raise UnusableMessage("binary data in the header block, not a mail")
     if not any(name in _MAIL_HEADERS for name, _ in fields):
-        raise UnusableMessage("no mail header (From, To, Subject, Date, Received, ...) found")
+        raise UnusableMessage("no mail header (From, To, Subject, Date, Message-ID, ...) found")
     per_name: dict[str, int] = {}
     for name, value in fields:
         if len(value) > max_header_bytes:

@@ -11,8 +11,13 @@ customer's mail and leak internals (threats.md 1-2).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from email.utils import format_datetime
+from typing import Any
 
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -32,6 +37,40 @@ class LenientSMTP(SMTP):
 
 class LenientLMTP(LMTP):
     line_length_limit = LONG_LINE_LIMIT
+
+
+# What may appear of a client's HELO in our Received line: anything else
+# (spaces, parentheses, semicolons, CR/LF) could forge the line's structure.
+_RE_HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+_RE_ADDRESS_UNSAFE = re.compile(r"[^A-Za-z0-9.!#$%&'*+/=?^_`{|}~@\-]")
+
+
+def _address_literal(peer: Any) -> str:
+    """RFC 5321 address literal of the client: [192.0.2.1] or [IPv6:2001:db8::1]."""
+    host = peer[0] if isinstance(peer, tuple) and peer else None
+    try:
+        ip = ipaddress.ip_address(str(host))
+    except ValueError:
+        return "[unknown]"  # a Unix socket, or a test transport
+    return f"[IPv6:{ip.compressed}]" if ip.version == 6 else f"[{ip}]"
+
+
+def trace_header(*, helo: str | None, peer: Any, hostname: str, protocol: str,
+                 recipients: Sequence[str], now: datetime) -> bytes:
+    """The Received line an SMTP server MUST prepend (RFC 5321 4.4), folded, CRLF-ended.
+
+    protocol: the RFC 3848 keyword (SMTP, ESMTP, ESMTPS, LMTP). No reverse-DNS
+    lookup: the MTA in front does that, and a listener must not wait on DNS.
+    `for` names the recipient only when there is one, so that Bcc recipients
+    do not learn of each other.
+    """
+    client = _RE_HELO_UNSAFE.sub("", helo or "")[:255] or "unknown"
+    lines = [f"Received: from {client} ({_address_literal(peer)})",
+             f"\tby {hostname} (mailgate) with {protocol}"]
+    if len(recipients) == 1:
+        lines.append(f"\tfor <{_RE_ADDRESS_UNSAFE.sub('', recipients[0])[:320]}>")
+    lines[-1] += f"; {format_datetime(now)}"
+    return ("\r\n".join(lines) + "\r\n").encode("ascii", "replace")
 
 
 # await accept(raw, source=, queue=, envelope_from=, envelope_to=) -> a queue id; raises on failure.
@@ -57,7 +96,13 @@ class IngestHandler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        raw = envelope.original_content or b""
+        if self.lmtp:
+            protocol = "LMTP"
+        else:
+            protocol = ("ESMTP" if session.extended_smtp else "SMTP") + ("S" if session.ssl else "")
+        trace = trace_header(helo=session.host_name, peer=session.peer, hostname=server.hostname,
+                             protocol=protocol, recipients=envelope.rcpt_tos, now=datetime.now().astimezone())
+        raw = trace + (envelope.original_content or b"")
         queue = next((base_address(r) for r in envelope.rcpt_tos), None)
         try:
             queue_id = await self.accept(
