@@ -77,6 +77,13 @@ def test_the_listener_prepends_its_received_line(daemon: Daemon) -> None:
     assert rest.startswith(b"From: Carol <carol@customer.org>")
 
 
+def test_mail_saved_from_mbox_and_sent_by_smtp_still_becomes_a_ticket(daemon: Daemon) -> None:
+    # Its mbox "From " line now sits under our Received line (the corpus is such mail).
+    daemon.send(b"From carol@customer.org Thu Aug 22 12:36:23 2002\r\n" + mail(subject="From mbox").as_bytes())
+    wait_until(lambda: daemon.tickets())
+    assert [t["subject"] for t in daemon.tickets()] == ["From mbox"]
+
+
 def test_reply_by_subject_tag(daemon: Daemon) -> None:
     t = open_ticket(daemon)
     daemon.send(mail(subject=f"Re: [EXAMPLE #{t['number']}] Printer on fire", body="Still burning."))

@@ -134,6 +134,10 @@ def test_long_lines_are_fine() -> None:
 def test_mbox_from_line_is_tolerated() -> None:
     raw = b"From someone@example.com Thu Aug 22 12:36:23 2002\n" + mail(BASIC)
     assert parse_message(raw).from_addr == "jane.doe@example.com"
+    # The same mbox-saved mail sent by SMTP: the listener's Received line comes first.
+    traced = b"Received: from client ([127.0.0.1])\r\n\tby h (mailgate) with ESMTP; Fri, 27 Nov 2026\r\n" + raw
+    msg = parse_message(traced)
+    assert (msg.from_addr, msg.subject) == (parse_message(raw).from_addr, parse_message(raw).subject)
 
 
 def test_nul_and_surrogates_never_reach_text() -> None:

@@ -132,7 +132,6 @@ def _scan_header_fields(raw: bytes) -> list[tuple[str, bytes]]:
     fields: list[tuple[str, bytes]] = []
     pos = 0
     size = len(raw)
-    first = True
     while pos < size:
         end = raw.find(b"\n", pos)
         end = size if end < 0 else end + 1
@@ -141,11 +140,11 @@ def _scan_header_fields(raw: bytes) -> list[tuple[str, bytes]]:
         content = line.rstrip(b"\r\n")
         if not content:
             break
-        if first and content.startswith(b"From "):
-            # mbox separator line: the parser keeps it as the unixfrom, not a header.
-            first = False
+        if content.startswith(b"From "):
+            # An mbox separator line. First, the parser keeps it as the unixfrom; under
+            # our Received line (mail saved from mbox and sent by SMTP) it notes a defect
+            # and reads on. Either way it is not a header and does not end the block.
             continue
-        first = False
         if content[:1] in (b" ", b"\t"):
             if fields:
                 name, value = fields[-1]
