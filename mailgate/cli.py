@@ -647,8 +647,31 @@ def quarantine_release(ids: Annotated[list[int], typer.Argument(help="Ids from `
         raise typer.Exit(1)
 
 
+# Options that take several values after one flag, as DESIGN.md writes them
+# (`--ham DIR...`). Click gives an option one value per occurrence, so
+# `--ham a b` becomes `--ham a --ham b` before it parses.
+MULTI_VALUE_OPTIONS = frozenset({"--ham", "--spam"})
+
+
+def expand_multi_value_options(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    current: str | None = None
+    for arg in argv:
+        if arg == "--":
+            current = None
+        elif arg.startswith("-"):
+            name = arg.split("=", 1)[0]
+            current = name if name in MULTI_VALUE_OPTIONS and "=" not in arg else None
+            out.append(arg)
+            continue
+        elif current is not None and out and out[-1] != current:
+            out.append(current)
+        out.append(arg)
+    return out
+
+
 def main() -> None:
-    app()
+    app(args=expand_multi_value_options(sys.argv[1:]), prog_name="mailgate")
 
 
 if __name__ == "__main__":

@@ -81,7 +81,8 @@ def test_train_reads_mbox_and_maildir_and_writes_out(workdir: Path, slices: dict
     for p in files(slices["spam"])[:20]:
         md.add(p.read_bytes())
     out_path = workdir / "custom.npz"
-    out = cli(cfg, "spam", "train", "--ham", str(workdir / "ham.mbox"), "--ham", str(slices["eval_ham"]),
+    # DESIGN.md's form, several folders after one --ham; repeating --ham works too.
+    out = cli(cfg, "spam", "train", "--ham", str(workdir / "ham.mbox"), str(slices["eval_ham"]),
               "--spam", str(workdir / "spam-maildir"), "--out", str(out_path)).stdout.decode()
     assert out.startswith("trained on 130 ham and 20 spam")
     assert SpamModel.load(out_path).meta["n_spam"] == 20
@@ -279,3 +280,13 @@ def test_purge_removes_raw_bytes_no_row_still_needs(workdir: Path) -> None:
     assert rt.blobs.path_for(blobs["shared"]).exists()
     assert rt.blobs.path_for(blobs["reused"]).exists()  # touched by the put: not idle
     assert BLOB_IDLE_SECONDS >= 60
+
+
+def test_several_values_after_one_folder_option() -> None:
+    from mailgate.cli import expand_multi_value_options as expand
+
+    assert expand(["spam", "train", "--ham", "a", "b", "--spam", "c", "d", "--out", "x"]) == [
+        "spam", "train", "--ham", "a", "--ham", "b", "--spam", "c", "--spam", "d", "--out", "x"]
+    assert expand(["spam", "eval", "--ham", "a", "--ham", "b", "--spam", "c", "--json"]) == [
+        "spam", "eval", "--ham", "a", "--ham", "b", "--spam", "c", "--json"]
+    assert expand(["spam", "score", "f.eml", "--config", "c.toml"]) == ["spam", "score", "f.eml", "--config", "c.toml"]
