@@ -77,10 +77,9 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-# Feature sets whose tokens extract_tokens still produces unchanged: set 2 only
-# added tokens, so a model trained on set 1 scores correctly (the new columns
-# are empty and vote 0) and learns the new tokens from then on. An upgrade must
-# not turn the filter off until someone retrains.
+# Feature sets extract_tokens can still produce: a model keeps scoring and
+# learning with the set it was trained on until it is retrained (fit), so an
+# upgrade does not turn the filter off.
 READABLE_FEATURE_VERSIONS = frozenset({1, FEATURE_VERSION})
 FORMAT_NAME = "mailgate-spam-model"
 
@@ -318,7 +317,8 @@ class SpamModel:
 
     def vectorize(self, raw: bytes, msg: Message | None = None) -> np.ndarray:
         """Column indices of the hashed features of one message (msg: see extract_tokens)."""
-        return _hash_tokens(extract_tokens(raw, msg), self._n_features)
+        tokens = extract_tokens(raw, msg, feature_version=self._feature_version)
+        return _hash_tokens(tokens, self._n_features)
 
     def log_odds(self, columns: np.ndarray) -> float:
         """Prior log-odds plus the evidence of the SCORE_TOKENS most decisive columns."""
@@ -361,7 +361,12 @@ class SpamModel:
         self.fit_columns(columns())
 
     def fit_columns(self, rows: Iterable[tuple[np.ndarray, bool]]) -> None:
-        """Train from scratch on already vectorized messages (cross-validation, tools)."""
+        """Train from scratch on messages vectorized with the current feature set.
+
+        The rows may be a generator calling ``vectorize`` (``fit`` does): the
+        feature set is switched first, so they get the current set's tokens.
+        """
+        self._feature_version = FEATURE_VERSION
         self._feature_count = np.zeros((2, self._n_features), dtype=np.float64)
         self._class_count = np.zeros(2, dtype=np.float64)
         self._refresh()
@@ -378,7 +383,6 @@ class SpamModel:
             self._partial_fit(_rows_to_csr(batch, self._n_features), np.array(labels))
         self._trained_at = _now()
         self._updated_at = self._trained_at
-        self._feature_version = FEATURE_VERSION
 
     def to_sklearn(self) -> BernoulliNB:
         """The fitted scikit-learn estimator holding the same counts.

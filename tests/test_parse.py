@@ -140,6 +140,14 @@ def test_mbox_from_line_is_tolerated() -> None:
     assert (msg.from_addr, msg.subject) == (parse_message(raw).from_addr, parse_message(raw).subject)
 
 
+
+def test_a_trace_line_over_garbage_is_still_unusable() -> None:
+    trace = b"Received: from client ([127.0.0.1])\r\n\tby h (mailgate) with ESMTP; Fri, 27 Nov 2026\r\n"
+    for garbage in (bytes(range(256)) * 4, b"Subject : hi\r\n\r\nbody\r\n", b"just some text\r\n"):
+        with pytest.raises(UnusableMessage):
+            parse_message(trace + garbage)
+
+
 def test_nul_and_surrogates_never_reach_text() -> None:
     raw = mail("From: a@b.example\nContent-Type: text/plain; charset=utf-7", "a+2D3-b\x00c\n")
     msg = parse_message(raw)

@@ -40,6 +40,16 @@ def test_a_hostile_helo_or_recipient_cannot_forge_header_structure() -> None:
     assert parsed.keys() == ["Received"]
     value = " ".join(str(parsed["Received"]).split())
     assert value.startswith("from evilforged[10.0.0.1]X-Injected:yes")
-    # ';' would end the clause early, '<>' and ':' would confuse parsers of the line.
-    assert "for <support+xBcca@example.com>; Fri, 27 Nov 2026" in value
+    # ';' would end the clause early, CR/LF the line, '<>' the path.
+    assert "for <support+xBcc:a@example.com>; Fri, 27 Nov 2026" in value
     assert all(len(x) <= 998 for x in line.split(b"\r\n"))
+
+
+def test_domain_literal_utf8_recipient_and_bare_ipv6_helo() -> None:
+    line = trace_header(helo="::1", peer=("::1", 1, 0, 0), hostname="help example.com", protocol="ESMTP",
+                        recipients=["support@[192.0.2.7]"], now=NOW)
+    assert line.startswith(b"Received: from [IPv6:::1] ([IPv6:::1])\r\n\tby helpexample.com (mailgate)")
+    assert b"for <support@[192.0.2.7]>;" in line
+    utf8 = trace_header(helo="x", peer=("198.51.100.9", 1), hostname="h", protocol="ESMTP",
+                        recipients=["s\u00fcpport@example.com"], now=NOW)
+    assert "for <s\u00fcpport@example.com>;".encode() in utf8

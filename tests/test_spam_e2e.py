@@ -111,7 +111,7 @@ def test_agent_hash_spam_learns_and_closes_without_mailing_the_requester(spam_da
     d = spam_daemon
     pitch = mail(sender="Dave <dave@growth-partners.example>", subject="Quick question",
                  body="Hi there, we could help with the layout of your website. "
-                      "Reply if you want a quote.\n\nDave", message_id="<pitch@growth-partners.example>")
+                      "Reply if you want a quote.\n\nDave", message_id="<20261127.4242@growth-partners.example>")
     eml = workdir / "pitch.eml"
     # As stored: the listener prepends its Received line (a hop counts as a feature).
     eml.write_bytes(b"Received: from localhost ([127.0.0.1])\r\n\tby mailgate (mailgate) with ESMTP\r\n"

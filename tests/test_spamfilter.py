@@ -373,8 +373,16 @@ def test_a_model_of_feature_set_1_still_loads_scores_and_learns(tmp_path: Path) 
     assert old.meta["feature_version"] == 1
     assert old.score_bytes(SPAM_MAIL, 0.9).is_spam
     assert not old.score_bytes(HAM_MAIL, 0.9).is_spam
+    # It scores and learns set 1's tokens only: a structure token learned from one spam
+    # and no ham would outvote words seen in many.
+    set1 = spamfilter._hash_tokens(spamfilter.extract_tokens(SPAM_MAIL, feature_version=1), 2**12)
+    assert sorted(old.vectorize(SPAM_MAIL)) == sorted(set1)
+    before = old._feature_count.copy()
     old.learn_bytes(SPAM_MAIL, True)
+    assert sorted(np.flatnonzero(old._feature_count[1] - before[1])) == sorted(set1)
     old.save(path)
     assert SpamModel.load(path).meta["feature_version"] == 1  # trained on set 1, whatever it learned since
     old.fit([(SPAM_MAIL, True), (HAM_MAIL, False)])
     assert old.meta["feature_version"] == 2
+    set2 = spamfilter._hash_tokens(spamfilter.extract_tokens(SPAM_MAIL), 2**12)
+    assert sorted(old.vectorize(SPAM_MAIL)) == sorted(set2) != sorted(set1)

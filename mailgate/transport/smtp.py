@@ -42,16 +42,17 @@ class LenientLMTP(LMTP):
 # What may appear of a client's HELO in our Received line: anything else
 # (spaces, parentheses, semicolons, CR/LF) could forge the line's structure.
 _RE_HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
-_RE_ADDRESS_UNSAFE = re.compile(r"[^A-Za-z0-9.!#$%&'*+/=?^_`{|}~@\-]")
+# A recipient keeps everything but what could end the clause or the line (SMTPUTF8
+# addresses stay UTF-8, RFC 6532; domain literals keep their brackets).
+_RE_ADDRESS_UNSAFE = re.compile(r"[\x00-\x20\x7f()<>;,\"\\]")
 
 
-def _address_literal(peer: Any) -> str:
-    """RFC 5321 address literal of the client: [192.0.2.1] or [IPv6:2001:db8::1]."""
-    host = peer[0] if isinstance(peer, tuple) and peer else None
+def _address_literal(host: Any) -> str | None:
+    """RFC 5321 address literal: [192.0.2.1] or [IPv6:2001:db8::1]; None if host is no address."""
     try:
         ip = ipaddress.ip_address(str(host))
     except ValueError:
-        return "[unknown]"  # a Unix socket, or a test transport
+        return None
     return f"[IPv6:{ip.compressed}]" if ip.version == 6 else f"[{ip}]"
 
 
@@ -65,12 +66,15 @@ def trace_header(*, helo: str | None, peer: Any, hostname: str, protocol: str,
     do not learn of each other.
     """
     client = _RE_HELO_UNSAFE.sub("", helo or "")[:255] or "unknown"
-    lines = [f"Received: from {client} ({_address_literal(peer)})",
-             f"\tby {hostname} (mailgate) with {protocol}"]
+    client = _address_literal(client.strip("[]")) or client  # a bare "HELO ::1"
+    host = peer[0] if isinstance(peer, tuple) and peer else None
+    address = _address_literal(host) or "[unknown]"  # a Unix socket, a test transport
+    lines = [f"Received: from {client} ({address})",
+             f"\tby {_RE_HELO_UNSAFE.sub('', hostname)[:255]} (mailgate) with {protocol}"]
     if len(recipients) == 1:
         lines.append(f"\tfor <{_RE_ADDRESS_UNSAFE.sub('', recipients[0])[:320]}>")
     lines[-1] += f"; {format_datetime(now)}"
-    return ("\r\n".join(lines) + "\r\n").encode("ascii", "replace")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
 
 
 # await accept(raw, source=, queue=, envelope_from=, envelope_to=) -> a queue id; raises on failure.
