@@ -220,7 +220,7 @@ class SpamModel:
             raise ModelError(f"{path}: not a mailgate spam model (format tag missing)")
         if header.get("version") != FORMAT_VERSION:
             raise ModelError(
-                f"{path}: model format version {header.get('version')!r} is not supported "
+                f"{path}: model format version {repr(header.get('version'))[:40]} is not supported "
                 f"(this mailgate reads version {FORMAT_VERSION}); "
                 "retrain with `mailgate spam train`"
             )
@@ -229,8 +229,8 @@ class SpamModel:
         readable = type(feature_version) is int and feature_version in READABLE_FEATURE_VERSIONS
         if not readable:
             raise ModelError(
-                f"{path}: model was trained on feature set {header.get('feature_version')!r}, "
-                f"this mailgate extracts set {FEATURE_VERSION}; retrain with `mailgate spam train`"
+                f"{path}: model was trained on feature set {repr(feature_version)[:40]}, this "
+                f"mailgate reads sets {sorted(READABLE_FEATURE_VERSIONS)}; retrain with `mailgate spam train`"
             )
         n_features = header.get("n_features")
         alpha = header.get("alpha")
