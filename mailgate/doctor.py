@@ -45,7 +45,7 @@ def _spam_model(settings: Settings, rt: Runtime) -> dict[str, Any]:
         return _check("spam model", "warning", "no usable model: filter off")
     detail = f"{settings.spam_model_path} (feature set {model.meta['feature_version']})"
     if model.meta["feature_version"] < FEATURE_VERSION:
-        # Still correct, only weaker: the newer tokens are learned from feedback alone.
+        # Still correct, only weaker: it scores and learns its own set until retrained.
         detail += f"; `mailgate spam train` would add feature set {FEATURE_VERSION}"
     return _check("spam model", "ok", detail)
 

@@ -89,9 +89,8 @@ class ParsedMessage:
 
 # --------------------------------------------------------------------------- limits
 
-# Same notion of a header line as email.feedparser, so the pre-scan sees what the parser sees.
-# As the stdlib parser reads a header line: no space before the colon (RFC 5322's
-# obsolete "Subject :" form ends its header block), so precheck and parser agree.
+# Same notion of a header line as email.feedparser, so the pre-scan sees what the parser
+# sees: no space before the colon (RFC 5322's obsolete "Subject :" ends the header block).
 _HEADER_LINE_RE = re.compile(rb"^([\x21-\x39\x3b-\x7e]+):")
 _CONTROL_BYTES_RE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _CONTAINER_CT_RE = re.compile(rb"^content-type:\s*(?:multipart|message)/", re.I | re.M)
