@@ -85,8 +85,9 @@ _RE_RECEIVED_FROM = re.compile(r"\s*from\s+(\S+)\s*(?:\(([^)]*)\))?", re.IGNOREC
 _RE_ADDRESS_LITERAL = re.compile(r"\[(?:IPv6:)?([0-9A-Fa-f:.]{2,45})\]")
 _RE_BARE_IPV4 = re.compile(r"(?<![\w.])(\d{1,3}(?:\.\d{1,3}){3})(?![\w.])")
 _RE_HELO_PARAM = re.compile(r"\bhelo=([^\s()\[\]]+)", re.IGNORECASE)
-# Received lines read, from the newest: enough to get past the receiving site's own hops.
-_MAX_RECEIVED = 30
+# Values read of a repeated header (Received from the newest, To, Cc): enough to
+# get past a receiving site's own hops, and a bound on hostile mail.
+_MAX_HEADER_VALUES = 30
 # Reverse DNS names that ISPs give to customer lines: the address spelled out
 # in the name, or a pool word before a number or separator.
 _RE_DYNAMIC_HOST = re.compile(
@@ -214,23 +215,25 @@ def _header_text(msg: Message, name: str) -> str:
 
 
 def _header_values(msg: Message, name: str) -> list[str]:
-    """Every value of a header, each cut, and at most _MAX_RECEIVED of them."""
-    return [str(v)[:_MAX_HEADER_CHARS] for v in (msg.get_all(name, []) or [])[:_MAX_RECEIVED]]
+    """Every value of a header, each cut, and at most _MAX_HEADER_VALUES of them."""
+    return [str(v)[:_MAX_HEADER_CHARS] for v in (msg.get_all(name, []) or [])[:_MAX_HEADER_VALUES]]
 
 
 @dataclass(frozen=True)
-class _Addresses:
-    """The sender and recipient headers, parsed once for all the tokens that read them."""
+class _Headers:
+    """Subject, sender and recipients, decoded and parsed once for all the tokens that read them."""
 
+    subject: str
     sender: tuple[str, str]  # (display name, address) of From
     to: list[tuple[str, str]]
     to_text: str
     n_cc: int
 
     @classmethod
-    def of(cls, msg: Message) -> _Addresses:
+    def of(cls, msg: Message) -> _Headers:
         to_values = _header_values(msg, "To")
         return cls(
+            subject=_header_text(msg, "Subject"),
             sender=parseaddr(_header_text(msg, "From")),
             to=getaddresses(to_values),
             to_text=" ".join(to_values),
@@ -238,8 +241,8 @@ class _Addresses:
         )
 
 
-def _header_tokens(msg: Message, addresses: _Addresses, feature_version: int, out: set[str]) -> None:
-    name, addr = addresses.sender
+def _header_tokens(msg: Message, headers: _Headers, feature_version: int, out: set[str]) -> None:
+    name, addr = headers.sender
     dom = _domain_of(addr)[:255]
     if dom:
         out.add("fromdom:" + dom)
@@ -288,7 +291,7 @@ def _header_tokens(msg: Message, addresses: _Addresses, feature_version: int, ou
     # those carry a reply token: never filtered.
     if feature_version == 1 and (msg.get("In-Reply-To") or msg.get("References")):
         out.add("hdr:reply")
-    out.add("rcpt:" + _bucket(len(addresses.to) + addresses.n_cc))
+    out.add("rcpt:" + _bucket(len(headers.to) + headers.n_cc))
     out.add("ct:" + msg.get_content_type())
 
 
@@ -361,16 +364,15 @@ def _shape(text: str) -> str:
     return _RE_SHAPE_WORD.sub("w", text)[:20]
 
 
-def _public_address(text: str) -> str | None:
-    """The first address in text, if it is a public one (not private, loopback, CGNAT...)."""
+def _has_public_address(text: str) -> bool:
+    """Whether the first address in text is a public one (not private, loopback, CGNAT...)."""
     m = _RE_ADDRESS_LITERAL.search(text) or _RE_BARE_IPV4.search(text)
     if not m:
-        return None
+        return False
     try:
-        ip = ipaddress.ip_address(m.group(1))
+        return ipaddress.ip_address(m.group(1)).is_global
     except ValueError:
-        return None
-    return str(ip) if ip.is_global else None
+        return False
 
 
 def _is_ip(text: str) -> bool:
@@ -389,13 +391,13 @@ def _origin_hop(msg: Message) -> tuple[str, str | None] | None:
     above it, and it was written by a server on the receiving side, so the
     sender cannot forge it, unlike the lines below it.
     """
-    for value in (msg.get_all("Received", []) or [])[:_MAX_RECEIVED]:
-        text = " ".join(str(value)[:_MAX_HEADER_CHARS].split())
+    for value in _header_values(msg, "Received"):
+        text = " ".join(value.split())
         m = _RE_RECEIVED_FROM.match(text)
         if not m:
             continue
         first, info = m.group(1), m.group(2) or ""
-        if _public_address(info) is None and _public_address(first) is None:
+        if not (_has_public_address(info) or _has_public_address(first)):
             continue
         if " (mailgate) with " in text:
             # Our own listener, facing the internet: it looks up no DNS.
@@ -436,7 +438,7 @@ def _origin_tokens(msg: Message, out: set[str]) -> None:
         out.add("orig:helo_ne_rdns")
 
 
-def _structure_tokens(msg: Message, addresses: _Addresses, out: set[str]) -> None:
+def _structure_tokens(msg: Message, headers: _Headers, out: set[str]) -> None:
     """How the message was made and sent: see the module docstring."""
     _origin_tokens(msg, out)
 
@@ -450,7 +452,7 @@ def _structure_tokens(msg: Message, addresses: _Addresses, out: set[str]) -> Non
         elif parsed[9] is None or not _RE_TIME_ZONE.search(date):
             out.add("date:no_tz")
 
-    from_addr = addresses.sender[1]
+    from_addr = headers.sender[1]
     from_domain = _domain_of(from_addr)
     message_id = str(msg.get("Message-ID") or "")[:_MAX_HEADER_CHARS].strip()
     if message_id:
@@ -469,12 +471,12 @@ def _structure_tokens(msg: Message, addresses: _Addresses, out: set[str]) -> Non
     # archived with its headers stripped lacks one (152 ham, no spam), so the
     # model would learn it as strong ham, the opposite of what it is in live
     # mail (Bcc'd bulk), and a spammer could buy that by dropping the header.
-    if addresses.to_text:
-        if "undisclosed" in addresses.to_text.lower():
+    if headers.to_text:
+        if "undisclosed" in headers.to_text.lower():
             out.add("to:undisclosed")
-        if from_addr and any(a.lower() == from_addr.lower() for _, a in addresses.to):
+        if from_addr and any(a.lower() == from_addr.lower() for _, a in headers.to):
             out.add("to:eq_from")
-        if all(not name for name, _ in addresses.to):
+        if all(not name for name, _ in headers.to):
             out.add("to:noname")
 
     local_part, _, domain_as_written = from_addr.rpartition("@")
@@ -492,7 +494,7 @@ def _structure_tokens(msg: Message, addresses: _Addresses, out: set[str]) -> Non
         else:
             out.add("replyto:other")
 
-    subject = _header_text(msg, "Subject")
+    subject = headers.subject
     raw_subject = str(msg.get("Subject") or "")[:_MAX_HEADER_CHARS]
     if _RE_REPLY_PREFIX.match(subject) and not (msg.get("In-Reply-To") or msg.get("References")):
         out.add("subj:fake_reply")
@@ -535,16 +537,15 @@ def extract_tokens(
     try:
         if msg is None:
             msg = message_from_bytes(raw)
-        subject = _header_text(msg, "Subject")
-        if not subject.strip():
+        headers = _Headers.of(msg)
+        if not headers.subject.strip():
             out.add("s:empty")
-        n_words, n_caps = _word_tokens(subject, "s:", out)
+        n_words, n_caps = _word_tokens(headers.subject, "s:", out)
         if n_words >= 2 and n_caps == n_words:
             out.add("s:allcaps")
-        addresses = _Addresses.of(msg)
-        _header_tokens(msg, addresses, feature_version, out)
+        _header_tokens(msg, headers, feature_version, out)
         if feature_version >= 2:
-            _structure_tokens(msg, addresses, out)
+            _structure_tokens(msg, headers, out)
         _body_tokens(msg, out)
     except Exception:
         # Mail that defeats the parser is itself a signal; keep whatever words
