@@ -547,6 +547,8 @@ def spam_train(
 def spam_eval(
     ham: DirsOpt, spam: DirsOpt, config: ConfigOpt = None, json_out: JsonOpt = False,
     threshold: Annotated[float | None, typer.Option(help="Default: spam.threshold.")] = None,
+    min_known_words: Annotated[float | None, typer.Option(
+        help="Default: spam.min_known_words; 0 judges mail in any language.")] = None,
 ) -> None:
     """Measure the configured model on labelled mail (accuracy, spam recall, ham false positives)."""
     from mailgate.runtime import load_spam_model
@@ -560,14 +562,17 @@ def spam_eval(
     except ModelError as exc:
         fail(str(exc), 1)
     cut = settings.spam.threshold if threshold is None else threshold
+    known = settings.spam.min_known_words if min_known_words is None else min_known_words
+    if not 0.0 <= known <= 1.0:
+        fail(f"--min-known-words: must be in [0, 1], got {known}")
     try:
-        result = evaluate(model, read_mail_sources(ham), read_mail_sources(spam), cut)
+        result = evaluate(model, read_mail_sources(ham), read_mail_sources(spam), cut, known)
     except OSError as exc:
         fail(f"cannot read mail: {exc}")
     if json_out:
         print_json(result)
         return
-    typer.echo(f"threshold {cut}: {result['n_ham']} ham, {result['n_spam']} spam")
+    typer.echo(f"threshold {cut}, min known words {known}: {result['n_ham']} ham, {result['n_spam']} spam")
     for key in ("accuracy", "spam_recall", "ham_false_positive_rate"):
         typer.echo(f"  {key:24} {result[key]:.4f}")
 
@@ -590,12 +595,19 @@ def spam_score(
         model = load_spam_model(settings)
     except ModelError as exc:
         fail(str(exc), 1)
-    result = model.score_bytes(raw, settings.spam.threshold)
+    spam = settings.spam
+    result = model.score_bytes(raw, spam.threshold, min_known_words=spam.min_known_words)
     if json_out:
         # Unrounded: near 0 and 1 the digits far out still show what learning changed.
-        print_json({"score": result.score, "is_spam": result.is_spam})
-    else:
-        typer.echo(f"{result.score:.4f} {'spam' if result.is_spam else 'ham'} (threshold {settings.spam.threshold})")
+        print_json({"score": result.score, "is_spam": result.is_spam, "known_words": result.known_words})
+        return
+    verdict = "spam" if result.is_spam else "ham"
+    note = f"threshold {spam.threshold}"
+    if result.score >= spam.threshold and not result.is_spam:
+        verdict = "not held"
+        note += (f"; the model knows only {result.known_words:.0%} of its words, "
+                 f"below spam.min_known_words {spam.min_known_words:.0%}")
+    typer.echo(f"{result.score:.4f} {verdict} ({note})")
 
 
 @quarantine_app.command("list")

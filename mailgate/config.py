@@ -156,6 +156,8 @@ class SpamSettings:
     threshold: float = 0.9
     model_path: Path | None = None  # None: data_dir/spam-model.npz, seeded from the shipped model
     retention_days: int = 30
+    # Mail with a smaller share of words the model knows is never held (mailgate.spamfilter).
+    min_known_words: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -553,11 +555,15 @@ def _spam(sec: _Section, base: Path) -> SpamSettings:
     if not 0.0 < threshold <= 1.0:
         raise ConfigError(f"spam.threshold: must be in (0, 1], got {threshold}")
     model_path = sec.get("model_path", str, None)
+    min_known_words = sec.get("min_known_words", float, 0.3)
+    if not 0.0 <= min_known_words <= 1.0:
+        raise ConfigError(f"spam.min_known_words: must be in [0, 1], got {min_known_words}")
     s = SpamSettings(
         enabled=sec.get("enabled", bool, True),
         threshold=threshold,
         model_path=_resolve(base, model_path) if model_path else None,
         retention_days=sec.positive("retention_days", int, 30),
+        min_known_words=min_known_words,
     )
     sec.finish()
     return s

@@ -167,6 +167,7 @@ def test_missing_keys_are_named_exactly() -> None:
     ({"sla": {"default_tier": "gold"}}, "sla.default_tier: 'gold' is not one of the sla.tiers"),
     ({"sla": {"tier_rules": {"@big.com": "gold"}}}, "sla.tier_rules.@big.com: 'gold' is not one of the sla.tiers"),
     ({"spam": {"threshold": 1.5}}, "spam.threshold: must be in (0, 1], got 1.5"),
+    ({"spam": {"min_known_words": 2}}, "spam.min_known_words: must be in [0, 1], got 2.0"),
     ({"imap": [{"host": "h", "username": "u"}]}, "imap[0].password: one of password, password_command"),
     ({"imap": [{"host": "h", "username": "u", "password": "p", "queue": "other@example.com"}]},
      "imap[0].queue: other@example.com is not helpdesk.address"),
@@ -277,6 +278,7 @@ def test_minimal_config_has_documented_defaults(tmp_path: Path) -> None:
     assert hd.all_addresses == ("support@example.com", "support-comment@example.com")
     assert s.agents[0].role == "admin" and s.agents[0].groups == ("L1",)
     assert s.spam.enabled and s.spam.threshold == 0.9 and s.spam.retention_days == 30
+    assert s.spam.min_known_words == 0.3
     assert s.spam_model_path == tmp_path / "var" / "spam-model.npz"
     sla = s.sla
     assert sla.timezone == "UTC" and sla.holidays_country is None and sla.extra_holidays == ()

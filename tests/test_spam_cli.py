@@ -64,7 +64,7 @@ def test_train_eval_score_round_trip(workdir: Path, slices: dict[str, Path]) -> 
     spam_file, ham_file = files(slices["spam"])[0], files(slices["ham"])[0]
     s = cli_json(cfg, "spam", "score", str(spam_file))
     h = cli_json(cfg, "spam", "score", str(ham_file))
-    assert set(s) == {"score", "is_spam"}
+    assert set(s) == {"score", "is_spam", "known_words"}
     assert s["is_spam"] is True and s["score"] >= 0.9
     assert h["is_spam"] is False and h["score"] < 0.5
     piped = cli(cfg, "spam", "score", "-", "--json", input=spam_file.read_bytes())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, cli, cli_json, mail, start_daemon, wait_until, write_config
+from tests.conftest import FIXTURES, Daemon, cli, cli_json, mail, start_daemon, wait_until, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -146,3 +146,23 @@ def test_agent_hash_spam_learns_and_closes_without_mailing_the_requester(spam_da
     assert [(e["action"], e["new"]) for e in events if e["action"] == "spam"] == [("spam", "learned")]
     after = score(d, eml)
     assert after > before and after >= 0.9
+
+
+def test_a_first_mail_in_a_language_the_model_never_learned_becomes_a_ticket(
+        spam_daemon: Daemon) -> None:
+    """The shipped corpus is English: its only Czech mail is spam. A Czech customer's first
+    mail scores as spam, and is still not held, because the model knows few of its words."""
+    d = spam_daemon
+    eml = FIXTURES / "spamprobe" / "ham-2" / "seznam_cs_refund.eml"
+    verdict = cli_json(d.config, "spam", "score", str(eml))
+    assert verdict["score"] >= 0.9 and verdict["known_words"] < 0.3 and verdict["is_spam"] is False
+
+    d.send(eml.read_bytes(), sender="petr.dvorak71@seznam.cz")
+    wait_until(lambda: d.tickets())
+    d.wait_idle()
+    assert quarantine(d) == []
+    first = d.ticket(d.tickets()[0]["number"])["messages"][0]
+    assert first["spam_score"] >= 0.9
+    reasons = [h["reason"] for h in first["rule_hits"] if h["step"] == "spam"]
+    assert len(reasons) == 1 and "but the model knows only" in reasons[0] and reasons[0].endswith("not held")
+    assert d.sent_to("petr.dvorak71@seznam.cz")  # the customer gets the confirmation

@@ -99,9 +99,14 @@ def test_subject_signals() -> None:
     real = tokens("Subject: Re: your account\nIn-Reply-To: <1@example.org>\nFrom: a@example.org")
     assert "subj:fake_reply" not in real
     assert "subj:trailing_id" in tokens("Subject: Lowest rates today        xkqwz\nFrom: a@b.org")
-    assert "subj:trailing_id" in tokens("Subject: Your order (48213)\nFrom: a@b.org")
-    enc = tokens("Subject: =?koi8-r?B?8NLJ18XU?=\nFrom: a@b.org")
-    assert "subj:enc=koi8-r/b" in enc
+    # A customer quotes an order number; set 2 took it for a bulk counter.
+    order = b"Subject: Your order (48213)\nFrom: a@b.org\n\nbody\n"
+    assert "subj:trailing_id" not in extract_tokens(order)
+    assert "subj:trailing_id" in extract_tokens(order, feature_version=2)
+    # The charset of an encoded subject says which language, not whether spam (set 2 only).
+    encoded = b"Subject: =?koi8-r?B?8NLJ18XU?=\nFrom: a@b.org\n\nbody\n"
+    assert "subj:enc=koi8-r/b" in extract_tokens(encoded, feature_version=2)
+    assert not {t for t in extract_tokens(encoded) if t.startswith("subj:enc")}
     assert {"subj:excl", "subj:dollar"} <= tokens("Subject: Win $500 now!\nFrom: a@b.org")
     # Their own namespace: the subject word "dollar" is s:dollar, a different token.
     assert "subj:dollar" not in tokens("Subject: the dollar fell\nFrom: a@b.org")
@@ -117,6 +122,38 @@ def test_mime_structure() -> None:
     )
     got = extract_tokens(raw)
     assert {"cte:html:base64", "bnd:----9", "mime:no_version"} <= got
+
+
+GMAIL_STYLE = (
+    b"From: Anna <anna.virtanen84@gmail.example>\nTo: support@example.com\nSubject: Kirjautuminen\n"
+    b"MIME-Version: 1.0\nContent-Type: multipart/alternative; boundary=\"000000000000a1b2c3\"\n\n"
+    b"--000000000000a1b2c3\nContent-Type: text/plain; charset=\"UTF-8\"\n"
+    b"Content-Transfer-Encoding: quoted-printable\n\nEn p=C3=A4=C3=A4se sis=C3=A4=C3=A4n.\n"
+    b"--000000000000a1b2c3\nContent-Type: text/html; charset=\"UTF-8\"\n"
+    b"Content-Transfer-Encoding: quoted-printable\n\n"
+    b"<div dir=3D\"ltr\">En p=C3=A4=C3=A4se sis=C3=A4=C3=A4n.</div>\n"
+    b"--000000000000a1b2c3--\n"
+)
+
+
+def test_set_3_leaves_out_the_tokens_of_era_and_language() -> None:
+    """Today's clients write UTF-8 and an HTML twin of the text; 2002 spam tools did."""
+    v3, v2 = extract_tokens(GMAIL_STYLE), extract_tokens(GMAIL_STYLE, feature_version=2)
+    era = ("cs:", "html:links=", "html:img=", "cte:html:")
+    assert {"cs:utf-8", "html:links=0", "html:img=0", "cte:html:quoted-printable"} <= v2
+    assert not {t for t in v3 if t.startswith(era)}
+    assert {"cte:plain:quoted-printable", "ct:multipart/alternative", "päässe"} & v3 >= {
+        "cte:plain:quoted-printable",
+        "ct:multipart/alternative",
+    }
+    # Without a plain twin the HTML is the message, and how it is built still counts.
+    html_only = (
+        b"From: a@example.org\nContent-Type: text/html; charset=utf-8\n"
+        b"Content-Transfer-Encoding: base64\n\nPGltZyBzcmM9eD4=\n"
+    )
+    got = extract_tokens(html_only)
+    assert {"html:only", "html:img=1", "html:links=0", "cte:html:base64"} <= got
+    assert "cs:utf-8" not in got
 
 
 def test_hostile_headers_stay_bounded_and_never_raise(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -151,7 +188,7 @@ def test_a_model_of_feature_set_1_gets_only_set_1_tokens() -> None:
     raw = (b"Received: from bot ([61.174.203.252]) by mx\nFrom: a@example.org\nSubject: Re: Win $5!\n"
            b"In-Reply-To: <x@y>\nDate: Sat, 7 Sep 2002 17:58:28\n\nbody\n")
     v1 = extract_tokens(raw, feature_version=1)
-    v2 = extract_tokens(raw)
+    v2 = extract_tokens(raw, feature_version=2)
     structure = ("orig:", "date:", "mid:", "to:", "subj:", "replyto:", "cte:", "bnd:", "mime:")
     assert not {t for t in v1 if t.startswith(structure)}
     assert {"orig:helo_nodot", "date:no_tz", "subj:excl", "subj:dollar"} <= v2

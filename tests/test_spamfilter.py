@@ -165,8 +165,10 @@ def test_empty_model_fails_open_and_learns() -> None:
     model.learn_bytes(SPAM_MAIL, True)
     assert model.score_bytes(SPAM_MAIL, 0.5).score == 0.0  # still one class only
     model.learn_bytes(HAM_MAIL, False)
-    assert model.score_bytes(SPAM_MAIL, 0.5).is_spam
-    assert not model.score_bytes(HAM_MAIL, 0.5).is_spam
+    # Two messages teach no word to KNOWN_WORD_MESSAGES: it scores, and holds nothing yet.
+    assert model.score_bytes(SPAM_MAIL, 0.5).score > 0.5 and not model.score_bytes(SPAM_MAIL, 0.5).is_spam
+    assert model.score_bytes(SPAM_MAIL, 0.5, min_known_words=0).is_spam
+    assert not model.score_bytes(HAM_MAIL, 0.5, min_known_words=0).is_spam
 
 
 @pytest.mark.parametrize(
@@ -355,8 +357,9 @@ def test_shipped_model_is_a_zip_of_plain_arrays() -> None:
         assert sorted(zf.namelist()) == ["class_count.npy", "feature_count.npy", "header.npy"]
 
 
-def test_a_model_of_feature_set_1_still_loads_scores_and_learns(tmp_path: Path) -> None:
-    """Set 2 only added tokens: an upgrade must not switch a trained filter off."""
+@pytest.mark.parametrize("older", [1, 2])
+def test_a_model_of_an_older_feature_set_still_loads_scores_and_learns(tmp_path: Path, older: int) -> None:
+    """An upgrade must not switch a trained filter off, nor feed it tokens it never learned."""
     path = tmp_path / "old.npz"
     model = SpamModel.empty(n_features=2**12)
     model.fit([(SPAM_MAIL, True), (HAM_MAIL, False)])
@@ -364,25 +367,56 @@ def test_a_model_of_feature_set_1_still_loads_scores_and_learns(tmp_path: Path) 
     with zipfile.ZipFile(path) as zf:
         arrays = {name[:-4]: np.load(io.BytesIO(zf.read(name))) for name in zf.namelist()}
     header = json.loads(arrays["header"].tobytes())
-    assert header["feature_version"] == spamfilter.FEATURE_VERSION == 2
-    header["feature_version"] = 1
+    assert header["feature_version"] == spamfilter.FEATURE_VERSION == 3
+    header["feature_version"] = older
     arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
     _write_npz(path, **arrays)
 
     old = SpamModel.load(path)
-    assert old.meta["feature_version"] == 1
-    assert old.score_bytes(SPAM_MAIL, 0.9).is_spam
-    assert not old.score_bytes(HAM_MAIL, 0.9).is_spam
-    # It scores and learns set 1's tokens only: a structure token learned from one spam
+    assert old.meta["feature_version"] == older
+    assert old.score_bytes(SPAM_MAIL, 0.9, min_known_words=0).is_spam
+    assert not old.score_bytes(HAM_MAIL, 0.9, min_known_words=0).is_spam
+    # It scores and learns its own set's tokens only: a token learned from one spam
     # and no ham would outvote words seen in many.
-    set1 = spamfilter._hash_tokens(spamfilter.extract_tokens(SPAM_MAIL, feature_version=1), 2**12)
-    assert sorted(old.vectorize(SPAM_MAIL)) == sorted(set1)
+    own = spamfilter._hash_tokens(spamfilter.extract_tokens(SPAM_MAIL, feature_version=older), 2**12)
+    assert sorted(old.vectorize(SPAM_MAIL)) == sorted(own)
     before = old._feature_count.copy()
     old.learn_bytes(SPAM_MAIL, True)
-    assert sorted(np.flatnonzero(old._feature_count[1] - before[1])) == sorted(set1)
+    assert sorted(np.flatnonzero(old._feature_count[1] - before[1])) == sorted(own)
     old.save(path)
-    assert SpamModel.load(path).meta["feature_version"] == 1  # trained on set 1, whatever it learned since
+    assert SpamModel.load(path).meta["feature_version"] == older  # whatever it learned since
     old.fit([(SPAM_MAIL, True), (HAM_MAIL, False)])
-    assert old.meta["feature_version"] == 2
-    set2 = spamfilter._hash_tokens(spamfilter.extract_tokens(SPAM_MAIL), 2**12)
-    assert sorted(old.vectorize(SPAM_MAIL)) == sorted(set2) != sorted(set1)
+    assert old.meta["feature_version"] == 3
+    current = spamfilter._hash_tokens(spamfilter.extract_tokens(SPAM_MAIL), 2**12)
+    assert sorted(old.vectorize(SPAM_MAIL)) == sorted(current) != sorted(own)
+
+
+def test_the_model_does_not_hold_mail_in_words_it_does_not_know() -> None:
+    """It learned spam in English; the same spam in words it never saw is not held."""
+    model = SpamModel.empty(n_features=2**16)
+    model.fit([(SPAM_MAIL, True)] * 3 + [(HAM_MAIL, False)] * 3)
+    english = model.score_bytes(SPAM_MAIL, 0.9)
+    assert english.is_spam and english.known_words == 1.0
+    # The same headers and HTML, the words in a language the model never saw.
+    foreign = SPAM_MAIL.split(b"<html>")[0] + (
+        b'<html><body><font color="#ff0000" size="5">Tilaa nyt halvat l\xe4\xe4kkeet ilman reseptia, '
+        b"laihdu nopeasti ja ansaitse rahaa kotoa, takuu, rajoitettu tarjous!!!</font>"
+        b'<a href="http://cheap-meds-online.biz/order">Tilaa</a></body></html>\n'
+    )
+    unsure = model.score_bytes(foreign, 0.9)
+    assert unsure.score >= 0.9  # the headers and the link still look like the spam it learned
+    assert unsure.known_words < 0.3 and not unsure.is_spam
+    assert model.score_bytes(foreign, 0.9, min_known_words=0.0).is_spam
+    # No visible words at all (an image, an attachment): nothing to know, the score decides.
+    image_only = SPAM_MAIL.split(b"<html>")[0] + b'<html><body><img src="http://cheap-meds-online.biz/x.gif"></body></html>\n'
+    blank = model.score_bytes(image_only, 0.9)
+    assert blank.known_words == 1.0 and blank.is_spam == (blank.score >= 0.9)
+
+
+def test_known_words_counts_messages_not_occurrences() -> None:
+    model = SpamModel.empty(n_features=2**16)
+    model.fit([(SPAM_MAIL, True), (HAM_MAIL, False)])
+    # Every word was seen in one message, fewer than KNOWN_WORD_MESSAGES.
+    assert model.score_bytes(HAM_MAIL, 0.9).known_words == 0.0
+    model.fit([(SPAM_MAIL, True)] + [(HAM_MAIL, False)] * spamfilter.KNOWN_WORD_MESSAGES)
+    assert model.score_bytes(HAM_MAIL, 0.9).known_words == 1.0

@@ -42,6 +42,7 @@ from mailgate.store.tables import Contact, Inbound, Message, Outbox, Ticket
 
 if TYPE_CHECKING:
     from mailgate.ingest.ahead import ParseAhead
+    from mailgate.spamfilter import SpamScore
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +95,16 @@ class Prepared:
 
     parsed: ParsedMessage
     body_hash: str
-    spam_score: float | None  # None: the filter is off
+    spam: SpamScore | None  # None: the filter is off
 
 
 def prepare(rt: Runtime, raw: bytes) -> Prepared:
     parsed = parse_message(raw)  # UnusableMessage propagates: a dead letter at once
     model = rt.spam_model()
-    score = model.score_bytes(raw, rt.settings.spam.threshold, parsed.mime).score if model is not None else None
-    return Prepared(parsed=parsed, body_hash=spool.body_hash(raw), spam_score=score)
+    spam = rt.settings.spam
+    score = (model.score_bytes(raw, spam.threshold, parsed.mime, min_known_words=spam.min_known_words)
+             if model is not None else None)
+    return Prepared(parsed=parsed, body_hash=spool.body_hash(raw), spam=score)
 
 
 def step_parse(ctx: Context) -> None:
@@ -204,14 +207,20 @@ def step_spam(ctx: Context) -> None:
         ctx.hit("spam", False, "known requester or agent: never filtered")
         return
     assert ctx.prepared is not None
-    score = ctx.prepared.spam_score
-    if score is None:
+    spam = ctx.prepared.spam
+    if spam is None:
         ctx.hit("spam", False, "spam filter off")
         return
-    ctx.spam_score = score
-    if score >= ctx.rt.settings.spam.threshold:
-        raise Stop("quarantined", f"spam score {score:.3f} >= {ctx.rt.settings.spam.threshold}")
-    ctx.hit("spam", False, f"spam score {score:.3f}")
+    ctx.spam_score = spam.score
+    settings = ctx.rt.settings.spam
+    if spam.is_spam:
+        raise Stop("quarantined", f"spam score {spam.score:.3f} >= {settings.threshold}")
+    if spam.score >= settings.threshold:
+        ctx.hit("spam", False, f"spam score {spam.score:.3f}, but the model knows only "
+                               f"{spam.known_words:.0%} of its words (spam.min_known_words "
+                               f"{settings.min_known_words:.0%}): not held")
+        return
+    ctx.hit("spam", False, f"spam score {spam.score:.3f}")
 
 
 def _ticket_numbers_for_ids(session: Session, ids: list[str]) -> list[int]:
