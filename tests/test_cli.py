@@ -365,12 +365,12 @@ def test_doctor_names_the_spam_model_feature_set_and_an_older_one(workdir: Path)
     config = write_config(workdir, spam_enabled=True)
     line = cli(config, "doctor", check=False).stdout.decode().splitlines()[-1]
     # The shipped model, seeded into data_dir on first use.
-    assert line == f"[ok  ] spam model: {workdir / 'data' / 'spam-model.npz'} (feature set 2)"
+    assert line == f"[ok  ] spam model: {workdir / 'data' / 'spam-model.npz'} (feature set 3)"
     old = SpamModel.load(workdir / "data" / "spam-model.npz")
-    old._feature_version = 1  # as a model trained before feature set 2 would say
+    old._feature_version = 2  # as a model trained before feature set 3 would say
     old.save(workdir / "data" / "spam-model.npz")
     line = cli(config, "doctor", check=False).stdout.decode().splitlines()[-1]
-    assert line.endswith("(feature set 1); `mailgate spam train` would add feature set 2")
+    assert line.endswith("(feature set 2); `mailgate spam train` would add feature set 3")
 
 
 def test_doctor_ok_with_maildir_and_fails_naming_an_unreachable_relay(workdir: Path) -> None:

@@ -38,7 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mailgate.spamfilter import (  # noqa: E402  (runs from a checkout, not installed)
+    DEFAULT_MIN_KNOWN_WORDS,
+    KNOWN_WORD_MESSAGES,
     SCORE_TOKENS,
+    Features,
     SpamModel,
     evaluate,
 )
@@ -50,6 +53,14 @@ MAX_CV_FP_RATE = 0.0025
 # (fit below, validate from, validate below), as fractions of each folder by file name.
 FOLDS = ((0.2, 0.2, 0.4), (0.4, 0.4, 0.6), (0.6, 0.6, 0.8))
 THRESHOLDS = (0.5, 0.9)
+PROBE_DIR = ROOT / "tests" / "fixtures" / "spamprobe"
+HELDOUT_OUTCOME_7 = """\
+   Outcome of that one look, at threshold 0.9, with the known-words rule:
+   accuracy 0.9815 (was 0.9815), spam recall 0.94 (was 0.95: one spam
+   below the target), ham FP 0.0109 = 6 of 550 (was 7), all hard ham.
+   The same model without the rule: accuracy 0.9846, recall 0.96, ham FP
+   6 of 550. Short of the accuracy and false-positive targets either way.
+   Nothing was changed after the look."""
 HELDOUT_OUTCOME_6 = """\
    Outcome of that look, at threshold 0.9: the same as the fourth and
    fifth to the digit (accuracy 0.9815, spam recall 0.95, ham FP 0.0127 =
@@ -66,22 +77,34 @@ HELDOUT_OUTCOME = """\
    of the targets. Nothing was changed after the look."""
 
 
+def score_probes(model: SpamModel, threshold: float) -> dict[str, tuple[int, list[str]]]:
+    """Hand-written mail of today's clients (tests/fixtures/spamprobe): per folder, the
+    number of messages and the names of those on the wrong side of the threshold."""
+    results: dict[str, tuple[int, list[str]]] = {}
+    for folder in sorted(p for p in PROBE_DIR.iterdir() if p.is_dir()):
+        files = sorted(folder.glob("*.eml"))
+        is_spam = folder.name.startswith("spam")
+        wrong = [f.stem for f in files if model.score_bytes(f.read_bytes(), threshold).is_spam != is_spam]
+        results[folder.name] = (len(files), wrong)
+    return results
+
+
 def folder_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
 def validate(
-    rows: Sequence[tuple[float, np.ndarray, bool]], alpha: float, threshold: float
+    rows: Sequence[tuple[float, Features, bool]], alpha: float, threshold: float
 ) -> dict[str, float]:
-    """Pooled forward-fold validation; rows are (position in folder 0..1, columns, is_spam)."""
+    """Pooled forward-fold validation; rows are (position in folder 0..1, features, is_spam)."""
     predicted: list[bool] = []
     labels: list[bool] = []
     for fit_below, lo, hi in FOLDS:
         model = SpamModel.empty(alpha=alpha)
-        model.fit_columns((cols, is_spam) for pos, cols, is_spam in rows if pos < fit_below)
-        for pos, cols, is_spam in rows:
+        model.fit_columns((f.columns, is_spam) for pos, f, is_spam in rows if pos < fit_below)
+        for pos, f, is_spam in rows:
             if lo <= pos < hi:
-                predicted.append(model.score_columns(cols, threshold).is_spam)
+                predicted.append(model.score_features(f, threshold).is_spam)
                 labels.append(is_spam)
     p, y = np.array(predicted), np.array(labels)
     return {
@@ -109,13 +132,13 @@ def main() -> int:
     args = parser.parse_args()
 
     vectorizer = SpamModel.empty()
-    train_part: list[tuple[float, np.ndarray, bool]] = []
+    train_part: list[tuple[float, Features, bool]] = []
     held: dict[str, list[Path]] = {}
     for name in HAM_FOLDERS + SPAM_FOLDERS:
         files = folder_files(args.corpus / name)
         n80 = int(len(files) * 0.8)
         train_part += [
-            (i / len(files), vectorizer.vectorize(p.read_bytes()), name in SPAM_FOLDERS)
+            (i / len(files), vectorizer.features(p.read_bytes()), name in SPAM_FOLDERS)
             for i, p in enumerate(files[:n80])
         ]
         held[name] = files[n80:]
@@ -132,14 +155,17 @@ def main() -> int:
         return 0
 
     model = SpamModel.empty(alpha=alpha)
-    model.fit_columns((cols, is_spam) for _, cols, is_spam in train_part)
+    model.fit_columns((f.columns, is_spam) for _, f, is_spam in train_part)
     ham_held = [p.read_bytes() for name in HAM_FOLDERS for p in held[name]]
     spam_held = [p.read_bytes() for name in SPAM_FOLDERS for p in held[name]]
-    heldout = {t: evaluate(model, ham_held, spam_held, t) for t in THRESHOLDS}
+    # (threshold, min_known_words): the default rule at each threshold, and the
+    # configured threshold without the rule, for sites that turn it off.
+    settings = [(t, DEFAULT_MIN_KNOWN_WORDS) for t in THRESHOLDS] + [(args.threshold, 0.0)]
+    heldout = {c: evaluate(model, ham_held, spam_held, *c) for c in settings}
     hard = [p.read_bytes() for p in held["hard-ham-1"]]
-    hard_fp = {t: evaluate(model, hard, [], t)["ham_false_positive_rate"] for t in THRESHOLDS}
-    for t in THRESHOLDS:
-        print(f"held-out threshold={t} {json.dumps(heldout[t])} hard-ham fp={hard_fp[t]}")
+    hard_fp = {c: evaluate(model, hard, [], *c)["ham_false_positive_rate"] for c in settings}
+    for c in settings:
+        print(f"held-out threshold={c[0]} min_known_words={c[1]} {json.dumps(heldout[c])} hard-ham fp={hard_fp[c]}")
 
     everything = [
         (p.read_bytes(), name in SPAM_FOLDERS)
@@ -155,9 +181,13 @@ def main() -> int:
     size = args.out.stat().st_size
     print(f"saved {args.out} ({size} bytes, trained in {train_seconds:.1f} s) {final.meta}")
 
+    probes = score_probes(final, args.threshold)
+    for name, (n, wrong) in probes.items():
+        print(f"probe {name}: {len(wrong)} of {n} on the wrong side: {' '.join(wrong)}")
+
     card = args.out.with_suffix(".md")
     card.write_text(
-        render_card(final.meta, alpha, cv, heldout, hard_fp, size, args.threshold),
+        render_card(final.meta, alpha, cv, heldout, hard_fp, size, args.threshold, probes),
         encoding="utf-8",
     )
     print(f"wrote {card}")
@@ -168,20 +198,24 @@ def render_card(
     meta: dict,
     alpha: float,
     cv: dict[float, dict[str, float]],
-    heldout: dict[float, dict],
-    hard_fp: dict[float, float],
+    heldout: dict[tuple[float, float], dict],
+    hard_fp: dict[tuple[float, float], float],
     size: int,
     threshold: float,
+    probes: dict[str, tuple[int, list[str]]],
 ) -> str:
+    probe_rows = "\n".join(
+        f"| {name} | {n} | {len(wrong)} | {', '.join(wrong) or '-'} |" for name, (n, wrong) in probes.items()
+    )
     cv_rows = "\n".join(
         f"| {a} | {m['accuracy']:.4f} | {m['ham_false_positive_rate']:.4f} "
         f"({m['ham_false_positives']} of {m['n_ham']}) | {m['spam_recall']:.4f} |"
         for a, m in cv.items()
     )
     held_rows = "\n".join(
-        f"| {t} | {m['accuracy']:.4f} | {m['ham_false_positive_rate']:.4f} "
-        f"| {hard_fp[t]:.4f} | {m['spam_recall']:.4f} | {m['n_ham']} | {m['n_spam']} |"
-        for t, m in heldout.items()
+        f"| {t} | {k} | {m['accuracy']:.4f} | {m['ham_false_positive_rate']:.4f} "
+        f"| {hard_fp[t, k]:.4f} | {m['spam_recall']:.4f} | {m['n_ham']} | {m['n_spam']} |"
+        for (t, k), m in heldout.items()
     )
     today = datetime.now(UTC).date().isoformat()
     return f"""# Model card: models/spam-model.npz
@@ -209,6 +243,9 @@ Generated by `tools/train_default_model.py` on {today}; rerun it to rebuild.
   the log-odds of the {SCORE_TOKENS} most decisive tokens present (largest
   magnitude, Graham's rule); absent tokens and columns never seen in
   training vote 0.
+- Mail is held only when at least {DEFAULT_MIN_KNOWN_WORDS} of its visible words are known
+  (seen in {KNOWN_WORD_MESSAGES} or more training messages; `spam.min_known_words`).
+  All figures below apply this rule, as `mailgate spam eval` does.
 - Hashed vocabulary: CRC-32 modulo {meta["n_features"]} (2^{meta["n_features"].bit_length() - 1}).
 - alpha = {alpha}, chosen on the training 80% only, by time, in three
   forward folds of each folder (fit 0-20% -> validate 20-40%, 0-40% -> 40-60%,
@@ -226,16 +263,18 @@ Generated by `tools/train_default_model.py` on {today}; rerun it to rebuild.
   there is no plain part (comments removed, inline tags joined so that
   `F<b></b>REE` reads `FREE`). Money (`$num`), percentages and `!!` runs
   are kept as classes; bare numbers are dropped.
-- HTML signals: HTML-only, link and image counts (log2 buckets), hidden
-  text (display:none, visibility:hidden, 0-1px fonts), white text, forms,
-  scripts, text-to-markup ratio.
+- HTML signals: HTML-only, hidden text (display:none, visibility:hidden,
+  0-1px fonts), white text, forms, scripts; for HTML without a plain-text
+  twin also link and image counts (log2 buckets), text-to-markup ratio and
+  transfer encoding.
 - URL host, registrable domain and TLD; IP-literal URLs; number of hosts.
 - Headers: sender domain and TLD, From display name that is a different
   address, Authentication-Results (spf/dkim/dmarc/arc results) and
   Received-SPF result, X-Mailer / User-Agent product name (no version),
-  charsets, top-level Content-Type, Received hop count (bucketed), missing
+  top-level Content-Type, Received hop count (bucketed), missing
   Message-ID, recipient count (bucketed). (Feature set 1 also had "has
-  In-Reply-To or References"; set 2 does not.)
+  In-Reply-To or References"; set 2 does not. Sets 1 and 2 also had the
+  charsets; set 3 does not.)
 - Structure (feature set 2, `mailgate/spamfeatures.py`): where the message
   entered the receiving side (the newest Received hop from a public address,
   read from Postfix, sendmail, Exim, Microsoft-style and IPv6 lines: HELO an
@@ -246,14 +285,20 @@ Generated by `tools/train_default_model.py` on {today}; rerun it to rebuild.
   sender's; To undisclosed, equal to From, without display names;
   From local part ending in digits, mixed-case domain; Reply-To the same
   address, same domain or another; subject "Re:"/"Fwd:" without
-  In-Reply-To/References, a trailing counter or random word, encoded-word
-  charset and encoding, `!` and `$` (in their own `subj:` namespace);
-  Content-Transfer-Encoding per text part, the outline of the MIME
+  In-Reply-To/References, a word set apart by a run of spaces at the end,
+  `!` and `$` (in their own `subj:` namespace);
+  Content-Transfer-Encoding of the text parts read, the outline of the MIME
   boundary, Content-Type without MIME-Version. Headers that only say how
   one site stores mail (Delivered-To, X-Status, virus-scanner stamps) are
   not read: a model would learn the collector instead of the mail. The hop
   count and Authentication-Results (set 1) do read what receiving servers
   wrote.
+- Left out in feature set 3, because they tell the decade or the language
+  of a message rather than whether it is spam, and the corpus is 2002
+  mail in English: charsets, the charset of an encoded subject, and the
+  link and image counts and transfer encoding of an HTML part that has a
+  plain-text twin (today every mail client sends one). A subject ending in
+  a number is not read as a bulk counter (customers quote order numbers).
 - Attachments: content type and file extension.
 - Each token counts once per message.
 
@@ -265,9 +310,11 @@ Generated by `tools/train_default_model.py` on {today}; rerun it to rebuild.
 
 ## Held-out metrics (trained on the first 80% by file name, tested on the last 20%)
 
-| threshold | accuracy | ham FP rate | hard-ham FP rate | spam recall | n_ham | n_spam |
-|---|---|---|---|---|---|---|
+| threshold | min_known_words | accuracy | ham FP rate | hard-ham FP rate | spam recall | n_ham | n_spam |
+|---|---|---|---|---|---|---|---|
 {held_rows}
+
+min_known_words 0 is the same model without the known-words rule.
 
 Targets from issue 4: accuracy >= 0.985, ham FP rate <= 0.005, spam recall >= 0.95.
 The held-out sample is small (550 ham, 100 spam): one message is 0.18 points
@@ -344,8 +391,78 @@ How often the held-out figures were looked at, and what was decided before:
    kept whatever that score is.
 
 {HELDOUT_OUTCOME_6}
+7. Feature set 3 (the tokens left out, above). Hand-written mail in the
+   shapes today's clients produce (`tests/fixtures/spamprobe/ham-1`: 14
+   first-contact customer messages, written without looking at the
+   model) went to quarantine with the set-2 model in 4 cases of 14, and so
+   did an older test fixture, a customer's screenshot in
+   multipart/related. The decisive tokens were the UTF-8 charset (+2.1,
+   learned from 5 corpus messages), the image and link counts of an HTML
+   part with a plain-text twin (`html:img=0` +4.3, `html:links=0` +4.1),
+   its transfer encoding (+2.8), and a subject ending in an order number
+   (+2.1). Pooled forward-fold validation at alpha 0.05, set 2 -> 3:
+   accuracy 0.9559 -> 0.9595, 2 -> 2 of 1650 ham, recall 0.720 -> 0.743;
+   alpha 0.05 chosen again. Tried on the same validation and dropped:
+   a minimum token count (2, 3, 5) and a cap on rare tokens' votes (spam
+   recall down 7-10 points).
+   Then batch 2 of the probes (ham-2, spam-2, written after set 3 was
+   settled) showed what set 3 does not fix: with it, 5 of 14 first mails
+   from customers writing Portuguese, Korean, Chinese, Czech and Japanese
+   were still quarantined (8 of 14 with set 2), on words that one 2002
+   spam in that language used (+4.75 each) and hash collisions. Hence the
+   known-words rule above. Forward-fold validation with it: accuracy
+   0.9595 -> 0.9544, 2 -> 2 of 1650 ham, recall 0.743 -> 0.710 (the 10
+   spam lost are Chinese, Japanese, Turkish, Serbian and German); known
+   after 3 messages with a share of 0.2-0.5, and after 2 or 5 messages
+   with a share of 0.3, gave the same validation; 3 and 0.3 were taken
+   from the middle of that range. On the
+   probes, 0 of the 28 customer mails of batches 1 and 2 are held. Other
+   ways tried on the same validation and probes: holding unknown-language
+   mail to the structure tokens only (3-4 of the 28 still held), 2^20
+   hash columns (4 held, 2 more false positives in validation). Batch 3
+   of the probes was written after these decisions. Decided before scoring
+   the held-out part, and kept whatever that score is.
 
-## Known weaknesses (found on the training data, not the held-out part)
+{HELDOUT_OUTCOME_7}
+
+## Mail of today's clients (hand-written probes, threshold {threshold})
+
+`tests/fixtures/spamprobe/`: first-contact customer mail and current spam,
+written by hand in the shapes today's clients and senders produce, never
+trained on. Batch 1 (ham-1) was used to find the tokens that set 3 leaves
+out, and batch 2 (ham-2, spam-2) to design the known-words rule, so neither
+is an unbiased check any more. Batch 3 (ham-3, spam-3) was written after
+both decisions, without looking at the model: it is the unbiased one. On
+batch 3 the previous shipped model (feature set 2, no known-words rule,
+commit 28156da) held 6 of the 14 customers (Dutch, Arabic, Polish, Turkish
+and two English) and caught 9 of the 12 spams; this one holds 1 and
+catches 6 (the Portuguese and Turkish phishing now pass as unknown words).
+
+| folder | messages | on the wrong side | which |
+|---|---|---|---|
+{probe_rows}
+
+## Known weaknesses (found on the training data and the probes, not the held-out part)
+
+- **Words the corpus saw only in spam.** At alpha 0.05 a word seen in one
+  spam and no ham votes +4.75, in two +5.4: a Finnish or Russian customer
+  can meet words that one 2002 spam in that language used (`jos`, `uutta`),
+  and a sender domain seen only in spam (`mail.ru`: 2 spam) votes as much.
+  Requiring more evidence (a minimum count, or a cap growing with the
+  count) cost 7-10 points of spam recall in the forward-fold validation,
+  where spam campaigns repeat, so it is not done; retraining on the
+  site's own mail fixes it where it matters.
+- **Padding with made-up words.** A spammer who adds enough made-up words
+  gets under the known-words share and through. Sites whose customers
+  write only the languages of their training mail can set
+  `spam.min_known_words = 0`; the held-out table above has the figures
+  without the rule.
+- **Small models hold little.** A model trained on a few dozen messages
+  knows few words and abstains on most mail until it has seen more.
+- **HTML-only mail from a person.** Without a plain-text twin, an HTML
+  part with no images and few links is what 2002 spam tools wrote (113
+  spam, 9 ham in the training 80%); a webmail that sends HTML only meets
+  that vote.
 
 - **The false positives are first mail from newsletter senders.** In the
   forward-fold validation every ham quarantined at threshold 0.9 was a
