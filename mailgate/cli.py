@@ -605,8 +605,8 @@ def spam_score(
     note = f"threshold {spam.threshold}"
     if result.score >= spam.threshold and not result.is_spam:
         verdict = "not held"
-        note += (f"; the model knows only {result.known_words:.0%} of its words, "
-                 f"below spam.min_known_words {spam.min_known_words:.0%}")
+        note += (f"; the model knows only {result.known_words:.1%} of its words, "
+                 f"below spam.min_known_words {spam.min_known_words:.1%}")
     typer.echo(f"{result.score:.4f} {verdict} ({note})")
 
 

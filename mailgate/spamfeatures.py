@@ -310,7 +310,7 @@ def _transfer_encoding(part: Message) -> str:
     return str(part.get("Content-Transfer-Encoding") or "").strip().lower()[:20]
 
 
-def _body_tokens(msg: Message, feature_version: int, out: set[str]) -> None:
+def _body_tokens(msg: Message, feature_version: int, out: set[str], twin_words: set[str] | None) -> None:
     plain: list[str] = []
     markup: list[str] = []
     charsets: set[str] = set()
@@ -377,6 +377,8 @@ def _body_tokens(msg: Message, feature_version: int, out: set[str]) -> None:
         out.add("html:textratio=" + ("low" if ratio < 0.1 else "mid" if ratio < 0.4 else "high"))
 
     n_words, n_caps = _word_tokens(visible, "", out)
+    if twin_words is not None and plain and html_text:
+        _word_tokens(_html_to_text(html_text)[:MAX_TEXT_CHARS], "", twin_words)
     out.add("len:" + _bucket(n_words // 10))
     if n_words >= 20:
         share = n_caps / n_words
@@ -387,8 +389,8 @@ def _body_tokens(msg: Message, feature_version: int, out: set[str]) -> None:
 
 def is_visible_word(token: str) -> bool:
     """A word of what the reader sees. Every other token has a `kind:` prefix (`s:` for
-    the subject's words) or is a class such as `$num` or `!!`."""
-    return token[:1].isalpha() and ":" not in token
+    the subject's words) or is a class (`$num`, `num%`, `!!`)."""
+    return token[:1].isalpha() and ":" not in token and token != "num%"
 
 
 def _shape(text: str) -> str:
@@ -561,7 +563,11 @@ def _structure_tokens(msg: Message, headers: _Headers, feature_version: int, out
 
 
 def extract_tokens(
-    raw: bytes, msg: Message | None = None, *, feature_version: int = FEATURE_VERSION
+    raw: bytes,
+    msg: Message | None = None,
+    *,
+    feature_version: int = FEATURE_VERSION,
+    twin_words: set[str] | None = None,
 ) -> set[str]:
     """The set of feature tokens of one raw message. Never raises.
 
@@ -572,6 +578,9 @@ def extract_tokens(
     of era and language (module docstring). A model keeps scoring and
     learning exactly the tokens it knows (a new token learned from one spam
     and no ham would weigh as much as a word seen in a hundred spams).
+    twin_words: if given, gets the words of an HTML part that has a plain-text
+    twin. They are not tokens (the plain part's words are); the model reads
+    them only to tell whether it knows the language of either version.
     """
     out: set[str] = set()
     try:
@@ -586,7 +595,7 @@ def extract_tokens(
         _header_tokens(msg, headers, feature_version, out)
         if feature_version >= 2:
             _structure_tokens(msg, headers, feature_version, out)
-        _body_tokens(msg, feature_version, out)
+        _body_tokens(msg, feature_version, out, twin_words)
     except Exception:
         # Mail that defeats the parser is itself a signal; keep whatever words
         # the raw bytes have so the message still gets a meaningful score.

@@ -39,6 +39,8 @@ Design notes (why, not what):
   alone, none with the rule; forward-fold validation kept its 2 false
   positives of 1650 and lost 10 of 300 spam (Chinese, Japanese, Turkish,
   Serbian, German spam). A site's own training makes its languages known.
+  With a plain-text and an HTML version, the better-known one counts, so a
+  junk plain part cannot hide the HTML the reader sees.
 * Scoring is done here with numpy (a single contiguous log-odds vector, a
   gather and a partial sort) rather than through ``predict_proba``, which
   copies the full weight matrix on every call; training and incremental
@@ -137,10 +139,12 @@ class SpamScore:
 
 @dataclass(frozen=True)
 class Features:
-    """One message's hashed tokens: every column, and the columns of its visible words."""
+    """One message's hashed tokens: every column, the columns of its visible words, and
+    those of the words of an HTML twin of its plain text (empty when there is none)."""
 
     columns: np.ndarray
     words: np.ndarray
+    twin_words: np.ndarray
 
 
 def _hash_tokens(tokens: Iterable[str], n_features: int) -> np.ndarray:
@@ -150,7 +154,7 @@ def _hash_tokens(tokens: Iterable[str], n_features: int) -> np.ndarray:
     return np.fromiter(idx, dtype=np.int64, count=len(idx))
 
 
-def _hash_features(tokens: Iterable[str], n_features: int) -> Features:
+def _hash_features(tokens: Iterable[str], twin_words: Iterable[str], n_features: int) -> Features:
     mask = n_features - 1
     columns: set[int] = set()
     words: set[int] = set()
@@ -162,6 +166,7 @@ def _hash_features(tokens: Iterable[str], n_features: int) -> Features:
     return Features(
         np.fromiter(columns, dtype=np.int64, count=len(columns)),
         np.fromiter(words, dtype=np.int64, count=len(words)),
+        _hash_tokens((w for w in twin_words if is_visible_word(w)), n_features),
     )
 
 
@@ -362,16 +367,20 @@ class SpamModel:
 
     def features(self, raw: bytes, msg: Message | None = None) -> Features:
         """The hashed features of one message (msg: see extract_tokens)."""
-        tokens = extract_tokens(raw, msg, feature_version=self._feature_version)
-        return _hash_features(tokens, self._n_features)
+        twin_words: set[str] = set()
+        tokens = extract_tokens(raw, msg, feature_version=self._feature_version, twin_words=twin_words)
+        return _hash_features(tokens, twin_words, self._n_features)
 
     def vectorize(self, raw: bytes, msg: Message | None = None) -> np.ndarray:
         """Column indices of the hashed features of one message: what learning counts."""
         return self.features(raw, msg).columns
 
-    def known_words(self, words: np.ndarray) -> float:
-        """Share of these word columns seen in KNOWN_WORD_MESSAGES or more training messages."""
-        return float(self._known[words].mean()) if len(words) else 1.0
+    def known_words(self, features: Features) -> float:
+        """Share of the visible words seen in KNOWN_WORD_MESSAGES or more training messages;
+        of the plain text or of its HTML twin, whichever the model knows better (a junk
+        plain part must not hide the HTML that the reader sees). 1.0 without words."""
+        shares = [float(self._known[w].mean()) for w in (features.words, features.twin_words) if len(w)]
+        return max(shares, default=1.0)
 
     def log_odds(self, columns: np.ndarray) -> float:
         """Prior log-odds plus the evidence of the SCORE_TOKENS most decisive columns."""
@@ -399,7 +408,7 @@ class SpamModel:
             return SpamScore(score=0.0, is_spam=False)
         score = _sigmoid(self.log_odds(features.columns))
         # Fail open as well where the model does not know the language (module docstring).
-        known = self.known_words(features.words)
+        known = self.known_words(features)
         return SpamScore(score=score, is_spam=score >= threshold and known >= min_known_words, known_words=known)
 
     # -- training ---------------------------------------------------------

@@ -66,5 +66,6 @@ def test_shipped_model_verdict(shipped: SpamModel, path: Path) -> None:
 
 
 def test_every_known_miss_is_a_probe() -> None:
-    assert set(KNOWN_WRONG) <= {probe_name(p) for p in probe_files()}
-    assert len(probe_files()) == 66
+    names = {probe_name(p) for p in probe_files()}
+    assert set(KNOWN_WRONG) <= names
+    assert {n.split("/")[0] for n in names} >= {"ham-1", "ham-2", "ham-3", "spam-2", "spam-3"}

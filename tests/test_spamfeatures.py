@@ -142,10 +142,7 @@ def test_set_3_leaves_out_the_tokens_of_era_and_language() -> None:
     era = ("cs:", "html:links=", "html:img=", "cte:html:")
     assert {"cs:utf-8", "html:links=0", "html:img=0", "cte:html:quoted-printable"} <= v2
     assert not {t for t in v3 if t.startswith(era)}
-    assert {"cte:plain:quoted-printable", "ct:multipart/alternative", "päässe"} & v3 >= {
-        "cte:plain:quoted-printable",
-        "ct:multipart/alternative",
-    }
+    assert {"cte:plain:quoted-printable", "ct:multipart/alternative", "pääse"} <= v3
     # Without a plain twin the HTML is the message, and how it is built still counts.
     html_only = (
         b"From: a@example.org\nContent-Type: text/html; charset=utf-8\n"
@@ -195,3 +192,4 @@ def test_a_model_of_feature_set_1_gets_only_set_1_tokens() -> None:
     # hdr:reply belongs to set 1 only (a forgeable -8.4 ham vote in the shipped model).
     assert "hdr:reply" in v1 and "hdr:reply" not in v2
     assert v1 - {"hdr:reply"} <= v2
+

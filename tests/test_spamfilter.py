@@ -420,3 +420,16 @@ def test_known_words_counts_messages_not_occurrences() -> None:
     assert model.score_bytes(HAM_MAIL, 0.9).known_words == 0.0
     model.fit([(SPAM_MAIL, True)] + [(HAM_MAIL, False)] * spamfilter.KNOWN_WORD_MESSAGES)
     assert model.score_bytes(HAM_MAIL, 0.9).known_words == 1.0
+
+
+def test_a_junk_plain_text_part_does_not_hide_the_html_the_reader_sees() -> None:
+    model = SpamModel.empty(n_features=2**16)
+    model.fit([(SPAM_MAIL, True)] * 3 + [(HAM_MAIL, False)] * 3)
+    headers, html = SPAM_MAIL.split(b"MIME-Version: 1.0\n")[0], SPAM_MAIL.split(b"\n\n", 1)[1]
+    disguised = headers + (
+        b'MIME-Version: 1.0\nContent-Type: multipart/alternative; boundary="b"\n\n'
+        b"--b\nContent-Type: text/plain\n\nqzv wropf klanu dreeb voskin trapple\n"
+        b"--b\nContent-Type: text/html\n\n" + html + b"--b--\n"
+    )
+    verdict = model.score_bytes(disguised, 0.9)
+    assert verdict.known_words == 1.0 and verdict.is_spam

@@ -217,8 +217,8 @@ def step_spam(ctx: Context) -> None:
         raise Stop("quarantined", f"spam score {spam.score:.3f} >= {settings.threshold}")
     if spam.score >= settings.threshold:
         ctx.hit("spam", False, f"spam score {spam.score:.3f}, but the model knows only "
-                               f"{spam.known_words:.0%} of its words (spam.min_known_words "
-                               f"{settings.min_known_words:.0%}): not held")
+                               f"{spam.known_words:.1%} of its words (spam.min_known_words "
+                               f"{settings.min_known_words:.1%}): not held")
         return
     ctx.hit("spam", False, f"spam score {spam.score:.3f}")
 
