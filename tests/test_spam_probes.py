@@ -36,6 +36,16 @@ KNOWN_WRONG = {
     "spam-3/phish_tr_kargo": "Turkish phishing: 1.000, but known 0.15: not held",
     "spam-3/seo_guest_post": "guest-post request: 0.000",
     "spam-3/spam_vi_loan": "Vietnamese loan spam: 0.000, known 0.22",
+    "ham-4/gmx_de_login": "German login question: 1.000, known 0.34",
+    "ham-4/orange_fr_refund": "French refund request: 1.000, known 0.49",
+    "ham-4/outlookclassic_en_invoice": "English invoice question from Outlook: 0.984, known 0.93",
+    "spam-4/appdev_en_outsourcing": "app-development pitch: 0.000",
+    "spam-4/attendeelist_en_expo": "attendee-list seller: 0.010",
+    "spam-4/bec_en_payroll": "payroll bank-details fraud: 0.000",
+    "spam-4/factura_es_invoice": "Spanish fake invoice: 0.000",
+    "spam-4/parcel_en_redelivery": "parcel redelivery scam: 0.066",
+    "spam-4/qrphish_en_mfa": "QR-code MFA phishing: 0.040",
+    "spam-4/sharepoint_en_fileshare": "file-share phishing: 0.000",
 }
 
 
@@ -68,4 +78,4 @@ def test_shipped_model_verdict(shipped: SpamModel, path: Path) -> None:
 def test_every_known_miss_is_a_probe() -> None:
     names = {probe_name(p) for p in probe_files()}
     assert set(KNOWN_WRONG) <= names
-    assert {n.split("/")[0] for n in names} >= {"ham-1", "ham-2", "ham-3", "spam-2", "spam-3"}
+    assert {n.split("/")[0] for n in names} == {"ham-1", "ham-2", "ham-3", "ham-4", "spam-2", "spam-3", "spam-4"}
