@@ -433,3 +433,13 @@ def test_a_junk_plain_text_part_does_not_hide_the_html_the_reader_sees() -> None
     )
     verdict = model.score_bytes(disguised, 0.9)
     assert verdict.known_words == 1.0 and verdict.is_spam
+
+
+def test_the_hashed_words_are_the_visible_words() -> None:
+    """_hash_features inlines is_visible_word for speed; the two must agree."""
+    from mailgate.spamfeatures import is_visible_word
+
+    tokens = {"hello", "s:hello", "num%", "$num", "!!", "url:x.org", "päivää", "e-mail", "ct:text/plain"}
+    got = spamfilter._hash_features(tokens, set(), 2**16)
+    assert sorted(got.words) == sorted(spamfilter._hash_tokens({t for t in tokens if is_visible_word(t)}, 2**16))
+    assert len(got.words) == 3
