@@ -47,7 +47,7 @@ from email.message import Message
 from email.utils import getaddresses, parseaddr, parsedate_tz
 from typing import Any
 
-__all__ = ["FEATURE_VERSION", "MAX_TEXT_CHARS", "extract_tokens", "is_visible_word"]
+__all__ = ["FEATURE_VERSION", "MAX_TEXT_CHARS", "extract_tokens", "html_twin_words", "is_visible_word"]
 
 # Bump whenever extract_tokens changes: a model trained on other tokens would
 # silently score garbage, so SpamModel.load() refuses a mismatch instead.
@@ -310,7 +310,7 @@ def _transfer_encoding(part: Message) -> str:
     return str(part.get("Content-Transfer-Encoding") or "").strip().lower()[:20]
 
 
-def _body_tokens(msg: Message, feature_version: int, out: set[str], twin_words: set[str] | None) -> None:
+def _body_tokens(msg: Message, feature_version: int, out: set[str]) -> None:
     plain: list[str] = []
     markup: list[str] = []
     charsets: set[str] = set()
@@ -328,7 +328,7 @@ def _body_tokens(msg: Message, feature_version: int, out: set[str], twin_words: 
         if cs:
             charsets.add(cs.lower())
         filename = part.get_filename()
-        if filename or part.get_content_maintype() not in ("text", "message"):
+        if not _is_body_text(part, filename):
             out.add("att:" + ctype)
             if filename and "." in filename:
                 out.add("attext:" + filename.rsplit(".", 1)[-1].lower()[:10])
@@ -377,14 +377,42 @@ def _body_tokens(msg: Message, feature_version: int, out: set[str], twin_words: 
         out.add("html:textratio=" + ("low" if ratio < 0.1 else "mid" if ratio < 0.4 else "high"))
 
     n_words, n_caps = _word_tokens(visible, "", out)
-    if twin_words is not None and plain and html_text:
-        _word_tokens(_html_to_text(html_text)[:MAX_TEXT_CHARS], "", twin_words)
     out.add("len:" + _bucket(n_words // 10))
     if n_words >= 20:
         share = n_caps / n_words
         out.add("caps:" + ("high" if share > 0.3 else "some" if share > 0.1 else "low"))
     n_hosts = _url_tokens(html_text + "\n" + "\n".join(plain), out)
     out.add("urls:" + _bucket(n_hosts))
+
+
+def _is_body_text(part: Message, filename: str | None) -> bool:
+    return not filename and part.get_content_maintype() in ("text", "message")
+
+
+def html_twin_words(raw: bytes, msg: Message | None = None) -> set[str]:
+    """The words of the HTML part of a message that also has a plain-text part; empty
+    otherwise. Never raises. Not tokens (the plain part's words are): the model reads
+    them only to tell whether it knows the language of either version."""
+    try:
+        if msg is None:
+            msg = message_from_bytes(raw)
+        has_plain = False
+        markup: list[str] = []
+        for n, part in enumerate(p for p in msg.walk() if not p.is_multipart()):
+            if n >= _MAX_PARTS:
+                break
+            if not _is_body_text(part, part.get_filename()):
+                continue
+            if part.get_content_type() == "text/html":
+                markup.append(_part_text(part)[:MAX_TEXT_CHARS])
+            elif part.get_content_maintype() == "text":
+                has_plain = True
+        words: set[str] = set()
+        if has_plain and markup:
+            _word_tokens(_html_to_text("\n".join(markup))[:MAX_TEXT_CHARS], "", words)
+        return {w for w in words if is_visible_word(w)}
+    except Exception:
+        return set()
 
 
 def is_visible_word(token: str) -> bool:
@@ -563,11 +591,7 @@ def _structure_tokens(msg: Message, headers: _Headers, feature_version: int, out
 
 
 def extract_tokens(
-    raw: bytes,
-    msg: Message | None = None,
-    *,
-    feature_version: int = FEATURE_VERSION,
-    twin_words: set[str] | None = None,
+    raw: bytes, msg: Message | None = None, *, feature_version: int = FEATURE_VERSION
 ) -> set[str]:
     """The set of feature tokens of one raw message. Never raises.
 
@@ -578,9 +602,6 @@ def extract_tokens(
     of era and language (module docstring). A model keeps scoring and
     learning exactly the tokens it knows (a new token learned from one spam
     and no ham would weigh as much as a word seen in a hundred spams).
-    twin_words: if given, gets the words of an HTML part that has a plain-text
-    twin. They are not tokens (the plain part's words are); the model reads
-    them only to tell whether it knows the language of either version.
     """
     out: set[str] = set()
     try:
@@ -595,7 +616,7 @@ def extract_tokens(
         _header_tokens(msg, headers, feature_version, out)
         if feature_version >= 2:
             _structure_tokens(msg, headers, feature_version, out)
-        _body_tokens(msg, feature_version, out, twin_words)
+        _body_tokens(msg, feature_version, out)
     except Exception:
         # Mail that defeats the parser is itself a signal; keep whatever words
         # the raw bytes have so the message still gets a meaningful score.

@@ -61,15 +61,16 @@ import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from email import message_from_bytes
 from email.message import Message
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mailgate.spamfeatures import FEATURE_VERSION, extract_tokens, is_visible_word
+from mailgate.spamfeatures import FEATURE_VERSION, extract_tokens, html_twin_words
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -134,7 +135,9 @@ class ModelError(Exception):
 class SpamScore:
     score: float  # probability of spam, 0..1
     is_spam: bool  # score >= threshold, and known_words >= min_known_words
-    known_words: float = 1.0  # share of the visible words the model knows; 1.0 when there are none
+    # Share of the visible words the model knows, 1.0 when there are none; that of an HTML
+    # twin instead when the plain text's share alone would keep a high score from holding.
+    known_words: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -154,16 +157,20 @@ def _hash_tokens(tokens: Iterable[str], n_features: int) -> np.ndarray:
     return np.fromiter(idx, dtype=np.int64, count=len(idx))
 
 
-def _hash_features(tokens: Iterable[str], twin_words: Iterable[str], n_features: int) -> Features:
+_NO_COLUMNS = np.zeros(0, dtype=np.int64)
+
+
+def _hash_features(tokens: Iterable[str], n_features: int) -> Features:
+    """The columns of the tokens and of their visible words; no twin words (see SpamModel.features)."""
     mask = n_features - 1
     column_of = {t: zlib.crc32(t.encode("utf-8", "replace")) & mask for t in tokens}
     columns = set(column_of.values())
-    # is_visible_word, inlined: a call per token is a third of the hashing time.
+    # spamfeatures.is_visible_word, inlined: a call per token is a third of the hashing time.
     words = {c for t, c in column_of.items() if ":" not in t and t[:1].isalpha() and t != "num%"}
     return Features(
         np.fromiter(columns, dtype=np.int64, count=len(columns)),
         np.fromiter(words, dtype=np.int64, count=len(words)),
-        _hash_tokens((w for w in twin_words if is_visible_word(w)), n_features),
+        _NO_COLUMNS,
     )
 
 
@@ -363,14 +370,21 @@ class SpamModel:
     # -- scoring ----------------------------------------------------------
 
     def features(self, raw: bytes, msg: Message | None = None) -> Features:
-        """The hashed features of one message (msg: see extract_tokens)."""
-        twin_words: set[str] = set()
-        tokens = extract_tokens(raw, msg, feature_version=self._feature_version, twin_words=twin_words)
-        return _hash_features(tokens, twin_words, self._n_features)
+        """The hashed features of one message, twin words included (msg: see extract_tokens)."""
+        if msg is None:
+            msg = message_from_bytes(raw)
+        return replace(self._features(raw, msg), twin_words=self._twin_columns(raw, msg))
+
+    def _features(self, raw: bytes, msg: Message | None) -> Features:
+        tokens = extract_tokens(raw, msg, feature_version=self._feature_version)
+        return _hash_features(tokens, self._n_features)
+
+    def _twin_columns(self, raw: bytes, msg: Message | None) -> np.ndarray:
+        return _hash_tokens(html_twin_words(raw, msg), self._n_features)
 
     def vectorize(self, raw: bytes, msg: Message | None = None) -> np.ndarray:
         """Column indices of the hashed features of one message: what learning counts."""
-        return self.features(raw, msg).columns
+        return self._features(raw, msg).columns
 
     def known_words(self, features: Features) -> float:
         """Share of the visible words seen in KNOWN_WORD_MESSAGES or more training messages;
@@ -395,7 +409,15 @@ class SpamModel:
         *,
         min_known_words: float = DEFAULT_MIN_KNOWN_WORDS,
     ) -> SpamScore:
-        return self.score_features(self.features(raw, msg), threshold, min_known_words=min_known_words)
+        if msg is None:
+            msg = message_from_bytes(raw)
+        features = self._features(raw, msg)
+        verdict = self.score_features(features, threshold, min_known_words=min_known_words)
+        if verdict.score >= threshold and not verdict.is_spam:
+            # Few known words: does the model know the HTML twin better? Rare, so read only now.
+            features = replace(features, twin_words=self._twin_columns(raw, msg))
+            verdict = self.score_features(features, threshold, min_known_words=min_known_words)
+        return verdict
 
     def score_features(
         self, features: Features, threshold: float, *, min_known_words: float = DEFAULT_MIN_KNOWN_WORDS

@@ -440,6 +440,6 @@ def test_the_hashed_words_are_the_visible_words() -> None:
     from mailgate.spamfeatures import is_visible_word
 
     tokens = {"hello", "s:hello", "num%", "$num", "!!", "url:x.org", "päivää", "e-mail", "ct:text/plain"}
-    got = spamfilter._hash_features(tokens, set(), 2**16)
+    got = spamfilter._hash_features(tokens, 2**16)
     assert sorted(got.words) == sorted(spamfilter._hash_tokens({t for t in tokens if is_visible_word(t)}, 2**16))
     assert len(got.words) == 3
