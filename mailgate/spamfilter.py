@@ -371,8 +371,7 @@ class SpamModel:
 
     def features(self, raw: bytes, msg: Message | None = None) -> Features:
         """The hashed features of one message, twin words included (msg: see extract_tokens)."""
-        if msg is None:
-            msg = message_from_bytes(raw)
+        msg = msg if msg is not None else _parsed(raw)
         return replace(self._features(raw, msg), twin_words=self._twin_columns(raw, msg))
 
     def _features(self, raw: bytes, msg: Message | None) -> Features:
@@ -409,8 +408,7 @@ class SpamModel:
         *,
         min_known_words: float = DEFAULT_MIN_KNOWN_WORDS,
     ) -> SpamScore:
-        if msg is None:
-            msg = message_from_bytes(raw)
+        msg = msg if msg is not None else _parsed(raw)  # once for the tokens and the twin
         features = self._features(raw, msg)
         verdict = self.score_features(features, threshold, min_known_words=min_known_words)
         if verdict.score >= threshold and not verdict.is_spam:
@@ -527,6 +525,15 @@ class SpamModel:
             self._weights = np.zeros(self._n_features, dtype=np.float64)
             self._bias = 0.0
         self._known = self._feature_count.sum(axis=0) >= KNOWN_WORD_MESSAGES
+
+
+def _parsed(raw: bytes) -> Message | None:
+    """The stdlib MIME tree, or None where the parser gives up (extract_tokens then scores
+    the raw words, as `parse:failed`)."""
+    try:
+        return message_from_bytes(raw)
+    except Exception:
+        return None
 
 
 def _check_params(n_features: int, alpha: float) -> None:

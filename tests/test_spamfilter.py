@@ -443,3 +443,16 @@ def test_the_hashed_words_are_the_visible_words() -> None:
     got = spamfilter._hash_features(tokens, 2**16)
     assert sorted(got.words) == sorted(spamfilter._hash_tokens({t for t in tokens if is_visible_word(t)}, 2**16))
     assert len(got.words) == 3
+
+
+def test_a_message_the_parser_gives_up_on_is_still_scored(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = SpamModel.empty(n_features=2**16)
+    model.fit([(SPAM_MAIL, True)] * 3 + [(HAM_MAIL, False)] * 3)
+
+    def give_up(raw: bytes) -> None:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    # The model's own parse gives up; extract_tokens parses (or falls back to raw words) itself.
+    monkeypatch.setattr(spamfilter, "message_from_bytes", give_up)
+    assert model.score_bytes(SPAM_MAIL, 0.9, min_known_words=0).is_spam
+    assert model.features(SPAM_MAIL).columns.size == model.vectorize(SPAM_MAIL).size
