@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import threading
@@ -130,8 +131,28 @@ class Runtime:
         except ModelError as exc:
             log.error("spam model refused: %s: spam filter off until the file changes", exc)
             return None, stamp
+        if newer_shipped_model(model) is not None:
+            model, stamp = self._replace_shipped_copy(path, model)
         log.info("spam model %s loaded (%s)", path, model.meta)
         return model, stamp
+
+    def _replace_shipped_copy(self, path: Path, model: SpamModel) -> tuple[SpamModel, tuple[int, int, int] | None]:
+        """Put the current shipped model in place of an untouched copy of an older one."""
+        from mailgate.spamfilter import ModelError, SpamModel
+
+        with _file_lock(path):
+            # Again under the learners' lock: one may have learned since the first read.
+            try:
+                current = SpamModel.load(path)
+            except ModelError:
+                return model, _file_stamp(path)
+            newer = newer_shipped_model(current)
+            if newer is None:
+                return current, _file_stamp(path)
+            newer.save(path)
+            log.info("spam model %s was the shipped model of %s and never learned: replaced by the "
+                     "shipped model of %s", path, current.meta["trained_at"], newer.meta["trained_at"])
+            return newer, _file_stamp(path)
 
     def learn_spam(self, raw: bytes, is_spam: bool) -> bool:
         """Teach the model one message and save it atomically. False if the filter is off."""
@@ -170,8 +191,33 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+def newer_shipped_model(model: SpamModel) -> SpamModel | None:
+    """The shipped model, if `model` is an untouched copy of an older shipped one.
+
+    Untouched: its trained_at is one mailgate shipped (models/spam-model-history.json)
+    and it never learned since (updated_at is trained_at). A model trained or taught
+    on the site's own mail is never replaced.
+    """
+    from mailgate.spamfilter import ModelError, SpamModel
+
+    meta = model.meta
+    if meta["trained_at"] is None or meta["updated_at"] != meta["trained_at"]:
+        return None
+    models = packaged_dir("models")
+    try:
+        history = json.loads((models / "spam-model-history.json").read_text(encoding="utf-8"))
+        if meta["trained_at"] not in history["shipped_trained_at"]:
+            return None
+        shipped = SpamModel.load(models / "spam-model.npz")
+    except (OSError, ValueError, KeyError, TypeError, ModelError):
+        return None
+    return None if shipped.meta["trained_at"] == meta["trained_at"] else shipped
+
+
 def load_spam_model(settings: Settings) -> SpamModel:
-    """The configured model for the CLI (score, eval): the data_dir file, else the shipped one.
+    """The configured model for the CLI (score, eval): the data_dir file, else the shipped one;
+    the shipped one too in place of an untouched copy of an older shipped model (the daemon
+    replaces such a file on its next load).
 
     Raises ModelError (one line, fit for the user) if it is missing or refused.
     """
@@ -180,4 +226,5 @@ def load_spam_model(settings: Settings) -> SpamModel:
     path = settings.spam_model_path
     if not path.exists() and settings.spam.model_path is None:
         path = packaged_dir("models") / "spam-model.npz"
-    return SpamModel.load(path)
+    model = SpamModel.load(path)
+    return newer_shipped_model(model) or model

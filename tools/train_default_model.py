@@ -97,6 +97,15 @@ def score_probes(model: SpamModel, threshold: float) -> dict[str, tuple[int, lis
     return results
 
 
+def record_shipped(history_path: Path, trained_at: str) -> None:
+    """Add the new model to the list of shipped ones: a site's untouched copy of any of
+    them is replaced by the newest (mailgate.runtime.newer_shipped_model)."""
+    history = json.loads(history_path.read_text(encoding="utf-8"))
+    if trained_at not in history["shipped_trained_at"]:
+        history["shipped_trained_at"].append(trained_at)
+    history_path.write_text(json.dumps(history, indent=1) + "\n", encoding="utf-8")
+
+
 def folder_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
@@ -186,6 +195,7 @@ def main() -> int:
     train_seconds = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     final.save(args.out)
+    record_shipped(args.out.with_name("spam-model-history.json"), final.meta["trained_at"])
     size = args.out.stat().st_size
     print(f"saved {args.out} ({size} bytes, trained in {train_seconds:.1f} s) {final.meta}")
 
