@@ -40,11 +40,13 @@ from __future__ import annotations
 import html
 import ipaddress
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from email import message_from_bytes
 from email.header import decode_header, make_header
 from email.message import Message
 from email.utils import getaddresses, parseaddr, parsedate_tz
+from itertools import islice
 from typing import Any
 
 __all__ = ["FEATURE_VERSION", "MAX_TEXT_CHARS", "extract_tokens", "html_twin_words", "is_visible_word"]
@@ -316,13 +318,7 @@ def _body_tokens(msg: Message, feature_version: int, out: set[str]) -> None:
     charsets: set[str] = set()
     plain_encodings: set[str] = set()
     html_encodings: set[str] = set()
-    n_parts = 0
-    for part in msg.walk():
-        if part.is_multipart():
-            continue
-        n_parts += 1
-        if n_parts > _MAX_PARTS:
-            break
+    for part in _leaf_parts(msg):
         ctype = part.get_content_type()
         cs = part.get_content_charset()
         if cs:
@@ -385,6 +381,11 @@ def _body_tokens(msg: Message, feature_version: int, out: set[str]) -> None:
     out.add("urls:" + _bucket(n_hosts))
 
 
+def _leaf_parts(msg: Message) -> Iterator[Message]:
+    """The first _MAX_PARTS parts that are not containers."""
+    return islice((p for p in msg.walk() if not p.is_multipart()), _MAX_PARTS)
+
+
 def _is_body_text(part: Message, filename: str | None) -> bool:
     return not filename and part.get_content_maintype() in ("text", "message")
 
@@ -398,9 +399,7 @@ def html_twin_words(raw: bytes, msg: Message | None = None) -> set[str]:
             msg = message_from_bytes(raw)
         has_plain = False
         markup: list[str] = []
-        for n, part in enumerate(p for p in msg.walk() if not p.is_multipart()):
-            if n >= _MAX_PARTS:
-                break
+        for part in _leaf_parts(msg):
             if not _is_body_text(part, part.get_filename()):
                 continue
             if part.get_content_type() == "text/html":
