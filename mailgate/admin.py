@@ -5,7 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from mailgate.ingest import notify
-from mailgate.ingest.apply import add_event, add_participant, set_due_times, set_status, unowned_recipients
+from mailgate.ingest.apply import (
+    add_event,
+    add_helper,
+    change_field,
+    change_owner,
+    set_status,
+    unowned_recipients,
+)
 from mailgate.runtime import Runtime
 from mailgate.store.engine import session_scope, utcnow
 from mailgate.store.tables import Message, Ticket
@@ -38,25 +45,16 @@ def update_ticket(rt: Runtime, number: int, *, status: str | None = None, priori
                 changes.append(f"status: {old} -> {status}")
                 notify.status_changed(rt, session, ticket, old)
         for field, value in (("priority", priority), ("category", category), ("tier", tier)):
-            if value is not None and getattr(ticket, field) != value:
-                add_event(session, ticket, actor, field, getattr(ticket, field), value)
-                changes.append(f"{field}: {getattr(ticket, field)} -> {value}")
-                setattr(ticket, field, value)
-                if field in ("priority", "tier"):
-                    set_due_times(rt, ticket)
-        if owner is not None:
-            new_owner = owner.lower() or None
-            if new_owner != ticket.owner:
-                add_event(session, ticket, actor, "owner", ticket.owner, new_owner)
-                changes.append(f"owner: {ticket.owner or 'nobody'} -> {new_owner or 'nobody'}")
-                ticket.owner = new_owner
-                if new_owner:
-                    # The template tells owner from assistant: `role` is part of its context.
-                    notify.notify_agents(rt, session, ticket, "agent/assigned", [new_owner], message=None,
-                                         extra={"by": actor, "role": "owner"})
-        if assist and add_participant(session, ticket, assist.lower(), "assistant"):
-            add_event(session, ticket, actor, "assistant", None, assist.lower())
-            changes.append(f"assistant added: {assist.lower()}")
+            if value is not None and (line := change_field(rt, session, ticket, field, value, actor)):
+                changes.append(line)
+        if owner is not None and (line := change_owner(session, ticket, owner.lower() or None, actor)):
+            changes.append(line)
+            if ticket.owner:
+                # The template tells owner from assistant: `role` is part of its context.
+                notify.notify_agents(rt, session, ticket, "agent/assigned", [ticket.owner], message=None,
+                                     extra={"by": actor, "role": "owner"})
+        if assist and (line := add_helper(session, ticket, assist.lower(), "assistant", actor)):
+            changes.append(line)
             # As `#assist` by mail does: the new assistant hears of it.
             notify.notify_agents(rt, session, ticket, "agent/assigned", [assist.lower()], message=None,
                                  extra={"by": actor, "role": "assistant"})

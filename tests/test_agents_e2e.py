@@ -188,9 +188,12 @@ def test_answers_notes_collision_and_commands(desk: Desk) -> None:
     mails = desk.take()
     assert [str(m["To"]) for m in mails] == ["bob@example.com"]
     assert "only an admin may change the tier" in text(mails[0])
-    desk.send(*reply(notice_a, "alice@example.com", "#uncc erin@customer.org\nLogs received, thanks."))
+    desk.send(*reply(notice_a, "alice@example.com", "#uncc erin@customer.org\n#priority high\nLogs received, thanks."))
     mails = desk.take()
     assert sorted(str(m["To"]) for m in mails) == ["alice@example.com", CAROL, "dave@customer.org"]
+    # A value the ticket already has: said so, and no event recorded
+    assert "priority: high (unchanged)" in text(to(mails, "alice@example.com")[0])
+    assert [e["action"] for e in d.ticket(n)["events"]].count("priority") == 1
 
     # #canned, inserted where the command stood, from an HTML-only mail
     desk.send(*reply(notice_a, "alice@example.com", "#priority urgent\n#canned need-info\nThe model number too.",

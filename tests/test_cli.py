@@ -71,7 +71,7 @@ def desk() -> Iterator[Path]:
     upd = cli_json(config, "tickets", "update", "1", "--status", "open", "--priority", "urgent", "--category",
                    "hardware", "--owner", "alice@example.com", "--assist", "bob@example.com", "--tier", "customer")
     assert upd == {"number": 1, "changes": [
-        "status: new -> open", "priority: normal -> urgent", "category: None -> hardware",
+        "status: new -> open", "priority: normal -> urgent", "category: - -> hardware",
         "owner: nobody -> alice@example.com", "assistant added: bob@example.com"]}
     ok(config, "tickets", "update", "2", "--priority", "high")
     ok(config, "tickets", "update", "3", "--status", "pending")
@@ -268,7 +268,7 @@ def test_tickets_update_each_flag_and_cli_exit_code(workdir: Path) -> None:
     for args, change in [
         (("--status", "open"), "status: new -> open"),
         (("--priority", "high"), "priority: normal -> high"),
-        (("--category", "billing"), "category: None -> billing"),
+        (("--category", "billing"), "category: - -> billing"),
         (("--owner", "Bob@Example.com"), "owner: nobody -> bob@example.com"),
         (("--assist", "alice@example.com"), "assistant added: alice@example.com"),
         (("--tier", "gold"), "tier: customer -> gold"),

@@ -163,6 +163,38 @@ def set_status(rt: Runtime, session: Session, ticket: Ticket, name: str, actor: 
     return old
 
 
+def change_field(rt: Runtime, session: Session, ticket: Ticket, field: str, value: str,
+                 actor: str) -> str | None:
+    """Set the ticket's priority, category or tier, with its event and new due times;
+    the change line, or None if it already had that value. Mail and CLI both call this."""
+    old = getattr(ticket, field)
+    if old == value:
+        return None
+    setattr(ticket, field, value)
+    add_event(session, ticket, actor, field, old, value)
+    if field in ("priority", "tier"):
+        set_due_times(rt, ticket)
+    return f"{field}: {old or '-'} -> {value}"
+
+
+def change_owner(session: Session, ticket: Ticket, owner: str | None, actor: str,
+                 why: str | None = None) -> str | None:
+    """Give the ticket to `owner` (None: nobody); the change line, or None if unchanged."""
+    if owner == ticket.owner:
+        return None
+    old, ticket.owner = ticket.owner, owner
+    add_event(session, ticket, actor, "owner", old, owner, why)
+    return f"owner: {old or 'nobody'} -> {owner or 'nobody'}" + (f" ({why})" if why else "")
+
+
+def add_helper(session: Session, ticket: Ticket, email: str, role: str, actor: str) -> str | None:
+    """Add an assistant or a CC; the change line, or None if they are one already."""
+    if not add_participant(session, ticket, email, role):
+        return None
+    add_event(session, ticket, actor, role, None, email)
+    return f"{role} added: {email}"
+
+
 def matching_rule(rules: Sequence[AssignmentRule], *, category: str | None, queue: str, sender: str,
                   subject: str) -> tuple[int, AssignmentRule] | None:
     """The first rule whose every given condition holds (first match wins)."""
@@ -540,49 +572,32 @@ def apply_commands(ctx: Context, ticket: Ticket, cmds: ParsedCommands,
                 status = hd.status(name)
                 if status and status.notify_requester:
                     ctx.effects.append(("status", {"old": old}))
-        elif c.name == "priority":
-            old, ticket.priority = ticket.priority, find_choice(c.arg, hd.priorities) or c.arg.lower()
-            set_due_times(rt, ticket)
-            add_event(session, ticket, actor, "priority", old, ticket.priority)
-            changes.append(f"priority: {old} -> {ticket.priority}")
-        elif c.name == "category":
-            old, ticket.category = ticket.category, find_choice(c.arg, hd.categories) or c.arg
-            add_event(session, ticket, actor, "category", old, ticket.category)
-            changes.append(f"category: {old or '-'} -> {ticket.category}")
-            if ticket.owner is None and not cmds.has("assign"):
+        elif c.name in ("priority", "category", "tier"):
+            choices = {"priority": hd.priorities, "category": hd.categories,
+                       "tier": [t.name for t in rt.settings.sla.tiers]}[c.name]
+            value = find_choice(c.arg, choices) or (c.arg.lower() if c.name == "priority" else c.arg)
+            line = change_field(rt, session, ticket, c.name, value, actor)
+            changes.append(line or f"{c.name}: {value} (unchanged)")
+            if c.name == "category" and ticket.owner is None and not cmds.has("assign"):
                 # A category known only now may be what an assignment rule waits for.
                 owner, why = pick_owner(rt, session, ticket)
-                if owner:
-                    ticket.owner = owner
-                    add_event(session, ticket, "system", "owner", None, owner, why)
-                    changes.append(f"owner: nobody -> {owner} ({why})")
+                if owner and (line := change_owner(session, ticket, owner, "system", why)):
+                    changes.append(line)
                     if owner != actor:
                         ctx.effects.append(("assigned", {"to": owner, "by": actor, "role": "owner"}))
-        elif c.name == "tier":
-            old, ticket.tier = ticket.tier, find_choice(c.arg, [t.name for t in rt.settings.sla.tiers]) or c.arg
-            set_due_times(rt, ticket)
-            add_event(session, ticket, actor, "tier", old, ticket.tier)
-            changes.append(f"tier: {old} -> {ticket.tier}")
         elif c.name == "assign":
             target = actor if c.arg.lower() == "me" else c.arg.lower()
-            if target == ticket.owner:
-                changes.append(f"owner: {target} (unchanged)")
-                continue
-            old, ticket.owner = ticket.owner, target
-            add_event(session, ticket, actor, "owner", old, target)
-            changes.append(f"owner: {old or 'nobody'} -> {target}")
-            if target != actor:
+            line = change_owner(session, ticket, target, actor)
+            changes.append(line or f"owner: {target} (unchanged)")
+            if line and target != actor:
                 ctx.effects.append(("assigned", {"to": target, "by": actor, "role": "owner"}))
         elif c.name in ("assist", "cc"):
             role = "assistant" if c.name == "assist" else "cc"
             email = c.arg.lower()
-            if add_participant(session, ticket, email, role):
-                add_event(session, ticket, actor, role, None, email)
-                changes.append(f"{role} added: {email}")
-                if role == "assistant" and email != actor:
-                    ctx.effects.append(("assigned", {"to": email, "by": actor, "role": "assistant"}))
-            else:
-                changes.append(f"{role} {email} (already there)")
+            line = add_helper(session, ticket, email, role, actor)
+            changes.append(line or f"{role} {email} (already there)")
+            if line and role == "assistant" and email != actor:
+                ctx.effects.append(("assigned", {"to": email, "by": actor, "role": "assistant"}))
         elif c.name == "uncc":
             email = c.arg.lower()
             for p in session.exec(select(Participant).where(
