@@ -122,6 +122,8 @@ DEFAULT_MIN_KNOWN_WORDS = 0.3
 # Hostile-file limits: a zip member can claim any uncompressed size, so the
 # declared sizes are checked before anything is decompressed.
 _MAX_MEMBER_BYTES = 512 * 2**20
+_MAX_HEADER_BYTES = 64 * 2**10  # the real one is about 300 bytes of JSON
+_ZIP_MAGIC = b"PK\x03\x04"
 _MIN_FEATURES, _MAX_FEATURES = 2**10, 2**24
 
 _HAM, _SPAM = 0, 1
@@ -236,15 +238,28 @@ class SpamModel:
     def load(cls, path: Path) -> SpamModel:
         path = Path(path)
         try:
-            npz = np.load(path, allow_pickle=False)
+            with open(path, "rb") as fh:
+                magic = fh.read(4)
         except FileNotFoundError as exc:
             raise ModelError(f"{path}: spam model file not found") from exc
+        except OSError as exc:
+            raise ModelError(f"{path}: cannot read spam model: {exc}") from exc
+        if magic != _ZIP_MAGIC:
+            # Only a zip archive goes on to numpy, which would otherwise guess (.npy, pickle).
+            raise ModelError(f"{path}: not a mailgate spam model: not an .npz (zip) archive")
+        try:
+            npz = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise ModelError(f"{path}: not a mailgate spam model (.npz): {exc}") from exc
         if not isinstance(npz, np.lib.npyio.NpzFile):
             raise ModelError(f"{path}: not a mailgate spam model: expected an .npz archive")
         with npz:
-            return cls._from_npz(npz, path)
+            try:
+                return cls._from_npz(npz, path)
+            except ModelError:
+                raise
+            except Exception as exc:  # a hostile file must never crash the daemon: refuse it
+                raise ModelError(f"{path}: refused model file: {type(exc).__name__}: {str(exc)[:200]}") from exc
 
     @classmethod
     def _from_npz(cls, npz: np.lib.npyio.NpzFile, path: Path) -> SpamModel:
@@ -266,10 +281,14 @@ class SpamModel:
 
         if header_arr.dtype != np.uint8 or header_arr.ndim != 1:
             raise ModelError(f"{path}: header must be a 1-d uint8 array of JSON")
+        if header_arr.size > _MAX_HEADER_BYTES:
+            raise ModelError(f"{path}: header is implausibly large ({header_arr.size} bytes)")
         try:
             header = json.loads(header_arr.tobytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelError(f"{path}: header is not JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:
+            # ValueError: not UTF-8, not JSON, or an integer too long to convert;
+            # RecursionError: nesting deeper than the parser's stack.
+            raise ModelError(f"{path}: header is not JSON: {type(exc).__name__}: {str(exc)[:200]}") from exc
         if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
             raise ModelError(f"{path}: not a mailgate spam model (format tag missing)")
         if header.get("version") != FORMAT_VERSION:
@@ -294,7 +313,7 @@ class SpamModel:
             raise ModelError(f"{path}: header alpha must be a number")
         try:
             _check_params(n_features, float(alpha))
-        except ValueError as exc:
+        except (ValueError, OverflowError) as exc:
             raise ModelError(f"{path}: {exc}") from exc
 
         if feature_count.dtype != np.float32 or feature_count.shape != (2, n_features):

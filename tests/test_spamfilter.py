@@ -275,6 +275,35 @@ def test_garbage_and_wrong_shapes_are_refused(tmp_path: Path) -> None:
             SpamModel.load(path)
 
 
+def test_hostile_headers_are_refused_not_raised(tmp_path: Path) -> None:
+    """Headers that make the JSON parser or float() raise something else than a ModelError
+    (the daemon catches only that one) are refused with a one-line reason."""
+    good = tmp_path / "good.npz"
+    SpamModel.empty(n_features=2**10).save(good)
+    with np.load(good, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    fields = json.loads(arrays["header"].tobytes())
+    real = json.dumps(fields)
+    cases = {
+        "deep": ("[" * 30_000 + "]" * 30_000, "RecursionError"),
+        "huge": ("[" * 40_000 + "]" * 40_000, "implausibly large"),
+        "alpha_overflow": (real.replace('"alpha": 0.05', '"alpha": 1' + "0" * 400), "too large"),
+        "alpha_digits": (real.replace('"alpha": 0.05', '"alpha": 1' + "0" * 5000), "ValueError"),
+    }
+    assert '"alpha": 0.05' in real
+    for name, (text, reason) in cases.items():
+        path = tmp_path / f"{name}.npz"
+        _write_npz(path, **(arrays | {"header": np.frombuffer(text.encode(), dtype=np.uint8)}))
+        with pytest.raises(ModelError, match=reason) as caught:
+            SpamModel.load(path)
+        assert "\n" not in str(caught.value)
+
+    text_file = tmp_path / "notes.npz"
+    text_file.write_text("garbage\n")
+    with pytest.raises(ModelError, match=r"not an \.npz \(zip\) archive"):
+        SpamModel.load(text_file)
+
+
 def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "model.npz"
     old = SpamModel.empty(n_features=2**10)
