@@ -101,9 +101,9 @@ def test_a_known_requesters_spammy_mail_is_not_filtered(spam_daemon: Daemon, cor
     shown = d.ticket(d.tickets()[-1]["number"])
     assert shown["requester"] == "carol@customer.org"
     first = shown["messages"][0]
-    assert first["spam_score"] is None
+    assert first["spam_score"] >= 0.99  # kept for the agents to see, and ignored
     assert [h["reason"] for h in first["rule_hits"] if h["step"] == "spam"] == [
-        "known requester or agent: never filtered"]
+        f"known requester or agent: never filtered (spam score {first['spam_score']:.3f})"]
 
 
 def test_agent_hash_spam_learns_and_closes_without_mailing_the_requester(spam_daemon: Daemon,
@@ -146,6 +146,22 @@ def test_agent_hash_spam_learns_and_closes_without_mailing_the_requester(spam_da
     assert [(e["action"], e["new"]) for e in events if e["action"] == "spam"] == [("spam", "learned")]
     after = score(d, eml)
     assert after > before and after >= 0.9
+
+    # Dave answers his confirmation: its reply token must not vouch for him any more.
+    confirmation = d.sent_to("dave@growth-partners.example")[0]
+    dave_reply_to = str(confirmation["Reply-To"])
+    assert dave_reply_to.startswith(f"support+{number}-")
+    d.send(mail(sender="Dave <dave@growth-partners.example>", to=dave_reply_to,
+                subject=f"Re: {confirmation['Subject']}", headers={"In-Reply-To": str(confirmation["Message-ID"])},
+                body="Hi there, we could help with the layout of your website. "
+                     "Reply if you want a quote.\n\nDave"),
+           sender="dave@growth-partners.example", recipients=[dave_reply_to])
+    wait_until(lambda: quarantine(d))
+    d.wait_idle()
+    [held] = quarantine(d)
+    assert held["from"] == "dave@growth-partners.example" and held["spam_score"] >= 0.9
+    assert d.ticket(number)["status"] == "closed"  # not reopened
+    assert len(d.wait_sent(4)) == 4  # and nobody told
 
 
 def test_a_first_mail_in_a_language_the_model_never_learned_becomes_a_ticket(

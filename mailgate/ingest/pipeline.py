@@ -188,8 +188,14 @@ def step_identify(ctx: Context) -> None:
 
 
 def _known_correspondent(ctx: Context) -> bool:
-    if ctx.agent is not None or ctx.token_ticket is not None:
+    if ctx.agent is not None:
         return True
+    if ctx.token_ticket is not None:
+        ticket = ctx.session.get(Ticket, ctx.token_ticket)
+        # After an agent's #spam the token the spammer got in the confirmation vouches for
+        # nothing: the reply is scored like a stranger's mail.
+        if ticket is not None and not ticket.from_spam:
+            return True
     return ctx.session.exec(_TICKET_OF_UNBLOCKED_REQUESTER, params={"email": ctx.sender}).first() is not None
 
 
@@ -203,11 +209,14 @@ def step_spam(ctx: Context) -> None:
         score = "" if ctx.spam_score is None else f" (spam score was {ctx.spam_score:.3f})"
         ctx.hit("spam", False, f"released from quarantine{score}: not filtered")
         return
-    if _known_correspondent(ctx):
-        ctx.hit("spam", False, "known requester or agent: never filtered")
-        return
     assert ctx.prepared is not None
     spam = ctx.prepared.spam
+    if _known_correspondent(ctx):
+        # Scored anyway in prepare(): kept, so that agents see what the filter thought.
+        ctx.spam_score = spam.score if spam is not None else None
+        score = "" if spam is None else f" (spam score {spam.score:.3f})"
+        ctx.hit("spam", False, f"known requester or agent: never filtered{score}")
+        return
     if spam is None:
         ctx.hit("spam", False, "spam filter off")
         return
