@@ -563,12 +563,18 @@ def spam_eval(
         fail(str(exc), 1)
     cut = settings.spam.threshold if threshold is None else threshold
     known = settings.spam.min_known_words if min_known_words is None else min_known_words
+    if not 0.0 < cut <= 1.0:  # as spam.threshold; also refuses nan
+        fail(f"--threshold: must be in (0, 1], got {cut}")
     if not 0.0 <= known <= 1.0:
         fail(f"--min-known-words: must be in [0, 1], got {known}")
     try:
         result = evaluate(model, read_mail_sources(ham), read_mail_sources(spam), cut, known)
     except OSError as exc:
         fail(f"cannot read mail: {exc}")
+    for option, paths, key in (("--ham", ham, "n_ham"), ("--spam", spam, "n_spam")):
+        if not result[key]:
+            # Accuracy over one class only, or none, would be a figure without meaning.
+            fail(f"{option}: no messages in {', '.join(map(str, paths))}")
     if json_out:
         print_json(result)
         return

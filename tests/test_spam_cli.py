@@ -101,6 +101,27 @@ def test_train_usage_errors_are_one_line(workdir: Path, slices: dict[str, Path])
     assert not (workdir / "data" / "spam-model.npz").exists()
 
 
+
+def test_eval_usage_errors_are_one_line(workdir: Path) -> None:
+    cfg = write_config(workdir)
+    ham, empty = workdir / "ham", workdir / "empty"
+    ham.mkdir()
+    empty.mkdir()
+    (ham / "1.eml").write_bytes(mail().as_bytes())
+    for args, message in [
+        (("--ham", str(ham), "--spam", str(empty)), f"--spam: no messages in {empty}"),
+        (("--ham", str(empty), "--spam", str(ham)), f"--ham: no messages in {empty}"),
+        (("--ham", str(ham), "--spam", str(ham), "--threshold", "7"), "--threshold: must be in (0, 1], got 7.0"),
+        (("--ham", str(ham), "--spam", str(ham), "--threshold", "nan"), "--threshold: must be in (0, 1], got nan"),
+        (("--ham", str(ham), "--spam", str(ham), "--min-known-words", "2"),
+         "--min-known-words: must be in [0, 1], got 2.0"),
+    ]:
+        proc = cli(cfg, "spam", "eval", *args, "--json", check=False)
+        assert (proc.returncode, proc.stdout, proc.stderr.decode()) == (2, b"", f"mailgate: {message}\n"), args
+    # Both classes present: figures, exit 0 (the same message as ham and as spam).
+    result = cli_json(cfg, "spam", "eval", "--ham", str(ham), "--spam", str(ham))
+    assert (result["n_ham"], result["n_spam"]) == (1, 1)
+
 class _RunsCode:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
