@@ -1,7 +1,7 @@
 """Naive-Bayes spam filter: feature extraction, classifier and model file io.
 
 Pure module: no database, no config, no logging side effects. The ingest
-pipeline, the CLI and the retrain job call into it.
+pipeline and the CLI call into it.
 
 Design notes (why, not what):
 
