@@ -70,13 +70,16 @@ _RE_URL_HOST = re.compile(r"""(?:https?://|\bwww\.)([^\s/"'<>:?#\\)\]]+)""", re.
 _RE_IPV4 = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
 # Comments are removed without a space so "V<!-- x -->iagra" stays one word.
 _RE_HTML_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
-_RE_HTML_DROP = re.compile(r"<(script|style)\b.*?</\1\s*>", re.DOTALL | re.IGNORECASE)
+# What _RE_HTML_DROP = <(script|style)\b.*?</\1\s*> would remove, found in linear time.
+_RE_HTML_DROP_OPEN = re.compile(r"<(script|style)\b", re.IGNORECASE)
+_RE_HTML_DROP_CLOSE = {k: re.compile(rf"</{k}\s*>", re.IGNORECASE) for k in ("script", "style")}
 _RE_HTML_BLOCK = re.compile(
     r"</?(?:p|br|div|td|th|tr|li|ul|ol|table|tbody|h[1-6]|title|hr|img|center|blockquote)\b[^>]*>",
     re.IGNORECASE,
 )
 _RE_HTML_TAG = re.compile(r"<[^>]*>")
-_RE_HTML_LINK = re.compile(r"<a\b[^>]*\bhref", re.IGNORECASE)
+# [^<>]: with [^>] each "<a " with no ">" after it made re scan to the end of the text.
+_RE_HTML_LINK = re.compile(r"<a\b[^<>]*\bhref", re.IGNORECASE)
 _RE_HTML_IMG = re.compile(r"<img\b", re.IGNORECASE)
 _RE_HTML_FORM = re.compile(r"<form\b", re.IGNORECASE)
 _RE_HTML_SCRIPT = re.compile(r"<script\b", re.IGNORECASE)
@@ -168,12 +171,45 @@ def _part_text(part: Message) -> str:
         return payload.decode("latin-1", errors="replace")
 
 
+def _sub_up_to(pattern: re.Pattern[str], repl: str, text: str, closer: str) -> str:
+    """pattern.sub(repl, text) for a pattern whose every match ends with `closer`, in
+    linear time. A start with no closer after it cannot match, but re tries it to the end
+    of the text: a part of 100,000 "<!--" took 13 s. Past the last closer nothing matches."""
+    end = text.rfind(closer)
+    if end < 0:
+        return text
+    end += len(closer)
+    return pattern.sub(repl, text[:end]) + text[end:]
+
+
+def _drop_script_and_style(markup: str) -> str:
+    """_RE_HTML_DROP.sub(" ", markup), in linear time (see _sub_up_to): an opening tag whose
+    closing tag never comes is left as it is, and its kind's closer is not searched again."""
+    out: list[str] = []
+    pos = 0
+    unclosed_from: dict[str, int] = {}  # kind -> position after which it has no closer
+    for opening in _RE_HTML_DROP_OPEN.finditer(markup):
+        if opening.start() < pos:
+            continue  # inside what was just dropped
+        kind = opening.group(1).lower()
+        if opening.end() >= unclosed_from.get(kind, len(markup) + 1):
+            continue
+        closing = _RE_HTML_DROP_CLOSE[kind].search(markup, opening.end())
+        if closing is None:
+            unclosed_from[kind] = opening.end()
+            continue
+        out += [markup[pos : opening.start()], " "]
+        pos = closing.end()
+    out.append(markup[pos:])
+    return "".join(out)
+
+
 def _html_to_text(markup: str) -> str:
-    markup = _RE_HTML_COMMENT.sub("", markup)
-    markup = _RE_HTML_DROP.sub(" ", markup)
-    markup = _RE_HTML_BLOCK.sub(" ", markup)
+    markup = _sub_up_to(_RE_HTML_COMMENT, "", markup, "-->")
+    markup = _drop_script_and_style(markup)
+    markup = _sub_up_to(_RE_HTML_BLOCK, " ", markup, ">")
     # Inline tags vanish without a space: "<b>F</b>REE" is meant to read "FREE".
-    markup = _RE_HTML_TAG.sub("", markup)
+    markup = _sub_up_to(_RE_HTML_TAG, "", markup, ">")
     return html.unescape(markup)
 
 

@@ -1,6 +1,9 @@
 """HTML-only mail to readable text (mailgate.ingest.htmltext)."""
 
-from mailgate.ingest.htmltext import html_to_text
+import subprocess
+import sys
+
+from mailgate.ingest.htmltext import MAX_HTML_DEPTH, html_to_text
 
 
 def test_paragraphs_breaks_and_entities() -> None:
@@ -53,3 +56,18 @@ def test_empty_and_hostile_input() -> None:
 def test_break_after_a_block_is_an_empty_line() -> None:
     html = "<div>#priority urgent</div><div>The model number too.</div><br><div>On Mon wrote:</div>"
     assert html_to_text(html) == "#priority urgent\nThe model number too.\n\nOn Mon wrote:"
+
+
+def test_markup_too_deep_for_the_parser_falls_back_to_stripped_tags() -> None:
+    deep = "<div>" * (MAX_HTML_DEPTH + 100) + "Hello <b>world</b> &amp; more" + "</div>" * (MAX_HTML_DEPTH + 100)
+    assert html_to_text(deep) == "Hello world & more"
+
+
+def test_the_fallback_is_linear_on_openers_that_never_close() -> None:
+    """Too deep for the parser, then 300,000 "<" with no ">": the fallback's old tag pattern
+    took about a minute here. Run in a child with a 30 s limit, a guard rather than a timing
+    assertion (it takes milliseconds; re holds the GIL, so nothing in-process can stop it)."""
+    code = ("from mailgate.ingest.htmltext import MAX_HTML_DEPTH, html_to_text; "
+            "print(len(html_to_text('<div>' * (MAX_HTML_DEPTH + 100) + '<' * 300_000)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30, check=True)
+    assert done.stdout == b"300000\n"

@@ -21,7 +21,7 @@ _LINE = frozenset({"div", "section", "article", "header", "footer", "nav", "asid
                    "tr", "dt", "dd", "li", "caption", "tbody", "thead", "tfoot", "hr"})
 _INVISIBLE = frozenset({"script", "style", "head", "title", "template", "noscript", "img"})
 _SPACE_RE = re.compile(r"\s+")
-_TAG_RE = re.compile(r"<[^>]*>")  # the fallback, linear on any input (nh3 is not, on deep nesting)
+_TAG_RE = re.compile(r"<[^<>]*>")  # the fallback; [^<>], as a "<" with no ">" after it made [^>] quadratic
 _LINK_SCHEMES = ("http://", "https://", "ftp://", "mailto:")
 
 
