@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 # sqlmodel and the rest of the package are imported inside the commands: a config error or
 # --help then answers without paying for SQLAlchemy's import.
@@ -47,8 +49,32 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Config f
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
+# Subjects, addresses, bodies and file names come from strangers' mail and reach the
+# operator's terminal only through shown(), echo(), print_json() and text_console():
+# a control character (ESC starts a terminal sequence, OSC 52 writes the clipboard,
+# 0x9b is a one-byte CSI) or a bidi override must not act on it, nor Rich markup.
+_TERMINAL_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# json.dumps escapes C0 controls itself; with ensure_ascii=False it leaves these raw.
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
+
+
+def shown(value: object) -> str:
+    """Text safe to print to a terminal: unsafe characters become U+FFFD."""
+    return _TERMINAL_UNSAFE.sub("\ufffd", "" if value is None else str(value))
+
+
+def echo(message: str, *, err: bool = False) -> None:
+    typer.echo(shown(message), err=err)
+
+
+def text_console(*, stderr: bool = False) -> Console:
+    """A Rich console that prints text as text: no markup, emoji codes or highlighting.
+    Style goes on Text objects."""
+    return Console(stderr=stderr, markup=False, emoji=False, highlight=False)
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
-    typer.echo(f"mailgate: {message}", err=True)
+    echo(f"mailgate: {message}", err=True)
     raise typer.Exit(code)
 
 
@@ -83,7 +109,9 @@ def runtime_for(config: Path | None, *, upgrade: bool = True, config_error_code:
 
 
 def print_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+    text = json.dumps(data, indent=2, ensure_ascii=False)
+    # Escaped, the same data: these characters only occur inside JSON strings.
+    typer.echo(_JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text))
 
 
 # --- run / ingest / import ------------------------------------------------------------
@@ -126,21 +154,21 @@ def ingest(config: ConfigOpt = None,
     try:
         result = run_one(rt, spool.worker_id(), only_id=accepted.inbound_id)
     except Exception as exc:  # stored is stored: the daemon's worker processes it later
-        typer.echo(f"stored as inbound {accepted.inbound_id}; not processed yet: {type(exc).__name__}")
+        echo(f"stored as inbound {accepted.inbound_id}; not processed yet: {type(exc).__name__}")
         return
     if result is None:
-        typer.echo(f"queued as inbound {accepted.inbound_id}")
+        echo(f"queued as inbound {accepted.inbound_id}")
         return
     if result.outcome == "dead":
         fail(f"unusable message kept as dead letter {accepted.inbound_id}: {result.reason}", EX_DATAERR)
     if result.outcome == "retry":
         # Stored: the daemon's worker will try again. Not a temporary failure for the sender.
-        typer.echo(f"stored as inbound {accepted.inbound_id}; processing will be retried: {result.reason}")
+        echo(f"stored as inbound {accepted.inbound_id}; processing will be retried: {result.reason}")
         return
     if result.ticket_number is not None:
-        typer.echo(str(result.ticket_number))
+        echo(str(result.ticket_number))
     else:
-        typer.echo(f"{result.outcome}: {result.reason}")
+        echo(f"{result.outcome}: {result.reason}")
 
 
 @app.command("import")
@@ -160,7 +188,7 @@ def import_(path: Path, config: ConfigOpt = None,
     outcomes: dict[str, int] = {}
     worker = spool.worker_id()
     with Progress(transient=True, disable=json_out or not sys.stderr.isatty(),
-                  console=Console(stderr=True)) as progress:
+                  console=text_console(stderr=True)) as progress:
         task = progress.add_task("importing", total=None)
         for key, raw in iter_messages(path):
             try:
@@ -180,7 +208,7 @@ def import_(path: Path, config: ConfigOpt = None,
         print_json(outcomes)
     else:
         for name, n in sorted(outcomes.items()):
-            typer.echo(f"{name}: {n}")
+            echo(f"{name}: {n}")
 
 
 # --- tickets ------------------------------------------------------------------------------
@@ -244,8 +272,8 @@ def tickets_list(
     for c in cols:
         table.add_column(c)
     for r in rows:
-        table.add_row(*["" if r.get(c) is None else str(r.get(c)) for c in cols], style=_row_style(r))
-    Console().print(table)
+        table.add_row(*[shown(r.get(c)) for c in cols], style=_row_style(r))
+    text_console().print(table)
 
 
 def _load_ticket(session: Any, number: int) -> Any:
@@ -269,19 +297,19 @@ def tickets_show(number: int, config: ConfigOpt = None, json_out: JsonOpt = Fals
     if json_out:
         print_json(data)
         return
-    console = Console()
-    console.print(f"[bold]#{data['number']} {data['subject']}[/bold]")
+    console = text_console()
+    console.print(Text(shown(f"#{data['number']} {data['subject']}"), style="bold"))
     for key in ("status", "priority", "category", "queue", "requester", "participants", "owner", "assistants",
                 "tier", "created_at", "first_response_due", "resolution_due", "overdue", "rating"):
-        console.print(f"  {key:20} {data[key]}", markup=False, highlight=False)
+        console.print(shown(f"  {key:20} {data[key]}"))
     for m in data["messages"]:
-        console.print(f"\n[bold]{m['created_at']} {m['kind']} {m['direction']}[/bold] {m['from']}")
-        console.print(m["text"], markup=False, highlight=False)
+        console.print(Text.assemble("\n", (shown(f"{m['created_at']} {m['kind']} {m['direction']}"), "bold"),
+                                    " ", shown(m["from"])))
+        console.print(shown(m["text"]))
         for a in m["attachments"]:
-            console.print(f"  [attachment] {a['filename']!r} {a['content_type']} {a['size']} bytes",
-                          markup=False)
+            console.print(shown(f"  [attachment] {a['filename']!r} {a['content_type']} {a['size']} bytes"))
         for h in m["rule_hits"]:
-            console.print(f"  [{h['step']}] {h['reason']}", style="dim", markup=False)
+            console.print(Text(shown(f"  [{h['step']}] {h['reason']}"), style="dim"))
 
 
 @tickets_app.command("update")
@@ -307,7 +335,7 @@ def tickets_update(
     if json_out:
         print_json(data)
     else:
-        typer.echo(f"#{number}: " + ("; ".join(data["changes"]) or "nothing changed"))
+        echo(f"#{number}: " + ("; ".join(data["changes"]) or "nothing changed"))
 
 
 @tickets_app.command("note")
@@ -325,7 +353,7 @@ def tickets_note(number: int, config: ConfigOpt = None,
         add_note(rt, number, body, author)
     except ValueError as exc:
         fail(str(exc), 1)
-    typer.echo(f"#{number}: note added")
+    echo(f"#{number}: note added")
 
 
 # --- outbox and dead letters -----------------------------------------------------------------
@@ -357,9 +385,9 @@ def outbox_list(config: ConfigOpt = None, json_out: JsonOpt = False,
     for c in ("id", "ticket", "to", "template", "state", "attempts", "last_error"):
         table.add_column(c)
     for r in rows:
-        table.add_row(*[str(r[c] or "") for c in ("id", "ticket", "to", "template", "state", "attempts",
+        table.add_row(*[shown(r[c] or "") for c in ("id", "ticket", "to", "template", "state", "attempts",
                                                    "last_error")])
-    Console().print(table)
+    text_console().print(table)
 
 
 @outbox_app.command("retry")
@@ -369,7 +397,7 @@ def outbox_retry(ids: Annotated[list[int] | None, typer.Argument(help="Outbox id
     from mailgate.outbox import retry_failed
 
     rt = runtime_for(config)
-    typer.echo(f"{retry_failed(rt.engine, ids, rt.settings.outbound.deadline_hours)} queued again")
+    echo(f"{retry_failed(rt.engine, ids, rt.settings.outbound.deadline_hours)} queued again")
 
 
 def _inbound_rows(rt: Any, where: Any, limit: int) -> list[dict[str, Any]]:
@@ -392,7 +420,7 @@ def _print_inbound(rows: list[dict[str, Any]], json_out: bool, line: str) -> Non
         print_json(rows)
         return
     for r in rows:
-        typer.echo(line.format(**r))
+        echo(line.format(**r))
 
 
 def _stop_reason(rule_hits: str) -> str:
@@ -417,7 +445,7 @@ def deadletter_retry(ids: Annotated[list[int] | None, typer.Argument(help="Inbou
     from mailgate import spool
 
     rt = runtime_for(config)
-    typer.echo(f"{spool.requeue(rt.engine, ids)} requeued")
+    echo(f"{spool.requeue(rt.engine, ids)} requeued")
 
 
 @app.command("screened")
@@ -440,7 +468,7 @@ def db_upgrade(config: ConfigOpt = None) -> None:
     rt = runtime_for(config, upgrade=False)
     before = migrate.current_revision(rt.engine)
     migrate.upgrade(rt.engine)
-    typer.echo(f"database at {migrate.current_revision(rt.engine)} (was {before or 'empty'})")
+    echo(f"database at {migrate.current_revision(rt.engine)} (was {before or 'empty'})")
 
 
 @app.command()
@@ -456,7 +484,7 @@ def doctor(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
     else:
         for c in checks:
             mark = {"ok": "ok  ", "warning": "WARN", "error": "FAIL"}[c["status"]]
-            typer.echo(f"[{mark}] {c['name']}: {c['detail']}")
+            echo(f"[{mark}] {c['name']}: {c['detail']}")
     if any(c["status"] == "error" for c in checks):
         raise typer.Exit(1)
 
@@ -470,7 +498,7 @@ def _spam_progress(label: str) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=Console(stderr=True), transient=True, disable=not sys.stderr.isatty())
+                    console=text_console(stderr=True), transient=True, disable=not sys.stderr.isatty())
 
 
 def _count_sources(paths: list[Path]) -> int | None:
@@ -539,7 +567,7 @@ def spam_train(
     except OSError as exc:
         fail(f"cannot write {target}: {exc}")
     seconds = time.perf_counter() - started
-    typer.echo(f"trained on {counts['ham']} ham and {counts['spam']} spam in {seconds:.1f} s; "
+    echo(f"trained on {counts['ham']} ham and {counts['spam']} spam in {seconds:.1f} s; "
                f"saved {target} ({target.stat().st_size} bytes)")
 
 
@@ -578,9 +606,9 @@ def spam_eval(
     if json_out:
         print_json(result)
         return
-    typer.echo(f"threshold {cut}, min known words {known}: {result['n_ham']} ham, {result['n_spam']} spam")
+    echo(f"threshold {cut}, min known words {known}: {result['n_ham']} ham, {result['n_spam']} spam")
     for key in ("accuracy", "spam_recall", "ham_false_positive_rate"):
-        typer.echo(f"  {key:24} {result[key]:.4f}")
+        echo(f"  {key:24} {result[key]:.4f}")
 
 
 @spam_app.command("score")
@@ -613,7 +641,7 @@ def spam_score(
         verdict = "not held"
         note += (f"; the model knows only {result.known_words:.1%} of its words, "
                  f"below spam.min_known_words {spam.min_known_words:.1%}")
-    typer.echo(f"{result.score:.4f} {verdict} ({note})")
+    echo(f"{result.score:.4f} {verdict} ({note})")
 
 
 @quarantine_app.command("list")
@@ -631,9 +659,9 @@ def quarantine_list(config: ConfigOpt = None, json_out: JsonOpt = False,
     for c in ("id", "received_at", "spam_score", "from", "subject"):
         table.add_column(c)
     for r in rows:
-        table.add_row(str(r["id"]), r["received_at"] or "", f"{r['spam_score']:.3f}" if r["spam_score"] is not None
-                      else "", r["from"] or "", r["subject"] or "")
-    Console().print(table)
+        score = "" if r["spam_score"] is None else f"{r['spam_score']:.3f}"
+        table.add_row(str(r["id"]), shown(r["received_at"]), score, shown(r["from"]), shown(r["subject"]))
+    text_console().print(table)
 
 
 @quarantine_app.command("release")
@@ -651,16 +679,16 @@ def quarantine_release(ids: Annotated[list[int], typer.Argument(help="Ids from `
         done = release(rt, inbound_id)
         if not done.ok:
             failed += 1
-            typer.echo(f"mailgate: {inbound_id}: {done.detail}", err=True)
+            echo(f"mailgate: {inbound_id}: {done.detail}", err=True)
             continue
         learned = "learned as ham" if done.learned else "not learned (spam filter off)"
         result = run_one(rt, worker, only_id=inbound_id)
         if result is None:
-            typer.echo(f"{inbound_id}: released, {learned}; the daemon is processing it")
+            echo(f"{inbound_id}: released, {learned}; the daemon is processing it")
         elif result.ticket_number is not None:
-            typer.echo(f"{inbound_id}: released, {learned}; ticket #{result.ticket_number} ({result.outcome})")
+            echo(f"{inbound_id}: released, {learned}; ticket #{result.ticket_number} ({result.outcome})")
         else:
-            typer.echo(f"{inbound_id}: released, {learned}; {result.outcome}: {result.reason}")
+            echo(f"{inbound_id}: released, {learned}; {result.outcome}: {result.reason}")
     if failed:
         raise typer.Exit(1)
 

@@ -427,3 +427,62 @@ def test_doctor_warns_about_accepted_mail_that_nothing_moves(workdir: Path) -> N
     assert checks["smtp journal"]["status"] == "warning"
     assert "is `mailgate run` (its work process) running?" in checks["smtp journal"]["detail"]
     journal.close()
+
+
+# --- text from mail on the operator's terminal -------------------------------------------------------------
+
+HOSTILE_SUBJECT = "[link=https://evil.example/release]Invoice[/link] [/x] :thumbs_up: \u202eevil"
+HOSTILE_MAIL = (
+    b'From: Dana <"\x1b]52;c;aGk=\x07\x1b[8mx"@customer.example>\r\n'
+    b"To: support@example.com\r\n"
+    b"Subject: " + HOSTILE_SUBJECT.encode("utf-8") + b"\r\n"
+    b"Message-ID: <hostile.1@customer.example>\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n\r\n"
+    b"Hello \x1b[31mRED\x1b[0m and \xc2\x9b2J cleared?\r\n"
+)
+
+
+def _no_sequences_from_mail(out: str) -> None:
+    assert "\x1b]" not in out and "\x07" not in out  # OSC: hyperlinks, the clipboard (52)
+    assert "\x1b[8m" not in out and "\x1b[31m" not in out and "\x9b" not in out and "\u202e" not in out
+
+
+def test_text_from_mail_cannot_drive_the_terminal(workdir: Path) -> None:
+    """Subjects, addresses and bodies are printed as text in a real terminal (FORCE_COLOR):
+    Rich markup is not read (an unmatched [/x] crashed the listing), escape sequences,
+    C1 controls and bidi overrides come out as U+FFFD. JSON keeps the data, escaped."""
+    config = write_config(workdir)
+    assert cli(config, "ingest", input=HOSTILE_MAIL).stdout.decode().strip() == "1"
+    terminal = {"FORCE_COLOR": "1", "COLUMNS": "300"}
+    show = ok(config, "tickets", "show", "1", env=terminal)
+    _no_sequences_from_mail(show)
+    assert "[link=https://evil.example/release]Invoice[/link] [/x] :thumbs_up: \ufffdevil" in show
+    assert "Hello \ufffd[31mRED\ufffd[0m and \ufffd2J cleared?" in show
+    listing = ok(config, "tickets", "list", "--columns", "number,subject,requester", env=terminal)
+    _no_sequences_from_mail(listing)
+    assert "[/x]" in listing
+    raw_json = ok(config, "tickets", "show", "1", "--json")
+    _no_sequences_from_mail(raw_json)
+    data = json.loads(raw_json)
+    assert data["subject"] == HOSTILE_SUBJECT
+    assert "\x1b[31mRED" in data["messages"][0]["text"]  # the data itself is kept
+
+
+def test_quarantine_list_prints_hostile_subjects_as_text(workdir: Path) -> None:
+    from mailgate.runtime import Runtime
+    from mailgate.store import migrate
+    from mailgate.store.engine import session_scope, utcnow
+    from mailgate.store.tables import Inbound
+
+    config = write_config(workdir, spam_enabled=True)
+    from mailgate.config import load_settings
+
+    rt = Runtime.build(load_settings(config))
+    migrate.upgrade(rt.engine)
+    with session_scope(rt.engine) as session:
+        session.add(Inbound(source="smtp", raw_sha256=rt.blobs.put(HOSTILE_MAIL), received_at=utcnow(),
+                            state="done", outcome="quarantined", spam_score=0.99, subject=HOSTILE_SUBJECT,
+                            from_addr='"\x1b]52;c;aGk=\x07x"@customer.example'))
+    out = ok(config, "spam", "quarantine", "list", env={"FORCE_COLOR": "1", "COLUMNS": "300"})
+    _no_sequences_from_mail(out)
+    assert "[/x]" in out and "\ufffd]52;c;aGk=\ufffdx" in out
