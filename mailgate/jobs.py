@@ -58,8 +58,11 @@ def purge_quarantine(rt: Runtime) -> int:
             Inbound.outcome == "quarantined", Inbound.received_at < cutoff)).all()
         if not expired:
             return 0
-        session.exec(update(Inbound).where(Inbound.id.in_([i for i, _ in expired]))  # type: ignore[call-overload,union-attr]
-                     .values(outcome="purged"))
+        # Still quarantined: a release between the SELECT and here keeps its row and bytes
+        # (PostgreSQL runs the two at once; the raw file of a released row is named below).
+        purged = session.exec(update(Inbound).where(  # type: ignore[call-overload]
+            Inbound.id.in_([i for i, _ in expired]), Inbound.outcome == "quarantined")  # type: ignore[union-attr]
+            .values(outcome="purged")).rowcount
     digests = sorted({d for _, d in expired})
     removed = 0
     for start in range(0, len(digests), 500):
@@ -71,8 +74,8 @@ def purge_quarantine(rt: Runtime) -> int:
             named |= set(session.exec(select(Message.raw_sha256).where(Message.raw_sha256.in_(chunk))).all())  # type: ignore[union-attr]
             named |= set(session.exec(select(Attachment.sha256).where(Attachment.sha256.in_(chunk))).all())  # type: ignore[attr-defined]
         removed += sum(rt.blobs.remove_if_idle(d, BLOB_IDLE_SECONDS) for d in chunk if d not in named)
-    log.info("purged %d quarantined message(s), %d raw file(s) removed", len(expired), removed)
-    return len(expired)
+    log.info("purged %d quarantined message(s), %d raw file(s) removed", purged, removed)
+    return purged
 
 
 def auto_close_solved(rt: Runtime) -> int:

@@ -64,7 +64,7 @@ def release(rt: Runtime, inbound_id: int) -> Released:
             outcome=RELEASED, state="queued", attempts=0, next_attempt_at=None, claimed_by=None,
             claimed_at=None, last_error=None))
         if not changed.rowcount:
-            return Released(inbound_id, False, "released by someone else meanwhile")
+            return Released(inbound_id, False, "released by someone else, or purged, meanwhile")
     learned = False
     try:
         learned = rt.learn_spam(rt.blobs.get(sha), False)

@@ -97,3 +97,49 @@ def test_import_and_tickets_on_postgres(pg_url: str, workdir: Path) -> None:
     shown = cli_json(cfg, "tickets", "show", str(number))
     assert shown["subject"] == "on postgres" and shown["created_at"].endswith("Z")
     assert [m["kind"] for m in shown["messages"]] == ["public", "system"]
+
+
+def test_a_release_during_the_purge_keeps_the_message(pg_url: str, workdir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL runs a release between the purge's SELECT and its UPDATE (SQLite's
+    BEGIN IMMEDIATE serialises them). The released row must keep its outcome and raw bytes,
+    and become a ticket."""
+    from datetime import timedelta
+
+    from mailgate import jobs
+    from mailgate.config import load_settings
+    from mailgate.ingest.pipeline import run_one
+    from mailgate.quarantine import release
+    from mailgate.runtime import Runtime
+    from mailgate.store import migrate
+    from mailgate.store.engine import session_scope, utcnow
+    from mailgate.store.tables import Inbound
+
+    rt = Runtime.build(load_settings(write_config(workdir, database=pg_url, spam_enabled=True)))
+    migrate.upgrade(rt.engine)
+    raw = mail(subject="false positive", body="Please call me about my order.").as_bytes()
+    digest = rt.blobs.put(raw)
+    with session_scope(rt.engine) as session:
+        row = Inbound(source="smtp", raw_sha256=digest, received_at=utcnow() - timedelta(days=40),
+                      state="done", outcome="quarantined", spam_score=0.95, subject="false positive")
+        session.add(row)
+        session.flush()
+        inbound_id = row.id
+    assert inbound_id is not None
+
+    real_update = jobs.update
+    released: list[bool] = []
+
+    def release_first(*args: object, **kwargs: object) -> object:
+        released.append(release(rt, inbound_id).ok)  # another session, committed before the UPDATE
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "update", release_first)
+    monkeypatch.setattr(jobs, "BLOB_IDLE_SECONDS", 0)  # the file is new; would be old after 40 days
+    assert jobs.purge_quarantine(rt) == 0
+    assert released == [True]
+    assert rt.blobs.get(digest) == raw
+    result = run_one(rt, "test-worker", only_id=inbound_id)
+    assert result is not None and result.ticket_number is not None
+    with session_scope(rt.engine) as session:
+        assert session.get(Inbound, inbound_id).outcome == "ticket"  # type: ignore[union-attr]
