@@ -311,3 +311,20 @@ def test_several_values_after_one_folder_option() -> None:
     assert expand(["spam", "eval", "--ham", "a", "--ham", "b", "--spam", "c", "--json"]) == [
         "spam", "eval", "--ham", "a", "--ham", "b", "--spam", "c", "--json"]
     assert expand(["spam", "score", "f.eml", "--config", "c.toml"]) == ["spam", "score", "f.eml", "--config", "c.toml"]
+
+
+def test_mail_arriving_again_after_its_quarantined_copy_was_purged_is_not_a_duplicate(workdir: Path) -> None:
+    """An IMAP re-sync or an import can bring back a message whose quarantined copy is gone;
+    taking it for a duplicate would drop it without a trace."""
+    from mailgate import spool
+    from mailgate.store.engine import session_scope, utcnow
+    from mailgate.store.tables import Inbound
+
+    rt = _runtime(workdir)
+    raw = mail(subject="Order 1042 never arrived", message_id="<again.1@customer.org>").as_bytes()
+    with session_scope(rt.engine) as session:
+        session.add(Inbound(source="imap", raw_sha256="0" * 64, received_at=utcnow(), state="done",
+                            outcome="purged", spam_score=0.95, subject="Order 1042 never arrived",
+                            message_id_header="again.1@customer.org", body_hash=spool.body_hash(raw)))
+    cfg = workdir / "config.toml"
+    assert cli(cfg, "ingest", input=raw).stdout.decode().strip() == "1"  # a ticket, not "duplicate: ..."

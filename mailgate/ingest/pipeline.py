@@ -144,9 +144,10 @@ def step_dedupe(ctx: Context) -> None:
     # Message-ID alone is not enough: an attacker could reuse one to suppress a real mail.
     # Only the Message-ID goes to the database, so that its index is used: with the other
     # conditions SQLite chose the state index and read every done row (slower each day).
+    # A purged copy is no earlier delivery: nothing of it is left to find or release.
     earlier = next((i for i, body_hash, state, outcome in ctx.session.exec(
         _INBOUND_BY_MESSAGE_ID, params={"mid": mid}).all()
-        if body_hash == ctx.body_hash and state == "done" and outcome != "duplicate"
+        if body_hash == ctx.body_hash and state == "done" and outcome not in ("duplicate", "purged")
         and i != ctx.inbound.id), None)
     if earlier is not None:
         raise Stop("duplicate", f"same Message-ID and body as inbound {earlier}")
