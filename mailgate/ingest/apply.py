@@ -319,6 +319,13 @@ def apply_message(ctx: Context) -> None:
     if ctx.agent is not None:
         agent_message(ctx)
         return
+    if ctx.ticket.from_spam:
+        # An agent judged this ticket spam: whatever its sender writes next is kept on it
+        # for the record, but it does not reopen the ticket or reach anyone (OTRS's junk queue).
+        store_message(ctx, ctx.ticket, kind="public", direction="in", text=ctx.visible_text)
+        ctx.hit("spam", False, "reply to a ticket closed as spam: kept on it, not reopened, nobody told")
+        ctx.outcome = "reply"
+        return
     requester_message(ctx)
 
 
@@ -620,6 +627,10 @@ def apply_commands(ctx: Context, ticket: Ticket, cmds: ParsedCommands,
             ticket = merge_tickets(ctx, ticket, int(c.arg.lstrip("#")))
             changes.append(f"merged #{source} into #{ticket.number}")
         elif c.name == "spam":
+            if ticket.from_spam:
+                # Both agents got the new-ticket notice: the second #spam must not count it twice.
+                changes.append("already marked as spam: nothing learned again")
+                continue
             learned = mark_spam(ctx, ticket)
             changes.append("marked as spam and closed; " + (
                 "the spam filter learned its first message" if learned else "spam filter off: nothing learned"))
