@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mailgate.ingest.identify import auth_results_pass, identify_agent
+from mailgate.ingest.identify import auth_results_pass, dmarc_failed, identify_agent
 
 AGENTS = ["alice@example.com"]
 TRUSTED = ["mx.example.com"]
@@ -68,3 +68,19 @@ def test_only_the_topmost_trusted_header_counts() -> None:
 def test_broken_header_is_no_evidence() -> None:
     assert not ident(headers=["mx.example.com; dkim=pass (unterminated comment"]).verified  # type: ignore[union-attr]
     assert auth_results_pass(["\x00garbage"], TRUSTED, "example.com") is None
+
+
+def test_dmarc_fail_from_our_mta_names_a_forged_from() -> None:
+    failed = dmarc_failed(["mx.example.com; dmarc=fail (p=reject) header.from=Customer.org"], TRUSTED, "customer.org")
+    assert failed == "Authentication-Results mx.example.com: dmarc=fail header.from=customer.org"
+    for headers, trusted in [
+        (["mx.example.com; dmarc=pass header.from=customer.org"], TRUSTED),
+        (["mx.example.com; dmarc=none header.from=customer.org"], TRUSTED),  # no policy: no verdict
+        (["mx.example.com; dmarc=fail header.from=other.example"], TRUSTED),  # another domain's verdict
+        (["evil.example; dmarc=fail header.from=customer.org"], TRUSTED),  # not our MTA
+        (["mx.example.com; dmarc=fail header.from=customer.org"], []),  # nothing trusted
+        (["mx.example.com; dkim=pass header.d=customer.org",  # our MTA's verdict on top; a
+          "mx.example.com; dmarc=fail header.from=customer.org"], TRUSTED),  # lower one is forged
+        ([], TRUSTED),
+    ]:
+        assert dmarc_failed(headers, trusted, "customer.org") is None, headers

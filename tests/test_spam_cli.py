@@ -328,3 +328,25 @@ def test_mail_arriving_again_after_its_quarantined_copy_was_purged_is_not_a_dupl
                             message_id_header="again.1@customer.org", body_hash=spool.body_hash(raw)))
     cfg = workdir / "config.toml"
     assert cli(cfg, "ingest", input=raw).stdout.decode().strip() == "1"  # a ticket, not "duplicate: ..."
+
+
+def test_a_past_requesters_address_is_scored_when_our_mta_says_dmarc_fail(workdir: Path) -> None:
+    """Anyone can write a past requester's address in From; a DMARC fail stamped by our own
+    MTA (helpdesk.trusted_authserv_ids) says the domain disowns the mail, so it is scored."""
+    import re
+
+    cfg = write_config(workdir, spam_enabled=True, helpdesk_extra='trusted_authserv_ids = ["mx.example.com"]')
+    assert cli(cfg, "ingest", input=mail().as_bytes()).stdout.decode().strip() == "1"  # carol's ticket
+    probe = (Path(__file__).parent / "fixtures" / "spamprobe" / "spam-2" / "scam_domain_expiry.eml").read_bytes()
+    as_carol = re.sub(rb"(?m)^From: .*$", b"From: Carol <carol@customer.org>", probe, count=1)
+
+    def with_id(n: int, verdict: str) -> bytes:
+        raw = re.sub(rb"(?mi)^Message-ID: .*$", f"Message-ID: <forged.{n}@customer.org>".encode(), as_carol, count=1)
+        return f"Authentication-Results: mx.example.com; {verdict} header.from=customer.org\r\n".encode() + raw
+
+    held = cli(cfg, "ingest", input=with_id(1, "dmarc=fail (p=reject)")).stdout.decode()
+    assert held.startswith("quarantined: spam score")
+    [row] = cli_json(cfg, "spam", "quarantine", "list")
+    assert row["from"] == "carol@customer.org"
+    # With a DMARC pass, Carol is the known requester she is: never filtered.
+    assert cli(cfg, "ingest", input=with_id(2, "dmarc=pass")).stdout.decode().strip() == "2"

@@ -39,17 +39,40 @@ def auth_results_pass(headers: Sequence[str], trusted_ids: Sequence[str], from_d
     lower one with the same id was there before our MTA saw the message, so it
     is a forgery our MTA failed to remove (RFC 8601 section 5), never evidence.
     """
+    parsed = _topmost_trusted(headers, trusted_ids)
+    return _first_pass(parsed, from_domain) if parsed is not None and from_domain else None
+
+
+def dmarc_failed(headers: Sequence[str], trusted_ids: Sequence[str], from_domain: str) -> str | None:
+    """The trusted DMARC fail for from_domain, described; None if none (no verdict is no fail).
+
+    Our MTA saying that the From domain's owner disowns this mail: the From is forged."""
+    parsed = _topmost_trusted(headers, trusted_ids)
+    if parsed is None or not from_domain:
+        return None
+    for result in parsed.results:
+        if str(result.method).lower() != "dmarc" or str(result.result).lower() != "fail":
+            continue
+        props = {f"{p.type}.{p.name}".lower(): str(p.value) for p in result.properties}
+        header_from = props.get("header.from", from_domain).lower().rstrip(".")
+        if header_from == from_domain.lower().rstrip("."):
+            return f"Authentication-Results {parsed.authserv_id}: dmarc=fail header.from={header_from}"
+    return None
+
+
+def _topmost_trusted(headers: Sequence[str], trusted_ids: Sequence[str]) -> authres.AuthenticationResultsHeader | None:
+    """The topmost Authentication-Results stamped by a trusted authserv-id, parsed (see
+    auth_results_pass for why only that one)."""
     trusted = {t.lower() for t in trusted_ids}
-    if not trusted or not from_domain:
+    if not trusted:
         return None
     for value in headers:
         try:
             parsed = authres.AuthenticationResultsHeader.parse(f"Authentication-Results: {value}")
         except Exception:  # a forged or broken header is simply not evidence
             continue
-        if (parsed.authserv_id or "").lower() not in trusted:
-            continue
-        return _first_pass(parsed, from_domain)
+        if (parsed.authserv_id or "").lower() in trusted:
+            return parsed
     return None
 
 

@@ -30,7 +30,7 @@ from mailgate import domain, spool
 from mailgate.config import Agent
 from mailgate.ingest import apply
 from mailgate.ingest.commands import ParsedCommands, parse_commands
-from mailgate.ingest.identify import Identity, identify_agent
+from mailgate.ingest.identify import Identity, dmarc_failed, identify_agent
 from mailgate.ingest.parse import ParsedMessage, UnusableMessage, parse_message
 from mailgate.ingest.replytext import visible_reply_text
 from mailgate.ingest.route import RouteDecision, RouteFacts, decide_route
@@ -197,7 +197,16 @@ def _known_correspondent(ctx: Context) -> bool:
         # nothing: the reply is scored like a stranger's mail.
         if ticket is not None and not ticket.from_spam:
             return True
-    return ctx.session.exec(_TICKET_OF_UNBLOCKED_REQUESTER, params={"email": ctx.sender}).first() is not None
+    if ctx.session.exec(_TICKET_OF_UNBLOCKED_REQUESTER, params={"email": ctx.sender}).first() is None:
+        return False
+    # A From header is all it takes to be a past requester; where our MTA says the From
+    # domain disowns this mail, it is scored like a stranger's.
+    forged = dmarc_failed(ctx.msg.header_all("authentication-results"),
+                          ctx.rt.settings.helpdesk.trusted_authserv_ids, ctx.sender.rpartition("@")[2])
+    if forged:
+        ctx.hit("spam", False, f"sender has tickets, but {forged}: scored")
+        return False
+    return True
 
 
 def step_spam(ctx: Context) -> None:
