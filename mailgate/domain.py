@@ -76,7 +76,7 @@ def strip_tag(tag: str, subject: str) -> str:
 
 _REPLY_PREFIX = re.compile(
     r"^\s*((re|aw|sv|vs|fw|fwd|wg|tr|rv|ref|antw|odp|vá|ynt|rif|r|fs|vl|отв|ответ|пер|réf|"
-    r"回复|答复|转发)\s*(\[\d+\])?\s*[:：]\s*)+",
+    r"回复|答复|转发)\s*(?:\[\d+\]\s*)?[:：]\s*)+",  # one \s* each: "re" and 100,000 spaces took 70 s
     re.IGNORECASE,
 )
 

@@ -25,7 +25,9 @@ KNOWN: dict[str, bool] = {
 REPEATABLE = frozenset({"cc", "uncc", "assist", "canned"})
 _LINE = re.compile(r"^#([A-Za-z][A-Za-z_-]*)(?:[ \t]+(.*))?$")
 _INLINE_CANNED = re.compile(r"^[ \t]*#canned[ \t]+(\S+)[ \t]*$", re.IGNORECASE)
-_EMAIL = re.compile(r"^[^@\s<>,;]+@[^@\s<>,;]+\.[^@\s<>,;]+$")
+# Dot-separated labels: with "." also inside the classes, a domain of many dots and no end
+# took re seconds to give up on (100,000 dots: 23 s).
+_EMAIL = re.compile(r"^[^@\s<>,;]+@[^@\s<>,;.]+(?:\.[^@\s<>,;.]+)+$")
 # HTML-to-text conversion leaves no-break and zero-width spaces where the agent typed spaces.
 _ODD_SPACE = str.maketrans({"\u00a0": " ", "\u2007": " ", "\u202f": " ", "\u200b": "", "\ufeff": ""})
 

@@ -67,7 +67,7 @@ _SUPPRESS_VALUES = frozenset({"all", "oof", "autoreply"})
 
 def _first_token(value: str) -> str:
     """'auto-replied (vacation)' -> 'auto-replied'; 'bulk; x=y' -> 'bulk'."""
-    value = re.sub(r"\([^)]*\)", " ", value)
+    value = re.sub(r"\([^()]*\)", " ", value)  # [^()]: "(((" without ")" made [^)] quadratic
     token = re.split(r"[\s;]+", value.strip(), maxsplit=1)[0]
     return token.lower()
 

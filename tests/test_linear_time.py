@@ -1,0 +1,29 @@
+"""Patterns that read text from strangers' mail finish in one pass on hostile input.
+
+Each case runs in a child process with a time limit. That is not a timing
+assertion: the case takes milliseconds, and the limit is there so that a pattern
+turned quadratic again fails the test instead of holding CI for an hour (re holds
+the GIL, so nothing inside the test process could interrupt it). The figures in the
+ids are what the quadratic versions took here on 100,000 characters.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+CASES = {
+    "reply prefix, 're' and spaces (70 s)":
+        "from mailgate.domain import normalize_subject as f; f('re' + ' ' * 200_000)",
+    "email argument of many dots (23 s)":
+        "from mailgate.ingest.commands import _EMAIL; assert not _EMAIL.match('x@' + '.' * 200_000 + '@')",
+    "header comment never closed (7 s)":
+        "from mailgate.ingest.screen import _first_token as f; f('(' * 400_000)",
+}
+
+
+@pytest.mark.parametrize("code", CASES.values(), ids=CASES.keys())
+def test_one_pass(code: str) -> None:
+    subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30, check=True)
