@@ -19,6 +19,9 @@ CASES = {
         "from mailgate.domain import normalize_subject as f; f('re' + ' ' * 200_000)",
     "email argument of many dots (23 s)":
         "from mailgate.ingest.commands import _EMAIL; assert not _EMAIL.match('x@' + '.' * 200_000 + '@')",
+    "address of '<a', spaces and 'b@example.com>' (68 s)":
+        "from mailgate.ingest.parse import parse_message as f; "
+        "f(b'From: c@d.org\\r\\nTo: <a' + b' ' * 200_000 + b'b@example.com>\\r\\nSubject: x\\r\\n\\r\\nhi\\r\\n')",
     "header comment never closed (7 s)":
         "from mailgate.ingest.screen import _first_token as f; f('(' * 400_000)",
 }

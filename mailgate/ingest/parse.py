@@ -540,12 +540,26 @@ def _unquote_phrase(text: str) -> str:
     return "".join(out)
 
 
+_SPACE_RUN_RE = re.compile(r"\s+")
+
+
+def _space_around_at_or_dot(addr: str, run: re.Match[str]) -> str:
+    """'' for a run of white space beside an '@' or a '.' ('a . b @ c' is a.b@c), else the run.
+
+    In one pass what the pattern "optional spaces, [@.], optional spaces" did by rescanning a
+    run of spaces from each of them (a To of '<a', 200,000 spaces, 'b@example.com>': 291 s).
+    """
+    before = addr[run.start() - 1 : run.start()]
+    after = addr[run.end() : run.end() + 1]
+    return "" if before in ("@", ".") or after in ("@", ".") else run.group()
+
+
 def _normalize_addr(candidate: str) -> str | None:
     addr = candidate.strip()
     if addr.startswith("@") and ":" in addr:
         # obsolete source route <@relay:user@host>
         addr = addr.split(":", 1)[1]
-    addr = re.sub(r"\s*([@.])\s*", r"\1", addr)
+    addr = _SPACE_RUN_RE.sub(lambda m: _space_around_at_or_dot(addr, m), addr)
     if _ADDR_SPEC_RE.fullmatch(addr) is None:
         return None
     return addr.lower()
