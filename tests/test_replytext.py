@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,17 +133,43 @@ def test_huge_hostile_line_reaches_the_regex_truncated(monkeypatch: pytest.Monke
     from mailgate.ingest import replytext
 
     longest: list[int] = []
+    searched: list[int] = []
     real = replytext._library_header_regex
 
     class Spy:
         def __init__(self, pattern: re.Pattern[str]) -> None:
             self.pattern = pattern
 
-        def search(self, view: str, pos: int = 0) -> re.Match[str] | None:
+        def search(self, view: str, pos: int = 0, endpos: int = sys.maxsize) -> re.Match[str] | None:
             longest.append(max(len(line) for line in view.split("\n")))
-            return self.pattern.search(view, pos)
+            searched.append(min(endpos, len(view)) - pos)
+            return self.pattern.search(view, pos, endpos)
 
     monkeypatch.setattr(replytext, "_library_header_regex", lambda languages: Spy(real(languages)))
     text = "On " + "x " * 200_000 + "\n> q"
     assert visible_reply_text(text) == text.split("\n")[0].rstrip()
     assert longest and max(longest) <= replytext._MAX_SCAN_LINE
+
+
+def test_many_hostile_lines_are_searched_only_so_far(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lines of "am schrieb am schrieb ..." cost the library's pattern about 20 ms each
+    (1 MB: 45 s); it searches a bounded stretch, and our own rules still see every line."""
+    from mailgate.ingest import replytext
+
+    searched: list[int] = []
+    real = replytext._library_header_regex
+
+    class Spy:
+        def __init__(self, pattern: re.Pattern[str]) -> None:
+            self.pattern = pattern
+
+        def search(self, view: str, pos: int = 0, endpos: int = sys.maxsize) -> re.Match[str] | None:
+            searched.append(min(endpos, len(view)) - pos)
+            return self.pattern.search(view, pos, endpos)
+
+    monkeypatch.setattr(replytext, "_library_header_regex", lambda languages: Spy(real(languages)))
+    hostile = ("am schrieb " * 40)[:399]
+    text = "Thanks!\n" + "\n".join([hostile] * 2_500) + "\n\nOn Mon, 1 Jan 2024, Carol wrote:\n> old text"
+    kept = "\n".join(line.rstrip() for line in text.split("\n")[:-3])
+    assert visible_reply_text(text) == kept  # our own rule found the history and cut it
+    assert searched and max(searched) <= replytext._MAX_LIBRARY_SCAN

@@ -20,6 +20,7 @@ __all__ = ["visible_reply_text"]
 # Header detection only needs the start of a line; capping the length keeps the
 # library's nested lazy patterns from going quadratic on one huge hostile line.
 _MAX_SCAN_LINE = 400
+_MAX_LIBRARY_SCAN = 32_000  # characters of the line view searched with the library's pattern
 
 _SEPARATOR_RE = re.compile(
     r"^\s*-{2,}\s*(?:original message|ursprüngliche nachricht|alkuperäinen viesti"
@@ -48,8 +49,24 @@ _WROTE_RE = re.compile(
     r")\s*$",
     re.IGNORECASE,
 )
+_MAX_WROTE_LINE = 520  # "am" + 300 + "schrieb" + 200 + ":", the longest the pattern takes
 # Cheap keyword test so the backtracking pattern above only runs on candidate lines.
 _WROTE_HINTS = ("wrote", "schrieb", "kirjoitti", "написал", "пишет", "a écrit")
+
+
+def _could_be_wrote(text: str) -> bool:
+    """Every form of _WROTE_RE ends with ':' and is at most _MAX_WROTE_LINE long. On a line
+    without a final ':' the pattern tries every split of its .{1,300} and .{0,200}: 1 MB
+    of 400-character "am schrieb am schrieb ..." lines took 45 s."""
+    stripped = text.strip()
+    return stripped.endswith(":") and len(stripped) <= _MAX_WROTE_LINE
+
+
+def _is_mobile_footer(line: str) -> bool:
+    # Stripped and short: the pattern's space classes overlap, and "sent from my phone"
+    # with 2,000 trailing spaces took half a second a line.
+    stripped = line.strip()
+    return len(stripped) <= _MAX_FOOTER_LINE and _MOBILE_FOOTER_RE.match(stripped) is not None
 
 
 def _has_wrote_hint(line: str) -> bool:
@@ -66,6 +83,7 @@ _OUTLOOK_FIELD_RE = re.compile(
 _UNDERSCORE_RE = re.compile(r"^\s*_{10,}\s*$")
 _QUOTED_RE = re.compile(r"^\s*>")
 _SIG_DASH_RE = re.compile(r"^-- ?$")
+_MAX_FOOTER_LINE = 80  # the longest footer above is about 60 characters
 _MOBILE_FOOTER_RE = re.compile(
     r"^\s*(?:"
     r"sent from my [\w\- ]{1,40}|sent from (?:outlook|mail) for [\w ]{1,20}"
@@ -90,7 +108,11 @@ def _library_header_regex(languages: tuple[str, ...]) -> re.Pattern[str]:
 def _library_cut(lines: list[str], start: int, languages: tuple[str, ...]) -> int | None:
     view = "\n".join(line.strip()[:_MAX_SCAN_LINE] for line in lines)
     offset = sum(len(line.strip()[:_MAX_SCAN_LINE]) + 1 for line in lines[:start])
-    match = _library_header_regex(languages).search(view, offset)
+    # The library's pattern runs with DOTALL and nested lazy spans: about 20 ms a line on
+    # hostile 400-character lines (1 MB of "am schrieb am schrieb ...": 45 s). Searching
+    # a bounded stretch keeps a message's cost bounded; a quote header further down is
+    # left to our own rules (_classify), which read every line.
+    match = _library_header_regex(languages).search(view, offset, offset + _MAX_LIBRARY_SCAN)
     if match is None:
         return None
     position = match.start()
@@ -136,13 +158,14 @@ def _classify(lines: list[str], index: int) -> tuple[str, int] | None:
         return None
     span = 0
     nxt = lines[index + 1].strip() if index + 1 < len(lines) else ""
-    if _has_wrote_hint(line) and _WROTE_RE.match(line):
+    if _has_wrote_hint(line) and _could_be_wrote(line) and _WROTE_RE.match(line):
         span = 1
     elif (
         nxt
         and len(nxt) < _MAX_SCAN_LINE
         and not line.rstrip().endswith(":")
         and _has_wrote_hint(nxt)
+        and _could_be_wrote(line.rstrip() + " " + nxt)
         and _WROTE_RE.match(line.rstrip() + " " + nxt)
     ):
         span = 2
@@ -188,7 +211,7 @@ def visible_reply_text(text: str, *, languages: Sequence[str] = ("en", "de", "fi
     body: list[str] = []
     for number in range(head, cut):
         line = lines[number]
-        if _SIG_DASH_RE.match(line) or _MOBILE_FOOTER_RE.match(line):
+        if _SIG_DASH_RE.match(line) or _is_mobile_footer(line):
             break
         if number in dropped or _QUOTED_RE.match(line):
             continue
