@@ -22,6 +22,10 @@ CASES = {
     "address of '<a', spaces and 'b@example.com>' (68 s)":
         "from mailgate.ingest.parse import parse_message as f; "
         "f(b'From: c@d.org\\r\\nTo: <a' + b' ' * 200_000 + b'b@example.com>\\r\\nSubject: x\\r\\n\\r\\nhi\\r\\n')",
+    "a 10 MB header of folded lines (155 s)":
+        "from mailgate.ingest.parse import UnusableMessage, parse_message as f\n"
+        "try: f(b'From: c@d.org\\r\\nX-Junk: a' + b'\\r\\n b' * 2_500_000 + b'\\r\\n\\r\\nhi\\r\\n')\n"
+        "except UnusableMessage: pass",
     "header comment never closed (7 s)":
         "from mailgate.ingest.screen import _first_token as f; f('(' * 400_000)",
 }

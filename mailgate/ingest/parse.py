@@ -130,7 +130,9 @@ _MAIL_HEADERS = (_ADDRESS_HEADERS - {"delivered-to", "x-original-to", "return-pa
 
 def _scan_header_fields(raw: bytes) -> list[tuple[str, bytes]]:
     """Header fields of the top-level block as (lowercased name, unfolded raw field bytes)."""
-    fields: list[tuple[str, bytes]] = []
+    # Each field's lines are joined once at the end: adding each continuation line to the
+    # bytes so far copied them all again (a 10 MB folded header: 155 s).
+    fields: list[tuple[str, list[bytes]]] = []
     pos = 0
     size = len(raw)
     while pos < size:
@@ -148,14 +150,13 @@ def _scan_header_fields(raw: bytes) -> list[tuple[str, bytes]]:
             continue
         if content[:1] in (b" ", b"\t"):
             if fields:
-                name, value = fields[-1]
-                fields[-1] = (name, value + content)
+                fields[-1][1].append(content)
             continue
         match = _HEADER_LINE_RE.match(content)
         if match is None:
             break
-        fields.append((match.group(1).decode("ascii").lower(), content))
-    return fields
+        fields.append((match.group(1).decode("ascii").lower(), [content]))
+    return [(name, b"".join(lines)) for name, lines in fields]
 
 
 def _precheck(raw: bytes, *, max_depth: int, max_header_bytes: int, max_addresses: int) -> list[tuple[str, bytes]]:
