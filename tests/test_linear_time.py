@@ -26,6 +26,9 @@ CASES = {
         "from mailgate.ingest.parse import UnusableMessage, parse_message as f\n"
         "try: f(b'From: c@d.org\\r\\nX-Junk: a' + b'\\r\\n b' * 2_500_000 + b'\\r\\n\\r\\nhi\\r\\n')\n"
         "except UnusableMessage: pass",
+    "100,000 links on one line of HTML (minutes)":
+        "from mailgate.ingest.htmltext import html_to_text as f; "
+        "f('<p>' + '<a href=\"http://e.example/\">l</a>' * 100_000)",
     "header comment never closed (7 s)":
         "from mailgate.ingest.screen import _first_token as f; f('(' * 400_000)",
 }

@@ -119,6 +119,21 @@ def too_deep(html: str) -> bool:
     return any(e.type_name == "ERR_RESOURCE_LIMIT" for e in parser.error_log)
 
 
+def _tail(pieces: list[str], n: int) -> str:
+    """The last n characters of "".join(pieces), joining only the pieces needed: joining the
+    whole line at every </a> made a line of 100,000 links quadratic."""
+    if n <= 0:
+        return ""
+    tail: list[str] = []
+    have = 0
+    for piece in reversed(pieces):
+        if have >= n:
+            break
+        tail.append(piece)
+        have += len(piece)
+    return "".join(reversed(tail))[-n:]
+
+
 def html_to_text(html: str) -> str:
     # Plain etree elements: lxml.html's element classes cost a lookup each. huge_tree lifts
     # libxml2's depth limit from 256 to 2048; deeper (hostile) markup loses its layout.
@@ -172,7 +187,7 @@ def html_to_text(html: str) -> str:
                 pass
             elif tag == "a" and links:
                 start, href = links.pop()
-                shown = "".join(w.current)[-(w.written - start):] if w.written > start else ""
+                shown = _tail(w.current, w.written - start)
                 if href.startswith(_LINK_SCHEMES) and href.removeprefix("mailto:") not in shown:
                     w.text(f" <{href.removeprefix('mailto:')}>" if shown.strip() else href.removeprefix("mailto:"))
             elif tag == "blockquote":
