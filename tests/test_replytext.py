@@ -127,49 +127,48 @@ def test_crlf_input() -> None:
     assert visible_reply_text("Yes.\r\n\r\nOn Mon, X wrote:\r\n> q\r\n") == "Yes."
 
 
-def test_huge_hostile_line_reaches_the_regex_truncated(monkeypatch: pytest.MonkeyPatch) -> None:
+class _SearchSpy:
+    """Stands in for the library's compiled header pattern and records what it is given:
+    the longest line of each view, and how many characters each search may read."""
+
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        self.pattern = pattern
+        self.longest: list[int] = []
+        self.searched: list[int] = []
+
+    def search(self, view: str, pos: int = 0, endpos: int = sys.maxsize) -> re.Match[str] | None:
+        self.longest.append(max(len(line) for line in view.split("\n")))
+        self.searched.append(min(endpos, len(view)) - pos)
+        return self.pattern.search(view, pos, endpos)
+
+
+@pytest.fixture
+def library_spy(monkeypatch: pytest.MonkeyPatch) -> _SearchSpy:
+    from mailgate.ingest import replytext
+
+    real = replytext._library_header_regex
+    spy = _SearchSpy(real(("en", "de", "fi", "ru")))
+    monkeypatch.setattr(replytext, "_library_header_regex", lambda languages: spy)
+    return spy
+
+
+def test_huge_hostile_line_reaches_the_regex_truncated(library_spy: _SearchSpy) -> None:
     # The quote-header regex backtracks on a long "On x x x ..." line; the guard is that it
     # only ever sees each line cut to _MAX_SCAN_LINE characters, whatever the input.
     from mailgate.ingest import replytext
 
-    longest: list[int] = []
-    searched: list[int] = []
-    real = replytext._library_header_regex
-
-    class Spy:
-        def __init__(self, pattern: re.Pattern[str]) -> None:
-            self.pattern = pattern
-
-        def search(self, view: str, pos: int = 0, endpos: int = sys.maxsize) -> re.Match[str] | None:
-            longest.append(max(len(line) for line in view.split("\n")))
-            searched.append(min(endpos, len(view)) - pos)
-            return self.pattern.search(view, pos, endpos)
-
-    monkeypatch.setattr(replytext, "_library_header_regex", lambda languages: Spy(real(languages)))
     text = "On " + "x " * 200_000 + "\n> q"
     assert visible_reply_text(text) == text.split("\n")[0].rstrip()
-    assert longest and max(longest) <= replytext._MAX_SCAN_LINE
+    assert library_spy.longest and max(library_spy.longest) <= replytext._MAX_SCAN_LINE
 
 
-def test_many_hostile_lines_are_searched_only_so_far(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_many_hostile_lines_are_searched_only_so_far(library_spy: _SearchSpy) -> None:
     """Lines of "am schrieb am schrieb ..." cost the library's pattern about 20 ms each
     (1 MB: 45 s); it searches a bounded stretch, and our own rules still see every line."""
     from mailgate.ingest import replytext
 
-    searched: list[int] = []
-    real = replytext._library_header_regex
-
-    class Spy:
-        def __init__(self, pattern: re.Pattern[str]) -> None:
-            self.pattern = pattern
-
-        def search(self, view: str, pos: int = 0, endpos: int = sys.maxsize) -> re.Match[str] | None:
-            searched.append(min(endpos, len(view)) - pos)
-            return self.pattern.search(view, pos, endpos)
-
-    monkeypatch.setattr(replytext, "_library_header_regex", lambda languages: Spy(real(languages)))
     hostile = ("am schrieb " * 40)[:399]
     text = "Thanks!\n" + "\n".join([hostile] * 2_500) + "\n\nOn Mon, 1 Jan 2024, Carol wrote:\n> old text"
     kept = "\n".join(line.rstrip() for line in text.split("\n")[:-3])
     assert visible_reply_text(text) == kept  # our own rule found the history and cut it
-    assert searched and max(searched) <= replytext._MAX_LIBRARY_SCAN
+    assert library_spy.searched and max(library_spy.searched) <= replytext._MAX_LIBRARY_SCAN
