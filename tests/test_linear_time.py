@@ -29,6 +29,24 @@ CASES = {
     "100,000 links on one line of HTML (minutes)":
         "from mailgate.ingest.htmltext import html_to_text as f; "
         "f('<p>' + '<a href=\"http://e.example/\">l</a>' * 100_000)",
+    "'a@b' and 200,000 colons in To (152 s)":
+        "from mailgate.ingest.parse import parse_message as f; "
+        "f(b'From: c@d.org\\r\\nTo: a@b' + b':' * 200_000 + b'\\r\\nSubject: x\\r\\n\\r\\nhi\\r\\n')",
+    "100,000 escaped quotes in a From comment (60 s)":
+        "from mailgate.ingest.parse import parse_message as f; "
+        "f(b'From: a@b.example (' + b'\\\\\"' * 100_000 + b')\\r\\nSubject: x\\r\\n\\r\\nhi\\r\\n')",
+    "a 10 MB folded Content-Type after 30 nested parts (163 s)": """
+from mailgate.ingest.parse import UnusableMessage, parse_message
+raw = b'From: c@d.org\\r\\nContent-Type: multipart/mixed; boundary=b\\r\\n\\r\\n'
+for i in range(30):  # more containers than the depth limit: the depth scan reads every line
+    raw += (b'--b\\r\\nContent-Type: multipart/alternative; boundary=c%d\\r\\n\\r\\n--c%d\\r\\n'
+            b'Content-Type: text/plain\\r\\n\\r\\nx\\r\\n--c%d--\\r\\n' % (i, i, i))
+raw += b'--b\\r\\nContent-Type: text/plain;' + b'\\r\\n x=y' * 2_000_000 + b'\\r\\n\\r\\nhi\\r\\n--b--\\r\\n'
+try:
+    parse_message(raw)
+except UnusableMessage:
+    pass
+""",
     "header comment never closed (7 s)":
         "from mailgate.ingest.screen import _first_token as f; f('(' * 400_000)",
 }

@@ -199,12 +199,15 @@ def _scan_mime_depth(raw: bytes, limit: int) -> int:
     """
     stack: list[bytes | None] = []
     in_headers = True
-    ctype = b""
+    # The Content-Type's folded lines, joined when the part's header ends: adding each to
+    # the bytes so far copied them again (a 10 MB folded Content-Type: 163 s).
+    ctype_lines: list[bytes] = []
     collecting = False
     deepest = 0
     for line in raw.splitlines():
         if in_headers:
             if not line.strip():
+                ctype = b"".join(ctype_lines)
                 lowered = ctype.lower().lstrip()
                 in_headers = False
                 if lowered.startswith(b"multipart/"):
@@ -214,7 +217,7 @@ def _scan_mime_depth(raw: bytes, limit: int) -> int:
                 elif lowered.startswith(b"message/"):
                     stack.append(None)
                     in_headers = True
-                ctype = b""
+                ctype_lines = []
                 collecting = False
                 deepest = max(deepest, len(stack))
                 if deepest > limit:
@@ -222,11 +225,11 @@ def _scan_mime_depth(raw: bytes, limit: int) -> int:
                 continue
             if line[:1] in (b" ", b"\t"):
                 if collecting:
-                    ctype += line
+                    ctype_lines.append(line)
             else:
                 collecting = line[:13].lower() == b"content-type:"
                 if collecting:
-                    ctype = line[13:]
+                    ctype_lines = [line[13:]]
             continue
         if stack and line.startswith(b"--"):
             stripped = line.rstrip()
@@ -237,7 +240,7 @@ def _scan_mime_depth(raw: bytes, limit: int) -> int:
                 if stripped == b"--" + boundary:
                     del stack[index + 1 :]
                     in_headers = True
-                    ctype = b""
+                    ctype_lines = []
                     collecting = False
                     break
                 if stripped == b"--" + boundary + b"--":
@@ -466,11 +469,14 @@ def _split_address_list(value: str) -> list[tuple[str, str, str]]:
     angle: list[str] = []
     comment: list[str] = []
     has_angle = False
+    # Whether the phrase so far holds an '@': kept as we go, as joining the phrase at every
+    # ':' made 'a@b' and 200,000 colons quadratic (152 s).
+    phrase_has_at = False
     i = 0
     n = len(value)
 
     def flush() -> None:
-        nonlocal has_angle
+        nonlocal has_angle, phrase_has_at
         text = "".join(phrase).strip()
         addr = "".join(angle).strip() if has_angle else ""
         if text or addr:
@@ -478,7 +484,7 @@ def _split_address_list(value: str) -> list[tuple[str, str, str]]:
         phrase.clear()
         angle.clear()
         comment.clear()
-        has_angle = False
+        has_angle = phrase_has_at = False
 
     while i < n:
         ch = value[i]
@@ -491,6 +497,7 @@ def _split_address_list(value: str) -> list[tuple[str, str, str]]:
                 buf.append(value[j])
                 j += 1
             phrase.append('"' + "".join(buf).replace("\\", "\\\\").replace('"', '\\"') + '"')
+            phrase_has_at = phrase_has_at or "@" in buf
             i = j + 1
         elif ch == "(":
             depth = 1
@@ -519,25 +526,44 @@ def _split_address_list(value: str) -> list[tuple[str, str, str]]:
         elif ch in ",;":
             flush()
             i += 1
-        elif ch == ":" and not has_angle and "@" not in "".join(phrase):
+        elif ch == ":" and not has_angle and not phrase_has_at:
             # group display name: drop it, the members follow
             phrase.clear()
             comment.clear()
             i += 1
         else:
             phrase.append(ch)
+            phrase_has_at = phrase_has_at or ch == "@"
             i += 1
     flush()
     return elements
 
 
 def _unquote_phrase(text: str) -> str:
+    """Quoted strings unquoted and unescaped, the rest as it is; a quote that never closes
+    is dropped. One pass: the pattern this replaces scanned to the end from each '"' that
+    never closed ('(' and 200,000 escaped quotes in a From comment: 232 s). Once a quote
+    has no closer, no later one has, so every '"' from there on is dropped."""
     out: list[str] = []
-    for match in re.finditer(r'"((?:[^"\\]|\\.)*)"|([^"]+)', text):
-        if match.group(1) is not None:
-            out.append(re.sub(r"\\(.)", r"\1", match.group(1)))
-        else:
-            out.append(match.group(2))
+    i, n = 0, len(text)
+    while i < n:
+        q = text.find('"', i)
+        if q < 0:
+            out.append(text[i:])
+            break
+        out.append(text[i:q])
+        j = q + 1
+        quoted: list[str] = []
+        while j < n and text[j] != '"':
+            if text[j] == "\\" and j + 1 < n and text[j + 1] != "\n":
+                j += 1
+            quoted.append(text[j])
+            j += 1
+        if j == n:
+            out.append(text[q + 1 :].replace('"', ""))
+            break
+        out.append("".join(quoted))
+        i = j + 1
     return "".join(out)
 
 
