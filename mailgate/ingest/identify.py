@@ -53,11 +53,16 @@ def dmarc_failed(headers: Sequence[str], trusted_ids: Sequence[str], from_domain
     for result in parsed.results:
         if str(result.method).lower() != "dmarc" or str(result.result).lower() != "fail":
             continue
-        props = {f"{p.type}.{p.name}".lower(): str(p.value) for p in result.properties}
+        props = _properties(result)
         header_from = props.get("header.from", from_domain).lower().rstrip(".")
         if header_from == from_domain.lower().rstrip("."):
             return f"Authentication-Results {parsed.authserv_id}: dmarc=fail header.from={header_from}"
     return None
+
+
+def _properties(result: authres.AuthenticationResult) -> dict[str, str]:
+    """A result's properties as {"header.d": "example.com", "smtp.mailfrom": ...}."""
+    return {f"{p.type}.{p.name}".lower(): str(p.value) for p in result.properties}
 
 
 def _topmost_trusted(headers: Sequence[str], trusted_ids: Sequence[str]) -> authres.AuthenticationResultsHeader | None:
@@ -81,7 +86,7 @@ def _first_pass(parsed: authres.AuthenticationResultsHeader, from_domain: str) -
         if str(result.result).lower() != "pass":
             continue
         method = str(result.method).lower()
-        props = {f"{p.type}.{p.name}".lower(): str(p.value) for p in result.properties}
+        props = _properties(result)
         if method == "dkim":
             d = props.get("header.d") or props.get("header.i", "").rpartition("@")[2]
             if d and _aligned(d, from_domain):
