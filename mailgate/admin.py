@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from mailgate.ingest import notify
@@ -11,11 +13,14 @@ from mailgate.ingest.apply import (
     change_field,
     change_owner,
     set_status,
+    unmark_spam,
     unowned_recipients,
 )
 from mailgate.runtime import Runtime
 from mailgate.store.engine import session_scope, utcnow
 from mailgate.store.tables import Message, Ticket
+
+log = logging.getLogger(__name__)
 
 
 def update_ticket(rt: Runtime, number: int, *, status: str | None = None, priority: str | None = None,
@@ -35,6 +40,7 @@ def update_ticket(rt: Runtime, number: int, *, status: str | None = None, priori
     if tier is not None and tier not in [t.name for t in s.sla.tiers]:
         raise ValueError(f"--tier: one of {', '.join(t.name for t in s.sla.tiers)}")
     changes: list[str] = []
+    lesson: Callable[[], bool] | None = None
     with session_scope(rt.engine) as session:
         ticket = session.get(Ticket, number)
         if ticket is None:
@@ -43,6 +49,9 @@ def update_ticket(rt: Runtime, number: int, *, status: str | None = None, priori
             old = set_status(rt, session, ticket, status, actor)
             if old is not None:
                 changes.append(f"status: {old} -> {status}")
+                if ticket.from_spam and ticket.status_kind != "closed":
+                    line, lesson = unmark_spam(rt, session, ticket, actor)
+                    changes.append(line)
                 notify.status_changed(rt, session, ticket, old)
         for field, value in (("priority", priority), ("category", category), ("tier", tier)):
             if value is not None and (line := change_field(rt, session, ticket, field, value, actor)):
@@ -60,6 +69,11 @@ def update_ticket(rt: Runtime, number: int, *, status: str | None = None, priori
                                  extra={"by": actor, "role": "assistant"})
         ticket.updated_at = utcnow()
         session.add(ticket)
+    if lesson is not None:
+        try:
+            lesson()
+        except Exception as exc:  # the reopening is committed; the model must not undo it
+            log.error("ticket #%s reopened but not learned as ham: %s: %s", number, type(exc).__name__, exc)
     return {"number": number, "changes": changes}
 
 

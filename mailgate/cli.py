@@ -302,6 +302,8 @@ def tickets_show(number: int, config: ConfigOpt = None, json_out: JsonOpt = Fals
     for key in ("status", "priority", "category", "queue", "requester", "participants", "owner", "assistants",
                 "tier", "created_at", "first_response_due", "resolution_due", "overdue", "rating"):
         console.print(shown(f"  {key:20} {data[key]}"))
+    if data["from_spam"]:
+        console.print(f"  {'spam':20} closed as spam (reopening it undoes that)")
     for m in data["messages"]:
         console.print(Text.assemble("\n", (shown(f"{m['created_at']} {m['kind']} {m['direction']}"), "bold"),
                                     " ", shown(m["from"])))

@@ -154,8 +154,9 @@ class Runtime:
                      "shipped model of %s", path, current.meta["trained_at"], newer.meta["trained_at"])
             return newer, _file_stamp(path)
 
-    def learn_spam(self, raw: bytes, is_spam: bool) -> bool:
-        """Teach the model one message and save it atomically. False if the filter is off."""
+    def learn_spam(self, raw: bytes, is_spam: bool, *, relabel: bool = False) -> bool:
+        """Teach the model one message and save it atomically. False if the filter is off.
+        ``relabel``: it was taught as the other class before (see SpamModel.learn_bytes)."""
         if not self.settings.spam.enabled:
             return False
         path = self.settings.spam_model_path
@@ -165,7 +166,7 @@ class Runtime:
             if model is None:
                 return False
             updated = model.copy()
-            updated.learn_bytes(raw, is_spam)
+            updated.learn_bytes(raw, is_spam, relabel=relabel)
             updated.save(path)
             self._spam_model, self._spam_stamp = updated, _file_stamp(path)
         return True

@@ -449,8 +449,16 @@ class SpamModel:
 
     # -- training ---------------------------------------------------------
 
-    def learn_bytes(self, raw: bytes, is_spam: bool) -> None:
-        X = _rows_to_csr([self.vectorize(raw)], self._n_features)
+    def learn_bytes(self, raw: bytes, is_spam: bool, *, relabel: bool = False) -> None:
+        """Count one message in its class. ``relabel``: it was taught as the other class
+        before (an agent's mistake undone), so it leaves that class instead of being in both."""
+        columns = self.vectorize(raw)
+        if relabel:
+            other = _HAM if is_spam else _SPAM
+            # Floored at 0: the model may have been retrained without the message since.
+            self._feature_count[other, columns] = np.maximum(self._feature_count[other, columns] - 1, 0)
+            self._class_count[other] = max(self._class_count[other] - 1, 0)
+        X = _rows_to_csr([columns], self._n_features)
         self._partial_fit(X, np.array([_SPAM if is_spam else _HAM]))
         self._updated_at = _now()
 

@@ -19,7 +19,7 @@ SORT_FIELDS = ("number", "created_at", "updated_at", "priority", "status", "reso
 SUMMARY_FIELDS = ("number", "subject", "status", "status_kind", "priority", "category", "queue", "requester",
                   "participants", "owner", "assistants", "tier", "created_at", "updated_at", "first_response_due",
                   "resolution_due", "first_responded_at", "overdue", "answered", "escalation_level", "rating",
-                  "merged_into")
+                  "merged_into", "from_spam")
 PRIORITY_ORDER = {"urgent": 0, "high": 1, "normal": 2, "low": 3}
 
 
@@ -122,6 +122,7 @@ def ticket_summary(session: Session, ticket: Ticket, now: datetime | None = None
         "escalation_level": ticket.escalation_level,
         "rating": ticket.rating,
         "merged_into": ticket.merged_into,
+        "from_spam": ticket.from_spam,  # closed with #spam; reopening it undoes that
     }
 
 

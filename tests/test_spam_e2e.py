@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FIXTURES, Daemon, cli, cli_json, mail, start_daemon, wait_until, write_config
+from mailgate.spamfilter import SpamModel
+from tests.conftest import FIXTURES, REPO, Daemon, cli, cli_json, mail, start_daemon, wait_until, write_config
 
 pytestmark = pytest.mark.e2e
 
 # A short, blatant spam from the public corpus; the shipped model scores it 1.0.
 OBVIOUS_SPAM = "spam-1/00048.8a64080dbd9d868358a22b655fb1b1cd.txt"
 SPAMMER = "alewss6@hotmail.com"
+SHIPPED_MODEL = REPO / "models" / "spam-model.npz"
 
 
 def corpus_spam(corpus: Path) -> bytes:
@@ -29,6 +31,12 @@ def score(daemon: Daemon, path: Path) -> float:
 
 def quarantine(daemon: Daemon) -> list[dict]:
     return cli_json(daemon.config, "spam", "quarantine", "list")
+
+
+def model_counts(daemon: Daemon) -> tuple[int, int]:
+    """Messages the daemon's model counts as ham and as spam."""
+    meta = SpamModel.load(daemon.config.parent / "data" / "spam-model.npz").meta
+    return meta["n_ham"], meta["n_spam"]
 
 
 @pytest.fixture
@@ -81,6 +89,16 @@ def test_obvious_spam_is_quarantined_then_released_as_a_ticket_and_learned_as_ha
     again = cli(d.config, "spam", "quarantine", "release", str(q["id"]), check=False)
     assert again.returncode == 1 and "not in quarantine" in again.stderr.decode()
     assert len(d.tickets()) == 1
+    shipped = SpamModel.load(SHIPPED_MODEL).meta
+    assert model_counts(d) == (shipped["n_ham"] + 1, shipped["n_spam"])
+
+    # It was spam after all: an agent's #spam moves the lesson from ham to spam.
+    notice = d.sent_to("alice@example.com")[0]
+    d.send(mail(sender="Alice <alice@example.com>", to=str(notice["Reply-To"]),
+                subject=f"Re: {notice['Subject']}", body="#spam\n"),
+           sender="alice@example.com", recipients=[str(notice["Reply-To"])])
+    wait_until(lambda: model_counts(d) != (shipped["n_ham"] + 1, shipped["n_spam"]))
+    assert model_counts(d) == (shipped["n_ham"], shipped["n_spam"] + 1)
 
 
 def test_a_known_requesters_spammy_mail_is_not_filtered(spam_daemon: Daemon, corpus: Path,
@@ -210,3 +228,64 @@ def test_a_first_mail_in_a_language_the_model_never_learned_becomes_a_ticket(
     reasons = [h["reason"] for h in first["rule_hits"] if h["step"] == "spam"]
     assert len(reasons) == 1 and "but the model knows only" in reasons[0] and reasons[0].endswith("not held")
     assert d.sent_to("petr.dvorak71@seznam.cz")  # the customer gets the confirmation
+
+
+def test_reopening_a_ticket_closed_as_spam_undoes_the_lesson(spam_daemon: Daemon, workdir: Path) -> None:
+    """An agent's #spam was a mistake: reopening the ticket (by mail or from the CLI) clears the
+    mark, and the filter counts the first message as ham instead of spam, never as both."""
+    d = spam_daemon
+    pitch = mail(sender="Erin <erin@studio-north.example>", subject="Website layout",
+                 body="Hello, the layout of our website breaks on small screens since your update. "
+                      "Could you have a look?\n\nErin", message_id="<20261128.77@studio-north.example>")
+    eml = workdir / "erin.eml"
+    eml.write_bytes(b"Received: from localhost ([127.0.0.1])\r\n\tby mailgate (mailgate) with ESMTP\r\n"
+                    b"\tfor <support@example.com>; Sat, 28 Nov 2026 09:00:00 +0000\r\n" + pitch.as_bytes())
+    before = score(d, eml)
+    d.send(pitch)
+    wait_until(lambda: d.tickets())
+    number = d.tickets()[0]["number"]
+    d.wait_sent(3)
+    notice = d.sent_to("alice@example.com")[0]
+    reply_to = str(notice["Reply-To"])
+
+    def command(body: str, sent: int) -> str:
+        d.send(mail(sender="Alice <alice@example.com>", to=reply_to, subject=f"Re: {notice['Subject']}",
+                    body=body), sender="alice@example.com", recipients=[reply_to])
+        result = d.wait_sent(sent)[-1]
+        assert str(result["To"]) == "alice@example.com"
+        return result.get_body(("plain",)).get_content()
+
+    assert "the spam filter learned its first message" in command("#spam\n", 4)
+    shown = d.ticket(number)
+    assert (shown["status"], shown["from_spam"]) == ("closed", True)
+    assert "closed as spam (reopening it undoes that)" in cli(d.config, "tickets", "show", str(number)).stdout.decode()
+    as_spam = wait_until(lambda: (s := score(d, eml)) > before and s)
+
+    result = command("#status open\n", 5)
+    assert "status: closed -> open" in result
+    assert "no longer marked as spam; the spam filter learned its first message as ham" in result
+    shown = d.ticket(number)
+    assert (shown["status"], shown["from_spam"]) == ("open", False)
+    assert [(e["action"], e["new"]) for e in shown["events"] if "spam" in e["action"]] == [
+        ("spam", "learned"), ("not spam", "learned")]
+    as_ham = wait_until(lambda: (s := score(d, eml)) < before and s)
+
+    # A second #spam moves it back: the same counts as the first lesson, to the digit.
+    command("#spam\n", 6)
+    assert wait_until(lambda: score(d, eml) == as_spam)
+    # And the CLI reopens it as mail does.
+    out = cli_json(d.config, "tickets", "update", str(number), "--status", "open")
+    assert out["changes"] == ["status: closed -> open",
+                              "no longer marked as spam; the spam filter learned its first message as ham"]
+    assert score(d, eml) == as_ham  # the CLI learns before it returns
+    assert d.ticket(number)["from_spam"] is False
+
+    # Erin counts as a requester again: her next mail lands on the ticket as any reply does.
+    confirmation = d.sent_to("erin@studio-north.example")[0]
+    d.send(mail(sender="Erin <erin@studio-north.example>", to=str(confirmation["Reply-To"]),
+                subject=f"Re: {confirmation['Subject']}", body="Any news? Erin-REPLY-MARKER"),
+           sender="erin@studio-north.example", recipients=[str(confirmation["Reply-To"])])
+    wait_until(lambda: any("Erin-REPLY-MARKER" in m["text"] for m in d.ticket(number)["messages"]))
+    d.wait_idle()
+    kept = [m for m in d.ticket(number)["messages"] if "Erin-REPLY-MARKER" in m["text"]][0]
+    assert not [h for h in kept["rule_hits"] if "closed as spam" in h["reason"]]

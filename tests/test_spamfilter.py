@@ -171,6 +171,41 @@ def test_empty_model_fails_open_and_learns() -> None:
     assert not model.score_bytes(HAM_MAIL, 0.5, min_known_words=0).is_spam
 
 
+def counts(model: SpamModel) -> tuple[np.ndarray, np.ndarray]:
+    return model._feature_count.copy(), model._class_count.copy()
+
+
+def test_relabel_moves_a_message_to_the_other_class_instead_of_counting_it_twice() -> None:
+    base = SpamModel.empty()
+    base.learn_bytes(SPAM_MAIL, True)
+    base.learn_bytes(HAM_MAIL, False)
+    pitch = HAM_MAIL.replace(b"printer driver", b"website redesign")
+
+    learned_as_ham = base.copy()
+    learned_as_ham.learn_bytes(pitch, False)
+    # An agent's #spam, then the ticket reopened: the lesson moves to ham, exactly.
+    flipped = base.copy()
+    flipped.learn_bytes(pitch, True)
+    flipped.learn_bytes(pitch, False, relabel=True)
+    for got, want in zip(counts(flipped), counts(learned_as_ham), strict=True):
+        np.testing.assert_array_equal(got, want)
+    # And back to spam (a second #spam) equals learning it as spam once.
+    learned_as_spam = base.copy()
+    learned_as_spam.learn_bytes(pitch, True)
+    flipped.learn_bytes(pitch, True, relabel=True)
+    for got, want in zip(counts(flipped), counts(learned_as_spam), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_relabel_of_a_message_the_model_never_had_counts_nothing_below_zero() -> None:
+    # The model may have been retrained without the message in between.
+    model = SpamModel.empty()
+    model.learn_bytes(HAM_MAIL, False)
+    model.learn_bytes(SPAM_MAIL, False, relabel=True)  # was "spam", but the spam class is empty
+    features, classes = counts(model)
+    assert features.min() == 0 and classes.tolist() == [2.0, 0.0]
+
+
 @pytest.mark.parametrize(
     "raw",
     [

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -576,6 +576,11 @@ def apply_commands(ctx: Context, ticket: Ticket, cmds: ParsedCommands,
             old = set_status(rt, session, ticket, name, actor)
             if old is not None:
                 changes.append(f"status: {old} -> {name}")
+                if ticket.from_spam and ticket.status_kind != "closed":
+                    line, lesson = unmark_spam(rt, session, ticket, actor)
+                    changes.append(line)
+                    if lesson is not None:
+                        ctx.after_commit.append(lesson)
                 status = hd.status(name)
                 if status and status.notify_requester:
                     ctx.effects.append(("status", {"old": old}))
@@ -679,24 +684,61 @@ def merge_tickets(ctx: Context, source: Ticket, target_number: int) -> Ticket:
     return target
 
 
-def mark_spam(ctx: Context, ticket: Ticket) -> bool:
-    """Close as spam and teach the filter the ticket's first message; True if it learned."""
-    first = ctx.session.exec(select(Message).where(
+def first_inbound_message(session: Session, ticket: Ticket) -> Message | None:
+    """The ticket's first message with raw bytes: the one #spam and its undoing teach."""
+    return session.exec(select(Message).where(
         Message.ticket_id == ticket.number, Message.direction == "in",
         Message.raw_sha256.is_not(None)).order_by(Message.id)).first()  # type: ignore[union-attr,arg-type]
-    learned = False
-    # With [spam] enabled = false there is no model: closing still works.
-    if first is not None and first.raw_sha256 and ctx.rt.spam_model() is not None:
-        raw = ctx.rt.blobs.get(first.raw_sha256)
-        # Learn only once the close is committed: a rolled-back, retried transaction must
-        # not teach the filter the same message twice.
-        ctx.after_commit.append(lambda: ctx.rt.learn_spam(raw, True))
-        learned = True
+
+
+def filter_taught(session: Session, ticket: Ticket, first: Message) -> str | None:
+    """What the spam filter was last taught about the ticket's first message: 'spam',
+    'ham' or None. Teaching it the other way then moves it instead of counting it twice."""
+    latest = session.exec(select(Event).where(
+        Event.ticket_id == ticket.number, Event.action.in_(("spam", "not spam")),  # type: ignore[attr-defined]
+        Event.new == "learned").order_by(Event.id.desc())).first()  # type: ignore[union-attr]
+    if latest is not None:
+        return "spam" if latest.action == "spam" else "ham"
+    if "released from quarantine" in first.rule_hits:
+        return "ham"  # the release taught it
+    return None
+
+
+def teach_filter(rt: Runtime, session: Session, ticket: Ticket, is_spam: bool) -> Callable[[], bool] | None:
+    """The deferred lesson about the ticket's first message, or None when there is nothing to
+    teach (no raw bytes, filter off). Run it only once the change is committed: a rolled-back,
+    retried transaction must not teach the filter the same message twice."""
+    first = first_inbound_message(session, ticket)
+    # With [spam] enabled = false there is no model: the status change still works.
+    if first is None or not first.raw_sha256 or rt.spam_model() is None:
+        return None
+    raw = rt.blobs.get(first.raw_sha256)
+    relabel = filter_taught(session, ticket, first) == ("ham" if is_spam else "spam")
+    return lambda: rt.learn_spam(raw, is_spam, relabel=relabel)
+
+
+def mark_spam(ctx: Context, ticket: Ticket) -> bool:
+    """Close as spam and teach the filter the ticket's first message; True if it learned."""
+    lesson = teach_filter(ctx.rt, ctx.session, ticket, True)
+    if lesson is not None:
+        ctx.after_commit.append(lesson)
     ticket.from_spam = True
     actor = ctx.agent.email if ctx.agent else "system"
     set_status(ctx.rt, ctx.session, ticket, first_status(ctx.rt, "closed").name, actor)
-    add_event(ctx.session, ticket, actor, "spam", None, "learned" if learned else "closed")
-    return learned
+    add_event(ctx.session, ticket, actor, "spam", None, "learned" if lesson else "closed")
+    return lesson is not None
+
+
+def unmark_spam(rt: Runtime, session: Session, ticket: Ticket, actor: str) -> tuple[str, Callable[[], bool] | None]:
+    """A ticket closed as spam was reopened: it was not spam after all. Its requester counts
+    as known again and hears of it as of any ticket; the filter learns its first message as
+    ham instead of spam. The change line and the deferred lesson (see teach_filter)."""
+    lesson = teach_filter(rt, session, ticket, False)
+    ticket.from_spam = False
+    add_event(session, ticket, actor, "not spam", None, "learned" if lesson else "kept")
+    return ("no longer marked as spam; " + (
+        "the spam filter learned its first message as ham" if lesson else "spam filter off: nothing learned"),
+        lesson)
 
 
 def record_bounce(ctx: Context) -> None:
