@@ -47,6 +47,12 @@ try:
 except UnusableMessage:
     pass
 """,
+    "an attachment named by 600,000 encoded words (45 s)":
+        "from mailgate.ingest.parse import parse_message as f; "
+        "m = f(b'From: c@d.org\\r\\nSubject: x\\r\\nContent-Type: multipart/mixed; boundary=b\\r\\n\\r\\n"
+        "--b\\r\\nContent-Type: text/plain\\r\\n\\r\\nhi\\r\\n--b\\r\\nContent-Type: application/pdf\\r\\n"
+        "Content-Disposition: attachment; filename=\\\"' + b'=?utf-8?b?YWFh?=' * 600_000 + "
+        "b'\\\"\\r\\n\\r\\nxx\\r\\n--b--\\r\\n'); assert m.attachments[0].filename.startswith('aaa')",
     "header comment never closed (7 s)":
         "from mailgate.ingest.screen import _first_token as f; f('(' * 400_000)",
 }

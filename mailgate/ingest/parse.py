@@ -388,7 +388,9 @@ def _decode_words(value: str, defects: list[str], what: str) -> str:
     """Decode RFC 2047 encoded words leniently (also inside quotes and glued to text)."""
     if "=?" not in value:
         return value
-    pieces: list[tuple[str | None, bytes | str]] = []
+    # Decoded words are bytearrays, extended in place: a run of thousands of words in one
+    # charset (a hostile filename) would otherwise be copied once per word.
+    pieces: list[tuple[str | None, bytearray | str]] = []
     pos = 0
     for match in _ENCODED_WORD_RE.finditer(value):
         between = value[pos : match.start()]
@@ -411,10 +413,10 @@ def _decode_words(value: str, defects: list[str], what: str) -> str:
             # Adjacent words in one charset are joined before decoding, so multi-byte
             # characters split across words (common with ISO-2022-JP, utf-8) survive.
             last = pieces[-1] if pieces else None
-            if last is not None and last[0] == charset and isinstance(last[1], bytes):
-                pieces[-1] = (charset, last[1] + data)
+            if last is not None and last[0] == charset and isinstance(last[1], bytearray):
+                last[1].extend(data)
             else:
-                pieces.append((charset, data))
+                pieces.append((charset, bytearray(data)))
         pos = match.end()
     tail = value[pos:]
     if tail:
@@ -424,7 +426,7 @@ def _decode_words(value: str, defects: list[str], what: str) -> str:
         if charset is None or isinstance(chunk, str):
             out.append(chunk if isinstance(chunk, str) else chunk.decode("ascii", "replace"))
         else:
-            out.append(_decode_bytes(chunk, charset, defects, what))
+            out.append(_decode_bytes(bytes(chunk), charset, defects, what))
     return "".join(out)
 
 
