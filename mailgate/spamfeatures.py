@@ -236,30 +236,25 @@ def _url_tokens(text: str, out: set[str]) -> int:
 
 def _word_tokens(text: str, prefix: str, out: set[str]) -> tuple[int, int]:
     """Add word tokens; return (words, all-caps words) for the shouting signal."""
-    n_words = n_caps = 0
-    for m in _RE_WORD.finditer(text):
-        w = m.group(0)
+    # findall and one batch update: per-match objects cost a third of the time here.
+    words: list[str] = []
+    for w in _RE_WORD.findall(text):
         if len(w) > 30:
             continue
         c = w[0]
-        if c == "$":
+        if c.isalpha() or not (c == "$" or c == "!" or c.isdigit()):
+            words.append(w)
+        elif c == "$":
             out.add(prefix + ("$" if len(w) == 1 else "$num"))
-            continue
-        if c.isdigit():
+        elif c == "!":
+            out.add(prefix + "!!")
+        elif w.endswith("%") or not c.isdecimal():
             # From the number alternative (c decimal): a percentage, or a bare number that
             # is dropped. A word that starts with a superscript digit ("³Bigfoot") has
             # always counted as num%, and the shipped models learned it so.
-            if w.endswith("%") or not c.isdecimal():
-                out.add(prefix + "num%")
-            continue
-        if c == "!":
-            out.add(prefix + "!!")
-            continue
-        n_words += 1
-        if len(w) >= 3 and w.isupper():
-            n_caps += 1
-        out.add(prefix + w.lower())
-    return n_words, n_caps
+            out.add(prefix + "num%")
+    out.update([prefix + w.lower() for w in words])
+    return len(words), sum(1 for w in words if len(w) >= 3 and w.isupper())
 
 
 def _header_text(msg: Message, name: str) -> str:
