@@ -158,6 +158,10 @@ class SpamSettings:
     retention_days: int = 30
     # Mail with a smaller share of words the model knows is never held (mailgate.spamfilter).
     min_known_words: float = 0.3
+    # Held mail is listed by mail at most this often (0: never), to digest_to or the admins,
+    # so that a customer's mail held by mistake is seen before it is purged.
+    digest_hours: float = 24.0
+    digest_to: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -217,6 +221,11 @@ class Settings:
 
     def group_members(self, group: str) -> tuple[Agent, ...]:
         return tuple(a for a in self.agents if group in a.groups)
+
+    @property
+    def quarantine_digest_to(self) -> tuple[str, ...]:
+        """Who gets the quarantine digest: spam.digest_to, else every admin."""
+        return self.spam.digest_to or tuple(a.email for a in self.agents if a.role == "admin")
 
     @property
     def raw_dir(self) -> Path:
@@ -558,12 +567,17 @@ def _spam(sec: _Section, base: Path) -> SpamSettings:
     min_known_words = sec.get("min_known_words", float, 0.3)
     if not 0.0 <= min_known_words <= 1.0:
         raise ConfigError(f"spam.min_known_words: must be in [0, 1], got {min_known_words}")
+    digest_hours = sec.get("digest_hours", float, 24.0)
+    if digest_hours < 0:
+        raise ConfigError(f"spam.digest_hours: must be 0 (no digest) or more, got {digest_hours}")
     s = SpamSettings(
         enabled=sec.get("enabled", bool, True),
         threshold=threshold,
         model_path=_resolve(base, model_path) if model_path else None,
         retention_days=sec.positive("retention_days", int, 30),
         min_known_words=min_known_words,
+        digest_hours=digest_hours,
+        digest_to=tuple(_check_address("spam.digest_to", a) for a in sec.str_list("digest_to")),
     )
     sec.finish()
     return s

@@ -7,14 +7,15 @@ import logging
 from datetime import timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from sqlalchemy import or_, update
+from sqlalchemy import func, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
+from mailgate.domain import one_line
 from mailgate.runtime import Runtime
 from mailgate.spool import holder_is_dead
-from mailgate.store.engine import as_utc, session_scope, utcnow
-from mailgate.store.tables import Attachment, Inbound, Lease, Message, Ticket
+from mailgate.store.engine import as_utc, iso, session_scope, utcnow
+from mailgate.store.tables import Attachment, Inbound, Lease, Message, Outbox, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,55 @@ def purge_quarantine(rt: Runtime) -> int:
     return purged
 
 
+DIGEST_TEMPLATE = "agent/quarantine_digest"
+DIGEST_LISTED = 200  # messages listed by name in one digest; the rest are counted
+
+
+def send_quarantine_digest(rt: Runtime) -> int:
+    """Mail the list of messages held since the last digest to spam.digest_to (default: the
+    admins), at most once every spam.digest_hours; returns how many it reported.
+
+    Without it a customer's mail held by mistake is seen only by someone who runs
+    `spam quarantine list`, and is purged unseen after spam.retention_days. The lowest
+    scores come first: that is where a mistake sits. Each message is reported once: the
+    rows are marked in the transaction that queues the digest.
+    """
+    spam = rt.settings.spam
+    recipients = rt.settings.quarantine_digest_to
+    if not spam.digest_hours or not recipients:
+        return 0
+    from mailgate.ingest import notify
+
+    now = utcnow()
+    with session_scope(rt.engine) as session:
+        last = session.exec(select(func.max(Outbox.created_at)).where(Outbox.template == DIGEST_TEMPLATE)).one()
+        if last is not None and now - as_utc(last) < timedelta(hours=spam.digest_hours):
+            return 0
+        unreported = session.exec(select(Inbound.id).where(
+            Inbound.outcome == "quarantined", Inbound.reported_at.is_(None))  # type: ignore[union-attr]
+            .order_by(Inbound.spam_score, Inbound.id)).all()
+        if not unreported:
+            return 0
+        listed = session.exec(select(Inbound).where(
+            Inbound.id.in_(unreported[:DIGEST_LISTED]))  # type: ignore[union-attr]
+            .order_by(Inbound.spam_score, Inbound.id)).all()
+        # Sender and subject are the spammer's text: no control or bidi character reaches the
+        # admin's mail reader (a terminal one would act on an ESC).
+        held = [{"id": r.id, "received_at": iso(r.received_at),
+                 "from": one_line(r.from_addr or "", 320) or "(unknown sender)",
+                 "subject": one_line(r.subject or "", 120) or "(no subject)",
+                 "score": "-" if r.spam_score is None else f"{r.spam_score:.3f}"} for r in listed]
+        for start in range(0, len(unreported), 500):
+            session.exec(update(Inbound).where(  # type: ignore[call-overload]
+                Inbound.id.in_(unreported[start:start + 500])).values(reported_at=now))  # type: ignore[union-attr]
+        extra = {"held": held, "total": len(unreported), "more": len(unreported) - len(held),
+                 "threshold": spam.threshold, "retention_days": spam.retention_days}
+        for to in recipients:
+            notify.send(rt, session, ticket=None, template=DIGEST_TEMPLATE, to=to, extra=extra, guard=False)
+    log.info("quarantine digest: %d message(s) to %s", len(unreported), ", ".join(recipients))
+    return len(unreported)
+
+
 def auto_close_solved(rt: Runtime) -> int:
     """Solved tickets close after sla.auto_close_solved_days, with the same notice as by hand."""
     from mailgate.ingest.apply import add_event, set_status
@@ -102,17 +152,28 @@ def auto_close_solved(rt: Runtime) -> int:
 JOBS = (
     ("purge-quarantine", purge_quarantine, timedelta(hours=1)),
     ("auto-close", auto_close_solved, timedelta(minutes=15)),
+    # Looks every 15 minutes whether a digest is due (the last one is in the outbox), so a
+    # daemon restarted more often than spam.digest_hours still sends it.
+    ("quarantine-digest", send_quarantine_digest, timedelta(minutes=15)),
 )
 
 
+def job_interval(rt: Runtime, name: str, every: timedelta) -> timedelta:
+    """How often the job runs: a digest due more often than every 15 minutes is looked for as often."""
+    hours = rt.settings.spam.digest_hours
+    if name == "quarantine-digest" and hours:
+        return min(every, timedelta(hours=hours))
+    return every
+
+
 def run_job(rt: Runtime, holder: str, name: str) -> None:
-    for job_name, func, every in JOBS:
+    for job_name, job, every in JOBS:
         if job_name != name:
             continue
-        if not take_lease(rt, f"job:{name}", holder, every):
+        if not take_lease(rt, f"job:{name}", holder, job_interval(rt, name, every)):
             return
         try:
-            n = func(rt)
+            n = job(rt)
             if n:
                 log.info("job %s: %d", name, n)
         except Exception:
@@ -122,7 +183,8 @@ def run_job(rt: Runtime, holder: str, name: str) -> None:
 def start_scheduler(rt: Runtime, holder: str) -> AsyncIOScheduler:
     scheduler = AsyncIOScheduler(timezone="UTC")
     for name, _func, every in JOBS:
-        scheduler.add_job(run_job, "interval", args=(rt, holder, name), seconds=every.total_seconds(),
+        scheduler.add_job(run_job, "interval", args=(rt, holder, name),
+                          seconds=job_interval(rt, name, every).total_seconds(),
                           id=name, max_instances=1, coalesce=True)
     scheduler.start()
     return scheduler

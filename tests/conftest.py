@@ -73,7 +73,7 @@ groups = ["L1", "L2"]
 
 def write_config(directory: Path, *, smtp_port: int | None = None, outbound: str = "maildir:sent",
                  database: str = "sqlite:///mailgate.db", extra: str = "", agents: str = AGENTS,
-                 helpdesk_extra: str = "", spam_enabled: bool = False) -> Path:
+                 helpdesk_extra: str = "", spam_enabled: bool = False, spam_extra: str = "") -> Path:
     """A complete config for one test. The spam filter is off unless a test is about it."""
     directory.mkdir(parents=True, exist_ok=True)
     text = f"""
@@ -101,6 +101,7 @@ worker_poll_seconds = 0.2
 
 [spam]
 enabled = {"true" if spam_enabled else "false"}
+{spam_extra}
 
 {agents}
 {extra}

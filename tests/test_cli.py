@@ -406,6 +406,23 @@ def test_db_upgrade_on_empty_database_is_idempotent(workdir: Path) -> None:
     assert {"ticket", "message", "attachment", "event", "inbound", "outbox", "contact"} <= tables
 
 
+def test_db_upgrade_from_0001_keeps_the_rows(workdir: Path) -> None:
+    from mailgate.config import load_settings
+    from mailgate.runtime import Runtime
+    from mailgate.store import migrate
+
+    config = write_config(workdir)
+    rt = Runtime.build(load_settings(config))
+    migrate.upgrade(rt.engine, "0001")
+    sql(config, "insert into inbound (source, envelope_to, raw_sha256, size, state, outcome, attempts, "
+                "received_at, rule_hits) values ('smtp', '', ?, 1, 'done', 'quarantined', 0, "
+                "'2026-11-01 00:00:00.000000', '[]')", "0" * 64)
+    run = cli(config, "run", check=False, timeout=60)
+    assert run.returncode != 0 and "mailgate db upgrade" in run.stderr.decode()  # refuses the old schema
+    assert cli(config, "db", "upgrade").stdout.decode().strip() == f"database at {migrate.head_revision()} (was 0001)"
+    assert sql(config, "select outcome, reported_at from inbound") == [("quarantined", None)]
+
+
 def test_doctor_warns_about_accepted_mail_that_nothing_moves(workdir: Path) -> None:
     from datetime import UTC, datetime, timedelta
 

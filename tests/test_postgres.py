@@ -143,3 +143,36 @@ def test_a_release_during_the_purge_keeps_the_message(pg_url: str, workdir: Path
     assert result is not None and result.ticket_number is not None
     with session_scope(rt.engine) as session:
         assert session.get(Inbound, inbound_id).outcome == "ticket"  # type: ignore[union-attr]
+
+
+def test_two_instances_send_one_quarantine_digest(pg_url: str, workdir: Path) -> None:
+    from sqlmodel import select
+
+    from mailgate import jobs
+    from mailgate.config import load_settings
+    from mailgate.runtime import Runtime
+    from mailgate.store import migrate
+    from mailgate.store.engine import session_scope, utcnow
+    from mailgate.store.tables import Inbound, Outbox
+
+    rt = Runtime.build(load_settings(write_config(workdir, database=pg_url, spam_enabled=True)))
+    migrate.upgrade(rt.engine)
+    with session_scope(rt.engine) as session:
+        for i in range(5):
+            session.add(Inbound(source="smtp", raw_sha256="0" * 64, received_at=utcnow(), state="done",
+                                outcome="quarantined", spam_score=0.95, subject=f"held {i}"))
+    start = threading.Barrier(4)
+
+    def instance(holder: str) -> None:
+        start.wait()
+        jobs.run_job(rt, holder, "quarantine-digest")
+
+    threads = [threading.Thread(target=instance, args=(f"host{i}:1",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with session_scope(rt.engine) as session:
+        digests = session.exec(select(Outbox).where(Outbox.template == jobs.DIGEST_TEMPLATE)).all()
+        assert [d.recipients for d in digests] == ["alice@example.com"]
+        assert all(r.reported_at is not None for r in session.exec(select(Inbound)).all())

@@ -170,7 +170,7 @@ def test_release_of_unknown_id_fails(workdir: Path) -> None:
 
 # --- runtime: reload on file change, learning on a copy ------------------------------------
 
-def _runtime(workdir: Path, **kw: bool):  # noqa: ANN202 - Runtime, imported lazily like the CLI does
+def _runtime(workdir: Path, **kw: bool | str):  # noqa: ANN202 - Runtime, imported lazily like the CLI does
     from mailgate.runtime import Runtime
     from mailgate.store import migrate
 
@@ -350,3 +350,94 @@ def test_a_past_requesters_address_is_scored_when_our_mta_says_dmarc_fail(workdi
     assert row["from"] == "carol@customer.org"
     # With a DMARC pass, Carol is the known requester she is: never filtered.
     assert cli(cfg, "ingest", input=with_id(2, "dmarc=pass")).stdout.decode().strip() == "2"
+
+
+def _digests(rt) -> list[tuple[str, str]]:  # noqa: ANN001
+    from email import message_from_bytes
+    from email.policy import default
+
+    from sqlmodel import select
+
+    from mailgate.jobs import DIGEST_TEMPLATE
+    from mailgate.store.engine import session_scope
+    from mailgate.store.tables import Outbox
+
+    with session_scope(rt.engine) as session:
+        rows = session.exec(select(Outbox).where(Outbox.template == DIGEST_TEMPLATE).order_by(Outbox.id)).all()
+        mails = [message_from_bytes(r.raw, policy=default) for r in rows]
+    return [(str(m["To"]), m.get_body(("plain",)).get_content()) for m in mails]
+
+
+def test_quarantine_digest_lists_held_mail_once_lowest_score_first(workdir: Path) -> None:
+    from sqlalchemy import text
+
+    from mailgate.jobs import send_quarantine_digest
+    from mailgate.store.engine import session_scope, utcnow
+    from mailgate.store.tables import Inbound
+
+    rt = _runtime(workdir, spam_enabled=True)
+    digest = rt.blobs.put(mail().as_bytes())
+
+    def hold(subject: str, score: float, outcome: str = "quarantined") -> None:
+        with session_scope(rt.engine) as session:
+            session.add(Inbound(source="smtp", raw_sha256=digest, received_at=utcnow(), state="done",
+                                outcome=outcome, spam_score=score, subject=subject,
+                                from_addr=f"{subject.lower()}@example.net"))
+
+    assert send_quarantine_digest(rt) == 0  # nothing held: no mail
+    hold("Pills", 0.999)
+    hold("Invoice", 0.93)
+    hold("Released", 0.95, outcome="released")
+    assert send_quarantine_digest(rt) == 2
+    [(to, body)] = _digests(rt)
+    assert to == "alice@example.com"  # the only admin
+    assert body.startswith("2 messages to support@example.com scored 0.9 or more as spam")
+    assert body.index("invoice@example.net") < body.index("pills@example.net")  # lowest score first
+    assert "score 0.930" in body and "Subject: Invoice" in body and "Released" not in body
+    assert "mailgate spam quarantine release ID" in body and "deleted after 30 days" in body
+
+    hold("Lottery\x1b]52;c;aGk=\x07\u202e", 0.97)
+    assert send_quarantine_digest(rt) == 0  # the next one is due in 24 hours
+    with session_scope(rt.engine) as session:  # a day later
+        session.connection().execute(text("update outbox set created_at = '2020-01-01 00:00:00.000000'"))
+    assert send_quarantine_digest(rt) == 1
+    body = _digests(rt)[-1][1]
+    assert body.startswith("1 message to support@example.com") and "Pills" not in body
+    assert "Subject: Lottery ]52;c;aGk=\r\n" in body and "\x1b" not in body and "\u202e" not in body
+
+
+def test_quarantine_digest_recipients_and_switch(workdir: Path) -> None:
+    from mailgate.jobs import send_quarantine_digest
+    from mailgate.store.engine import session_scope, utcnow
+    from mailgate.store.tables import Inbound
+
+    rt = _runtime(workdir / "to", spam_enabled=True,
+                  spam_extra='digest_to = ["Postmaster@Example.com", "bob@example.com"]')
+    with session_scope(rt.engine) as session:
+        for i in range(205):
+            session.add(Inbound(source="smtp", raw_sha256="0" * 64, received_at=utcnow(), state="done",
+                                outcome="quarantined", spam_score=0.9 + i / 10_000, subject=f"s{i}"))
+    assert send_quarantine_digest(rt) == 205
+    digests = _digests(rt)
+    assert [to for to, _ in digests] == ["postmaster@example.com", "bob@example.com"]
+    body = digests[0][1]
+    assert body.count("Subject: s") == 200 and "... and 5 more with higher scores" in body
+    assert "Subject: s199\r\n" in body and "Subject: s200" not in body
+
+    off = _runtime(workdir / "off", spam_enabled=True, spam_extra="digest_hours = 0")
+    with session_scope(off.engine) as session:
+        session.add(Inbound(source="smtp", raw_sha256="0" * 64, received_at=utcnow(), state="done",
+                            outcome="quarantined", spam_score=0.99, subject="x"))
+    assert send_quarantine_digest(off) == 0 and _digests(off) == []
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("digest_hours = -1", "spam.digest_hours: must be 0 (no digest) or more, got -1.0"),
+    ('digest_to = ["not an address"]', "spam.digest_to: not an email address: 'not an address'"),
+    ('digest_to = "alice@example.com"', "spam.digest_to: expected list, got 'alice@example.com'"),
+])
+def test_quarantine_digest_bad_config(workdir: Path, line: str, message: str) -> None:
+    proc = cli(write_config(workdir, spam_enabled=True, spam_extra=line), "spam", "quarantine", "list",
+               check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.decode().strip().splitlines() == [f"mailgate: config error: {message}"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -289,3 +290,22 @@ def test_reopening_a_ticket_closed_as_spam_undoes_the_lesson(spam_daemon: Daemon
     d.wait_idle()
     kept = [m for m in d.ticket(number)["messages"] if "Erin-REPLY-MARKER" in m["text"]][0]
     assert not [h for h in kept["rule_hits"] if "closed as spam" in h["reason"]]
+
+
+def test_the_admins_get_a_digest_of_held_mail(workdir: Path, corpus: Path) -> None:
+    """A held customer's mail must be seen before it is purged: the daemon's scheduler mails
+    the list to the admins (here every 3.6 seconds instead of daily)."""
+    d = start_daemon(write_config(workdir, spam_enabled=True, spam_extra="digest_hours = 0.001"))
+    try:
+        d.send(corpus_spam(corpus), sender=SPAMMER)
+        [held] = wait_until(lambda: quarantine(d))
+        [digest] = wait_until(lambda: d.sent_to("alice@example.com"), timeout=60)
+        assert str(digest["Subject"]) == "1 message held as spam at support@example.com"
+        body = digest.get_body(("plain",)).get_content()
+        assert f"#{held['id']}  score " in body and f"From:    {SPAMMER}" in body
+        assert "Subject: GET IN AT THE TOP!" in body
+        assert digest["Auto-Submitted"] == "auto-replied" and digest["Reply-To"] is None
+        time.sleep(8)  # two more passes of the job: nothing new was held, so no new list
+        assert [str(m["To"]) for m in d.sent()] == ["alice@example.com"]  # bob is no admin
+    finally:
+        d.stop()

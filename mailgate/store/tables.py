@@ -139,6 +139,7 @@ class Inbound(SQLModel, table=True):
     from_addr: str | None = Field(default=None, max_length=320)
     spam_score: float | None = None
     rule_hits: str = Field(default="[]", sa_type=Text)
+    reported_at: datetime | None = None  # a quarantined message, listed in a quarantine digest
 
 
 class Outbox(SQLModel, table=True):
