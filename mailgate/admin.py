@@ -46,13 +46,16 @@ def update_ticket(rt: Runtime, number: int, *, status: str | None = None, priori
         if ticket is None:
             raise ValueError(f"no ticket #{number}")
         if status is not None:
+            was_spam = ticket.from_spam
             old = set_status(rt, session, ticket, status, actor)
             if old is not None:
                 changes.append(f"status: {old} -> {status}")
-                if ticket.from_spam and ticket.status_kind != "closed":
+                if was_spam and ticket.status_kind != "closed":
                     line, lesson = unmark_spam(rt, session, ticket, actor)
-                    changes.append(line)
-                notify.status_changed(rt, session, ticket, old)
+                    if line is not None:
+                        changes.append(line)
+                else:  # the requester never heard of a close as spam: no "changed from closed"
+                    notify.status_changed(rt, session, ticket, old)
         for field, value in (("priority", priority), ("category", category), ("tier", tier)):
             if value is not None and (line := change_field(rt, session, ticket, field, value, actor)):
                 changes.append(line)

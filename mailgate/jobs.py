@@ -81,6 +81,7 @@ def purge_quarantine(rt: Runtime) -> int:
 
 DIGEST_TEMPLATE = "agent/quarantine_digest"
 DIGEST_LISTED = 200  # messages listed by name in one digest; the rest are counted
+DIGEST_CHECK_EVERY = timedelta(minutes=15)
 
 
 def send_quarantine_digest(rt: Runtime) -> int:
@@ -101,7 +102,10 @@ def send_quarantine_digest(rt: Runtime) -> int:
     now = utcnow()
     with session_scope(rt.engine) as session:
         last = session.exec(select(func.max(Outbox.created_at)).where(Outbox.template == DIGEST_TEMPLATE)).one()
-        if last is not None and now - as_utc(last) < timedelta(hours=spam.digest_hours):
+        # Half a pass early counts as due: the last list was stamped a moment after its pass
+        # began, and a strict "24 hours since" would slip by a pass every day.
+        early = job_interval(rt, "quarantine-digest", DIGEST_CHECK_EVERY) / 2
+        if last is not None and now - as_utc(last) < timedelta(hours=spam.digest_hours) - early:
             return 0
         unreported = session.exec(select(Inbound.id).where(
             Inbound.outcome == "quarantined", Inbound.reported_at.is_(None))  # type: ignore[union-attr]
@@ -154,7 +158,7 @@ JOBS = (
     ("auto-close", auto_close_solved, timedelta(minutes=15)),
     # Looks every 15 minutes whether a digest is due (the last one is in the outbox), so a
     # daemon restarted more often than spam.digest_hours still sends it.
-    ("quarantine-digest", send_quarantine_digest, timedelta(minutes=15)),
+    ("quarantine-digest", send_quarantine_digest, DIGEST_CHECK_EVERY),
 )
 
 

@@ -176,3 +176,51 @@ def test_two_instances_send_one_quarantine_digest(pg_url: str, workdir: Path) ->
         digests = session.exec(select(Outbox).where(Outbox.template == jobs.DIGEST_TEMPLATE)).all()
         assert [d.recipients for d in digests] == ["alice@example.com"]
         assert all(r.reported_at is not None for r in session.exec(select(Inbound)).all())
+
+
+def test_two_instances_reopening_a_spam_ticket_teach_the_filter_once(pg_url: str, workdir: Path) -> None:
+    from sqlmodel import select
+
+    from mailgate.admin import update_ticket
+    from mailgate.config import load_settings
+    from mailgate.ingest.apply import add_event
+    from mailgate.runtime import Runtime
+    from mailgate.store import migrate
+    from mailgate.store.engine import session_scope, utcnow
+    from mailgate.store.tables import Contact, Event, Message, Ticket
+
+    settings = load_settings(write_config(workdir, database=pg_url, spam_enabled=True))
+    rt = Runtime.build(settings)
+    migrate.upgrade(rt.engine)
+    with session_scope(rt.engine) as session:
+        contact = Contact(email="dave@pitch.example", name="Dave", created_at=utcnow())
+        session.add(contact)
+        session.flush()
+        ticket = Ticket(subject="Quick question", requester_id=contact.id, queue="support@example.com",
+                        status="closed", status_kind="closed", from_spam=True, created_at=utcnow(),
+                        updated_at=utcnow())
+        session.add(ticket)
+        session.flush()
+        session.add(Message(ticket_id=ticket.number, kind="public", direction="in", from_addr="dave@pitch.example",
+                            raw_sha256=rt.blobs.put(mail().as_bytes()), created_at=utcnow()))
+        add_event(session, ticket, "alice@example.com", "spam", None, "learned")
+        number = ticket.number
+    assert number is not None
+    lessons: list[tuple[bool, bool]] = []
+    instances = [Runtime.build(settings) for _ in range(4)]  # as on four machines: own engines
+    start = threading.Barrier(len(instances))
+
+    def reopen(instance: Runtime) -> None:
+        instance.learn_spam = lambda raw, is_spam, relabel=False: lessons.append((is_spam, relabel)) or True  # type: ignore[method-assign]
+        start.wait()
+        update_ticket(instance, number, status="open", actor="cli")
+
+    threads = [threading.Thread(target=reopen, args=(i,)) for i in instances]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert lessons == [(False, True)]
+    with session_scope(rt.engine) as session:
+        undone = session.exec(select(Event).where(Event.ticket_id == number, Event.action == "not spam")).all()
+        assert len(undone) == 1 and session.get(Ticket, number).from_spam is False  # type: ignore[union-attr]

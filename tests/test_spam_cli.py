@@ -398,8 +398,17 @@ def test_quarantine_digest_lists_held_mail_once_lowest_score_first(workdir: Path
 
     hold("Lottery\x1b]52;c;aGk=\x07\u202e", 0.97)
     assert send_quarantine_digest(rt) == 0  # the next one is due in 24 hours
-    with session_scope(rt.engine) as session:  # a day later
-        session.connection().execute(text("update outbox set created_at = '2020-01-01 00:00:00.000000'"))
+
+    def last_list_sent(ago: timedelta) -> None:
+        stamp = (utcnow() - ago).strftime("%Y-%m-%d %H:%M:%S.%f")
+        with session_scope(rt.engine) as session:
+            session.connection().execute(text("update outbox set created_at = :t"), {"t": stamp})
+
+    last_list_sent(timedelta(hours=23, minutes=50))
+    assert send_quarantine_digest(rt) == 0
+    # The pass a day after the last one is due even if it began a moment before the day was
+    # full (the last list was stamped a moment after its pass began).
+    last_list_sent(timedelta(hours=23, minutes=55))
     assert send_quarantine_digest(rt) == 1
     body = _digests(rt)[-1][1]
     assert body.startswith("1 message to support@example.com") and "Pills" not in body

@@ -262,11 +262,13 @@ def test_reopening_a_ticket_closed_as_spam_undoes_the_lesson(spam_daemon: Daemon
     assert "closed as spam (reopening it undoes that)" in cli(d.config, "tickets", "show", str(number)).stdout.decode()
     as_spam = wait_until(lambda: (s := score(d, eml)) > before and s)
 
-    result = command("#status open\n", 5)
-    assert "status: closed -> open" in result
+    # Pending would mail the requester "changed from closed": Erin never heard of the close.
+    result = command("#status pending\n", 5)
+    assert "status: closed -> pending" in result
     assert "no longer marked as spam; the spam filter learned its first message as ham" in result
     shown = d.ticket(number)
-    assert (shown["status"], shown["from_spam"]) == ("open", False)
+    assert (shown["status"], shown["from_spam"]) == ("pending", False)
+    assert len(d.sent_to("erin@studio-north.example")) == 1  # her confirmation only
     assert [(e["action"], e["new"]) for e in shown["events"] if "spam" in e["action"]] == [
         ("spam", "learned"), ("not spam", "learned")]
     as_ham = wait_until(lambda: (s := score(d, eml)) < before and s)

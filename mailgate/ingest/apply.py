@@ -7,13 +7,14 @@ into outbox rows, in the same transaction.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, func, insert
+from sqlalchemy import bindparam, func, insert, update
 from sqlmodel import Session, select
 
 from mailgate.config import AssignmentRule, StatusDef
@@ -573,16 +574,19 @@ def apply_commands(ctx: Context, ticket: Ticket, cmds: ParsedCommands,
     for c in sorted(cmds.commands, key=lambda c: c.name != "merge"):
         if c.name == "status":
             name = find_choice(c.arg, [st.name for st in hd.statuses]) or c.arg
+            was_spam = ticket.from_spam
             old = set_status(rt, session, ticket, name, actor)
             if old is not None:
                 changes.append(f"status: {old} -> {name}")
-                if ticket.from_spam and ticket.status_kind != "closed":
+                if was_spam and ticket.status_kind != "closed":
                     line, lesson = unmark_spam(rt, session, ticket, actor)
-                    changes.append(line)
+                    if line is not None:
+                        changes.append(line)
                     if lesson is not None:
                         ctx.after_commit.append(lesson)
                 status = hd.status(name)
-                if status and status.notify_requester:
+                # The requester never heard of the close as spam: no "changed from closed".
+                if status and status.notify_requester and not was_spam:
                     ctx.effects.append(("status", {"old": old}))
         elif c.name in ("priority", "category", "tier"):
             choices = {"priority": hd.priorities, "category": hd.categories,
@@ -632,13 +636,7 @@ def apply_commands(ctx: Context, ticket: Ticket, cmds: ParsedCommands,
             ticket = merge_tickets(ctx, ticket, int(c.arg.lstrip("#")))
             changes.append(f"merged #{source} into #{ticket.number}")
         elif c.name == "spam":
-            if ticket.from_spam:
-                # Both agents got the new-ticket notice: the second #spam must not count it twice.
-                changes.append("already marked as spam: nothing learned again")
-                continue
-            learned = mark_spam(ctx, ticket)
-            changes.append("marked as spam and closed; " + (
-                "the spam filter learned its first message" if learned else "spam filter off: nothing learned"))
+            changes.append(mark_spam(ctx, ticket))
         elif c.name == "requester":
             pass  # handled by open_on_behalf before we get here
     if top_canned:
@@ -699,46 +697,76 @@ def filter_taught(session: Session, ticket: Ticket, first: Message) -> str | Non
         Event.new == "learned").order_by(Event.id.desc())).first()  # type: ignore[union-attr]
     if latest is not None:
         return "spam" if latest.action == "spam" else "ham"
-    if "released from quarantine" in first.rule_hits:
-        return "ham"  # the release taught it
-    return None
+    return "ham" if released_from_quarantine(first.rule_hits) else None
 
 
-def teach_filter(rt: Runtime, session: Session, ticket: Ticket, is_spam: bool) -> Callable[[], bool] | None:
-    """The deferred lesson about the ticket's first message, or None when there is nothing to
-    teach (no raw bytes, filter off). Run it only once the change is committed: a rolled-back,
+def released_from_quarantine(rule_hits: str) -> bool:
+    """Did the spam step let this message through as released (whose release taught it as
+    ham)? Read from that step's own hit: the sender's address and subject are in the hits
+    too, and a sender may write anything there."""
+    try:
+        hits = json.loads(rule_hits or "[]")
+    except ValueError:
+        return False
+    return isinstance(hits, list) and any(
+        isinstance(h, dict) and h.get("step") == "spam"
+        and str(h.get("reason", "")).startswith("released from quarantine") for h in hits)
+
+
+def teach_filter(rt: Runtime, session: Session, ticket: Ticket,
+                 is_spam: bool) -> tuple[Callable[[], bool] | None, str]:
+    """The deferred lesson about the ticket's first message (None: nothing to teach) and what
+    the change line says of it. Run it only once the change is committed: a rolled-back,
     retried transaction must not teach the filter the same message twice."""
-    first = first_inbound_message(session, ticket)
+    kind = "spam" if is_spam else "ham"
     # With [spam] enabled = false there is no model: the status change still works.
-    if first is None or not first.raw_sha256 or rt.spam_model() is None:
-        return None
+    if rt.spam_model() is None:
+        return None, "spam filter off: nothing learned"
+    first = first_inbound_message(session, ticket)
+    if first is None or not first.raw_sha256:
+        return None, "no incoming message to learn from"
+    taught = filter_taught(session, ticket, first)
+    if taught == kind:
+        # Taught so before, and not undone since (the filter was off when it was undone).
+        return None, f"the spam filter already counts its first message as {kind}"
     raw = rt.blobs.get(first.raw_sha256)
-    relabel = filter_taught(session, ticket, first) == ("ham" if is_spam else "spam")
-    return lambda: rt.learn_spam(raw, is_spam, relabel=relabel)
+    relabel = taught is not None
+    return (lambda: rt.learn_spam(raw, is_spam, relabel=relabel),
+            "the spam filter learned its first message" + ("" if is_spam else " as ham"))
 
 
-def mark_spam(ctx: Context, ticket: Ticket) -> bool:
-    """Close as spam and teach the filter the ticket's first message; True if it learned."""
-    lesson = teach_filter(ctx.rt, ctx.session, ticket, True)
+def _set_from_spam(session: Session, ticket: Ticket, value: bool) -> bool:
+    """Flip the ticket's spam mark if it is not so already; False if it was. One conditional
+    UPDATE: two agents (or an agent and the CLI) on two instances flip it, and teach, once."""
+    changed = session.exec(update(Ticket).where(  # type: ignore[call-overload]
+        Ticket.number == ticket.number, Ticket.from_spam == (not value)).values(from_spam=value))
+    return bool(changed.rowcount)
+
+
+def mark_spam(ctx: Context, ticket: Ticket) -> str:
+    """Close as spam and teach the filter the ticket's first message; the change line."""
+    if not _set_from_spam(ctx.session, ticket, True):
+        # Both agents got the new-ticket notice: the second #spam must not count it twice.
+        return "already marked as spam: nothing learned again"
+    lesson, said = teach_filter(ctx.rt, ctx.session, ticket, True)
     if lesson is not None:
         ctx.after_commit.append(lesson)
-    ticket.from_spam = True
     actor = ctx.agent.email if ctx.agent else "system"
     set_status(ctx.rt, ctx.session, ticket, first_status(ctx.rt, "closed").name, actor)
     add_event(ctx.session, ticket, actor, "spam", None, "learned" if lesson else "closed")
-    return lesson is not None
+    return "marked as spam and closed; " + said
 
 
-def unmark_spam(rt: Runtime, session: Session, ticket: Ticket, actor: str) -> tuple[str, Callable[[], bool] | None]:
+def unmark_spam(rt: Runtime, session: Session, ticket: Ticket,
+                actor: str) -> tuple[str | None, Callable[[], bool] | None]:
     """A ticket closed as spam was reopened: it was not spam after all. Its requester counts
-    as known again and hears of it as of any ticket; the filter learns its first message as
-    ham instead of spam. The change line and the deferred lesson (see teach_filter)."""
-    lesson = teach_filter(rt, session, ticket, False)
-    ticket.from_spam = False
+    as known again; the filter learns its first message as ham instead of spam. The change
+    line (None if another agent undid it first) and the deferred lesson (see teach_filter)."""
+    if not _set_from_spam(session, ticket, False):
+        return None, None
+    lesson, said = teach_filter(rt, session, ticket, False)
     add_event(session, ticket, actor, "not spam", None, "learned" if lesson else "kept")
-    return ("no longer marked as spam; " + (
-        "the spam filter learned its first message as ham" if lesson else "spam filter off: nothing learned"),
-        lesson)
+    return "no longer marked as spam; " + said, lesson
 
 
 def record_bounce(ctx: Context) -> None:
