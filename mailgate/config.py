@@ -341,7 +341,7 @@ def settings_from_dict(data: dict[str, Any], *, base: Path, path: Path | None = 
     helpdesk = _helpdesk(root.sub("helpdesk"), base)
     agents = _agents(root, helpdesk)
     imap = _imap(root, helpdesk, base)
-    spam = _spam(root.sub("spam"), base)
+    spam = _spam(root.sub("spam"), base, helpdesk)
     sla = _sla(root.sub("sla"), helpdesk)
     assignment = _assignment(root, helpdesk, agents)
     log_sec = root.sub("log")
@@ -559,7 +559,7 @@ def _imap(root: _Section, helpdesk: HelpdeskSettings, base: Path) -> tuple[ImapA
     return tuple(out)
 
 
-def _spam(sec: _Section, base: Path) -> SpamSettings:
+def _spam(sec: _Section, base: Path, helpdesk: HelpdeskSettings) -> SpamSettings:
     threshold = sec.get("threshold", float, 0.9)
     if not 0.0 < threshold <= 1.0:
         raise ConfigError(f"spam.threshold: must be in (0, 1], got {threshold}")
@@ -579,6 +579,10 @@ def _spam(sec: _Section, base: Path) -> SpamSettings:
         digest_hours=digest_hours,
         digest_to=tuple(_check_address("spam.digest_to", a) for a in sec.str_list("digest_to")),
     )
+    for address in s.digest_to:
+        if address in helpdesk.all_addresses:
+            # The list would come straight back in as mail, its #release lines and all.
+            raise ConfigError(f"spam.digest_to: {address} is one of the help desk's own addresses")
     sec.finish()
     return s
 

@@ -27,6 +27,11 @@ def reply_token(secret: str, ticket_number: int, recipient: str) -> str:
     return _mac(secret, "reply", str(ticket_number), recipient.lower())
 
 
+# The quarantine digest's Reply-To carries a token for this number, which no ticket has:
+# it proves an admin's #release reply as a ticket token proves a reply to a notice.
+QUARANTINE_REPLY_NUMBER = 0
+
+
 def reply_address(base_address: str, secret: str, ticket_number: int, recipient: str) -> str:
     local, domain = base_address.split("@", 1)
     return f"{local}+{ticket_number}-{reply_token(secret, ticket_number, recipient)}@{domain}"

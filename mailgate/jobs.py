@@ -11,7 +11,7 @@ from sqlalchemy import func, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
-from mailgate.domain import one_line
+from mailgate.domain import QUARANTINE_REPLY_NUMBER, one_line
 from mailgate.runtime import Runtime
 from mailgate.spool import holder_is_dead
 from mailgate.store.engine import as_utc, iso, session_scope, utcnow
@@ -127,7 +127,8 @@ def send_quarantine_digest(rt: Runtime) -> int:
         extra = {"held": held, "total": len(unreported), "more": len(unreported) - len(held),
                  "threshold": spam.threshold, "retention_days": spam.retention_days}
         for to in recipients:
-            notify.send(rt, session, ticket=None, template=DIGEST_TEMPLATE, to=to, extra=extra, guard=False)
+            notify.send(rt, session, ticket=None, template=DIGEST_TEMPLATE, to=to, extra=extra, guard=False,
+                        reply_number=QUARANTINE_REPLY_NUMBER)
     log.info("quarantine digest: %d message(s) to %s", len(unreported), ", ".join(recipients))
     return len(unreported)
 

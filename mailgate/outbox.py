@@ -84,9 +84,11 @@ def _header_text(value: str) -> str:
 def compose(settings: Settings, *, to: str, subject: str, text: str, html: str | None,
             message_id: str, ticket_number: int | None, in_reply_to: str | None = None,
             references: Sequence[str] = (), automatic: bool = True,
-            from_name: str | None = None, cc: Sequence[str] = (), reply_base: str | None = None) -> bytes:
+            from_name: str | None = None, cc: Sequence[str] = (), reply_base: str | None = None,
+            reply_number: int | None = None) -> bytes:
     """The wire bytes of one outgoing mail. reply_base: whose plus form the Reply-To is
-    (default the support address; the comment address for notes).
+    (default the support address; the comment address for notes). reply_number: the number
+    the Reply-To token is for, when the mail is about no ticket (the quarantine digest).
 
     Written directly rather than through the email package's generator (which cost about
     1 ms per mail, most of the work process's time for a notice): Message-ID, In-Reply-To
@@ -105,8 +107,9 @@ def compose(settings: Settings, *, to: str, subject: str, text: str, html: str |
         ("Date", format_datetime(utcnow())),
         ("Message-ID", f"<{message_id}>"),
     ]
-    if ticket_number is not None:
-        headers.append(("Reply-To", reply_address(reply_base or hd.address, hd.secret_key, ticket_number, to)))
+    token_number = ticket_number if ticket_number is not None else reply_number
+    if token_number is not None:
+        headers.append(("Reply-To", reply_address(reply_base or hd.address, hd.secret_key, token_number, to)))
     refs = [r for r in dict.fromkeys(references) if _MSGID_RE.match(r)][-10:]
     if in_reply_to and _MSGID_RE.match(in_reply_to):
         headers.append(("In-Reply-To", f"<{in_reply_to}>"))
@@ -145,7 +148,8 @@ def _header_line(name: str, value: str) -> str:
 def enqueue(session: Session, settings: Settings, renderer: Renderer, *, template: str, to: str,
             context: dict[str, Any], ticket_number: int | None, in_reply_to: str | None = None,
             references: Sequence[str] = (), automatic: bool = True,
-            from_name: str | None = None, reply_base: str | None = None) -> tuple[int, OutgoingMail]:
+            from_name: str | None = None, reply_base: str | None = None,
+            reply_number: int | None = None) -> tuple[int, OutgoingMail]:
     """Render `template` for one recipient and queue it in the caller's transaction; returns
     the outbox row's id. The row is written with a Core INSERT on the session's connection:
     it is never used as an object here, and an ORM object cost several times the row."""
@@ -154,7 +158,8 @@ def enqueue(session: Session, settings: Settings, renderer: Renderer, *, templat
     rendered = renderer.render_mail(template, {**context, "recipient": to})
     raw = compose(settings, to=to, subject=rendered.subject, text=rendered.text, html=rendered.html,
                   message_id=message_id, ticket_number=ticket_number, in_reply_to=in_reply_to,
-                  references=references, automatic=automatic, from_name=from_name, reply_base=reply_base)
+                  references=references, automatic=automatic, from_name=from_name, reply_base=reply_base,
+                  reply_number=reply_number)
     now = utcnow()
     inserted = session.connection().execute(_INSERT_OUTBOX, {
         "ticket_id": ticket_number, "message_id": message_id, "template": template,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import update
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from mailgate.runtime import Runtime
 from mailgate.store.engine import iso, session_scope
@@ -46,28 +46,38 @@ class Released:
     learned: bool = False
 
 
-def release(rt: Runtime, inbound_id: int) -> Released:
-    """Take one message out of the quarantine: learn it as ham and queue it for ticketing.
+def take_out(session: Session, inbound_id: int) -> tuple[Inbound | None, str]:
+    """Mark one held message released and queue it, in the caller's transaction: the row,
+    or None and why not. One conditional UPDATE, so two people releasing the same message
+    at once (the CLI, or an admin's #release by mail) release it once."""
+    row = session.get(Inbound, inbound_id)
+    if row is None:
+        return None, "no such message"
+    if row.outcome != QUARANTINED:
+        return None, f"not in quarantine (outcome {row.outcome or row.state})"
+    changed = session.exec(update(Inbound).where(  # type: ignore[call-overload]
+        Inbound.id == inbound_id, Inbound.outcome == QUARANTINED).values(
+        outcome=RELEASED, state="queued", attempts=0, next_attempt_at=None, claimed_by=None,
+        claimed_at=None, last_error=None))
+    if not changed.rowcount:
+        return None, "released by someone else, or purged, meanwhile"
+    return row, ""
 
-    The state change is one conditional UPDATE, so two operators releasing the same
-    message at once release (and teach) it once.
-    """
-    with session_scope(rt.engine) as session:
-        row = session.get(Inbound, inbound_id)
-        if row is None:
-            return Released(inbound_id, False, "no such message")
-        if row.outcome != QUARANTINED:
-            return Released(inbound_id, False, f"not in quarantine (outcome {row.outcome or row.state})")
-        sha = row.raw_sha256
-        changed = session.exec(update(Inbound).where(  # type: ignore[call-overload]
-            Inbound.id == inbound_id, Inbound.outcome == QUARANTINED).values(
-            outcome=RELEASED, state="queued", attempts=0, next_attempt_at=None, claimed_by=None,
-            claimed_at=None, last_error=None))
-        if not changed.rowcount:
-            return Released(inbound_id, False, "released by someone else, or purged, meanwhile")
-    learned = False
+
+def learn_released(rt: Runtime, inbound_id: int, raw_sha256: str) -> bool:
+    """Teach the model a released message as ham (after the release is committed)."""
     try:
-        learned = rt.learn_spam(rt.blobs.get(sha), False)
+        return rt.learn_spam(rt.blobs.get(raw_sha256), False)
     except Exception as exc:  # the release itself must not fail on the model: the mail matters more
         log.error("inbound %s released but not learned as ham: %s: %s", inbound_id, type(exc).__name__, exc)
-    return Released(inbound_id, True, "", learned)
+        return False
+
+
+def release(rt: Runtime, inbound_id: int) -> Released:
+    """Take one message out of the quarantine: learn it as ham and queue it for ticketing."""
+    with session_scope(rt.engine) as session:
+        row, why_not = take_out(session, inbound_id)
+        if row is None:
+            return Released(inbound_id, False, why_not)
+        sha = row.raw_sha256
+    return Released(inbound_id, True, "", learn_released(rt, inbound_id, sha))

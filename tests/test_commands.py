@@ -126,3 +126,24 @@ def test_every_error_of_a_message_is_reported() -> None:
 def test_find_choice() -> None:
     assert find_choice("ON-HOLD", RULES.statuses) == "on-hold"
     assert find_choice("x", RULES.statuses) is None
+
+
+def test_release_ids() -> None:
+    from mailgate.ingest.commands import release_ids
+
+    assert release_ids("17") == [17]
+    assert release_ids("#17, #18;19  17") == [17, 18, 19]
+    assert release_ids("17 and 18") is None and release_ids("") is None and release_ids("1" * 13) is None
+
+
+def test_release_from_a_reply_to_the_quarantine_list() -> None:
+    held = CommandRules(**{**ADMIN.__dict__, "ticket": None, "owner": None, "quarantined": frozenset({17, 18})})
+    assert errors("#release 17 18\n#release #17", held, has_ticket=False) == []
+    assert errors("#release 17, 19", held, has_ticket=False) == ["#release 17, 19: not in the quarantine: 19"]
+    assert "takes the ids of held messages" in errors("#release all", held, has_ticket=False)[0]
+    agent = CommandRules(**{**held.__dict__, "author": "bob@example.com", "author_is_admin": False})
+    assert errors("#release 17", agent, has_ticket=False) == ["#release 17: only an admin may release held mail"]
+    # Only by itself, and only without a ticket: held mail is not a ticket.
+    assert errors("#release 17\n#priority high", held, has_ticket=False) == [
+        "#priority high: cannot be combined with #release"]
+    assert "not to a ticket's notice" in errors("#release 17", held)[0]

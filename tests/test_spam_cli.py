@@ -394,7 +394,8 @@ def test_quarantine_digest_lists_held_mail_once_lowest_score_first(workdir: Path
     assert body.startswith("2 messages to support@example.com scored 0.9 or more as spam")
     assert body.index("invoice@example.net") < body.index("pills@example.net")  # lowest score first
     assert "score 0.930" in body and "Subject: Invoice" in body and "Released" not in body
-    assert "mailgate spam quarantine release ID" in body and "deleted after 30 days" in body
+    assert "\r\n#release " in body and "mailgate spam quarantine release ID" in body
+    assert "deleted after\r\n30 days" in body
 
     hold("Lottery\x1b]52;c;aGk=\x07\u202e", 0.97)
     assert send_quarantine_digest(rt) == 0  # the next one is due in 24 hours
@@ -444,6 +445,8 @@ def test_quarantine_digest_recipients_and_switch(workdir: Path) -> None:
     ("digest_hours = -1", "spam.digest_hours: must be 0 (no digest) or more, got -1.0"),
     ('digest_to = ["not an address"]', "spam.digest_to: not an email address: 'not an address'"),
     ('digest_to = "alice@example.com"', "spam.digest_to: expected list, got 'alice@example.com'"),
+    ('digest_to = ["Support@Example.com"]',
+     "spam.digest_to: support@example.com is one of the help desk's own addresses"),
 ])
 def test_quarantine_digest_bad_config(workdir: Path, line: str, message: str) -> None:
     proc = cli(write_config(workdir, spam_enabled=True, spam_extra=line), "spam", "quarantine", "list",

@@ -306,8 +306,32 @@ def test_the_admins_get_a_digest_of_held_mail(workdir: Path, corpus: Path) -> No
         body = digest.get_body(("plain",)).get_content()
         assert f"#{held['id']}  score " in body and f"From:    {SPAMMER}" in body
         assert "Subject: GET IN AT THE TOP!" in body
-        assert digest["Auto-Submitted"] == "auto-replied" and digest["Reply-To"] is None
+        assert digest["Auto-Submitted"] == "auto-replied"
         time.sleep(8)  # two more passes of the job: nothing new was held, so no new list
         assert [str(m["To"]) for m in d.sent()] == ["alice@example.com"]  # bob is no admin
+
+        # Alice releases it by replying to the list. The same words sent to the support
+        # address without the list's reply token could come from anyone: refused.
+        eml = workdir / "spam.eml"
+        eml.write_bytes(corpus_spam(corpus))
+        before = score(d, eml)
+        d.send(mail(sender="Alice <alice@example.com>", subject=f"Re: {digest['Subject']}",
+                    body=f"#release {held['id']}\n"), sender="alice@example.com")
+        spoofed = wait_until(lambda: [m for m in d.sent_to("alice@example.com") if "Refused" in str(m["Subject"])])
+        assert "sent in your name" in str(spoofed[0]["Subject"]) and quarantine(d) == [held]
+
+        reply_to = str(digest["Reply-To"])
+        assert reply_to.startswith("support+0-")
+        d.send(mail(sender="Alice <alice@example.com>", to=reply_to, subject=f"Re: {digest['Subject']}",
+                    body=f"#release {held['id']}\n", headers={"In-Reply-To": str(digest["Message-ID"])}),
+               sender="alice@example.com", recipients=[reply_to])
+        [ticket] = wait_until(lambda: d.tickets())
+        assert ticket["requester"] == SPAMMER and quarantine(d) == []
+        result = wait_until(lambda: [m for m in d.sent_to("alice@example.com")
+                                     if "released #" in m.get_body(("plain",)).get_content()])[0]
+        assert f"released #{held['id']} from {SPAMMER} (GET IN AT THE TOP!)" in result.get_body(
+            ("plain",)).get_content()
+        assert wait_until(lambda: d.sent_to(SPAMMER))  # its confirmation, as for any new ticket
+        assert wait_until(lambda: score(d, eml) < before)  # learned as ham
     finally:
         d.stop()

@@ -12,16 +12,17 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from sqlalchemy import bindparam, func, insert, update
 from sqlmodel import Session, select
 
 from mailgate.config import AssignmentRule, StatusDef
-from mailgate.domain import base_address
+from mailgate.domain import base_address, one_line
 from mailgate.ingest import notify
-from mailgate.ingest.commands import CommandRules, ParsedCommands, find_choice, validate
+from mailgate.ingest.commands import CommandRules, ParsedCommands, find_choice, release_ids, validate
 from mailgate.ingest.stop import Stop
+from mailgate.quarantine import learn_released, take_out
 from mailgate.runtime import Runtime
 from mailgate.sla import add_business_time, business_time_between, tier_for_address
 from mailgate.store.engine import as_utc, insert_object, utcnow
@@ -29,6 +30,7 @@ from mailgate.store.tables import (
     Attachment,
     Contact,
     Event,
+    Inbound,
     Message,
     Outbox,
     Participant,
@@ -432,7 +434,7 @@ def open_on_behalf(ctx: Context) -> None:
     assert agent is not None and cmds is not None
     errors = validate(cmds, command_rules(ctx, None), has_ticket=False)
     requester = cmds.get("requester")
-    if not errors and requester is None:
+    if not errors and requester is None and not cmds.has("release"):
         errors = ["this message names no ticket: reply to a notice, or use #requester EMAIL to open one"]
     if errors:
         # There is no ticket to keep the words on: the mail stays listable as screened.
@@ -440,11 +442,37 @@ def open_on_behalf(ctx: Context) -> None:
                     in_reply_to=ctx.msg.message_id,
                     extra={"errors": errors, "changes": [], "collision": None, "subject": ctx.msg.subject})
         raise Stop("screened", "agent commands without a ticket refused: " + "; ".join(errors))
+    if cmds.has("release"):
+        release_by_mail(ctx)
     assert requester is not None
     ticket = create_ticket(ctx, requester=requester.arg.lower(), requester_name="",
                            subject=ctx.msg.subject, actor=agent.email, owner=agent.email)
     ctx.ticket = ticket
     agent_message(ctx, validated=True)
+
+
+def release_by_mail(ctx: Context) -> NoReturn:
+    """An admin's reply to the quarantine digest: #release IDS. Each message is released as by
+    `spam quarantine release` (queued to become a ticket, learned as ham once this commits);
+    the admin gets the result, and the reply itself is kept as screened."""
+    agent, cmds = ctx.agent, ctx.commands
+    assert agent is not None and cmds is not None
+    ids = [i for c in cmds.commands if c.name == "release" for i in release_ids(c.arg) or ()]
+    changes: list[str] = []
+    for inbound_id in dict.fromkeys(ids):
+        row, why_not = take_out(ctx.session, inbound_id)
+        if row is None:  # validated a moment ago: released by someone else since
+            changes.append(f"#{inbound_id}: {why_not}")
+            continue
+        changes.append(f"released #{inbound_id} from {row.from_addr or 'an unknown sender'} "
+                       f"({one_line(row.subject or '', 80) or 'no subject'}): it becomes a ticket as usual, "
+                       "and the spam filter learns it as ham")
+        sha = row.raw_sha256
+        ctx.after_commit.append(lambda i=inbound_id, sha=sha: learn_released(ctx.rt, i, sha))
+    notify.send(ctx.rt, ctx.session, ticket=None, template="agent/result", to=agent.email,
+                in_reply_to=ctx.msg.message_id,
+                extra={"errors": [], "changes": changes, "collision": None, "subject": ctx.msg.subject})
+    raise Stop("screened", f"{agent.email}: #release {' '.join(map(str, dict.fromkeys(ids)))}")
 
 
 def command_rules(ctx: Context, ticket: Ticket | None) -> CommandRules:
@@ -460,6 +488,9 @@ def command_rules(ctx: Context, ticket: Ticket | None) -> CommandRules:
             target = session.get(Ticket, int(c.arg.lstrip("#")))
             if target is not None and target.merged_into is None:
                 merge_targets.add(target.number)  # type: ignore[arg-type]
+    asked = [i for c in cmds.commands if c.name == "release" for i in release_ids(c.arg) or ()] if cmds else []
+    held = session.exec(select(Inbound.id).where(
+        Inbound.id.in_(asked), Inbound.outcome == "quarantined")).all() if asked else []  # type: ignore[union-attr]
     ccs = session.exec(select(Participant.email).where(
         Participant.ticket_id == ticket.number, Participant.role == "cc")).all() if ticket else []
     return CommandRules(
@@ -468,7 +499,8 @@ def command_rules(ctx: Context, ticket: Ticket | None) -> CommandRules:
         agents=[a.email for a in s.agents], canned=canned, author=ctx.agent.email,
         author_is_admin=ctx.agent.role == "admin", owner=ticket.owner if ticket else None,
         ticket=ticket.number if ticket else None, merge_targets=frozenset(merge_targets),
-        own_addresses=frozenset(s.helpdesk.all_addresses), ccs=frozenset(ccs))
+        own_addresses=frozenset(s.helpdesk.all_addresses), ccs=frozenset(ccs),
+        quarantined=frozenset(i for i in held if i is not None))
 
 
 def render_canned(ctx: Context, ticket: Ticket, cmds: ParsedCommands) -> tuple[dict[str, str], list[str]]:

@@ -19,10 +19,11 @@ from mailgate.domain import base_address
 KNOWN: dict[str, bool] = {
     "status": True, "priority": True, "category": True, "assign": True, "assist": True,
     "tier": True, "note": False, "spam": False, "merge": True, "canned": True,
-    "requester": True, "cc": True, "uncc": True,
+    "requester": True, "cc": True, "uncc": True, "release": True,
 }
 # Commands that may sensibly appear more than once in one message.
-REPEATABLE = frozenset({"cc", "uncc", "assist", "canned"})
+REPEATABLE = frozenset({"cc", "uncc", "assist", "canned", "release"})
+_RELEASE_IDS = re.compile(r"#?(\d{1,12})")
 _LINE = re.compile(r"^#([A-Za-z][A-Za-z_-]*)(?:[ \t]+(.*))?$")
 _INLINE_CANNED = re.compile(r"^[ \t]*#canned[ \t]+(\S+)[ \t]*$", re.IGNORECASE)
 # Dot-separated labels: with "." also inside the classes, a domain of many dots and no end
@@ -107,6 +108,15 @@ def parse_commands(text: str) -> ParsedCommands:
     return ParsedCommands(tuple(commands), body, tuple(errors))
 
 
+def release_ids(arg: str) -> list[int] | None:
+    """'17 18', '#17, #18' -> [17, 18]; None if anything else is in the way."""
+    words = [w for w in re.split(r"[\s,;]+", arg) if w]
+    matches = [_RELEASE_IDS.fullmatch(w) for w in words]
+    if not words or not all(matches):
+        return None
+    return list(dict.fromkeys(int(m.group(1)) for m in matches if m))
+
+
 def find_choice(value: str, choices: Sequence[str]) -> str | None:
     """The configured spelling of `value`, matched without regard to case."""
     folded = value.casefold()
@@ -130,6 +140,7 @@ class CommandRules:
     merge_targets: Collection[int] = field(default_factory=frozenset)  # tickets that exist, unmerged
     own_addresses: Collection[str] = field(default_factory=frozenset)  # the help desk's addresses
     ccs: Collection[str] = field(default_factory=frozenset)  # the ticket's CC participants
+    quarantined: Collection[int] = field(default_factory=frozenset)  # #release ids still held
 
 
 def validate(parsed: ParsedCommands, rules: CommandRules, *, has_ticket: bool) -> list[str]:
@@ -184,10 +195,28 @@ def validate(parsed: ParsedCommands, rules: CommandRules, *, has_ticket: bool) -
                 errors.append(f"{c.line}: a ticket cannot be merged into itself")
             elif int(digits) not in rules.merge_targets:
                 errors.append(f"{c.line}: there is no open ticket #{digits} to merge into")
+        elif c.name == "release":
+            ids = release_ids(arg)
+            if ids is None:
+                errors.append(f"{c.line}: #release takes the ids of held messages, as the quarantine list shows them")
+            elif not rules.author_is_admin:
+                errors.append(f"{c.line}: only an admin may release held mail")
+            else:
+                missing = [str(i) for i in ids if i not in rules.quarantined]
+                if missing:
+                    errors.append(f"{c.line}: not in the quarantine: {', '.join(missing)}")
         elif c.name == "canned" and arg not in rules.canned:
             known = ", ".join(rules.canned) or "none are installed"
             errors.append(f"{c.line}: no canned answer {arg!r}; known: {known}")
-    if not has_ticket and not parsed.has("requester"):
+    if parsed.has("release"):
+        # Held mail is not a ticket: a reply to the quarantine digest carries only #release.
+        other = [c.line for c in parsed.commands if c.name != "release"]
+        if has_ticket:
+            errors.append(f"{parsed.get('release').line}: #release is a reply to the quarantine list, "  # type: ignore[union-attr]
+                          "not to a ticket's notice")
+        elif other:
+            errors.append(f"{other[0]}: cannot be combined with #release")
+    elif not has_ticket and not parsed.has("requester"):
         ticket_only = [c.line for c in parsed.commands if c.name not in ("note", "canned", "cc")]
         if ticket_only:
             errors.append(f"{ticket_only[0]}: this message names no ticket (reply to a notice, "

@@ -121,7 +121,7 @@ def send(rt: Runtime, session: Session, *, ticket: Ticket | None, template: str,
          in_reply_to: str | None = None, automatic: bool = True, from_name: str | None = None,
          record_kind: str | None = None, hits: list[dict[str, Any]] | None = None,
          reply_base: str | None = None, guard: bool | None = None,
-         references: Sequence[str] | None = None) -> int | None:
+         references: Sequence[str] | None = None, reply_number: int | None = None) -> int | None:
     """Queue one mail about `ticket` (None: about no ticket) to `to`; its outbox row id,
     or None if the loop guard held it back.
 
@@ -129,7 +129,8 @@ def send(rt: Runtime, session: Session, *, ticket: Ticket | None, template: str,
     plus form goes into Reply-To instead of the support address (the comment
     address for notes, so that answering a note is a note again). guard: apply the
     per-recipient loop guard (default: to automatic mail for anyone but an agent).
-    references: the ticket's thread_ids, when the caller already has them.
+    references: the ticket's thread_ids, when the caller already has them. reply_number:
+    see outbox.compose.
     """
     if is_requester_template(template) and message is not None and message.kind != "public":
         # Defence in depth: callers only ever pass public messages here; if one ever
@@ -155,7 +156,8 @@ def send(rt: Runtime, session: Session, *, ticket: Ticket | None, template: str,
                         ticket_number=number, in_reply_to=in_reply_to,
                         references=references if references is not None
                         else thread_ids(session, ticket) if ticket is not None else (),
-                        automatic=automatic, from_name=from_name, reply_base=reply_base)
+                        automatic=automatic, from_name=from_name, reply_base=reply_base,
+                        reply_number=reply_number)
     if guarded:
         # Appended with Core, like the outbox row: only ever counted, never an object.
         session.connection().execute(_INSERT_AUTO_REPLY, {"recipient": to, "sent_at": utcnow()})
