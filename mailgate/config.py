@@ -16,6 +16,8 @@ from datetime import date, time
 from pathlib import Path
 from typing import Any
 
+from mailgate.domain import base_address
+
 DEFAULT_CONFIG_PATH = Path("/etc/mailgate/config.toml")
 
 _ADDRESS_RE = re.compile(r"^[^@\s<>()\[\],;:\"]+@[A-Za-z0-9.-]+\.[A-Za-z0-9-]+$|^[^@\s]+@localhost$")
@@ -580,7 +582,7 @@ def _spam(sec: _Section, base: Path, helpdesk: HelpdeskSettings) -> SpamSettings
         digest_to=tuple(_check_address("spam.digest_to", a) for a in sec.str_list("digest_to")),
     )
     for address in s.digest_to:
-        if address in helpdesk.all_addresses:
+        if base_address(address) in helpdesk.all_addresses:
             # The list would come straight back in as mail, its #release lines and all.
             raise ConfigError(f"spam.digest_to: {address} is one of the help desk's own addresses")
     sec.finish()

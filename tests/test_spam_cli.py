@@ -447,6 +447,8 @@ def test_quarantine_digest_recipients_and_switch(workdir: Path) -> None:
     ('digest_to = "alice@example.com"', "spam.digest_to: expected list, got 'alice@example.com'"),
     ('digest_to = ["Support@Example.com"]',
      "spam.digest_to: support@example.com is one of the help desk's own addresses"),
+    ('digest_to = ["support+digest@example.com"]',
+     "spam.digest_to: support+digest@example.com is one of the help desk's own addresses"),
 ])
 def test_quarantine_digest_bad_config(workdir: Path, line: str, message: str) -> None:
     proc = cli(write_config(workdir, spam_enabled=True, spam_extra=line), "spam", "quarantine", "list",

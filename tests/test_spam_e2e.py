@@ -333,5 +333,24 @@ def test_the_admins_get_a_digest_of_held_mail(workdir: Path, corpus: Path) -> No
             ("plain",)).get_content()
         assert wait_until(lambda: d.sent_to(SPAMMER))  # its confirmation, as for any new ticket
         assert wait_until(lambda: score(d, eml) < before)  # learned as ham
+        assert str(result["Reply-To"]).startswith("support+0-")  # a correction may answer it
+
+        # The list's token proves a #release and nothing else: not a command on a ticket
+        # named by its tag, not a ticket on someone's behalf, and no ticket from prose.
+        def reply_to_list(subject: str, body: str) -> str:
+            seen = len(d.sent_to("alice@example.com"))
+            d.send(mail(sender="Alice <alice@example.com>", to=reply_to, subject=subject, body=body),
+                   sender="alice@example.com", recipients=[reply_to])
+            wait_until(lambda: len(d.sent_to("alice@example.com")) > seen)
+            return d.sent_to("alice@example.com")[-1].get_body(("plain",)).get_content()
+
+        number = ticket["number"]
+        assert "#status closed: only #release is read in a reply to the quarantine list" in reply_to_list(
+            f"[EXAMPLE #{number}] Re: list", "#status closed\n")
+        assert "only #release is read" in reply_to_list("Re: list", "#requester victim@evil.example\nHello")
+        assert "no #release line at the top of your reply" in reply_to_list("Re: list", "Thanks, looks fine.")
+        d.wait_idle()
+        assert [(t["number"], t["status"]) for t in d.tickets()] == [(number, ticket["status"])]
+        assert not d.sent_to("victim@evil.example")
     finally:
         d.stop()

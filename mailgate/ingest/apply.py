@@ -18,7 +18,7 @@ from sqlalchemy import bindparam, func, insert, update
 from sqlmodel import Session, select
 
 from mailgate.config import AssignmentRule, StatusDef
-from mailgate.domain import base_address, one_line
+from mailgate.domain import QUARANTINE_REPLY_NUMBER, base_address, one_line
 from mailgate.ingest import notify
 from mailgate.ingest.commands import CommandRules, ParsedCommands, find_choice, release_ids, validate
 from mailgate.ingest.stop import Stop
@@ -386,7 +386,8 @@ def new_ticket_from_message(ctx: Context) -> None:
         raise Stop("screened", f"{verdict.reason}; matches no ticket")
     if not ctx.sender:
         raise Stop("screened", "no sender address")
-    if ctx.agent is not None and ctx.commands is not None and (ctx.commands.commands or ctx.commands.errors):
+    if ctx.agent is not None and ctx.commands is not None and (
+            ctx.commands.commands or ctx.commands.errors or ctx.release_only):
         open_on_behalf(ctx)
         return
     cap = ctx.rt.settings.helpdesk.new_tickets_per_sender_per_hour
@@ -434,12 +435,20 @@ def open_on_behalf(ctx: Context) -> None:
     assert agent is not None and cmds is not None
     errors = validate(cmds, command_rules(ctx, None), has_ticket=False)
     requester = cmds.get("requester")
-    if not errors and requester is None and not cmds.has("release"):
+    if ctx.release_only:
+        # Proven by the quarantine list's token, which vouches for #release and nothing more.
+        other = [c.line for c in cmds.commands if c.name != "release"]
+        if other:
+            errors = [f"{other[0]}: only #release is read in a reply to the quarantine list"]
+        elif not cmds.commands and not errors:
+            errors = ["no #release line at the top of your reply: nothing was released "
+                      "(write #release and the ids from the list)"]
+    elif not errors and requester is None and not cmds.has("release"):
         errors = ["this message names no ticket: reply to a notice, or use #requester EMAIL to open one"]
     if errors:
         # There is no ticket to keep the words on: the mail stays listable as screened.
         notify.send(ctx.rt, ctx.session, ticket=None, template="agent/result", to=agent.email,
-                    in_reply_to=ctx.msg.message_id,
+                    in_reply_to=ctx.msg.message_id, reply_number=_release_reply_number(ctx),
                     extra={"errors": errors, "changes": [], "collision": None, "subject": ctx.msg.subject})
         raise Stop("screened", "agent commands without a ticket refused: " + "; ".join(errors))
     if cmds.has("release"):
@@ -449,6 +458,15 @@ def open_on_behalf(ctx: Context) -> None:
                            subject=ctx.msg.subject, actor=agent.email, owner=agent.email)
     ctx.ticket = ticket
     agent_message(ctx, validated=True)
+
+
+def _release_reply_number(ctx: Context) -> int | None:
+    """A result about #release carries the quarantine list's token: the admin may correct
+    the command by replying to it."""
+    cmds = ctx.commands
+    if ctx.release_only or (cmds is not None and cmds.has("release")):
+        return QUARANTINE_REPLY_NUMBER
+    return None
 
 
 def release_by_mail(ctx: Context) -> NoReturn:
@@ -464,13 +482,13 @@ def release_by_mail(ctx: Context) -> NoReturn:
         if row is None:  # validated a moment ago: released by someone else since
             changes.append(f"#{inbound_id}: {why_not}")
             continue
-        changes.append(f"released #{inbound_id} from {row.from_addr or 'an unknown sender'} "
+        changes.append(f"released #{inbound_id} from {one_line(row.from_addr or '', 320) or 'an unknown sender'} "
                        f"({one_line(row.subject or '', 80) or 'no subject'}): it becomes a ticket as usual, "
                        "and the spam filter learns it as ham")
         sha = row.raw_sha256
         ctx.after_commit.append(lambda i=inbound_id, sha=sha: learn_released(ctx.rt, i, sha))
     notify.send(ctx.rt, ctx.session, ticket=None, template="agent/result", to=agent.email,
-                in_reply_to=ctx.msg.message_id,
+                in_reply_to=ctx.msg.message_id, reply_number=QUARANTINE_REPLY_NUMBER,
                 extra={"errors": [], "changes": changes, "collision": None, "subject": ctx.msg.subject})
     raise Stop("screened", f"{agent.email}: #release {' '.join(map(str, dict.fromkeys(ids)))}")
 

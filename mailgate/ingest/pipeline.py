@@ -63,6 +63,9 @@ class Context:
     to_comment_address: bool = False
     token_ticket: int | None = None
     bad_token_ticket: int | None = None
+    # A reply token of the quarantine list, valid for the sender: proof for #release only.
+    quarantine_token: bool = False
+    release_only: bool = False  # the agent is proven by that token: nothing but #release applies
     agent: Agent | None = None  # a verified agent
     identity: Identity | None = None
     spam_score: float | None = None
@@ -173,6 +176,11 @@ def step_identify(ctx: Context) -> None:
         if plus is None or plus[0] not in hd.all_addresses:
             continue
         _, number, token = plus
+        if number == domain.QUARANTINE_REPLY_NUMBER:
+            # Not a ticket's token: it proves a reply to the quarantine list, and is read as
+            # proof only for a #release in it (step_commands), never for a ticket.
+            ctx.quarantine_token = domain.token_is_valid(hd.secret_key, number, ctx.sender, token)
+            continue
         if domain.token_is_valid(hd.secret_key, number, ctx.sender, token):
             ctx.token_ticket = number
         else:
@@ -191,6 +199,8 @@ def step_identify(ctx: Context) -> None:
 def _known_correspondent(ctx: Context) -> bool:
     if ctx.agent is not None:
         return True
+    if ctx.quarantine_token and ctx.rt.settings.agent(ctx.sender) is not None:
+        return True  # an admin's reply to the list quotes spam: it must not be held itself
     if ctx.token_ticket is not None:
         ticket = ctx.session.get(Ticket, ctx.token_ticket)
         # After an agent's #spam the token the spammer got in the confirmation vouches for
@@ -315,7 +325,15 @@ def step_commands(ctx: Context) -> None:
     ctx.visible_text = visible_reply_text(ctx.msg.text)
     parsed = parse_commands(ctx.visible_text)
     looks_like_commands = parsed.commands or parsed.errors
-    if ctx.identity is not None and not ctx.identity.verified and looks_like_commands:
+    if (ctx.quarantine_token and ctx.identity is not None and ctx.ticket is None
+            and (ctx.verdict is None or ctx.verdict.kind is None)):
+        # An agent's reply to the quarantine list: read for #release and nothing else
+        # (apply.open_on_behalf refuses any other command, and a reply without one).
+        if not ctx.identity.verified:
+            ctx.identity = Identity(True, "reply token of the quarantine list (#release only)")
+        ctx.agent = ctx.rt.settings.agent(ctx.sender)
+        ctx.release_only = True
+    elif ctx.identity is not None and not ctx.identity.verified and looks_like_commands:
         ctx.hit("commands", True, "commands from an unverified agent address: ignored")
         ctx.effects.append(("spoofed_commands", {"agent": ctx.sender}))
         return
