@@ -64,12 +64,14 @@ def take_out(session: Session, inbound_id: int) -> tuple[Inbound | None, str]:
     return row, ""
 
 
-def learn_released(rt: Runtime, inbound_id: int, raw_sha256: str) -> bool:
-    """Teach the model a released message as ham (after the release is committed)."""
+def learn_released(rt: Runtime, released: dict[int, str]) -> bool:
+    """Teach the model released messages (inbound id -> raw sha256) as ham, in one save,
+    after the release is committed."""
     try:
-        return rt.learn_spam(rt.blobs.get(raw_sha256), False)
+        return rt.learn_spam([rt.blobs.get(sha) for sha in released.values()], False)
     except Exception as exc:  # the release itself must not fail on the model: the mail matters more
-        log.error("inbound %s released but not learned as ham: %s: %s", inbound_id, type(exc).__name__, exc)
+        log.error("inbound %s released but not learned as ham: %s: %s",
+                  ", ".join(map(str, released)), type(exc).__name__, exc)
         return False
 
 
@@ -80,4 +82,4 @@ def release(rt: Runtime, inbound_id: int) -> Released:
         if row is None:
             return Released(inbound_id, False, why_not)
         sha = row.raw_sha256
-    return Released(inbound_id, True, "", learn_released(rt, inbound_id, sha))
+    return Released(inbound_id, True, "", learn_released(rt, {inbound_id: sha}))

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -154,9 +154,10 @@ class Runtime:
                      "shipped model of %s", path, current.meta["trained_at"], newer.meta["trained_at"])
             return newer, _file_stamp(path)
 
-    def learn_spam(self, raw: bytes, is_spam: bool, *, relabel: bool = False) -> bool:
-        """Teach the model one message and save it atomically. False if the filter is off.
-        ``relabel``: it was taught as the other class before (see SpamModel.learn_bytes)."""
+    def learn_spam(self, raw: bytes | Sequence[bytes], is_spam: bool, *, relabel: bool = False) -> bool:
+        """Teach the model one message, or several in one save, and save it atomically. False
+        if the filter is off. ``relabel``: taught as the other class before (see
+        SpamModel.learn_bytes)."""
         if not self.settings.spam.enabled:
             return False
         path = self.settings.spam_model_path
@@ -166,7 +167,8 @@ class Runtime:
             if model is None:
                 return False
             updated = model.copy()
-            updated.learn_bytes(raw, is_spam, relabel=relabel)
+            for message in [raw] if isinstance(raw, bytes) else raw:
+                updated.learn_bytes(message, is_spam, relabel=relabel)
             updated.save(path)
             self._spam_model, self._spam_stamp = updated, _file_stamp(path)
         return True

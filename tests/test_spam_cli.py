@@ -455,3 +455,23 @@ def test_quarantine_digest_bad_config(workdir: Path, line: str, message: str) ->
                check=False)
     assert proc.returncode != 0
     assert proc.stderr.decode().strip().splitlines() == [f"mailgate: config error: {message}"]
+
+
+def test_learning_several_messages_saves_once_with_the_same_counts(workdir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    rt = _runtime(workdir / "batch", spam_enabled=True)
+    one_by_one = _runtime(workdir / "single", spam_enabled=True)
+    raws = [mail(subject=f"Order {i}", body=f"Where is my order {i}? It was due on Monday.").as_bytes()
+            for i in range(3)]
+    assert rt.spam_model() is not None  # the first use writes the shipped model's copy
+    saves: list[Path] = []
+    real_save = SpamModel.save
+    monkeypatch.setattr(SpamModel, "save", lambda self, path: saves.append(path) or real_save(self, path))
+    assert rt.learn_spam(raws, False)
+    assert len(saves) == 1
+    for raw in raws:
+        assert one_by_one.learn_spam(raw, False)
+    batch, single = rt.spam_model(), one_by_one.spam_model()
+    assert batch is not None and single is not None
+    assert batch.meta["n_ham"] == single.meta["n_ham"]
+    np.testing.assert_array_equal(batch._feature_count, single._feature_count)

@@ -477,6 +477,7 @@ def release_by_mail(ctx: Context) -> NoReturn:
     assert agent is not None and cmds is not None
     ids = [i for c in cmds.commands if c.name == "release" for i in release_ids(c.arg) or ()]
     changes: list[str] = []
+    released: dict[int, str] = {}
     for inbound_id in dict.fromkeys(ids):
         row, why_not = take_out(ctx.session, inbound_id)
         if row is None:  # validated a moment ago: released by someone else since
@@ -485,8 +486,9 @@ def release_by_mail(ctx: Context) -> NoReturn:
         changes.append(f"released #{inbound_id} from {one_line(row.from_addr or '', 320) or 'an unknown sender'} "
                        f"({one_line(row.subject or '', 80) or 'no subject'}): it becomes a ticket as usual, "
                        "and the spam filter learns it as ham")
-        sha = row.raw_sha256
-        ctx.after_commit.append(lambda i=inbound_id, sha=sha: learn_released(ctx.rt, i, sha))
+        released[inbound_id] = row.raw_sha256
+    if released:  # one lesson and one save of the model for the whole list
+        ctx.after_commit.append(lambda: learn_released(ctx.rt, released))
     notify.send(ctx.rt, ctx.session, ticket=None, template="agent/result", to=agent.email,
                 in_reply_to=ctx.msg.message_id, reply_number=QUARANTINE_REPLY_NUMBER,
                 extra={"errors": [], "changes": changes, "collision": None, "subject": ctx.msg.subject})
