@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,14 @@ def score(daemon: Daemon, path: Path) -> float:
 
 def quarantine(daemon: Daemon) -> list[dict]:
     return cli_json(daemon.config, "spam", "quarantine", "list")
+
+
+def as_stored(path: Path, message: EmailMessage) -> Path:
+    """The message as the daemon stores it, to score by hand: the listener prepends its
+    Received line (a hop counts as a feature)."""
+    path.write_bytes(b"Received: from localhost ([127.0.0.1])\r\n\tby mailgate (mailgate) with ESMTP\r\n"
+                     b"\tfor <support@example.com>; Fri, 27 Nov 2026 20:00:00 +0000\r\n" + message.as_bytes())
+    return path
 
 
 def model_counts(daemon: Daemon) -> tuple[int, int]:
@@ -131,10 +140,7 @@ def test_agent_hash_spam_learns_and_closes_without_mailing_the_requester(spam_da
     pitch = mail(sender="Dave <dave@growth-partners.example>", subject="Quick question",
                  body="Hi there, we could help with the layout of your website. "
                       "Reply if you want a quote.\n\nDave", message_id="<20261127.4242@growth-partners.example>")
-    eml = workdir / "pitch.eml"
-    # As stored: the listener prepends its Received line (a hop counts as a feature).
-    eml.write_bytes(b"Received: from localhost ([127.0.0.1])\r\n\tby mailgate (mailgate) with ESMTP\r\n"
-                    b"\tfor <support@example.com>; Fri, 27 Nov 2026 20:00:00 +0000\r\n" + pitch.as_bytes())
+    eml = as_stored(workdir / "pitch.eml", pitch)
     before = score(d, eml)
     assert before < 0.9
 
@@ -238,9 +244,7 @@ def test_reopening_a_ticket_closed_as_spam_undoes_the_lesson(spam_daemon: Daemon
     pitch = mail(sender="Erin <erin@studio-north.example>", subject="Website layout",
                  body="Hello, the layout of our website breaks on small screens since your update. "
                       "Could you have a look?\n\nErin", message_id="<20261128.77@studio-north.example>")
-    eml = workdir / "erin.eml"
-    eml.write_bytes(b"Received: from localhost ([127.0.0.1])\r\n\tby mailgate (mailgate) with ESMTP\r\n"
-                    b"\tfor <support@example.com>; Sat, 28 Nov 2026 09:00:00 +0000\r\n" + pitch.as_bytes())
+    eml = as_stored(workdir / "erin.eml", pitch)
     before = score(d, eml)
     d.send(pitch)
     wait_until(lambda: d.tickets())
