@@ -32,7 +32,21 @@ def run_checks(settings: Settings) -> list[dict[str, Any]]:
     checks.append(_outbound(settings))
     checks.extend(_imap(settings, rt))
     checks.append(_spam_model(settings, rt))
+    checks.append(_quarantine_digest(settings))
     return checks
+
+
+def _quarantine_digest(settings: Settings) -> dict[str, Any]:
+    hours = settings.spam.digest_hours
+    if not hours:
+        return _check("quarantine digest", "ok", "off (spam.digest_hours = 0): held mail is listed by the CLI only")
+    to = settings.quarantine_digest_to
+    if not to:
+        # Otherwise a customer's mail held by mistake is purged unseen.
+        return _check("quarantine digest", "warning",
+                      "no agent has role \"admin\" and spam.digest_to is empty: the list of held mail goes "
+                      "to nobody")
+    return _check("quarantine digest", "ok", f"every {hours:g} h to {', '.join(to)}")
 
 
 def _spam_model(settings: Settings, rt: Runtime) -> dict[str, Any]:

@@ -363,14 +363,27 @@ def test_doctor_names_the_spam_model_feature_set_and_an_older_one(workdir: Path)
     from mailgate.spamfilter import SpamModel
 
     config = write_config(workdir, spam_enabled=True)
-    line = cli(config, "doctor", check=False).stdout.decode().splitlines()[-1]
+    line = cli(config, "doctor", check=False).stdout.decode().splitlines()[-2]
     # The shipped model, seeded into data_dir on first use.
     assert line == f"[ok  ] spam model: {workdir / 'data' / 'spam-model.npz'} (feature set 3)"
     old = SpamModel.load(workdir / "data" / "spam-model.npz")
     old._feature_version = 2  # as a model trained before feature set 3 would say
     old.save(workdir / "data" / "spam-model.npz")
-    line = cli(config, "doctor", check=False).stdout.decode().splitlines()[-1]
+    line = cli(config, "doctor", check=False).stdout.decode().splitlines()[-2]
     assert line.endswith("(feature set 2); `mailgate spam train` would add feature set 3")
+
+
+def test_doctor_says_where_the_quarantine_digest_goes(workdir: Path) -> None:
+    def digest_line(config: Path) -> str:
+        return cli(config, "doctor", check=False).stdout.decode().splitlines()[-1]
+
+    assert digest_line(write_config(workdir / "admins", spam_enabled=True)) == (
+        "[ok  ] quarantine digest: every 24 h to alice@example.com")
+    nobody = write_config(workdir / "nobody", spam_enabled=True, agents=_AGENTS_AND_L3.split("[[sla.tiers]]")[0])
+    assert digest_line(nobody) == ("[WARN] quarantine digest: no agent has role \"admin\" and spam.digest_to "
+                                   "is empty: the list of held mail goes to nobody")
+    off = write_config(workdir / "off", spam_enabled=True, spam_extra="digest_hours = 0")
+    assert digest_line(off).startswith("[ok  ] quarantine digest: off (spam.digest_hours = 0)")
 
 
 def test_doctor_ok_with_maildir_and_fails_naming_an_unreachable_relay(workdir: Path) -> None:
@@ -378,7 +391,7 @@ def test_doctor_ok_with_maildir_and_fails_naming_an_unreachable_relay(workdir: P
     proc = cli(good, "doctor")
     lines = proc.stdout.decode().splitlines()
     assert [line.split(":")[0] for line in lines] == [
-        "[ok  ] config", "[WARN] database", "[ok  ] outbound", "[ok  ] spam model"]
+        "[ok  ] config", "[WARN] database", "[ok  ] outbound", "[ok  ] spam model", "[ok  ] quarantine digest"]
     assert "schema at empty" in lines[1] and "run `mailgate db upgrade`" in lines[1]
     assert lines[2].startswith(f"[ok  ] outbound: maildir {workdir / 'good' / 'sent'} writable")
     cli(good, "db", "upgrade")
