@@ -12,8 +12,7 @@ from mailgate.ingest.apply import (
     add_helper,
     change_field,
     change_owner,
-    set_status,
-    unmark_spam,
+    change_status,
     unowned_recipients,
 )
 from mailgate.runtime import Runtime
@@ -46,16 +45,10 @@ def update_ticket(rt: Runtime, number: int, *, status: str | None = None, priori
         if ticket is None:
             raise ValueError(f"no ticket #{number}")
         if status is not None:
-            was_spam = ticket.from_spam
-            old = set_status(rt, session, ticket, status, actor)
-            if old is not None:
-                changes.append(f"status: {old} -> {status}")
-                if was_spam and ticket.status_kind != "closed":
-                    line, lesson = unmark_spam(rt, session, ticket, actor)
-                    if line is not None:
-                        changes.append(line)
-                else:  # the requester never heard of a close as spam: no "changed from closed"
-                    notify.status_changed(rt, session, ticket, old)
+            lines, lesson, tell_old = change_status(rt, session, ticket, status, actor)
+            changes += lines
+            if tell_old is not None:
+                notify.status_changed(rt, session, ticket, tell_old)
         for field, value in (("priority", priority), ("category", category), ("tier", tier)):
             if value is not None and (line := change_field(rt, session, ticket, field, value, actor)):
                 changes.append(line)

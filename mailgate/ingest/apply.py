@@ -20,7 +20,7 @@ from sqlmodel import Session, select
 from mailgate.config import AssignmentRule, StatusDef
 from mailgate.domain import QUARANTINE_REPLY_NUMBER, base_address, one_line
 from mailgate.ingest import notify
-from mailgate.ingest.commands import CommandRules, ParsedCommands, find_choice, release_ids, validate
+from mailgate.ingest.commands import CommandRules, ParsedCommands, find_choice, validate
 from mailgate.ingest.stop import Stop
 from mailgate.quarantine import learn_released, take_out
 from mailgate.runtime import Runtime
@@ -164,6 +164,27 @@ def set_status(rt: Runtime, session: Session, ticket: Ticket, name: str, actor: 
     ticket.updated_at = now
     add_event(session, ticket, actor, "status", old, status.name)
     return old
+
+
+def change_status(rt: Runtime, session: Session, ticket: Ticket, name: str,
+                  actor: str) -> tuple[list[str], Callable[[], bool] | None, str | None]:
+    """Set the status, as mail and CLI both do: the change lines; the deferred spam-filter
+    lesson when the new status undoes a #spam (see unmark_spam); and the old status to tell
+    the requester about (None when unchanged, or when the ticket was closed as spam: they
+    never heard of that close)."""
+    was_spam = ticket.from_spam
+    old = set_status(rt, session, ticket, name, actor)
+    if old is None:
+        return [], None, None
+    lines = [f"status: {old} -> {name}"]
+    if not was_spam:
+        return lines, None, old
+    lesson = None
+    if ticket.status_kind != "closed":
+        line, lesson = unmark_spam(rt, session, ticket, actor)
+        if line is not None:
+            lines.append(line)
+    return lines, lesson, None
 
 
 def change_field(rt: Runtime, session: Session, ticket: Ticket, field: str, value: str,
@@ -475,10 +496,10 @@ def release_by_mail(ctx: Context) -> NoReturn:
     the admin gets the result, and the reply itself is kept as screened."""
     agent, cmds = ctx.agent, ctx.commands
     assert agent is not None and cmds is not None
-    ids = [i for c in cmds.commands if c.name == "release" for i in release_ids(c.arg) or ()]
+    ids = cmds.ids_to_release()
     changes: list[str] = []
     released: dict[int, str] = {}
-    for inbound_id in dict.fromkeys(ids):
+    for inbound_id in ids:
         row, why_not = take_out(ctx.session, inbound_id)
         if row is None:  # validated a moment ago: released by someone else since
             changes.append(f"#{inbound_id}: {why_not}")
@@ -492,7 +513,7 @@ def release_by_mail(ctx: Context) -> NoReturn:
     notify.send(ctx.rt, ctx.session, ticket=None, template="agent/result", to=agent.email,
                 in_reply_to=ctx.msg.message_id, reply_number=QUARANTINE_REPLY_NUMBER,
                 extra={"errors": [], "changes": changes, "collision": None, "subject": ctx.msg.subject})
-    raise Stop("screened", f"{agent.email}: #release {' '.join(map(str, dict.fromkeys(ids)))}")
+    raise Stop("screened", f"{agent.email}: #release {' '.join(map(str, ids))}")
 
 
 def command_rules(ctx: Context, ticket: Ticket | None) -> CommandRules:
@@ -508,7 +529,7 @@ def command_rules(ctx: Context, ticket: Ticket | None) -> CommandRules:
             target = session.get(Ticket, int(c.arg.lstrip("#")))
             if target is not None and target.merged_into is None:
                 merge_targets.add(target.number)  # type: ignore[arg-type]
-    asked = [i for c in cmds.commands if c.name == "release" for i in release_ids(c.arg) or ()] if cmds else []
+    asked = cmds.ids_to_release() if cmds else []
     held = session.exec(select(Inbound.id).where(
         Inbound.id.in_(asked), Inbound.outcome == "quarantined")).all() if asked else []  # type: ignore[union-attr]
     ccs = session.exec(select(Participant.email).where(
@@ -626,20 +647,13 @@ def apply_commands(ctx: Context, ticket: Ticket, cmds: ParsedCommands,
     for c in sorted(cmds.commands, key=lambda c: c.name != "merge"):
         if c.name == "status":
             name = find_choice(c.arg, [st.name for st in hd.statuses]) or c.arg
-            was_spam = ticket.from_spam
-            old = set_status(rt, session, ticket, name, actor)
-            if old is not None:
-                changes.append(f"status: {old} -> {name}")
-                if was_spam and ticket.status_kind != "closed":
-                    line, lesson = unmark_spam(rt, session, ticket, actor)
-                    if line is not None:
-                        changes.append(line)
-                    if lesson is not None:
-                        ctx.after_commit.append(lesson)
-                status = hd.status(name)
-                # The requester never heard of the close as spam: no "changed from closed".
-                if status and status.notify_requester and not was_spam:
-                    ctx.effects.append(("status", {"old": old}))
+            lines, lesson, tell_old = change_status(rt, session, ticket, name, actor)
+            changes += lines
+            if lesson is not None:
+                ctx.after_commit.append(lesson)
+            status = hd.status(name)
+            if tell_old is not None and status and status.notify_requester:
+                ctx.effects.append(("status", {"old": tell_old}))
         elif c.name in ("priority", "category", "tier"):
             choices = {"priority": hd.priorities, "category": hd.categories,
                        "tier": [t.name for t in rt.settings.sla.tiers]}[c.name]

@@ -57,6 +57,10 @@ class ParsedCommands:
     def first(self) -> Command | None:
         return self.commands[0] if self.commands else None
 
+    def ids_to_release(self) -> list[int]:
+        """The ids of every #release line, once each (a line that is not ids adds none)."""
+        return list(dict.fromkeys(i for c in self.commands if c.name == "release" for i in release_ids(c.arg) or ()))
+
 
 def _command_line(line: str) -> re.Match[str] | None:
     return _LINE.match(line.strip())
