@@ -441,6 +441,32 @@ def test_quarantine_digest_recipients_and_switch(workdir: Path) -> None:
     assert send_quarantine_digest(off) == 0 and _digests(off) == []
 
 
+def test_a_reply_to_the_list_from_a_recipient_who_is_no_agent_makes_no_ticket(workdir: Path, corpus: Path) -> None:
+    """spam.digest_to may name a mailbox that is no agent's. Its reply quotes held spam: it must
+    be neither held (it would be listed again) nor a ticket, and it releases nothing."""
+    from mailgate.domain import QUARANTINE_REPLY_NUMBER, reply_address
+
+    config = write_config(workdir, spam_enabled=True, spam_extra='digest_to = ["security@example.com"]')
+    spam = sorted((corpus / "spam-1").iterdir())[0].read_bytes()
+    assert cli(config, "ingest", input=spam).stdout.decode().startswith("quarantined: spam score")
+    assert [r["id"] for r in cli_json(config, "spam", "quarantine", "list")] == [1]
+    reply_to = reply_address("support@example.com", "test-secret-key-0123456789", QUARANTINE_REPLY_NUMBER,
+                             "security@example.com")
+    quoted = "\n".join("> " + line for line in spam.decode("latin-1").splitlines()[-40:])
+    reply = mail(sender="Security <security@example.com>", to=reply_to, subject="Re: 1 message held as spam",
+                 body=f"#release 1\n\n{quoted}\n")
+    assert cli(config, "ingest", input=reply.as_bytes()).stdout.decode().strip() == (
+        "screened: reply to the quarantine list from security@example.com, who is not an agent")
+
+    assert cli_json(config, "tickets", "list") == []
+    assert [r["id"] for r in cli_json(config, "spam", "quarantine", "list")] == [1]  # still held
+    [screened] = cli_json(config, "screened")
+    assert (screened["id"], screened["reason"]) == (
+        2, "reply to the quarantine list from security@example.com, who is not an agent")
+    [told] = cli_json(config, "outbox", "list")
+    assert (told["to"], told["template"], told["ticket"]) == ("security@example.com", "agent/result", None)
+
+
 @pytest.mark.parametrize(("line", "message"), [
     ("digest_hours = -1", "spam.digest_hours: must be 0 (no digest) or more, got -1.0"),
     ('digest_to = ["not an address"]', "spam.digest_to: not an email address: 'not an address'"),

@@ -411,6 +411,8 @@ def new_ticket_from_message(ctx: Context) -> None:
             ctx.commands.commands or ctx.commands.errors or ctx.release_only):
         open_on_behalf(ctx)
         return
+    if ctx.quarantine_token and ctx.agent is None:
+        refuse_list_reply_from_non_agent(ctx)
     cap = ctx.rt.settings.helpdesk.new_tickets_per_sender_per_hour
     if new_tickets_from_sender_last_hour(ctx.session, ctx.sender, ctx.now) >= cap:
         raise Stop("screened", f"{ctx.sender} opened {cap} tickets in the last hour: rate limit")
@@ -479,6 +481,18 @@ def open_on_behalf(ctx: Context) -> None:
                            subject=ctx.msg.subject, actor=agent.email, owner=agent.email)
     ctx.ticket = ticket
     agent_message(ctx, validated=True)
+
+
+def refuse_list_reply_from_non_agent(ctx: Context) -> NoReturn:
+    """A reply to the quarantine list from a spam.digest_to address that is no agent: it
+    quotes held mail, so it must not become a ticket, and only an admin may release."""
+    notify.send(ctx.rt, ctx.session, ticket=None, template="agent/result", to=ctx.sender,
+                in_reply_to=ctx.msg.message_id, reply_number=QUARANTINE_REPLY_NUMBER,
+                extra={"errors": [f"{one_line(ctx.sender, 320)} is not an agent of this help desk: only "
+                                  "an agent with role admin can release held mail (#release, or "
+                                  "`mailgate spam quarantine release ID` on the server)"],
+                       "changes": [], "collision": None, "subject": ctx.msg.subject})
+    raise Stop("screened", f"reply to the quarantine list from {ctx.sender}, who is not an agent")
 
 
 def _release_reply_number(ctx: Context) -> int | None:

@@ -199,8 +199,10 @@ def step_identify(ctx: Context) -> None:
 def _known_correspondent(ctx: Context) -> bool:
     if ctx.agent is not None:
         return True
-    if ctx.quarantine_token and ctx.rt.settings.agent(ctx.sender) is not None:
-        return True  # an admin's reply to the list quotes spam: it must not be held itself
+    if ctx.quarantine_token:
+        # A reply to the quarantine list quotes spam and must not be held itself. The token
+        # is made only for the list's recipients, so no stranger can present one.
+        return True
     if ctx.token_ticket is not None:
         ticket = ctx.session.get(Ticket, ctx.token_ticket)
         # After an agent's #spam the token the spammer got in the confirmation vouches for
