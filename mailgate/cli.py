@@ -666,6 +666,46 @@ def quarantine_list(config: ConfigOpt = None, json_out: JsonOpt = False,
     text_console().print(table)
 
 
+@quarantine_app.command("show")
+def quarantine_show(inbound_id: Annotated[int, typer.Argument(help="An id from `spam quarantine list`.")],
+                    config: ConfigOpt = None, json_out: JsonOpt = False,
+                    raw: Annotated[bool, typer.Option("--raw", help="Write the message's bytes as received "
+                                                      "(to save it, or to pipe to `spam score -`).")] = False) -> None:
+    """One held message: why it was held, its envelope, text and attachments."""
+    from mailgate.quarantine import held_message
+
+    if raw and json_out:
+        fail("--raw and --json exclude each other")
+    found = held_message(runtime_for(config), inbound_id)
+    if isinstance(found, str):
+        fail(f"{inbound_id}: {found}", 1)
+    shown_row, data = found
+    if raw:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    if json_out:
+        print_json(shown_row)
+        return
+    score = "" if shown_row["spam_score"] is None else f"spam score {shown_row['spam_score']:.4f}"
+    recipients = ", ".join(shown_row["envelope_to"]) or "(none recorded)"
+    lines = [f"id:          {shown_row['id']}",
+             f"received:    {shown_row['received_at']}",
+             f"held:        {shown_row['why'] or score}",
+             f"from:        {shown_row['from'] or ''}",
+             f"envelope:    from <{shown_row['envelope_from'] or ''}> to {recipients}",
+             f"subject:     {shown_row['subject'] or ''}",
+             f"message-id:  {shown_row['message_id'] or ''}",
+             f"size:        {shown_row['size']} bytes"]
+    lines += [f"attachment:  {a['filename']} ({a['content_type']}, {a['size']} bytes)"
+              for a in shown_row["attachments"]]
+    lines += [f"defect:      {d}" for d in shown_row["defects"]]
+    echo("\n".join(lines) + "\n")
+    echo(shown_row["text"].rstrip("\n"))
+    if shown_row["text_truncated"]:
+        echo("[... the text goes on: `--raw` writes the whole message]")
+
+
 @quarantine_app.command("release")
 def quarantine_release(ids: Annotated[list[int], typer.Argument(help="Ids from `spam quarantine list`.")],
                        config: ConfigOpt = None) -> None:

@@ -11,6 +11,7 @@ of it; the 'released from quarantine' rule hit stays on the message.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 from sqlalchemy import update
 from sqlmodel import Session, select
 
+from mailgate.ingest.parse import UnusableMessage, parse_message
 from mailgate.runtime import Runtime
 from mailgate.store.engine import iso, session_scope
 from mailgate.store.tables import Inbound
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 
 QUARANTINED = "quarantined"
 RELEASED = "released"
+MAX_SHOWN_TEXT = 100_000  # characters of a held message's text that `spam quarantine show` prints
 
 
 def list_quarantine(rt: Runtime, *, limit: int = 1000) -> list[dict[str, Any]]:
@@ -36,6 +39,48 @@ def list_quarantine(rt: Runtime, *, limit: int = 1000) -> list[dict[str, Any]]:
         return [{"id": r.id, "received_at": iso(r.received_at), "from": r.from_addr, "subject": r.subject,
                  "spam_score": None if r.spam_score is None else round(r.spam_score, 4),
                  "message_id": r.message_id_header} for r in rows]
+
+
+def held_message(rt: Runtime, inbound_id: int) -> tuple[dict[str, Any], bytes] | str:
+    """One held message, to judge before releasing it: what the list shows plus the
+    envelope, why it was held, the text a reader would see and the attachments; and its
+    raw bytes. A string says why there is none."""
+    with session_scope(rt.engine) as session:
+        row = session.get(Inbound, inbound_id)
+        if row is None:
+            return "no such message"
+        if row.outcome != QUARANTINED:
+            return f"not in quarantine (outcome {row.outcome or row.state})"
+        raw = rt.blobs.get(row.raw_sha256)
+        shown: dict[str, Any] = {
+            "id": row.id, "received_at": iso(row.received_at), "from": row.from_addr, "subject": row.subject,
+            "spam_score": None if row.spam_score is None else round(row.spam_score, 4),
+            "message_id": row.message_id_header, "envelope_from": row.envelope_from,
+            "envelope_to": [a for a in row.envelope_to.split(",") if a], "size": len(raw),
+            "why": _spam_reason(row.rule_hits)}
+    return shown | readable_parts(raw), raw
+
+
+def readable_parts(raw: bytes) -> dict[str, Any]:
+    """The text and attachment list of a message, as the pipeline would read them."""
+    try:
+        parsed = parse_message(raw)
+    except UnusableMessage as exc:
+        return {"text": "", "text_truncated": False, "attachments": [], "defects": [f"unparsable: {exc}"]}
+    return {"text": parsed.text[:MAX_SHOWN_TEXT], "text_truncated": len(parsed.text) > MAX_SHOWN_TEXT,
+            "attachments": [{"filename": a.filename, "content_type": a.content_type, "size": len(a.data)}
+                            for a in parsed.attachments],
+            "defects": list(parsed.defects)}
+
+
+def _spam_reason(rule_hits: str) -> str:
+    try:
+        hits = json.loads(rule_hits)
+    except ValueError:
+        return ""
+    # The pipeline records why it stopped as the last "stop" step ("spam score 0.97 >= 0.9").
+    return next((str(h.get("reason", "")) for h in reversed(hits) if isinstance(h, dict) and h.get("step") == "stop"),
+                "") if isinstance(hits, list) else ""
 
 
 @dataclass(frozen=True)

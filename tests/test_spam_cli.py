@@ -168,6 +168,44 @@ def test_release_of_unknown_id_fails(workdir: Path) -> None:
     assert proc.returncode == 1 and proc.stderr.decode().strip() == "mailgate: 42: no such message"
 
 
+def test_quarantine_show_prints_why_text_and_raw_bytes(workdir: Path, corpus: Path) -> None:
+    cfg = write_config(workdir, spam_enabled=True)
+    spam = sorted((corpus / "spam-1").iterdir())[0].read_bytes()
+    cli(cfg, "ingest", input=spam)
+    shown = cli_json(cfg, "spam", "quarantine", "show", "1")
+    assert shown["why"].startswith("spam score ") and shown["spam_score"] >= 0.9
+    assert (shown["subject"], shown["envelope_to"]) == ("Life Insurance - Why Pay More?", [])
+    assert "Life Insurance" in shown["text"] and not shown["text_truncated"] and shown["size"] == len(spam)
+    text = cli(cfg, "spam", "quarantine", "show", "1").stdout.decode()
+    assert text.startswith("id:          1\n") and "subject:     Life Insurance - Why Pay More?\n" in text
+    assert cli(cfg, "spam", "quarantine", "show", "1", "--raw").stdout == spam  # to save, or to score again
+    assert cli(cfg, "spam", "quarantine", "release", "1").returncode == 0
+    for args, code, error in [(("1",), 1, "1: not in quarantine (outcome ticket)"),
+                              (("7",), 1, "7: no such message"),
+                              (("1", "--raw", "--json"), 2, "--raw and --json exclude each other")]:
+        proc = cli(cfg, "spam", "quarantine", "show", *args, check=False)
+        assert (proc.returncode, proc.stderr.decode().strip()) == (code, f"mailgate: {error}")
+
+
+def test_quarantine_show_prints_no_terminal_sequences_from_the_mail(workdir: Path) -> None:
+    from mailgate.store.engine import session_scope, utcnow
+    from mailgate.store.tables import Inbound
+
+    rt = _runtime(workdir, spam_enabled=True)
+    raw = (b'From: "\x1b]52;c;aGk=\x07" <dana@customer.example>\r\nTo: support@example.com\r\n'
+           b"Subject: =?utf-8?b?" + __import__("base64").b64encode("Invoice \u202efdp.exe".encode()) + b"?=\r\n"
+           b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+           b"Hello \x1b[31mRED\x1b[0m and \xc2\x9b2J cleared?\r\n--b\r\nContent-Type: application/octet-stream\r\n"
+           b'Content-Disposition: attachment; filename="a\x1b[8mb.exe"\r\n\r\nMZ\r\n--b--\r\n')
+    with session_scope(rt.engine) as session:
+        session.add(Inbound(source="smtp", raw_sha256=rt.blobs.put(raw), received_at=utcnow(), state="done",
+                            outcome="quarantined", spam_score=0.97, subject="Invoice \u202efdp.exe",
+                            from_addr="dana@customer.example"))
+    out = cli(workdir / "config.toml", "spam", "quarantine", "show", "1").stdout.decode()
+    assert "Hello" in out and "RED" in out and "attachment:" in out
+    assert not any(c in out for c in ("\x1b", "\x07", "\x9b", "\u202e")), out
+
+
 # --- runtime: reload on file change, learning on a copy ------------------------------------
 
 def _runtime(workdir: Path, **kw: bool | str):  # noqa: ANN202 - Runtime, imported lazily like the CLI does
