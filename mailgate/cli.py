@@ -534,6 +534,7 @@ def spam_train(
     import itertools
     import time
 
+    from mailgate.runtime import save_spam_model
     from mailgate.spamfilter import DEFAULT_ALPHA, SpamModel, read_mail_sources
 
     settings = settings_for(config)
@@ -564,8 +565,7 @@ def spam_train(
     if not model.ready:
         fail(f"need both ham and spam to train (read {counts['ham']} ham, {counts['spam']} spam)")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        model.save(target)
+        save_spam_model(model, target)
     except OSError as exc:
         fail(f"cannot write {target}: {exc}")
     seconds = time.perf_counter() - started
@@ -723,7 +723,8 @@ def quarantine_release(ids: Annotated[list[int], typer.Argument(help="Ids from `
             failed += 1
             echo(f"mailgate: {inbound_id}: {done.detail}", err=True)
             continue
-        learned = "learned as ham" if done.learned else "not learned (spam filter off)"
+        learned = ("learned as ham" if done.learned else "not learned (spam filter off)"
+                   if not rt.settings.spam.enabled else "NOT learned as ham: the spam model is unusable (see the log)")
         result = run_one(rt, worker, only_id=inbound_id)
         if result is None:
             echo(f"{inbound_id}: released, {learned}; the daemon is processing it")

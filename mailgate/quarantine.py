@@ -21,13 +21,13 @@ from sqlmodel import Session, select
 
 from mailgate.ingest.parse import UnusableMessage, parse_message
 from mailgate.runtime import Runtime
+from mailgate.spool import RELEASED
 from mailgate.store.engine import iso, session_scope
 from mailgate.store.tables import Inbound
 
 log = logging.getLogger(__name__)
 
 QUARANTINED = "quarantined"
-RELEASED = "released"
 MAX_SHOWN_TEXT = 100_000  # characters of a held message's text that `spam quarantine show` prints
 
 

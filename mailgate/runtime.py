@@ -140,37 +140,46 @@ class Runtime:
         """Put the current shipped model in place of an untouched copy of an older one."""
         from mailgate.spamfilter import ModelError, SpamModel
 
-        with _file_lock(path):
-            # Again under the learners' lock: one may have learned since the first read.
-            try:
-                current = SpamModel.load(path)
-            except ModelError:
-                return model, _file_stamp(path)
-            newer = newer_shipped_model(current)
-            if newer is None:
-                return current, _file_stamp(path)
-            newer.save(path)
-            log.info("spam model %s was the shipped model of %s and never learned: replaced by the "
-                     "shipped model of %s", path, current.meta["trained_at"], newer.meta["trained_at"])
-            return newer, _file_stamp(path)
+        try:
+            with _file_lock(path):
+                # Again under the learners' lock: one may have learned since the first read.
+                try:
+                    current = SpamModel.load(path)
+                except ModelError:
+                    return model, _file_stamp(path)
+                newer = newer_shipped_model(current)
+                if newer is None:
+                    return current, _file_stamp(path)
+                newer.save(path)
+        except OSError as exc:
+            # A model directory the daemon may not write: score with the old copy rather
+            # than fail every message.
+            log.error("cannot replace the spam model %s by the newer shipped one: %s: keeping it", path, exc)
+            return model, _file_stamp(path)
+        log.info("spam model %s was the shipped model of %s and never learned: replaced by the "
+                 "shipped model of %s", path, current.meta["trained_at"], newer.meta["trained_at"])
+        return newer, _file_stamp(path)
 
-    def learn_spam(self, raw: bytes | Sequence[bytes], is_spam: bool, *, relabel: bool = False) -> bool:
-        """Teach the model one message, or several in one save, and save it atomically. False
-        if the filter is off. ``relabel``: taught as the other class before (see
-        SpamModel.learn_bytes)."""
+    def learn_spam(self, raw: bytes | Sequence[bytes], is_spam: bool) -> bool:
+        """Teach the model one message, or several in one save, and save it atomically (see
+        SpamModel.learn_bytes: a message taught as the other class before is moved). False if
+        the filter is off or the model unusable."""
         if not self.settings.spam.enabled:
             return False
         path = self.settings.spam_model_path
         with self._spam_lock, _file_lock(path):
-            # Reload first if another process learned since: its update must not be lost.
-            model = self._current_spam_model()
-            if model is None:
+            # Read from disk under the lock, every time: another process may have learned
+            # since, and a file's stamp can look unchanged (a network file system's cached
+            # attributes), which would lose its lesson. A lesson is rare; a load is ~25 ms.
+            self._spam_tried = True
+            self._spam_model, self._spam_stamp = self._load_spam_model()
+            if self._spam_model is None:
                 return False
-            updated = model.copy()
-            for message in [raw] if isinstance(raw, bytes) else raw:
-                updated.learn_bytes(message, is_spam, relabel=relabel)
-            updated.save(path)
-            self._spam_model, self._spam_stamp = updated, _file_stamp(path)
+            updated = self._spam_model.copy()
+            changed = [updated.learn_bytes(message, is_spam) for message in ([raw] if isinstance(raw, bytes) else raw)]
+            if any(changed):
+                updated.save(path)
+                self._spam_model, self._spam_stamp = updated, _file_stamp(path)
         return True
 
 
@@ -182,16 +191,40 @@ def _file_stamp(path: Path) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
+def save_spam_model(model: SpamModel, path: Path) -> None:
+    """Save a model in place of the one at path under the learners' lock: a daemon in the
+    middle of a lesson would otherwise save the old counts plus its lesson over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(path):
+        model.save(path)
+
+
+_locks_held = threading.local()
+
+
 @contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock beside the model file, held while learning."""
+    """An exclusive advisory lock beside the model file, held while learning. Re-entrant in
+    a thread: flock on a second descriptor of the same file would wait for the first."""
+    lock_path = path.with_name(path.name + ".lock")
+    held: set[Path] = _locks_held.__dict__.setdefault("paths", set())
+    if lock_path in held:
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    # Read-only: flock needs no write access, so a lock file that `sudo mailgate ...`
+    # created as root (mode 0644) still serves the daemon's user.
+    fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        held.add(lock_path)
         try:
             yield
         finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            held.discard(lock_path)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def newer_shipped_model(model: SpamModel) -> SpamModel | None:

@@ -45,6 +45,13 @@ Design notes (why, not what):
   gather and a partial sort) rather than through ``predict_proba``, which
   copies the full weight matrix on every call; training and incremental
   learning still go through scikit-learn (``BernoulliNB.partial_fit``).
+* The model remembers which messages feedback taught it, and as what
+  (``lesson_keys``/``lesson_classes``: 64 bits of each message's SHA-256).
+  Teaching a message again as the same class changes nothing, and teaching
+  it as the other class moves its counts: a lesson undone takes out exactly
+  what that lesson put in, and never counts that belong to other messages
+  (a lesson recorded in the database that never reached this file, or a
+  model rebuilt by ``fit`` since, simply has no such record).
 * The model file is ``.npz`` with plain numeric arrays and a JSON header
   stored as bytes, loaded with ``allow_pickle=False`` and checked strictly:
   a model file can arrive from anywhere (a backup, a colleague) and must
@@ -53,6 +60,7 @@ Design notes (why, not what):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mailbox
 import math
@@ -127,6 +135,9 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _MIN_FEATURES, _MAX_FEATURES = 2**10, 2**24
 
 _HAM, _SPAM = 0, 1
+# Feedback lessons remembered (see the module docstring); the oldest are forgotten first.
+MAX_LESSONS = 100_000
+_LESSON_ARRAYS = frozenset({"lesson_keys", "lesson_classes"})
 
 
 class ModelError(Exception):
@@ -176,6 +187,25 @@ def _hash_features(tokens: Iterable[str], n_features: int) -> Features:
     )
 
 
+def lesson_key(raw: bytes) -> int:
+    """Which message a feedback lesson was about: 64 bits of its SHA-256."""
+    return int.from_bytes(hashlib.sha256(raw).digest()[:8], "big")
+
+
+def _lessons_from_npz(npz: np.lib.npyio.NpzFile, path: Path) -> dict[int, int]:
+    try:
+        keys, classes = npz["lesson_keys"], npz["lesson_classes"]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ModelError(f"{path}: refused model array: {exc}") from exc
+    if (keys.dtype != np.uint64 or classes.dtype != np.uint8 or keys.ndim != 1
+            or keys.shape != classes.shape or keys.size > MAX_LESSONS):
+        raise ModelError(f"{path}: lesson_keys must be uint64 and lesson_classes uint8, 1-d, of one "
+                         f"length up to {MAX_LESSONS}; got {keys.dtype} {keys.shape}, {classes.dtype} {classes.shape}")
+    if np.any(classes > _SPAM):
+        raise ModelError(f"{path}: lesson_classes holds a class other than 0 (ham) and 1 (spam)")
+    return dict(zip(keys.tolist(), classes.tolist(), strict=True))
+
+
 # --------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------
@@ -197,6 +227,7 @@ class SpamModel:
         trained_at: str | None = None,
         updated_at: str | None = None,
         feature_version: int = FEATURE_VERSION,
+        lessons: dict[int, int] | None = None,
     ) -> None:
         self._n_features = int(feature_count.shape[1])
         # The feature set it was trained on (fit); learning since may add newer tokens.
@@ -206,6 +237,8 @@ class SpamModel:
         self._class_count = np.ascontiguousarray(class_count, dtype=np.float64)
         self._trained_at = trained_at
         self._updated_at = updated_at
+        # Message key -> class it was taught as by feedback, oldest first.
+        self._lessons: dict[int, int] = dict(lessons or {})
         self._refresh()
 
     # -- construction -----------------------------------------------------
@@ -232,6 +265,7 @@ class SpamModel:
             trained_at=self._trained_at,
             updated_at=self._updated_at,
             feature_version=self._feature_version,
+            lessons=self._lessons,
         )
 
     @classmethod
@@ -265,8 +299,10 @@ class SpamModel:
     def _from_npz(cls, npz: np.lib.npyio.NpzFile, path: Path) -> SpamModel:
         expected = {"header", "feature_count", "class_count"}
         names = set(npz.files)
-        if names != expected:
-            raise ModelError(f"{path}: unexpected arrays {sorted(names)}; expected {sorted(expected)}")
+        # Files written before feedback lessons were remembered have no lesson arrays.
+        if names != expected and names != expected | _LESSON_ARRAYS:
+            raise ModelError(f"{path}: unexpected arrays {sorted(names)}; expected {sorted(expected)}"
+                             f" and optionally {sorted(_LESSON_ARRAYS)}")
         for info in npz.zip.infolist():
             if info.file_size > _MAX_MEMBER_BYTES:
                 raise ModelError(f"{path}: member {info.filename} is implausibly large")
@@ -328,6 +364,7 @@ class SpamModel:
         for name, arr in (("feature_count", feature_count), ("class_count", class_count)):
             if not np.all(np.isfinite(arr)) or np.any(arr < 0):
                 raise ModelError(f"{path}: {name} holds negative or non-finite counts")
+        lessons = _lessons_from_npz(npz, path) if names >= _LESSON_ARRAYS else {}
         trained_at = header.get("trained_at")
         updated_at = header.get("updated_at")
         return cls(
@@ -337,6 +374,7 @@ class SpamModel:
             trained_at=trained_at if isinstance(trained_at, str) else None,
             feature_version=int(feature_version),
             updated_at=updated_at if isinstance(updated_at, str) else None,
+            lessons=lessons,
         )
 
     def save(self, path: Path) -> None:
@@ -356,6 +394,8 @@ class SpamModel:
                     # float32 halves the file; counts stay exact below 2^24.
                     feature_count=self._feature_count.astype(np.float32),
                     class_count=self._class_count.astype(np.float64),
+                    lesson_keys=np.fromiter(self._lessons.keys(), dtype=np.uint64, count=len(self._lessons)),
+                    lesson_classes=np.fromiter(self._lessons.values(), dtype=np.uint8, count=len(self._lessons)),
                 )
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -449,18 +489,32 @@ class SpamModel:
 
     # -- training ---------------------------------------------------------
 
-    def learn_bytes(self, raw: bytes, is_spam: bool, *, relabel: bool = False) -> None:
-        """Count one message in its class. ``relabel``: it was taught as the other class
-        before (an agent's mistake undone), so it leaves that class instead of being in both."""
+    def learn_bytes(self, raw: bytes, is_spam: bool) -> bool:
+        """Count one message in its class, as feedback; False if it was taught so already.
+        One taught as the other class before (an agent's mistake undone) leaves that class
+        instead of being counted in both."""
+        key = lesson_key(raw)
+        label = _SPAM if is_spam else _HAM
+        before = self._lessons.pop(key, None)
+        self._lessons[key] = label  # (re)inserted last: the newest lessons are kept longest
+        if before == label:
+            return False
         columns = self.vectorize(raw)
-        if relabel:
-            other = _HAM if is_spam else _SPAM
-            # Floored at 0: the model may have been retrained without the message since.
-            self._feature_count[other, columns] = np.maximum(self._feature_count[other, columns] - 1, 0)
-            self._class_count[other] = max(self._class_count[other] - 1, 0)
+        if before is not None:
+            # Floored at 0 as a guard only: these are the counts this lesson added.
+            self._feature_count[before, columns] = np.maximum(self._feature_count[before, columns] - 1, 0)
+            self._class_count[before] = max(self._class_count[before] - 1, 0)
         X = _rows_to_csr([columns], self._n_features)
-        self._partial_fit(X, np.array([_SPAM if is_spam else _HAM]))
+        self._partial_fit(X, np.array([label]))
+        while len(self._lessons) > MAX_LESSONS:
+            del self._lessons[next(iter(self._lessons))]
         self._updated_at = _now()
+        return True
+
+    def taught_as(self, raw: bytes) -> bool | None:
+        """What feedback taught the model about this message: True spam, False ham, None nothing."""
+        label = self._lessons.get(lesson_key(raw))
+        return None if label is None else label == _SPAM
 
     def fit(
         self,
@@ -486,6 +540,7 @@ class SpamModel:
         self._feature_version = FEATURE_VERSION
         self._feature_count = np.zeros((2, self._n_features), dtype=np.float64)
         self._class_count = np.zeros(2, dtype=np.float64)
+        self._lessons = {}
         self._refresh()
         batch: list[np.ndarray] = []
         labels: list[int] = []

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import bindparam, or_, true, update
+from sqlalchemy import bindparam, case, or_, true, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
@@ -30,6 +30,10 @@ from mailgate.store.engine import as_utc, due_ids, session_scope, utcnow
 from mailgate.store.tables import Inbound
 
 log = logging.getLogger(__name__)
+
+# The outcome of a message released from the quarantine until the pipeline finishes it
+# (mailgate.quarantine.release; the spam step lets it through).
+RELEASED = "released"
 
 # A claim older than this belongs to a worker that died; the row is taken again.
 STALE_CLAIM = timedelta(minutes=10)
@@ -195,7 +199,7 @@ def claim_batch(engine: Engine, worker: str, *, max_attempts: int, limit: int,
                 # It was claimed max_attempts times and never finished: the process died
                 # on it each time. Keep it aside instead of crashing again.
                 row.state = "dead"
-                row.outcome = "dead"
+                row.outcome = dead_outcome(row.outcome)
                 row.last_error = (row.last_error or "") + (
                     f"\nworker died while processing it {row.attempts} times")
                 log.error("inbound %s: dead letter after %s attempts", row.id, row.attempts)
@@ -207,6 +211,14 @@ def claim_batch(engine: Engine, worker: str, *, max_attempts: int, limit: int,
                 claimed.append(row)
             session.add(row)
     return claimed
+
+
+def dead_outcome(outcome: str | None) -> str:
+    """A dead letter's outcome: 'dead', except that a message released from the quarantine
+    stays 'released'. That mark is all that keeps the spam step from holding it again when
+    it is retried (`deadletter retry`), and a message held again would be purged by the
+    date it was first received, unlisted."""
+    return RELEASED if outcome == RELEASED else "dead"
 
 
 _INBOUND = Inbound.__table__  # type: ignore[attr-defined]
@@ -243,7 +255,7 @@ def fail(engine: Engine, inbound_id: int, error: str, *, max_attempts: int,
             setattr(row, key, value)
         if permanent or row.attempts >= max_attempts:
             row.state = "dead"
-            row.outcome = "dead"
+            row.outcome = dead_outcome(row.outcome)
         else:
             row.state = "queued"
             delay = RETRY_DELAYS[min(row.attempts - 1, len(RETRY_DELAYS) - 1)]
@@ -259,8 +271,9 @@ def requeue(engine: Engine, ids: list[int] | None = None) -> int:
         stmt = update(Inbound).where(Inbound.state == "dead")  # type: ignore[arg-type]
         if ids:
             stmt = stmt.where(Inbound.id.in_(ids))  # type: ignore[union-attr]
-        result = session.exec(stmt.values(state="queued", attempts=0, next_attempt_at=None,  # type: ignore[call-overload]
-                                          outcome=None, claimed_by=None))
+        result = session.exec(stmt.values(  # type: ignore[call-overload]
+            state="queued", attempts=0, next_attempt_at=None, claimed_by=None,
+            outcome=case((Inbound.outcome == RELEASED, RELEASED), else_=None)))
         return int(result.rowcount or 0)
 
 

@@ -206,12 +206,12 @@ def test_two_instances_reopening_a_spam_ticket_teach_the_filter_once(pg_url: str
         add_event(session, ticket, "alice@example.com", "spam", None, "learned")
         number = ticket.number
     assert number is not None
-    lessons: list[tuple[bool, bool]] = []
+    lessons: list[bool] = []
     instances = [Runtime.build(settings) for _ in range(4)]  # as on four machines: own engines
     start = threading.Barrier(len(instances))
 
     def reopen(instance: Runtime) -> None:
-        instance.learn_spam = lambda raw, is_spam, relabel=False: lessons.append((is_spam, relabel)) or True  # type: ignore[method-assign]
+        instance.learn_spam = lambda raw, is_spam: lessons.append(is_spam) or True  # type: ignore[method-assign]
         start.wait()
         update_ticket(instance, number, status="open", actor="cli")
 
@@ -220,7 +220,7 @@ def test_two_instances_reopening_a_spam_ticket_teach_the_filter_once(pg_url: str
         t.start()
     for t in threads:
         t.join()
-    assert lessons == [(False, True)]
+    assert lessons == [False]
     with session_scope(rt.engine) as session:
         undone = session.exec(select(Event).where(Event.ticket_id == number, Event.action == "not spam")).all()
         assert len(undone) == 1 and session.get(Ticket, number).from_spam is False  # type: ignore[union-attr]

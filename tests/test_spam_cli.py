@@ -232,10 +232,12 @@ def test_a_model_learned_in_another_process_is_used_without_restart(workdir: Pat
     assert first.score_bytes(raw, 0.9).score == before  # the old object was never mutated
     assert second.meta["n_spam"] == first.meta["n_spam"] + 1
 
-    # Learners in both processes: neither update is lost.
+    # Learners in both processes: neither update is lost. The daemon's lesson moves the
+    # message the other process taught as spam; the second process teaches another one.
     assert daemon_rt.learn_spam(raw, False)
-    assert cli_rt.learn_spam(raw, False)
-    assert SpamModel.load(workdir / "data" / "spam-model.npz").meta["n_ham"] == first.meta["n_ham"] + 2
+    assert cli_rt.learn_spam(mail(subject="Invoice", body="Please send the invoice again.").as_bytes(), False)
+    meta = SpamModel.load(workdir / "data" / "spam-model.npz").meta
+    assert (meta["n_ham"], meta["n_spam"]) == (first.meta["n_ham"] + 2, first.meta["n_spam"])
 
 
 def test_scoring_while_learning_is_safe(workdir: Path) -> None:
@@ -258,7 +260,11 @@ def test_scoring_while_learning_is_safe(workdir: Path) -> None:
     threads = [threading.Thread(target=score) for _ in range(3)]
     for t in threads:
         t.start()
-    learners = [threading.Thread(target=lambda: [rt.learn_spam(raw, True) for _ in range(5)]) for _ in range(2)]
+    def learn(learner: int) -> None:
+        for i in range(5):
+            rt.learn_spam(mail(subject=f"Offer {learner}-{i}", body="Cheap pills").as_bytes(), True)
+
+    learners = [threading.Thread(target=learn, args=(n,)) for n in range(2)]
     for t in learners:
         t.start()
     for t in learners:
@@ -279,6 +285,56 @@ def test_spam_filter_off_learns_nothing(workdir: Path) -> None:
 
 
 # --- the purge job --------------------------------------------------------------------------
+
+def test_a_released_message_that_became_a_dead_letter_is_not_held_again_when_retried(workdir: Path,
+                                                                                     corpus: Path) -> None:
+    # Held again, it would keep its first received_at and be purged within the hour, unlisted.
+    from mailgate import spool
+    from mailgate.ingest.pipeline import run_one
+    from mailgate.quarantine import release
+
+    rt = _runtime(workdir, spam_enabled=True)
+    spam = sorted((corpus / "spam-1").iterdir())[0].read_bytes()
+    inbound_id = spool.accept(rt.engine, rt.blobs, spam, source="ingest").inbound_id
+    assert run_one(rt, "w", only_id=inbound_id).outcome == "quarantined"  # type: ignore[union-attr]
+    assert release(rt, inbound_id).ok
+    # Processing fails for good (here: the database was down each time) ...
+    assert spool.claim(rt.engine, "w", max_attempts=5, only_id=inbound_id) is not None
+    assert spool.fail(rt.engine, inbound_id, "OperationalError: database is locked", max_attempts=5, permanent=True)
+    assert spool.state_of(rt.engine, inbound_id) == ("dead", "released")
+    # ... and the operator retries it once the database is back: it becomes the ticket it was released as.
+    assert spool.requeue(rt.engine, [inbound_id]) == 1
+    result = run_one(rt, "w", only_id=inbound_id)
+    assert result is not None and result.outcome == "ticket"
+
+
+def test_a_dead_letter_that_was_not_released_is_retried_from_scratch(workdir: Path) -> None:
+    from mailgate import spool
+
+    rt = _runtime(workdir, spam_enabled=True)
+    inbound_id = spool.accept(rt.engine, rt.blobs, mail().as_bytes(), source="ingest").inbound_id
+    assert spool.claim(rt.engine, "w", max_attempts=5, only_id=inbound_id) is not None
+    assert spool.fail(rt.engine, inbound_id, "boom", max_attempts=5, permanent=True)
+    assert spool.state_of(rt.engine, inbound_id) == ("dead", "dead")
+    assert spool.requeue(rt.engine, [inbound_id]) == 1
+    assert spool.state_of(rt.engine, inbound_id) == ("queued", None)
+
+
+def test_spam_train_saves_under_the_learners_lock(workdir: Path) -> None:
+    # A daemon in the middle of a lesson holds the lock; the trained model must not be saved
+    # until it is done, or the daemon's save (old counts and one lesson) would replace it.
+    from mailgate.runtime import _file_lock, save_spam_model
+
+    path = workdir / "data" / "spam-model.npz"
+    trained = SpamModel.empty(n_features=2**10)
+    trained.learn_bytes(mail().as_bytes(), False)
+    saved = threading.Event()
+    with _file_lock(path):
+        saver = threading.Thread(target=lambda: (save_spam_model(trained, path), saved.set()), daemon=True)
+        saver.start()
+        assert not saved.wait(1.0) and not path.exists()
+    assert saved.wait(30) and SpamModel.load(path).meta["n_ham"] == 1
+
 
 def test_purge_quarantine_drops_only_old_quarantined_mail(workdir: Path) -> None:
     from mailgate.jobs import purge_quarantine

@@ -1,44 +1,34 @@
 """What the filter is taught when agents mark a ticket as spam and undo it: once per class,
-moved rather than counted twice, read from the ticket's own record (not from what a sender wrote)."""
+moved rather than counted twice, and only what the model itself remembers being taught
+(a lesson recorded on the ticket that never reached the model takes nothing away)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlmodel import select
 
 from mailgate.admin import update_ticket
 from mailgate.config import load_settings
-from mailgate.ingest.apply import add_event, released_from_quarantine, teach_filter
+from mailgate.ingest.apply import add_event, teach_filter
 from mailgate.runtime import Runtime
 from mailgate.store import migrate
 from mailgate.store.engine import session_scope, utcnow
-from mailgate.store.tables import Contact, Event, Message, Ticket
+from mailgate.store.tables import Contact, Event, Message, Outbox, Ticket
 from tests.conftest import mail, write_config
 
-
-def hits(*pairs: tuple[str, str]) -> str:
-    return json.dumps([{"step": step, "hit": False, "reason": reason} for step, reason in pairs])
-
-
-def test_released_from_quarantine_is_read_from_the_spam_steps_own_hit() -> None:
-    assert released_from_quarantine(hits(("spam", "released from quarantine (spam score was 0.998): not filtered")))
-    # The sender's address and subject appear in other steps' reasons, written by the sender.
-    assert not released_from_quarantine(hits(("identify", '"released from quarantine"@evil.example: stranger')))
-    assert not released_from_quarantine(hits(("route", "subject: released from quarantine")))
-    assert not released_from_quarantine("not json") and not released_from_quarantine('{"step": "spam"}')
+FIRST = mail(sender="Dave <dave@pitch.example>", subject="Quick question",
+             body="We build websites. Can I send you our price list?").as_bytes()
 
 
 @pytest.fixture
-def desk(workdir: Path) -> Iterator[tuple[Runtime, int, list[tuple[bool, bool]]]]:
-    """A ticket with one stored incoming message; lessons are recorded, not learned."""
+def desk(workdir: Path) -> Iterator[tuple[Runtime, int]]:
+    """A ticket with one stored incoming message, and the shipped model to teach."""
     rt = Runtime.build(load_settings(write_config(workdir, spam_enabled=True)))
     migrate.upgrade(rt.engine)
-    lessons: list[tuple[bool, bool]] = []
-    rt.learn_spam = lambda raw, is_spam, relabel=False: lessons.append((is_spam, relabel)) or True  # type: ignore[method-assign]
     with session_scope(rt.engine) as session:
         contact = Contact(email="dave@pitch.example", name="Dave", created_at=utcnow())
         session.add(contact)
@@ -48,11 +38,10 @@ def desk(workdir: Path) -> Iterator[tuple[Runtime, int, list[tuple[bool, bool]]]
         session.add(ticket)
         session.flush()
         session.add(Message(ticket_id=ticket.number, kind="public", direction="in", from_addr="dave@pitch.example",
-                            raw_sha256=rt.blobs.put(mail().as_bytes()), created_at=utcnow(),
-                            rule_hits=hits(("identify", '"released from quarantine"@pitch.example'))))
+                            raw_sha256=rt.blobs.put(FIRST), created_at=utcnow()))
         number = ticket.number
     assert number is not None
-    yield rt, number, lessons
+    yield rt, number
 
 
 def lesson(rt: Runtime, number: int, is_spam: bool) -> tuple[dict[str, Any] | None, str]:
@@ -61,34 +50,49 @@ def lesson(rt: Runtime, number: int, is_spam: bool) -> tuple[dict[str, Any] | No
     return ({"run": learn} if learn else None), said
 
 
-def record(rt: Runtime, number: int, action: str, new: str) -> None:
-    with session_scope(rt.engine) as session:
-        add_event(session, session.get(Ticket, number), "alice@example.com", action, None, new)  # type: ignore[arg-type]
+def class_counts(rt: Runtime) -> tuple[int, int]:
+    model = rt.spam_model()
+    assert model is not None
+    return model.meta["n_ham"], model.meta["n_spam"]
 
 
-def test_each_lesson_is_taught_once_and_moved_when_undone(desk: tuple[Runtime, int, list]) -> None:
-    rt, number, lessons = desk
+def test_each_lesson_is_taught_once_and_moved_when_undone(desk: tuple[Runtime, int]) -> None:
+    rt, number = desk
+    ham, spam = class_counts(rt)
     first, said = lesson(rt, number, True)
     assert first is not None and said == "the spam filter learned its first message"
-    first["run"]()
-    assert lessons == [(True, False)]  # a plain lesson: the spoofed "released" address counts for nothing
-    record(rt, number, "spam", "learned")
+    assert first["run"]() is True
+    assert class_counts(rt) == (ham, spam + 1)
 
     again, said = lesson(rt, number, True)
     assert again is None and said == "the spam filter already counts its first message as spam"
     undo, said = lesson(rt, number, False)
     assert undo is not None and said == "the spam filter learned its first message as ham"
     undo["run"]()
-    assert lessons[-1] == (False, True)  # moved from spam to ham
+    assert class_counts(rt) == (ham + 1, spam)  # moved from spam to ham
 
 
-def test_an_undo_with_the_filter_off_leaves_the_lesson_standing(desk: tuple[Runtime, int, list], workdir: Path,
+def test_a_lesson_recorded_but_never_learned_takes_nothing_away(desk: tuple[Runtime, int]) -> None:
+    # The ticket says "learned" (the process died after the commit, before the lesson ran):
+    # the undo must not take a spam message's counts out of the model, only add the ham.
+    rt, number = desk
+    with session_scope(rt.engine) as session:
+        add_event(session, session.get(Ticket, number), "alice@example.com", "spam", None, "learned")  # type: ignore[arg-type]
+    ham, spam = class_counts(rt)
+    undo, _ = lesson(rt, number, False)
+    assert undo is not None
+    undo["run"]()
+    assert class_counts(rt) == (ham + 1, spam)
+
+
+def test_an_undo_with_the_filter_off_leaves_the_lesson_standing(desk: tuple[Runtime, int],
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    rt, number, lessons = desk
-    record(rt, number, "spam", "learned")
+    rt, number = desk
+    first, _ = lesson(rt, number, True)
+    assert first is not None
+    first["run"]()
     monkeypatch.setattr(rt, "spam_model", lambda: None)
     assert lesson(rt, number, False) == (None, "spam filter off: nothing learned")
-    record(rt, number, "not spam", "kept")  # what unmark_spam records then
     monkeypatch.undo()
     # The filter still counts it as spam: a second #spam teaches nothing, a reopening moves it.
     assert lesson(rt, number, True) == (None, "the spam filter already counts its first message as spam")
@@ -97,22 +101,19 @@ def test_an_undo_with_the_filter_off_leaves_the_lesson_standing(desk: tuple[Runt
 
 
 def test_reopening_from_the_cli_moves_the_lesson_and_tells_the_requester_nothing(
-        desk: tuple[Runtime, int, list]) -> None:
-    rt, number, lessons = desk
+        desk: tuple[Runtime, int]) -> None:
+    rt, number = desk
+    assert rt.learn_spam(FIRST, True)  # what the agent's #spam taught
     with session_scope(rt.engine) as session:
         ticket = session.get(Ticket, number)
         assert ticket is not None
         ticket.from_spam, ticket.status, ticket.status_kind = True, "closed", "closed"
-    record(rt, number, "spam", "learned")
+    ham, spam = class_counts(rt)
     out = update_ticket(rt, number, status="pending")  # pending mails the requester, normally
     assert out["changes"] == ["status: closed -> pending",
                               "no longer marked as spam; the spam filter learned its first message as ham"]
-    assert lessons == [(False, True)]
+    assert class_counts(rt) == (ham + 1, spam - 1)
     with session_scope(rt.engine) as session:
-        from sqlmodel import select
-
-        from mailgate.store.tables import Outbox
-
         assert session.exec(select(Outbox)).all() == []
         actions = [e.action for e in session.exec(select(Event).where(Event.ticket_id == number)).all()]
         assert session.get(Ticket, number).from_spam is False  # type: ignore[union-attr]

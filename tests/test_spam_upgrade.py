@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
+
+import pytest
 
 from mailgate.config import load_settings
 from mailgate.runtime import Runtime, load_spam_model, newer_shipped_model
@@ -57,3 +60,35 @@ def test_a_copy_that_learned_or_a_model_trained_here_is_kept(workdir: Path) -> N
         assert model is not None and model.meta == before, case
         assert SpamModel.load(path).meta == before, case
         assert load_spam_model(rt.settings).meta == before, case
+
+
+def test_a_first_lesson_on_an_older_shipped_copy_replaces_it_without_waiting_for_itself(workdir: Path) -> None:
+    # A process whose first use of the model is a lesson (`spam quarantine release` after a
+    # package upgrade) holds the learners' lock when it finds the older copy to replace.
+    rt = runtime_for(workdir)
+    path = rt.settings.spam_model_path
+    copy_of_older_shipped(path)
+    done: list[bool] = []
+    learner = threading.Thread(target=lambda: done.append(
+        rt.learn_spam(b"From: a@example.org\nSubject: hello\n\nhello there\n", False)), daemon=True)
+    learner.start()
+    learner.join(timeout=60)
+    assert done == [True], "learn_spam waited for its own lock"
+    model = SpamModel.load(path)
+    assert model.meta["trained_at"] == SHIPPED.meta["trained_at"] and model.meta["n_ham"] == SHIPPED.meta["n_ham"] + 1
+
+
+def test_an_older_shipped_copy_that_cannot_be_replaced_still_scores(workdir: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # A model directory the daemon's user may not write: every message must not fail on it.
+    rt = runtime_for(workdir)
+    path = rt.settings.spam_model_path
+    copy_of_older_shipped(path)
+
+    def read_only(self: SpamModel, target: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(target))
+
+    monkeypatch.setattr(SpamModel, "save", read_only)
+    model = rt.spam_model()
+    assert model is not None and model.meta["trained_at"] == OLDER
+    assert rt.spam_model() is model  # not tried again on every message

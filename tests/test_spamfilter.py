@@ -175,7 +175,7 @@ def counts(model: SpamModel) -> tuple[np.ndarray, np.ndarray]:
     return model._feature_count.copy(), model._class_count.copy()
 
 
-def test_relabel_moves_a_message_to_the_other_class_instead_of_counting_it_twice() -> None:
+def test_a_lesson_taught_the_other_way_moves_instead_of_counting_twice() -> None:
     base = SpamModel.empty()
     base.learn_bytes(SPAM_MAIL, True)
     base.learn_bytes(HAM_MAIL, False)
@@ -185,25 +185,47 @@ def test_relabel_moves_a_message_to_the_other_class_instead_of_counting_it_twice
     learned_as_ham.learn_bytes(pitch, False)
     # An agent's #spam, then the ticket reopened: the lesson moves to ham, exactly.
     flipped = base.copy()
-    flipped.learn_bytes(pitch, True)
-    flipped.learn_bytes(pitch, False, relabel=True)
+    assert flipped.learn_bytes(pitch, True) and flipped.taught_as(pitch) is True
+    assert flipped.learn_bytes(pitch, False) and flipped.taught_as(pitch) is False
     for got, want in zip(counts(flipped), counts(learned_as_ham), strict=True):
         np.testing.assert_array_equal(got, want)
-    # And back to spam (a second #spam) equals learning it as spam once.
+    # The same lesson again changes nothing; back to spam equals learning it as spam once.
+    assert not flipped.learn_bytes(pitch, False)
     learned_as_spam = base.copy()
     learned_as_spam.learn_bytes(pitch, True)
-    flipped.learn_bytes(pitch, True, relabel=True)
+    flipped.learn_bytes(pitch, True)
     for got, want in zip(counts(flipped), counts(learned_as_spam), strict=True):
         np.testing.assert_array_equal(got, want)
 
 
-def test_relabel_of_a_message_the_model_never_had_counts_nothing_below_zero() -> None:
-    # The model may have been retrained without the message in between.
+def test_an_undo_takes_nothing_from_a_model_that_never_had_the_lesson() -> None:
+    # The lesson was recorded on the ticket but never reached the model (the process died
+    # after the commit), or the model was rebuilt by training since: the undo must not take
+    # counts that belong to other messages.
     model = SpamModel.empty()
     model.learn_bytes(HAM_MAIL, False)
-    model.learn_bytes(SPAM_MAIL, False, relabel=True)  # was "spam", but the spam class is empty
+    model.fit([(SPAM_MAIL, True), (HAM_MAIL, False)])
+    assert model.taught_as(SPAM_MAIL) is None and model.taught_as(HAM_MAIL) is None  # training is no lesson
+    before = counts(model)
+    assert model.learn_bytes(SPAM_MAIL, False)
     features, classes = counts(model)
-    assert features.min() == 0 and classes.tolist() == [2.0, 0.0]
+    assert classes.tolist() == [before[1][0] + 1, before[1][1]]  # spam class untouched
+    np.testing.assert_array_equal(features[1], before[0][1])
+
+
+def test_lessons_survive_save_and_load_and_the_oldest_are_forgotten(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import mailgate.spamfilter as spamfilter
+
+    monkeypatch.setattr(spamfilter, "MAX_LESSONS", 2)
+    model = SpamModel.empty()
+    mails = [HAM_MAIL.replace(b"printer", f"printer {i}".encode()) for i in range(3)]
+    for m in mails:
+        model.learn_bytes(m, False)
+    model.learn_bytes(SPAM_MAIL, True)
+    model.save(tmp_path / "m.npz")
+    loaded = SpamModel.load(tmp_path / "m.npz")
+    assert [loaded.taught_as(m) for m in [*mails, SPAM_MAIL]] == [None, None, False, True]
 
 
 @pytest.mark.parametrize(
@@ -304,7 +326,20 @@ def test_garbage_and_wrong_shapes_are_refused(tmp_path: Path) -> None:
         variant("hdr_features_bool", header=with_header(feature_version=True)),
         variant("hdr_alpha", header=with_header(alpha=-1)),
         variant("hdr_nfeat", header=with_header(n_features=1000)),
+        variant("lesson_class", lesson_classes=np.array([2], dtype=np.uint8),
+                lesson_keys=np.array([7], dtype=np.uint64)),
+        variant("lesson_lengths", lesson_keys=np.array([7, 8], dtype=np.uint64)),
+        variant("lesson_dtype", lesson_keys=np.zeros(0, dtype=np.float64)),
+        variant("lesson_2d", lesson_keys=np.zeros((1, 1), dtype=np.uint64),
+                lesson_classes=np.zeros((1, 1), dtype=np.uint8)),
     ]
+    lonely = tmp_path / "lonely.npz"
+    _write_npz(lonely, **{k: v for k, v in arrays.items() if k != "lesson_classes"})
+    bad.append(lonely)
+    # A file written before lessons were remembered has neither array, and loads.
+    old_format = tmp_path / "old_format.npz"
+    _write_npz(old_format, **{k: v for k, v in arrays.items() if not k.startswith("lesson_")})
+    assert SpamModel.load(old_format).taught_as(b"anything") is None
     for path in bad:
         with pytest.raises(ModelError):
             SpamModel.load(path)

@@ -7,7 +7,6 @@ into outbox rows, in the same transaction.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -769,49 +768,26 @@ def first_inbound_message(session: Session, ticket: Ticket) -> Message | None:
         Message.raw_sha256.is_not(None)).order_by(Message.id)).first()  # type: ignore[union-attr,arg-type]
 
 
-def filter_taught(session: Session, ticket: Ticket, first: Message) -> str | None:
-    """What the spam filter was last taught about the ticket's first message: 'spam',
-    'ham' or None. Teaching it the other way then moves it instead of counting it twice."""
-    latest = session.exec(select(Event).where(
-        Event.ticket_id == ticket.number, Event.action.in_(("spam", "not spam")),  # type: ignore[attr-defined]
-        Event.new == "learned").order_by(Event.id.desc())).first()  # type: ignore[union-attr]
-    if latest is not None:
-        return "spam" if latest.action == "spam" else "ham"
-    return "ham" if released_from_quarantine(first.rule_hits) else None
-
-
-def released_from_quarantine(rule_hits: str) -> bool:
-    """Did the spam step let this message through as released (whose release taught it as
-    ham)? Read from that step's own hit: the sender's address and subject are in the hits
-    too, and a sender may write anything there."""
-    try:
-        hits = json.loads(rule_hits or "[]")
-    except ValueError:
-        return False
-    return isinstance(hits, list) and any(
-        isinstance(h, dict) and h.get("step") == "spam"
-        and str(h.get("reason", "")).startswith("released from quarantine") for h in hits)
-
-
 def teach_filter(rt: Runtime, session: Session, ticket: Ticket,
                  is_spam: bool) -> tuple[Callable[[], bool] | None, str]:
     """The deferred lesson about the ticket's first message (None: nothing to teach) and what
     the change line says of it. Run it only once the change is committed: a rolled-back,
-    retried transaction must not teach the filter the same message twice."""
+    retried transaction must not teach the filter the same message twice. The model itself
+    remembers what feedback taught it (SpamModel.learn_bytes), so an undo moves exactly
+    that lesson, and only if it was ever learned."""
     kind = "spam" if is_spam else "ham"
     # With [spam] enabled = false there is no model: the status change still works.
-    if rt.spam_model() is None:
+    model = rt.spam_model()
+    if model is None:
         return None, "spam filter off: nothing learned"
     first = first_inbound_message(session, ticket)
     if first is None or not first.raw_sha256:
         return None, "no incoming message to learn from"
-    taught = filter_taught(session, ticket, first)
-    if taught == kind:
+    raw = rt.blobs.get(first.raw_sha256)
+    if model.taught_as(raw) is is_spam:
         # Taught so before, and not undone since (the filter was off when it was undone).
         return None, f"the spam filter already counts its first message as {kind}"
-    raw = rt.blobs.get(first.raw_sha256)
-    relabel = taught is not None
-    return (lambda: rt.learn_spam(raw, is_spam, relabel=relabel),
+    return (lambda: rt.learn_spam(raw, is_spam),
             "the spam filter learned its first message" + ("" if is_spam else " as ham"))
 
 

@@ -226,7 +226,7 @@ def step_spam(ctx: Context) -> None:
     if ctx.verdict.is_automatic:
         ctx.hit("spam", False, "automatic mail: not scored")
         return
-    if ctx.inbound.outcome == "released":  # set by mailgate.quarantine.release, kept until finish
+    if ctx.inbound.outcome == spool.RELEASED:  # set by quarantine.take_out, kept until finish
         ctx.spam_score = ctx.inbound.spam_score
         score = "" if ctx.spam_score is None else f" (spam score was {ctx.spam_score:.3f})"
         ctx.hit("spam", False, f"released from quarantine{score}: not filtered")
@@ -405,9 +405,11 @@ def process_claimed(rt: Runtime, inbound: Inbound, ahead: Future[Prepared] | Non
             message_id_header=msg.message_id if msg else None,
             subject=msg.subject[:1000] if msg else None, from_addr=ctx.sender or None,
         )
-    for action in ctx.after_commit:
+    for action in ctx.after_commit:  # the spam filter's lessons
         try:
-            action()
+            if action() is False:
+                log.error("inbound %s: the spam filter learned nothing: its model is missing or was refused",
+                          inbound.id)
         except Exception:  # the message itself is done; a failed side task must not redo it
             log.exception("inbound %s: after-commit action failed", inbound.id)
     log.info("%s: inbound %s -> %s%s", (msg.message_id if msg else None) or "<no id>", inbound.id,
