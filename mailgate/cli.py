@@ -676,6 +676,9 @@ def quarantine_show(inbound_id: Annotated[int, typer.Argument(help="An id from `
 
     if raw and json_out:
         fail("--raw and --json exclude each other")
+    if raw and sys.stdout.isatty():
+        # The bytes as a spammer wrote them: escape sequences would reach the terminal.
+        fail("--raw writes the message as received: redirect it to a file or a pipe")
     found = held_message(runtime_for(config), inbound_id)
     if isinstance(found, str):
         fail(f"{inbound_id}: {found}", 1)

@@ -212,9 +212,14 @@ def _file_lock(path: Path) -> Iterator[None]:
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Read-only: flock needs no write access, so a lock file that `sudo mailgate ...`
-    # created as root (mode 0644) still serves the daemon's user.
-    fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        # For writing: NFS (and CIFS) clients emulate flock with a byte-range lock, and an
+        # exclusive one needs a descriptor open for writing.
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        # A lock file that `sudo mailgate ...` created as root (mode 0644): on a local file
+        # system flock needs no write access.
+        fd = os.open(lock_path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         held.add(lock_path)

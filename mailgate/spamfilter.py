@@ -138,6 +138,8 @@ _HAM, _SPAM = 0, 1
 # Feedback lessons remembered (see the module docstring); the oldest are forgotten first.
 MAX_LESSONS = 100_000
 _LESSON_ARRAYS = frozenset({"lesson_keys", "lesson_classes"})
+# Checked before a member is read: the .npy header is at most a few hundred bytes.
+_MAX_LESSON_MEMBER_BYTES = {"lesson_keys.npy": MAX_LESSONS * 8 + 1024, "lesson_classes.npy": MAX_LESSONS + 1024}
 
 
 class ModelError(Exception):
@@ -304,7 +306,7 @@ class SpamModel:
             raise ModelError(f"{path}: unexpected arrays {sorted(names)}; expected {sorted(expected)}"
                              f" and optionally {sorted(_LESSON_ARRAYS)}")
         for info in npz.zip.infolist():
-            if info.file_size > _MAX_MEMBER_BYTES:
+            if info.file_size > _MAX_LESSON_MEMBER_BYTES.get(info.filename, _MAX_MEMBER_BYTES):
                 raise ModelError(f"{path}: member {info.filename} is implausibly large")
         try:
             header_arr = npz["header"]
@@ -388,14 +390,19 @@ class SpamModel:
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as fh:
+                # Without lessons (trained, or never taught) no lesson arrays: such a file
+                # stays readable by mailgate versions that predate them.
+                lessons = {} if not self._lessons else {
+                    "lesson_keys": np.fromiter(self._lessons.keys(), dtype=np.uint64, count=len(self._lessons)),
+                    "lesson_classes": np.fromiter(self._lessons.values(), dtype=np.uint8, count=len(self._lessons)),
+                }
                 np.savez_compressed(
                     fh,
                     header=np.frombuffer(header, dtype=np.uint8),
                     # float32 halves the file; counts stay exact below 2^24.
                     feature_count=self._feature_count.astype(np.float32),
                     class_count=self._class_count.astype(np.float64),
-                    lesson_keys=np.fromiter(self._lessons.keys(), dtype=np.uint64, count=len(self._lessons)),
-                    lesson_classes=np.fromiter(self._lessons.values(), dtype=np.uint8, count=len(self._lessons)),
+                    **lessons,
                 )
                 fh.flush()
                 os.fsync(fh.fileno())

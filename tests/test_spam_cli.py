@@ -179,6 +179,20 @@ def test_quarantine_show_prints_why_text_and_raw_bytes(workdir: Path, corpus: Pa
     text = cli(cfg, "spam", "quarantine", "show", "1").stdout.decode()
     assert text.startswith("id:          1\n") and "subject:     Life Insurance - Why Pay More?\n" in text
     assert cli(cfg, "spam", "quarantine", "show", "1", "--raw").stdout == spam  # to save, or to score again
+    # Not to a terminal: the bytes as the spammer wrote them may hold escape sequences.
+    import pty
+    import subprocess
+
+    from tests.conftest import MAILGATE
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.run([*MAILGATE, "spam", "quarantine", "show", "1", "--raw", "--config", str(cfg)],
+                              stdout=terminal, stderr=subprocess.PIPE, timeout=120, cwd=cfg.parent)
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert (proc.returncode, proc.stderr.decode().strip()) == (
+        2, "mailgate: --raw writes the message as received: redirect it to a file or a pipe")
     assert cli(cfg, "spam", "quarantine", "release", "1").returncode == 0
     for args, code, error in [(("1",), 1, "1: not in quarantine (outcome ticket)"),
                               (("7",), 1, "7: no such message"),

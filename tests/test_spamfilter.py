@@ -213,6 +213,13 @@ def test_an_undo_takes_nothing_from_a_model_that_never_had_the_lesson() -> None:
     np.testing.assert_array_equal(features[1], before[0][1])
 
 
+def test_a_model_without_lessons_is_saved_without_lesson_arrays(tmp_path: Path) -> None:
+    # Readable by mailgate versions that predate the arrays (a rolling upgrade, a downgrade).
+    SpamModel.empty(n_features=2**10).save(tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz", allow_pickle=False) as npz:
+        assert sorted(npz.files) == ["class_count", "feature_count", "header"]
+
+
 def test_lessons_survive_save_and_load_and_the_oldest_are_forgotten(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     import mailgate.spamfilter as spamfilter
@@ -298,7 +305,9 @@ def test_garbage_and_wrong_shapes_are_refused(tmp_path: Path) -> None:
         SpamModel.load(tmp_path / "missing.npz")
 
     good = tmp_path / "good.npz"
-    SpamModel.empty(n_features=2**10).save(good)
+    taught = SpamModel.empty(n_features=2**10)
+    taught.learn_bytes(HAM_MAIL, False)  # a lesson: the file has the lesson arrays
+    taught.save(good)
     with np.load(good, allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}
 
@@ -333,6 +342,11 @@ def test_garbage_and_wrong_shapes_are_refused(tmp_path: Path) -> None:
         variant("lesson_2d", lesson_keys=np.zeros((1, 1), dtype=np.uint64),
                 lesson_classes=np.zeros((1, 1), dtype=np.uint8)),
     ]
+    # Refused by its declared size, before 8 MB of keys are unpacked.
+    with pytest.raises(ModelError, match="lesson_keys.npy is implausibly large"):
+        SpamModel.load(variant("lesson_many", lesson_keys=np.zeros(10**6, dtype=np.uint64),
+                               lesson_classes=np.zeros(10**6, dtype=np.uint8)))
+    assert {"lesson_keys", "lesson_classes"} <= set(arrays)
     lonely = tmp_path / "lonely.npz"
     _write_npz(lonely, **{k: v for k, v in arrays.items() if k != "lesson_classes"})
     bad.append(lonely)

@@ -784,11 +784,14 @@ def teach_filter(rt: Runtime, session: Session, ticket: Ticket,
     if first is None or not first.raw_sha256:
         return None, "no incoming message to learn from"
     raw = rt.blobs.get(first.raw_sha256)
+    # The lesson runs in any case: learn_spam reads the model file under its lock, and this
+    # process's copy may be older than what another instance taught since.
     if model.taught_as(raw) is is_spam:
         # Taught so before, and not undone since (the filter was off when it was undone).
-        return None, f"the spam filter already counts its first message as {kind}"
-    return (lambda: rt.learn_spam(raw, is_spam),
-            "the spam filter learned its first message" + ("" if is_spam else " as ham"))
+        said = f"the spam filter already counts its first message as {kind}"
+    else:
+        said = "the spam filter learned its first message" + ("" if is_spam else " as ham")
+    return (lambda: rt.learn_spam(raw, is_spam)), said
 
 
 def _set_from_spam(session: Session, ticket: Ticket, value: bool) -> bool:
