@@ -16,6 +16,7 @@ from tests.conftest import (
     cli,
     cli_json,
     mail,
+    query_json,
     start_daemon,
     wait_until,
     write_config,
@@ -131,7 +132,7 @@ def test_same_message_twice_makes_one_ticket(daemon: Daemon) -> None:
     m = mail(message_id="<dup@customer.org>")
     daemon.send(m)
     daemon.send(m)
-    wait_until(lambda: cli_json(daemon.config, "tickets", "list"))
+    wait_until(lambda: query_json(daemon.config, "tickets", "list"))
     daemon.wait_idle()
     assert len(daemon.tickets()) == 1
     assert len(daemon.ticket(daemon.tickets()[0]["number"])["messages"]) == 2  # message + confirmation
@@ -155,7 +156,7 @@ def test_auto_reply_is_stored_on_its_ticket_and_never_answered(daemon: Daemon) -
 def test_unmatched_bounce_is_screened_not_a_ticket(daemon: Daemon) -> None:
     daemon.send(mail(sender="MAILER-DAEMON@mx.example.net", subject="Undelivered Mail Returned to Sender",
                      body="This is the mail system."), sender="")
-    wait_until(lambda: cli_json(daemon.config, "screened"))
+    wait_until(lambda: query_json(daemon.config, "screened"))
     daemon.wait_idle()
     assert daemon.tickets() == []
     assert daemon.sent() == []
@@ -163,8 +164,8 @@ def test_unmatched_bounce_is_screened_not_a_ticket(daemon: Daemon) -> None:
 
 def test_garbage_becomes_a_dead_letter_and_the_daemon_keeps_serving(daemon: Daemon) -> None:
     daemon.send(bytes(range(256)) * 4)
-    wait_until(lambda: cli_json(daemon.config, "deadletter", "list"))
-    dead = cli_json(daemon.config, "deadletter", "list")
+    wait_until(lambda: query_json(daemon.config, "deadletter", "list"))
+    dead = query_json(daemon.config, "deadletter", "list")
     assert len(dead) == 1 and "unusable" in dead[0]["reason"]
     assert daemon.alive()
     open_ticket(daemon)

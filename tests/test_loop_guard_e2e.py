@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli_json, mail, start_daemon, wait_until, write_config
+from tests.conftest import cli_json, mail, query_json, start_daemon, wait_until, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -17,7 +17,7 @@ def test_automatic_mail_per_recipient_and_new_tickets_per_sender_are_capped(work
     try:
         for i in range(7):
             d.send(mail(sender="robot@flood.example", subject=f"Alert {i}", message_id=f"<alert{i}@flood.example>"))
-        wait_until(lambda: len(cli_json(cfg, "screened")) == 2, timeout=30)
+        wait_until(lambda: len(query_json(cfg, "screened")) == 2, timeout=30)
         d.wait_idle()
         tickets = d.tickets()
         screened = cli_json(cfg, "screened")
@@ -33,4 +33,4 @@ def test_automatic_mail_per_recipient_and_new_tickets_per_sender_are_capped(work
 
 
 def d_ticket_messages(cfg: Path, number: int) -> list[dict]:
-    return cli_json(cfg, "tickets", "show", str(number))["messages"]
+    return query_json(cfg, "tickets", "show", str(number))["messages"]

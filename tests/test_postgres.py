@@ -14,7 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli, cli_json, free_port, mail, need, sent_messages, start_daemon, wait_until, write_config
+from tests.conftest import (
+    cli,
+    cli_json,
+    free_port,
+    mail,
+    need,
+    query_json,
+    sent_messages,
+    start_daemon,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -83,8 +94,8 @@ def test_two_instances_share_the_work_exactly_once(pg_url: str, workdir: Path) -
         twice = mail(sender="dup@customer.org", subject="Twice", message_id="<twice@customer.org>")
         a.send(twice)
         b.send(twice)
-        wait_until(lambda: len(cli_json(cfg_a, "tickets", "list", "--requester", "dup@customer.org")) == 1)
-        wait_until(lambda: len(cli_json(cfg_a, "tickets", "list")) == n + 1)
+        wait_until(lambda: len(query_json(cfg_a, "tickets", "list", "--requester", "dup@customer.org")) == 1)
+        wait_until(lambda: len(query_json(cfg_a, "tickets", "list")) == n + 1)
     finally:
         a.stop()
         b.stop()

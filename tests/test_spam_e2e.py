@@ -10,7 +10,18 @@ from pathlib import Path
 import pytest
 
 from mailgate.spamfilter import SpamModel
-from tests.conftest import FIXTURES, REPO, Daemon, cli, cli_json, mail, start_daemon, wait_until, write_config
+from tests.conftest import (
+    FIXTURES,
+    REPO,
+    Daemon,
+    cli,
+    cli_json,
+    mail,
+    query_json,
+    start_daemon,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -28,11 +39,11 @@ def corpus_spam(corpus: Path) -> bytes:
 
 
 def score(daemon: Daemon, path: Path) -> float:
-    return float(cli_json(daemon.config, "spam", "score", str(path))["score"])
+    return float(query_json(daemon.config, "spam", "score", str(path))["score"])
 
 
 def quarantine(daemon: Daemon) -> list[dict]:
-    return cli_json(daemon.config, "spam", "quarantine", "list")
+    return query_json(daemon.config, "spam", "quarantine", "list")
 
 
 def as_stored(path: Path, message: EmailMessage) -> Path:
