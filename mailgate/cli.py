@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -190,25 +191,47 @@ def import_(path: Path, config: ConfigOpt = None,
     with Progress(transient=True, disable=json_out or not sys.stderr.isatty(),
                   console=text_console(stderr=True)) as progress:
         task = progress.add_task("importing", total=None)
-        for key, raw in iter_messages(path):
+        for batch in import_batches(iter_messages(path)):
             try:
-                accepted = spool.accept(rt.spool_engine, rt.blobs, raw, source="import",
-                                        queue=queue.lower() if queue else None,
-                                        source_key=f"import:{key}")
+                # Stored durably a batch at a time (one fsync and one commit), then processed
+                # one by one, each in its own transaction, as the daemon does.
+                accepted = spool.accept_batch(rt.spool_engine, rt.blobs,
+                                              [(f"import:{key}", raw) for key, raw in batch], source="import",
+                                              queue=queue.lower() if queue else None)
             except spool.SpoolError as exc:
-                fail(f"stopped: could not store {key}: {exc}", EX_TEMPFAIL)
-            if accepted.duplicate:
-                outcomes["already imported"] = outcomes.get("already imported", 0) + 1
-            else:
-                result = run_one(rt, worker, only_id=accepted.inbound_id)
-                name = result.outcome if result else "queued"
+                fail(f"stopped: could not store {batch[0][0]} or one of the {len(batch) - 1} after it: {exc}",
+                     EX_TEMPFAIL)
+            for done in accepted:
+                # A message stored by an earlier import that stopped before processing it
+                # is processed now; one already processed is only counted.
+                result = run_one(rt, worker, only_id=done.inbound_id)
+                name = result.outcome if result else "already imported" if done.duplicate else "queued"
                 outcomes[name] = outcomes.get(name, 0) + 1
-            progress.advance(task)
+                progress.advance(task)
     if json_out:
         print_json(outcomes)
     else:
         for name, n in sorted(outcomes.items()):
             echo(f"{name}: {n}")
+
+
+IMPORT_BATCH_MESSAGES = 100
+IMPORT_BATCH_BYTES = 32 * 2**20
+
+
+def import_batches(messages: Iterable[tuple[str, bytes]]) -> Iterator[list[tuple[str, bytes]]]:
+    """Messages in batches of IMPORT_BATCH_MESSAGES, or fewer once they hold
+    IMPORT_BATCH_BYTES: a mailbox of large messages must not be read into memory whole."""
+    batch: list[tuple[str, bytes]] = []
+    size = 0
+    for key, raw in messages:
+        batch.append((key, raw))
+        size += len(raw)
+        if len(batch) >= IMPORT_BATCH_MESSAGES or size >= IMPORT_BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 # --- tickets ------------------------------------------------------------------------------

@@ -114,6 +114,39 @@ def test_import_maildir(workdir: Path) -> None:
     assert missing.returncode == 2 and "no such file or directory" in missing.stderr.decode()
 
 
+def test_import_processes_what_an_interrupted_import_stored_but_left_queued(workdir: Path) -> None:
+    from mailgate import spool
+    from mailgate.config import load_settings
+    from mailgate.runtime import Runtime
+    from mailgate.store import migrate
+
+    config = write_config(workdir, agents="")
+    folder = workdir / "old-mail"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.eml").write_bytes(mail(subject=f"Old request {i}", message_id=f"<old-{i}@x>").as_bytes())
+    rt = Runtime.build(load_settings(config))
+    migrate.upgrade(rt.engine)
+    # The first import stored the batch, then stopped before processing the last two.
+    spool.accept_batch(rt.engine, rt.blobs, [(f"import:file:{p}", p.read_bytes()) for p in sorted(
+        folder.resolve().iterdir())], source="import")
+    assert spool.claim(rt.engine, "w", max_attempts=5) is not None  # 0.eml, processing elsewhere
+    out = cli_json(config, "import", str(folder))
+    assert out == {"already imported": 1, "ticket": 2}
+
+
+def test_import_batches_by_count_and_by_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mailgate.cli as mgcli
+
+    monkeypatch.setattr(mgcli, "IMPORT_BATCH_MESSAGES", 3)
+    monkeypatch.setattr(mgcli, "IMPORT_BATCH_BYTES", 10)
+    small = [(str(i), b"x") for i in range(7)]
+    assert [len(b) for b in mgcli.import_batches(small)] == [3, 3, 1]
+    large = [("a", b"x" * 6), ("b", b"x" * 6), ("c", b"x")]
+    assert [[k for k, _ in b] for b in mgcli.import_batches(large)] == [["a", "b"], ["c"]]
+    assert list(mgcli.import_batches([])) == []
+
+
 # --- tickets list -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("args", "expected"), [
