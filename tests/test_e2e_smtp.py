@@ -128,6 +128,17 @@ def test_hijack_attempt_opens_a_new_ticket_and_says_so(daemon: Daemon) -> None:
     assert new["requester"] == "mallory@evil.example"
 
 
+def test_run_on_an_empty_database_creates_the_schema(workdir: Path) -> None:
+    # The other daemon tests start on a copy of a migrated database (conftest.migrated_sqlite).
+    d = start_daemon(write_config(workdir), empty_database=True)
+    try:
+        d.send(mail())
+        wait_until(lambda: d.tickets())
+        assert "empty database: creating the schema" in d.log.read_text()
+    finally:
+        d.stop()
+
+
 def test_same_message_twice_makes_one_ticket(daemon: Daemon) -> None:
     m = mail(message_id="<dup@customer.org>")
     daemon.send(m)
