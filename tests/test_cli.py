@@ -22,7 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mailgate.cli import STATE_STYLE, _row_style, app
-from tests.conftest import FIXTURES, cli, cli_json, free_port, mail, write_config
+from tests.conftest import FIXTURES, cli, cli_json, free_port, mail, query_json, write_config
 
 MBOX = FIXTURES / "cli_tickets.mbox"
 PASSWD = b"root:x:0:0:root:/root:/bin/bash\n"
@@ -108,7 +108,7 @@ def test_import_maildir(workdir: Path) -> None:
     assert out.stdout.decode().splitlines() == ["reply: 1", "ticket: 3"]
     again = cli(config, "import", str(workdir / "old-mail"), "--json")
     assert json.loads(again.stdout) == {"already imported": 4}
-    assert sorted(t["subject"] for t in cli_json(config, "tickets", "list")) == [
+    assert sorted(t["subject"] for t in query_json(config, "tickets", "list")) == [
         "Old request 0", "Old request 1", "Old request 2"]
     missing = cli(config, "import", str(workdir / "nope"), check=False)
     assert missing.returncode == 2 and "no such file or directory" in missing.stderr.decode()
@@ -373,11 +373,11 @@ def test_deadletter_list_and_retry_after_the_cause_is_fixed(workdir: Path) -> No
     # One line: the traceback is kept with the dead letter, not handed to the MTA's bounce.
     assert proc.stderr.decode() == "mailgate: unusable message kept as dead letter 1: UndefinedError: 'tikcet' is " \
         "undefined\n"
-    dead = cli_json(config, "deadletter", "list")
+    dead = query_json(config, "deadletter", "list")
     # (from and subject are not shown: the processing transaction that would record them rolled back)
     assert [(d["id"], d["source"], d["attempts"]) for d in dead] == [(1, "ingest", 1)]
     assert "tikcet" in dead[0]["reason"] and "Traceback" in dead[0]["error"]
-    assert cli_json(config, "tickets", "list") == []
+    assert query_json(config, "tickets", "list") == []
 
     broken.unlink()
     assert ok(config, "deadletter", "retry").strip() == "1 requeued"

@@ -16,7 +16,7 @@ import pytest
 
 from mailgate.config import load_settings
 from mailgate.spamfilter import SpamModel
-from tests.conftest import cli, cli_json, mail, write_config
+from tests.conftest import cli, cli_json, mail, query_json, write_config
 
 EVAL_KEYS = {"accuracy", "spam_recall", "ham_false_positive_rate", "n_ham", "n_spam"}
 
@@ -172,7 +172,7 @@ def test_quarantine_show_prints_why_text_and_raw_bytes(workdir: Path, corpus: Pa
     cfg = write_config(workdir, spam_enabled=True)
     spam = sorted((corpus / "spam-1").iterdir())[0].read_bytes()
     cli(cfg, "ingest", input=spam)
-    shown = cli_json(cfg, "spam", "quarantine", "show", "1")
+    shown = query_json(cfg, "spam", "quarantine", "show", "1")
     assert shown["why"].startswith("spam score ") and shown["spam_score"] >= 0.9
     assert (shown["subject"], shown["envelope_to"]) == ("Life Insurance - Why Pay More?", [])
     assert "Life Insurance" in shown["text"] and not shown["text_truncated"] and shown["size"] == len(spam)
@@ -454,7 +454,7 @@ def test_a_past_requesters_address_is_scored_when_our_mta_says_dmarc_fail(workdi
 
     held = cli(cfg, "ingest", input=with_id(1, "dmarc=fail (p=reject)")).stdout.decode()
     assert held.startswith("quarantined: spam score")
-    [row] = cli_json(cfg, "spam", "quarantine", "list")
+    [row] = query_json(cfg, "spam", "quarantine", "list")
     assert row["from"] == "carol@customer.org"
     # With a DMARC pass, Carol is the known requester she is: never filtered.
     assert cli(cfg, "ingest", input=with_id(2, "dmarc=pass")).stdout.decode().strip() == "2"
@@ -557,7 +557,7 @@ def test_a_reply_to_the_list_from_a_recipient_who_is_no_agent_makes_no_ticket(wo
     config = write_config(workdir, spam_enabled=True, spam_extra='digest_to = ["security@example.com"]')
     spam = sorted((corpus / "spam-1").iterdir())[0].read_bytes()
     assert cli(config, "ingest", input=spam).stdout.decode().startswith("quarantined: spam score")
-    assert [r["id"] for r in cli_json(config, "spam", "quarantine", "list")] == [1]
+    assert [r["id"] for r in query_json(config, "spam", "quarantine", "list")] == [1]
     reply_to = reply_address("support@example.com", "test-secret-key-0123456789", QUARANTINE_REPLY_NUMBER,
                              "security@example.com")
     quoted = "\n".join("> " + line for line in spam.decode("latin-1").splitlines()[-40:])
@@ -566,12 +566,12 @@ def test_a_reply_to_the_list_from_a_recipient_who_is_no_agent_makes_no_ticket(wo
     assert cli(config, "ingest", input=reply.as_bytes()).stdout.decode().strip() == (
         "screened: reply to the quarantine list from security@example.com, who is not an agent")
 
-    assert cli_json(config, "tickets", "list") == []
-    assert [r["id"] for r in cli_json(config, "spam", "quarantine", "list")] == [1]  # still held
-    [screened] = cli_json(config, "screened")
+    assert query_json(config, "tickets", "list") == []
+    assert [r["id"] for r in query_json(config, "spam", "quarantine", "list")] == [1]  # still held
+    [screened] = query_json(config, "screened")
     assert (screened["id"], screened["reason"]) == (
         2, "reply to the quarantine list from security@example.com, who is not an agent")
-    [told] = cli_json(config, "outbox", "list")
+    [told] = query_json(config, "outbox", "list")
     assert (told["to"], told["template"], told["ticket"]) == ("security@example.com", "agent/result", None)
 
 
