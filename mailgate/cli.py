@@ -180,7 +180,7 @@ def import_(path: Path, config: ConfigOpt = None,
     from rich.progress import Progress
 
     from mailgate import spool
-    from mailgate.ingest.pipeline import run_one
+    from mailgate.ingest.pipeline import process_one, run_one
     from mailgate.mailsource import iter_messages
 
     rt = runtime_for(config)
@@ -188,24 +188,28 @@ def import_(path: Path, config: ConfigOpt = None,
         fail(f"{path}: no such file or directory")
     outcomes: dict[str, int] = {}
     worker = spool.worker_id()
+    # Rows an interrupted import (Ctrl-C, kill) left claimed: processed again below.
+    spool.release_dead_claims(rt.engine)
     with Progress(transient=True, disable=json_out or not sys.stderr.isatty(),
                   console=text_console(stderr=True)) as progress:
         task = progress.add_task("importing", total=None)
         for batch in import_batches(iter_messages(path)):
             try:
-                # Stored durably a batch at a time (one fsync and one commit), then processed
-                # one by one, each in its own transaction, as the daemon does.
+                # Stored durably a batch at a time (one fsync and one commit), claimed by this
+                # process in the same commit so that they are processed in mailbox order (a
+                # reply after its original) even while a daemon runs; then processed one by
+                # one, each in its own transaction, as the daemon does.
                 accepted = spool.accept_batch(rt.spool_engine, rt.blobs,
                                               [(f"import:{key}", raw) for key, raw in batch], source="import",
-                                              queue=queue.lower() if queue else None)
+                                              queue=queue.lower() if queue else None, claimed_by=worker)
             except spool.SpoolError as exc:
                 fail(f"stopped: could not store {batch[0][0]} or one of the {len(batch) - 1} after it: {exc}",
                      EX_TEMPFAIL)
             for done in accepted:
-                # A message stored by an earlier import that stopped before processing it
-                # is processed now; one already processed is only counted.
-                result = run_one(rt, worker, only_id=done.inbound_id)
-                name = result.outcome if result else "already imported" if done.duplicate else "queued"
+                # A message an earlier import stored but did not finish is processed now.
+                result = (process_one(rt, done.claimed) if done.claimed is not None
+                          else run_one(rt, worker, only_id=done.inbound_id))
+                name = result.outcome if result else _import_count_name(rt, done)
                 outcomes[name] = outcomes.get(name, 0) + 1
                 progress.advance(task)
     if json_out:
@@ -213,6 +217,18 @@ def import_(path: Path, config: ConfigOpt = None,
     else:
         for name, n in sorted(outcomes.items()):
             echo(f"{name}: {n}")
+
+
+def _import_count_name(rt: Any, done: Any) -> str:
+    """How `import` counts a message it did not process now (spool.Accepted): by its row."""
+    from mailgate import spool
+
+    state, outcome = spool.state_of(rt.engine, done.inbound_id)
+    if state == "done":
+        return "already imported" if done.duplicate else outcome or "done"
+    if state == "dead":
+        return "dead"
+    return "queued"  # another process (a daemon) has it, or it waits for a retry
 
 
 IMPORT_BATCH_MESSAGES = 100

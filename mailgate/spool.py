@@ -49,6 +49,7 @@ class SpoolError(Exception):
 class Accepted:
     inbound_id: int
     duplicate: bool  # the same source_key was accepted before
+    claimed: Inbound | None = None  # stored already claimed for processing (accept_batch claimed_by)
 
 
 def worker_id() -> str:
@@ -132,12 +133,19 @@ def accept(engine: Engine, blobs: BlobStore, raw: bytes, *, source: str,
 
 
 def accept_batch(engine: Engine, blobs: BlobStore, items: Sequence[tuple[str, bytes]], *, source: str,
-                 queue: str | None = None) -> list[Accepted]:
+                 queue: str | None = None, claimed_by: str | None = None) -> list[Accepted]:
     """`accept` for several keyed messages (an IMAP batch: (source_key, raw) each) in one
     commit: on SQLite a poller that committed per message waited for the database's write
-    lock once per message behind the work process. All or nothing; raises SpoolError."""
+    lock once per message behind the work process. All or nothing; raises SpoolError.
+
+    claimed_by (a worker_id): new rows are stored already claimed by it, as `claim` would,
+    so that it processes them in order (`mailgate import`) and a daemon's worker does not
+    take some of them first. Messages stored one at a time after a key conflict are not."""
     if not items:
         return []
+    now = utcnow()
+    claim: dict[str, object] = {} if claimed_by is None else {
+        "state": "processing", "claimed_by": claimed_by, "claimed_at": now, "next_attempt_at": now, "attempts": 1}
     try:
         digests = blobs.put_many([raw for _, raw in items])
         with session_scope(engine) as session:
@@ -150,12 +158,12 @@ def accept_batch(engine: Engine, blobs: BlobStore, items: Sequence[tuple[str, by
                     rows.append(existing[key])
                     continue
                 row = Inbound(source=source, source_key=key, envelope_to="", queue=queue,
-                              raw_sha256=digest, size=len(raw), received_at=utcnow())
+                              raw_sha256=digest, size=len(raw), received_at=now, **claim)
                 session.add(row)
                 rows.append(row)
             session.flush()
-            return [Accepted(r, duplicate=True) if isinstance(r, int) else Accepted(r.id or 0, duplicate=False)
-                    for r in rows]
+            return [Accepted(r, duplicate=True) if isinstance(r, int)
+                    else Accepted(r.id or 0, duplicate=False, claimed=r if claimed_by else None) for r in rows]
     except IntegrityError:
         # Another instance's poller stored some of them meanwhile: one at a time, it sorts out.
         return [accept(engine, blobs, raw, source=source, queue=queue, source_key=key) for key, raw in items]

@@ -114,11 +114,19 @@ def test_import_maildir(workdir: Path) -> None:
     assert missing.returncode == 2 and "no such file or directory" in missing.stderr.decode()
 
 
-def test_import_processes_what_an_interrupted_import_stored_but_left_queued(workdir: Path) -> None:
+def test_import_processes_what_an_interrupted_import_stored_and_claimed(workdir: Path) -> None:
+    import os
+    import socket
+    import subprocess
+
+    from sqlalchemy import update
+
     from mailgate import spool
     from mailgate.config import load_settings
     from mailgate.runtime import Runtime
     from mailgate.store import migrate
+    from mailgate.store.engine import session_scope
+    from mailgate.store.tables import Inbound
 
     config = write_config(workdir, agents="")
     folder = workdir / "old-mail"
@@ -127,12 +135,19 @@ def test_import_processes_what_an_interrupted_import_stored_but_left_queued(work
         (folder / f"{i}.eml").write_bytes(mail(subject=f"Old request {i}", message_id=f"<old-{i}@x>").as_bytes())
     rt = Runtime.build(load_settings(config))
     migrate.upgrade(rt.engine)
-    # The first import stored the batch, then stopped before processing the last two.
-    spool.accept_batch(rt.engine, rt.blobs, [(f"import:file:{p}", p.read_bytes()) for p in sorted(
-        folder.resolve().iterdir())], source="import")
-    assert spool.claim(rt.engine, "w", max_attempts=5) is not None  # 0.eml, processing elsewhere
+    # The first import stored and claimed its batch, then was killed before processing it.
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid no longer runs
+    dead_import = f"{socket.gethostname()}:{gone.pid}"
+    accepted = spool.accept_batch(rt.engine, rt.blobs, [(f"import:file:{p}", p.read_bytes()) for p in sorted(
+        folder.resolve().iterdir())], source="import", claimed_by=dead_import)
+    assert [a.claimed.state for a in accepted if a.claimed] == ["processing"] * 3
+    assert spool.claim(rt.engine, "daemon", max_attempts=5) is None  # claimed: no daemon takes them
+    with session_scope(rt.engine) as session:  # 0.eml: a live worker has it now
+        session.exec(update(Inbound).where(Inbound.id == accepted[0].inbound_id).values(  # type: ignore[call-overload]
+            claimed_by=f"{socket.gethostname()}:{os.getpid()}"))
     out = cli_json(config, "import", str(folder))
-    assert out == {"already imported": 1, "ticket": 2}
+    assert out == {"queued": 1, "ticket": 2}
 
 
 def test_import_batches_by_count_and_by_size(monkeypatch: pytest.MonkeyPatch) -> None:
