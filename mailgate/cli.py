@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -26,6 +26,10 @@ from rich.text import Text
 # sqlmodel and the rest of the package are imported inside the commands: a config error or
 # --help then answers without paying for SQLAlchemy's import.
 from mailgate.config import ConfigError, Settings, config_path, load_settings
+
+if TYPE_CHECKING:
+    from mailgate.runtime import Runtime
+    from mailgate.spool import Accepted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="mailgate: an email-first help desk daemon.")
@@ -219,7 +223,7 @@ def import_(path: Path, config: ConfigOpt = None,
             echo(f"{name}: {n}")
 
 
-def _import_count_name(rt: Any, done: Any) -> str:
+def _import_count_name(rt: Runtime, done: Accepted) -> str:
     """How `import` counts a message it did not process now (spool.Accepted): by its row."""
     from mailgate import spool
 
@@ -446,6 +450,7 @@ def _inbound_rows(rt: Any, where: Any, limit: int) -> list[dict[str, Any]]:
 
     from mailgate.store.engine import iso, session_scope
     from mailgate.store.tables import Inbound
+    from mailgate.views import stop_reason
 
     with session_scope(rt.engine) as session:
         rows = session.exec(select(Inbound).where(where).order_by(Inbound.id.desc()).limit(limit)).all()  # type: ignore[union-attr]
@@ -453,7 +458,7 @@ def _inbound_rows(rt: Any, where: Any, limit: int) -> list[dict[str, Any]]:
                  "subject": r.subject, "message_id": r.message_id_header, "attempts": r.attempts,
                  "outcome": r.outcome, "spam_score": r.spam_score, "size": r.size,
                  "reason": (r.last_error or "").strip().splitlines()[-1:][0] if r.last_error else
-                 _stop_reason(r.rule_hits), "error": r.last_error} for r in rows]
+                 stop_reason(r.rule_hits), "error": r.last_error} for r in rows]
 
 
 def _print_inbound(rows: list[dict[str, Any]], json_out: bool, line: str) -> None:
@@ -462,11 +467,6 @@ def _print_inbound(rows: list[dict[str, Any]], json_out: bool, line: str) -> Non
         return
     for r in rows:
         echo(line.format(**r))
-
-
-def _stop_reason(rule_hits: str) -> str:
-    hits = json.loads(rule_hits or "[]")
-    return next((h["reason"] for h in reversed(hits) if h["step"] == "stop"), "")
 
 
 @dead_app.command("list")
@@ -765,8 +765,12 @@ def quarantine_release(ids: Annotated[list[int], typer.Argument(help="Ids from `
             failed += 1
             echo(f"mailgate: {inbound_id}: {done.detail}", err=True)
             continue
-        learned = ("learned as ham" if done.learned else "not learned (spam filter off)"
-                   if not rt.settings.spam.enabled else "NOT learned as ham: the spam model is unusable (see the log)")
+        if done.learned:
+            learned = "learned as ham"
+        elif not rt.settings.spam.enabled:
+            learned = "not learned (spam filter off)"
+        else:
+            learned = "NOT learned as ham: the spam model is unusable (see the log)"
         result = run_one(rt, worker, only_id=inbound_id)
         if result is None:
             echo(f"{inbound_id}: released, {learned}; the daemon is processing it")

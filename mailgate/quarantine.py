@@ -11,7 +11,6 @@ of it; the 'released from quarantine' rule hit stays on the message.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +23,7 @@ from mailgate.runtime import Runtime
 from mailgate.spool import RELEASED
 from mailgate.store.engine import iso, session_scope
 from mailgate.store.tables import Inbound
+from mailgate.views import stop_reason
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def held_message(rt: Runtime, inbound_id: int) -> tuple[dict[str, Any], bytes] |
             "spam_score": None if row.spam_score is None else round(row.spam_score, 4),
             "message_id": row.message_id_header, "envelope_from": row.envelope_from,
             "envelope_to": [a for a in row.envelope_to.split(",") if a], "size": len(raw),
-            "why": _spam_reason(row.rule_hits)}
+            "why": stop_reason(row.rule_hits)}
     return shown | readable_parts(raw), raw
 
 
@@ -71,16 +71,6 @@ def readable_parts(raw: bytes) -> dict[str, Any]:
             "attachments": [{"filename": a.filename, "content_type": a.content_type, "size": len(a.data)}
                             for a in parsed.attachments],
             "defects": list(parsed.defects)}
-
-
-def _spam_reason(rule_hits: str) -> str:
-    try:
-        hits = json.loads(rule_hits)
-    except ValueError:
-        return ""
-    # The pipeline records why it stopped as the last "stop" step ("spam score 0.97 >= 0.9").
-    return next((str(h.get("reason", "")) for h in reversed(hits) if isinstance(h, dict) and h.get("step") == "stop"),
-                "") if isinstance(hits, list) else ""
 
 
 @dataclass(frozen=True)

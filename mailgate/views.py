@@ -156,3 +156,16 @@ def ticket_detail(session: Session, ticket: Ticket) -> dict[str, Any]:
     data["events"] = [{"at": iso(e.created_at), "actor": e.actor, "action": e.action, "old": e.old,
                        "new": e.new, "detail": e.detail} for e in events]
     return data
+
+
+def stop_reason(rule_hits: str | None) -> str:
+    """Why the pipeline stopped with a message (screened, quarantined, ...): the reason of
+    the last "stop" step in its rule hits, '' when there is none or the JSON is damaged."""
+    try:
+        hits = json.loads(rule_hits or "[]")
+    except ValueError:
+        return ""
+    if not isinstance(hits, list):
+        return ""
+    return next((str(h.get("reason", "")) for h in reversed(hits) if isinstance(h, dict) and h.get("step") == "stop"),
+                "")
