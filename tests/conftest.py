@@ -338,3 +338,24 @@ def relay() -> Iterator[CaptureRelay]:
 def corpus() -> Path:
     need(CORPUS.is_dir(), f"public corpus not found at {CORPUS}")
     return CORPUS
+
+
+def ticket_with_first_message(rt: Any, raw: bytes, *, status: str = "new", from_spam: bool = False) -> int:
+    """A ticket from dave@pitch.example whose first incoming message is `raw`, stored
+    directly (no pipeline): for tests of what agents do to a ticket afterwards."""
+    from mailgate.store.engine import session_scope, utcnow
+    from mailgate.store.tables import Contact, Message, Ticket
+
+    with session_scope(rt.engine) as session:
+        contact = Contact(email="dave@pitch.example", name="Dave", created_at=utcnow())
+        session.add(contact)
+        session.flush()
+        ticket = Ticket(subject="Quick question", requester_id=contact.id, queue="support@example.com",
+                        status=status, status_kind=status, from_spam=from_spam, created_at=utcnow(),
+                        updated_at=utcnow())
+        session.add(ticket)
+        session.flush()
+        session.add(Message(ticket_id=ticket.number, kind="public", direction="in", from_addr="dave@pitch.example",
+                            raw_sha256=rt.blobs.put(raw), created_at=utcnow()))
+        assert ticket.number is not None
+        return ticket.number

@@ -23,6 +23,7 @@ from tests.conftest import (
     query_json,
     sent_messages,
     start_daemon,
+    ticket_with_first_message,
     wait_until,
     write_config,
 )
@@ -197,26 +198,15 @@ def test_two_instances_reopening_a_spam_ticket_teach_the_filter_once(pg_url: str
     from mailgate.ingest.apply import add_event
     from mailgate.runtime import Runtime
     from mailgate.store import migrate
-    from mailgate.store.engine import session_scope, utcnow
-    from mailgate.store.tables import Contact, Event, Message, Ticket
+    from mailgate.store.engine import session_scope
+    from mailgate.store.tables import Event, Ticket
 
     settings = load_settings(write_config(workdir, database=pg_url, spam_enabled=True))
     rt = Runtime.build(settings)
     migrate.upgrade(rt.engine)
+    number = ticket_with_first_message(rt, mail().as_bytes(), status="closed", from_spam=True)
     with session_scope(rt.engine) as session:
-        contact = Contact(email="dave@pitch.example", name="Dave", created_at=utcnow())
-        session.add(contact)
-        session.flush()
-        ticket = Ticket(subject="Quick question", requester_id=contact.id, queue="support@example.com",
-                        status="closed", status_kind="closed", from_spam=True, created_at=utcnow(),
-                        updated_at=utcnow())
-        session.add(ticket)
-        session.flush()
-        session.add(Message(ticket_id=ticket.number, kind="public", direction="in", from_addr="dave@pitch.example",
-                            raw_sha256=rt.blobs.put(mail().as_bytes()), created_at=utcnow()))
-        add_event(session, ticket, "alice@example.com", "spam", None, "learned")
-        number = ticket.number
-    assert number is not None
+        add_event(session, session.get(Ticket, number), "alice@example.com", "spam", None, "learned")  # type: ignore[arg-type]
     lessons: list[bool] = []
     instances = [Runtime.build(settings) for _ in range(4)]  # as on four machines: own engines
     start = threading.Barrier(len(instances))

@@ -16,9 +16,9 @@ from mailgate.config import load_settings
 from mailgate.ingest.apply import add_event, teach_filter
 from mailgate.runtime import Runtime
 from mailgate.store import migrate
-from mailgate.store.engine import session_scope, utcnow
-from mailgate.store.tables import Contact, Event, Message, Outbox, Ticket
-from tests.conftest import mail, write_config
+from mailgate.store.engine import session_scope
+from mailgate.store.tables import Event, Outbox, Ticket
+from tests.conftest import mail, ticket_with_first_message, write_config
 
 FIRST = mail(sender="Dave <dave@pitch.example>", subject="Quick question",
              body="We build websites. Can I send you our price list?").as_bytes()
@@ -29,19 +29,7 @@ def desk(workdir: Path) -> Iterator[tuple[Runtime, int]]:
     """A ticket with one stored incoming message, and the shipped model to teach."""
     rt = Runtime.build(load_settings(write_config(workdir, spam_enabled=True)))
     migrate.upgrade(rt.engine)
-    with session_scope(rt.engine) as session:
-        contact = Contact(email="dave@pitch.example", name="Dave", created_at=utcnow())
-        session.add(contact)
-        session.flush()
-        ticket = Ticket(subject="Quick question", requester_id=contact.id, queue="support@example.com",
-                        status="new", status_kind="new", created_at=utcnow(), updated_at=utcnow())
-        session.add(ticket)
-        session.flush()
-        session.add(Message(ticket_id=ticket.number, kind="public", direction="in", from_addr="dave@pitch.example",
-                            raw_sha256=rt.blobs.put(FIRST), created_at=utcnow()))
-        number = ticket.number
-    assert number is not None
-    yield rt, number
+    yield rt, ticket_with_first_message(rt, FIRST)
 
 
 def lesson(rt: Runtime, number: int, is_spam: bool) -> tuple[dict[str, Any] | None, str]:
