@@ -626,6 +626,16 @@ def _structure_tokens(msg: Message, headers: _Headers, feature_version: int, out
         out.add("mime:no_version")
 
 
+def sender_domain(raw: bytes) -> str:
+    """The registrable domain of the From address, "" without one: how validation
+    groups mail by sender (tools/train_default_model.py)."""
+    try:
+        msg = message_from_bytes(raw)
+        return _registered_domain(_domain_of(_Headers.of(msg).sender[1])[:255])
+    except Exception:
+        return ""
+
+
 def extract_tokens(
     raw: bytes, msg: Message | None = None, *, feature_version: int = FEATURE_VERSION
 ) -> set[str]:
