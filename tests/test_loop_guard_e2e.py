@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli_json, mail, query_json, start_daemon, wait_until, write_config
+from tests.conftest import cli, cli_json, mail, query_json, start_daemon, wait_until, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -34,3 +34,23 @@ def test_automatic_mail_per_recipient_and_new_tickets_per_sender_are_capped(work
 
 def d_ticket_messages(cfg: Path, number: int) -> list[dict]:
     return query_json(cfg, "tickets", "show", str(number))["messages"]
+
+
+def test_list_mail_gets_no_status_notices_until_a_person_writes(workdir: Path) -> None:
+    """List or bulk mail opens a ticket without a confirmation, and later status changes
+    (by hand, by mail or by auto-close) do not mail the list either (RFC 3834)."""
+    cfg = write_config(workdir)
+    to_list = lambda: [r["template"] for r in query_json(cfg, "outbox", "list")  # noqa: E731
+                       if r["to"] == "dev@lists.customer.org"]
+    listed = mail(sender="Dev List <dev@lists.customer.org>", subject="[dev] build broken",
+                  headers={"List-Id": "<dev.lists.customer.org>", "Precedence": "list"})
+    cli(cfg, "ingest", input=bytes(listed))
+    cli(cfg, "tickets", "update", "1", "--status", "solved")
+    cli(cfg, "tickets", "update", "1", "--status", "closed")
+    assert to_list() == []
+
+    # A person writes from that address on the ticket: status notices resume.
+    person = mail(sender="Dev List <dev@lists.customer.org>", subject="Re: [EXAMPLE #1] [dev] build broken")
+    cli(cfg, "ingest", input=bytes(person))
+    cli(cfg, "tickets", "update", "1", "--status", "solved")
+    assert to_list() == ["requester/status-solved"]

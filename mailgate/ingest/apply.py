@@ -897,6 +897,8 @@ def send_effects(ctx: Context) -> None:
             notify.status_changed(rt, session, ticket, data["old"], hits=ctx.hits)
         elif name == "merged":
             for to in data["to"]:
+                if not notify.wrote_as_person(session, ticket, to):
+                    continue
                 notify.send(rt, session, ticket=ticket, template="requester/merged", to=to,
                             extra={"merged_from": data["source"], "merged_subject": data["source_subject"]},
                             record_kind="system", hits=ctx.hits)

@@ -34,6 +34,13 @@ _THREAD_IDS = select(Message.message_id).where(
 _AUTO_REPLIES_SINCE = select(
     func.count(), func.coalesce(func.sum(case((AutoReplyLog.sent_at > bindparam("hour_ago"), 1), else_=0)), 0),
 ).where(AutoReplyLog.recipient == bindparam("recipient"), AutoReplyLog.sent_at > bindparam("day_ago"))
+# The screen verdict of an address's latest message on a ticket, auto-replies and bounces
+# left out (a requester's out-of-office reply does not make them a list).
+_LATEST_SCREEN_KIND = select(Message.screen_kind).where(
+    Message.ticket_id == bindparam("ticket"), Message.direction == "in",
+    Message.from_addr == bindparam("address"),
+    Message.screen_kind.is_(None) | Message.screen_kind.in_(("list", "bulk")),  # type: ignore[union-attr]
+).order_by(Message.id.desc()).limit(1)  # type: ignore[union-attr]
 _PARTICIPANTS_IN_ROLE = select(Participant.email).where(
     Participant.ticket_id == bindparam("ticket"), Participant.role == bindparam("role"))
 
@@ -104,6 +111,14 @@ def status_template(rt: Runtime, status: str) -> str:
     return "requester/status"
 
 
+def wrote_as_person(session: Session, ticket: Ticket, address: str) -> bool:
+    """False when `address` last wrote on `ticket` as a list or as bulk mail: such mail opens
+    a ticket but gets no automatic mail (RFC 3834, DESIGN.md section 4), also later, when
+    the ticket changes status, until a person writes from that address on the ticket."""
+    kind = session.exec(_LATEST_SCREEN_KIND, params={"ticket": ticket.number, "address": address}).first()
+    return kind is None
+
+
 def status_changed(rt: Runtime, session: Session, ticket: Ticket, old_status: str,
                    hits: list[dict[str, Any]] | None = None) -> None:
     """Tell the requester, if the new status says so; the one rule for mail, CLI and jobs."""
@@ -111,7 +126,7 @@ def status_changed(rt: Runtime, session: Session, ticket: Ticket, old_status: st
     if status is None or not status.notify_requester or ticket.from_spam or ticket.merged_into:
         return
     requester = session.get(Contact, ticket.requester_id)
-    if requester is not None and requester.email:
+    if requester is not None and requester.email and wrote_as_person(session, ticket, requester.email):
         send(rt, session, ticket=ticket, template=status_template(rt, ticket.status), to=requester.email,
              extra={"old_status": old_status}, record_kind="system", hits=hits)
 
