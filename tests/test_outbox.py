@@ -380,3 +380,41 @@ def test_a_maildir_batch_lands_in_new_and_a_row_that_cannot_be_written_fails_alo
     blocked.write_text("a file where the maildir should be")
     errors = deliver_batch_to_maildir(blocked, rows)
     assert all(isinstance(e, DeliveryError) for e in errors) and len(errors) == 3
+
+
+def delivery_report(message_id: str, action: str, status: str, attempt: int = 1) -> bytes:
+    return (
+        "From: Mail Delivery System <MAILER-DAEMON@mx.customer.org>\r\nTo: support@example.com\r\n"
+        f"Subject: Delivery Status Notification ({action})\r\nMessage-ID: <{attempt}.{action}.{message_id}>\r\n"
+        "MIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
+        "--b\r\nContent-Type: text/plain\r\n\r\nAbout your message to carol@customer.org.\r\n"
+        "--b\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.customer.org\r\n\r\n"
+        f"Final-Recipient: rfc822; carol@customer.org\r\nAction: {action}\r\nStatus: {status}\r\n\r\n"
+        "--b\r\nContent-Type: text/rfc822-headers\r\n\r\nFrom: support@example.com\r\n"
+        f"To: carol@customer.org\r\nMessage-ID: <{message_id}>\r\n\r\n--b--\r\n"
+    ).encode()
+
+
+def test_only_a_failed_delivery_report_about_a_sent_mail_marks_it_bounced(workdir: Path) -> None:
+    config = write_config(workdir)
+    cli(config, "ingest", input=bytes(mail()))
+    confirmation = next(r for r in cli_json(config, "outbox", "list") if r["template"] == "requester/created")
+
+    def row() -> dict[str, Any]:
+        return next(r for r in cli_json(config, "outbox", "list") if r["id"] == confirmation["id"])
+
+    # Still queued: a report naming it is forged (its Message-ID is in what we mailed before).
+    cli(config, "ingest", input=delivery_report(confirmation["message_id"], "failed", "5.1.1"))
+    assert row()["state"] == "queued"
+    with sqlite3.connect(workdir / "mailgate.db") as db:
+        db.execute("UPDATE outbox SET state = 'sent' WHERE id = ?", (confirmation["id"],))
+    for action, status in (("delayed", "4.4.1"), ("delivered", "2.0.0"), ("relayed", "2.0.0")):
+        cli(config, "ingest", input=delivery_report(confirmation["message_id"], action, status))
+    assert row()["state"] == "sent"
+    assert not [e for e in cli_json(config, "tickets", "show", "1")["events"] if e["action"] == "bounce"]
+
+    cli(config, "ingest", input=delivery_report(confirmation["message_id"], "failed", "5.1.1", attempt=2))
+    assert (row()["state"], row()["last_error"]) == ("failed", "bounced: carol@customer.org")
+    assert [e["new"] for e in cli_json(config, "tickets", "show", "1")["events"] if e["action"] == "bounce"] == [
+        "carol@customer.org"]

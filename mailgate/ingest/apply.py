@@ -829,13 +829,23 @@ def unmark_spam(rt: Runtime, session: Session, ticket: Ticket,
 
 
 def record_bounce(ctx: Context) -> None:
-    """A DSN about a mail we sent: mark that outbox row failed and note it on its ticket."""
+    """A DSN about a mail we sent: mark that outbox row failed and note it on its ticket.
+
+    Only a report that some recipient failed counts: "delayed", "delivered", "relayed" and
+    "expanded" reports say the mail is still on its way or arrived. Only a row already
+    sent can bounce; a report naming a queued one is forged (a requester knows the
+    Message-IDs of what we mailed them) and must not cancel it."""
+    failed = ctx.msg.dsn_failed_recipients
     for mid in ctx.msg.dsn_original_message_ids:
         row = ctx.session.exec(select(Outbox).where(Outbox.message_id == mid)).first()
         if row is None:
             continue
+        if not failed or row.state != "sent":
+            why = "no failed recipient in the report" if not failed else f"outbox {row.id} is {row.state}"
+            ctx.hit("bounce", False, f"<{mid}>: {why}")
+            continue
         row.state = "failed"
-        recipients = ", ".join(ctx.msg.dsn_failed_recipients) or row.recipients
+        recipients = ", ".join(failed)
         row.last_error = f"bounced: {recipients}"
         ctx.session.add(row)
         ctx.hit("bounce", True, f"outbox {row.id} <{mid}> bounced for {recipients}")
