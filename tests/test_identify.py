@@ -84,3 +84,15 @@ def test_dmarc_fail_from_our_mta_names_a_forged_from() -> None:
         ([], TRUSTED),
     ]:
         assert dmarc_failed(headers, trusted, "customer.org") is None, headers
+
+
+def test_our_header_that_does_not_parse_ends_the_search() -> None:
+    # The sender controls what makes our MTA's stamp unparsable (a HELO literal, a null
+    # MAIL FROM); a header below it with our id was written by the sender.
+    forged_below = "mx.example.com; dkim=pass header.d=example.com"
+    for ours in ("mx.example.com; spf=softfail smtp.mailfrom=alice@example.com smtp.helo=[203.0.113.5]",
+                 "mx.example.com; spf=none smtp.mailfrom=<>",
+                 "(our (nested) comment) MX.example.com 1; dkim=pass (unterminated"):
+        assert not ident(headers=[ours, forged_below]).verified, ours  # type: ignore[union-attr]
+    # An unparsable header from someone else is skipped, as before.
+    assert ident(headers=["other.example; spf=pass smtp.helo=[203.0.113.5]", forged_below]).verified  # type: ignore[union-attr]

@@ -9,6 +9,7 @@ domain. Reply-To never identifies anyone.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -74,11 +75,26 @@ def _topmost_trusted(headers: Sequence[str], trusted_ids: Sequence[str]) -> auth
     for value in headers:
         try:
             parsed = authres.AuthenticationResultsHeader.parse(f"Authentication-Results: {value}")
-        except Exception:  # a forged or broken header is simply not evidence
+        except Exception:
+            # Not evidence. If our own server wrote it (the sender can make it unparsable:
+            # smtp.helo=[203.0.113.5], smtp.mailfrom=<>), the search stops here: a header
+            # below ours with our authserv-id was written by the sender.
+            if _authserv_id(value) in trusted:
+                return None
             continue
         if (parsed.authserv_id or "").lower() in trusted:
             return parsed
     return None
+
+
+def _authserv_id(value: str) -> str:
+    """The authserv-id an Authentication-Results value starts with, lowercased, read without
+    a full parse: comments dropped, then the first word before ';'."""
+    previous = None
+    while previous != value:  # nested comments, innermost first
+        previous, value = value, re.sub(r"\([^()]*\)", " ", value)
+    words = value.split(";", 1)[0].split()
+    return words[0].lower() if words else ""
 
 
 def _first_pass(parsed: authres.AuthenticationResultsHeader, from_domain: str) -> str | None:
