@@ -238,6 +238,13 @@ def test_spoofed_agent_and_authentication_results(desk: Desk) -> None:
     mails = desk.take()
     assert [str(m["To"]) for m in mails] == ["alice@example.com"]
     assert all(m["text"] != "forged note" for m in d.ticket(n)["messages"])
+    # list or bulk headers do not get forged commands a ticket in alice's name
+    before = desk.numbers()
+    for headers in ({"Precedence": "bulk"}, {"List-Id": "<x.lists.example.com>"}):
+        desk.send(mail(sender="alice@example.com", subject="New", body="#status closed", headers=headers))
+        mails = desk.take()
+        assert [str(m["To"]) for m in mails] == ["alice@example.com"], headers
+    assert desk.numbers() == before
     # trusted authserv-id with an aligned DKIM pass: the command counts
     desk.send(mail(sender="alice@example.com", subject=subject, body="#status closed",
                    headers={"Authentication-Results": DKIM_PASS}))

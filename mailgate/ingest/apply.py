@@ -327,7 +327,9 @@ def apply_message(ctx: Context) -> None:
     assert verdict is not None
     if ctx.msg.is_dsn:
         record_bounce(ctx)
-    if verdict.kind is None and _spoofed_agent(ctx):
+    # Auto-replies and bounces read no commands and change nothing; list or bulk headers
+    # on forged agent mail must not buy it a ticket in the agent's name.
+    if not verdict.is_automatic and _spoofed_agent(ctx):
         refuse_spoofed(ctx)
     if ctx.ticket is None:
         new_ticket_from_message(ctx)
