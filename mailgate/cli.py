@@ -26,6 +26,7 @@ from rich.text import Text
 # sqlmodel and the rest of the package are imported inside the commands: a config error or
 # --help then answers without paying for SQLAlchemy's import.
 from mailgate.config import ConfigError, Settings, config_path, load_settings
+from mailgate.domain import MAX_ID
 
 if TYPE_CHECKING:
     from mailgate.runtime import Runtime
@@ -52,6 +53,8 @@ EX_TEMPFAIL = 75
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Config file "
                       "(default: $MAILGATE_CONFIG, then /etc/mailgate/config.toml).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+# Ticket numbers and row ids fit a 32-bit integer column (domain.MAX_ID).
+TicketNumber = Annotated[int, typer.Argument(min=1, max=MAX_ID)]
 
 
 # Subjects, addresses, bodies and file names come from strangers' mail and reach the
@@ -329,7 +332,7 @@ def _load_ticket(session: Any, number: int) -> Any:
 
 
 @tickets_app.command("show")
-def tickets_show(number: int, config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
+def tickets_show(number: TicketNumber, config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
     """Show one ticket with its messages, rule hits and events."""
     from mailgate.store.engine import session_scope
     from mailgate.views import ticket_detail
@@ -359,7 +362,7 @@ def tickets_show(number: int, config: ConfigOpt = None, json_out: JsonOpt = Fals
 
 @tickets_app.command("update")
 def tickets_update(
-    number: int, config: ConfigOpt = None,
+    number: TicketNumber, config: ConfigOpt = None,
     status: Annotated[str | None, typer.Option()] = None,
     priority: Annotated[str | None, typer.Option()] = None,
     category: Annotated[str | None, typer.Option()] = None,
@@ -384,7 +387,7 @@ def tickets_update(
 
 
 @tickets_app.command("note")
-def tickets_note(number: int, config: ConfigOpt = None,
+def tickets_note(number: TicketNumber, config: ConfigOpt = None,
                  text: Annotated[str | None, typer.Option(help="Note text (default: read stdin).")] = None,
                  author: Annotated[str, typer.Option(help="Recorded author.")] = "cli") -> None:
     """Add an internal note (never sent to the requester)."""
@@ -436,7 +439,8 @@ def outbox_list(config: ConfigOpt = None, json_out: JsonOpt = False,
 
 
 @outbox_app.command("retry")
-def outbox_retry(ids: Annotated[list[int] | None, typer.Argument(help="Outbox ids (default: all failed).")] = None,
+def outbox_retry(ids: Annotated[list[int] | None, typer.Argument(
+    help="Outbox ids (default: all failed).", min=1, max=MAX_ID)] = None,
                  config: ConfigOpt = None) -> None:
     """Send failed outgoing mail again."""
     from mailgate.outbox import retry_failed
@@ -480,7 +484,8 @@ def deadletter_list(config: ConfigOpt = None, json_out: JsonOpt = False,
 
 
 @dead_app.command("retry")
-def deadletter_retry(ids: Annotated[list[int] | None, typer.Argument(help="Inbound ids (default: all).")] = None,
+def deadletter_retry(ids: Annotated[list[int] | None, typer.Argument(
+    help="Inbound ids (default: all).", min=1, max=MAX_ID)] = None,
                      config: ConfigOpt = None) -> None:
     """Put dead letters back in the queue; the running daemon processes them."""
     from mailgate import spool
@@ -706,7 +711,8 @@ def quarantine_list(config: ConfigOpt = None, json_out: JsonOpt = False,
 
 
 @quarantine_app.command("show")
-def quarantine_show(inbound_id: Annotated[int, typer.Argument(help="An id from `spam quarantine list`.")],
+def quarantine_show(inbound_id: Annotated[int, typer.Argument(
+                        help="An id from `spam quarantine list`.", min=1, max=MAX_ID)],
                     config: ConfigOpt = None, json_out: JsonOpt = False,
                     raw: Annotated[bool, typer.Option("--raw", help="Write the message's bytes as received "
                                                       "(to save it, or to pipe to `spam score -`).")] = False) -> None:
@@ -749,7 +755,8 @@ def quarantine_show(inbound_id: Annotated[int, typer.Argument(help="An id from `
 
 
 @quarantine_app.command("release")
-def quarantine_release(ids: Annotated[list[int], typer.Argument(help="Ids from `spam quarantine list`.")],
+def quarantine_release(ids: Annotated[list[int], typer.Argument(
+                           help="Ids from `spam quarantine list`.", min=1, max=MAX_ID)],
                        config: ConfigOpt = None) -> None:
     """Release false positives: learn each as ham and ticket it as usual (with its confirmation)."""
     from mailgate import spool

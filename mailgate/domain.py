@@ -27,6 +27,11 @@ def reply_token(secret: str, ticket_number: int, recipient: str) -> str:
     return _mac(secret, "reply", str(ticket_number), recipient.lower())
 
 
+# Ticket numbers and row ids are 32-bit integer columns (PostgreSQL's integer). A larger
+# number in a subject tag, a plus address or a command names no row, and must not reach
+# a query, which PostgreSQL refuses: the message would fail instead of opening a ticket.
+MAX_ID = 2**31 - 1
+
 # The quarantine digest's Reply-To carries a token for this number, which no ticket has:
 # it proves an admin's #release reply as a ticket token proves a reply to a notice.
 QUARANTINE_REPLY_NUMBER = 0
@@ -45,7 +50,10 @@ def parse_plus_address(address: str) -> tuple[str, int, str] | None:
     m = _PLUS_RE.match(address.lower())
     if not m:
         return None
-    return f"{m['local']}@{m['domain']}", int(m["ticket"]), m["token"]
+    number = int(m["ticket"])
+    if number > MAX_ID:
+        return None
+    return f"{m['local']}@{m['domain']}", number, m["token"]
 
 
 def base_address(address: str) -> str:
@@ -72,7 +80,7 @@ def tag_pattern(tag: str) -> re.Pattern[str]:
 
 def ticket_from_subject(tag: str, subject: str) -> int | None:
     m = tag_pattern(tag).search(subject)
-    return int(m.group(1)) if m else None
+    return int(m.group(1)) if m and int(m.group(1)) <= MAX_ID else None
 
 
 def strip_tag(tag: str, subject: str) -> str:
@@ -117,7 +125,7 @@ def ticket_from_our_message_id(secret: str, message_id: str) -> int | None:
     if not hmac.compare_digest(_mac(secret, "mid", t, nonce), mac):
         return None
     number = int(t)
-    return number or None
+    return number if 0 < number <= MAX_ID else None
 
 
 # --- text helpers -------------------------------------------------------------

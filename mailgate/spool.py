@@ -258,7 +258,8 @@ def fail(engine: Engine, inbound_id: int, error: str, *, max_attempts: int,
         row = session.get(Inbound, inbound_id)
         if row is None:
             return False
-        row.last_error = error[-20000:]
+        # A traceback can quote the message's bytes; PostgreSQL text cannot hold NUL.
+        row.last_error = error[-20000:].replace("\x00", "\\x00")
         for key, value in fields.items():
             setattr(row, key, value)
         if permanent or row.attempts >= max_attempts:

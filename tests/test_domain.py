@@ -50,3 +50,10 @@ def test_our_message_ids_carry_an_hmac() -> None:
 def test_one_line_refuses_header_injection() -> None:
     assert domain.one_line("Hi\r\nBcc: victim@x.org") == "Hi Bcc: victim@x.org"
     assert len(domain.one_line("x" * 500, 100)) == 100
+
+
+def test_numbers_beyond_a_32_bit_column_name_no_ticket() -> None:
+    assert domain.ticket_from_subject("EXAMPLE", "Re: [EXAMPLE #2147483647] hi") == 2147483647
+    assert domain.ticket_from_subject("EXAMPLE", "Re: [EXAMPLE #2147483648] hi") is None
+    assert domain.parse_plus_address("support+999999999999-abcdabcd@example.com") is None
+    assert domain.parse_plus_address("support+0-abcdabcd@example.com") == ("support@example.com", 0, "abcdabcd")

@@ -225,3 +225,22 @@ def test_two_instances_reopening_a_spam_ticket_teach_the_filter_once(pg_url: str
     with session_scope(rt.engine) as session:
         undone = session.exec(select(Event).where(Event.ticket_id == number, Event.action == "not spam")).all()
         assert len(undone) == 1 and session.get(Ticket, number).from_spam is False  # type: ignore[union-attr]
+
+
+def test_hostile_values_become_tickets_or_dead_letters_on_postgres(pg_url: str, workdir: Path) -> None:
+    """PostgreSQL refuses NUL in text and numbers beyond its 32-bit integer; neither may
+    turn a message into a failure that is retried instead of a ticket or a dead letter."""
+    cfg = write_config(workdir, database=pg_url, smtp_port=free_port())
+    two_froms = (b"From: x <a\x00b@cust.example>\r\nFrom: y@cust.example\r\nTo: support@example.com\r\n"
+                 b"Subject: two froms\r\nMessage-ID: <nul\x00@cust.example>\r\n\r\nbody\r\n")
+    proc = cli(cfg, "ingest", input=two_froms, check=False)
+    assert proc.returncode == 65, proc.stderr
+    (dead,) = cli_json(cfg, "deadletter", "list")
+    assert "more than one From header" in dead["reason"] and "\x00" not in dead["from"]
+
+    huge = mail(sender="erin@cust.example", to="support+99999999999-abcdabcdabcd@example.com",
+                subject="Re: [EXAMPLE #999999999999] hello")
+    proc = cli(cfg, "ingest", input=bytes(huge), check=False)
+    assert proc.returncode == 0, proc.stderr
+    shown = cli_json(cfg, "tickets", "show", proc.stdout.decode().strip())
+    assert shown["requester"] == "erin@cust.example"

@@ -17,7 +17,7 @@ from sqlalchemy import bindparam, func, insert, update
 from sqlmodel import Session, select
 
 from mailgate.config import AssignmentRule, StatusDef
-from mailgate.domain import QUARANTINE_REPLY_NUMBER, base_address, one_line
+from mailgate.domain import MAX_ID, QUARANTINE_REPLY_NUMBER, base_address, one_line
 from mailgate.ingest import notify
 from mailgate.ingest.commands import CommandRules, ParsedCommands, find_choice, validate
 from mailgate.ingest.stop import Stop
@@ -540,7 +540,7 @@ def command_rules(ctx: Context, ticket: Ticket | None) -> CommandRules:
     cmds = ctx.commands
     merge_targets: set[int] = set()
     for c in cmds.commands if cmds else ():
-        if c.name == "merge" and c.arg.lstrip("#").isdigit():
+        if c.name == "merge" and c.arg.lstrip("#").isdigit() and int(c.arg.lstrip("#")) <= MAX_ID:
             target = session.get(Ticket, int(c.arg.lstrip("#")))
             if target is not None and target.merged_into is None:
                 merge_targets.add(target.number)  # type: ignore[arg-type]

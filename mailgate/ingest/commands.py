@@ -13,7 +13,7 @@ import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from mailgate.domain import base_address
+from mailgate.domain import MAX_ID, base_address
 
 # name -> whether it takes an argument
 KNOWN: dict[str, bool] = {
@@ -116,7 +116,7 @@ def release_ids(arg: str) -> list[int] | None:
     """'17 18', '#17, #18' -> [17, 18]; None if anything else is in the way."""
     words = [w for w in re.split(r"[\s,;]+", arg) if w]
     matches = [_RELEASE_IDS.fullmatch(w) for w in words]
-    if not words or not all(matches):
+    if not words or not all(matches) or any(int(m.group(1)) > MAX_ID for m in matches if m):
         return None
     return list(dict.fromkeys(int(m.group(1)) for m in matches if m))
 
@@ -193,7 +193,7 @@ def validate(parsed: ParsedCommands, rules: CommandRules, *, has_ticket: bool) -
                                  else "a ticket on behalf of a customer needs the customer's address"))
         elif c.name == "merge":
             digits = arg.lstrip("#")
-            if not digits.isdigit():
+            if not digits.isdigit() or int(digits) > MAX_ID:
                 errors.append(f"{c.line}: #merge takes a ticket number")
             elif rules.ticket is not None and int(digits) == rules.ticket:
                 errors.append(f"{c.line}: a ticket cannot be merged into itself")

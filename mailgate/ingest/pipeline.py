@@ -473,8 +473,11 @@ def header_summary(rt: Runtime, inbound: Inbound) -> dict[str, str | None]:
         head = rt.blobs.get(inbound.raw_sha256)[:65536]
         msg = BytesHeaderParser(policy=compat32).parsebytes(head)
         subject = str(make_header(decode_header(msg.get("subject", ""))))
-        return {"from_addr": parseaddr(msg.get("from", ""))[1][:320] or None,
+        # one_line: no NUL (PostgreSQL refuses it in text, and the dead letter with it) or
+        # other controls reach the row or the listing.
+        return {"from_addr": domain.one_line(parseaddr(msg.get("from", ""))[1], 320) or None,
                 "subject": domain.one_line(subject, 1000) or None,
-                "message_id_header": (msg.get("message-id") or "").strip().strip("<>")[:998] or None}
+                "message_id_header": domain.one_line(str(msg.get("message-id") or ""), 1000).strip("<>")[:998]
+                or None}
     except Exception:  # a summary is a courtesy: never let it hide the real failure
         return {}
