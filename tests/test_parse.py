@@ -165,6 +165,30 @@ def test_folded_subject_with_mixed_and_unknown_charsets() -> None:
     assert any("x-unknown" in d for d in msg.defects)
 
 
+@pytest.mark.parametrize("charset", ["undefined", "idna", "punycode", "unicode_escape"])
+def test_python_codecs_that_are_no_mail_charset_decode_as_unknown(charset: str) -> None:
+    # "undefined" raises on any input and idna/punycode on errors="replace": each lost the
+    # subject (the message failed) or the body or an attachment.
+    raw = (f"From: =?{charset}?q?Ren=C3=A9?= <rene@example.com>\r\nTo: support@example.com\r\n"
+           f"Subject: =?{charset}?q?Caf=C3=A9?=\r\nMessage-ID: <c@example.com>\r\n"
+           "Content-Type: multipart/mixed; boundary=B\r\n\r\n"
+           f"--B\r\nContent-Type: text/plain; charset={charset}\r\n\r\nCaf\u00e9 au lait\r\n"
+           "--B\r\nContent-Type: application/pdf\r\n"
+           f"Content-Disposition: attachment; filename*={charset}''bill%20%C3%A9.pdf\r\n\r\nxx\r\n--B--\r\n")
+    msg = parse_message(raw.encode("utf-8"))
+    assert (msg.subject, msg.from_name, msg.text.strip()) == ("Café", "René", "Café au lait")
+    assert [a.content_type for a in msg.attachments] == ["application/pdf"]
+    if charset != "unicode_escape":  # the stdlib reads that name itself (as Latin-1): kept, if not pretty
+        assert msg.attachments[0].filename == "bill é.pdf"
+    assert any(f"unknown charset '{charset}'" in d for d in msg.defects)
+
+
+def test_a_nul_in_a_charset_name_is_an_unknown_charset() -> None:
+    msg = parse_message(mail("From: a@example.com\nSubject: x\nContent-Type: text/plain; charset=\"utf\x00-8\"",
+                             "Caf\u00e9"))
+    assert msg.text.strip() == "Café"
+
+
 def test_iso_2022_jp_subject_and_body() -> None:
     msg = fixture("subject_iso2022jp.eml")
     assert msg.subject == "会議の件について"

@@ -298,6 +298,9 @@ _CHARSET_ALIASES: dict[str, str | None] = {
     "utf8": "utf-8",
 }
 _TEXT_CODEC_CACHE: dict[str, str | None] = {}
+# Python codecs that raise on any input (undefined), or on errors="replace" (idna,
+# punycode), or read escapes rather than a charset: decoded as unknown charsets instead.
+_NOT_MAIL_CHARSETS = frozenset({"undefined", "idna", "punycode", "unicode-escape", "raw-unicode-escape"})
 
 
 def _codec_for(charset: str | None) -> str | None:
@@ -315,9 +318,12 @@ def _codec_for(charset: str | None) -> str | None:
     else:
         try:
             info = codecs.lookup(name)
-            # Refuse bytes-to-bytes codecs (zlib, base64, rot13...) named as charsets.
+            # Refuse bytes-to-bytes codecs (zlib, base64, rot13...) named as charsets, and
+            # Python's text codecs that are no charset of mail and fail on any input.
             codec = info.name if getattr(info, "_is_text_encoding", True) else None
-        except LookupError:
+            if codec in _NOT_MAIL_CHARSETS:
+                codec = None
+        except (LookupError, ValueError):  # ValueError: a NUL in the name
             codec = None
     if len(_TEXT_CODEC_CACHE) < 512:
         _TEXT_CODEC_CACHE[name] = codec
@@ -335,7 +341,7 @@ def _decode_bytes(data: bytes, charset: str | None, defects: list[str], what: st
             return data.decode("cp1252", errors="replace")
     try:
         return data.decode(codec)
-    except (UnicodeDecodeError, LookupError):
+    except (UnicodeError, LookupError):
         pass
     # Mislabelled 8-bit text is usually utf-8 (or cp1252 when sent as "us-ascii").
     if codec != "utf-8":
@@ -350,7 +356,7 @@ def _decode_bytes(data: bytes, charset: str | None, defects: list[str], what: st
     fallback = "cp1252" if codec == "ascii" else codec
     try:
         return data.decode(fallback, errors="replace")
-    except LookupError:
+    except (UnicodeError, LookupError):
         return data.decode("utf-8", errors="replace")
 
 
@@ -749,7 +755,10 @@ def _payload_bytes(part: Message, defects: list[str], where: str) -> bytes:
         data = None
     if isinstance(data, bytes):
         return data
-    payload = part.get_payload()
+    try:
+        payload = part.get_payload()
+    except (UnicodeError, LookupError):
+        return b""
     if isinstance(payload, str):
         return payload.encode("ascii", "surrogateescape")
     return b""
@@ -838,7 +847,10 @@ def _visit(
     for defect in part.defects:
         if len(col.defects) < _MAX_DEFECTS:
             col.defects.append(_describe_defect(defect, f"part {where}"))
-    view, view_defects = mime_header_view(part)
+    try:
+        view, view_defects = mime_header_view(part)
+    except Exception as exc:  # its RFC 2231 decoding trusts the charset named in the header
+        view, view_defects = part, [f"MIME headers not decoded: {type(exc).__name__}"]
     col.defects.extend(f"{d} (part {where})" for d in view_defects)
     ctype = view.get_content_type()
 
@@ -847,7 +859,9 @@ def _visit(
             _dsn_status(part, col)
         return
 
-    payload = part.get_payload()
+    # Not get_payload() on a leaf: compat32 decodes 8-bit text with the declared charset
+    # there, and a charset such as "idna" raises.
+    payload = part.get_payload() if part.is_multipart() else None
     if isinstance(payload, list):
         if ctype.startswith("message/"):
             nested = payload[0] if payload and isinstance(payload[0], Message) else None
@@ -873,8 +887,17 @@ def _visit(
         return
 
     disposition = view.get_content_disposition()
-    raw_name = view.get_filename() or view.get_param("name")
     filename: str | None = None
+    try:
+        raw_name = view.get_filename() or view.get_param("name")
+    except (UnicodeError, LookupError):
+        # An RFC 2231 name in a charset that Python's codec refuses (mime_header_view
+        # failed on it too): its bytes, decoded as an unknown charset.
+        param = view.get_param("filename", header="content-disposition") or view.get_param("name")
+        raw_name = None
+        if isinstance(param, tuple):
+            raw_name = _decode_bytes(bytes(param[2], "raw-unicode-escape"), param[0], col.defects,
+                                     "attachment name")
     if raw_name:
         if isinstance(raw_name, tuple):
             raw_name = raw_name[2]
