@@ -35,7 +35,7 @@ from mailgate.domain import make_message_id, one_line, reply_address
 from mailgate.render import Renderer
 from mailgate.store.blobs import FilesystemSync, can_sync_filesystem, fsync_dir
 from mailgate.store.engine import as_utc, due_ids, session_scope, utcnow
-from mailgate.store.tables import Outbox
+from mailgate.store.tables import Event, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,9 @@ _MSGID_RE = re.compile(r"^[\x21-\x3b\x3d\x3f-\x7e]+\Z")
 
 
 def _header_text(value: str) -> str:
-    """ASCII as is; anything else as RFC 2047 encoded words."""
-    return value if value.isascii() else Header(value, "utf-8", maxlinelen=998).encode()
+    """ASCII as is; anything else as RFC 2047 encoded words, each at most 75 characters
+    (RFC 2047 section 2), on folded lines."""
+    return value if value.isascii() else Header(value, "utf-8", maxlinelen=75).encode()
 
 
 def compose(settings: Settings, *, to: str, subject: str, text: str, html: str | None,
@@ -118,22 +119,27 @@ def compose(settings: Settings, *, to: str, subject: str, text: str, html: str |
     if refs:
         headers.append(("References", " ".join(f"<{r}>" for r in refs)))
     if automatic:
-        # RFC 3834: anything we send by ourselves is marked, so other robots do not answer it.
-        headers += [("Auto-Submitted", "auto-replied"), ("X-Auto-Response-Suppress", "All"),
-                    ("Precedence", "bulk")]
+        # RFC 3834: anything we send by ourselves is marked, so other robots do not answer it;
+        # "auto-replied" only where it answers a message, "auto-generated" for the rest
+        # (status notices from the CLI or the scheduler, the quarantine digest).
+        headers += [("Auto-Submitted", "auto-replied" if in_reply_to else "auto-generated"),
+                    ("X-Auto-Response-Suppress", "All"), ("Precedence", "bulk")]
     if ticket_number is not None:
         headers.append(("X-Mailgate-Ticket", str(ticket_number)))
-    return "".join(_header_line(name, value) for name, value in headers).encode("ascii") + _mime_body(text, html)
+    # UTF-8 only where an address is not ASCII (RFC 6532; the relay is then asked for
+    # SMTPUTF8): everything else is ASCII.
+    return "".join(_header_line(name, value) for name, value in headers).encode("utf-8") + _mime_body(text, html)
 
 
 def _header_line(name: str, value: str) -> str:
     """`Name: value` CRLF. A line break in the value is kept only as a fold (followed by a
     space, as Header.encode writes them); any other becomes a space, so no value can start
     a header of its own. A line over 998 characters is folded at a space."""
-    if not value.isascii():
-        # An address read from mail may hold non-ASCII characters: as an RFC 2047 word
-        # the header stays ASCII, as the email package's generator wrote it.
+    if not value.isascii() and name not in ("To", "Cc"):
         value = _header_text(value)
+    # To and Cc hold bare addresses (the recipient, the requester's CCs): one that is not
+    # ASCII stays UTF-8 (RFC 6532). An RFC 2047 word is not allowed in an address, and
+    # readers took it for a display name.
     lines = value.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     value = lines[0] + "".join(("\r\n" + ln) if ln[:1] in (" ", "\t") else (" " + ln) for ln in lines[1:])
     out: list[str] = []
@@ -261,9 +267,26 @@ async def deliver_by_smtp(settings: Settings, row: ClaimedMail) -> None:
         codes = [r.code for r in exc.recipients]
         raise DeliveryError(f"recipients refused: {exc}", permanent=all(c >= 500 for c in codes)) from exc
     except aiosmtplib.SMTPResponseException as exc:
-        raise DeliveryError(f"{exc.code} {exc.message}", permanent=exc.code >= 500) from exc
+        raise DeliveryError(f"{exc.code} {exc.message}", permanent=_refuses_this_mail(exc)) from exc
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _refuses_this_mail(exc: Exception) -> bool:
+    """A 5xx reply that refuses this mail (its recipient, size or content) fails it for good.
+    One that refuses our session (EHLO, STARTTLS, AUTH: 530 "must issue STARTTLS first",
+    535) or our own sender address is the relay's setup, which the operator fixes: every
+    mail would fail with it, so it is retried until the deadline like a 4xx."""
+    import aiosmtplib
+
+    code = getattr(exc, "code", 0)
+    if code < 500:
+        return False
+    if isinstance(exc, aiosmtplib.SMTPDataError):
+        return True
+    if isinstance(exc, aiosmtplib.SMTPSenderRefused):
+        return code == 552  # the declared SIZE is too large for the relay
+    return False
 
 
 def retry_delay(settings: Settings, attempts: int) -> timedelta:
@@ -293,8 +316,14 @@ _CLAIM_OUTBOX = update(_OUTBOX).where(_OUTBOX.c.id.in_(bindparam("ids", expandin
 _CLAIMED_MAIL = select(_OUTBOX.c.id, _OUTBOX.c.message_id, _OUTBOX.c.mail_from, _OUTBOX.c.recipients,
                        _OUTBOX.c.raw, _OUTBOX.c.created_at, _OUTBOX.c.attempts).where(
     _OUTBOX.c.id.in_(bindparam("ids", expanding=True))).order_by(_OUTBOX.c.id)
-_MARK_SENT = update(_OUTBOX).where(_OUTBOX.c.id.in_(bindparam("ids", expanding=True))).values(
-    state="sent", sent_at=bindparam("now"), last_error=None)
+# Only rows this sender still holds: one another sender took over as stale is theirs.
+_MARK_SENT = update(_OUTBOX).where(
+    _OUTBOX.c.id.in_(bindparam("ids", expanding=True)), _OUTBOX.c.state == "sending",
+    _OUTBOX.c.claimed_by == bindparam("worker")).values(state="sent", sent_at=bindparam("now"), last_error=None)
+# Renews the claim of the next row of a batch just before it is sent (send_due).
+_RENEW_CLAIM = update(_OUTBOX).where(
+    _OUTBOX.c.id == bindparam("row_id"), _OUTBOX.c.state == "sending",
+    _OUTBOX.c.claimed_by == bindparam("worker")).values(next_attempt_at=bindparam("now"))
 
 
 def claim_due(engine: Engine, worker: str, limit: int = 20) -> list[ClaimedMail]:
@@ -312,24 +341,38 @@ def claim_due(engine: Engine, worker: str, limit: int = 20) -> list[ClaimedMail]
         return [ClaimedMail(*row) for row in connection.execute(_CLAIMED_MAIL, {"ids": ids})]
 
 
-def record_results(engine: Engine, settings: Settings, results: Sequence[tuple[int, DeliveryError | None]]) -> None:
-    """One transaction for a whole pass: each row sent, retried later, or failed for good."""
+def renew_claim(engine: Engine, worker: str, row_id: int) -> bool:
+    """Whether this sender still holds the row (then its claim is renewed now)."""
+    with session_scope(engine) as session:
+        renewed = session.connection().execute(_RENEW_CLAIM, {"row_id": row_id, "worker": worker, "now": utcnow()})
+        return bool(renewed.rowcount)
+
+
+def record_results(engine: Engine, settings: Settings, results: Sequence[tuple[int, DeliveryError | None]],
+                   worker: str) -> None:
+    """One transaction for a whole pass: each row sent, retried later, or failed for good.
+    A failure for good is also recorded on the row's ticket, so that agents see that an
+    answer never reached its recipient."""
     with session_scope(engine) as session:
         now = utcnow()
         sent = [row_id for row_id, error in results if error is None]
         if sent:  # the usual case, one statement for the pass
-            session.connection().execute(_MARK_SENT, {"ids": sent, "now": now})
+            session.connection().execute(_MARK_SENT, {"ids": sent, "now": now, "worker": worker})
         for row_id, error in results:
             if error is None:
                 continue
             row = session.get(Outbox, row_id)
-            if row is None:
+            if row is None or row.state != "sending" or row.claimed_by != worker:
                 continue
             row.last_error = str(error)[:2000]
             nxt = now + retry_delay(settings, row.attempts)
             if error.permanent or row.attempts >= settings.outbound.max_attempts or nxt > as_utc(row.deadline):
                 row.state = "failed"
                 log.error("outbox %s <%s>: failed for good: %s", row.id, row.message_id, error)
+                if row.ticket_id is not None:
+                    session.add(Event(ticket_id=row.ticket_id, created_at=now, actor="system",
+                                      action="delivery failed", new=row.recipients,
+                                      detail=f"{row.template} <{row.message_id}>: {str(error)[:500]}"))
             else:
                 row.state, row.next_attempt_at = "queued", nxt
                 log.warning("outbox %s <%s>: will retry: %s", row.id, row.message_id, error)
@@ -354,10 +397,19 @@ async def send_due(engine: Engine, settings: Settings, worker: str) -> int:
     if settings.outbound.scheme == "maildir":
         errors = await asyncio.to_thread(deliver_batch_to_maildir, settings.outbound.maildir, rows)
         results = list(zip((row.id for row in rows), errors, strict=True))
-    else:
-        results = [(row.id, await send_one(settings, row)) for row in rows]
-    await asyncio.to_thread(record_results, engine, settings, results)
-    return sum(error is None for _, error in results)
+        await asyncio.to_thread(record_results, engine, settings, results, worker)
+        return sum(error is None for error in errors)
+    # One mail at a time, each claim renewed just before and its result recorded just
+    # after: a batch on a slow relay can outlast STALE_SENDING, and another sender must not
+    # take over a row this one is still to send, or has sent and not yet recorded.
+    sent = 0
+    for row in rows:
+        if not await asyncio.to_thread(renew_claim, engine, worker, row.id):
+            continue
+        error = await send_one(settings, row)
+        await asyncio.to_thread(record_results, engine, settings, [(row.id, error)], worker)
+        sent += error is None
+    return sent
 
 
 class OutboxSender:

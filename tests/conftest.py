@@ -3,6 +3,7 @@ a capture relay on loopback, and the public corpus beside the checkout."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -308,9 +309,21 @@ class CaptureRelay:
     port: int
     messages: list[tuple[str, list[str], bytes]] = field(default_factory=list)
     fail_with: str | None = None  # e.g. "451 4.3.0 try later": refuse DATA with this
+    fail_mail_from: str | None = None  # e.g. "530 5.7.0 Must issue a STARTTLS command first"
+    data_seconds: float = 0.0  # a slow relay: seconds before it answers DATA
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
+                          mail_options: list[str]) -> str:
+        if self.fail_mail_from:
+            return self.fail_mail_from
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.data_seconds:
+            await asyncio.sleep(self.data_seconds)
         if self.fail_with:
             return self.fail_with
         with self.lock:

@@ -7,16 +7,17 @@ import sqlite3
 import ssl
 from collections.abc import Iterator
 from datetime import timedelta
-from email import message_from_bytes, policy
+from email import message_from_bytes, message_from_string, policy
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mailgate.config import Settings, settings_from_dict
+from mailgate.config import Settings, load_settings, settings_from_dict
 from mailgate.domain import parse_plus_address, token_is_valid
 from mailgate.outbox import ClaimedMail, DeliveryError, compose, deliver_by_smtp, record_results, retry_delay
+from mailgate.runtime import Runtime
 from mailgate.store.engine import utcnow
 from mailgate.store.tables import Outbox
 from tests.conftest import CaptureRelay, cli, cli_json, free_port, mail, start_daemon, wait_until, write_config
@@ -117,12 +118,25 @@ def test_a_references_line_over_998_characters_is_folded_between_ids() -> None:
     assert msg["References"].split() == [f"<{r}>" for r in refs]
 
 
-@pytest.mark.parametrize("to", ["d\xe4ni\xa6l@customer.org", "Ünïcode <ü@example.org>"])
-def test_a_non_ascii_recipient_still_makes_an_ascii_mail(to: str) -> None:
-    # The corpus has senders like these; the confirmation to them must not fail the message.
-    raw, msg = composed(to=to)
-    assert raw.isascii()
-    assert msg["To"] is not None and msg["Message-ID"] == "<mg.7.abc@example.com>"
+@pytest.mark.parametrize("to", ["d\xe4ni\xa6l@customer.org", "josé@exämple.org"])
+def test_a_non_ascii_recipient_is_written_as_utf8(to: str) -> None:
+    # RFC 6532: an address that is not ASCII stays UTF-8 (the relay is asked for SMTPUTF8);
+    # as an RFC 2047 word it was no address at all, and readers took it for a name.
+    raw, _ = composed(to=to)
+    assert f"\r\nTo: {to}\r\n".encode() in raw
+    msg = message_from_string(raw.decode("utf-8"), policy=policy.default)  # a reader of RFC 6532 mail
+    assert msg["To"].addresses[0].addr_spec == to and msg["Message-ID"] == "<mg.7.abc@example.com>"
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert [line for line in head.split(b"\r\n") if not line.isascii()] == [f"To: {to}".encode()]
+
+
+def test_a_long_non_ascii_subject_is_folded_into_short_encoded_words() -> None:
+    subject = "[EXAMPLE #7] " + "Größe ß Drucker brennt " * 9
+    raw, msg = composed(subject=subject)
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("ascii")
+    words = [w for w in head.replace("\r\n", " ").split() if w.startswith("=?")]
+    assert len(words) > 3 and max(len(w) for w in words) <= 75  # RFC 2047 section 2
+    assert msg["Subject"] == " ".join(subject.split())
 
 
 def test_multipart_text_and_html() -> None:
@@ -137,7 +151,9 @@ def test_multipart_text_and_html() -> None:
 
 def test_auto_submitted_only_when_automatic() -> None:
     _, auto = composed(automatic=True)
-    assert auto["Auto-Submitted"] == "auto-replied"
+    assert auto["Auto-Submitted"] == "auto-generated"  # RFC 3834: not an answer to a message
+    _, answer = composed(automatic=True, in_reply_to="c1@customer.org")
+    assert answer["Auto-Submitted"] == "auto-replied"
     assert auto["X-Auto-Response-Suppress"] == "All" and auto["Precedence"] == "bulk"
     _, human = composed(automatic=False)
     assert human["Auto-Submitted"] is None and human["Precedence"] is None
@@ -177,7 +193,7 @@ def engine(tmp_path: Path) -> Iterator[Any]:
     e.dispose()
 
 
-def _row(engine: Any, *, attempts: int = 1, deadline_in: timedelta = timedelta(hours=1)) -> int:
+def _row(engine: Any, *, attempts: int = 1, deadline_in: timedelta = timedelta(hours=1), claimed_by: str = "w") -> int:
     import secrets
 
     from mailgate.store.engine import session_scope
@@ -187,7 +203,7 @@ def _row(engine: Any, *, attempts: int = 1, deadline_in: timedelta = timedelta(h
         row = Outbox(message_id=f"{secrets.token_hex(4)}@x", template="t", mail_from="support@example.com",
                      recipients="a@b", raw=b"x",
                      state="sending", attempts=attempts, next_attempt_at=now, deadline=now + deadline_in,
-                     created_at=now)
+                     created_at=now, claimed_by=claimed_by)
         session.add(row)
         session.flush()
         assert row.id is not None
@@ -207,12 +223,15 @@ def test_record_results(engine: Any) -> None:
     s = settings({"url": "smtp://relay", "retry_base_seconds": 60, "max_attempts": 3})
     ok, soft, hard, late, spent = (_row(engine), _row(engine), _row(engine),
                                    _row(engine, deadline_in=timedelta(seconds=30)), _row(engine, attempts=3))
+    taken_over = _row(engine, claimed_by="other")  # re-claimed as stale by another sender: theirs
+    record_results(engine, s, [(taken_over, None), (taken_over, DeliveryError("550 no", permanent=True))], "w")
+    assert _state(engine, taken_over) == ("sending", 1, None)
     record_results(engine, s, [
         (ok, None), (soft, DeliveryError("451 4.3.0 try later")),
         (hard, DeliveryError("550 5.1.1 no such user", permanent=True)),
         (late, DeliveryError("451 4.3.0 try later")),  # next try (~60 s) would be after the deadline
         (spent, DeliveryError("451 4.3.0 try later")),  # third attempt of three
-    ])
+    ], "w")
     assert _state(engine, ok) == ("sent", 1, None)
     assert _state(engine, soft) == ("queued", 1, "451 4.3.0 try later")
     assert _state(engine, hard) == ("failed", 1, "550 5.1.1 no such user")
@@ -263,6 +282,8 @@ def test_delivery_retry_then_sent_once_and_permanent_failure(workdir: Path, rela
         wait_until(lambda: len(outbox_rows(config)) == 2 and outbox_rows(config)[1]["state"] == "failed")
         failed = outbox_rows(config)[1]
         assert failed["attempts"] == 1 and failed["last_error"].startswith("550")
+        events = [e for e in cli_json(config, "tickets", "show", "2")["events"] if e["action"] == "delivery failed"]
+        assert [e["new"] for e in events] == ["dave@customer.org"] and "550" in events[0]["detail"]
         assert [r["id"] for r in cli_json(config, "outbox", "list", "--state", "failed")] == [failed["id"]]
         relay.fail_with = None
         assert cli(config, "outbox", "retry").stdout.decode().strip() == "1 queued again"
@@ -352,6 +373,7 @@ def test_starttls_and_auth_with_configured_ca(tmp_path: Path, tls_relay: tuple[_
     with pytest.raises(DeliveryError) as exc:
         asyncio.run(deliver_by_smtp(wrong, _outbox_row()))
     assert str(exc.value).startswith("535")
+    assert not exc.value.permanent  # the relay's setup, not this mail: retried until the deadline
     assert len(handler.messages) == 1
 
 
@@ -418,3 +440,46 @@ def test_only_a_failed_delivery_report_about_a_sent_mail_marks_it_bounced(workdi
     assert (row()["state"], row()["last_error"]) == ("failed", "bounced: carol@customer.org")
     assert [e["new"] for e in cli_json(config, "tickets", "show", "1")["events"] if e["action"] == "bounce"] == [
         "carol@customer.org"]
+
+
+def test_a_refusal_of_the_session_is_retried_and_one_of_the_mail_is_final(relay: CaptureRelay) -> None:
+    s = settings({"url": f"smtp://127.0.0.1:{relay.port}", "timeout_seconds": 10})
+    for refusal, permanent in (("530 5.7.0 Must issue a STARTTLS command first", False),  # at MAIL FROM
+                               ("550 5.7.1 Sender address rejected: not owned by user", False),
+                               ("552 5.3.4 Message size exceeds fixed limit", True)):
+        relay.fail_mail_from = refusal
+        with pytest.raises(DeliveryError) as exc:
+            asyncio.run(deliver_by_smtp(s, _outbox_row()))
+        assert (str(exc.value)[:3], exc.value.permanent) == (refusal[:3], permanent)
+    relay.fail_mail_from, relay.fail_with = None, "554 5.7.1 Message rejected as spam"
+    with pytest.raises(DeliveryError) as exc:
+        asyncio.run(deliver_by_smtp(s, _outbox_row()))
+    assert exc.value.permanent
+
+
+def test_two_senders_on_a_slow_relay_send_each_mail_once(workdir: Path, relay: CaptureRelay,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch that outlasts STALE_SENDING (scaled down here to 2 s, against 1 s per mail)
+    while its sender is alive: the second sender takes over only what the first has not
+    reached, never a mail the first is sending or has sent."""
+    import mailgate.outbox
+    from mailgate.outbox import send_due
+
+    config = write_config(workdir, outbound=f"smtp://127.0.0.1:{relay.port}")
+    for i in range(2):  # a confirmation and two agent notices each
+        cli(config, "ingest", input=bytes(mail(sender=f"c{i}@customer.org", subject=f"slow {i}")))
+    rt = Runtime.build(load_settings(config))
+    monkeypatch.setattr(mailgate.outbox, "STALE_SENDING", timedelta(seconds=2))
+    relay.data_seconds = 1.0
+
+    async def two_senders() -> tuple[int, int]:
+        first = asyncio.create_task(send_due(rt.engine, rt.settings, "instance-a"))
+        await asyncio.sleep(2.5)
+        second = await send_due(rt.engine, rt.settings, "instance-b")
+        return await first, second
+
+    sent_a, sent_b = asyncio.run(two_senders())
+    ids = [m["Message-ID"] for m in relay.parsed()]
+    assert len(ids) == 6 and len(set(ids)) == 6
+    assert sent_a + sent_b == 6 and sent_b > 0
+    assert {r["state"] for r in cli_json(config, "outbox", "list")} == {"sent"}

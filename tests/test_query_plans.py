@@ -38,7 +38,7 @@ def test_message_path_reads_no_whole_table(workdir: Path) -> None:
         while pipeline.run_batch(rt, "history"):
             pass
         outbox.record_results(rt.engine, rt.settings, [(row.id, None) for row in outbox.claim_due(
-            rt.engine, "history", limit=1000)])  # type: ignore[misc]
+            rt.engine, "history", limit=1000)], "history")  # type: ignore[misc]
         with rt.engine.begin() as conn:
             conn.exec_driver_sql("ANALYZE")
 
