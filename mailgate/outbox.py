@@ -76,10 +76,17 @@ def _mime_body(text: str, html: str | None) -> bytes:
 _MSGID_RE = re.compile(r"^[\x21-\x3b\x3d\x3f-\x7e]+\Z")
 
 
-def _header_text(value: str) -> str:
-    """ASCII as is; anything else as RFC 2047 encoded words, each at most 75 characters
-    (RFC 2047 section 2), on folded lines."""
-    return value if value.isascii() else Header(value, "utf-8", maxlinelen=75).encode()
+def _header_text(value: str, name: str) -> str:
+    """ASCII as is; anything else as RFC 2047 encoded words on folded lines of at most 76
+    characters, the header's name included (RFC 2047 section 2)."""
+    return value if value.isascii() else Header(value, "utf-8", maxlinelen=76, header_name=name).encode()
+
+
+def _from_header(name: str, address: str) -> str:
+    """The From value: a display name that is not ASCII in short encoded words, as Subject."""
+    if name.isascii():
+        return formataddr((name, address))
+    return f"{_header_text(name, 'From')} <{address}>"
 
 
 def compose(settings: Settings, *, to: str, subject: str, text: str, html: str | None,
@@ -98,13 +105,13 @@ def compose(settings: Settings, *, to: str, subject: str, text: str, html: str |
     """
     hd = settings.helpdesk
     headers: list[tuple[str, str]] = [
-        ("From", formataddr((one_line(from_name or hd.name, 100), hd.address), charset="utf-8")),
+        ("From", _from_header(one_line(from_name or hd.name, 100), hd.address)),
         ("To", to),
     ]
     if cc:
         headers.append(("Cc", ", ".join(cc)))
     headers += [
-        ("Subject", _header_text(one_line(subject, 250))),
+        ("Subject", _header_text(one_line(subject, 250), "Subject")),
         ("Date", format_datetime(utcnow())),
         ("Message-ID", f"<{message_id}>"),
     ]
@@ -136,7 +143,7 @@ def _header_line(name: str, value: str) -> str:
     space, as Header.encode writes them); any other becomes a space, so no value can start
     a header of its own. A line over 998 characters is folded at a space."""
     if not value.isascii() and name not in ("To", "Cc"):
-        value = _header_text(value)
+        value = _header_text(value, name)
     # To and Cc hold bare addresses (the recipient, the requester's CCs): one that is not
     # ASCII stays UTF-8 (RFC 6532). An RFC 2047 word is not allowed in an address, and
     # readers took it for a display name.
@@ -184,7 +191,9 @@ def enqueue(session: Session, settings: Settings, renderer: Renderer, *, templat
 
 class DeliveryError(Exception):
     def __init__(self, message: str, *, permanent: bool = False) -> None:
-        super().__init__(message)
+        # A relay's reply is read with surrogateescape (a Latin-1 "Empf\xe4nger"), and a
+        # database cannot store lone surrogates or NUL: the row would stay claimed.
+        super().__init__(message.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00"))
         self.permanent = permanent
 
 
@@ -255,21 +264,39 @@ async def deliver_by_smtp(settings: Settings, row: ClaimedMail) -> None:
     ob = settings.outbound
     scheme, rest = ob.url.split("://", 1)
     host, _, port = rest.rstrip("/").partition(":")
+    recipients = row.recipients.split(",")
+    # RFC 6531: an address that is not ASCII needs SMTPUTF8 (aiosmtplib asks only when told).
+    needs_utf8 = not (row.mail_from.isascii() and all(r.isascii() for r in recipients))
     try:
         await aiosmtplib.send(
-            row.raw, sender=row.mail_from, recipients=row.recipients.split(","),
+            row.raw, sender=row.mail_from, recipients=recipients,
+            mail_options=["SMTPUTF8"] if needs_utf8 else None,
             hostname=host, port=int(port or (465 if scheme == "smtps" else 25)),
             use_tls=scheme == "smtps", start_tls=ob.starttls,  # false: plain SMTP (a local relay); true: required
             username=ob.user, password=ob.password, timeout=ob.timeout_seconds,
             cert_bundle=str(ob.ca_file) if ob.ca_file else None,
         )
     except aiosmtplib.SMTPRecipientsRefused as exc:
-        codes = [r.code for r in exc.recipients]
-        raise DeliveryError(f"recipients refused: {exc}", permanent=all(c >= 500 for c in codes)) from exc
+        permanent = all(_refuses_this_recipient(r.code, r.message) for r in exc.recipients)
+        raise DeliveryError(f"recipients refused: {exc}", permanent=permanent) from exc
+    except aiosmtplib.SMTPNotSupported as exc:
+        # The relay has no SMTPUTF8 for an address that needs it: this mail cannot go there.
+        raise DeliveryError(f"{type(exc).__name__}: {exc}", permanent=needs_utf8) from exc
     except aiosmtplib.SMTPResponseException as exc:
         raise DeliveryError(f"{exc.code} {exc.message}", permanent=_refuses_this_mail(exc)) from exc
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
+
+
+# A refusal at RCPT that is about our session, not the recipient: Postfix's "554 5.7.1
+# Relay access denied" and "530 5.7.0 Authentication required" when the relay wants AUTH.
+_SESSION_REFUSAL_AT_RCPT = re.compile(r"relay(ing)? (access )?(denied|not permitted)|authentication required",
+                                      re.IGNORECASE)
+
+
+def _refuses_this_recipient(code: int, message: str) -> bool:
+    """A 5xx at RCPT fails the mail for good, unless it refuses the relay's use by us."""
+    return code >= 500 and code != 530 and not _SESSION_REFUSAL_AT_RCPT.search(message)
 
 
 def _refuses_this_mail(exc: Exception) -> bool:

@@ -310,6 +310,7 @@ class CaptureRelay:
     messages: list[tuple[str, list[str], bytes]] = field(default_factory=list)
     fail_with: str | None = None  # e.g. "451 4.3.0 try later": refuse DATA with this
     fail_mail_from: str | None = None  # e.g. "530 5.7.0 Must issue a STARTTLS command first"
+    fail_rcpt: str | None = None  # e.g. "554 5.7.1 <x@y>: Relay access denied"
     data_seconds: float = 0.0  # a slow relay: seconds before it answers DATA
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -319,6 +320,14 @@ class CaptureRelay:
             return self.fail_mail_from
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          rcpt_options: list[str]) -> str:
+        if self.fail_rcpt:
+            return self.fail_rcpt
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:

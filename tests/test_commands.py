@@ -147,3 +147,12 @@ def test_release_from_a_reply_to_the_quarantine_list() -> None:
     assert errors("#release 17\n#priority high", held, has_ticket=False) == [
         "#priority high: cannot be combined with #release"]
     assert "not to a ticket's notice" in errors("#release 17", held)[0]
+
+
+def test_merge_target_takes_ascii_digits_of_a_possible_ticket_only() -> None:
+    from mailgate.ingest.commands import merge_target
+
+    assert [merge_target(a) for a in ("123", "#123", " #7 ")] == [123, 123, 7]
+    # str.isdigit() took "²" and int() then failed the message; a 5000-digit number too.
+    for arg in ("#²", "#12³", "٣", "#0", "#2147483648", "9" * 5000, "12a", ""):
+        assert merge_target(arg) is None, arg

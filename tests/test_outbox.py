@@ -136,7 +136,13 @@ def test_a_long_non_ascii_subject_is_folded_into_short_encoded_words() -> None:
     head = raw.split(b"\r\n\r\n", 1)[0].decode("ascii")
     words = [w for w in head.replace("\r\n", " ").split() if w.startswith("=?")]
     assert len(words) > 3 and max(len(w) for w in words) <= 75  # RFC 2047 section 2
+    assert max(len(line) for line in head.split("\r\n") if "=?" in line) <= 76
     assert msg["Subject"] == " ".join(subject.split())
+    raw, msg = composed(from_name="Jürgen Müller-Lüdenscheidt via Société Générale Support Désk")
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("ascii")
+    from_lines = head[head.index("From:"):head.index("\r\nTo:")].split("\r\n")
+    assert len(from_lines) == 2 and max(len(line) for line in from_lines) <= 76
+    assert message_from_bytes(raw, policy=policy.compat32)["From"].endswith("<support@example.com>")
 
 
 def test_multipart_text_and_html() -> None:
@@ -451,10 +457,54 @@ def test_a_refusal_of_the_session_is_retried_and_one_of_the_mail_is_final(relay:
         with pytest.raises(DeliveryError) as exc:
             asyncio.run(deliver_by_smtp(s, _outbox_row()))
         assert (str(exc.value)[:3], exc.value.permanent) == (refusal[:3], permanent)
-    relay.fail_mail_from, relay.fail_with = None, "554 5.7.1 Message rejected as spam"
+    relay.fail_mail_from = None
+    for refusal, permanent in (("550 5.1.1 <carol@customer.org>: Recipient address rejected", True),
+                               ("554 5.7.1 <carol@customer.org>: Relay access denied", False),  # wants AUTH
+                               ("530 5.7.0 Authentication required", False)):
+        relay.fail_rcpt = refusal
+        with pytest.raises(DeliveryError) as exc:
+            asyncio.run(deliver_by_smtp(s, _outbox_row()))
+        assert exc.value.permanent == permanent, refusal
+    relay.fail_rcpt, relay.fail_with = None, "554 5.7.1 Message rejected as spam"
     with pytest.raises(DeliveryError) as exc:
         asyncio.run(deliver_by_smtp(s, _outbox_row()))
     assert exc.value.permanent
+
+
+def test_a_relay_reply_that_is_not_utf8_is_recorded(engine: Any) -> None:
+    # aiosmtplib reads replies with surrogateescape; the row must still get its result.
+    error = DeliveryError("550 5.1.1 Empf\udce4nger unbekannt\x00", permanent=True)
+    row = _row(engine)
+    record_results(engine, settings({"url": "smtp://relay"}), [(row, error)], "w")
+    assert _state(engine, row) == ("failed", 1, "550 5.1.1 Empf\\udce4nger unbekannt\\x00")
+
+
+def test_a_non_ascii_recipient_is_sent_with_smtputf8() -> None:
+    from aiosmtpd.controller import Controller
+
+    port = free_port()
+    capture = CaptureRelay(port=port)
+    controller = Controller(capture, hostname="127.0.0.1", port=port, enable_SMTPUTF8=True)
+    controller.start()
+    try:
+        to = "josé@exämple.org"
+        raw, _ = composed(to=to)
+        row = ClaimedMail(id=1, message_id="mg.7.abc@example.com", mail_from="support@example.com",
+                          recipients=to, raw=raw, created_at=utcnow(), attempts=1)
+        asyncio.run(deliver_by_smtp(settings({"url": f"smtp://127.0.0.1:{port}", "timeout_seconds": 10}), row))
+        assert [(sender, rcpts) for sender, rcpts, _ in capture.messages] == [("support@example.com", [to])]
+    finally:
+        controller.stop()
+    # A relay without SMTPUTF8 can never take it: failed for good, not retried for a day.
+    plain = CaptureRelay(port=free_port())
+    controller = Controller(plain, hostname="127.0.0.1", port=plain.port, enable_SMTPUTF8=False)
+    controller.start()
+    try:
+        with pytest.raises(DeliveryError) as exc:
+            asyncio.run(deliver_by_smtp(settings({"url": f"smtp://127.0.0.1:{plain.port}"}), row))
+        assert exc.value.permanent and "SMTPUTF8" in str(exc.value)
+    finally:
+        controller.stop()
 
 
 def test_two_senders_on_a_slow_relay_send_each_mail_once(workdir: Path, relay: CaptureRelay,

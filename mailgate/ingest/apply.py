@@ -17,9 +17,9 @@ from sqlalchemy import bindparam, func, insert, update
 from sqlmodel import Session, select
 
 from mailgate.config import AssignmentRule, StatusDef
-from mailgate.domain import MAX_ID, QUARANTINE_REPLY_NUMBER, base_address, one_line
+from mailgate.domain import QUARANTINE_REPLY_NUMBER, base_address, one_line
 from mailgate.ingest import notify
-from mailgate.ingest.commands import CommandRules, ParsedCommands, find_choice, validate
+from mailgate.ingest.commands import CommandRules, ParsedCommands, find_choice, merge_target, validate
 from mailgate.ingest.stop import Stop
 from mailgate.quarantine import learn_released, take_out
 from mailgate.runtime import Runtime
@@ -540,8 +540,9 @@ def command_rules(ctx: Context, ticket: Ticket | None) -> CommandRules:
     cmds = ctx.commands
     merge_targets: set[int] = set()
     for c in cmds.commands if cmds else ():
-        if c.name == "merge" and c.arg.lstrip("#").isdigit() and int(c.arg.lstrip("#")) <= MAX_ID:
-            target = session.get(Ticket, int(c.arg.lstrip("#")))
+        number = merge_target(c.arg) if c.name == "merge" else None
+        if number is not None:
+            target = session.get(Ticket, number)
             if target is not None and target.merged_into is None:
                 merge_targets.add(target.number)  # type: ignore[arg-type]
     asked = cmds.ids_to_release() if cmds else []
@@ -713,8 +714,9 @@ def apply_commands(ctx: Context, ticket: Ticket, cmds: ParsedCommands,
                 top_canned.append(text)
             changes.append(f"canned answer {c.arg} inserted")
         elif c.name == "merge":
-            source = ticket.number
-            ticket = merge_tickets(ctx, ticket, int(c.arg.lstrip("#")))
+            source, target = ticket.number, merge_target(c.arg)
+            assert target is not None  # validate() refused the commands otherwise
+            ticket = merge_tickets(ctx, ticket, target)
             changes.append(f"merged #{source} into #{ticket.number}")
         elif c.name == "spam":
             changes.append(mark_spam(ctx, ticket))

@@ -23,7 +23,7 @@ KNOWN: dict[str, bool] = {
 }
 # Commands that may sensibly appear more than once in one message.
 REPEATABLE = frozenset({"cc", "uncc", "assist", "canned", "release"})
-_RELEASE_IDS = re.compile(r"#?(\d{1,12})")
+_RELEASE_IDS = re.compile(r"#?([0-9]{1,12})")
 _LINE = re.compile(r"^#([A-Za-z][A-Za-z_-]*)(?:[ \t]+(.*))?$")
 _INLINE_CANNED = re.compile(r"^[ \t]*#canned[ \t]+(\S+)[ \t]*$", re.IGNORECASE)
 # Dot-separated labels: with "." also inside the classes, a domain of many dots and no end
@@ -112,6 +112,16 @@ def parse_commands(text: str) -> ParsedCommands:
     return ParsedCommands(tuple(commands), body, tuple(errors))
 
 
+_TICKET_NUMBER = re.compile(r"#?([0-9]{1,12})")
+
+
+def merge_target(arg: str) -> int | None:
+    """'123' or '#123' -> 123; None for anything else (str.isdigit also takes '²', which
+    int() refuses) or a number no ticket can have."""
+    m = _TICKET_NUMBER.fullmatch(arg.strip())
+    return int(m.group(1)) if m and 0 < int(m.group(1)) <= MAX_ID else None
+
+
 def release_ids(arg: str) -> list[int] | None:
     """'17 18', '#17, #18' -> [17, 18]; None if anything else is in the way."""
     words = [w for w in re.split(r"[\s,;]+", arg) if w]
@@ -192,13 +202,13 @@ def validate(parsed: ParsedCommands, rules: CommandRules, *, has_ticket: bool) -
                               + ("use #assist to add an agent" if c.name == "cc"
                                  else "a ticket on behalf of a customer needs the customer's address"))
         elif c.name == "merge":
-            digits = arg.lstrip("#")
-            if not digits.isdigit() or int(digits) > MAX_ID:
+            target = merge_target(arg)
+            if target is None:
                 errors.append(f"{c.line}: #merge takes a ticket number")
-            elif rules.ticket is not None and int(digits) == rules.ticket:
+            elif rules.ticket is not None and target == rules.ticket:
                 errors.append(f"{c.line}: a ticket cannot be merged into itself")
-            elif int(digits) not in rules.merge_targets:
-                errors.append(f"{c.line}: there is no open ticket #{digits} to merge into")
+            elif target not in rules.merge_targets:
+                errors.append(f"{c.line}: there is no open ticket #{target} to merge into")
         elif c.name == "release":
             ids = release_ids(arg)
             if ids is None:
