@@ -130,6 +130,15 @@ def ticket_from_our_message_id(secret: str, message_id: str) -> int | None:
 
 # --- text helpers -------------------------------------------------------------
 
+def envelope_text(value: str) -> str:
+    """An envelope address as text a database can store. aiosmtpd keeps bytes that are not
+    UTF-8 as lone surrogates, which SQLite and PostgreSQL refuse (and a NUL PostgreSQL
+    refuses): in the SMTP listener's group commit that failed every session of the group
+    with 451, and the message itself on every retry. Such bytes become U+FFFD; NUL is
+    dropped."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace").replace("\x00", "")
+
+
 def one_line(value: str, limit: int = 200) -> str:
     """For rendered headers: no CR/LF or other controls can survive (header injection)."""
     cleaned = "".join(" " if unicodedata.category(c).startswith("C") else c for c in value)

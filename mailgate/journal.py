@@ -114,17 +114,18 @@ class AcceptJournal:
                      datetime.now(UTC).isoformat(), raw)
 
     def write_rows(self, rows: list[tuple[object, ...]]) -> list[Exception | None]:
-        """Commit the rows (fsynced) in one transaction; the error of each row. If one row
-        breaks a constraint, each is tried in its own, so that it does not fail the others;
-        any other error (a locked or failing database) is every row's."""
+        """Commit the rows (fsynced) in one transaction; the error of each row. A locked,
+        full or failing database is every row's error. Anything else (a row that breaks a
+        constraint, a value the database refuses) may be one row's: each is then tried in
+        its own transaction, so that it does not fail the others."""
         try:
             self._insert(rows)
             return [None] * len(rows)
-        except sqlite3.IntegrityError as exc:
+        except sqlite3.OperationalError as exc:
+            return [exc] * len(rows)
+        except Exception as exc:
             if len(rows) == 1:
                 return [exc]
-        except Exception as exc:
-            return [exc] * len(rows)
         errors: list[Exception | None] = []
         for row in rows:
             try:

@@ -25,6 +25,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
+from mailgate.domain import envelope_text
 from mailgate.store.blobs import BlobStore
 from mailgate.store.engine import as_utc, due_ids, session_scope, utcnow
 from mailgate.store.tables import Inbound
@@ -112,8 +113,10 @@ def accept(engine: Engine, blobs: BlobStore, raw: bytes, *, source: str,
                 if existing is not None:
                     return Accepted(existing, duplicate=True)
             row = Inbound(
-                source=source, source_key=source_key, envelope_from=envelope_from,
-                envelope_to=",".join(envelope_to), queue=queue, raw_sha256=digest,
+                source=source, source_key=source_key,
+                envelope_from=envelope_text(envelope_from) if envelope_from is not None else None,
+                envelope_to=",".join(envelope_text(t) for t in envelope_to),
+                queue=envelope_text(queue) if queue is not None else None, raw_sha256=digest,
                 size=len(raw), received_at=utcnow(),
             )
             session.add(row)
@@ -272,6 +275,21 @@ def fail(engine: Engine, inbound_id: int, error: str, *, max_attempts: int,
         row.claimed_by = None
         session.add(row)
         return row.state == "dead"
+
+
+def postpone(engine: Engine, inbound_id: int, error: str, delay: timedelta) -> None:
+    """The database, not the message, failed (locked, restarting, unreachable): queue the
+    row again in `delay` and give back the attempt its claim counted, so that an outage
+    never turns healthy mail into dead letters."""
+    with session_scope(engine) as session:
+        row = session.get(Inbound, inbound_id)
+        if row is None:
+            return
+        row.last_error = error[-20000:].replace("\x00", "\\x00")
+        row.state, row.claimed_by = "queued", None
+        row.attempts = max(0, row.attempts - 1)
+        row.next_attempt_at = utcnow() + delay
+        session.add(row)
 
 
 def requeue(engine: Engine, ids: list[int] | None = None) -> int:

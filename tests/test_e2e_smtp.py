@@ -297,6 +297,33 @@ def test_lmtp_mode_answers_per_recipient(workdir: Path) -> None:
         d.stop()
 
 
+def test_envelope_bytes_that_are_not_utf8_are_stored_not_refused(daemon: Daemon) -> None:
+    """aiosmtpd keeps such bytes as lone surrogates, which the journal could not store: the
+    message was refused with 451 on every retry, and so was every session committed with it."""
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
+        f = sock.makefile("rwb")
+
+        def say(line: bytes) -> bytes:
+            f.write(line + b"\r\n")
+            f.flush()
+            lines = [f.readline()]
+            while lines[-1][3:4] == b"-":
+                lines.append(f.readline())
+            return lines[-1]
+
+        assert f.readline().startswith(b"220")
+        assert say(b"EHLO test").startswith(b"250")
+        assert say(b"MAIL FROM:<bad\xff@customer.org> SMTPUTF8").startswith(b"250")
+        assert say(b"RCPT TO:<support+\xfe@example.com>").startswith(b"250")
+        assert say(b"DATA").startswith(b"354")
+        f.write(bytes(mail(subject="odd envelope")).replace(b"\n", b"\r\n") + b".\r\n")
+        f.flush()
+        assert f.readline().startswith(b"250")
+        assert say(b"QUIT").startswith(b"221")
+    wait_until(lambda: daemon.tickets())
+    assert [t["subject"] for t in daemon.tickets()] == ["odd envelope"]
+
+
 def test_sigterm_stops_cleanly(daemon: Daemon) -> None:
     open_ticket(daemon)
     t0 = time.monotonic()

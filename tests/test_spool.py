@@ -203,6 +203,11 @@ def test_a_row_the_journal_refuses_fails_alone_not_its_whole_group(rt: Runtime, 
     errors = journal.write_rows([row, (taken, *row[1:]), ("smtp:other", *row[1:])])
     assert [e is None for e in errors] == [True, False, True]  # the duplicate key only
     assert journal.pending() == 3
+    # A value SQLite refuses (a lone surrogate) is that row's error, not its group's.
+    _, ok = journal.row_for(b"ok", source="smtp", queue=None, envelope_from="a@x.org", envelope_to=())
+    _, bad = journal.row_for(b"bad", source="smtp", queue=None, envelope_from="b\udcff@x.org", envelope_to=())
+    assert [e is None for e in journal.write_rows([ok, bad])] == [True, False]
+    assert journal.pending() == 4
 
     async def refused() -> None:  # through the listener's path: a SpoolError, no detail
         import sqlite3
@@ -219,7 +224,7 @@ def test_a_row_the_journal_refuses_fails_alone_not_its_whole_group(rt: Runtime, 
             other.close()
 
     asyncio.run(refused())
-    assert journal.pending() == 3
+    assert journal.pending() == 4
     journal.close()
 
 
@@ -247,3 +252,43 @@ def test_a_journal_row_written_by_an_older_version_still_moves(rt: Runtime, work
     assert rows["smtp:old"].raw_sha256 == digest
     assert b"after the upgrade" in rt.blobs.get(rows[new_key].raw_sha256)
     journal.close()
+
+
+def test_envelope_text_a_database_refuses_is_stored_cleaned(rt: Runtime) -> None:
+    accepted = spool.accept(rt.spool_engine, rt.blobs, b"Subject: x\r\n\r\nhi\r\n", source="smtp",
+                            envelope_from="b\udcffd\x00@x.org", envelope_to=("support+\udcff@example.com",))
+    with session_scope(rt.engine) as session:
+        row = session.get(Inbound, accepted.inbound_id)
+        assert row is not None
+        assert (row.envelope_from, row.envelope_to) == ("b\ufffdd@x.org", "support+\ufffd@example.com")
+
+
+def test_a_locked_database_postpones_the_message_without_counting_the_attempt(workdir: Path) -> None:
+    """With a database locked longer than busy_timeout while a message is processed, a
+    healthy message went to the dead letters after max_attempts tries."""
+    import sqlite3
+    import threading
+
+    from mailgate.ingest.pipeline import process_one
+
+    config = write_config(workdir, helpdesk_extra="max_attempts = 1")
+    config.write_text(config.read_text().replace("[database]\n", "[database]\nbusy_timeout_seconds = 0.5\n"))
+    rt = Runtime.build(load_settings(config))
+    migrate.upgrade(rt.engine)
+    (inbound_id,) = accept_n(rt, 1)
+    inbound = spool.claim(rt.engine, "w", max_attempts=1)
+    assert inbound is not None
+    other = sqlite3.connect(workdir / "mailgate.db", isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # another writer (a CLI command, a backup) for 0.8 s
+    release = threading.Timer(0.8, lambda: other.execute("ROLLBACK"))
+    release.start()
+    try:
+        result = process_one(rt, inbound)
+    finally:
+        release.join()
+        other.close()
+    assert result.outcome == "retry" and "locked" in (result.reason or "")
+    with session_scope(rt.engine) as session:
+        row = session.get(Inbound, inbound_id)
+        assert row is not None
+        assert (row.state, row.attempts) == ("queued", 0)

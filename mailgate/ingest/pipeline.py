@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from email.header import decode_header, make_header
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -24,6 +24,7 @@ from email.utils import parseaddr
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, text, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlmodel import Session, select
 
 from mailgate import domain, spool
@@ -123,6 +124,8 @@ def step_parse(ctx: Context) -> None:
 
 # The message path's queries are built once: building a statement costs SQLAlchemy more than
 # SQLite needs to run it (0.14 against 0.10 ms per query here, bench/worker_steps.py).
+# When a message is tried again after the database, not the message, failed.
+DATABASE_RETRY = timedelta(seconds=30)
 _INBOUND_BY_MESSAGE_ID = select(Inbound.id, Inbound.body_hash, Inbound.state, Inbound.outcome).where(
     Inbound.message_id_header == bindparam("mid"))
 _TICKET_OF_UNBLOCKED_REQUESTER = select(Ticket.number).join(Contact, Contact.id == Ticket.requester_id).where(
@@ -458,6 +461,13 @@ def process_one(rt: Runtime, inbound: Inbound, ahead: Future[Prepared] | None = 
                    permanent=True, **header_summary(rt, inbound))
         log.error("inbound %s: dead letter: unusable message: %s", inbound.id, exc)
         return Result(inbound.id, "dead", reason=f"unusable message: {exc}")
+    except (OperationalError, InterfaceError) as exc:
+        # A locked, restarting or unreachable database is not this message's failure. If
+        # the database is still gone, postponing fails too and the work process restarts.
+        spool.postpone(rt.engine, inbound.id, traceback.format_exc(), DATABASE_RETRY)
+        log.warning("inbound %s: database unavailable, retried in %ss: %s", inbound.id,
+                    DATABASE_RETRY.total_seconds(), exc)
+        return Result(inbound.id, "retry", reason=f"{type(exc).__name__}: {exc}")
     except Exception as exc:
         dead = spool.fail(rt.engine, inbound.id, traceback.format_exc(), max_attempts=max_attempts,
                           **header_summary(rt, inbound))

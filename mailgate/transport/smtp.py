@@ -22,7 +22,7 @@ from typing import Any
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from mailgate.domain import base_address
+from mailgate.domain import base_address, envelope_text
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +107,12 @@ class IngestHandler:
         trace = trace_header(helo=session.host_name, peer=session.peer, hostname=server.hostname,
                              protocol=protocol, recipients=envelope.rcpt_tos, now=datetime.now().astimezone())
         raw = trace + (envelope.original_content or b"")
-        queue = next((base_address(r) for r in envelope.rcpt_tos), None)
+        recipients = tuple(envelope_text(r).lower() for r in envelope.rcpt_tos)
+        queue = next((base_address(r) for r in recipients), None)
         try:
             queue_id = await self.accept(
                 raw, source="lmtp" if self.lmtp else "smtp", queue=queue,
-                envelope_from=envelope.mail_from or "", envelope_to=tuple(r.lower() for r in envelope.rcpt_tos))
+                envelope_from=envelope_text(envelope.mail_from or ""), envelope_to=recipients)
         except Exception as exc:  # SpoolError, or anything unexpected: the sender retries
             log.error("DATA from %s not stored: %s", envelope.mail_from, exc)
             reply = "451 4.3.0 Temporary failure, please try again later"
