@@ -88,6 +88,17 @@ def release_dead_claims(engine: Engine) -> int:
     return released
 
 
+def give_back_claims(engine: Engine, worker: str) -> int:
+    """Rows this worker holds in 'processing' go back to the queue with their attempt given
+    back: its pass failed on the database (a lock, an outage), not on the messages."""
+    with session_scope(engine) as session:
+        given = session.exec(update(Inbound).where(  # type: ignore[call-overload]
+            Inbound.state == "processing", Inbound.claimed_by == worker).values(
+            state="queued", claimed_by=None, next_attempt_at=utcnow(),
+            attempts=case((Inbound.attempts > 0, Inbound.attempts - 1), else_=0)))
+        return int(given.rowcount or 0)
+
+
 def body_hash(raw: bytes) -> str:
     """Hash of the body after the header block: re-deliveries differ only in headers."""
     for sep in (b"\r\n\r\n", b"\n\n"):

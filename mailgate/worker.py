@@ -121,11 +121,33 @@ class IngestWorker:
                 log.exception("ingest worker pass failed")
                 results = []
                 await asyncio.sleep(1.0)
+                await self.give_back_claims(stop)
             if results:
                 if on_processed is not None:
                     on_processed()
                 continue
             await _wait_any(self.wake, stop, self.rt.settings.helpdesk.worker_poll_seconds)
+
+
+    async def give_back_claims(self, stop: asyncio.Event) -> None:
+        """After a failed pass, the rest of its batch is still claimed by us; left so, it
+        would wait for the stale-claim timeout (10 minutes) with an attempt counted. Given
+        back as soon as the database answers, before anything new is claimed."""
+        from mailgate import spool
+
+        delay = 1.0
+        while not stop.is_set():
+            try:
+                given = await asyncio.to_thread(spool.give_back_claims, self.rt.engine, self.worker)
+            except Exception as exc:
+                log.warning("claims not given back yet (%s: %s); trying again in %.0f s",
+                            type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "", delay)
+                await _wait_any(asyncio.Event(), stop, delay)  # not self.wake: new mail must not spin this
+                delay = min(delay * 2, 30.0)
+                continue
+            if given:
+                log.warning("%d claimed message(s) of the failed pass queued again", given)
+            return
 
 
 def _mover_ended(task: asyncio.Task[None], stop: asyncio.Event) -> None:

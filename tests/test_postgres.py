@@ -6,7 +6,9 @@ postgresql+psycopg://postgres@127.0.0.1:5432/test. Each test makes its own datab
 
 from __future__ import annotations
 
+import itertools
 import os
+import string
 import threading
 import uuid
 from collections.abc import Iterator
@@ -237,6 +239,16 @@ def test_hostile_values_become_tickets_or_dead_letters_on_postgres(pg_url: str, 
     assert proc.returncode == 65, proc.stderr
     (dead,) = cli_json(cfg, "deadletter", "list")
     assert "more than one From header" in dead["reason"] and "\x00" not in dead["from"]
+
+    # 70,000 ids in References and In-Reply-To: a query with one parameter per id failed
+    # (PostgreSQL takes 65,535), as a lost connection would, so it was postponed forever.
+    alphabet = string.ascii_letters + string.digits
+    ids = "".join(f"<{a}{b}{c}>" for a, b, c in itertools.islice(itertools.product(alphabet, repeat=3), 70_000))
+    threads = (f"From: frank@cust.example\r\nTo: support@example.com\r\nSubject: many ids\r\n"
+               f"References: {ids[:250_000]}\r\nIn-Reply-To: {ids[250_000:]}\r\n"  # each under 256 KB
+               "Message-ID: <many@cust.example>\r\n\r\nhello\r\n").encode()
+    proc = cli(cfg, "ingest", input=threads, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip().isdigit(), proc.stderr
 
     huge = mail(sender="erin@cust.example", to="support+99999999999-abcdabcdabcd@example.com",
                 subject="Re: [EXAMPLE #999999999999] hello")

@@ -292,3 +292,54 @@ def test_a_locked_database_postpones_the_message_without_counting_the_attempt(wo
         row = session.get(Inbound, inbound_id)
         assert row is not None
         assert (row.state, row.attempts) == ("queued", 0)
+
+
+def test_a_pass_that_fails_on_the_database_gives_its_claims_back(rt: Runtime) -> None:
+    """The rest of a failed batch stayed claimed for the stale-claim timeout (10 minutes),
+    each with an attempt counted; a few short outages made dead letters of them."""
+    import asyncio
+
+    from sqlalchemy.exc import OperationalError
+
+    from mailgate.worker import IngestWorker
+
+    ids = accept_n(rt, 3)
+    worker = IngestWorker(rt, "host:1")
+    stop = asyncio.Event()
+    passes: list[int] = []
+
+    def next_messages() -> list:
+        passes.append(1)
+        if len(passes) == 1:
+            assert len(spool.claim_batch(rt.engine, "host:1", max_attempts=5, limit=10)) == 3
+            raise OperationalError("BEGIN", {}, Exception("database is locked"))
+        stop.set()
+        return []
+
+    worker.next_messages = next_messages  # type: ignore[method-assign]
+    asyncio.run(worker.process_spool(stop, None))
+    with session_scope(rt.engine) as session:
+        rows = [session.get(Inbound, i) for i in ids]
+        assert [(r.state, r.attempts, r.claimed_by) for r in rows if r] == [("queued", 0, None)] * 3
+
+
+def test_only_errors_of_an_unavailable_database_postpone_a_message() -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from mailgate.ingest.pipeline import database_unavailable
+
+    class PgError(Exception):
+        def __init__(self, text: str, sqlstate: str | None) -> None:
+            super().__init__(text)
+            self.sqlstate = sqlstate
+
+    def err(orig: Exception, invalidated: bool = False) -> OperationalError:
+        return OperationalError("SELECT 1", {}, orig, connection_invalidated=invalidated)
+
+    assert database_unavailable(err(Exception("database is locked")))
+    assert database_unavailable(err(PgError("server closed the connection", None), invalidated=True))
+    assert database_unavailable(err(PgError("canceling statement due to lock timeout", "55P03")))
+    assert database_unavailable(err(PgError("terminating connection due to administrator command", "57P01")))
+    # psycopg's own OperationalError for a query the message made too large: the message's failure
+    assert not database_unavailable(err(PgError("number of parameters must be between 0 and 65535", None)))
+    assert not database_unavailable(err(Exception("too many SQL variables")))

@@ -126,6 +126,8 @@ def step_parse(ctx: Context) -> None:
 # SQLite needs to run it (0.14 against 0.10 ms per query here, bench/worker_steps.py).
 # When a message is tried again after the database, not the message, failed.
 DATABASE_RETRY = timedelta(seconds=30)
+# References a reply is routed by: the newest ones (RFC 5322 3.6.4 lets clients trim the list).
+MAX_THREAD_IDS = 100
 _INBOUND_BY_MESSAGE_ID = select(Inbound.id, Inbound.body_hash, Inbound.state, Inbound.outcome).where(
     Inbound.message_id_header == bindparam("mid"))
 _TICKET_OF_UNBLOCKED_REQUESTER = select(Ticket.number).join(Contact, Contact.id == Ticket.requester_id).where(
@@ -279,7 +281,9 @@ def _resolve_merges(session: Session, number: int | None) -> Ticket | None:
 
 def step_route(ctx: Context) -> None:
     hd = ctx.rt.settings.helpdesk
-    refs = list(dict.fromkeys([*ctx.msg.references, *ctx.msg.in_reply_to]))
+    # The newest ids only: a thread never needs more, and tens of thousands of forged ones
+    # made a query with more parameters than a database takes.
+    refs = list(dict.fromkeys([*ctx.msg.references[-MAX_THREAD_IDS:], *ctx.msg.in_reply_to[-10:]]))
     # Our Message-IDs carry an HMAC (unforgeable) and each was sent to one recipient: naming
     # one we sent to the sender is evidence like a reply token. One we sent to someone else
     # (a forwarded notice) counts only if the sender belongs to the ticket, like a stored id.
@@ -462,18 +466,48 @@ def process_one(rt: Runtime, inbound: Inbound, ahead: Future[Prepared] | None = 
         log.error("inbound %s: dead letter: unusable message: %s", inbound.id, exc)
         return Result(inbound.id, "dead", reason=f"unusable message: {exc}")
     except (OperationalError, InterfaceError) as exc:
+        if not database_unavailable(exc):
+            return _failed(rt, inbound, exc)
         # A locked, restarting or unreachable database is not this message's failure. If
-        # the database is still gone, postponing fails too and the work process restarts.
+        # the database is still gone, postponing fails too: the worker gives back its
+        # claims once the database answers again (mailgate.worker).
         spool.postpone(rt.engine, inbound.id, traceback.format_exc(), DATABASE_RETRY)
+        reason = f"{type(exc).__name__}: {str(exc.orig).splitlines()[0][:200] if str(exc.orig) else ''}"
         log.warning("inbound %s: database unavailable, retried in %ss: %s", inbound.id,
-                    DATABASE_RETRY.total_seconds(), exc)
-        return Result(inbound.id, "retry", reason=f"{type(exc).__name__}: {exc}")
+                    DATABASE_RETRY.total_seconds(), reason)
+        return Result(inbound.id, "retry", reason=reason)
     except Exception as exc:
-        dead = spool.fail(rt.engine, inbound.id, traceback.format_exc(), max_attempts=max_attempts,
-                          **header_summary(rt, inbound))
-        log.exception("inbound %s: processing failed (%s)", inbound.id,
-                      "dead letter" if dead else "will retry")
-        return Result(inbound.id, "dead" if dead else "retry", reason=f"{type(exc).__name__}: {exc}")
+        return _failed(rt, inbound, exc)
+
+
+def _failed(rt: Runtime, inbound: Inbound, exc: Exception) -> Result:
+    assert inbound.id is not None
+    dead = spool.fail(rt.engine, inbound.id, traceback.format_exc(), max_attempts=rt.settings.helpdesk.max_attempts,
+                      **header_summary(rt, inbound))
+    log.exception("inbound %s: processing failed (%s)", inbound.id, "dead letter" if dead else "will retry")
+    return Result(inbound.id, "dead" if dead else "retry", reason=f"{type(exc).__name__}: {exc}")
+
+
+# SQLSTATEs of a database that is unreachable, shutting down or busy, not of a bad value:
+# connection exceptions (class 08), serialization failure, deadlock, lock not available,
+# admin/crash shutdown, cannot connect now, too many connections.
+_UNAVAILABLE_SQLSTATES = frozenset({"08000", "08001", "08003", "08004", "08006", "40001", "40P01", "55P03",
+                                    "57P01", "57P02", "57P03", "53300"})
+_SQLITE_UNAVAILABLE = ("database is locked", "database table is locked", "disk i/o error",
+                       "unable to open database")
+
+
+def database_unavailable(exc: OperationalError | InterfaceError) -> bool:
+    """Whether the database, not the message, failed. psycopg raises OperationalError for a
+    lost connection and for a query with too many parameters alike, so the type alone does
+    not tell (a message naming 70,000 References must end as a dead letter)."""
+    if exc.connection_invalidated:
+        return True
+    state = getattr(exc.orig, "sqlstate", None)
+    if state:
+        return state in _UNAVAILABLE_SQLSTATES
+    text = str(exc.orig).lower()
+    return any(marker in text for marker in _SQLITE_UNAVAILABLE)
 
 
 def header_summary(rt: Runtime, inbound: Inbound) -> dict[str, str | None]:
