@@ -117,11 +117,14 @@ class IngestWorker:
                 # A message may have crashed the helper. Exit: the main process restarts us
                 # and the messages we held are retried, one at a time (spool.claim_batch).
                 _helper_died()
-            except Exception:  # the database itself is failing: back off, never crash-loop
+            except Exception as exc:  # the database itself is failing: back off, never crash-loop
                 log.exception("ingest worker pass failed")
                 results = []
                 await asyncio.sleep(1.0)
-                await self.give_back_claims(stop)
+                if _database_unavailable(exc):
+                    # Anything else keeps its claims until they are stale, attempts counted,
+                    # so that a message that breaks recording its own failure still ends.
+                    await self.give_back_claims(stop)
             if results:
                 if on_processed is not None:
                     on_processed()
@@ -148,6 +151,14 @@ class IngestWorker:
             if given:
                 log.warning("%d claimed message(s) of the failed pass queued again", given)
             return
+
+
+def _database_unavailable(exc: Exception) -> bool:
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    from mailgate.ingest.pipeline import database_unavailable
+
+    return isinstance(exc, OperationalError | InterfaceError) and database_unavailable(exc)
 
 
 def _mover_ended(task: asyncio.Task[None], stop: asyncio.Event) -> None:

@@ -322,6 +322,24 @@ def test_a_pass_that_fails_on_the_database_gives_its_claims_back(rt: Runtime) ->
         rows = [session.get(Inbound, i) for i in ids]
         assert [(r.state, r.attempts, r.claimed_by) for r in rows if r] == [("queued", 0, None)] * 3
 
+    # Any other failure of a pass keeps the claims (stale after 10 minutes, attempts counted):
+    # a message that breaks recording its own failure must still end as a dead letter.
+    stop.clear()
+    passes.clear()
+
+    def failing_otherwise() -> list:
+        passes.append(1)
+        if len(passes) == 1:
+            spool.claim_batch(rt.engine, "host:1", max_attempts=5, limit=10)
+            raise ValueError("a bug")
+        stop.set()
+        return []
+
+    worker.next_messages = failing_otherwise  # type: ignore[method-assign]
+    asyncio.run(worker.process_spool(stop, None))
+    with session_scope(rt.engine) as session:
+        assert {(r.state, r.attempts) for i in ids if (r := session.get(Inbound, i))} == {("processing", 1)}
+
 
 def test_only_errors_of_an_unavailable_database_postpone_a_message() -> None:
     from sqlalchemy.exc import OperationalError
