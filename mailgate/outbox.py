@@ -289,9 +289,10 @@ async def deliver_by_smtp(settings: Settings, row: ClaimedMail) -> None:
 
 
 # A refusal at RCPT that is about our session, not the recipient: Postfix's "554 5.7.1
-# Relay access denied" and "530 5.7.0 Authentication required" when the relay wants AUTH.
-_SESSION_REFUSAL_AT_RCPT = re.compile(r"relay(ing)? (access )?(denied|not permitted)|authentication required",
-                                      re.IGNORECASE)
+# Relay access denied", Exchange's "550 5.7.1 Unable to relay" and "530 5.7.0
+# Authentication required" when the relay wants AUTH.
+_SESSION_REFUSAL_AT_RCPT = re.compile(
+    r"relay(ing)? (access )?(denied|not permitted)|unable to relay|authentication required", re.IGNORECASE)
 
 
 def _refuses_this_recipient(code: int, message: str) -> bool:

@@ -460,6 +460,7 @@ def test_a_refusal_of_the_session_is_retried_and_one_of_the_mail_is_final(relay:
     relay.fail_mail_from = None
     for refusal, permanent in (("550 5.1.1 <carol@customer.org>: Recipient address rejected", True),
                                ("554 5.7.1 <carol@customer.org>: Relay access denied", False),  # wants AUTH
+                               ("550 5.7.1 Unable to relay for carol@customer.org", False),  # Exchange
                                ("530 5.7.0 Authentication required", False)):
         relay.fail_rcpt = refusal
         with pytest.raises(DeliveryError) as exc:
