@@ -369,20 +369,16 @@ def claim_due(engine: Engine, worker: str, limit: int = 20) -> list[ClaimedMail]
         return [ClaimedMail(*row) for row in connection.execute(_CLAIMED_MAIL, {"ids": ids})]
 
 
-def renew_claim(engine: Engine, worker: str, row_id: int) -> bool:
-    """Whether this sender still holds the row (then its claim is renewed now)."""
-    with session_scope(engine) as session:
-        renewed = session.connection().execute(_RENEW_CLAIM, {"row_id": row_id, "worker": worker, "now": utcnow()})
-        return bool(renewed.rowcount)
-
-
 def record_results(engine: Engine, settings: Settings, results: Sequence[tuple[int, DeliveryError | None]],
-                   worker: str) -> None:
-    """One transaction for a whole pass: each row sent, retried later, or failed for good.
-    A failure for good is also recorded on the row's ticket, so that agents see that an
-    answer never reached its recipient."""
+                   worker: str, *, renew: int | None = None) -> bool:
+    """One transaction: each row sent, retried later, or failed for good. A failure for
+    good is also recorded on the row's ticket, so that agents see that an answer never
+    reached its recipient. renew: a row whose claim to renew in the same transaction (the
+    next one to send); whether this sender still holds it."""
     with session_scope(engine) as session:
         now = utcnow()
+        held = renew is not None and bool(session.connection().execute(
+            _RENEW_CLAIM, {"row_id": renew, "worker": worker, "now": now}).rowcount)
         sent = [row_id for row_id, error in results if error is None]
         if sent:  # the usual case, one statement for the pass
             session.connection().execute(_MARK_SENT, {"ids": sent, "now": now, "worker": worker})
@@ -405,6 +401,7 @@ def record_results(engine: Engine, settings: Settings, results: Sequence[tuple[i
                 row.state, row.next_attempt_at = "queued", nxt
                 log.warning("outbox %s <%s>: will retry: %s", row.id, row.message_id, error)
             session.add(row)
+    return held
 
 
 async def send_one(settings: Settings, row: ClaimedMail) -> DeliveryError | None:
@@ -428,15 +425,21 @@ async def send_due(engine: Engine, settings: Settings, worker: str) -> int:
         await asyncio.to_thread(record_results, engine, settings, results, worker)
         return sum(error is None for error in errors)
     # One mail at a time, each claim renewed just before and its result recorded just
-    # after: a batch on a slow relay can outlast STALE_SENDING, and another sender must not
-    # take over a row this one is still to send, or has sent and not yet recorded.
+    # after (one transaction does both): a batch on a slow relay can outlast STALE_SENDING,
+    # and another sender must not take over a row this one is still to send, or has sent
+    # and not yet recorded.
     sent = 0
+    done: list[tuple[int, DeliveryError | None]] = []
     for row in rows:
-        if not await asyncio.to_thread(renew_claim, engine, worker, row.id):
+        held = await asyncio.to_thread(record_results, engine, settings, done, worker, renew=row.id)
+        done = []
+        if not held:
             continue
         error = await send_one(settings, row)
-        await asyncio.to_thread(record_results, engine, settings, [(row.id, error)], worker)
+        done = [(row.id, error)]
         sent += error is None
+    if done:
+        await asyncio.to_thread(record_results, engine, settings, done, worker)
     return sent
 
 
