@@ -370,3 +370,56 @@ def test_assignment_rules_round_robin_group_notice_and_least_open(workdir: Path)
         assert desk.owner(n) == "carl@example.com"
     finally:
         desk.d.stop()
+
+
+def test_nothing_internal_reaches_the_requester_by_a_slip(desk: Desk) -> None:
+    """A misspelt #note line and a reply with no text of its own (only the quoted notice and
+    a signature) were mailed to the customer as answers."""
+    n, mails = desk.open("Slips")
+    notice = to(mails, "alice@example.com")[0]
+    for body in ("#note: customer is rude, refund denied internally", "# note refund denied internally",
+                 "#note, refund denied internally"):
+        desk.send(*reply(notice, "alice@example.com", body))
+        mails = desk.take()
+        assert CAROL not in [str(m["To"]) for m in mails], body
+    desk.send(*reply(notice, "alice@example.com", "#status: pending"))
+    desk.take()
+    assert desk.d.ticket(n)["status"] == "pending"
+    desk.send(*reply(notice, "alice@example.com", ""))  # only the signature and the quote
+    mails = desk.take()
+    assert [str(m["To"]) for m in mails] == ["alice@example.com"]
+    assert "no text of its own" in text(mails[0])
+    messages = desk.d.ticket(n)["messages"]
+    assert all(m["kind"] == "internal" for m in messages if m["from"] == "alice@example.com")
+
+
+def test_merge_cannot_carry_an_assignment_past_the_owner_check(desk: Desk) -> None:
+    first, mails = desk.open("Merge source")
+    notice_b = to(mails, "bob@example.com")[0]
+    second, mails = desk.open("Merge target owned by alice")
+    notice_a = to(mails, "alice@example.com")[0]
+    desk.send(*reply(notice_a, "alice@example.com", "#assign me"))
+    desk.take()
+    desk.send(*reply(notice_b, "bob@example.com", f"#merge {second}\n#assign me"))  # bob is no admin
+    mails = desk.take()
+    assert [str(m["To"]) for m in mails] == ["bob@example.com"]
+    assert "cannot come with #merge" in text(mails[0])
+    assert desk.owner(second) == "alice@example.com" and desk.d.ticket(first)["status"] != "closed"
+
+
+def test_a_rating_is_the_requesters_and_text_after_it_is_a_reply(desk: Desk) -> None:
+    rater = "gina@customer.org"  # not carol: her automatic mail of this module hits the loop guard
+    n, mails = desk.open("Rate me", sender=f"Gina <{rater}>", headers={"Cc": "Erin <erin@customer.org>"})
+    notice = to(mails, "alice@example.com")[0]
+    desk.send(*reply(notice, "alice@example.com", "#status solved"))
+    solved = to(desk.take(), rater)[0]
+    desk.send(*reply(solved, "erin@customer.org", "5"))  # a CC: not the requester's rating
+    desk.take()
+    assert (desk.d.ticket(n)["rating"], desk.d.ticket(n)["status"]) == (None, "open")  # a reply
+    desk.send(*reply(notice, "alice@example.com", "#status solved"))
+    desk.take()
+    desk.send(*reply(solved, rater, "1\nThe printer is on fire again, please come at once!"))
+    mails = desk.take()
+    t = desk.d.ticket(n)
+    assert (t["rating"], t["status"]) == ("1", "open")  # rated, and reopened as a reply
+    assert "alice@example.com" in [str(m["To"]) for m in mails]

@@ -435,14 +435,19 @@ def requester_message(ctx: Context) -> None:
     ticket = ctx.ticket
     assert ticket is not None
     rt = ctx.rt
-    first_line = ctx.visible_text.strip().split("\n", 1)[0].strip().rstrip(".!")
-    if ticket.status_kind == "solved" and first_line in rt.settings.helpdesk.ratings:
+    lines = ctx.visible_text.strip().split("\n", 1)
+    rating = lines[0].strip().rstrip(".!")
+    requester = ctx.session.get(Contact, ticket.requester_id)
+    if (ticket.status_kind == "solved" and rating in rt.settings.helpdesk.ratings
+            and requester is not None and ctx.sender == requester.email):  # not a CC's
         old = ticket.rating
-        ticket.rating = first_line
-        add_event(ctx.session, ticket, ctx.sender, "rating", old, first_line)
-        store_message(ctx, ticket, kind="public", direction="in", text=ctx.visible_text)
-        ctx.outcome = "reply"
-        return
+        ticket.rating = rating
+        add_event(ctx.session, ticket, ctx.sender, "rating", old, rating)
+        if len(lines) == 1 or not lines[1].strip():
+            store_message(ctx, ticket, kind="public", direction="in", text=ctx.visible_text)
+            ctx.outcome = "reply"
+            return
+        # "1" and then "it is on fire again": rated, and a reply like any other.
     message = store_message(ctx, ticket, kind="public", direction="in", text=ctx.visible_text)
     add_ccs_from_headers(ctx, ticket)
     ticket.last_public_in_at = ctx.now
@@ -606,6 +611,11 @@ def agent_message(ctx: Context, *, validated: bool = False) -> None:
         if body.strip() and not cmds.has("spam"):
             ctx.effects.append(("note", {"message": message}))
             changes.append("internal note stored (not sent to the requester)")
+        elif not is_note and not cmds.commands:
+            # Only quoted text or a signature: sending it on would mail the quoted notice.
+            changes.append("nothing was sent to the requester: your reply had no text of its own "
+                           "above the quoted message")
+            ctx.effects.append(("result", {"errors": [], "changes": changes, "collision": None}))
         ctx.outcome = "note"
     else:
         message = store_message(ctx, ticket, kind="public", direction="out", text=body,

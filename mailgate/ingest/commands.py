@@ -24,7 +24,9 @@ KNOWN: dict[str, bool] = {
 # Commands that may sensibly appear more than once in one message.
 REPEATABLE = frozenset({"cc", "uncc", "assist", "canned", "release"})
 _RELEASE_IDS = re.compile(r"#?([0-9]{1,12})")
-_LINE = re.compile(r"^#([A-Za-z][A-Za-z_-]*)(?:[ \t]+(.*))?$")
+# "#note: ...", "#status: solved", "#note, ..." and "# note" are commands too: read as
+# prose, a misspelt #note line went to the customer with the note under it.
+_LINE = re.compile(r"^#[ \t]*([A-Za-z][A-Za-z_-]*)(?:[ \t]*[:=,][ \t]*|[ \t]+|$)(.*)$")
 _INLINE_CANNED = re.compile(r"^[ \t]*#canned[ \t]+(\S+)[ \t]*$", re.IGNORECASE)
 # Dot-separated labels: with "." also inside the classes, a domain of many dots and no end
 # took re seconds to give up on (100,000 dots: 23 s).
@@ -162,6 +164,12 @@ def validate(parsed: ParsedCommands, rules: CommandRules, *, has_ticket: bool) -
     errors = list(parsed.errors)
     agents = {a.lower() for a in rules.agents}
     own = {a.lower() for a in rules.own_addresses}
+    if parsed.has("merge"):
+        # After #merge the other commands apply to the target, but who may #assign or
+        # #assist was checked against this ticket's owner.
+        for c in parsed.commands:
+            if c.name in ("assign", "assist"):
+                errors.append(f"{c.line}: #{c.name} cannot come with #merge; send it in a reply after the merge")
     for c in parsed.commands:
         arg = c.arg
         if c.name == "status" and find_choice(arg, rules.statuses) is None:

@@ -331,7 +331,7 @@ def step_commands(ctx: Context) -> None:
         # quote stripping (about a millisecond) is not needed.
         ctx.hit("commands", False, "not a verified agent's own mail: no commands read")
         return
-    ctx.visible_text = visible_reply_text(ctx.msg.text)
+    ctx.visible_text = visible_reply_text(ctx.msg.text, whole_if_empty=ctx.agent is None)
     parsed = parse_commands(ctx.visible_text)
     looks_like_commands = parsed.commands or parsed.errors
     if (ctx.quarantine_token and ctx.identity is not None and ctx.ticket is None

@@ -179,8 +179,11 @@ def _classify(lines: list[str], index: int) -> tuple[str, int] | None:
     return None
 
 
-def visible_reply_text(text: str, *, languages: Sequence[str] = ("en", "de", "fi", "ru")) -> str:
-    """The new text of a reply; never empty when ``text`` is not (falls back to it)."""
+def visible_reply_text(text: str, *, languages: Sequence[str] = ("en", "de", "fi", "ru"),
+                       whole_if_empty: bool = True) -> str:
+    """The new text of a reply. whole_if_empty: when nothing new is left, the whole text
+    (a customer's mail is never lost to a wrong cut); an agent's reply is then empty, since
+    sending it on would mail the quoted notice or the signature to the customer."""
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
     # Agent #commands at the very top stay as written and are never scanned as markers.
@@ -223,5 +226,5 @@ def visible_reply_text(text: str, *, languages: Sequence[str] = ("en", "de", "fi
     # Collapse the blank runs left where quoted blocks were removed.
     kept = re.sub(r"\n{3,}", "\n\n", kept).rstrip()
     if not kept.strip():
-        return text.strip()
+        return text.strip() if whole_if_empty else ""
     return kept
