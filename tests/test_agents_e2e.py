@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import AGENTS, Daemon, mail, start_daemon, wait_until, write_config
+from tests.conftest import AGENTS, Daemon, mail, query_json, start_daemon, wait_until, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -423,3 +423,20 @@ def test_a_rating_is_the_requesters_and_text_after_it_is_a_reply(desk: Desk) -> 
     t = desk.d.ticket(n)
     assert (t["rating"], t["status"]) == ("1", "open")  # rated, and reopened as a reply
     assert "alice@example.com" in [str(m["To"]) for m in mails]
+
+
+def test_the_former_owner_hears_of_a_reassignment_and_the_answer_precedes_the_status(desk: Desk) -> None:
+    n, mails = desk.open("Reassign me", sender="Hana <hana@customer.org>")
+    notice_a, notice_b = to(mails, "alice@example.com")[0], to(mails, "bob@example.com")[0]
+    desk.send(*reply(notice_b, "bob@example.com", "#assign me"))
+    desk.take()
+    desk.send(*reply(notice_a, "alice@example.com", "#assign me"))  # alice is an admin
+    mails = desk.take()
+    lost = to(mails, "bob@example.com")
+    assert len(lost) == 1 and "it is no longer yours" in text(lost[0])
+
+    desk.send(*reply(notice_a, "alice@example.com", "#status pending\nPlease send the printer's logs."))
+    desk.take()
+    to_hana = [r["template"] for r in reversed(query_json(desk.d.config, "outbox", "list"))
+               if r["to"] == "hana@customer.org" and r["ticket"] == n]
+    assert to_hana[-2:] == ["requester/answer", "requester/status"]

@@ -156,3 +156,15 @@ def test_merge_target_takes_ascii_digits_of_a_possible_ticket_only() -> None:
     # str.isdigit() took "²" and int() then failed the message; a 5000-digit number too.
     for arg in ("#²", "#12³", "٣", "#0", "#2147483648", "9" * 5000, "12a", ""):
         assert merge_target(arg) is None, arg
+
+
+def test_a_hash_and_a_word_is_always_a_command_line() -> None:
+    # Read as prose, "#note: ..." went to the customer with the note under it.
+    for line, name, arg in (("#note: refund denied", "note", ""), ("#status: solved", "status", "solved"),
+                            ("# note", "note", ""), ("#note, check billing", "note", ""),
+                            ("#priority=high", "priority", "high")):
+        parsed = parse_commands(line)
+        assert [(c.name, c.arg) for c in parsed.commands] == [(name, arg)], line
+    assert parse_commands("#note: refund denied").body == "refund denied"
+    assert parse_commands("#notes on this").errors == ("#notes on this: unknown command #notes",)
+    assert parse_commands("#1 on my list is the printer").commands == ()

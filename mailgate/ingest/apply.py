@@ -626,6 +626,7 @@ def agent_message(ctx: Context, *, validated: bool = False) -> None:
         if ticket.status_kind == "new" and not cmds.has("status"):
             set_status(ctx.rt, ctx.session, ticket, first_status(ctx.rt, "open").name, agent.email)
         ctx.effects.append(("answer", {"message": message}))
+        ctx.effects.sort(key=lambda effect: effect[0] == "status")  # stable: the answer goes out first
         changes.append("answer sent to " + ", ".join(notify.requester_and_cc(ctx.session, ticket)))
         ctx.outcome = "reply"
     if cmds.commands or collision:
@@ -654,7 +655,7 @@ def collision_notice(ctx: Context, ticket: Ticket) -> str | None:
         return None
     name = later.from_name or later.author_agent
     return (f"{name} <{later.author_agent}> answered the requester at "
-            f"{as_utc(later.created_at).isoformat(timespec='minutes')} UTC, after the message you "
+            f"{as_utc(later.created_at):%Y-%m-%d %H:%M} UTC, after the message you "
             "replied to. Your reply was delivered as well.")
 
 
@@ -695,10 +696,15 @@ def apply_commands(ctx: Context, ticket: Ticket, cmds: ParsedCommands,
                         ctx.effects.append(("assigned", {"to": owner, "by": actor, "role": "owner"}))
         elif c.name == "assign":
             target = actor if c.arg.lower() == "me" else c.arg.lower()
+            previous = ticket.owner
             line = change_owner(session, ticket, target, actor)
             changes.append(line or f"owner: {target} (unchanged)")
             if line and target != actor:
                 ctx.effects.append(("assigned", {"to": target, "by": actor, "role": "owner"}))
+            if line and previous and previous not in (actor, target):
+                # DESIGN.md section 3: reassignment is a notice; the agent who lost the ticket
+                # must not go on thinking it is theirs.
+                ctx.effects.append(("assigned", {"to": previous, "by": actor, "role": "former owner"}))
         elif c.name in ("assist", "cc"):
             role = "assistant" if c.name == "assist" else "cc"
             email = c.arg.lower()
