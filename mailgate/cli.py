@@ -310,7 +310,8 @@ def tickets_list(
                      priority=priority, category=category, requester=requester,
                      since=as_utc(since) if since else None, text=text)
     with session_scope(rt.engine) as session:
-        rows = [ticket_summary(session, t) for t in list_tickets(session, f, sort)]
+        rows = [ticket_summary(session, t)
+                for t in list_tickets(session, f, sort, rt.settings.helpdesk.priorities)]
     if json_out:
         print_json(rows)
         return

@@ -7,6 +7,7 @@ A bad key or value raises ConfigError with one line that names the key.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -276,6 +277,9 @@ class _Section:
         if bool not in kinds and isinstance(value, bool) or not isinstance(value, kinds):
             names = " or ".join(k.__name__ for k in kinds)
             raise ConfigError(f"{self.key(name)}: expected {names}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            # TOML has nan and inf; every later comparison with them is false.
+            raise ConfigError(f"{self.key(name)}: must be a finite number, got {value!r}")
         return value
 
     def positive(self, name: str, kind: type, default: Any) -> Any:
@@ -328,6 +332,8 @@ def load_settings(path: Path | str) -> Settings:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -354,12 +360,31 @@ def settings_from_dict(data: dict[str, Any], *, base: Path, path: Path | None = 
                     agents=agents, imap=imap, spam=spam, sla=sla, assignment=assignment, log=log)
 
 
+def _comment_address(sec: _Section, address: str, queues: tuple[str, ...]) -> str:
+    """Mail to the comment address is an internal note: if it were also a queue, every
+    agent's answer would be kept as a note and never reach the customer."""
+    value = sec.address("comment_address")
+    if base_address(value) in {base_address(a) for a in (address, *queues)}:
+        raise ConfigError(f"helpdesk.comment_address: must differ from helpdesk.address and helpdesk.queues, "
+                          f"got {value!r}")
+    return value
+
+
 def _database(sec: _Section, base: Path) -> DatabaseSettings:
     url = sec.get("url", str, required=True)
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////") and ":memory:" not in url:
         url = "sqlite:///" + str(_resolve(base, url[len("sqlite:///"):]))
     elif not url.startswith(("sqlite:", "postgresql")):
         raise ConfigError(f"database.url: must start with sqlite:/// or postgresql, got {url!r}")
+    if url == "sqlite://" or not url.startswith(("sqlite:///", "postgresql://", "postgresql+")):
+        # "sqlite://" is a database in memory: each process would have its own, empty.
+        raise ConfigError(f"database.url: must be sqlite:///PATH or postgresql+psycopg://..., got {url!r}")
+    try:
+        from sqlalchemy.engine import make_url
+
+        make_url(url)
+    except Exception as exc:
+        raise ConfigError(f"database.url: not a database URL ({exc}), got {url!r}") from None
     echo = sec.get("echo", bool, False)
     busy = sec.positive("busy_timeout_seconds", float, 30.0)
     sec.finish()
@@ -410,6 +435,9 @@ def _outbound(sec: _Section, base: Path) -> OutboundSettings:
         deadline_hours=sec.positive("deadline_hours", float, 48.0),
         poll_seconds=sec.positive("poll_seconds", float, 1.0),
     )
+    if (s.user is None) != (s.password is None):
+        # aiosmtplib logs in only with both: one alone sent every mail unauthenticated.
+        raise ConfigError("outbound.user and outbound.password: give both or neither")
     sec.finish()
     return s
 
@@ -431,7 +459,7 @@ def _helpdesk(sec: _Section, base: Path) -> HelpdeskSettings:
     queues = tuple(_check_address("helpdesk.queues", q) for q in sec.str_list("queues"))
     s = HelpdeskSettings(
         address=address,
-        comment_address=sec.address("comment_address"),
+        comment_address=_comment_address(sec, address, queues),
         subject_tag=tag,
         secret_key=secret,
         data_dir=_resolve(base, sec.get("data_dir", str, required=True)),

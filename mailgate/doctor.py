@@ -16,7 +16,10 @@ def _check(name: str, status: str, detail: str) -> dict[str, Any]:
 
 def run_checks(settings: Settings) -> list[dict[str, Any]]:
     checks = [_check("config", "ok", str(settings.path))]
-    rt = Runtime.build(settings)
+    try:
+        rt = Runtime.build(settings)
+    except Exception as exc:  # a data_dir that is a file, a database URL the driver refuses...
+        return [*checks, _check("runtime", "error", f"{type(exc).__name__}: {exc}")]
     try:
         from mailgate.store import migrate
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -46,7 +47,10 @@ def is_overdue(ticket: Ticket, now: datetime) -> bool:
     return bool(ticket.resolution_due and as_utc(ticket.resolution_due) < now)
 
 
-def list_tickets(session: Session, f: TicketFilter, sort: str = "number") -> list[Ticket]:
+def list_tickets(session: Session, f: TicketFilter, sort: str = "number",
+                 priorities: Sequence[str] = ()) -> list[Ticket]:
+    """priorities: helpdesk.priorities, least urgent first (--sort priority puts the most
+    urgent first); the default four when not given."""
     query = select(Ticket).where(Ticket.merged_into.is_(None))  # type: ignore[union-attr]
     if f.status:
         query = query.where(Ticket.status == f.status)
@@ -80,10 +84,11 @@ def list_tickets(session: Session, f: TicketFilter, sort: str = "number") -> lis
     if f.overdue:
         tickets = [t for t in tickets if is_overdue(t, now)]
     far = datetime.max.replace(tzinfo=now.tzinfo)
+    rank = {p: i for i, p in enumerate(reversed(priorities))} if priorities else PRIORITY_ORDER
 
     def key(t: Ticket) -> Any:
         if sort == "priority":
-            return (PRIORITY_ORDER.get(t.priority, 9), t.number)
+            return (rank.get(t.priority, len(rank)), t.number)
         value = getattr(t, sort)
         if isinstance(value, datetime):
             return as_utc(value)

@@ -564,3 +564,22 @@ def test_quarantine_list_prints_hostile_subjects_as_text(workdir: Path) -> None:
     out = ok(config, "spam", "quarantine", "list", env={"FORCE_COLOR": "1", "COLUMNS": "300"})
     _no_sequences_from_mail(out)
     assert "[/x]" in out and "\ufffd]52;c;aGk=\ufffdx" in out
+
+
+def test_doctor_reports_a_runtime_that_cannot_be_built_in_one_line(workdir: Path) -> None:
+    config = write_config(workdir)
+    (workdir / "data").write_text("a file where the data directory should be")
+    proc = cli(config, "doctor", check=False)
+    out = proc.stdout.decode() + proc.stderr.decode()
+    assert proc.returncode != 0 and "Traceback" not in out
+    assert "[FAIL] runtime: FileExistsError" in out
+
+
+def test_sort_by_priority_follows_the_configured_priorities(workdir: Path) -> None:
+    config = write_config(workdir, helpdesk_extra='priorities = ["low", "normal", "high", "critical"]')
+    for subject in ("a", "b", "c"):
+        cli(config, "ingest", input=bytes(mail(subject=subject)))
+    cli(config, "tickets", "update", "2", "--priority", "critical")
+    cli(config, "tickets", "update", "3", "--priority", "high")
+    listed = query_json(config, "tickets", "list", "--sort", "priority")
+    assert [(t["number"], t["priority"]) for t in listed] == [(2, "critical"), (3, "high"), (1, "normal")]

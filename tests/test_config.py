@@ -172,6 +172,14 @@ def test_missing_keys_are_named_exactly() -> None:
     ({"imap": [{"host": "h", "username": "u", "password": "p", "queue": "other@example.com"}]},
      "imap[0].queue: other@example.com is not helpdesk.address"),
     ({"assignment": [{"target": "group:L9"}]}, "assignment[0].target: no agent is in group 'L9'"),
+    # TOML has nan and inf, and every comparison with them is false: they passed every check.
+    ({"outbound__timeout_seconds": float("nan")}, "outbound.timeout_seconds: must be a finite number, got nan"),
+    ({"spam": {"digest_hours": float("inf")}}, "spam.digest_hours: must be a finite number, got inf"),
+    # Mail to the comment address is a note: as the support address, every answer was kept as one.
+    ({"helpdesk__comment_address": "Support@example.com"}, "helpdesk.comment_address: must differ from"),
+    ({"database__url": "sqlite://"}, "database.url: must be sqlite:///PATH or postgresql+psycopg://"),
+    ({"database__url": "postgresql"}, "database.url: must be sqlite:///PATH or postgresql+psycopg://"),
+    ({"outbound": {"url": "smtp://relay", "user": "mg"}}, "outbound.user and outbound.password: give both"),
 ])
 def test_bad_values_name_their_key(changes: dict[str, Any], message: str) -> None:
     assert message in error(data(**changes))
@@ -302,3 +310,11 @@ def test_example_documents_every_outbound_and_helpdesk_key() -> None:
     for cls in (OutboundSettings, SmtpSettings, HelpdeskSettings, SpamSettings):
         for f in fields(cls):
             assert f"{f.name} =" in text, f"{cls.__name__}.{f.name} is not in config.example.toml"
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_bytes(b"[helpdesk]\nname = \"Caf\xe9\"\n")
+    with pytest.raises(ConfigError) as exc:
+        load_settings(path)
+    assert str(exc.value) == f"{path}: not UTF-8 text (byte 22)"
