@@ -52,12 +52,16 @@ def update_ticket(rt: Runtime, number: int, *, status: str | None = None, priori
         for field, value in (("priority", priority), ("category", category), ("tier", tier)):
             if value is not None and (line := change_field(rt, session, ticket, field, value, actor)):
                 changes.append(line)
+        previous = ticket.owner
         if owner is not None and (line := change_owner(session, ticket, owner.lower() or None, actor)):
             changes.append(line)
             if ticket.owner:
                 # The template tells owner from assistant: `role` is part of its context.
                 notify.notify_agents(rt, session, ticket, "agent/assigned", [ticket.owner], message=None,
                                      extra={"by": actor, "role": "owner"})
+            if previous and previous != ticket.owner and s.agent(previous) is not None:
+                notify.notify_agents(rt, session, ticket, "agent/assigned", [previous], message=None,
+                                     extra={"by": actor, "role": "former owner"})
         if assist and (line := add_helper(session, ticket, assist.lower(), "assistant", actor)):
             changes.append(line)
             # As `#assist` by mail does: the new assistant hears of it.

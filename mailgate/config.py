@@ -376,7 +376,7 @@ def _database(sec: _Section, base: Path) -> DatabaseSettings:
         url = "sqlite:///" + str(_resolve(base, url[len("sqlite:///"):]))
     elif not url.startswith(("sqlite:", "postgresql")):
         raise ConfigError(f"database.url: must start with sqlite:/// or postgresql, got {url!r}")
-    if url == "sqlite://" or not url.startswith(("sqlite:///", "postgresql://", "postgresql+")):
+    if url == "sqlite://" or ":memory:" in url or not url.startswith(("sqlite:///", "postgresql://", "postgresql+")):
         # "sqlite://" is a database in memory: each process would have its own, empty.
         raise ConfigError(f"database.url: must be sqlite:///PATH or postgresql+psycopg://..., got {url!r}")
     try:
@@ -435,8 +435,9 @@ def _outbound(sec: _Section, base: Path) -> OutboundSettings:
         deadline_hours=sec.positive("deadline_hours", float, 48.0),
         poll_seconds=sec.positive("poll_seconds", float, 1.0),
     )
-    if (s.user is None) != (s.password is None):
-        # aiosmtplib logs in only with both: one alone sent every mail unauthenticated.
+    if bool(s.user) != bool(s.password):
+        # A user without a password (or the reverse) is a half-done setup: the relay refuses
+        # the login, or the password is never used, and mail waits in the outbox.
         raise ConfigError("outbound.user and outbound.password: give both or neither")
     sec.finish()
     return s

@@ -387,10 +387,15 @@ def test_nothing_internal_reaches_the_requester_by_a_slip(desk: Desk) -> None:
     assert desk.d.ticket(n)["status"] == "pending"
     desk.send(*reply(notice, "alice@example.com", ""))  # only the signature and the quote
     mails = desk.take()
-    assert [str(m["To"]) for m in mails] == ["alice@example.com"]
-    assert "no text of its own" in text(mails[0])
+    assert [str(m["To"]) for m in mails] == ["alice@example.com"]  # one result mail
+    assert "found no text of yours above the quoted message" in text(mails[0])
+    assert "delivered as well" not in text(mails[0])
     messages = desk.d.ticket(n)["messages"]
     assert all(m["kind"] == "internal" for m in messages if m["from"] == "alice@example.com")
+    # Nothing quoted and no tag of ours: the whole text is the answer, as always.
+    desk.send(mail(sender="alice@example.com", to=str(notice["Reply-To"]), subject="Re: slips",
+                   body="Sent from my iPhone"), recipients=[str(notice["Reply-To"])])
+    assert CAROL in [str(m["To"]) for m in desk.take()]
 
 
 def test_merge_cannot_carry_an_assignment_past_the_owner_check(desk: Desk) -> None:
@@ -421,8 +426,9 @@ def test_a_rating_is_the_requesters_and_text_after_it_is_a_reply(desk: Desk) -> 
     desk.send(*reply(solved, rater, "1\nThe printer is on fire again, please come at once!"))
     mails = desk.take()
     t = desk.d.ticket(n)
-    assert (t["rating"], t["status"]) == ("1", "open")  # rated, and reopened as a reply
-    assert "alice@example.com" in [str(m["To"]) for m in mails]
+    # Rated, still solved (a "5, thanks!" must not reopen it), and the agents read the words.
+    assert (t["rating"], t["status"]) == ("1", "solved")
+    assert "on fire again" in text(to(mails, "alice@example.com")[0])
 
 
 def test_the_former_owner_hears_of_a_reassignment_and_the_answer_precedes_the_status(desk: Desk) -> None:

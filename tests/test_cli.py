@@ -583,3 +583,13 @@ def test_sort_by_priority_follows_the_configured_priorities(workdir: Path) -> No
     cli(config, "tickets", "update", "3", "--priority", "high")
     listed = query_json(config, "tickets", "list", "--sort", "priority")
     assert [(t["number"], t["priority"]) for t in listed] == [(2, "critical"), (3, "high"), (1, "normal")]
+
+
+def test_update_owner_tells_the_former_owner_as_by_mail(workdir: Path) -> None:
+    config = write_config(workdir)
+    cli(config, "ingest", input=bytes(mail(subject="Owned")))
+    cli(config, "tickets", "update", "1", "--owner", "alice@example.com")
+    before = {r["id"] for r in query_json(config, "outbox", "list")}
+    cli(config, "tickets", "update", "1", "--owner", "bob@example.com")
+    new = [(r["to"], r["template"]) for r in query_json(config, "outbox", "list") if r["id"] not in before]
+    assert sorted(new) == [("alice@example.com", "agent/assigned"), ("bob@example.com", "agent/assigned")]

@@ -179,6 +179,8 @@ def test_missing_keys_are_named_exactly() -> None:
     ({"helpdesk__comment_address": "Support@example.com"}, "helpdesk.comment_address: must differ from"),
     ({"database__url": "sqlite://"}, "database.url: must be sqlite:///PATH or postgresql+psycopg://"),
     ({"database__url": "postgresql"}, "database.url: must be sqlite:///PATH or postgresql+psycopg://"),
+    ({"database__url": "sqlite:///:memory:"}, "database.url: must be sqlite:///PATH or postgresql+psycopg://"),
+    ({"outbound": {"url": "smtp://relay", "user": "mg", "password": ""}}, "outbound.user and outbound.password"),
     ({"outbound": {"url": "smtp://relay", "user": "mg"}}, "outbound.user and outbound.password: give both"),
 ])
 def test_bad_values_name_their_key(changes: dict[str, Any], message: str) -> None:

@@ -443,11 +443,13 @@ def requester_message(ctx: Context) -> None:
         old = ticket.rating
         ticket.rating = rating
         add_event(ctx.session, ticket, ctx.sender, "rating", old, rating)
-        if len(lines) == 1 or not lines[1].strip():
-            store_message(ctx, ticket, kind="public", direction="in", text=ctx.visible_text)
-            ctx.outcome = "reply"
-            return
-        # "1" and then "it is on fire again": rated, and a reply like any other.
+        message = store_message(ctx, ticket, kind="public", direction="in", text=ctx.visible_text)
+        if len(lines) > 1 and lines[1].strip():
+            # "1" and then "it is on fire again", or "5" and "thanks": the ticket stays solved
+            # (a thank-you must not reopen it), and its agents read the words.
+            ctx.effects.append(("requester_reply", {"message": message}))
+        ctx.outcome = "reply"
+        return
     message = store_message(ctx, ticket, kind="public", direction="in", text=ctx.visible_text)
     add_ccs_from_headers(ctx, ticket)
     ticket.last_public_in_at = ctx.now
@@ -612,10 +614,14 @@ def agent_message(ctx: Context, *, validated: bool = False) -> None:
             ctx.effects.append(("note", {"message": message}))
             changes.append("internal note stored (not sent to the requester)")
         elif not is_note and not cmds.commands:
-            # Only quoted text or a signature: sending it on would mail the quoted notice.
-            changes.append("nothing was sent to the requester: your reply had no text of its own "
-                           "above the quoted message")
+            # Only the quoted notice (or our tag) under a signature: sending the whole text on
+            # would mail the notice to the customer. One result, and no collision warning: it
+            # would say this reply was delivered.
+            changes.append("nothing was sent to the requester: mailgate found no text of yours above "
+                           "the quoted message; write your answer above the quote")
             ctx.effects.append(("result", {"errors": [], "changes": changes, "collision": None}))
+            ctx.outcome = "note"
+            return
         ctx.outcome = "note"
     else:
         message = store_message(ctx, ticket, kind="public", direction="out", text=body,
@@ -701,7 +707,7 @@ def apply_commands(ctx: Context, ticket: Ticket, cmds: ParsedCommands,
             changes.append(line or f"owner: {target} (unchanged)")
             if line and target != actor:
                 ctx.effects.append(("assigned", {"to": target, "by": actor, "role": "owner"}))
-            if line and previous and previous not in (actor, target):
+            if line and previous and previous not in (actor, target) and rt.settings.agent(previous):
                 # DESIGN.md section 3: reassignment is a notice; the agent who lost the ticket
                 # must not go on thinking it is theirs.
                 ctx.effects.append(("assigned", {"to": previous, "by": actor, "role": "former owner"}))
