@@ -391,17 +391,25 @@ def _database(sec: _Section, base: Path) -> DatabaseSettings:
     return DatabaseSettings(url=url, echo=echo, busy_timeout_seconds=busy)
 
 
-def _port(sec: _Section, name: str, default: int) -> int:
+def _port(sec: _Section, name: str, default: int, *, lowest: int = 0) -> int:
+    """lowest 0 for a port we listen on (0: any free one), 1 for one we connect to."""
     port = sec.get(name, int, default)
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"{sec.key(name)}: must be a port number 0-65535, got {port}")
+    if not lowest <= port <= 65535:
+        raise ConfigError(f"{sec.key(name)}: must be a port number {lowest}-65535, got {port}")
     return port
+
+
+def _nonempty(sec: _Section, name: str, default: Any = ..., *, why: str = "") -> str:
+    value = sec.get(name, str, default, required=default is ...)
+    if not value.strip():
+        raise ConfigError(f"{sec.key(name)}: must not be empty{why}")
+    return value
 
 
 def _smtp(sec: _Section) -> SmtpSettings:
     s = SmtpSettings(
         enabled=sec.get("enabled", bool, True),
-        host=sec.get("host", str, "127.0.0.1"),
+        host=_nonempty(sec, "host", "127.0.0.1", why=" (0.0.0.0 or :: listens on every address)"),
         port=_port(sec, "port", 2525),
         lmtp=sec.get("lmtp", bool, False),
         max_message_bytes=sec.positive("max_message_bytes", int, 25 * 1024 * 1024),
@@ -414,6 +422,8 @@ def _smtp(sec: _Section) -> SmtpSettings:
 def _outbound(sec: _Section, base: Path) -> OutboundSettings:
     url = sec.get("url", str, required=True)
     if url.startswith("maildir:"):
+        if not url[len("maildir:"):].strip():
+            raise ConfigError("outbound.url: maildir: needs a folder, e.g. maildir:var/sent")
         url = "maildir:" + str(_resolve(base, url[len("maildir:"):]))
     else:
         m = re.match(r"^smtps?://[^:/]+(?::(\d+))?/?$", url)
@@ -463,7 +473,7 @@ def _helpdesk(sec: _Section, base: Path) -> HelpdeskSettings:
         comment_address=_comment_address(sec, address, queues),
         subject_tag=tag,
         secret_key=secret,
-        data_dir=_resolve(base, sec.get("data_dir", str, required=True)),
+        data_dir=_resolve(base, _nonempty(sec, "data_dir")),
         name=sec.get("name", str, "Support"),
         queues=queues,
         templates_dir=_resolve(base, templates_dir) if templates_dir else None,
@@ -500,7 +510,9 @@ def _statuses(sec: _Section) -> tuple[StatusDef, ...]:
     out: list[StatusDef] = []
     for i, item in enumerate(raw):
         s = _Section(item, f"helpdesk.statuses[{i}]")
-        name = s.get("name", str, required=True)
+        name = _nonempty(s, "name")
+        if name.lower() in {o.name.lower() for o in out}:
+            raise ConfigError(f"helpdesk.statuses[{i}].name: {name!r} is listed twice")
         kind = s.choice("kind", _STATUS_KINDS, "open")
         out.append(StatusDef(name, kind, s.get("notify_requester", bool, False)))
         s.finish()
@@ -560,7 +572,7 @@ def _imap(root: _Section, helpdesk: HelpdeskSettings, base: Path) -> tuple[ImapA
             host=host,
             username=username,
             queue=s.address("queue", helpdesk.address),
-            port=_port(s, "port", 993 if tls == "ssl" else 143),
+            port=_port(s, "port", 993 if tls == "ssl" else 143, lowest=1),
             tls=tls,
             password=_secret_from_env(s, "password"),
             password_command=s.get("password_command", str, None),
@@ -728,13 +740,20 @@ def _assignment(root: _Section, helpdesk: HelpdeskSettings,
         out.append(AssignmentRule(
             target=target if target.startswith("group:") else target.lower(),
             category=s.get("category", str, None),
-            queue=s.get("queue", str, None),
+            queue=_assignment_queue(s, helpdesk),
             sender_domain=(s.get("sender_domain", str, None) or "").lower() or None,
             subject_keywords=tuple(k.lower() for k in s.str_list("subject_keywords")),
             strategy=s.choice("strategy", ("round-robin", "least-open", "notify"), "round-robin"),
         ))
         s.finish()
     return tuple(out)
+
+
+def _assignment_queue(s: _Section, helpdesk: HelpdeskSettings) -> str | None:
+    queue = s.get("queue", str, None)
+    if queue is not None and base_address(queue) not in {base_address(a) for a in (helpdesk.address, *helpdesk.queues)}:
+        raise ConfigError(f"{s.key('queue')}: {queue!r} is not helpdesk.address or one of helpdesk.queues")
+    return queue
 
 
 def config_path(explicit: str | Path | None) -> Path:

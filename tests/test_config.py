@@ -181,6 +181,17 @@ def test_missing_keys_are_named_exactly() -> None:
     ({"database__url": "postgresql"}, "database.url: must be sqlite:///PATH or postgresql+psycopg://"),
     ({"database__url": "sqlite:///:memory:"}, "database.url: must be sqlite:///PATH or postgresql+psycopg://"),
     ({"outbound": {"url": "smtp://relay", "user": "mg", "password": ""}}, "outbound.user and outbound.password"),
+    ({"outbound__url": "maildir:"}, "outbound.url: maildir: needs a folder"),
+    ({"helpdesk__data_dir": " "}, "helpdesk.data_dir: must not be empty"),
+    ({"smtp": {"host": ""}}, "smtp.host: must not be empty (0.0.0.0 or :: listens on every address)"),
+    ({"imap": [{"host": "h", "username": "u", "password": "p", "port": 0}]},
+     "imap[0].port: must be a port number 1-65535"),
+    ({"helpdesk__statuses": [{"name": "new", "kind": "new"}, {"name": "New", "kind": "open"}]},
+     "helpdesk.statuses[1].name: 'New' is listed twice"),
+    ({"helpdesk__statuses": [{"name": "", "kind": "new"}]}, "helpdesk.statuses[0].name: must not be empty"),
+    ({"agents": [{"email": "alice@example.com"}], "assignment": [{"target": "alice@example.com",
+                                                                  "queue": "sales@example.com"}]},
+     "assignment[0].queue: 'sales@example.com' is not helpdesk.address or one of helpdesk.queues"),
     ({"outbound": {"url": "smtp://relay", "user": "mg"}}, "outbound.user and outbound.password: give both"),
 ])
 def test_bad_values_name_their_key(changes: dict[str, Any], message: str) -> None:
