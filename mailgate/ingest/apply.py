@@ -443,13 +443,20 @@ def requester_message(ctx: Context) -> None:
         old = ticket.rating
         ticket.rating = rating
         add_event(ctx.session, ticket, ctx.sender, "rating", old, rating)
-        message = store_message(ctx, ticket, kind="public", direction="in", text=ctx.visible_text)
-        if len(lines) > 1 and lines[1].strip():
-            # "1" and then "it is on fire again", or "5" and "thanks": the ticket stays solved
-            # (a thank-you must not reopen it), and its agents read the words.
+        ratings = rt.settings.helpdesk.ratings
+        if len(lines) == 1 or not lines[1].strip():
+            store_message(ctx, ticket, kind="public", direction="in", text=ctx.visible_text)
+            ctx.outcome = "reply"
+            return
+        if ratings.index(rating) >= len(ratings) // 2:
+            # "5" and "thanks!": rated, the ticket stays solved, and its agents read the words.
+            message = store_message(ctx, ticket, kind="public", direction="in", text=ctx.visible_text)
+            ticket.last_public_in_at = ctx.now
             ctx.effects.append(("requester_reply", {"message": message}))
-        ctx.outcome = "reply"
-        return
+            ctx.outcome = "reply"
+            return
+        # "1" and "it is broken again" (the worse half of helpdesk.ratings, listed worst
+        # first): rated, and a reply like any other, which reopens the ticket.
     message = store_message(ctx, ticket, kind="public", direction="in", text=ctx.visible_text)
     add_ccs_from_headers(ctx, ticket)
     ticket.last_public_in_at = ctx.now
@@ -617,8 +624,9 @@ def agent_message(ctx: Context, *, validated: bool = False) -> None:
             # Only the quoted notice (or our tag) under a signature: sending the whole text on
             # would mail the notice to the customer. One result, and no collision warning: it
             # would say this reply was delivered.
-            changes.append("nothing was sent to the requester: mailgate found no text of yours above "
-                           "the quoted message; write your answer above the quote")
+            changes.append("nothing was sent to the requester: mailgate found no text of yours in this "
+                           "reply (all of it looked like a quote, a forwarded message or a signature); "
+                           "it is kept as an internal note. Write your answer above any quote or signature")
             ctx.effects.append(("result", {"errors": [], "changes": changes, "collision": None}))
             ctx.outcome = "note"
             return

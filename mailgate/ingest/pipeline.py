@@ -325,25 +325,15 @@ def step_route(ctx: Context) -> None:
         log.warning("%s: %s", ctx.msg.message_id, reason)
 
 
-def _quotes_our_mail(ctx: Context) -> bool:
-    """Whether the text quotes (">" lines) or names one of our tickets by its tag: then it
-    holds mail of ours that must not be sent on as an agent's answer."""
-    text = ctx.msg.text
-    return any(line.lstrip().startswith(">") for line in text.splitlines()) or bool(
-        domain.tag_pattern(ctx.rt.settings.helpdesk.subject_tag).search(text))
-
-
 def step_commands(ctx: Context) -> None:
     if ctx.identity is None and ctx.ticket is None:
         # Neither an agent's address nor a reply: a new ticket keeps the whole text, and
         # quote stripping (about a millisecond) is not needed.
         ctx.hit("commands", False, "not a verified agent's own mail: no commands read")
         return
-    ctx.visible_text = visible_reply_text(ctx.msg.text)
-    if ctx.agent is not None and ctx.visible_text == ctx.msg.text.strip() and _quotes_our_mail(ctx):
-        # Nothing of the agent's own was found above the quote: the whole text would mail
-        # the quoted notice (its ticket data, its help) to the customer.
-        ctx.visible_text = visible_reply_text(ctx.msg.text, whole_if_empty=False)
+    # An agent's reply in which nothing of their own is found is not sent whole: the whole
+    # text would mail the quoted notice (its ticket data, its help) or the signature on.
+    ctx.visible_text = visible_reply_text(ctx.msg.text, whole_if_empty=ctx.agent is None)
     parsed = parse_commands(ctx.visible_text)
     looks_like_commands = parsed.commands or parsed.errors
     if (ctx.quarantine_token and ctx.identity is not None and ctx.ticket is None
