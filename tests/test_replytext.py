@@ -158,7 +158,8 @@ def test_huge_hostile_line_reaches_the_regex_truncated(library_spy: _SearchSpy) 
     from mailgate.ingest import replytext
 
     text = "On " + "x " * 200_000 + "\n> q"
-    assert visible_reply_text(text) == text.split("\n")[0].rstrip()
+    # No quote header is recognised in that line, so the '>' line is text too.
+    assert visible_reply_text(text) == "\n".join(line.rstrip() for line in text.split("\n"))
     assert library_spy.longest and max(library_spy.longest) <= replytext._MAX_SCAN_LINE
 
 
@@ -172,3 +173,32 @@ def test_many_hostile_lines_are_searched_only_so_far(library_spy: _SearchSpy) ->
     kept = "\n".join(line.rstrip() for line in text.split("\n")[:-3])
     assert visible_reply_text(text) == kept  # our own rule found the history and cut it
     assert library_spy.searched and max(library_spy.searched) <= replytext._MAX_LIBRARY_SCAN
+
+
+def test_quoted_lines_without_a_quote_header_are_the_writers_own() -> None:
+    answer = "Please run this and check the output:\n\n> Get-Printer | fl\n\nIt should say Ready."
+    assert visible_reply_text(answer) == answer
+    assert visible_reply_text(">50 users cannot print since 9am.") == ">50 users cannot print since 9am."
+    # Below a quote header they are history, as before.
+    assert visible_reply_text("Done.\n\nOn Mon, 1 Jan 2024 at 10:00, Bob <b@x.org> wrote:\n> old") == "Done."
+    assert visible_reply_text("Done.\n\nBob <b@x.org> 2024-01-01 10:00:\n> old\n> older") == "Done."
+
+
+def test_lines_that_only_look_like_header_fields_are_text() -> None:
+    answer = ("Send them a new mail like this:\n\nTo: escalations@vendor.example\n"
+              "Subject: Case 4711\n\nand they answer within a day.")
+    assert visible_reply_text(answer) == answer
+
+
+def test_a_bare_double_dash_between_steps_is_no_signature() -> None:
+    steps = "Step 1: unplug it.\n--\nStep 2: wait.\nStep 3: plug it in.\nStep 4: print.\n" \
+            "Step 5: check.\nStep 6: tell us.\nStep 7: done.\nStep 8: really."
+    assert visible_reply_text(steps) == steps
+    assert visible_reply_text("Fixed.\n--\nAlice\nSupport") == "Fixed."
+
+
+def test_a_forwarded_message_is_kept_when_asked() -> None:
+    text = ("Please read their answer below.\n\n---------- Forwarded message ---------\n"
+            "From: Vendor <help@vendor.example>\nSubject: Your case\n\nThe part ships on Monday.")
+    assert visible_reply_text(text, keep_forwarded=True) == text
+    assert visible_reply_text(text) == "Please read their answer below."

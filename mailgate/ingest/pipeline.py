@@ -333,7 +333,9 @@ def step_commands(ctx: Context) -> None:
         return
     # An agent's reply in which nothing of their own is found is not sent whole: the whole
     # text would mail the quoted notice (its ticket data, its help) or the signature on.
-    ctx.visible_text = visible_reply_text(ctx.msg.text, whole_if_empty=ctx.agent is None)
+    # A requester forwarding a vendor's mail wants it read: forwarded parts are kept for them.
+    ctx.visible_text = visible_reply_text(ctx.msg.text, whole_if_empty=ctx.agent is None,
+                                          keep_forwarded=ctx.agent is None)
     parsed = parse_commands(ctx.visible_text)
     looks_like_commands = parsed.commands or parsed.errors
     if (ctx.quarantine_token and ctx.identity is not None and ctx.ticket is None

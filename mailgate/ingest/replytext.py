@@ -28,6 +28,16 @@ _SEPARATOR_RE = re.compile(
     r"|välitetty viesti|пересылаемое сообщение|переадресованное сообщение)\s*-{2,}\s*$",
     re.IGNORECASE,
 )
+# The forwarded forms among the separators and banners: what follows is a message the
+# sender wants read, not history (a requester forwarding a vendor's mail to us).
+_FORWARDED_RE = re.compile(
+    r"^\s*(?:-{2,}\s*(?:forwarded message|weitergeleitete nachricht|välitetty viesti|пересылаемое сообщение"
+    r"|переадресованное сообщение)\s*-{2,}|begin forwarded message\s*:|anfang der weitergeleiteten nachricht\s*:"
+    r"|välitetty viesti alkaa\s*:|начало переадресованного сообщения\s*:|début du message réexpédié\s*:)\s*$",
+    re.IGNORECASE,
+)
+# An attribution line carries an address, a time or a year; "Please run this:" does not.
+_ATTRIBUTION_HINT_RE = re.compile(r"@|\d{1,2}:\d{2}|\b(?:19|20)\d{2}\b")
 _FORWARD_BANNER_RE = re.compile(
     r"^\s*(?:begin forwarded message|anfang der weitergeleiteten nachricht"
     r"|välitetty viesti alkaa|начало переадресованного сообщения"
@@ -139,6 +149,15 @@ def _next_nonblank(lines: list[str], index: int) -> int | None:
     return None
 
 
+def _is_signature(lines: list[str], index: int, end: int) -> bool:
+    """'-- ' starts a signature; a bare '--' only with a few lines after it (Outlook drops
+    the space; a '--' between two steps of an answer is no signature)."""
+    line = lines[index]
+    if line == "-- ":
+        return True
+    return bool(_SIG_DASH_RE.match(line)) and sum(1 for ln in lines[index + 1 : end] if ln.strip()) <= 6
+
+
 def _introduces_quote(lines: list[str], index: int) -> bool:
     j = _next_nonblank(lines, index + 1)
     return j is not None and bool(_QUOTED_RE.match(lines[j]))
@@ -173,17 +192,23 @@ def _classify(lines: list[str], index: int) -> tuple[str, int] | None:
         span = 2
     if span:
         return ("soft", span) if _introduces_quote(lines, index + span - 1) else ("hard", span)
-    # Any other "...:" line directly introducing a '>' quoted block is a quote header.
-    if line.rstrip().endswith(":") and _introduces_quote(lines, index):
+    # Another "...:" line directly introducing a '>' quoted block is a quote header when it
+    # names a sender or a time: "Please run this:" above a quoted command is the answer.
+    if line.rstrip().endswith(":") and _ATTRIBUTION_HINT_RE.search(line) and _introduces_quote(lines, index):
         return ("soft", 1)
     return None
 
 
 def visible_reply_text(text: str, *, languages: Sequence[str] = ("en", "de", "fi", "ru"),
-                       whole_if_empty: bool = True) -> str:
+                       whole_if_empty: bool = True, keep_forwarded: bool = False) -> str:
     """The new text of a reply. whole_if_empty: when nothing new is left, the whole text
     (a customer's mail is never lost to a wrong cut); an agent's reply is then empty, since
-    sending it on would mail the quoted notice or the signature to the customer."""
+    sending it on would mail the quoted notice or the signature to the customer.
+    keep_forwarded: a forwarded message and everything after it is kept (a requester
+    forwarding a vendor's mail wants it read).
+
+    '>' lines are dropped only below a quote header ("On ... wrote:", "X wrote:"): with
+    none, they are part of the text (a quoted command, ">50 users cannot print")."""
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
     # Agent #commands at the very top stay as written and are never scanned as markers.
@@ -193,8 +218,12 @@ def visible_reply_text(text: str, *, languages: Sequence[str] = ("en", "de", "fi
 
     cut = len(lines)
     dropped: set[int] = set()
+    forwarded = len(lines)
     index = head
     while index < len(lines):
+        if keep_forwarded and _FORWARDED_RE.match(lines[index]):
+            forwarded = index
+            break
         verdict = _classify(lines, index)
         if verdict is None:
             index += 1
@@ -207,18 +236,26 @@ def visible_reply_text(text: str, *, languages: Sequence[str] = ("en", "de", "fi
         index += span
 
     library = _library_cut(lines, head, tuple(lang.lower() for lang in languages))
-    if library is not None and head <= library < cut and library not in dropped:
+    # Two lines that merely look like header fields ("To: ...", "Subject: ..." in an
+    # example the agent writes out) are no quote header: it must start From or be a
+    # "wrote:" line.
+    if (library is not None and head <= library < min(cut, forwarded) and library not in dropped
+            and (_OUTLOOK_FROM_RE.match(lines[library]) or _has_wrote_hint(lines[library]))):
         if _introduces_quote(lines, library):
             dropped.add(library)
         else:
             cut = library
 
+    quoting_from = min(dropped, default=cut)
     body: list[str] = []
     for number in range(head, cut):
         line = lines[number]
-        if _SIG_DASH_RE.match(line) or _is_mobile_footer(line):
+        if number >= forwarded:
+            body.extend(ln.rstrip() for ln in lines[number:])
             break
-        if number in dropped or _QUOTED_RE.match(line):
+        if _is_signature(lines, number, cut) or _is_mobile_footer(line):
+            break
+        if number in dropped or (number > quoting_from and _QUOTED_RE.match(line)):
             continue
         body.append(line.rstrip())
 
