@@ -680,6 +680,9 @@ def _sla(sec: _Section, helpdesk: HelpdeskSettings) -> SlaSettings:
     if not tiers:
         tiers.append(SlaTier(name="customer", targets={
             p: SlaTarget(8.0, 40.0) for p in helpdesk.priorities}))
+    if all(h is None for h in hours.values()) and not all(t.always_on for t in tiers):
+        # No due time could ever be computed: every new ticket would fail.
+        raise ConfigError("sla.hours: every day is closed; open at least one, or make every tier always_on")
     tier_names = {t.name for t in tiers}
     default_tier = sec.get("default_tier", str, tiers[0].name if "customer" not in tier_names
                            else "customer")

@@ -4,6 +4,7 @@ instances on one database a pass runs on one of them at a time."""
 from __future__ import annotations
 
 import logging
+import random
 from datetime import timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -71,7 +72,9 @@ def purge_quarantine(rt: Runtime) -> int:
         with session_scope(rt.engine) as session:
             named = set(session.exec(select(Inbound.raw_sha256).where(
                 Inbound.raw_sha256.in_(chunk),  # type: ignore[attr-defined]
-                or_(Inbound.outcome.is_(None), Inbound.outcome != "purged"))).all())  # type: ignore[union-attr]
+                # A second delivery of held spam ('duplicate') does not keep its bytes alive.
+                or_(Inbound.outcome.is_(None),
+                    Inbound.outcome.not_in(("purged", "duplicate"))))).all())  # type: ignore[union-attr]
             named |= set(session.exec(select(Message.raw_sha256).where(Message.raw_sha256.in_(chunk))).all())  # type: ignore[union-attr]
             named |= set(session.exec(select(Attachment.sha256).where(Attachment.sha256.in_(chunk))).all())  # type: ignore[attr-defined]
         removed += sum(rt.blobs.remove_if_idle(d, BLOB_IDLE_SECONDS) for d in chunk if d not in named)
@@ -79,6 +82,7 @@ def purge_quarantine(rt: Runtime) -> int:
     return purged
 
 
+FIRST_RUN_WITHIN = timedelta(minutes=5)
 DIGEST_TEMPLATE = "agent/quarantine_digest"
 DIGEST_LISTED = 200  # messages listed by name in one digest; the rest are counted
 DIGEST_CHECK_EVERY = timedelta(minutes=15)
@@ -188,8 +192,12 @@ def run_job(rt: Runtime, holder: str, name: str) -> None:
 def start_scheduler(rt: Runtime, holder: str) -> AsyncIOScheduler:
     scheduler = AsyncIOScheduler(timezone="UTC")
     for name, _func, every in JOBS:
-        scheduler.add_job(run_job, "interval", args=(rt, holder, name),
-                          seconds=job_interval(rt, name, every).total_seconds(),
-                          id=name, max_instances=1, coalesce=True)
+        interval = job_interval(rt, name, every)
+        # The first run at most FIRST_RUN_WITHIN after start, not a whole interval later: a
+        # daemon restarted more often than hourly never purged. A little spread, so that
+        # instances started together do not all ask for the lease at once.
+        first = utcnow() + min(interval, FIRST_RUN_WITHIN) + timedelta(seconds=random.uniform(0, 30))
+        scheduler.add_job(run_job, "interval", args=(rt, holder, name), seconds=interval.total_seconds(),
+                          id=name, max_instances=1, coalesce=True, next_run_time=first)
     scheduler.start()
     return scheduler

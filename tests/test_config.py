@@ -162,6 +162,8 @@ def test_missing_keys_are_named_exactly() -> None:
     ({"sla": {"hours": {"mon": "9-17"}}}, "sla.hours.mon: expected 'HH:MM-HH:MM' or 'closed', got '9-17'"),
     ({"sla": {"hours": {"mon": "17:00-09:00"}}}, "sla.hours.mon: end must be after start"),
     ({"sla": {"hours": {"monday": "09:00-17:00"}}}, "sla.hours.monday: unknown key"),
+    ({"sla": {"hours": {d: "closed" for d in ("mon", "tue", "wed", "thu", "fri")}}},
+     "sla.hours: every day is closed; open at least one, or make every tier always_on"),
     ({"sla": {"holidays_country": "XX"}}, "sla.holidays_country: unknown country code 'XX'"),
     ({"sla": {"extra_holidays": ["2026-13-01"]}}, "sla.extra_holidays: not a date (YYYY-MM-DD): '2026-13-01'"),
     ({"sla": {"default_tier": "gold"}}, "sla.default_tier: 'gold' is not one of the sla.tiers"),

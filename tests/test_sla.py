@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
 from types import SimpleNamespace
 from zoneinfo import ZoneInfo
 
@@ -256,3 +257,54 @@ def test_pending_over_a_weekend_resumes_with_the_business_time_left(monkeypatch:
     assert _resume(monkeypatch, ticket, utc(2026, 3, 9, 10)) == "pending"
     assert ticket.first_response_due == utc(2026, 3, 9, 12)  # type: ignore[attr-defined]
     assert ticket.resolution_due == utc(2026, 3, 10, 12)  # type: ignore[attr-defined]
+
+
+# --- due times on a ticket: pauses survive a new target, a breach survives a pause ------------
+
+def test_a_new_priority_keeps_the_time_the_ticket_was_paused(workdir: Path) -> None:
+    from mailgate.config import load_settings
+    from mailgate.ingest.apply import retarget_due_times, set_due_times
+    from mailgate.runtime import Runtime
+    from mailgate.store.tables import Ticket
+    from tests.conftest import write_config
+
+    rt = Runtime.build(load_settings(write_config(workdir)))
+    ticket = Ticket(requester_id=1, queue="support@example.com", tier=rt.settings.sla.default_tier,
+                    priority="normal", created_at=datetime(2026, 11, 16, 9, 0, tzinfo=UTC),
+                    updated_at=datetime(2026, 11, 16, 9, 0, tzinfo=UTC))
+    set_due_times(rt, ticket)
+    assert ticket.resolution_due is not None and ticket.first_response_due is not None
+    cal = rt.calendar(ticket.tier)
+    paused = timedelta(hours=7)  # what a week pending pushed the due times by, in business time
+    ticket.first_response_due = add_business_time(cal, ticket.first_response_due, paused)
+    ticket.resolution_due = add_business_time(cal, ticket.resolution_due, paused)
+
+    ticket.priority = "high"
+    retarget_due_times(rt, ticket, ticket.tier, "normal")
+    base = rt.due_times(ticket.tier, "high", ticket.created_at)
+    assert base is not None
+    assert (ticket.first_response_due, ticket.resolution_due) == (
+        add_business_time(cal, base[0], paused), add_business_time(cal, base[1], paused))
+
+
+def test_a_breach_survives_a_pause(workdir: Path) -> None:
+    from mailgate.config import load_settings
+    from mailgate.ingest.apply import set_status
+    from mailgate.runtime import Runtime
+    from mailgate.store.engine import session_scope
+    from mailgate.store.tables import Ticket
+    from tests.conftest import cli, mail, write_config
+
+    config = write_config(workdir)
+    cli(config, "ingest", input=bytes(mail()))
+    rt = Runtime.build(load_settings(config))
+    breached = datetime(2026, 11, 6, 12, 0, tzinfo=UTC)
+    with session_scope(rt.engine) as session:
+        ticket = session.get(Ticket, 1)
+        assert ticket is not None
+        ticket.first_response_due = ticket.resolution_due = breached
+        set_status(rt, session, ticket, "pending", "test")
+        ticket.sla_paused_at = datetime(2026, 11, 10, 12, 0, tzinfo=UTC)  # paused after the breach
+        set_status(rt, session, ticket, "open", "test")
+        # It was overdue when it paused: resuming must not give it a fresh due time.
+        assert (ticket.first_response_due, ticket.resolution_due) == (breached, breached)

@@ -389,7 +389,7 @@ def test_purge_removes_raw_bytes_no_row_still_needs(workdir: Path) -> None:
 
     rt = _runtime(workdir, spam_enabled=True)
     long_ago = utcnow().timestamp() - 40 * 86400
-    raws = {name: mail(subject=name).as_bytes() for name in ("alone", "shared", "reused")}
+    raws = {name: mail(subject=name).as_bytes() for name in ("alone", "shared", "reused", "twice")}
     blobs = {name: rt.blobs.put(raw) for name, raw in raws.items()}
     for digest in blobs.values():
         os.utime(rt.blobs.path_for(digest), (long_ago, long_ago))
@@ -401,11 +401,15 @@ def test_purge_removes_raw_bytes_no_row_still_needs(workdir: Path) -> None:
         # the same bytes also arrived later and became a ticket: they must stay
         session.add(Inbound(source="smtp", raw_sha256=blobs["shared"], received_at=now,
                             state="done", outcome="ticket"))
+        # the held spam arrived a second time: that row does not keep its bytes
+        session.add(Inbound(source="smtp", raw_sha256=blobs["twice"], received_at=now - timedelta(days=31),
+                            state="done", outcome="duplicate"))
     # the same bytes are being accepted again right now (put, not yet committed)
     assert rt.blobs.put(raws["reused"]) == blobs["reused"]
 
-    assert purge_quarantine(rt) == 3
+    assert purge_quarantine(rt) == 4
     assert not rt.blobs.path_for(blobs["alone"]).exists()
+    assert not rt.blobs.path_for(blobs["twice"]).exists()
     assert rt.blobs.path_for(blobs["shared"]).exists()
     assert rt.blobs.path_for(blobs["reused"]).exists()  # touched by the put: not idle
     assert BLOB_IDLE_SECONDS >= 60

@@ -129,6 +129,27 @@ def set_due_times(rt: Runtime, ticket: Ticket) -> None:
         ticket.first_response_due, ticket.resolution_due = due
 
 
+def retarget_due_times(rt: Runtime, ticket: Ticket, old_tier: str, old_priority: str) -> None:
+    """New targets after a priority or tier change, keeping the time the ticket spent
+    pending: each due time moves from its old base (created + old target) to the new base
+    plus the business time by which pauses had pushed it. Recomputing from created_at alone
+    made a ticket paused for a week overdue the moment its priority changed."""
+    created = as_utc(ticket.created_at)
+    new_base = rt.due_times(ticket.tier, ticket.priority, created)
+    if new_base is None:
+        return
+    old_base = rt.due_times(old_tier, old_priority, created)
+    old_cal, new_cal = rt.calendar(old_tier), rt.calendar(ticket.tier)
+    current = (ticket.first_response_due, ticket.resolution_due)
+    moved: list[datetime] = []
+    for now_due, was_base, base in zip(current, old_base or (None, None), new_base, strict=True):
+        pushed = timedelta(0)
+        if now_due is not None and was_base is not None and as_utc(now_due) > was_base:
+            pushed = business_time_between(old_cal, was_base, as_utc(now_due))
+        moved.append(add_business_time(new_cal, base, pushed) if pushed else base)
+    ticket.first_response_due, ticket.resolution_due = moved
+
+
 def set_status(rt: Runtime, session: Session, ticket: Ticket, name: str, actor: str) -> str | None:
     """Change the status; returns the old name, or None if nothing changed."""
     status = rt.settings.helpdesk.status(name)
@@ -147,6 +168,8 @@ def set_status(rt: Runtime, session: Session, ticket: Ticket, name: str, actor: 
         paused_at = as_utc(ticket.sla_paused_at)
 
         def resumed(due: datetime) -> datetime:
+            if as_utc(due) <= paused_at:
+                return due  # already breached when it paused: it stays breached
             return add_business_time(cal, now, business_time_between(cal, paused_at, as_utc(due)))
 
         if ticket.first_response_due and ticket.first_responded_at is None:
@@ -193,10 +216,11 @@ def change_field(rt: Runtime, session: Session, ticket: Ticket, field: str, valu
     old = getattr(ticket, field)
     if old == value:
         return None
+    old_tier, old_priority = ticket.tier, ticket.priority
     setattr(ticket, field, value)
     add_event(session, ticket, actor, field, old, value)
     if field in ("priority", "tier"):
-        set_due_times(rt, ticket)
+        retarget_due_times(rt, ticket, old_tier, old_priority)
     return f"{field}: {old or '-'} -> {value}"
 
 
