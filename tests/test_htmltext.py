@@ -71,3 +71,22 @@ def test_the_fallback_is_linear_on_openers_that_never_close() -> None:
             "print(len(html_to_text('<div>' * (MAX_HTML_DEPTH + 100) + '<' * 300_000)))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30, check=True)
     assert done.stdout == b"300000\n"
+
+
+def test_what_a_reader_never_sees_is_not_text() -> None:
+    html = ('<html><head><title>Newsletter template</title></head><body>'
+            '<div style="display:none;max-height:0">Preview text nobody sees</div>'
+            '<span hidden>tracking 1234</span><p style="visibility: hidden">hidden too</p>'
+            '<p>My printer is on fire.</p></body></html>')
+    assert html_to_text(html) == "My printer is on fire."
+
+
+def test_html_only_mail_is_read_as_received_not_as_sanitised() -> None:
+    from mailgate.ingest.parse import parse_message
+
+    raw = ("From: a@example.com\r\nSubject: x\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+           "<html><head><title>Template</title></head><body><div style='display:none'>preheader</div>"
+           "<p>Real words.</p></body></html>\r\n").encode()
+    msg = parse_message(raw)
+    assert msg.text.strip() == "Real words."
+    assert "Template" not in (msg.html or "")  # the stored, sanitised copy drops the <title> too

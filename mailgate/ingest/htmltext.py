@@ -20,6 +20,8 @@ _PARAGRAPH = frozenset({"p", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "dl
 _LINE = frozenset({"div", "section", "article", "header", "footer", "nav", "aside", "main",
                    "tr", "dt", "dd", "li", "caption", "tbody", "thead", "tfoot", "hr"})
 _INVISIBLE = frozenset({"script", "style", "head", "title", "template", "noscript", "img"})
+# Elements a reader never sees (preheaders, tracking blocks): their text is not the sender's words.
+_HIDDEN_STYLE_RE = re.compile(r"display\s*:\s*none|visibility\s*:\s*hidden", re.IGNORECASE)
 _SPACE_RE = re.compile(r"\s+")
 _TAG_RE = re.compile(r"<[^<>]*>")  # the fallback; [^<>], as a "<" with no ">" after it made [^>] quadratic
 _LINK_SCHEMES = ("http://", "https://", "ftp://", "mailto:")
@@ -134,7 +136,13 @@ def _tail(pieces: list[str], n: int) -> str:
     return "".join(reversed(tail))[-n:]
 
 
+def _hidden(el: etree._Element) -> bool:
+    return el.get("hidden") is not None or bool(_HIDDEN_STYLE_RE.search(el.get("style") or ""))
+
+
 def html_to_text(html: str) -> str:
+    """Text of HTML as a reader sees it. Give it the HTML as received, not the sanitised
+    copy: sanitising drops the style and hidden attributes that say what is invisible."""
     # Plain etree elements: lxml.html's element classes cost a lookup each. huge_tree lifts
     # libxml2's depth limit from 256 to 2048; deeper (hostile) markup loses its layout.
     parser = etree.HTMLParser(huge_tree=True, no_network=True)
@@ -152,7 +160,7 @@ def html_to_text(html: str) -> str:
     for event, el in walker:
         tag = el.tag.lower() if isinstance(el.tag, str) else ""  # comments: a function
         if event == "start":
-            if not tag or tag in _INVISIBLE:
+            if not tag or tag in _INVISIBLE or _hidden(el):
                 walker.skip_subtree()  # its "end" still comes, and writes the tail
                 continue
             if tag in _PARAGRAPH:
@@ -183,7 +191,7 @@ def html_to_text(html: str) -> str:
                 links.append((w.written, (el.get("href") or "").strip()))
             w.text(el.text)
         else:
-            if not tag or tag in _INVISIBLE:
+            if not tag or tag in _INVISIBLE or _hidden(el):
                 pass
             elif tag == "a" and links:
                 start, href = links.pop()

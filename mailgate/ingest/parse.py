@@ -694,6 +694,9 @@ def sanitize_html(html: str) -> str:
         url_schemes=_URL_SCHEMES,
         link_rel="noopener noreferrer nofollow",
         strip_comments=True,
+        # Dropped with their text: nh3's default is script and style only, and a <title>
+        # in the head read as the first words of the mail.
+        clean_content_tags={"script", "style", "title", "head", "template", "noscript"} - _HTML_TAGS,
     )
 
 
@@ -1040,7 +1043,7 @@ def parse_message(
     else:
         html = sanitize_html(html_src) if html_src else None
         if not text and html:
-            text = html_to_text(html)
+            text = html_to_text(html_src)
     if not text and col.tnef_bodies:
         text = "\n\n".join(col.tnef_bodies).strip()
 
