@@ -10,6 +10,7 @@ exponential backoff until the row's deadline.
 from __future__ import annotations
 
 import asyncio
+import base64
 import binascii
 import contextlib
 import logging
@@ -25,6 +26,7 @@ from email.header import Header
 from email.utils import format_datetime, formataddr
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import bindparam, insert, update
 from sqlalchemy.engine import Engine
@@ -60,8 +62,35 @@ def _qp_part(subtype: str, text: str) -> bytes:
             "Content-Transfer-Encoding: quoted-printable\r\n\r\n").encode() + body.replace(b"\n", b"\r\n")
 
 
-def _mime_body(text: str, html: str | None) -> bytes:
-    """The MIME headers and body after our own headers: text, or text + HTML alternatives."""
+@dataclass(frozen=True)
+class OutgoingFile:
+    """A file sent on with a mail (an agent's attachment to their answer)."""
+
+    filename: str
+    content_type: str
+    data: bytes
+
+
+def _file_part(f: OutgoingFile) -> bytes:
+    """One attachment, base64 in lines of 76, its name RFC 2231-encoded when not ASCII."""
+    ctype = f.content_type if re.fullmatch(r"[\w.+-]+/[\w.+-]+", f.content_type) else "application/octet-stream"
+    name = one_line(f.filename, 200).replace("\\", "_").replace('"', "_") or "attachment"
+    param = f'filename="{name}"' if name.isascii() else f"filename*=utf-8''{quote(name, safe='')}"
+    body = base64.encodebytes(f.data).replace(b"\n", b"\r\n")
+    return (f"Content-Type: {ctype}\r\nContent-Transfer-Encoding: base64\r\n"
+            f"Content-Disposition: attachment; {param}\r\n\r\n").encode() + body
+
+
+def _mime_body(text: str, html: str | None, files: Sequence[OutgoingFile] = ()) -> bytes:
+    """The MIME headers and body after our own headers: text, or text + HTML alternatives,
+    and the files after them in a multipart/mixed."""
+    if files:
+        inner = _mime_body(text, html).removeprefix(b"MIME-Version: 1.0\r\n")
+        boundary = f"=_mgm{uuid.uuid4().hex}"  # "=_" never occurs in base64 or quoted-printable
+        parts = [inner, *(_file_part(f) for f in files)]
+        return (f'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="{boundary}"\r\n\r\n'
+                f"--{boundary}\r\n").encode() + f"\r\n--{boundary}\r\n".encode().join(parts) + (
+                f"\r\n--{boundary}--\r\n").encode()
     if not html:
         return b"MIME-Version: 1.0\r\n" + _qp_part("plain", text)
     # "=_" never occurs in quoted-printable text, so the boundary cannot occur in the parts.
@@ -93,7 +122,7 @@ def compose(settings: Settings, *, to: str, subject: str, text: str, html: str |
             message_id: str, ticket_number: int | None, in_reply_to: str | None = None,
             references: Sequence[str] = (), automatic: bool = True,
             from_name: str | None = None, cc: Sequence[str] = (), reply_base: str | None = None,
-            reply_number: int | None = None) -> bytes:
+            reply_number: int | None = None, files: Sequence[OutgoingFile] = ()) -> bytes:
     """The wire bytes of one outgoing mail. reply_base: whose plus form the Reply-To is
     (default the support address; the comment address for notes). reply_number: the number
     the Reply-To token is for, when the mail is about no ticket (the quarantine digest).
@@ -135,7 +164,8 @@ def compose(settings: Settings, *, to: str, subject: str, text: str, html: str |
         headers.append(("X-Mailgate-Ticket", str(ticket_number)))
     # UTF-8 only where an address is not ASCII (RFC 6532; the relay is then asked for
     # SMTPUTF8): everything else is ASCII.
-    return "".join(_header_line(name, value) for name, value in headers).encode("utf-8") + _mime_body(text, html)
+    return "".join(_header_line(name, value) for name, value in headers).encode("utf-8") + _mime_body(
+        text, html, files)
 
 
 def _header_line(name: str, value: str) -> str:
@@ -162,7 +192,7 @@ def enqueue(session: Session, settings: Settings, renderer: Renderer, *, templat
             context: dict[str, Any], ticket_number: int | None, in_reply_to: str | None = None,
             references: Sequence[str] = (), automatic: bool = True,
             from_name: str | None = None, reply_base: str | None = None,
-            reply_number: int | None = None) -> tuple[int, OutgoingMail]:
+            reply_number: int | None = None, files: Sequence[OutgoingFile] = ()) -> tuple[int, OutgoingMail]:
     """Render `template` for one recipient and queue it in the caller's transaction; returns
     the outbox row's id. The row is written with a Core INSERT on the session's connection:
     it is never used as an object here, and an ORM object cost several times the row."""
@@ -172,7 +202,7 @@ def enqueue(session: Session, settings: Settings, renderer: Renderer, *, templat
     raw = compose(settings, to=to, subject=rendered.subject, text=rendered.text, html=rendered.html,
                   message_id=message_id, ticket_number=ticket_number, in_reply_to=in_reply_to,
                   references=references, automatic=automatic, from_name=from_name, reply_base=reply_base,
-                  reply_number=reply_number)
+                  reply_number=reply_number, files=files)
     now = utcnow()
     inserted = session.connection().execute(_INSERT_OUTBOX, {
         "ticket_id": ticket_number, "message_id": message_id, "template": template,

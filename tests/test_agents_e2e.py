@@ -452,3 +452,22 @@ def test_the_former_owner_hears_of_a_reassignment_and_the_answer_precedes_the_st
     to_hana = [r["template"] for r in reversed(query_json(desk.d.config, "outbox", "list"))
                if r["to"] == "hana@customer.org" and r["ticket"] == n]
     assert to_hana[-2:] == ["requester/answer", "requester/status"]
+
+
+def test_attachments_are_listed_for_agents_and_an_agents_files_reach_the_customer(desk: Desk) -> None:
+    screenshot = mail(sender="Ivo <ivo@customer.org>", subject="Error dialog")
+    screenshot.add_attachment(b"\x89PNG" + b"x" * 3000, maintype="image", subtype="png", filename="screen.png")
+    desk.send(screenshot)
+    mails = desk.take()
+    notice = to(mails, "alice@example.com")[0]
+    assert "screen.png  (image/png, 2.9 KB)" in text(notice)
+
+    answer, recipients = reply(notice, "alice@example.com", "Please install the driver attached.")
+    answer.add_attachment(b"PK\x03\x04driver", maintype="application", subtype="zip", filename="drivér-2.2.zip")
+    original = mail(subject="the notice itself")  # a client set to attach the original
+    answer.add_attachment(bytes(original), maintype="message", subtype="rfc822", filename="original.eml")
+    desk.send(answer, recipients)
+    sent = to(desk.take(), "ivo@customer.org")[0]
+    files = [(p.get_filename(), p.get_content_type(), p.get_payload(decode=True)) for p in sent.iter_attachments()]
+    assert files == [("drivér-2.2.zip", "application/zip", b"PK\x03\x04driver")]
+    assert "Please install the driver attached." in text(sent)

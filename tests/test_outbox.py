@@ -534,3 +534,17 @@ def test_two_senders_on_a_slow_relay_send_each_mail_once(workdir: Path, relay: C
     assert len(ids) == 6 and len(set(ids)) == 6
     assert sent_a + sent_b == 6 and sent_b > 0
     assert {r["state"] for r in cli_json(config, "outbox", "list")} == {"sent"}
+
+
+def test_files_go_in_a_multipart_mixed_after_the_text() -> None:
+    from mailgate.outbox import OutgoingFile
+
+    files = [OutgoingFile("log.txt", "text/plain", b"line\n" * 5000),
+             OutgoingFile('na"me\r\nX: y.pdf', "application/pdf; evil", b"%PDF")]
+    raw, msg = composed(html="<p>Hi</p>", files=files)
+    assert msg.get_content_type() == "multipart/mixed"
+    assert [p.get_content_type() for p in msg.iter_parts()] == ["multipart/alternative", "text/plain",
+                                                                "application/octet-stream"]
+    got = [(p.get_filename(), p.get_payload(decode=True)) for p in msg.iter_attachments()]
+    assert got == [("log.txt", b"line\n" * 5000), ("na_me X: y.pdf", b"%PDF")]
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998 and b"\nX: y" not in raw

@@ -21,6 +21,7 @@ from mailgate.domain import QUARANTINE_REPLY_NUMBER, base_address, one_line
 from mailgate.ingest import notify
 from mailgate.ingest.commands import CommandRules, ParsedCommands, find_choice, merge_target, validate
 from mailgate.ingest.stop import Stop
+from mailgate.outbox import OutgoingFile
 from mailgate.quarantine import learn_released, take_out
 from mailgate.runtime import Runtime
 from mailgate.sla import add_business_time, business_time_between, tier_for_address
@@ -950,10 +951,16 @@ def send_effects(ctx: Context) -> None:
             last_in = session.exec(select(Message.message_id).where(
                 Message.ticket_id == ticket.number, Message.direction == "in",
                 Message.kind == "public").order_by(Message.id.desc())).first()  # type: ignore[union-attr]
+            # The agent's files go on with the answer. Not images their client put inline (a
+            # signature's logo), and not attached mail: a client set to attach the original
+            # would send our notice, with its ticket data, to the customer.
+            files = [OutgoingFile(a.filename, a.content_type, a.data) for a in ctx.msg.attachments
+                     if not a.inline and not a.content_type.startswith("message/")
+                     and a.content_type != "text/rfc822-headers"]
             for to in notify.requester_and_cc(session, ticket):
                 notify.send(rt, session, ticket=ticket, template="requester/answer", to=to,
                             message=message, in_reply_to=last_in, automatic=False,
-                            from_name=f"{ctx.agent.name} via {hd.name}")
+                            from_name=f"{ctx.agent.name} via {hd.name}", files=files)
         elif name == "note":
             # Reply-To is the comment address: answering a note is a note again, so the
             # note quoted in that answer cannot reach the requester by a slip of the client.

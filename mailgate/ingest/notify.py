@@ -18,10 +18,10 @@ from sqlalchemy import bindparam, case, func, insert
 from sqlmodel import Session, select
 
 from mailgate.domain import base_address, tagged_subject
-from mailgate.outbox import enqueue
+from mailgate.outbox import OutgoingFile, enqueue
 from mailgate.runtime import Runtime
 from mailgate.store.engine import insert_object, iso, utcnow
-from mailgate.store.tables import AutoReplyLog, Contact, Message, Participant, Ticket
+from mailgate.store.tables import Attachment, AutoReplyLog, Contact, Message, Participant, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ _LATEST_SCREEN_KIND = select(Message.screen_kind).where(
     Message.from_addr == bindparam("address"),
     Message.screen_kind.is_(None) | Message.screen_kind.in_(("list", "bulk")),  # type: ignore[union-attr]
 ).order_by(Message.id.desc()).limit(1)  # type: ignore[union-attr]
+_ATTACHMENTS = select(Attachment.filename, Attachment.content_type, Attachment.size).where(
+    Attachment.message_id == bindparam("message")).order_by(Attachment.id)
 _PARTICIPANTS_IN_ROLE = select(Participant.email).where(
     Participant.ticket_id == bindparam("ticket"), Participant.role == bindparam("role"))
 
@@ -66,9 +68,20 @@ def ticket_context(rt: Runtime, session: Session, ticket: Ticket) -> dict[str, A
     }
 
 
-def message_context(message: Message) -> dict[str, Any]:
+def message_context(session: Session, message: Message) -> dict[str, Any]:
+    # The attachments, so that an agent working by mail knows a screenshot or a log is there.
+    attachments = session.exec(_ATTACHMENTS, params={"message": message.id}).all() if message.id else []
     return {"from": message.from_addr, "from_name": message.from_name, "text": message.text,
-            "subject": message.subject, "created_at": iso(message.created_at)}
+            "subject": message.subject, "created_at": iso(message.created_at),
+            "attachments": [{"filename": name, "content_type": ctype, "size": size, "size_text": _size_text(size)}
+                            for name, ctype, size in attachments]}
+
+
+def _size_text(size: int) -> str:
+    for unit, scale in (("MB", 1 << 20), ("KB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"
 
 
 def helpdesk_context(rt: Runtime) -> dict[str, Any]:
@@ -136,7 +149,8 @@ def send(rt: Runtime, session: Session, *, ticket: Ticket | None, template: str,
          in_reply_to: str | None = None, automatic: bool = True, from_name: str | None = None,
          record_kind: str | None = None, hits: list[dict[str, Any]] | None = None,
          reply_base: str | None = None, guard: bool | None = None,
-         references: Sequence[str] | None = None, reply_number: int | None = None) -> int | None:
+         references: Sequence[str] | None = None, reply_number: int | None = None,
+         files: Sequence[OutgoingFile] = ()) -> int | None:
     """Queue one mail about `ticket` (None: about no ticket) to `to`; its outbox row id,
     or None if the loop guard held it back.
 
@@ -161,7 +175,7 @@ def send(rt: Runtime, session: Session, *, ticket: Ticket | None, template: str,
     context = {
         "helpdesk": helpdesk_context(rt),
         "ticket": ticket_context(rt, session, ticket) if ticket is not None else None,
-        "message": message_context(message) if message else None,
+        "message": message_context(session, message) if message else None,
         "tagged_subject": tagged_subject(hd.subject_tag, ticket.number or 0, ticket.subject)
         if ticket is not None else "",
         **(extra or {}),
@@ -172,7 +186,7 @@ def send(rt: Runtime, session: Session, *, ticket: Ticket | None, template: str,
                         references=references if references is not None
                         else thread_ids(session, ticket) if ticket is not None else (),
                         automatic=automatic, from_name=from_name, reply_base=reply_base,
-                        reply_number=reply_number)
+                        reply_number=reply_number, files=files)
     if guarded:
         # Appended with Core, like the outbox row: only ever counted, never an object.
         session.connection().execute(_INSERT_AUTO_REPLY, {"recipient": to, "sent_at": utcnow()})
