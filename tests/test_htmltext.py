@@ -84,9 +84,9 @@ def test_what_a_reader_never_sees_is_not_text() -> None:
 def test_html_only_mail_is_read_as_received_not_as_sanitised() -> None:
     from mailgate.ingest.parse import parse_message
 
-    raw = ("From: a@example.com\r\nSubject: x\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
-           "<html><head><title>Template</title></head><body><div style='display:none'>preheader</div>"
-           "<p>Real words.</p></body></html>\r\n").encode()
+    raw = (b"From: a@example.com\r\nSubject: x\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+           b"<html><head><title>Template</title></head><body><div style='display:none'>preheader</div>"
+           b"<p>Real words.</p></body></html>\r\n")
     msg = parse_message(raw)
     assert msg.text.strip() == "Real words."
     assert "Template" not in (msg.html or "")  # the stored, sanitised copy drops the <title> too
