@@ -158,8 +158,7 @@ def test_huge_hostile_line_reaches_the_regex_truncated(library_spy: _SearchSpy) 
     from mailgate.ingest import replytext
 
     text = "On " + "x " * 200_000 + "\n> q"
-    # No quote header is recognised in that line, so the '>' line is text too.
-    assert visible_reply_text(text) == "\n".join(line.rstrip() for line in text.split("\n"))
+    assert visible_reply_text(text) == text.split("\n")[0].rstrip()
     assert library_spy.longest and max(library_spy.longest) <= replytext._MAX_SCAN_LINE
 
 
@@ -175,11 +174,13 @@ def test_many_hostile_lines_are_searched_only_so_far(library_spy: _SearchSpy) ->
     assert library_spy.searched and max(library_spy.searched) <= replytext._MAX_LIBRARY_SCAN
 
 
-def test_quoted_lines_without_a_quote_header_are_the_writers_own() -> None:
+def test_a_colon_line_above_quoted_lines_is_text_unless_it_names_a_sender_or_time() -> None:
+    # The quoted line itself goes (it may be history: Outlook's prefixed quoting has no
+    # header at all); the sentence introducing it stays.
     answer = "Please run this and check the output:\n\n> Get-Printer | fl\n\nIt should say Ready."
-    assert visible_reply_text(answer) == answer
-    assert visible_reply_text(">50 users cannot print since 9am.") == ">50 users cannot print since 9am."
-    # Below a quote header they are history, as before.
+    assert visible_reply_text(answer) == "Please run this and check the output:\n\nIt should say Ready."
+    outlook = "Done.\n\n> -----Original Message-----\n> From: Support\n> Owner: nobody\n> #assign EMAIL|me"
+    assert visible_reply_text(outlook) == "Done."
     assert visible_reply_text("Done.\n\nOn Mon, 1 Jan 2024 at 10:00, Bob <b@x.org> wrote:\n> old") == "Done."
     assert visible_reply_text("Done.\n\nBob <b@x.org> 2024-01-01 10:00:\n> old\n> older") == "Done."
 
@@ -202,3 +203,9 @@ def test_a_forwarded_message_is_kept_when_asked() -> None:
             "From: Vendor <help@vendor.example>\nSubject: Your case\n\nThe part ships on Monday.")
     assert visible_reply_text(text, keep_forwarded=True) == text
     assert visible_reply_text(text) == "Please read their answer below."
+
+
+def test_an_attribution_without_date_or_address_is_a_header_when_only_quoting_follows() -> None:
+    for attribution in ("Helpdesk escribió:", "Helpdesk ha scritto:", "Op donderdag schreef Helpdesk het volgende:"):
+        text = f"Restart the router.\n\n{attribution}\n> New ticket #4\n> Owner: nobody\n> #assign EMAIL|me"
+        assert visible_reply_text(text) == "Restart the router.", attribution

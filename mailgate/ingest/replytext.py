@@ -163,9 +163,10 @@ def _introduces_quote(lines: list[str], index: int) -> bool:
     return j is not None and bool(_QUOTED_RE.match(lines[j]))
 
 
-def _classify(lines: list[str], index: int) -> tuple[str, int] | None:
+def _classify(lines: list[str], index: int, last_text: int) -> tuple[str, int] | None:
     """('hard', n): history starts here, drop the rest. ('soft', n): drop these n lines
-    only, because '>' quoting follows and interleaved answers below must survive."""
+    only, because '>' quoting follows and interleaved answers below must survive.
+    last_text: the last line that is neither blank nor '>' quoted."""
     line = lines[index]
     if len(line) > 2 * _MAX_SCAN_LINE:
         return None
@@ -193,8 +194,10 @@ def _classify(lines: list[str], index: int) -> tuple[str, int] | None:
     if span:
         return ("soft", span) if _introduces_quote(lines, index + span - 1) else ("hard", span)
     # Another "...:" line directly introducing a '>' quoted block is a quote header when it
-    # names a sender or a time: "Please run this:" above a quoted command is the answer.
-    if line.rstrip().endswith(":") and _ATTRIBUTION_HINT_RE.search(line) and _introduces_quote(lines, index):
+    # names a sender or a time, or when nothing but quoting follows ("Helpdesk escribió:");
+    # "Please run this:" above a quoted command, with the answer going on below, is text.
+    if (line.rstrip().endswith(":") and _introduces_quote(lines, index)
+            and (_ATTRIBUTION_HINT_RE.search(line) or index >= last_text)):
         return ("soft", 1)
     return None
 
@@ -205,10 +208,7 @@ def visible_reply_text(text: str, *, languages: Sequence[str] = ("en", "de", "fi
     (a customer's mail is never lost to a wrong cut); an agent's reply is then empty, since
     sending it on would mail the quoted notice or the signature to the customer.
     keep_forwarded: a forwarded message and everything after it is kept (a requester
-    forwarding a vendor's mail wants it read).
-
-    '>' lines are dropped only below a quote header ("On ... wrote:", "X wrote:"): with
-    none, they are part of the text (a quoted command, ">50 users cannot print")."""
+    forwarding a vendor's mail wants it read)."""
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
     # Agent #commands at the very top stay as written and are never scanned as markers.
@@ -219,12 +219,14 @@ def visible_reply_text(text: str, *, languages: Sequence[str] = ("en", "de", "fi
     cut = len(lines)
     dropped: set[int] = set()
     forwarded = len(lines)
+    last_text = max((i for i, line in enumerate(lines) if line.strip() and not _QUOTED_RE.match(line)),
+                    default=-1)
     index = head
     while index < len(lines):
         if keep_forwarded and _FORWARDED_RE.match(lines[index]):
             forwarded = index
             break
-        verdict = _classify(lines, index)
+        verdict = _classify(lines, index, last_text)
         if verdict is None:
             index += 1
             continue
@@ -246,7 +248,6 @@ def visible_reply_text(text: str, *, languages: Sequence[str] = ("en", "de", "fi
         else:
             cut = library
 
-    quoting_from = min(dropped, default=cut)
     body: list[str] = []
     for number in range(head, cut):
         line = lines[number]
@@ -255,7 +256,10 @@ def visible_reply_text(text: str, *, languages: Sequence[str] = ("en", "de", "fi
             break
         if _is_signature(lines, number, cut) or _is_mobile_footer(line):
             break
-        if number in dropped or (number > quoting_from and _QUOTED_RE.match(line)):
+        # Every '>' line goes, with a recognised header above it or not: Outlook's prefixed
+        # quoting ("> -----Original Message-----") and attributions in other languages have
+        # none, and an agent's answer must never carry the quoted notice to the customer.
+        if number in dropped or _QUOTED_RE.match(line):
             continue
         body.append(line.rstrip())
 
