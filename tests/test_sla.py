@@ -263,28 +263,32 @@ def test_pending_over_a_weekend_resumes_with_the_business_time_left(monkeypatch:
 
 def test_a_new_priority_keeps_the_time_the_ticket_was_paused(workdir: Path) -> None:
     from mailgate.config import load_settings
-    from mailgate.ingest.apply import retarget_due_times, set_due_times
+    from mailgate.ingest.apply import change_field, set_due_times
     from mailgate.runtime import Runtime
-    from mailgate.store.tables import Ticket
-    from tests.conftest import write_config
+    from mailgate.store.engine import session_scope
+    from mailgate.store.tables import Event, Ticket
+    from tests.conftest import cli, mail, write_config
 
-    rt = Runtime.build(load_settings(write_config(workdir)))
-    ticket = Ticket(requester_id=1, queue="support@example.com", tier=rt.settings.sla.default_tier,
-                    priority="normal", created_at=datetime(2026, 11, 16, 9, 0, tzinfo=UTC),
-                    updated_at=datetime(2026, 11, 16, 9, 0, tzinfo=UTC))
-    set_due_times(rt, ticket)
-    assert ticket.resolution_due is not None and ticket.first_response_due is not None
-    cal = rt.calendar(ticket.tier)
-    paused = timedelta(hours=7)  # what a week pending pushed the due times by, in business time
-    ticket.first_response_due = add_business_time(cal, ticket.first_response_due, paused)
-    ticket.resolution_due = add_business_time(cal, ticket.resolution_due, paused)
-
-    ticket.priority = "high"
-    retarget_due_times(rt, ticket, ticket.tier, "normal")
-    base = rt.due_times(ticket.tier, "high", ticket.created_at)
-    assert base is not None
-    assert (ticket.first_response_due, ticket.resolution_due) == (
-        add_business_time(cal, base[0], paused), add_business_time(cal, base[1], paused))
+    config = write_config(workdir)
+    cli(config, "ingest", input=bytes(mail()))
+    rt = Runtime.build(load_settings(config))
+    created, paused, resumed = (datetime(2026, 11, 16, 9, 0, tzinfo=UTC), datetime(2026, 11, 16, 10, 0, tzinfo=UTC),
+                                datetime(2026, 11, 27, 10, 0, tzinfo=UTC))  # a Monday hour, then 11 days pending
+    with session_scope(rt.engine) as session:
+        ticket = session.get(Ticket, 1)
+        assert ticket is not None
+        ticket.created_at = created
+        set_due_times(rt, ticket)
+        for at, new in ((paused, "pending"), (resumed, "open")):
+            session.add(Event(ticket_id=1, created_at=at, actor="test", action="status", new=new))
+        session.flush()
+        change_field(rt, session, ticket, "priority", "high", "test")
+        cal = rt.calendar(ticket.tier)
+        base = rt.due_times(ticket.tier, "high", created)
+        assert base is not None
+        expected = [add_business_time(cal, resumed, business_time_between(cal, paused, due)) for due in base]
+        assert [ticket.first_response_due, ticket.resolution_due] == expected
+        assert ticket.resolution_due > resumed  # not overdue the moment the priority changed
 
 
 def test_a_breach_survives_a_pause(workdir: Path) -> None:

@@ -130,25 +130,41 @@ def set_due_times(rt: Runtime, ticket: Ticket) -> None:
         ticket.first_response_due, ticket.resolution_due = due
 
 
-def retarget_due_times(rt: Runtime, ticket: Ticket, old_tier: str, old_priority: str) -> None:
+def retarget_due_times(rt: Runtime, session: Session, ticket: Ticket) -> None:
     """New targets after a priority or tier change, keeping the time the ticket spent
-    pending: each due time moves from its old base (created + old target) to the new base
-    plus the business time by which pauses had pushed it. Recomputing from created_at alone
-    made a ticket paused for a week overdue the moment its priority changed."""
+    pending: the new base (created + new target) is moved by each past pause as the clock
+    moved it when the pause ended, on the new tier's calendar. Recomputing from created_at
+    alone made a ticket that waited a week for its customer overdue at once."""
     created = as_utc(ticket.created_at)
-    new_base = rt.due_times(ticket.tier, ticket.priority, created)
-    if new_base is None:
+    base = rt.due_times(ticket.tier, ticket.priority, created)
+    if base is None:
         return
-    old_base = rt.due_times(old_tier, old_priority, created)
-    old_cal, new_cal = rt.calendar(old_tier), rt.calendar(ticket.tier)
-    current = (ticket.first_response_due, ticket.resolution_due)
+    cal = rt.calendar(ticket.tier)
+    spans = pending_spans(rt, session, ticket)
     moved: list[datetime] = []
-    for now_due, was_base, base in zip(current, old_base or (None, None), new_base, strict=True):
-        pushed = timedelta(0)
-        if now_due is not None and was_base is not None and as_utc(now_due) > was_base:
-            pushed = business_time_between(old_cal, was_base, as_utc(now_due))
-        moved.append(add_business_time(new_cal, base, pushed) if pushed else base)
+    for due in base:
+        for paused_at, resumed_at in spans:
+            if due > paused_at:  # a due time already passed at the pause stays passed
+                due = add_business_time(cal, resumed_at, business_time_between(cal, paused_at, due))
+        moved.append(due)
     ticket.first_response_due, ticket.resolution_due = moved
+
+
+def pending_spans(rt: Runtime, session: Session, ticket: Ticket) -> list[tuple[datetime, datetime]]:
+    """The ticket's finished pauses (pending from, until), from its status events; a pause
+    still going on is left to set_status, which moves the due times when it ends."""
+    kinds = {st.name: st.kind for st in rt.settings.helpdesk.statuses}
+    spans: list[tuple[datetime, datetime]] = []
+    start: datetime | None = None
+    for at, new in session.exec(select(Event.created_at, Event.new).where(
+            Event.ticket_id == ticket.number, Event.action == "status").order_by(Event.id)).all():  # type: ignore[arg-type]
+        pending = kinds.get(new or "") == "pending"
+        if pending and start is None:
+            start = as_utc(at)
+        elif not pending and start is not None:
+            spans.append((start, as_utc(at)))
+            start = None
+    return spans
 
 
 def set_status(rt: Runtime, session: Session, ticket: Ticket, name: str, actor: str) -> str | None:
@@ -217,11 +233,10 @@ def change_field(rt: Runtime, session: Session, ticket: Ticket, field: str, valu
     old = getattr(ticket, field)
     if old == value:
         return None
-    old_tier, old_priority = ticket.tier, ticket.priority
     setattr(ticket, field, value)
     add_event(session, ticket, actor, field, old, value)
     if field in ("priority", "tier"):
-        retarget_due_times(rt, ticket, old_tier, old_priority)
+        retarget_due_times(rt, session, ticket)
     return f"{field}: {old or '-'} -> {value}"
 
 
