@@ -72,13 +72,35 @@ class OutgoingFile:
 
 
 def _file_part(f: OutgoingFile) -> bytes:
-    """One attachment, base64 in lines of 76, its name RFC 2231-encoded when not ASCII."""
+    """One attachment, base64 in lines of 76, its name RFC 2231-encoded when not ASCII (in
+    continuations of at most 60 characters, so that no header line grows past 998)."""
     ctype = f.content_type if re.fullmatch(r"[\w.+-]+/[\w.+-]+", f.content_type) else "application/octet-stream"
+    if ctype.startswith("text/"):
+        # The charset parameter is not kept with a stored attachment; most text is UTF-8.
+        try:
+            f.data.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        else:
+            ctype += "; charset=utf-8"
     name = one_line(f.filename, 200).replace("\\", "_").replace('"', "_") or "attachment"
-    param = f'filename="{name}"' if name.isascii() else f"filename*=utf-8''{quote(name, safe='')}"
+    if name.isascii() and len(name) <= 60:
+        param = f'filename="{name}"'
+    else:
+        encoded = quote(name, safe="")
+        # Cut between %XX escapes only: a continuation may not split one.
+        pieces, rest = [], encoded
+        while rest:
+            cut = min(60, len(rest))
+            while cut < len(rest) and "%" in rest[max(0, cut - 2):cut]:
+                cut -= 1
+            pieces.append(rest[:cut])
+            rest = rest[cut:]
+        param = ";\r\n ".join(f"filename*{i}*={'utf-8' + chr(39) * 2 if i == 0 else ''}{piece}"
+                               for i, piece in enumerate(pieces))
     body = base64.encodebytes(f.data).replace(b"\n", b"\r\n")
     return (f"Content-Type: {ctype}\r\nContent-Transfer-Encoding: base64\r\n"
-            f"Content-Disposition: attachment; {param}\r\n\r\n").encode() + body
+            f"Content-Disposition: attachment;\r\n {param}\r\n\r\n").encode() + body
 
 
 def _mime_body(text: str, html: str | None, files: Sequence[OutgoingFile] = ()) -> bytes:

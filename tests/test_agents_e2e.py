@@ -471,3 +471,16 @@ def test_attachments_are_listed_for_agents_and_an_agents_files_reach_the_custome
     files = [(p.get_filename(), p.get_content_type(), p.get_payload(decode=True)) for p in sent.iter_attachments()]
     assert files == [("drivér-2.2.zip", "application/zip", b"PK\x03\x04driver")]
     assert "Please install the driver attached." in text(sent)
+
+    # Inline images: a pasted screenshot goes with the answer, a signature's small logo does not.
+    html_answer, recipients = reply(notice, "alice@example.com", "See the screenshot below.")
+    html_answer.add_alternative('<p>See the screenshot below.</p><img src="cid:shot@x"><img src="cid:logo@x">',
+                                subtype="html")
+    html_part = html_answer.get_body(("html",))
+    assert html_part is not None
+    for cid, name, size in (("shot@x", "shot.png", 40_000), ("logo@x", "logo.png", 2_000)):
+        html_part.add_related(b"\x89PNG" + b"x" * size, maintype="image", subtype="png", cid=f"<{cid}>",
+                              filename=name)
+    desk.send(html_answer, recipients)
+    sent = to(desk.take(), "ivo@customer.org")[0]
+    assert [p.get_filename() for p in sent.iter_attachments()] == ["shot.png"]

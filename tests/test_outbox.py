@@ -539,12 +539,15 @@ def test_two_senders_on_a_slow_relay_send_each_mail_once(workdir: Path, relay: C
 def test_files_go_in_a_multipart_mixed_after_the_text() -> None:
     from mailgate.outbox import OutgoingFile
 
-    files = [OutgoingFile("log.txt", "text/plain", b"line\n" * 5000),
-             OutgoingFile('na"me\r\nX: y.pdf', "application/pdf; evil", b"%PDF")]
+    long_name = "日本語のファイル名" * 20 + ".pdf"  # 1,800 characters as one RFC 2231 value
+    files = [OutgoingFile("log.txt", "text/plain", "Grüße\n".encode() * 5000),
+             OutgoingFile('na"me\r\nX: y.pdf', "application/pdf; evil", b"%PDF"),
+             OutgoingFile(long_name, "application/pdf", b"%PDF")]
     raw, msg = composed(html="<p>Hi</p>", files=files)
     assert msg.get_content_type() == "multipart/mixed"
     assert [p.get_content_type() for p in msg.iter_parts()] == ["multipart/alternative", "text/plain",
-                                                                "application/octet-stream"]
+                                                                "application/octet-stream", "application/pdf"]
     got = [(p.get_filename(), p.get_payload(decode=True)) for p in msg.iter_attachments()]
-    assert got == [("log.txt", b"line\n" * 5000), ("na_me X: y.pdf", b"%PDF")]
+    assert got == [("log.txt", "Grüße\n".encode() * 5000), ("na_me X: y.pdf", b"%PDF"), (long_name, b"%PDF")]
+    assert next(msg.iter_attachments()).get_content_charset() == "utf-8"
     assert max(len(line) for line in raw.split(b"\r\n")) <= 998 and b"\nX: y" not in raw

@@ -49,6 +49,9 @@ MAX_CC_FROM_HEADERS = 10  # a requester's Cc list, not a mailing list
 
 # Built once (see pipeline: building a statement costs more than running it).
 _INSERT_EVENT = insert(Event.__table__)  # type: ignore[attr-defined]
+# An image the agent's client put inline is sent with the answer from this size on: a
+# pasted screenshot is larger, a signature's logo or an icon smaller.
+INLINE_IMAGE_SENT_FROM = 10 * 1024
 _INSERT_PARTICIPANT = insert(Participant.__table__)  # type: ignore[attr-defined]
 _PARTICIPANT_EXISTS = select(Participant.id).where(
     Participant.ticket_id == bindparam("ticket"), Participant.email == bindparam("email"),
@@ -966,12 +969,13 @@ def send_effects(ctx: Context) -> None:
             last_in = session.exec(select(Message.message_id).where(
                 Message.ticket_id == ticket.number, Message.direction == "in",
                 Message.kind == "public").order_by(Message.id.desc())).first()  # type: ignore[union-attr]
-            # The agent's files go on with the answer. Not images their client put inline (a
-            # signature's logo), and not attached mail: a client set to attach the original
-            # would send our notice, with its ticket data, to the customer.
+            # The agent's files go on with the answer, and so do inline images of some size (a
+            # screenshot pasted into the text) but not small ones (a signature's logo, icons).
+            # Never attached mail: a client set to attach the original would send our notice,
+            # with its ticket data, to the customer.
             files = [OutgoingFile(a.filename, a.content_type, a.data) for a in ctx.msg.attachments
-                     if not a.inline and not a.content_type.startswith("message/")
-                     and a.content_type != "text/rfc822-headers"]
+                     if (not a.inline or len(a.data) >= INLINE_IMAGE_SENT_FROM)
+                     and not a.content_type.startswith("message/") and a.content_type != "text/rfc822-headers"]
             for to in notify.requester_and_cc(session, ticket):
                 notify.send(rt, session, ticket=ticket, template="requester/answer", to=to,
                             message=message, in_reply_to=last_in, automatic=False,
