@@ -7,6 +7,7 @@ checks exact counts of the mails each step produced.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -484,3 +485,11 @@ def test_attachments_are_listed_for_agents_and_an_agents_files_reach_the_custome
     desk.send(html_answer, recipients)
     sent = to(desk.take(), "ivo@customer.org")[0]
     assert [p.get_filename() for p in sent.iter_attachments()] == ["shot.png"]
+
+    # Over 10 MB of files: the answer goes without them, and the agent is told.
+    big, recipients = reply(notice, "alice@example.com", "Here is the full dump.")
+    big.add_attachment(os.urandom(11 * 2**20), maintype="application", subtype="octet-stream", filename="dump.bin")
+    desk.send(big, recipients)
+    mails = desk.take()
+    assert list(to(mails, "ivo@customer.org")[0].iter_attachments()) == []
+    assert "answer sent without its files: 11.0 MB" in text(to(mails, "alice@example.com")[0])

@@ -52,6 +52,7 @@ _INSERT_EVENT = insert(Event.__table__)  # type: ignore[attr-defined]
 # An image the agent's client put inline is sent with the answer from this size on: a
 # pasted screenshot is larger, a signature's logo or an icon smaller.
 INLINE_IMAGE_SENT_FROM = 10 * 1024
+ANSWER_FILES_MAX_BYTES = 10 * 1024 * 1024  # files sent with one answer, to each recipient
 _INSERT_PARTICIPANT = insert(Participant.__table__)  # type: ignore[attr-defined]
 _PARTICIPANT_EXISTS = select(Participant.id).where(
     Participant.ticket_id == bindparam("ticket"), Participant.email == bindparam("email"),
@@ -976,6 +977,16 @@ def send_effects(ctx: Context) -> None:
             files = [OutgoingFile(a.filename, a.content_type, a.data) for a in ctx.msg.attachments
                      if (not a.inline or len(a.data) >= INLINE_IMAGE_SENT_FROM)
                      and not a.content_type.startswith("message/") and a.content_type != "text/rfc822-headers"]
+            size = sum(len(f.data) for f in files)
+            if size > ANSWER_FILES_MAX_BYTES:
+                # Each recipient's copy is an outbox row of its own: keep them small, and say so.
+                files = []
+                notify.send(rt, session, ticket=ticket, template="agent/result", to=ctx.agent.email,
+                            in_reply_to=ctx.msg.message_id, extra={
+                                "errors": [], "collision": None, "subject": ctx.msg.subject,
+                                "changes": [f"answer sent without its files: {size / 2**20:.1f} MB is over the "
+                                            f"{ANSWER_FILES_MAX_BYTES / 2**20:.0f} MB mailgate sends with an "
+                                            "answer; share them another way"]})
             for to in notify.requester_and_cc(session, ticket):
                 notify.send(rt, session, ticket=ticket, template="requester/answer", to=to,
                             message=message, in_reply_to=last_in, automatic=False,
