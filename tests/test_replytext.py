@@ -209,3 +209,17 @@ def test_an_attribution_without_date_or_address_is_a_header_when_only_quoting_fo
     for attribution in ("Helpdesk escribió:", "Helpdesk ha scritto:", "Op donderdag schreef Helpdesk het volgende:"):
         text = f"Restart the router.\n\n{attribution}\n> New ticket #4\n> Owner: nobody\n> #assign EMAIL|me"
         assert visible_reply_text(text) == "Restart the router.", attribution
+
+
+@pytest.mark.parametrize("header", [
+    "De: Support <support@example.com>\nEnviado: lunes, 2 de marzo de 2026 9:00\nPara: Bob\nAsunto: [EXAMPLE #1] x",
+    "Da: Support <support@example.com>\nInviato: lunedì 2 marzo 2026 09:00\nA: Bob\nOggetto: [EXAMPLE #1] x",
+    "Van: Support <support@example.com>\nVerzonden: maandag 2 maart 2026 09:00\nAan: Bob\nOnderwerp: [EXAMPLE #1] x",
+    "El lun, 2 mar 2026 a las 9:00, Example Support (<support@example.com>)\nescribió:",
+    "Il giorno lun 2 mar 2026 alle ore 09:00 Example Support <support@example.com> ha scritto:",
+    "Op ma 2 mrt 2026 om 09:00 schreef Example Support <\nsupport@example.com>:",
+])
+def test_spanish_italian_dutch_quote_headers_end_the_answer(header: str) -> None:
+    # An unknown Outlook block sent the quoted notice (owner, due times) on as the answer.
+    text = f"Restart the router.\n\n{header}\n\nNew ticket #1\nOwner: nobody\nFirst response due: soon"
+    assert visible_reply_text(text) == "Restart the router."

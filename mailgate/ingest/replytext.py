@@ -56,12 +56,14 @@ _WROTE_RE = re.compile(
     r"|.{1,300}\bkirjoitti\b.{0,200}:"
     r"|.{1,300}(?:написал\(а\)|написала|написал|пишет)\s*:"
     r"|le\b.{1,300}\ba écrit\s*:"
+    r"|.{1,300}\b(?:escribió|escreveu|ha scritto|schreef)\b.{0,200}:"
     r")\s*$",
     re.IGNORECASE,
 )
 _MAX_WROTE_LINE = 520  # "am" + 300 + "schrieb" + 200 + ":", the longest the pattern takes
 # Cheap keyword test so the backtracking pattern above only runs on candidate lines.
-_WROTE_HINTS = ("wrote", "schrieb", "kirjoitti", "написал", "пишет", "a écrit")
+_WROTE_HINTS = ("wrote", "schrieb", "kirjoitti", "написал", "пишет", "a écrit", "escribió", "escreveu",
+                "ha scritto", "schreef")
 
 
 def _is_wrote_header(text: str) -> bool:
@@ -85,10 +87,13 @@ def _has_wrote_hint(line: str) -> bool:
     return any(hint in lowered for hint in _WROTE_HINTS)
 
 
-_OUTLOOK_FROM_RE = re.compile(r"^\s*\*?(?:from|von|lähettäjä|от|de)\*?\s*:\s*\S", re.IGNORECASE)
+# Outlook's header block over the quoted mail, in the languages of its users here and
+# in es/pt/it/nl (an unknown one sent the quoted notice on as the agent's answer).
+_OUTLOOK_FROM_RE = re.compile(r"^\s*\*?(?:from|von|lähettäjä|от|de|da|van)\*?\s*:\s*\S", re.IGNORECASE)
 _OUTLOOK_FIELD_RE = re.compile(
     r"^\s*\*?(?:sent|date|to|subject|cc|gesendet|datum|an|betreff|lähetetty|päivämäärä"
-    r"|vastaanottaja|aihe|отправлено|дата|кому|тема|копия|envoyé|à|objet)\*?\s*:",
+    r"|vastaanottaja|aihe|отправлено|дата|кому|тема|копия|envoyé|à|objet"
+    r"|enviado|fecha|para|asunto|assunto|inviato|data|a|oggetto|verzonden|aan|onderwerp)\*?\s*:",
     re.IGNORECASE,
 )
 _UNDERSCORE_RE = re.compile(r"^\s*_{10,}\s*$")
@@ -187,7 +192,7 @@ def _classify(lines: list[str], index: int, last_text: int) -> tuple[str, int] |
         nxt
         and len(nxt) < _MAX_SCAN_LINE
         and not line.rstrip().endswith(":")
-        and _has_wrote_hint(nxt)
+        and (_has_wrote_hint(nxt) or _has_wrote_hint(line))  # Dutch: "Op ... schreef X <" + "x@y>:"
         and _is_wrote_header(line.rstrip() + " " + nxt)
     ):
         span = 2
