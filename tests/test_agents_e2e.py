@@ -467,6 +467,7 @@ def test_attachments_are_listed_for_agents_and_an_agents_files_reach_the_custome
     answer.add_attachment(b"PK\x03\x04driver", maintype="application", subtype="zip", filename="drivér-2.2.zip")
     original = mail(subject="the notice itself")  # a client set to attach the original
     answer.add_attachment(bytes(original), maintype="message", subtype="rfc822", filename="original.eml")
+    answer.add_attachment(b"0\x82sig", maintype="application", subtype="pkcs7-signature", filename="smime.p7s")
     desk.send(answer, recipients)
     sent = to(desk.take(), "ivo@customer.org")[0]
     files = [(p.get_filename(), p.get_content_type(), p.get_payload(decode=True)) for p in sent.iter_attachments()]
@@ -492,4 +493,4 @@ def test_attachments_are_listed_for_agents_and_an_agents_files_reach_the_custome
     desk.send(big, recipients)
     mails = desk.take()
     assert list(to(mails, "ivo@customer.org")[0].iter_attachments()) == []
-    assert "answer sent without its files: 11.0 MB" in text(to(mails, "alice@example.com")[0])
+    assert "answer sent without its files: 11.00 MB is over the 7 MB" in text(to(mails, "alice@example.com")[0])

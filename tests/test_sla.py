@@ -312,3 +312,37 @@ def test_a_breach_survives_a_pause(workdir: Path) -> None:
         set_status(rt, session, ticket, "open", "test")
         # It was overdue when it paused: resuming must not give it a fresh due time.
         assert (ticket.first_response_due, ticket.resolution_due) == (breached, breached)
+
+
+def test_pauses_under_a_status_renamed_since_count_by_their_recorded_kind(workdir: Path) -> None:
+    from mailgate.config import load_settings
+    from mailgate.ingest.apply import change_field, set_due_times
+    from mailgate.runtime import Runtime
+    from mailgate.store.engine import session_scope
+    from mailgate.store.tables import Event, Ticket
+    from tests.conftest import cli, mail, write_config
+
+    config = write_config(workdir)
+    for subject in ("recorded", "unknown"):
+        cli(config, "ingest", input=bytes(mail(subject=subject)))
+    rt = Runtime.build(load_settings(config))
+    created, paused, resumed = (datetime(2026, 11, 16, 9, 0, tzinfo=UTC), datetime(2026, 11, 16, 10, 0, tzinfo=UTC),
+                                datetime(2026, 11, 27, 10, 0, tzinfo=UTC))
+    with session_scope(rt.engine) as session:
+        tickets = [session.get(Ticket, n) for n in (1, 2)]
+        for ticket, detail in zip(tickets, ("open -> pending", None), strict=True):
+            assert ticket is not None
+            ticket.created_at = created
+            set_due_times(rt, ticket)
+            # "waiting" is no status of this config any more: renamed since.
+            session.add(Event(ticket_id=ticket.number, created_at=paused, actor="t", action="status",
+                              new="waiting", detail=detail))
+            session.add(Event(ticket_id=ticket.number, created_at=resumed, actor="t", action="status",
+                              new="open", detail="pending -> open" if detail else None))
+        session.flush()
+        before = (tickets[1].first_response_due, tickets[1].resolution_due)  # type: ignore[union-attr]
+        for ticket in tickets:
+            change_field(rt, session, ticket, "priority", "high", "t")  # type: ignore[arg-type]
+        assert tickets[0].resolution_due > resumed  # type: ignore[union-attr,operator]
+        # Its kind unknown: the due times are kept rather than the pause forgotten.
+        assert (tickets[1].first_response_due, tickets[1].resolution_due) == before  # type: ignore[union-attr]

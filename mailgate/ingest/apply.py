@@ -52,7 +52,13 @@ _INSERT_EVENT = insert(Event.__table__)  # type: ignore[attr-defined]
 # An image the agent's client put inline is sent with the answer from this size on: a
 # pasted screenshot is larger, a signature's logo or an icon smaller.
 INLINE_IMAGE_SENT_FROM = 10 * 1024
-ANSWER_FILES_MAX_BYTES = 10 * 1024 * 1024  # files sent with one answer, to each recipient
+# Files sent with one answer, to each recipient: base64 makes 7 MB about 9.6 MB, under the
+# 10 MB a relay often takes (Postfix's message_size_limit is 10,240,000).
+ANSWER_FILES_MAX_BYTES = 7 * 1024 * 1024
+# Parts of the agent's mail that are no file of theirs: an S/MIME or PGP signature over
+# their mail (sent on, it signs nothing), and the headers of a returned message.
+NOT_SENT_ON = frozenset({"application/pkcs7-signature", "application/x-pkcs7-signature",
+                         "application/pgp-signature", "text/rfc822-headers"})
 _INSERT_PARTICIPANT = insert(Participant.__table__)  # type: ignore[attr-defined]
 _PARTICIPANT_EXISTS = select(Participant.id).where(
     Participant.ticket_id == bindparam("ticket"), Participant.email == bindparam("email"),
@@ -145,24 +151,33 @@ def retarget_due_times(rt: Runtime, session: Session, ticket: Ticket) -> None:
         return
     cal = rt.calendar(ticket.tier)
     spans = pending_spans(rt, session, ticket)
+    if spans is None:
+        return  # keep the due times it has rather than forget pauses
+    answered = as_utc(ticket.first_responded_at) if ticket.first_responded_at else None
     moved: list[datetime] = []
-    for due in base:
+    for which, due in enumerate(base):
         for paused_at, resumed_at in spans:
+            if which == 0 and answered is not None and paused_at >= answered:
+                break  # set_status stops moving the first-response due once it is met
             if due > paused_at:  # a due time already passed at the pause stays passed
                 due = add_business_time(cal, resumed_at, business_time_between(cal, paused_at, due))
         moved.append(due)
     ticket.first_response_due, ticket.resolution_due = moved
 
 
-def pending_spans(rt: Runtime, session: Session, ticket: Ticket) -> list[tuple[datetime, datetime]]:
+def pending_spans(rt: Runtime, session: Session, ticket: Ticket) -> list[tuple[datetime, datetime]] | None:
     """The ticket's finished pauses (pending from, until), from its status events; a pause
-    still going on is left to set_status, which moves the due times when it ends."""
+    still going on is left to set_status, which moves the due times when it ends. None when
+    an event names a status whose kind is not known (renamed before events kept kinds)."""
     kinds = {st.name: st.kind for st in rt.settings.helpdesk.statuses}
     spans: list[tuple[datetime, datetime]] = []
     start: datetime | None = None
-    for at, new in session.exec(select(Event.created_at, Event.new).where(
+    for at, new, detail in session.exec(select(Event.created_at, Event.new, Event.detail).where(
             Event.ticket_id == ticket.number, Event.action == "status").order_by(Event.id)).all():  # type: ignore[arg-type]
-        pending = kinds.get(new or "") == "pending"
+        kind = (detail or "").rpartition("-> ")[2] or kinds.get(new or "")
+        if kind is None:
+            return None  # a status neither recorded with its kind nor configured: unknown pauses
+        pending = kind == "pending"
         if pending and start is None:
             start = as_utc(at)
         elif not pending and start is not None:
@@ -205,7 +220,9 @@ def set_status(rt: Runtime, session: Session, ticket: Ticket, name: str, actor: 
     if status.kind in ("new", "open", "pending"):
         ticket.solved_at = ticket.closed_at = None
     ticket.updated_at = now
-    add_event(session, ticket, actor, "status", old, status.name)
+    # The kinds too: a status renamed in the config later must not lose the pauses that
+    # retarget_due_times replays from these events.
+    add_event(session, ticket, actor, "status", old, status.name, f"{old_kind} -> {status.kind}")
     return old
 
 
@@ -976,7 +993,7 @@ def send_effects(ctx: Context) -> None:
             # with its ticket data, to the customer.
             files = [OutgoingFile(a.filename, a.content_type, a.data) for a in ctx.msg.attachments
                      if (not a.inline or len(a.data) >= INLINE_IMAGE_SENT_FROM)
-                     and not a.content_type.startswith("message/") and a.content_type != "text/rfc822-headers"]
+                     and not a.content_type.startswith("message/") and a.content_type not in NOT_SENT_ON]
             size = sum(len(f.data) for f in files)
             if size > ANSWER_FILES_MAX_BYTES:
                 # Each recipient's copy is an outbox row of its own: keep them small, and say so.
@@ -984,7 +1001,7 @@ def send_effects(ctx: Context) -> None:
                 notify.send(rt, session, ticket=ticket, template="agent/result", to=ctx.agent.email,
                             in_reply_to=ctx.msg.message_id, extra={
                                 "errors": [], "collision": None, "subject": ctx.msg.subject,
-                                "changes": [f"answer sent without its files: {size / 2**20:.1f} MB is over the "
+                                "changes": [f"answer sent without its files: {size / 2**20:.2f} MB is over the "
                                             f"{ANSWER_FILES_MAX_BYTES / 2**20:.0f} MB mailgate sends with an "
                                             "answer; share them another way"]})
             for to in notify.requester_and_cc(session, ticket):
