@@ -22,28 +22,19 @@ __all__ = ["visible_reply_text"]
 _MAX_SCAN_LINE = 400
 _MAX_LIBRARY_SCAN = 8_000  # characters of the line view searched with the library's pattern
 
-_SEPARATOR_RE = re.compile(
-    r"^\s*-{2,}\s*(?:original message|ursprüngliche nachricht|alkuperäinen viesti"
-    r"|исходное сообщение|message d'origine|forwarded message|weitergeleitete nachricht"
-    r"|välitetty viesti|пересылаемое сообщение|переадресованное сообщение)\s*-{2,}\s*$",
-    re.IGNORECASE,
-)
+_ORIGINAL_WORDS = "original message|ursprüngliche nachricht|alkuperäinen viesti|исходное сообщение|message d'origine"
+_FORWARDED_WORDS = ("forwarded message|weitergeleitete nachricht|välitetty viesti|пересылаемое сообщение"
+                    "|переадресованное сообщение")
+_BANNER_WORDS = ("begin forwarded message|anfang der weitergeleiteten nachricht|välitetty viesti alkaa"
+                 "|начало переадресованного сообщения|début du message réexpédié")
+_SEPARATOR_RE = re.compile(rf"^\s*-{{2,}}\s*(?:{_ORIGINAL_WORDS}|{_FORWARDED_WORDS})\s*-{{2,}}\s*$", re.IGNORECASE)
+_FORWARD_BANNER_RE = re.compile(rf"^\s*(?:{_BANNER_WORDS})\s*:\s*$", re.IGNORECASE)
 # The forwarded forms among the separators and banners: what follows is a message the
 # sender wants read, not history (a requester forwarding a vendor's mail to us).
-_FORWARDED_RE = re.compile(
-    r"^\s*(?:-{2,}\s*(?:forwarded message|weitergeleitete nachricht|välitetty viesti|пересылаемое сообщение"
-    r"|переадресованное сообщение)\s*-{2,}|begin forwarded message\s*:|anfang der weitergeleiteten nachricht\s*:"
-    r"|välitetty viesti alkaa\s*:|начало переадресованного сообщения\s*:|début du message réexpédié\s*:)\s*$",
-    re.IGNORECASE,
-)
+_FORWARDED_RE = re.compile(rf"^\s*(?:-{{2,}}\s*(?:{_FORWARDED_WORDS})\s*-{{2,}}|(?:{_BANNER_WORDS})\s*:)\s*$",
+                           re.IGNORECASE)
 # An attribution line carries an address, a time or a year; "Please run this:" does not.
 _ATTRIBUTION_HINT_RE = re.compile(r"@|\d{1,2}:\d{2}|\b(?:19|20)\d{2}\b")
-_FORWARD_BANNER_RE = re.compile(
-    r"^\s*(?:begin forwarded message|anfang der weitergeleiteten nachricht"
-    r"|välitetty viesti alkaa|начало переадресованного сообщения"
-    r"|début du message réexpédié)\s*:\s*$",
-    re.IGNORECASE,
-)
 # "On ... wrote:", "Am ... schrieb ...:", "... kirjoitti:", "... написал(а):" and the
 # Thunderbird forms ("X wrote:", "X пишет:"); also matched on two joined lines, as Gmail
 # wraps long ones.
