@@ -487,7 +487,7 @@ def test_attachments_are_listed_for_agents_and_an_agents_files_reach_the_custome
     sent = to(desk.take(), "ivo@customer.org")[0]
     assert [p.get_filename() for p in sent.iter_attachments()] == ["shot.png"]
 
-    # Over 10 MB of files: the answer goes without them, and the agent is told.
+    # Over 7 MB of files: the answer goes without them, and the agent is told.
     big, recipients = reply(notice, "alice@example.com", "Here is the full dump.")
     big.add_attachment(os.urandom(11 * 2**20), maintype="application", subtype="octet-stream", filename="dump.bin")
     desk.send(big, recipients)

@@ -223,3 +223,13 @@ def test_spanish_italian_dutch_quote_headers_end_the_answer(header: str) -> None
     # An unknown Outlook block sent the quoted notice (owner, due times) on as the answer.
     text = f"Restart the router.\n\n{header}\n\nNew ticket #1\nOwner: nobody\nFirst response due: soon"
     assert visible_reply_text(text) == "Restart the router."
+
+
+@pytest.mark.parametrize("text", [
+    "Vorrei prenotare il trasferimento:\nDa: Roma Termini\nA: Aeroporto Fiumicino\nData: 12 marzo 2026\nGrazie",
+    "Il tecnico ha scritto nel rapporto quanto segue:\nil disco è guasto.\nMarco",
+    "De monteur schreef in zijn rapport het volgende:\nde schijf is kapot.\nGroet",
+    "Hei,\nKollega kirjoitti ohjeen\nVaiheet ovat:\nkäynnistä uudelleen\nTerveisin",
+])
+def test_prose_that_resembles_a_quote_header_is_kept(text: str) -> None:
+    assert visible_reply_text(text) == text

@@ -8,6 +8,7 @@ into outbox rows, in the same transaction.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
@@ -1001,7 +1002,8 @@ def send_effects(ctx: Context) -> None:
                 notify.send(rt, session, ticket=ticket, template="agent/result", to=ctx.agent.email,
                             in_reply_to=ctx.msg.message_id, extra={
                                 "errors": [], "collision": None, "subject": ctx.msg.subject,
-                                "changes": [f"answer sent without its files: {size / 2**20:.2f} MB is over the "
+                                "changes": [f"answer sent without its files: {math.ceil(size / 2**20 * 100) / 100:.2f}"
+                                            " MB is over the "
                                             f"{ANSWER_FILES_MAX_BYTES / 2**20:.0f} MB mailgate sends with an "
                                             "answer; share them another way"]})
             for to in notify.requester_and_cc(session, ticket):

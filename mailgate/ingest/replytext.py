@@ -47,8 +47,14 @@ _WROTE_RE = re.compile(
     r"|.{1,300}\bkirjoitti\b.{0,200}:"
     r"|.{1,300}(?:написал\(а\)|написала|написал|пишет)\s*:"
     r"|le\b.{1,300}\ba écrit\s*:"
-    r"|.{1,300}\b(?:escribió|escreveu|ha scritto|schreef)\b.{0,200}:"
+    r"|.{1,300}\b(?:escribió|escreveu|ha scritto|schreef)\s*:"
     r")\s*$",
+    re.IGNORECASE,
+)
+# Dutch Gmail puts the sender after the verb ("Op ... schreef X <x@y>:"): taken only with a
+# time, year or address in the line, as "De technicus schreef het volgende:" is prose.
+_WROTE_SENDER_AFTER_RE = re.compile(
+    r"^\s*.{1,300}\b(?:escribió|escreveu|ha scritto|schreef)\b.{0,200}:\s*$",
     re.IGNORECASE,
 )
 _MAX_WROTE_LINE = 520  # "am" + 300 + "schrieb" + 200 + ":", the longest the pattern takes
@@ -63,7 +69,10 @@ def _is_wrote_header(text: str) -> bool:
     pattern tries every split of its .{1,300} and .{0,200} (1 MB of 400-character
     "am schrieb am schrieb ..." lines took 45 s)."""
     stripped = text.strip()
-    return stripped.endswith(":") and len(stripped) <= _MAX_WROTE_LINE and _WROTE_RE.match(text) is not None
+    if not stripped.endswith(":") or len(stripped) > _MAX_WROTE_LINE:
+        return False
+    return _WROTE_RE.match(text) is not None or (
+        _ATTRIBUTION_HINT_RE.search(text) is not None and _WROTE_SENDER_AFTER_RE.match(text) is not None)
 
 
 def _is_mobile_footer(line: str) -> bool:
@@ -87,6 +96,8 @@ _OUTLOOK_FIELD_RE = re.compile(
     r"|enviado|fecha|para|asunto|assunto|inviato|data|a|oggetto|verzonden|aan|onderwerp)\*?\s*:",
     re.IGNORECASE,
 )
+_OUTLOOK_SUBJECT_RE = re.compile(
+    r"^\s*\*?(?:subject|betreff|aihe|тема|objet|asunto|assunto|oggetto|onderwerp)\*?\s*:", re.IGNORECASE)
 _UNDERSCORE_RE = re.compile(r"^\s*_{10,}\s*$")
 _QUOTED_RE = re.compile(r"^\s*>")
 _SIG_DASH_RE = re.compile(r"^-- ?$")
@@ -132,10 +143,13 @@ def _library_cut(lines: list[str], start: int, languages: tuple[str, ...]) -> in
 
 
 def _is_outlook_block(lines: list[str], index: int) -> bool:
+    """From-line and two header fields. With an address in the From line or a subject
+    among the fields only: "Da: Roma Termini / A: Fiumicino / Data: 12 marzo" is a trip."""
     if not _OUTLOOK_FROM_RE.match(lines[index]):
         return False
-    fields = sum(1 for line in lines[index + 1 : index + 6] if _OUTLOOK_FIELD_RE.match(line))
-    return fields >= 2
+    fields = [line for line in lines[index + 1 : index + 6] if _OUTLOOK_FIELD_RE.match(line)]
+    return len(fields) >= 2 and ("@" in lines[index] or "<" in lines[index]
+                                 or any(_OUTLOOK_SUBJECT_RE.match(line) for line in fields))
 
 
 def _next_nonblank(lines: list[str], index: int) -> int | None:
@@ -183,7 +197,9 @@ def _classify(lines: list[str], index: int, last_text: int) -> tuple[str, int] |
         nxt
         and len(nxt) < _MAX_SCAN_LINE
         and not line.rstrip().endswith(":")
-        and (_has_wrote_hint(nxt) or _has_wrote_hint(line))  # Dutch: "Op ... schreef X <" + "x@y>:"
+        # Dutch: "Op ... schreef X <" + "x@y>:"; a verb on the first line alone joins only with
+        # a time, year or address ("Kollega kirjoitti ohjeen" + "Vaiheet ovat:" is prose).
+        and (_has_wrote_hint(nxt) or (_has_wrote_hint(line) and _ATTRIBUTION_HINT_RE.search(line + nxt)))
         and _is_wrote_header(line.rstrip() + " " + nxt)
     ):
         span = 2
