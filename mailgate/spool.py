@@ -265,6 +265,12 @@ def finish(session: Session, inbound: Inbound, *, outcome: str, ticket_number: i
         "message_id_header": message_id_header, "subject": subject, "from_addr": from_addr})
 
 
+def _stored_error(error: str) -> str:
+    """The end of a failure's text, as a row keeps it: a traceback can quote the message's
+    bytes, and PostgreSQL text cannot hold NUL."""
+    return error[-20000:].replace("\x00", "\\x00")
+
+
 def fail(engine: Engine, inbound_id: int, error: str, *, max_attempts: int,
          permanent: bool = False, **fields: object) -> bool:
     """Record a failed attempt (and header fields for the listing). True if now a dead letter."""
@@ -272,8 +278,7 @@ def fail(engine: Engine, inbound_id: int, error: str, *, max_attempts: int,
         row = session.get(Inbound, inbound_id)
         if row is None:
             return False
-        # A traceback can quote the message's bytes; PostgreSQL text cannot hold NUL.
-        row.last_error = error[-20000:].replace("\x00", "\\x00")
+        row.last_error = _stored_error(error)
         for key, value in fields.items():
             setattr(row, key, value)
         if permanent or row.attempts >= max_attempts:
@@ -296,7 +301,7 @@ def postpone(engine: Engine, inbound_id: int, error: str, delay: timedelta) -> N
         row = session.get(Inbound, inbound_id)
         if row is None:
             return
-        row.last_error = error[-20000:].replace("\x00", "\\x00")
+        row.last_error = _stored_error(error)
         row.state, row.claimed_by = "queued", None
         row.attempts = max(0, row.attempts - 1)
         row.next_attempt_at = utcnow() + delay
