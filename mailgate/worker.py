@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, NoReturn
@@ -304,6 +305,11 @@ class WorkProcess:
     when it queued mail (the parent must handle SIGUSR2 before starting it).
     """
 
+    CHECK_SECONDS = 1.0
+    RESTART_MIN_SECONDS = 1.0
+    RESTART_MAX_SECONDS = 30.0
+    HEALTHY_SECONDS = 60.0
+
     def __init__(self, settings: Settings) -> None:
         if settings.path is None:
             raise ValueError("the work process needs the settings' config file")
@@ -328,22 +334,34 @@ class WorkProcess:
         return self.process is not None and self.process.returncode is None
 
     async def supervise(self, stop: asyncio.Event, release_claims: Callable[[], object]) -> None:
-        """Restart the work process with backoff if it dies while we are running."""
-        delay = 1.0
+        """Restart the work process with backoff if it dies while we are running.
+
+        The pause before a restart doubles up to RESTART_MAX_SECONDS and falls back to
+        RESTART_MIN_SECONDS only once a process has stayed up HEALTHY_SECONDS: one that
+        dies a few seconds into every start (a bad config value it reads late, a database
+        it cannot reach) must not be restarted every second. A stop ends the pause.
+        """
+        delay = self.RESTART_MIN_SECONDS
+        started = time.monotonic()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
+                await asyncio.wait_for(stop.wait(), self.CHECK_SECONDS)
             if stop.is_set():
                 break
             if self.alive():
-                delay = 1.0
+                if time.monotonic() - started >= self.HEALTHY_SECONDS:
+                    delay = self.RESTART_MIN_SECONDS
                 continue
             code = self.process.returncode if self.process else None
-            log.error("work process died (exit code %s): restarting in %.0fs", code, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+            log.error("work process died (exit code %s): restarting in %gs", code, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
+                break
+            delay = min(delay * 2, self.RESTART_MAX_SECONDS)
             await asyncio.to_thread(release_claims)
             await self.start()
+            started = time.monotonic()
 
     async def stop(self, timeout: float) -> None:
         if not self.alive():

@@ -1,6 +1,10 @@
-"""The work process's signalling to its parent, without starting processes."""
+"""The work process's signalling to its parent, and the supervisor's restarts of it."""
 
 from __future__ import annotations
+
+import asyncio
+import logging
+import sys
 
 import pytest
 
@@ -21,3 +25,57 @@ def test_it_wakes_only_the_main_process_that_started_it(monkeypatch: pytest.Monk
     monkeypatch.setattr(worker.os, "getppid", lambda: 1)  # re-parented: our main process died
     notify()
     assert sent == [(4242, worker.SENT_SIGNAL)]
+
+
+class _DyingWorkProcess(worker.WorkProcess):
+    """A work process that exits at once, every time it is started."""
+
+    def __init__(self) -> None:
+        self.process = None
+        self.starts = 0
+
+    async def start(self) -> None:
+        self.starts += 1
+        self.process = await asyncio.create_subprocess_exec(sys.executable, "-c", "raise SystemExit(3)")
+        await self.process.wait()
+
+
+def test_a_stop_ends_the_pause_before_a_restart(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> int:
+        work = _DyingWorkProcess()
+        work.CHECK_SECONDS = 0.01
+        work.RESTART_MIN_SECONDS = 3600.0  # a stop must not wait for this
+        await work.start()
+        stop = asyncio.Event()
+        supervisor = asyncio.create_task(work.supervise(stop, lambda: None))
+        while "restarting in" not in caplog.text:
+            await asyncio.sleep(0.01)
+        stop.set()
+        await asyncio.wait_for(supervisor, 60)
+        return work.starts
+
+    assert asyncio.run(scenario()) == 1  # stopped during the pause: not started again
+
+
+def test_a_process_that_keeps_dying_is_restarted_ever_more_slowly(caplog: pytest.LogCaptureFixture) -> None:
+    """Even when each one lived longer than a check: only HEALTHY_SECONDS up resets the pause."""
+
+    async def scenario() -> list[str]:
+        work = _DyingWorkProcess()
+        work.CHECK_SECONDS = 0.05
+        work.RESTART_MIN_SECONDS = 0.01
+        work.RESTART_MAX_SECONDS = 0.04
+        work.HEALTHY_SECONDS = 3600.0
+        await work.start()
+        stop = asyncio.Event()
+        supervisor = asyncio.create_task(work.supervise(stop, lambda: None))
+        while work.starts < 5:
+            await asyncio.sleep(0.01)
+        stop.set()
+        await asyncio.wait_for(supervisor, 60)
+        return [r.getMessage() for r in caplog.records if "restarting in" in r.getMessage()]
+
+    with caplog.at_level(logging.ERROR, logger=worker.log.name):
+        pauses = asyncio.run(scenario())
+    delays = [float(m.rsplit("restarting in ", 1)[1].rstrip("s")) for m in pauses[:4]]
+    assert delays == [0.01, 0.02, 0.04, 0.04]
