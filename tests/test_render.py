@@ -116,3 +116,18 @@ def test_daemon_uses_site_templates_and_escapes_html(workdir: Path) -> None:
     assert msg.get_body(("plain",)).get_content().strip() == "Site text for #1"  # type: ignore[union-attr]
     html = msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
     assert "<script>" not in html and "&lt;script&gt;" in html
+
+
+def test_a_sender_without_a_display_name_shows_as_the_bare_address() -> None:
+    r = Renderer()
+    nameless = {"from": "carol@customer.org", "from_name": "", "text": "Help", "subject": "s", "created_at": None,
+                "attachments": []}
+    ctx = context(message=nameless, role="owner", by="alice@example.com")
+    ctx["ticket"] = {**ctx["ticket"], "requester_name": ""}
+    for name in ("agent/new_ticket", "agent/assigned"):
+        text = r.render_mail(name, ctx).text
+        assert "From:     carol@customer.org\n" in text, name
+    answer = r.render_mail("requester/answer", ctx)
+    assert answer.html is not None
+    assert "\nExample Support\n" in answer.text and ", Example Support" not in answer.text
+    assert ", Example Support" not in answer.html
