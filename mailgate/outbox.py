@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import bindparam, insert, update
+from sqlalchemy import bindparam, func, insert, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
@@ -42,6 +42,9 @@ from mailgate.store.tables import Event, Outbox
 log = logging.getLogger(__name__)
 
 STALE_SENDING = timedelta(minutes=10)
+# A claim's rows are held in memory together: an answer with 7 MB of files to twenty
+# recipients is twenty rows of ~10 MB each. A claim takes rows up to this size (at least one).
+CLAIM_MAX_BYTES = 48 * 2**20
 _INSERT_OUTBOX = insert(Outbox.__table__)  # type: ignore[attr-defined]
 
 
@@ -406,6 +409,22 @@ _RENEW_CLAIM = update(_OUTBOX).where(
     _OUTBOX.c.claimed_by == bindparam("worker")).values(next_attempt_at=bindparam("now"))
 
 
+_ROW_SIZES = select(_OUTBOX.c.id, func.length(_OUTBOX.c.raw)).where(
+    _OUTBOX.c.id.in_(bindparam("ids", expanding=True))).order_by(_OUTBOX.c.id)
+
+
+def _within_claim_size(sizes: Sequence[tuple[int, int]]) -> list[int]:
+    """The first ids (in order) whose mail fits in CLAIM_MAX_BYTES together; at least one."""
+    kept: list[int] = []
+    total = 0
+    for row_id, size in sizes:
+        total += size or 0
+        if kept and total > CLAIM_MAX_BYTES:
+            break
+        kept.append(row_id)
+    return kept
+
+
 def claim_due(engine: Engine, worker: str, limit: int = 20) -> list[ClaimedMail]:
     now = utcnow()
     with session_scope(engine) as session:
@@ -417,6 +436,7 @@ def claim_due(engine: Engine, worker: str, limit: int = 20) -> list[ClaimedMail]
         if not ids:
             return []
         connection = session.connection()
+        ids = _within_claim_size(connection.execute(_ROW_SIZES, {"ids": ids}).all())
         connection.execute(_CLAIM_OUTBOX, {"ids": ids, "worker": worker, "now": now})
         return [ClaimedMail(*row) for row in connection.execute(_CLAIMED_MAIL, {"ids": ids})]
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from mailgate import outbox
 from mailgate.config import Settings, load_settings, settings_from_dict
 from mailgate.domain import parse_plus_address, token_is_valid
 from mailgate.outbox import ClaimedMail, DeliveryError, compose, deliver_by_smtp, record_results, retry_delay
@@ -199,7 +200,8 @@ def engine(tmp_path: Path) -> Iterator[Any]:
     e.dispose()
 
 
-def _row(engine: Any, *, attempts: int = 1, deadline_in: timedelta = timedelta(hours=1), claimed_by: str = "w") -> int:
+def _row(engine: Any, *, attempts: int = 1, deadline_in: timedelta = timedelta(hours=1), claimed_by: str = "w",
+         state: str = "sending", raw: bytes = b"x") -> int:
     import secrets
 
     from mailgate.store.engine import session_scope
@@ -207,8 +209,8 @@ def _row(engine: Any, *, attempts: int = 1, deadline_in: timedelta = timedelta(h
     now = utcnow()
     with session_scope(engine) as session:
         row = Outbox(message_id=f"{secrets.token_hex(4)}@x", template="t", mail_from="support@example.com",
-                     recipients="a@b", raw=b"x",
-                     state="sending", attempts=attempts, next_attempt_at=now, deadline=now + deadline_in,
+                     recipients="a@b", raw=raw,
+                     state=state, attempts=attempts, next_attempt_at=now, deadline=now + deadline_in,
                      created_at=now, claimed_by=claimed_by)
         session.add(row)
         session.flush()
@@ -243,6 +245,18 @@ def test_record_results(engine: Any) -> None:
     assert _state(engine, hard) == ("failed", 1, "550 5.1.1 no such user")
     assert _state(engine, late) == ("failed", 1, "451 4.3.0 try later")
     assert _state(engine, spent) == ("failed", 3, "451 4.3.0 try later")
+
+
+def test_a_claim_holds_rows_up_to_a_size_and_always_one(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twenty recipients of an answer with 7 MB of files are twenty rows of ~10 MB: held in
+    memory together, one claim would take ~200 MB."""
+    monkeypatch.setattr(outbox, "CLAIM_MAX_BYTES", 1000)
+    small = [_row(engine, state="queued", raw=b"x" * 400) for _ in range(3)]
+    big = _row(engine, state="queued", raw=b"x" * 5000)
+    after = _row(engine, state="queued", raw=b"x" * 10)
+    claims = [[m.id for m in outbox.claim_due(engine, "w")] for _ in range(4)]
+    assert claims == [small[:2], small[2:], [big], [after]]
+    assert [_state(engine, i)[0] for i in (*small, big, after)] == ["sending"] * 5
 
 
 # --- delivery from a running daemon to the capture relay ----------------------------------------
