@@ -169,7 +169,7 @@ def ingest(config: ConfigOpt = None,
         return
     if result.outcome == "dead":
         fail(f"unusable message kept as dead letter {accepted.inbound_id}: {result.reason}", EX_DATAERR)
-    if result.outcome == "retry":
+    if result.outcome in ("retry", "lost"):
         # Stored: the daemon's worker will try again. Not a temporary failure for the sender.
         echo(f"stored as inbound {accepted.inbound_id}; processing will be retried: {result.reason}")
         return

@@ -53,6 +53,10 @@ class Accepted:
     claimed: Inbound | None = None  # stored already claimed for processing (accept_batch claimed_by)
 
 
+class ClaimLost(Exception):
+    """The row being finished was claimed again by another worker (see finish)."""
+
+
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -245,7 +249,10 @@ def dead_outcome(outcome: str | None) -> str:
 
 _INBOUND = Inbound.__table__  # type: ignore[attr-defined]
 # Built once: building and compiling an UPDATE cost more than SQLite took to run it.
-_FINISH = update(_INBOUND).where(_INBOUND.c.id == bindparam("inbound_id")).values(
+_FINISH = update(_INBOUND).where(
+    _INBOUND.c.id == bindparam("inbound_id"), _INBOUND.c.state == "processing",
+    _INBOUND.c.claimed_by == bindparam("claim_holder"), _INBOUND.c.attempts == bindparam("claim_attempts"),
+).values(
     state="done", last_error=None, **{name: bindparam(name) for name in (
         "outcome", "ticket_number", "processed_at", "rule_hits", "spam_score", "body_hash",
         "message_id_header", "subject", "from_addr")})
@@ -255,14 +262,20 @@ def finish(session: Session, inbound: Inbound, *, outcome: str, ticket_number: i
            rule_hits: str = "[]", spam_score: float | None = None, body_hash: str | None = None,
            message_id_header: str | None = None, subject: str | None = None,
            from_addr: str | None = None) -> None:
-    """Mark done inside the processing transaction, so the outcome and its effects commit together."""
+    """Mark done inside the processing transaction, so the outcome and its effects commit together.
+
+    Raises ClaimLost, and so rolls the effects back, where the row is no longer this claim's:
+    processing outlasted STALE_CLAIM and another worker claimed it again."""
     # One UPDATE: the claimed row belongs to the claim's session, and loading it again here
     # would cost a SELECT per message. A Core statement: the ORM's bulk UPDATE machinery
     # costs several times what SQLite does, and no object in this session is this row.
-    session.connection().execute(_FINISH, {
-        "inbound_id": inbound.id, "outcome": outcome, "ticket_number": ticket_number,
+    done = session.connection().execute(_FINISH, {
+        "inbound_id": inbound.id, "claim_holder": inbound.claimed_by, "claim_attempts": inbound.attempts,
+        "outcome": outcome, "ticket_number": ticket_number,
         "processed_at": utcnow(), "rule_hits": rule_hits, "spam_score": spam_score, "body_hash": body_hash,
         "message_id_header": message_id_header, "subject": subject, "from_addr": from_addr})
+    if done.rowcount != 1:
+        raise ClaimLost(f"inbound {inbound.id} was claimed again by another worker while this one processed it")
 
 
 def _stored_error(error: str) -> str:

@@ -361,3 +361,31 @@ def test_only_errors_of_an_unavailable_database_postpone_a_message() -> None:
     # psycopg's own OperationalError for a query the message made too large: the message's failure
     assert not database_unavailable(err(PgError("number of parameters must be between 0 and 65535", None)))
     assert not database_unavailable(err(Exception("too many SQL variables")))
+
+
+def test_a_claim_that_went_stale_while_processing_keeps_nothing(rt: Runtime) -> None:
+    """Processing outlasted STALE_CLAIM and another worker took the row: the first one's
+    ticket and outcome roll back, and the second worker's claim stands."""
+    from mailgate.ingest.pipeline import process_one
+    from mailgate.store.tables import Ticket
+
+    (inbound_id,) = accept_n(rt, 1)
+    slow = spool.claim(rt.engine, "slow:1", max_attempts=5)
+    assert slow is not None
+    with session_scope(rt.engine) as session:  # ten minutes and more pass
+        row = session.get(Inbound, inbound_id)
+        assert row is not None
+        row.claimed_at = row.next_attempt_at = utcnow() - spool.STALE_CLAIM - spool.timedelta(seconds=1)
+        session.add(row)
+    fresh = spool.claim(rt.engine, "fresh:2", max_attempts=5)
+    assert fresh is not None and fresh.id == inbound_id
+
+    result = process_one(rt, slow)
+
+    assert result.outcome == "lost"
+    with session_scope(rt.engine) as session:
+        row = session.get(Inbound, inbound_id)
+        assert row is not None
+        assert (row.state, row.claimed_by, row.attempts, row.outcome) == ("processing", "fresh:2", 2, None)
+        assert session.exec(select(Ticket)).all() == []
+    assert process_one(rt, fresh).outcome == "ticket"

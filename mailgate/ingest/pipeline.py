@@ -384,7 +384,7 @@ STEPS: tuple[tuple[str, Callable[[Context], None]], ...] = (
 @dataclass(frozen=True)
 class Result:
     inbound_id: int
-    outcome: str  # ticket | reply | note | screened | quarantined | duplicate | dead | retry
+    outcome: str  # ticket | reply | note | screened | quarantined | duplicate | dead | retry | lost
     ticket_number: int | None = None
     reason: str = ""
 
@@ -464,6 +464,11 @@ def process_one(rt: Runtime, inbound: Inbound, ahead: Future[Prepared] | None = 
         return process_claimed(rt, inbound, ahead)
     except BrokenProcessPool:
         raise
+    except spool.ClaimLost as exc:
+        # Rolled back: the worker that claimed it again owns it now, and recording a
+        # failure here would undo that worker's claim.
+        log.warning("%s: nothing of this attempt was kept", exc)
+        return Result(inbound.id, "lost", reason=str(exc))
     except UnusableMessage as exc:
         spool.fail(rt.engine, inbound.id, f"unusable message: {exc}", max_attempts=max_attempts,
                    permanent=True, **header_summary(rt, inbound))
