@@ -453,6 +453,19 @@ def _outbound(sec: _Section, base: Path) -> OutboundSettings:
     return s
 
 
+# secret_key values printed in DESIGN.md and config.example.toml: anyone can compute reply
+# tokens with them and act as an agent. Accepted for a trial on the example config (its
+# listener is on loopback, its mail goes to a maildir); `doctor` fails and `run` warns.
+PUBLISHED_SECRET_KEYS = frozenset({"change-me", "change-me-to-something-long-and-random"})
+SECRET_KEY_PUBLISHED = (
+    "helpdesk.secret_key is the published example value: anyone can forge reply tokens and act as an "
+    "agent; set a random one, e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
+
+
+def published_secret_key(settings: Settings) -> bool:
+    return settings.helpdesk.secret_key in PUBLISHED_SECRET_KEYS
+
+
 def _helpdesk(sec: _Section, base: Path) -> HelpdeskSettings:
     address = sec.address("address")
     tag = sec.get("subject_tag", str, required=True)

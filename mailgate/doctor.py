@@ -6,7 +6,7 @@ import smtplib
 import ssl
 from typing import Any
 
-from mailgate.config import Settings
+from mailgate.config import SECRET_KEY_PUBLISHED, Settings, published_secret_key
 from mailgate.runtime import Runtime
 
 
@@ -16,6 +16,8 @@ def _check(name: str, status: str, detail: str) -> dict[str, Any]:
 
 def run_checks(settings: Settings) -> list[dict[str, Any]]:
     checks = [_check("config", "ok", str(settings.path))]
+    if published_secret_key(settings):
+        checks.append(_check("secret key", "error", SECRET_KEY_PUBLISHED))
     try:
         rt = Runtime.build(settings)
     except Exception as exc:  # a data_dir that is a file, a database URL the driver refuses...

@@ -22,7 +22,7 @@ from datetime import timedelta
 from typing import Any
 
 from mailgate import spool
-from mailgate.config import Settings
+from mailgate.config import SECRET_KEY_PUBLISHED, Settings, published_secret_key
 from mailgate.journal import AcceptJournal, GroupCommit
 from mailgate.outbox import OutboxSender
 from mailgate.runtime import Runtime
@@ -127,6 +127,8 @@ class ImapOutcome:
 
 async def serve(settings: Settings) -> int:
     limit_malloc_arenas()  # before the first thread allocates
+    if published_secret_key(settings):
+        log.warning("%s", SECRET_KEY_PUBLISHED)
     rt = Runtime.build(settings)
     await asyncio.to_thread(prepare_database, rt)
     await asyncio.to_thread(spool.release_dead_claims, rt.engine)

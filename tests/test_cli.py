@@ -453,6 +453,22 @@ def test_doctor_ok_with_maildir_and_fails_naming_an_unreachable_relay(workdir: P
     assert checks["config"]["status"] == "ok"
 
 
+def test_doctor_fails_on_the_published_example_secret_key(workdir: Path) -> None:
+    """Anyone who read config.example.toml could compute agents' reply tokens with it."""
+    config = write_config(workdir)
+    text = config.read_text()
+    assert 'secret_key = "test-secret-key-0123456789"' in text
+    example_config = (Path(__file__).resolve().parents[1] / "config.example.toml").read_text()
+    example = re.search(r'^secret_key = "([^"]+)"', example_config, re.M)
+    assert example is not None
+    for published in ("change-me", example.group(1)):
+        config.write_text(text.replace("test-secret-key-0123456789", published))
+        proc = cli(config, "doctor", "--json", check=False)
+        assert proc.returncode == 1
+        check = next(c for c in json.loads(proc.stdout) if c["name"] == "secret key")
+        assert check["status"] == "error" and "forge reply tokens" in check["detail"]
+
+
 def test_db_upgrade_on_empty_database_is_idempotent(workdir: Path) -> None:
     from mailgate.store.migrate import head_revision, newest_migration
 
