@@ -182,8 +182,15 @@ def ingest(config: ConfigOpt = None,
 @app.command("import")
 def import_(path: Path, config: ConfigOpt = None,
             queue: Annotated[str | None, typer.Option(help="Queue address for new tickets.")] = None,
+            notify: Annotated[bool, typer.Option(
+                "--notify", help="Process as live mail: send confirmations, notices and answers, "
+                                 "dated now (mail that arrived while the help desk was down).")] = False,
             json_out: JsonOpt = False) -> None:
-    """Import an mbox file, a maildir, or a folder of one-message files."""
+    """Import an mbox file, a maildir, or a folder of one-message files.
+
+    By default as history (a migration): tickets, notes and commands as for live mail, dated
+    by each message's Date header, and nothing sent: every mail it would cause is kept in
+    the outbox as 'shadow'."""
     from rich.progress import Progress
 
     from mailgate import spool
@@ -207,7 +214,8 @@ def import_(path: Path, config: ConfigOpt = None,
                 # reply after its original) even while a daemon runs; then processed one by
                 # one, each in its own transaction, as the daemon does.
                 accepted = spool.accept_batch(rt.spool_engine, rt.blobs,
-                                              [(f"import:{key}", raw) for key, raw in batch], source="import",
+                                              [(f"import:{key}", raw) for key, raw in batch],
+                                              source="backfill" if notify else spool.HISTORY_IMPORT,
                                               queue=queue.lower() if queue else None, claimed_by=worker)
             except spool.SpoolError as exc:
                 fail(f"stopped: could not store {batch[0][0]} or one of the {len(batch) - 1} after it: {exc}",

@@ -38,6 +38,9 @@ RELEASED = "released"
 
 # A claim older than this belongs to a worker that died; the row is taken again.
 STALE_CLAIM = timedelta(minutes=10)
+# Inbound.source of `mailgate import` without --notify: old mail brought in as history,
+# processed without sending anything and dated by its Date header (pipeline.written_at).
+HISTORY_IMPORT = "import"
 RETRY_DELAYS = (timedelta(seconds=5), timedelta(seconds=30), timedelta(minutes=2),
                 timedelta(minutes=10), timedelta(minutes=30))
 

@@ -66,7 +66,8 @@ def desk() -> Iterator[Path]:
     overdue, #3 pending (overdue times, but paused), #4 closed/low, #5 backdated to 2020 with a note."""
     workdir = Path(tempfile.mkdtemp(prefix="mg."))
     config = write_config(workdir, helpdesk_extra=DESK_EXTRA)
-    imported = json.loads(cli(config, "import", str(MBOX), "--json").stdout)
+    # As live mail (dated now): the filters below read due times.
+    imported = json.loads(cli(config, "import", "--notify", str(MBOX), "--json").stdout)
     assert imported == {"ticket": 5, "reply": 1, "screened": 1}
     upd = cli_json(config, "tickets", "update", "1", "--status", "open", "--priority", "urgent", "--category",
                    "hardware", "--owner", "alice@example.com", "--assist", "bob@example.com", "--tier", "customer")
@@ -112,6 +113,41 @@ def test_import_maildir(workdir: Path) -> None:
         "Old request 0", "Old request 1", "Old request 2"]
     missing = cli(config, "import", str(workdir / "nope"), check=False)
     assert missing.returncode == 2 and "no such file or directory" in missing.stderr.decode()
+
+
+def _old_mailbox(path: Path) -> Path:
+    box = mailbox.mbox(str(path))
+    box.add(mail(subject="Old request", message_id="<old-1@customer.org>",
+                 headers={"Date": "Mon, 02 Nov 2026 10:00:00 +0100"}).as_bytes())
+    box.add(mail(subject="Re: [EXAMPLE #1] Old request", body="Still broken.", message_id="<old-2@customer.org>",
+                 headers={"Date": "Tue, 03 Nov 2026 08:30:00 +0000", "In-Reply-To": "<old-1@customer.org>"}).as_bytes())
+    box.add(mail(subject="From the future", message_id="<old-3@customer.org>",
+                 headers={"Date": "Thu, 01 Jan 2099 00:00:00 +0000"}).as_bytes())
+    box.close()
+    return path
+
+
+def test_import_keeps_history_as_it_was_and_sends_nothing(workdir: Path) -> None:
+    """A migration must not mail every old customer and agent, and its tickets keep their dates."""
+    config = write_config(workdir)
+    assert cli_json(config, "import", str(_old_mailbox(workdir / "old.mbox"))) == {"reply": 1, "ticket": 2}
+    rows = query_json(config, "outbox", "list")
+    assert rows and {r["state"] for r in rows} == {"shadow"}  # kept for a look, never sent
+    first = query_json(config, "tickets", "show", "1")
+    assert first["created_at"] == "2026-11-02T09:00:00Z"
+    assert [m["created_at"] for m in first["messages"] if m["direction"] == "in"] == [
+        "2026-11-02T09:00:00Z", "2026-11-03T08:30:00Z"]
+    assert first["first_response_due"] is not None and first["first_response_due"] < "2026-11-10"
+    future = query_json(config, "tickets", "show", "2")
+    assert future["created_at"] > "2026-11-27" and future["created_at"] < "2099"  # a Date ahead of now: now
+
+
+def test_import_notify_processes_old_mail_as_live_mail(workdir: Path) -> None:
+    config = write_config(workdir)
+    assert cli_json(config, "import", "--notify", str(_old_mailbox(workdir / "old.mbox"))) == {
+        "reply": 1, "ticket": 2}
+    assert {r["state"] for r in query_json(config, "outbox", "list")} == {"queued"}
+    assert query_json(config, "tickets", "show", "1")["created_at"] > "2026-11-27"
 
 
 def test_import_processes_what_an_interrupted_import_stored_and_claimed(workdir: Path) -> None:

@@ -221,7 +221,7 @@ def _paused_ticket(paused_at: datetime, first_due: datetime, resolution_due: dat
 def _resume(monkeypatch: pytest.MonkeyPatch, ticket: object, now: datetime) -> str | None:
     from mailgate.ingest import apply
 
-    monkeypatch.setattr(apply, "utcnow", lambda: now)
+    monkeypatch.setattr(apply, "now_for", lambda session: now)
     session = _no_store()
     rt = _runtime(_settings())
     return apply.set_status(rt, session, ticket, "open", "cli")  # type: ignore[arg-type]
@@ -235,7 +235,7 @@ def test_pending_stops_the_clock_and_open_resumes_it(monkeypatch: pytest.MonkeyP
     ticket = Ticket(number=1, subject="s", requester_id=1, queue="support@example.com", status="open",
                     status_kind="open", created_at=t0, updated_at=t0,
                     first_response_due=utc(2026, 3, 2, 14), resolution_due=utc(2026, 3, 4, 10))
-    monkeypatch.setattr(apply, "utcnow", lambda: t0)
+    monkeypatch.setattr(apply, "now_for", lambda session: t0)
     rt = _runtime(_settings())
     session = _no_store()
     assert apply.set_status(rt, session, ticket, "pending", "cli") == "open"  # type: ignore[arg-type]

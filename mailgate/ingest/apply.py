@@ -26,7 +26,7 @@ from mailgate.outbox import OutgoingFile
 from mailgate.quarantine import learn_released, take_out
 from mailgate.runtime import Runtime
 from mailgate.sla import add_business_time, business_time_between, tier_for_address
-from mailgate.store.engine import as_utc, insert_object, utcnow
+from mailgate.store.engine import as_utc, insert_object, now_for
 from mailgate.store.tables import (
     Attachment,
     Contact,
@@ -79,7 +79,7 @@ def add_event(session: Session, ticket: Ticket, actor: str, action: str, old: An
     appended, never read back as objects, and an ORM object cost five times the row.
     """
     session.connection().execute(_INSERT_EVENT, {
-        "ticket_id": ticket.number, "created_at": utcnow(), "actor": actor, "action": action,
+        "ticket_id": ticket.number, "created_at": now_for(session), "actor": actor, "action": action,
         "old": None if old is None else str(old), "new": None if new is None else str(new), "detail": detail})
 
 
@@ -97,7 +97,7 @@ def ticket_members(session: Session, ticket: Ticket) -> set[str]:
 def contact_for(rt: Runtime, session: Session, email: str, name: str = "") -> Contact:
     contact = session.exec(_CONTACT_BY_EMAIL, params={"email": email}).first()
     if contact is None:
-        contact = Contact(email=email, name=name[:200], created_at=utcnow())
+        contact = Contact(email=email, name=name[:200], created_at=now_for(session))
         insert_object(session, contact)
     elif name and not contact.name:
         contact.name = name[:200]
@@ -194,7 +194,7 @@ def set_status(rt: Runtime, session: Session, ticket: Ticket, name: str, actor: 
     if status.name == ticket.status:
         return None
     old, old_kind = ticket.status, ticket.status_kind
-    now = utcnow()
+    now = now_for(session)
     ticket.status, ticket.status_kind = status.name, status.kind
     if status.kind == "pending" and old_kind != "pending":
         ticket.sla_paused_at = now  # waiting for the customer: the clock stops

@@ -20,7 +20,7 @@ from sqlmodel import Session, select
 from mailgate.domain import base_address, tagged_subject
 from mailgate.outbox import OutgoingFile, enqueue
 from mailgate.runtime import Runtime
-from mailgate.store.engine import insert_object, iso, utcnow
+from mailgate.store.engine import insert_object, iso, now_for
 from mailgate.store.tables import Attachment, AutoReplyLog, Contact, Message, Participant, Ticket
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def loop_guard_allows(rt: Runtime, session: Session, recipient: str) -> bool:
     hd = rt.settings.helpdesk
     if base_address(recipient) in hd.all_addresses or recipient.split("@")[0] in ("mailer-daemon", "postmaster"):
         return False
-    now = utcnow()
+    now = now_for(session)
     hour_ago = now - timedelta(hours=1)
     last_day, last_hour = session.exec(_AUTO_REPLIES_SINCE, params={
         "recipient": recipient, "day_ago": now - timedelta(days=1), "hour_ago": hour_ago}).one()
@@ -189,13 +189,13 @@ def send(rt: Runtime, session: Session, *, ticket: Ticket | None, template: str,
                         reply_number=reply_number, files=files)
     if guarded:
         # Appended with Core, like the outbox row: only ever counted, never an object.
-        session.connection().execute(_INSERT_AUTO_REPLY, {"recipient": to, "sent_at": utcnow()})
+        session.connection().execute(_INSERT_AUTO_REPLY, {"recipient": to, "sent_at": now_for(session)})
     if record_kind is not None and ticket is not None:
         insert_object(session, Message(
             ticket_id=ticket.number, outbox_id=outbox_id, kind=record_kind, direction="out",
             from_addr=hd.address, from_name=from_name or hd.name,
             to_addrs=to, subject=mail.subject, text=mail.text, full_text=mail.text,
-            message_id=mail.message_id, in_reply_to=in_reply_to, created_at=utcnow(),
+            message_id=mail.message_id, in_reply_to=in_reply_to, created_at=now_for(session),
         ))
     return outbox_id
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from email.header import decode_header, make_header
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -395,8 +395,12 @@ def process_claimed(rt: Runtime, inbound: Inbound, ahead: Future[Prepared] | Non
     raw = rt.blobs.get(inbound.raw_sha256)
     prepared = ahead.result() if ahead is not None else prepare(rt, raw)
     with session_scope(rt.engine) as session:
-        session.info["shadow"] = from_shadow_mailbox(rt, inbound)
-        ctx = Context(rt=rt, session=session, inbound=inbound, raw=raw, now=utcnow(), prepared=prepared)
+        history = inbound.source == spool.HISTORY_IMPORT
+        session.info["shadow"] = history or from_shadow_mailbox(rt, inbound)
+        now = utcnow()
+        if history:
+            now = session.info["as_of"] = written_at(prepared.parsed, now)
+        ctx = Context(rt=rt, session=session, inbound=inbound, raw=raw, now=now, prepared=prepared)
         reason = ""
         try:
             for _name, step in STEPS:
@@ -426,6 +430,20 @@ def process_claimed(rt: Runtime, inbound: Inbound, ahead: Future[Prepared] | Non
     log.info("%s: inbound %s -> %s%s", (msg.message_id if msg else None) or "<no id>", inbound.id,
              ctx.outcome, f" #{number}" if number else "")
     return Result(inbound.id or 0, ctx.outcome, number, reason)
+
+
+# Dates before this are a broken clock or a missing Date read as the epoch.
+_EARLIEST_DATE = datetime(1990, 1, 1, tzinfo=UTC)
+
+
+def written_at(parsed: ParsedMessage, now: datetime) -> datetime:
+    """When a message imported as history was written: its Date, in UTC, never later than
+    now; now where it has none or an impossible one."""
+    date = parsed.date
+    if date is None:
+        return now
+    date = date.astimezone(UTC) if date.tzinfo is not None else date.replace(tzinfo=UTC)
+    return date if _EARLIEST_DATE <= date <= now else now
 
 
 def from_shadow_mailbox(rt: Runtime, inbound: Inbound) -> bool:

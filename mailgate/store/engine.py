@@ -22,6 +22,14 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def now_for(session: Session) -> datetime:
+    """When a session's changes happen: now, or, for mail imported as history, the time the
+    message was written (session.info["as_of"], set by the pipeline), so that its ticket,
+    events and due times keep the dates of the mail."""
+    as_of = session.info.get("as_of")
+    return as_of if as_of is not None else utcnow()
+
+
 def as_utc(value: datetime) -> datetime:
     """Naive values are taken as UTC."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -116,7 +116,7 @@ class Inbound(SQLModel, table=True):
 
     __table_args__ = (Index("ix_inbound_state_next", "state", "next_attempt_at"),)
     id: int | None = Field(default=None, primary_key=True)
-    source: str = Field(max_length=20)  # smtp | lmtp | imap | ingest | import
+    source: str = Field(max_length=20)  # smtp | lmtp | imap | ingest | import (as history) | backfill (import --notify)
     source_key: str | None = Field(default=None, max_length=500, unique=True)
     envelope_from: str | None = Field(default=None, max_length=998)
     envelope_to: str = Field(default="", sa_type=Text)  # comma separated
