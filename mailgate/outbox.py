@@ -147,10 +147,12 @@ def compose(settings: Settings, *, to: str, subject: str, text: str, html: str |
             message_id: str, ticket_number: int | None, in_reply_to: str | None = None,
             references: Sequence[str] = (), automatic: bool = True,
             from_name: str | None = None, cc: Sequence[str] = (), reply_base: str | None = None,
-            reply_number: int | None = None, files: Sequence[OutgoingFile] = ()) -> bytes:
-    """The wire bytes of one outgoing mail. reply_base: whose plus form the Reply-To is
-    (default the support address; the comment address for notes). reply_number: the number
-    the Reply-To token is for, when the mail is about no ticket (the quarantine digest).
+            reply_number: int | None = None, files: Sequence[OutgoingFile] = (),
+            sender: str | None = None) -> bytes:
+    """The wire bytes of one outgoing mail. sender: the From address (default the support
+    address; a ticket's queue address, notify.queue_address). reply_base: whose plus form
+    the Reply-To is (default the sender; the comment address for notes). reply_number: the
+    number the Reply-To token is for, when the mail is about no ticket (the quarantine digest).
 
     Written directly rather than through the email package's generator (which cost about
     1 ms per mail, most of the work process's time for a notice): Message-ID, In-Reply-To
@@ -158,8 +160,9 @@ def compose(settings: Settings, *, to: str, subject: str, text: str, html: str |
     name are encoded), and the parts are quoted-printable UTF-8.
     """
     hd = settings.helpdesk
+    sender = sender or hd.address
     headers: list[tuple[str, str]] = [
-        ("From", _from_header(one_line(from_name or hd.name, 100), hd.address)),
+        ("From", _from_header(one_line(from_name or hd.name, 100), sender)),
         ("To", to),
     ]
     if cc:
@@ -171,7 +174,7 @@ def compose(settings: Settings, *, to: str, subject: str, text: str, html: str |
     ]
     token_number = ticket_number if ticket_number is not None else reply_number
     if token_number is not None:
-        headers.append(("Reply-To", reply_address(reply_base or hd.address, hd.secret_key, token_number, to)))
+        headers.append(("Reply-To", reply_address(reply_base or sender, hd.secret_key, token_number, to)))
     refs = [r for r in dict.fromkeys(references) if _MSGID_RE.match(r)][-10:]
     if in_reply_to and _MSGID_RE.match(in_reply_to):
         headers.append(("In-Reply-To", f"<{in_reply_to}>"))
@@ -217,9 +220,10 @@ def enqueue(session: Session, settings: Settings, renderer: Renderer, *, templat
             context: dict[str, Any], ticket_number: int | None, in_reply_to: str | None = None,
             references: Sequence[str] = (), automatic: bool = True,
             from_name: str | None = None, reply_base: str | None = None,
-            reply_number: int | None = None, files: Sequence[OutgoingFile] = ()) -> tuple[int, OutgoingMail]:
+            reply_number: int | None = None, files: Sequence[OutgoingFile] = (),
+            sender: str | None = None) -> tuple[int, OutgoingMail]:
     """Render `template` for one recipient and queue it in the caller's transaction; returns
-    the outbox row's id. The row is written with a Core INSERT on the session's connection:
+    the outbox row's id (sender: see compose). The row is written with a Core INSERT on the session's connection:
     it is never used as an object here, and an ORM object cost several times the row."""
     domain = settings.helpdesk.address.split("@", 1)[1]
     message_id = make_message_id(settings.helpdesk.secret_key, domain, ticket_number)
@@ -227,11 +231,11 @@ def enqueue(session: Session, settings: Settings, renderer: Renderer, *, templat
     raw = compose(settings, to=to, subject=rendered.subject, text=rendered.text, html=rendered.html,
                   message_id=message_id, ticket_number=ticket_number, in_reply_to=in_reply_to,
                   references=references, automatic=automatic, from_name=from_name, reply_base=reply_base,
-                  reply_number=reply_number, files=files)
+                  reply_number=reply_number, files=files, sender=sender)
     now = utcnow()
     inserted = session.connection().execute(_INSERT_OUTBOX, {
         "ticket_id": ticket_number, "message_id": message_id, "template": template,
-        "mail_from": settings.helpdesk.address, "recipients": to, "raw": raw,
+        "mail_from": sender or settings.helpdesk.address, "recipients": to, "raw": raw,
         # An IMAP account in shadow mode (trialled beside the old system) sends nothing:
         # its mail is kept for inspection in `mailgate outbox list` and never claimed.
         "state": "shadow" if session.info.get("shadow") else "queued", "attempts": 0,

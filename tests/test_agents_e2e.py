@@ -494,3 +494,28 @@ def test_attachments_are_listed_for_agents_and_an_agents_files_reach_the_custome
     mails = desk.take()
     assert list(to(mails, "ivo@customer.org")[0].iter_attachments()) == []
     assert "answer sent without its files: 11.00 MB is over the 7 MB" in text(to(mails, "alice@example.com")[0])
+
+
+def test_a_queue_s_tickets_are_answered_from_the_queue_s_address(workdir: Path) -> None:
+    """The customer wrote to billing@: confirmation, notices and answers come from billing@
+    (as RT's per-queue correspond address), and replies to billing+N-token@ route back."""
+    cfg = write_config(workdir, helpdesk_extra='queues = ["billing@example.com"]')
+    desk = Desk(start_daemon(cfg))
+    try:
+        n, mails = desk.open("Invoice wrong", to="billing@example.com")
+        assert desk.query("select queue from ticket where number = ?", n) == [("billing@example.com",)]
+        confirmation, notice = to(mails, CAROL)[0], to(mails, "alice@example.com")[0]
+        for m in (confirmation, notice):
+            assert str(m["From"]).endswith("<billing@example.com>")
+            assert str(m["Reply-To"]).startswith(f"billing+{n}-")
+        desk.send(*reply(notice, "alice@example.com", "Corrected, sorry."))
+        answer = to(desk.take(), CAROL)[0]
+        assert str(answer["From"]) == "Alice via Example Support <billing@example.com>"
+        assert "Corrected, sorry." in text(answer)
+        senders = {s for (s,) in desk.query("select mail_from from outbox where ticket_id = ?", n)}
+        assert senders == {"billing@example.com"}
+        # A ticket of the main address still comes from it.
+        m, mails = desk.open("Printer")
+        assert str(to(mails, CAROL)[0]["From"]).endswith("<support@example.com>")
+    finally:
+        desk.d.stop()

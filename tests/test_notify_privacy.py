@@ -143,3 +143,27 @@ def test_a_message_id_of_an_internal_note_is_never_in_requester_references(workd
         assert "internal-note-id" not in str(answer["References"])
     finally:
         desk.d.stop()
+
+
+def test_requester_references_name_what_the_requester_got_never_an_agents_own_mail(workdir: Path) -> None:
+    """An agent's Message-ID names the agent's mail host, and the customer never saw that
+    mail: they got our copy of the answer, whose id is what their client threads on."""
+    cfg = write_config(workdir)
+    desk = Desk(start_daemon(cfg))
+    try:
+        n, mails = desk.open("Refs")
+        confirmation = to(mails, CAROL)[0]
+        notice = to(mails, "alice@example.com")[0]
+        answers = []
+        for i in (1, 2):
+            own = mail(sender="alice@example.com", to=str(notice["Reply-To"]), subject="Re: x",
+                       body=f"Answer {i}.", message_id=f"<agent-own-{i}@mailhost.internal.example>",
+                       headers={"In-Reply-To": str(notice["Message-ID"])})
+            desk.send(own, recipients=[str(notice["Reply-To"])])
+            answers.append(to(desk.take(), CAROL)[0])
+        second = answers[1]
+        assert "mailhost.internal" not in str(second["References"]) + str(second["In-Reply-To"])
+        refs = str(second["References"]).split()
+        assert str(confirmation["Message-ID"]) in refs and str(answers[0]["Message-ID"]) in refs
+    finally:
+        desk.d.stop()

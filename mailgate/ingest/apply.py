@@ -985,9 +985,10 @@ def send_effects(ctx: Context) -> None:
                                  message=message)
         elif name == "answer":
             assert message is not None and ctx.agent is not None
+            # The customer's latest mail, never an agent's own (see notify.requester_thread_ids).
             last_in = session.exec(select(Message.message_id).where(
-                Message.ticket_id == ticket.number, Message.direction == "in",
-                Message.kind == "public").order_by(Message.id.desc())).first()  # type: ignore[union-attr]
+                Message.ticket_id == ticket.number, Message.direction == "in", Message.kind == "public",
+                Message.author_agent.is_(None)).order_by(Message.id.desc())).first()  # type: ignore[union-attr]
             # The agent's files go on with the answer, and so do inline images of some size (a
             # screenshot pasted into the text) but not small ones (a signature's logo, icons).
             # Never attached mail: a client set to attach the original would send our notice,

@@ -20,8 +20,8 @@ from sqlmodel import Session, select
 from mailgate.domain import base_address, tagged_subject
 from mailgate.outbox import OutgoingFile, enqueue
 from mailgate.runtime import Runtime
-from mailgate.store.engine import insert_object, iso, now_for
-from mailgate.store.tables import Attachment, AutoReplyLog, Contact, Message, Participant, Ticket
+from mailgate.store.engine import as_utc, insert_object, iso, now_for
+from mailgate.store.tables import Attachment, AutoReplyLog, Contact, Message, Outbox, Participant, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,14 @@ _INSERT_AUTO_REPLY = insert(AutoReplyLog.__table__)  # type: ignore[attr-defined
 _THREAD_IDS = select(Message.message_id).where(
     Message.ticket_id == bindparam("ticket"), Message.message_id.is_not(None),  # type: ignore[union-attr]
     Message.kind != "internal").order_by(Message.id)  # type: ignore[arg-type]
+# What a requester or CC has seen of the thread: the mail of requesters and participants and
+# what we sent them. Never an agent's own mail to us: its Message-ID names the agent's mail
+# host, and the customer never received that message (they got our copy, in the outbox).
+_REQUESTER_THREAD_IDS = select(Message.message_id, Message.created_at).where(
+    Message.ticket_id == bindparam("ticket"), Message.message_id.is_not(None),  # type: ignore[union-attr]
+    Message.kind != "internal", Message.author_agent.is_(None))  # type: ignore[union-attr]
+_SENT_TO_REQUESTERS = select(Outbox.message_id, Outbox.created_at).where(
+    Outbox.ticket_id == bindparam("ticket"), Outbox.template.startswith("requester/"))  # type: ignore[attr-defined]
 _AUTO_REPLIES_SINCE = select(
     func.count(), func.coalesce(func.sum(case((AutoReplyLog.sent_at > bindparam("hour_ago"), 1), else_=0)), 0),
 ).where(AutoReplyLog.recipient == bindparam("recipient"), AutoReplyLog.sent_at > bindparam("day_ago"))
@@ -91,10 +99,31 @@ def helpdesk_context(rt: Runtime) -> dict[str, Any]:
 
 
 def thread_ids(session: Session, ticket: Ticket) -> list[str]:
-    """Message-IDs for References: the ticket's first message and its latest ones."""
+    """Message-IDs for References in mail to agents: the ticket's first message and its
+    latest ones."""
     ids = session.exec(_THREAD_IDS, params={"ticket": ticket.number}).all()
-    ids = [i for i in ids if i]
+    return _first_and_latest([i for i in ids if i])
+
+
+def requester_thread_ids(session: Session, ticket: Ticket) -> list[str]:
+    """thread_ids for mail to a requester or CC: only mail they have seen (see
+    _REQUESTER_THREAD_IDS)."""
+    params = {"ticket": ticket.number}
+    rows = [*session.exec(_REQUESTER_THREAD_IDS, params=params).all(),
+            *session.exec(_SENT_TO_REQUESTERS, params=params).all()]
+    rows.sort(key=lambda row: as_utc(row[1]))
+    return _first_and_latest(list(dict.fromkeys(message_id for message_id, _ in rows if message_id)))
+
+
+def _first_and_latest(ids: list[str]) -> list[str]:
     return ids[:1] + ids[-8:] if len(ids) > 9 else ids
+
+
+def queue_address(rt: Runtime, ticket: Ticket | None) -> str:
+    """The address mail about a ticket comes from: its queue's (the support address the
+    customer wrote to), or the main support address."""
+    hd = rt.settings.helpdesk
+    return ticket.queue if ticket is not None and ticket.queue in hd.queues else hd.address
 
 
 def loop_guard_allows(rt: Runtime, session: Session, recipient: str) -> bool:
@@ -181,19 +210,20 @@ def send(rt: Runtime, session: Session, *, ticket: Ticket | None, template: str,
         **(extra or {}),
     }
     number = ticket.number if ticket is not None else None
+    if references is None and ticket is not None:
+        references = (requester_thread_ids if is_requester_template(template) else thread_ids)(session, ticket)
+    sender = queue_address(rt, ticket)
     outbox_id, mail = enqueue(session, rt.settings, rt.renderer, template=template, to=to, context=context,
-                        ticket_number=number, in_reply_to=in_reply_to,
-                        references=references if references is not None
-                        else thread_ids(session, ticket) if ticket is not None else (),
-                        automatic=automatic, from_name=from_name, reply_base=reply_base,
-                        reply_number=reply_number, files=files)
+                              ticket_number=number, in_reply_to=in_reply_to, references=references or (),
+                              automatic=automatic, from_name=from_name, reply_base=reply_base,
+                              reply_number=reply_number, files=files, sender=sender)
     if guarded:
         # Appended with Core, like the outbox row: only ever counted, never an object.
         session.connection().execute(_INSERT_AUTO_REPLY, {"recipient": to, "sent_at": now_for(session)})
     if record_kind is not None and ticket is not None:
         insert_object(session, Message(
             ticket_id=ticket.number, outbox_id=outbox_id, kind=record_kind, direction="out",
-            from_addr=hd.address, from_name=from_name or hd.name,
+            from_addr=sender, from_name=from_name or hd.name,
             to_addrs=to, subject=mail.subject, text=mail.text, full_text=mail.text,
             message_id=mail.message_id, in_reply_to=in_reply_to, created_at=now_for(session),
         ))
