@@ -89,6 +89,17 @@ def test_strict_address_parsing_refuses_double_at() -> None:
     assert any("a@evil@corp" in d for d in msg.defects)
 
 
+def test_a_quoted_local_part_with_a_comma_or_space_is_no_address() -> None:
+    """Recipients are comma-joined on the way out: the relay would get x, victim@elsewhere
+    and y as recipients of a mail whose To shows one odd address."""
+    raw = mail('From: "x,victim@elsewhere.example,y"@customer.org\n'
+               'Cc: "a b"@customer.org, "ok.dot"@customer.org\nSubject: s')
+    msg = parse_message(raw)
+    assert msg.from_addr == ""
+    assert msg.cc == ('"ok.dot"@customer.org',)
+    assert any("victim@elsewhere.example" in d for d in msg.defects)
+
+
 def test_encoded_display_name_cannot_inject_an_address() -> None:
     # The encoded word decodes to '<boss@corp>' but is a display name, never an address.
     raw = mail("From: =?utf-8?q?=3Cboss=40corp=3E?= <mallory@evil.example>\nSubject: s")
@@ -336,6 +347,30 @@ def test_broken_winmail_dat_keeps_original_with_defect() -> None:
     assert any("winmail.dat" in d for d in msg.defects)
 
 
+def test_a_winmail_dat_of_many_files_or_records_is_kept_unopened(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each file inside would be a stored blob and a notice line outside the MIME part limit,
+    and tnefparse's time grows with records x bytes: past the limits it stays one file."""
+    from mailgate.ingest import parse
+
+    many = build_tnef("a.txt", b"a")
+    for i in range(parse.MAX_TNEF_FILES):
+        many += _tnef_object(2, 0x9002, 0x0006, b"\x01\x00" + b"\x00" * 12)
+        many += _tnef_object(2, 0x8010, 0x0001, f"f{i}.txt".encode() + b"\x00")
+        many += _tnef_object(2, 0x800F, 0x0006, b"x")
+    msg = parse_message(tnef_mail(many))
+    assert [a.filename for a in msg.attachments] == ["winmail.dat"]
+    assert any(f"{parse.MAX_TNEF_FILES + 1} files" in d for d in msg.defects)
+
+    records = build_tnef("b.txt", b"b") + _tnef_object(1, 0x9999, 0x0006, b"") * 200
+    assert parse._tnef_record_count(records) == 205
+    monkeypatch.setattr(parse, "MAX_TNEF_COPY_BYTES", 205 * len(records) - 1)
+    msg = parse_message(tnef_mail(records))
+    assert [a.filename for a in msg.attachments] == ["winmail.dat"]
+    assert any("205 records" in d for d in msg.defects)
+    monkeypatch.setattr(parse, "MAX_TNEF_COPY_BYTES", 205 * len(records))
+    assert [a.filename for a in parse_message(tnef_mail(records)).attachments] == ["winmail.dat", "b.txt"]
+
+
 def test_archives_are_not_decompressed() -> None:
     import base64
     import io
@@ -426,6 +461,19 @@ def test_huge_from_header_is_refused_before_address_parsing() -> None:
     raw = mail(f"From: {addresses}\nSubject: s")
     with pytest.raises(UnusableMessage, match="header 'from' is [0-9]+ bytes long"):
         parse_message(raw)
+
+
+def test_a_flood_of_small_header_fields_is_refused_before_parsing() -> None:
+    from mailgate.ingest import parse
+
+    many = "".join(f"X-A{i}: b\n" for i in range(parse.MAX_HEADER_FIELDS))
+    with pytest.raises(UnusableMessage, match=r"[0-9]+ header fields \(limit 5000\)"):
+        parse_message(mail(f"From: a@b.example\n{many}Subject: s"))
+    big = "".join(f"X-B{i}: {'v' * 900}\n" for i in range(2500))  # 2.2 MB in 2500 fields
+    with pytest.raises(UnusableMessage, match="header block of [0-9]+ bytes"):
+        parse_message(mail(f"From: a@b.example\n{big}Subject: s"))
+    fine = "".join(f"Received: from h{i}.example by mx.example\n" for i in range(200))
+    assert parse_message(mail(f"From: a@b.example\n{fine}Subject: s")).from_addr == "a@b.example"
 
 
 def test_address_count_limit_under_byte_limit() -> None:
