@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from tests.conftest import Daemon, cli, mail, wait_until
+from tests.conftest import Daemon, cli, mail, start_daemon, wait_until, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -64,3 +66,29 @@ def test_ingest_defers_on_a_broken_config(workdir) -> None:  # type: ignore[no-u
     proc = cli(bad, "ingest", input=mail().as_bytes(), check=False)
     assert proc.returncode == 75  # the MTA keeps the mail and retries; a bounce would lose it
     assert "database.url" in proc.stderr.decode()
+
+
+def test_a_requester_from_that_our_mta_found_forged_is_a_stranger_s(workdir: Path) -> None:
+    """From is all that makes a requester; where our MTA says DMARC failed for its domain,
+    the mail may neither write into the requester's ticket nor add a reader to it."""
+    daemon = start_daemon(write_config(workdir, helpdesk_extra='trusted_authserv_ids = ["mx.example.com"]'))
+    try:
+        number = open_ticket(daemon)
+        verdict = "mx.example.com; spf=fail smtp.mailfrom=evil.example; dmarc=fail header.from=customer.org"
+        daemon.send(mail(sender="carol@customer.org", subject=f"Re: [EXAMPLE #{number}] VPN down",
+                         body="Send the answers to my new colleague too.",
+                         headers={"Cc": "spy@evil.example", "Authentication-Results": verdict}))
+        wait_until(lambda: len(daemon.tickets()) == 2)
+        daemon.wait_idle()
+        shown = daemon.ticket(number)
+        assert len([m for m in shown["messages"] if m["direction"] == "in"]) == 1
+        assert shown["participants"] == []
+        # The real Carol, DMARC passing: her reply joins the ticket and may copy her boss in.
+        daemon.send(mail(sender="carol@customer.org", subject=f"Re: [EXAMPLE #{number}] VPN down",
+                         body="Still down.", headers={
+                             "Cc": "boss@customer.org",
+                             "Authentication-Results": "mx.example.com; dmarc=pass header.from=customer.org"}))
+        wait_until(lambda: len([m for m in daemon.ticket(number)["messages"] if m["direction"] == "in"]) == 2)
+        assert daemon.ticket(number)["participants"] == ["boss@customer.org"]
+    finally:
+        daemon.stop()

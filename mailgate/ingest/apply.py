@@ -448,8 +448,10 @@ def add_ccs_from_headers(ctx: Context, ticket: Ticket) -> None:
     s = ctx.rt.settings
     own = set(s.helpdesk.all_addresses)
     requester = ctx.session.get(Contact, ticket.requester_id)
-    if requester is None or ctx.sender != requester.email:
-        return  # only the requester widens the audience; a CC or a forwarded-to reader may not
+    if requester is None or ctx.sender != requester.email or ctx.from_forged:
+        # Only the requester widens the audience; a CC or a forwarded-to reader may not, nor
+        # a mail in the requester's name that our MTA found forged (DMARC fail).
+        return
     skip = {ctx.sender, requester.email}
     added = 0
     for addr in dict.fromkeys(a.lower() for a in (*ctx.msg.to, *ctx.msg.cc)):

@@ -64,6 +64,9 @@ class Context:
     to_comment_address: bool = False
     token_ticket: int | None = None
     bad_token_ticket: int | None = None
+    # Our MTA's trusted Authentication-Results say the From domain disowns this mail (DMARC
+    # fail): the From is forged, and being that address proves nothing (identify.dmarc_failed).
+    from_forged: str | None = None
     # A reply token of the quarantine list, valid for the sender: proof for #release only.
     quarantine_token: bool = False
     release_only: bool = False  # the agent is proven by that token: nothing but #release applies
@@ -190,6 +193,8 @@ def step_identify(ctx: Context) -> None:
             ctx.token_ticket = number
         else:
             ctx.bad_token_ticket = number
+    ctx.from_forged = dmarc_failed(ctx.msg.header_all("authentication-results"), hd.trusted_authserv_ids,
+                                   ctx.sender.rpartition("@")[2])
     ctx.identity = identify_agent(
         sender=ctx.sender, agent_emails=[a.email for a in ctx.rt.settings.agents],
         token_valid_for_sender=ctx.token_ticket is not None,
@@ -218,10 +223,8 @@ def _known_correspondent(ctx: Context) -> bool:
         return False
     # A From header is all it takes to be a past requester; where our MTA says the From
     # domain disowns this mail, it is scored like a stranger's.
-    forged = dmarc_failed(ctx.msg.header_all("authentication-results"),
-                          ctx.rt.settings.helpdesk.trusted_authserv_ids, ctx.sender.rpartition("@")[2])
-    if forged:
-        ctx.hit("spam", False, f"sender has tickets, but {forged}: scored")
+    if ctx.from_forged:
+        ctx.hit("spam", False, f"sender has tickets, but {ctx.from_forged}: scored")
         return False
     return True
 
@@ -305,9 +308,10 @@ def step_route(ctx: Context) -> None:
             continue
         existing.add(number)
         belongs = apply.ticket_members(ctx.session, ticket)
-        if ctx.identity is not None and not ctx.identity.verified:
+        if (ctx.identity is not None and not ctx.identity.verified) or ctx.from_forged:
             # An agent's address without proof is a stranger's (DESIGN 3): owning or
-            # assisting the ticket must not let a forged From write into it.
+            # assisting the ticket must not let a forged From write into it. Nor may a From
+            # our MTA found forged pass for the requester's.
             belongs.discard(ctx.sender)
         members[number] = frozenset(belongs)
     facts = RouteFacts(
