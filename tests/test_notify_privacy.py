@@ -167,3 +167,43 @@ def test_requester_references_name_what_the_requester_got_never_an_agents_own_ma
         assert str(confirmation["Message-ID"]) in refs and str(answers[0]["Message-ID"]) in refs
     finally:
         desk.d.stop()
+
+
+def test_notices_to_agents_carry_a_cut_text_and_answers_the_whole(workdir: Path) -> None:
+    """A 25 MB mail made a 30 MB notice per agent: over relays' limits, and agents x its size
+    in the outbox. An agent's answer to the customer is never cut."""
+    from mailgate.config import load_settings
+    from mailgate.ingest import notify
+    from mailgate.runtime import Runtime
+    from mailgate.store import migrate
+    from mailgate.store.engine import session_scope, utcnow
+    from mailgate.store.tables import Contact, Message, Outbox, Ticket
+
+    rt = Runtime.build(load_settings(write_config(workdir)))
+    migrate.upgrade(rt.engine)
+    long_text = "".join(f"log line {i:06d}: something happened\n" for i in range(20_000))  # ~720 KB
+    with session_scope(rt.engine) as session:
+        contact = Contact(email=CAROL, name="Carol", created_at=utcnow())
+        session.add(contact)
+        session.flush()
+        ticket = Ticket(subject="s", requester_id=contact.id, queue="support@example.com", priority="normal",
+                        status="open", status_kind="open", tier="customer", created_at=utcnow(),
+                        updated_at=utcnow())
+        session.add(ticket)
+        session.flush()
+        message = Message(ticket_id=ticket.number, kind="public", direction="in", from_addr=CAROL,
+                          text=long_text + "THE-LAST-LINE", created_at=utcnow())
+        session.add(message)
+        session.flush()
+        notice_id = notify.send(rt, session, ticket=ticket, template="agent/new_ticket", to="bob@example.com",
+                                message=message)
+        answer_id = notify.send(rt, session, ticket=ticket, template="requester/answer", to=CAROL,
+                                message=message, automatic=False)
+        notice, answer = session.get(Outbox, notice_id), session.get(Outbox, answer_id)
+        assert notice is not None and answer is not None
+        notice_text = message_from_bytes(notice.raw, policy=policy.default).get_body(("plain",)).get_content()
+        assert len(notice.raw) < 100_000
+        assert "log line 000000" in notice_text and "THE-LAST-LINE" not in notice_text
+        assert f"more characters: mailgate tickets show {ticket.number}]" in notice_text
+        answer_text = message_from_bytes(answer.raw, policy=policy.default).get_body(("plain",)).get_content()
+        assert "THE-LAST-LINE" in answer_text

@@ -76,10 +76,27 @@ def ticket_context(rt: Runtime, session: Session, ticket: Ticket) -> dict[str, A
     }
 
 
-def message_context(session: Session, message: Message) -> dict[str, Any]:
+# A notice to agents carries at most this much of the message's text: one 25 MB mail made a
+# 30 MB notice per agent (over most relays' limits, so nobody was told) and an outbox of
+# agents x its size. Answers to requesters are never cut.
+NOTICE_TEXT_MAX_CHARS = 64_000
+
+
+def _notice_text(text: str, ticket_number: int | None) -> str:
+    if len(text) <= NOTICE_TEXT_MAX_CHARS:
+        return text
+    cut = text.rfind("\n", 0, NOTICE_TEXT_MAX_CHARS)
+    cut = cut if cut > NOTICE_TEXT_MAX_CHARS // 2 else NOTICE_TEXT_MAX_CHARS
+    return (f"{text[:cut]}\n\n[... {len(text) - cut} more characters: mailgate tickets show "
+            f"{ticket_number if ticket_number is not None else ''}]")
+
+
+def message_context(session: Session, message: Message, *, for_agents: bool = False) -> dict[str, Any]:
+    """for_agents: the text cut to NOTICE_TEXT_MAX_CHARS."""
     # The attachments, so that an agent working by mail knows a screenshot or a log is there.
     attachments = session.exec(_ATTACHMENTS, params={"message": message.id}).all() if message.id else []
-    return {"from": message.from_addr, "from_name": message.from_name, "text": message.text,
+    text = _notice_text(message.text, message.ticket_id) if for_agents else message.text
+    return {"from": message.from_addr, "from_name": message.from_name, "text": text,
             "subject": message.subject, "created_at": iso(message.created_at),
             "attachments": [{"filename": name, "content_type": ctype, "size": size, "size_text": _size_text(size)}
                             for name, ctype, size in attachments]}
@@ -204,7 +221,8 @@ def send(rt: Runtime, session: Session, *, ticket: Ticket | None, template: str,
     context = {
         "helpdesk": helpdesk_context(rt),
         "ticket": ticket_context(rt, session, ticket) if ticket is not None else None,
-        "message": message_context(session, message) if message else None,
+        "message": message_context(session, message, for_agents=not is_requester_template(template))
+        if message else None,
         "tagged_subject": tagged_subject(hd.subject_tag, ticket.number or 0, ticket.subject)
         if ticket is not None else "",
         **(extra or {}),
