@@ -86,6 +86,17 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+def queue_option(settings: Settings, queue: str | None, error_code: int) -> str | None:
+    """--queue, lower-cased; one that is not ours stops the command (a typo in an MTA's pipe
+    line would otherwise put a whole queue's mail in the default queue, unnoticed)."""
+    if queue is None:
+        return None
+    hd = settings.helpdesk
+    if queue.lower() not in (hd.address, *hd.queues):
+        fail(f"--queue {queue}: not helpdesk.address or one of helpdesk.queues", error_code)
+    return queue.lower()
+
+
 def settings_for(config: Path | None, *, error_code: int = 2) -> Settings:
     try:
         return load_settings(config_path(config))
@@ -151,12 +162,13 @@ def ingest(config: ConfigOpt = None,
     raw = sys.stdin.buffer.read()
     # A broken config is the operator's to fix, not the sender's: an MTA must defer (75), not bounce.
     rt = runtime_for(config, config_error_code=EX_TEMPFAIL)
+    queue = queue_option(rt.settings, queue, EX_TEMPFAIL)  # the operator's to fix: defer, not bounce
     # An MTA pipe (Postfix) mails stderr back in its bounce: the worker's traceback stays in the
     # dead letter (`mailgate deadletter list`), and stderr gets only our one line below.
     logging.getLogger("mailgate.ingest").setLevel(logging.CRITICAL)
     try:
         accepted = spool.accept(rt.spool_engine, rt.blobs, raw, source="ingest",
-                                queue=queue.lower() if queue else None, envelope_from=sender)
+                                queue=queue, envelope_from=sender)
     except spool.SpoolError as exc:
         fail(f"temporary failure, message not stored: {exc}", EX_TEMPFAIL)
     try:
@@ -198,6 +210,7 @@ def import_(path: Path, config: ConfigOpt = None,
     from mailgate.mailsource import iter_messages
 
     rt = runtime_for(config)
+    queue = queue_option(rt.settings, queue, 2)
     if not path.exists():
         fail(f"{path}: no such file or directory")
     outcomes: dict[str, int] = {}
@@ -216,7 +229,7 @@ def import_(path: Path, config: ConfigOpt = None,
                 accepted = spool.accept_batch(rt.spool_engine, rt.blobs,
                                               [(f"import:{key}", raw) for key, raw in batch],
                                               source="backfill" if notify else spool.HISTORY_IMPORT,
-                                              queue=queue.lower() if queue else None, claimed_by=worker)
+                                              queue=queue, claimed_by=worker)
             except spool.SpoolError as exc:
                 fail(f"stopped: could not store {batch[0][0]} or one of the {len(batch) - 1} after it: {exc}",
                      EX_TEMPFAIL)

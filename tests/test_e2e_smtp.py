@@ -349,6 +349,26 @@ def test_ingest_exit_codes(workdir: Path) -> None:
         con.close()
 
 
+def test_ingest_prints_the_ticket_of_a_redelivery_and_refuses_a_queue_not_ours(workdir: Path) -> None:
+    cfg = write_config(workdir, helpdesk_extra='queues = ["billing@example.com"]')
+    raw = mail(subject="by pipe", message_id="<pipe-1@customer.org>").as_bytes()
+    assert cli(cfg, "ingest", "--queue", "Billing@Example.com", input=raw).stdout.decode().strip() == "1"
+    # The MTA delivers it again (a lost 250, a retried pipe): the same ticket, printed as such.
+    assert cli(cfg, "ingest", "--queue", "billing@example.com", input=raw).stdout.decode().strip() == "1"
+    assert [t["queue"] for t in cli_json(cfg, "tickets", "list")] == ["billing@example.com"]
+    # A typo in the pipe line: deferred (75), not stored, not put in the default queue.
+    typo = cli(cfg, "ingest", "--queue", "bil1ing@example.com", input=mail(subject="typo").as_bytes(),
+               check=False)
+    assert typo.returncode == 75
+    assert typo.stderr.decode().strip() == (
+        "mailgate: --queue bil1ing@example.com: not helpdesk.address or one of helpdesk.queues")
+    imported = cli(cfg, "import", "--queue", "sales@example.com", str(workdir), check=False)
+    assert imported.returncode == 2 and "not helpdesk.address" in imported.stderr.decode()
+    con = sqlite3.connect(workdir / "mailgate.db")
+    assert con.execute("select count(*) from inbound").fetchone() == (2,)
+    con.close()
+
+
 def test_bad_config_is_one_line_naming_the_key(workdir: Path) -> None:
     cfg = write_config(workdir)
     cfg.write_text(cfg.read_text().replace('port = ', 'port = "x" #'))

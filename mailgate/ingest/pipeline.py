@@ -131,8 +131,8 @@ def step_parse(ctx: Context) -> None:
 DATABASE_RETRY = timedelta(seconds=30)
 # References a reply is routed by: the newest ones (RFC 5322 3.6.4 lets clients trim the list).
 MAX_THREAD_IDS = 100
-_INBOUND_BY_MESSAGE_ID = select(Inbound.id, Inbound.body_hash, Inbound.state, Inbound.outcome).where(
-    Inbound.message_id_header == bindparam("mid"))
+_INBOUND_BY_MESSAGE_ID = select(Inbound.id, Inbound.body_hash, Inbound.state, Inbound.outcome,
+                               Inbound.ticket_number).where(Inbound.message_id_header == bindparam("mid"))
 _TICKET_OF_UNBLOCKED_REQUESTER = select(Ticket.number).join(Contact, Contact.id == Ticket.requester_id).where(
     Contact.email == bindparam("email"), Ticket.from_spam == False).limit(1)  # noqa: E712
 _TICKETS_BY_MESSAGE_IDS = select(Message.message_id, Message.ticket_id).where(
@@ -156,12 +156,14 @@ def step_dedupe(ctx: Context) -> None:
     # Only the Message-ID goes to the database, so that its index is used: with the other
     # conditions SQLite chose the state index and read every done row (slower each day).
     # A purged copy is no earlier delivery: nothing of it is left to find or release.
-    earlier = next((i for i, body_hash, state, outcome in ctx.session.exec(
+    earlier = next(((i, number) for i, body_hash, state, outcome, number in ctx.session.exec(
         _INBOUND_BY_MESSAGE_ID, params={"mid": mid}).all()
         if body_hash == ctx.body_hash and state == "done" and outcome not in ("duplicate", "purged")
         and i != ctx.inbound.id), None)
     if earlier is not None:
-        raise Stop("duplicate", f"same Message-ID and body as inbound {earlier}")
+        # The ticket the first copy landed on: `mailgate ingest` prints it for a redelivery too.
+        ctx.ticket = ctx.session.get(Ticket, earlier[1]) if earlier[1] is not None else None
+        raise Stop("duplicate", f"same Message-ID and body as inbound {earlier[0]}")
     ctx.hit("dedupe", False, "first time seen")
 
 
