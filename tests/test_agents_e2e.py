@@ -146,6 +146,9 @@ def test_answers_notes_collision_and_commands(desk: Desk) -> None:
     assert "NOTE-MARKER" in text(note)
     assert str(note["Reply-To"]).startswith(f"support-comment+{n}-")
     assert "internal note stored" in text(to(mails, "alice@example.com")[0])
+    # Bob's answer came after notice_a too, but a note is delivered to nobody: no warning
+    # that would say "your reply was delivered as well".
+    assert "answered the requester at" not in text(to(mails, "alice@example.com")[0])
 
     # Bob replies to the note notice: it goes to the comment address, so it is a note too
     desk.send(*reply(note, "bob@example.com", "COMMENT-MARKER agreed"))
@@ -505,6 +508,7 @@ def test_a_queue_s_tickets_are_answered_from_the_queue_s_address(workdir: Path) 
         n, mails = desk.open("Invoice wrong", to="billing@example.com")
         assert desk.query("select queue from ticket where number = ?", n) == [("billing@example.com",)]
         confirmation, notice = to(mails, CAROL)[0], to(mails, "alice@example.com")[0]
+        assert "Example Support <billing@example.com>" in text(confirmation)  # its signature
         for m in (confirmation, notice):
             assert str(m["From"]).endswith("<billing@example.com>")
             assert str(m["Reply-To"]).startswith(f"billing+{n}-")

@@ -131,3 +131,18 @@ def test_a_sender_without_a_display_name_shows_as_the_bare_address() -> None:
     assert answer.html is not None
     assert "\nExample Support\n" in answer.text and ", Example Support" not in answer.text
     assert ", Example Support" not in answer.html
+
+
+def test_no_ratings_configured_no_rating_asked_for() -> None:
+    r = Renderer()
+    for name in ("requester/status-solved", "requester/status"):
+        ctx = context(old_status="open")
+        ctx["ticket"] = {**ctx["ticket"], "status": "solved", "status_kind": "solved"}
+        asked = r.render_mail(name, ctx)
+        assert "with one of 1, 2, 3, 4, 5 on the first line" in asked.text
+        ctx["helpdesk"] = {**ctx["helpdesk"], "ratings": []}
+        silent = r.render_mail(name, ctx)
+        assert silent.html is not None
+        for text in (silent.text, silent.html):
+            assert "rate" not in text and "with one of" not in text
+            assert "If it did not, just reply and the ticket opens again." in text

@@ -651,7 +651,7 @@ def render_canned(ctx: Context, ticket: Ticket, cmds: ParsedCommands) -> tuple[d
         try:
             out[c.arg] = ctx.rt.renderer.render_text(f"canned/{c.arg}.txt.j2", {
                 "ticket": notify.ticket_context(ctx.rt, ctx.session, ticket),
-                "helpdesk": notify.helpdesk_context(ctx.rt),
+                "helpdesk": notify.helpdesk_context(ctx.rt, ticket),
                 "agent": {"name": agent.name, "email": agent.email}}).strip("\n")
         except Exception as exc:  # an operator's template: report it, do not crash the message
             errors.append(f"{c.line}: the canned answer failed to render: {type(exc).__name__}: {exc}")
@@ -679,6 +679,7 @@ def agent_message(ctx: Context, *, validated: bool = False) -> None:
     assert ticket is not None
     is_note = ctx.to_comment_address or cmds.has("note") or cmds.has("spam")
     if is_note or not body.strip():
+        collision = None  # it says the reply was delivered as well: a note is delivered to nobody
         message = store_message(ctx, ticket, kind="internal", direction="in", text=body,
                                 author_agent=agent.email)
         if body.strip() and not cmds.has("spam"):
@@ -686,12 +687,11 @@ def agent_message(ctx: Context, *, validated: bool = False) -> None:
             changes.append("internal note stored (not sent to the requester)")
         elif not is_note and not cmds.commands:
             # Only the quoted notice (or our tag) under a signature: sending the whole text on
-            # would mail the notice to the customer. One result, and no collision warning: it
-            # would say this reply was delivered.
+            # would mail the notice to the customer. One result.
             changes.append("nothing was sent to the requester: mailgate found no text of yours in this "
                            "reply (all of it looked like a quote, a forwarded message or a signature); "
                            "it is kept as an internal note. Write your answer above any quote or signature")
-            ctx.effects.append(("result", {"errors": [], "changes": changes, "collision": None}))
+            ctx.effects.append(("result", {"errors": [], "changes": changes, "collision": collision}))
             ctx.outcome = "note"
             return
         ctx.outcome = "note"

@@ -109,9 +109,10 @@ def _size_text(size: int) -> str:
     return f"{size} bytes"
 
 
-def helpdesk_context(rt: Runtime) -> dict[str, Any]:
+def helpdesk_context(rt: Runtime, ticket: Ticket | None = None) -> dict[str, Any]:
+    """address: the one mail about `ticket` comes from (queue_address)."""
     hd = rt.settings.helpdesk
-    return {"name": hd.name, "address": hd.address, "subject_tag": hd.subject_tag,
+    return {"name": hd.name, "address": queue_address(rt, ticket), "subject_tag": hd.subject_tag,
             "ratings": list(hd.ratings)}
 
 
@@ -219,7 +220,7 @@ def send(rt: Runtime, session: Session, *, ticket: Ticket | None, template: str,
         return None
     hd = rt.settings.helpdesk
     context = {
-        "helpdesk": helpdesk_context(rt),
+        "helpdesk": helpdesk_context(rt, ticket),
         "ticket": ticket_context(rt, session, ticket) if ticket is not None else None,
         "message": message_context(session, message, for_agents=not is_requester_template(template))
         if message else None,
