@@ -468,7 +468,9 @@ def outbox_retry(ids: Annotated[list[int] | None, typer.Argument(
     from mailgate.outbox import retry_failed
 
     rt = runtime_for(config)
-    echo(f"{retry_failed(rt.engine, ids, rt.settings.outbound.deadline_hours)} queued again")
+    done = retry_failed(rt.engine, ids, rt.settings.outbound.deadline_hours)
+    echo(f"{len(done)} queued again")
+    _fail_for_ids_not_done(ids, done, "no failed outgoing mail with this id (`mailgate outbox list`)")
 
 
 def _inbound_rows(rt: Any, where: Any, limit: int) -> list[dict[str, Any]]:
@@ -513,7 +515,18 @@ def deadletter_retry(ids: Annotated[list[int] | None, typer.Argument(
     from mailgate import spool
 
     rt = runtime_for(config)
-    echo(f"{spool.requeue(rt.engine, ids)} requeued")
+    done = spool.requeue(rt.engine, ids)
+    echo(f"{len(done)} requeued")
+    _fail_for_ids_not_done(ids, done, "no dead letter with this id (`mailgate deadletter list`)")
+
+
+def _fail_for_ids_not_done(asked: list[int] | None, done: list[int], why: str) -> None:
+    """Ids the operator named that nothing was done for: each on stderr, and exit 1."""
+    missing = [i for i in dict.fromkeys(asked or []) if i not in set(done)]
+    for inbound_id in missing:
+        echo(f"mailgate: {inbound_id}: {why}", err=True)
+    if missing:
+        raise typer.Exit(1)
 
 
 @app.command("screened")

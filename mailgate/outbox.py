@@ -550,8 +550,9 @@ class OutboxSender:
             pass
 
 
-def retry_failed(engine: Engine, ids: Sequence[int] | None = None, deadline_hours: float = 24.0) -> int:
-    """`mailgate outbox retry`: failed rows get a fresh deadline (outbound.deadline_hours) and go again."""
+def retry_failed(engine: Engine, ids: Sequence[int] | None = None, deadline_hours: float = 24.0) -> list[int]:
+    """`mailgate outbox retry`: failed rows get a fresh deadline (outbound.deadline_hours) and
+    go again; the ids of those queued again."""
     now = utcnow()
     with session_scope(engine) as session:
         query = select(Outbox).where(Outbox.state == "failed")
@@ -562,5 +563,5 @@ def retry_failed(engine: Engine, ids: Sequence[int] | None = None, deadline_hour
             row.state, row.attempts, row.next_attempt_at = "queued", 0, now
             row.deadline = now + timedelta(hours=deadline_hours)
             session.add(row)
-        return len(rows)
+        return [row.id for row in rows if row.id is not None]
 

@@ -324,16 +324,19 @@ def postpone(engine: Engine, inbound_id: int, error: str, delay: timedelta) -> N
         session.add(row)
 
 
-def requeue(engine: Engine, ids: list[int] | None = None) -> int:
-    """Put dead letters back in the queue with fresh attempts (all of them if ids is None)."""
+def requeue(engine: Engine, ids: list[int] | None = None) -> list[int]:
+    """Put dead letters back in the queue with fresh attempts (all of them if ids is None);
+    the ids of those requeued."""
     with session_scope(engine) as session:
-        stmt = update(Inbound).where(Inbound.state == "dead")  # type: ignore[arg-type]
+        query = select(Inbound.id).where(Inbound.state == "dead")
         if ids:
-            stmt = stmt.where(Inbound.id.in_(ids))  # type: ignore[union-attr]
-        result = session.exec(stmt.values(  # type: ignore[call-overload]
-            state="queued", attempts=0, next_attempt_at=None, claimed_by=None,
-            outcome=case((Inbound.outcome == RELEASED, RELEASED), else_=None)))
-        return int(result.rowcount or 0)
+            query = query.where(Inbound.id.in_(ids))  # type: ignore[union-attr]
+        dead = [i for i in session.exec(query).all() if i is not None]
+        if dead:
+            session.exec(update(Inbound).where(Inbound.id.in_(dead), Inbound.state == "dead").values(  # type: ignore[call-overload,union-attr]
+                state="queued", attempts=0, next_attempt_at=None, claimed_by=None,
+                outcome=case((Inbound.outcome == RELEASED, RELEASED), else_=None)))
+        return dead
 
 
 def state_of(engine: Engine, inbound_id: int) -> tuple[str | None, str | None]:

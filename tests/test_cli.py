@@ -433,6 +433,14 @@ def test_deadletter_list_and_retry_after_the_cause_is_fixed(workdir: Path) -> No
     broken.unlink()
     assert ok(config, "deadletter", "retry").strip() == "1 requeued"
     assert ok(config, "deadletter", "retry").strip() == "0 requeued"
+    # Ids that are no dead letter (mistyped, or requeued already): said, and exit 1.
+    proc = cli(config, "deadletter", "retry", "1", "9999", check=False)
+    assert (proc.returncode, proc.stdout.decode().strip()) == (1, "0 requeued")
+    assert proc.stderr.decode().splitlines() == [
+        "mailgate: 1: no dead letter with this id (`mailgate deadletter list`)",
+        "mailgate: 9999: no dead letter with this id (`mailgate deadletter list`)"]
+    proc = cli(config, "outbox", "retry", "9999", check=False)
+    assert proc.returncode == 1 and "9999: no failed outgoing mail with this id" in proc.stderr.decode()
     # What the daemon's worker does with the requeued row:
     rt = Runtime.build(load_settings(config))
     result = run_one(rt, spool.worker_id())

@@ -317,7 +317,7 @@ def test_a_released_message_that_became_a_dead_letter_is_not_held_again_when_ret
     assert spool.fail(rt.engine, inbound_id, "OperationalError: database is locked", max_attempts=5, permanent=True)
     assert spool.state_of(rt.engine, inbound_id) == ("dead", "released")
     # ... and the operator retries it once the database is back: it becomes the ticket it was released as.
-    assert spool.requeue(rt.engine, [inbound_id]) == 1
+    assert spool.requeue(rt.engine, [inbound_id]) == [inbound_id]
     result = run_one(rt, "w", only_id=inbound_id)
     assert result is not None and result.outcome == "ticket"
 
@@ -330,7 +330,7 @@ def test_a_dead_letter_that_was_not_released_is_retried_from_scratch(workdir: Pa
     assert spool.claim(rt.engine, "w", max_attempts=5, only_id=inbound_id) is not None
     assert spool.fail(rt.engine, inbound_id, "boom", max_attempts=5, permanent=True)
     assert spool.state_of(rt.engine, inbound_id) == ("dead", "dead")
-    assert spool.requeue(rt.engine, [inbound_id]) == 1
+    assert spool.requeue(rt.engine, [inbound_id]) == [inbound_id]
     assert spool.state_of(rt.engine, inbound_id) == ("queued", None)
 
 

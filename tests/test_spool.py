@@ -70,7 +70,7 @@ def test_a_row_claimed_max_attempts_times_becomes_a_dead_letter(rt: Runtime) -> 
     set_attempts(rt, only, 5)
     assert spool.claim_batch(rt.engine, "w:1", max_attempts=5, limit=10) == []
     assert spool.state_of(rt.engine, only) == ("dead", "dead")
-    assert spool.requeue(rt.engine, [only]) == 1
+    assert spool.requeue(rt.engine, [only]) == [only]
     assert spool.state_of(rt.engine, only) == ("queued", None)
 
 
