@@ -78,7 +78,11 @@ def echo(message: str, *, err: bool = False) -> None:
 def text_console(*, stderr: bool = False) -> Console:
     """A Rich console that prints text as text: no markup, emoji codes or highlighting.
     Style goes on Text objects."""
-    return Console(stderr=stderr, markup=False, emoji=False, highlight=False)
+    stream = sys.stderr if stderr else sys.stdout
+    # Through a pipe Rich assumes 80 columns and cuts addresses and subjects ("carol@cu…"):
+    # grep and awk must see whole values, one row a line.
+    width = None if stream.isatty() else 100_000
+    return Console(stderr=stderr, markup=False, emoji=False, highlight=False, width=width)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -312,7 +316,8 @@ def tickets_list(
     since: Annotated[datetime | None, typer.Option(help="Created at or after (ISO date/time, UTC).")] = None,
     text: Annotated[str | None, typer.Option(help="Words in the subject or public messages.")] = None,
     sort: Annotated[str, typer.Option(help="One of: " + ", ".join(
-        ("number", "created_at", "updated_at", "priority", "status", "resolution_due")))] = "number",
+        ("number", "created_at", "updated_at", "priority", "status", "owner", "first_response_due",
+         "resolution_due")))] = "number",
     columns: Annotated[str, typer.Option(help="Comma-separated columns for the table.")] = DEFAULT_COLUMNS,
 ) -> None:
     """List tickets (colours: red overdue, yellow unanswered, green answered, cyan pending, dim closed)."""
@@ -321,12 +326,20 @@ def tickets_list(
 
     if sort not in SORT_FIELDS:
         fail(f"--sort: one of {', '.join(SORT_FIELDS)}")
+    if open_ and closed:
+        fail("--open and --closed: give one of them (each excludes the other's tickets)")
     cols = [c.strip() for c in columns.split(",") if c.strip()]
     # Checked before the query, so a wrong name is reported even when no ticket matches.
     unknown = [c for c in cols if c not in SUMMARY_FIELDS]
     if unknown:
         fail(f"--columns: unknown column {unknown[0]!r}")
     rt = runtime_for(config)
+    hd = rt.settings.helpdesk
+    # A mistyped value would list nothing, which reads as "no such tickets".
+    if status is not None and hd.status(status) is None:
+        fail(f"--status {status}: not a configured status ({', '.join(s.name for s in hd.statuses)})")
+    if priority is not None and priority not in hd.priorities:
+        fail(f"--priority {priority}: not a configured priority ({', '.join(hd.priorities)})")
     f = TicketFilter(status=status, open=open_, closed=closed, overdue=overdue, owner=owner, queue=queue,
                      priority=priority, category=category, requester=requester,
                      since=as_utc(since) if since else None, text=text)

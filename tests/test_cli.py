@@ -249,6 +249,20 @@ def test_tickets_list_bad_options(desk: Path) -> None:
     # Also when no ticket matches: the column name is wrong whatever the rows.
     none = invoke(desk, "tickets", "list", "--status", "nonesuch", "--columns", "colour")
     assert none.exit_code == 2 and "--columns: unknown column 'colour'" in none.stderr
+    # A mistyped filter value would list nothing, which reads as "no such tickets".
+    status = invoke(desk, "tickets", "list", "--status", "nonesuch")
+    assert status.exit_code == 2 and "--status nonesuch: not a configured status (new, open, pending" in status.stderr
+    priority = invoke(desk, "tickets", "list", "--priority", "critical")
+    assert priority.exit_code == 2 and "(low, normal, high, urgent)" in priority.stderr
+    both = invoke(desk, "tickets", "list", "--open", "--closed")
+    assert both.exit_code == 2 and "give one of them" in both.stderr
+
+
+def test_a_table_through_a_pipe_keeps_whole_values_one_row_a_line(desk: Path) -> None:
+    """grep and awk on `tickets list` missed rows: Rich cut values to fit 80 columns."""
+    out = cli(desk, "tickets", "list").stdout.decode()  # stdout is a pipe here
+    rows = [line for line in out.splitlines() if "carol@customer.org" in line]
+    assert len(rows) == 2 and all("Printer on fire" in r or "scanner" in r.lower() for r in rows)
 
 
 def test_tickets_list_columns(desk: Path) -> None:
