@@ -2,7 +2,8 @@
 
 Recipients are checked at RCPT (550 for addresses that are not ours), size at
 MAIL and DATA (552), and 250 is answered only after the message is durably
-stored (`spool.accept`, or the acceptance journal on SQLite).
+stored (`spool.accept`, or the acceptance journal on SQLite). In LMTP mode every
+reply after DATA's final dot, refusals included, comes once per accepted recipient.
 Any failure answers 451 without internal detail: aiosmtpd's default for an
 exception is a permanent "500 Error: (Class) text", which would bounce the
 customer's mail and leak internals (threats.md 1-2).
@@ -37,6 +38,28 @@ class LenientSMTP(SMTP):
 
 class LenientLMTP(LMTP):
     line_length_limit = LONG_LINE_LIMIT
+    # Replies owed for the DATA under way: set when 354 goes out, paid by the next reply.
+    _owed_after_data = 0
+
+    async def push(self, status: str | bytes) -> None:
+        """After the final dot, answer once per accepted recipient (RFC 2033 4.2).
+
+        aiosmtpd's smtp_DATA reads to the dot and then refuses by itself with one
+        reply (552 too much mail data, 500 line too long, 500 strict ASCII); so does
+        the 451 of handle_exception. A client such as Postfix waits for the missing
+        replies until it times out and defers the mail for days instead of bouncing
+        it. Every reply that ends DATA, the handler's 250/451 too, goes through
+        push, so repeating it here covers all of them without copying smtp_DATA.
+        Replies before 354 (503 no RCPT, 501 syntax) stay single, as RFC 2033 says.
+        """
+        owed, self._owed_after_data = self._owed_after_data, 0
+        if owed > 1:
+            status = (b"\r\n".join([status] * owed) if isinstance(status, bytes)
+                      else "\r\n".join([status] * owed))
+        elif status[:4] == ("354 " if isinstance(status, str) else b"354 "):
+            assert self.envelope is not None
+            self._owed_after_data = len(self.envelope.rcpt_tos)
+        await super().push(status)
 
 
 # What may appear of a client's HELO in our Received line: anything else
@@ -120,9 +143,7 @@ class IngestHandler:
             if self.on_accepted is not None:
                 self.on_accepted()
             reply = f"250 2.0.0 OK queued as {queue_id}"
-        if self.lmtp:
-            # LMTP answers DATA once per accepted recipient (RFC 2033 4.2).
-            return "\r\n".join([reply] * max(1, len(envelope.rcpt_tos)))
+        # One reply: in LMTP mode LenientLMTP.push repeats it per accepted recipient.
         return reply
 
     async def handle_exception(self, error: Exception) -> str:
