@@ -382,7 +382,10 @@ def tickets_show(number: TicketNumber, config: ConfigOpt = None, json_out: JsonO
     console.print(Text(shown(f"#{data['number']} {data['subject']}"), style="bold"))
     for key in ("status", "priority", "category", "queue", "requester", "participants", "owner", "assistants",
                 "tier", "created_at", "first_response_due", "resolution_due", "overdue", "rating"):
-        console.print(shown(f"  {key:20} {data[key]}"))
+        value = data[key]
+        if isinstance(value, list):
+            value = ", ".join(value) or "-"
+        console.print(shown(f"  {key:20} {'-' if value is None else value}"))
     if data["from_spam"]:
         console.print(f"  {'spam':20} closed as spam (reopening it undoes that)")
     for m in data["messages"]:
@@ -393,6 +396,12 @@ def tickets_show(number: TicketNumber, config: ConfigOpt = None, json_out: JsonO
             console.print(shown(f"  [attachment] {a['filename']!r} {a['content_type']} {a['size']} bytes"))
         for h in m["rule_hits"]:
             console.print(Text(shown(f"  [{h['step']}] {h['reason']}"), style="dim"))
+    if data["events"]:
+        console.print(Text("\nevents", style="bold"))
+    for e in data["events"]:
+        change = f" {e['old'] or '-'} -> {e['new'] or '-'}" if e["old"] is not None or e["new"] is not None else ""
+        detail = f" ({e['detail']})" if e["detail"] else ""
+        console.print(shown(f"  {e['at']} {e['actor']}: {e['action']}{change}{detail}"))
 
 
 @tickets_app.command("update")

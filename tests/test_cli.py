@@ -321,6 +321,15 @@ def test_tickets_show_json_contract(desk: Path) -> None:
     assert overdue["overdue"] is True and overdue["first_response_due"] == "2020-01-01T00:00:00Z"
 
 
+def test_tickets_show_text_has_the_fields_and_the_events(desk: Path) -> None:
+    out = ok(desk, "tickets", "show", "1")
+    assert "  assistants           bob@example.com\n" in out  # a list as words, not ['...']
+    assert "  participants         -\n" in out
+    events = out.split("\nevents\n", 1)[1].splitlines()
+    assert any("cli: status new -> open" in line for line in events), events
+    assert any(line.endswith("cli: owner - -> alice@example.com") for line in events), events
+
+
 def test_tickets_show_missing_ticket(desk: Path) -> None:
     result = invoke(desk, "tickets", "show", "99")
     assert result.exit_code == 1 and result.stderr.strip() == "mailgate: no ticket #99"
