@@ -143,15 +143,11 @@ async def serve(settings: Settings) -> int:
     loop.add_signal_handler(SENT_SIGNAL, sender.wake.set)  # before the child can send it
     outbox = asyncio.create_task(sender.run(outbox_stop), name="outbox")
     work = WorkProcess(settings)
-    await work.start()
-    supervisor = asyncio.create_task(work.supervise(stop, lambda: spool.release_dead_claims(rt.engine)))
-    from mailgate.jobs import start_scheduler
-
-    scheduler = start_scheduler(rt, holder)
-    pollers = start_imap_pollers(rt, ImapOutcome(rt, work), holder, stop)
     journal = journal_for(rt)
     server = None
     if settings.smtp.enabled:
+        # Bound before the work process starts: a port in use stops start-up with one line,
+        # not that line and then the orphaned work process's own.
         handler = IngestHandler(smtp_accept(rt, journal), settings.helpdesk.all_addresses,
                                 lmtp=settings.smtp.lmtp, on_accepted=work.notify)
         server = await start_server(handler, settings.smtp.host, settings.smtp.port,
@@ -159,6 +155,12 @@ async def serve(settings: Settings) -> int:
                                     max_message_bytes=settings.smtp.max_message_bytes)
         bound = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets)
         log.info("%s listening on %s", "LMTP" if settings.smtp.lmtp else "SMTP", bound)
+    await work.start()  # it moves what the listener accepted meanwhile, as at any start
+    supervisor = asyncio.create_task(work.supervise(stop, lambda: spool.release_dead_claims(rt.engine)))
+    from mailgate.jobs import start_scheduler
+
+    scheduler = start_scheduler(rt, holder)
+    pollers = start_imap_pollers(rt, ImapOutcome(rt, work), holder, stop)
     sd_notify("READY=1")
     log.info("mailgate running (database %s)", rt.engine.url.render_as_string(hide_password=True))
 

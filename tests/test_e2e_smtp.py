@@ -369,6 +369,19 @@ def test_ingest_prints_the_ticket_of_a_redelivery_and_refuses_a_queue_not_ours(w
     con.close()
 
 
+def test_a_port_in_use_stops_the_daemon_with_one_line(workdir: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cfg = write_config(workdir, smtp_port=taken.getsockname()[1])
+        proc = cli(cfg, "run", check=False, timeout=60)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.decode().splitlines() if "mailgate" in line and " INFO " not in line]
+    assert len(lines) == 1 and lines[0].startswith("mailgate: cannot start:") and "in use" in lines[0], lines
+
+
 def test_bad_config_is_one_line_naming_the_key(workdir: Path) -> None:
     cfg = write_config(workdir)
     cfg.write_text(cfg.read_text().replace('port = ', 'port = "x" #'))
