@@ -91,6 +91,10 @@ def rows(engine: Engine) -> list[Inbound]:
         return list(s.exec(select(Inbound).order_by(Inbound.id)).all())  # type: ignore[arg-type]
 
 
+def stored_uids(engine: Engine) -> list[int]:
+    return sorted(int((r.source_key or "").rsplit(":", 1)[1]) for r in rows(engine))
+
+
 def state(engine: Engine, name: str) -> ImapState:
     with session_scope(engine) as s:
         row = s.exec(select(ImapState).where(ImapState.account == name)).first()
@@ -161,31 +165,155 @@ def test_n_messages_become_n_rows_and_are_moved(dovecot: Dovecot, imap_user: str
     assert len(pipeline.calls) == n
 
 
+@pytest.mark.parametrize("answer", ["no body", "NO"])
 def test_a_body_missing_from_the_fetch_reply_is_never_passed_over(
-        dovecot: Dovecot, imap_user: str, engine: Engine, blobs: BlobStore, pipeline: Pipeline,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    # A server may answer a FETCH without one of the bodies (a partial NO). The later
-    # batches must wait: had they been stored, last_uid would move past the missing one.
+        answer: str, dovecot: Dovecot, imap_user: str, engine: Engine, blobs: BlobStore,
+        pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Some servers answer a FETCH without one message's body (OK, or a partial NO) when they
+    # cannot read it. The other messages go on; that one stays where it is, is tried again,
+    # and last_uid never moves past it, so that a restart tries it again too.
+    from mailgate.transport.imap import ImapRefused
+
     for i in range(6):
         dovecot.append(imap_user, message(i))
     real_bodies = _Session.bodies
-    dropped: list[int] = []
+    broken = {2}
 
-    async def bodies_once_without_uid_2(self: _Session, uids: list[int]) -> dict[int, bytes]:
+    async def bodies_without_broken(self: _Session, uids: list[int]) -> dict[int, bytes]:
+        if answer == "NO" and broken & set(uids):
+            raise ImapRefused("UID FETCH BODY.PEEK[] failed: NO [SERVERBUG] Internal error")
         got = await real_bodies(self, uids)
-        if 2 in got and not dropped:
-            dropped.append(2)
-            del got[2]
-        return got
+        return {uid: raw for uid, raw in got.items() if uid not in broken}
 
-    monkeypatch.setattr(_Session, "bodies", bodies_once_without_uid_2)
-    poller = ImapPoller(dovecot.account(imap_user, batch_size=2), engine, blobs, process=pipeline)
-    assert asyncio.run(poller.poll_once()) == 1  # UID 1; UID 2 came without a body
-    assert state(engine, imap_user).last_uid == 1
-    assert dovecot.count(imap_user, "INBOX") == 5
+    monkeypatch.setattr(_Session, "bodies", bodies_without_broken)
+    account = dovecot.account(imap_user, batch_size=2, poll_seconds=0.1)
+    poller = ImapPoller(account, engine, blobs, process=pipeline)
     assert asyncio.run(poller.poll_once()) == 5
-    assert sorted(int(r.source_key.rsplit(":", 1)[1]) for r in rows(engine)) == [1, 2, 3, 4, 5, 6]
+    assert stored_uids(engine) == [1, 3, 4, 5, 6]
+    assert dovecot.uids(imap_user) == [2]
+    st = state(engine, imap_user)
+    assert st.last_uid == 1
+    assert "UID 2" in (st.last_error or "")
+    assert ("no body" if answer == "no body" else "SERVERBUG") in (st.last_error or "")
+
+    broken.clear()
+    time.sleep(0.2)  # its retry is due poll_seconds after it failed
+    assert asyncio.run(poller.poll_once()) == 1
+    assert stored_uids(engine) == [1, 2, 3, 4, 5, 6]
     assert dovecot.count(imap_user, "INBOX") == 0 and dovecot.count(imap_user, "Processed") == 6
+    assert state(engine, imap_user).last_uid == 6
+
+
+def _maildir_files(dovecot: Dovecot, user: str) -> list[Path]:
+    maildir = dovecot.root / "home" / user / "Maildir"
+    return [p for sub in ("new", "cur") if (maildir / sub).is_dir() for p in (maildir / sub).iterdir()]
+
+
+def _take_read_permission(dovecot: Dovecot, user: str, needle: bytes) -> Callable[[], None]:
+    """Make one message's file unreadable for the server (a restore with wrong owners, a bad
+    disk block): Dovecot still lists it and knows its size (from the file name), but hangs up
+    on FETCH BODY[] ("BYE FETCH failed: Internal error occurred"). Returns the undo."""
+    # Dovecot stores the lines with LF endings.
+    [path] = [p for p in _maildir_files(dovecot, user) if needle in p.read_bytes().replace(b"\r\n", b"\n")]
+    base, mode = path.name.split(":")[0], path.stat().st_mode & 0o777
+    path.chmod(0)
+
+    def restore() -> None:
+        # Dovecot moves new/ to cur/ and appends ":2,<flags>" to the name; the base stays.
+        [now] = [p for p in _maildir_files(dovecot, user) if p.name.split(":")[0] == base]
+        now.chmod(mode)
+
+    return restore
+
+
+def test_a_message_the_server_cannot_return_does_not_block_the_others(
+        dovecot: Dovecot, imap_user: str, engine: Engine, blobs: BlobStore, pipeline: Pipeline,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    for i in range(1, 7):
+        dovecot.append(imap_user, message(i))
+    restore = _take_read_permission(dovecot, imap_user, b"Subject: help request t2\n")
+    account = dovecot.account(imap_user, batch_size=10, poll_seconds=0.2)
+    poller = ImapPoller(account, engine, blobs, process=pipeline)
+
+    with caplog.at_level(logging.ERROR, logger="mailgate.transport.imap"):
+        assert asyncio.run(poller.poll_once()) == 5
+    assert stored_uids(engine) == [1, 3, 4, 5, 6]
+    assert len(pipeline.calls) == 5
+    assert dovecot.count(imap_user, "Processed") == 5
+    assert dovecot.uids(imap_user) == [2]  # left where it was: not moved, not flagged
+    assert "\\Seen" not in dovecot.flags(imap_user)[2]
+    st = state(engine, imap_user)
+    assert st.last_uid == 1  # never past the message that waits
+    assert "UID 2" in (st.last_error or "") and "FETCH failed" in (st.last_error or "")
+    assert any("UID 2" in r.getMessage() and "FETCH failed" in r.getMessage()
+               for r in caplog.records if r.levelno == logging.ERROR)
+    [health] = imap_health(engine, [account], utcnow())
+    assert health["ok"] and "UID 2" in (health["warning"] or "")
+
+    # Still unreadable: only that message is tried again, and the others are not fetched again.
+    real_bodies = _Session.bodies
+    fetched: list[list[int]] = []
+
+    async def spy(self: _Session, uids: list[int]) -> dict[int, bytes]:
+        fetched.append(list(uids))
+        return await real_bodies(self, uids)
+
+    monkeypatch.setattr(_Session, "bodies", spy)
+    time.sleep(0.3)  # its retry is due poll_seconds after it failed
+    assert asyncio.run(poller.poll_once()) == 0
+    assert fetched == [[2]]
+    assert dovecot.uids(imap_user) == [2] and state(engine, imap_user).last_uid == 1
+
+    # Readable again: the next try stores it, and last_uid catches up.
+    restore()
+    time.sleep(0.5)  # the second retry waits twice as long
+    assert asyncio.run(poller.poll_once()) == 1
+    assert stored_uids(engine) == [1, 2, 3, 4, 5, 6]
+    assert len(pipeline.calls) == 6
+    assert dovecot.count(imap_user, "INBOX") == 0 and dovecot.count(imap_user, "Processed") == 6
+    st = state(engine, imap_user)
+    assert (st.last_uid, st.last_error) == (6, None)
+    [health] = imap_health(engine, [account], utcnow())
+    assert health["ok"] and health["warning"] is None
+
+
+def test_after_a_restart_only_the_message_left_behind_is_fetched_again(
+        dovecot: Dovecot, imap_user: str, engine: Engine, blobs: BlobStore, pipeline: Pipeline,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # after = seen keeps every message in INBOX, so the search from last_uid (stopped below
+    # the unreadable one) finds the stored ones again: they are recognised, not fetched.
+    for i in range(1, 7):
+        dovecot.append(imap_user, message(i))
+    restore = _take_read_permission(dovecot, imap_user, b"Subject: help request t2\n")
+    account = dovecot.account(imap_user, after="seen")
+    real_bodies = _Session.bodies
+    fetched: list[list[int]] = []
+
+    async def spy(self: _Session, uids: list[int]) -> dict[int, bytes]:
+        fetched.append(list(uids))
+        return await real_bodies(self, uids)
+
+    monkeypatch.setattr(_Session, "bodies", spy)
+    poller = ImapPoller(account, engine, blobs, process=pipeline)
+    assert asyncio.run(poller.poll_once()) == 5
+    assert state(engine, imap_user).last_uid == 1
+    fetched.clear()
+    assert asyncio.run(poller.poll_once()) == 0  # its retry is not due yet; nothing else is new
+    assert fetched == []
+
+    restarted = ImapPoller(account, engine, blobs, process=pipeline)
+    assert asyncio.run(restarted.poll_once()) == 0
+    assert fetched == [[2]]
+    flags = dovecot.flags(imap_user)
+    assert [u for u, f in sorted(flags.items()) if "\\Seen" in f] == [1, 3, 4, 5, 6]
+
+    restore()
+    fetched.clear()
+    assert asyncio.run(ImapPoller(account, engine, blobs, process=pipeline).poll_once()) == 1
+    assert fetched == [[2]]
+    assert stored_uids(engine) == [1, 2, 3, 4, 5, 6] and len(pipeline.calls) == 6
+    assert state(engine, imap_user).last_uid == 6
+    assert all("\\Seen" in f for f in dovecot.flags(imap_user).values())
 
 
 def test_without_process_callback_still_moves(dovecot: Dovecot, imap_user: str, engine: Engine,

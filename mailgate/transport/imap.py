@@ -10,11 +10,19 @@ folder), then the after-action (MOVE / \\Seen / delete) and only then advance
 last_uid. The next batch is fetched and stored while the work process handles
 this one; batches are filed and last_uid advanced in order.
 
+A message the server cannot return (its FETCH fails, or the server hangs up on
+it) must not hold up the others: a batch whose FETCH fails is fetched again one
+message at a time, and a message that fails alone is left in the mailbox,
+reported, and tried again on later passes. last_uid never moves past it; the
+poller remembers in memory how far it got beyond (and does not fetch again what
+the spool already holds), see docs/imap.md.
+
 Exactly once rests on three things: the spool is idempotent on
 source_key = imap:<account>:<uidvalidity>:<uid> (and, here, on the raw bytes'
 sha256 within the account, which covers a UIDVALIDITY rescan); the mailbox is
-only changed after the commit; last_uid only moves after the action. A crash
-anywhere re-fetches at most one batch, which the spool then recognises.
+only changed after the commit; last_uid only moves after the action. After a
+crash, the messages stored but not yet filed are found in the spool by that
+source_key and filed without being fetched again.
 
 Only UID commands are used: sequence numbers shift under concurrent expunges.
 """
@@ -64,16 +72,25 @@ MAX_UIDS_PER_COMMAND = 150
 # Batches fetched and stored while an earlier one is still being processed, so that the
 # work process never waits for a FETCH. Each is still filed only after its own outcomes.
 LOOKAHEAD_BATCHES = 2
+# A message the server would not return is tried again poll_seconds later, then at doubling
+# intervals up to this: a server that hangs up on it (Dovecot) costs a reconnect per try.
+SKIPPED_RETRY_MAX_SECONDS = 30 * 60
 
 _UIDVALIDITY_RE = re.compile(rb"\[UIDVALIDITY (\d+)\]")
 _FETCH_HEAD_RE = re.compile(rb"^\d+ FETCH \(")
 _UID_RE = re.compile(rb"\bUID (\d+)")
 _SIZE_RE = re.compile(rb"\bRFC822\.SIZE (\d+)")
 _LITERAL_RE = re.compile(rb"\{(\d+)\}$")
+# imap_state.last_error of a message left in place because the server would not return it.
+_UNFETCHABLE_RE = re.compile(r"message UID (\d+) in .* could not be fetched")
 
 
 class ImapError(Exception):
     """A failure talking to the IMAP server; str() is one line for logs and health."""
+
+
+class ImapRefused(ImapError):
+    """The server answered NO or BAD: the command failed, but the connection is still in step."""
 
 
 @dataclass(frozen=True)
@@ -88,11 +105,28 @@ class _Stored:
     known, duplicate)."""
 
     uidvalidity: int
+    position: int  # the batch's highest UID: passed over once the batch is filed
     items: list[tuple[int, int, str | None, bool]] = field(default_factory=list)
-    position: int | None = None  # last_uid once the batch is filed
     accepted: int = 0
-    incomplete: bool = False  # a body was missing: the rest waits for the next search
+    recovered: list[int] = field(default_factory=list)  # skipped before, stored (or gone) now
     outcomes: asyncio.Task[list[_Item]] | None = None  # set once stored
+
+
+@dataclass
+class _Fetched:
+    """What the FETCHes of one batch got. A UID in none of these was expunged meanwhile."""
+
+    bodies: dict[int, bytes] = field(default_factory=dict)
+    oversize: dict[int, int] = field(default_factory=dict)  # uid -> size: left in place for good
+    failed: dict[int, str] = field(default_factory=dict)  # uid -> the server's answer: tried later
+
+
+@dataclass
+class _Skipped:
+    """A message the server would not return: left in the mailbox, tried again from retry_at."""
+
+    tries: int
+    retry_at: float  # time.monotonic()
 
 
 # ---------------------------------------------------------------- credentials
@@ -187,6 +221,8 @@ class _Session:
         self.lost = asyncio.Event()
         self.client: aioimaplib.IMAP4 | None = None
         self.uidvalidity = 0
+        self.farewell = ""  # the text of the server's last BYE: its only word on why it hung up
+        self._selected: tuple[str, bool] | None = None  # (folder, readonly), for reopen
 
     @property
     def c(self) -> aioimaplib.IMAP4:
@@ -216,27 +252,66 @@ class _Session:
             return task.result()
         task.cancel()
         if lost in done:
-            raise ImapError(f"connection to {self.account.host}:{self.account.port} lost")
+            raise self.lost_error()
         raise ImapError("IMAP command timed out")
+
+    def lost_error(self) -> ImapError:
+        said = f" ({self.farewell})" if self.farewell else ""
+        return ImapError(f"connection to {self.account.host}:{self.account.port} lost{said}")
 
     async def ok(self, aw: Awaitable[aioimaplib.Response], what: str) -> aioimaplib.Response:
         resp = await self.call(aw)
         if resp.result != "OK":
-            raise ImapError(f"{what} failed: {_text(resp)}")
+            raise ImapRefused(f"{what} failed: {_text(resp)}")
         return resp
 
     async def open(self) -> None:
         a = self.account
         ctx = _ssl_context(a) if a.tls == "ssl" else None
+        # One event per connection: when reopen replaces a connection, a late callback
+        # from the old one must not mark the new one lost.
+        lost = self.lost = asyncio.Event()
+        self.farewell = ""
         # IMAP4 with an ssl_context rather than IMAP4_SSL: only the former passes conn_lost_cb.
         self.client = aioimaplib.IMAP4(host=a.host, port=a.port, timeout=self.timeout,
-                                       conn_lost_cb=lambda _exc: self.lost.set(), ssl_context=ctx)
+                                       conn_lost_cb=lambda _exc: lost.set(), ssl_context=ctx)
+        self._keep_farewell()
         await self.call(self.c.wait_hello_from_server())
         if a.tls == "starttls":
             await self._starttls()
         await self._authenticate()
         # Dovecot and others change the capability list after login (MOVE, UIDPLUS, IDLE).
         await self.call(self.c.protocol.capability(), timeout=self.timeout)
+
+    def _keep_farewell(self) -> None:
+        """Note the text of an untagged BYE. aioimaplib drops it ("ignored untagged response")
+        while an asynchronous command such as FETCH is pending, yet it is all the server says
+        when it hangs up on a message it cannot read (Dovecot: "BYE FETCH failed: Internal
+        error occurred. Refer to server log ..."). A private hook: without it, no text."""
+        proto = self.c.protocol
+        untagged = getattr(proto, "_untagged_response", None)
+        if untagged is None:
+            return
+
+        def note(line: bytes) -> Any:
+            if line.startswith(b"* BYE"):
+                self.farewell = line[2:].decode(errors="replace").strip()
+            return untagged(line)
+
+        setattr(proto, "_untagged_response", note)  # noqa: B010 - an instance hook, not a method
+
+    async def reopen(self) -> None:
+        """A fresh connection, with the same folder selected, in place of one that was lost or
+        may be out of step (a command timed out). Raises if the server cannot be reached, or if
+        the folder's UIDVALIDITY changed meanwhile: its UIDs would name other messages now."""
+        assert self._selected is not None
+        folder, readonly = self._selected
+        before = self.uidvalidity
+        await self.close()
+        await self.open()
+        if await self.select(folder, readonly=readonly) != before:
+            raise ImapError(f"UIDVALIDITY of {folder} changed from {before} to "
+                            f"{self.uidvalidity} during the pass")
 
     async def _starttls(self) -> None:
         # aioimaplib 2.0 has no STARTTLS (iroco-co/aioimaplib#1): send the command,
@@ -277,6 +352,7 @@ class _Session:
             raise ImapError(f"login as {a.username} failed: {_text(resp)}")
 
     async def select(self, folder: str, *, readonly: bool = False) -> int:
+        self._selected = (folder, readonly)
         if readonly:
             # EXAMINE: the server guarantees no change at all, not even \Recent.
             resp = await self.ok(self.c.examine(_quote(folder)), f"EXAMINE {folder}")
@@ -393,7 +469,7 @@ class _Session:
             for w in waiters:
                 w.cancel()
         if self.lost.is_set():
-            raise ImapError(f"connection to {self.account.host}:{self.account.port} lost")
+            raise self.lost_error()
         if push is not None and push in done and not push.cancelled() and push.exception() is None:
             lines = push.result()
             if any(bytes(x).startswith(b"BYE") for x in lines if isinstance(x, bytes | bytearray)):
@@ -472,6 +548,11 @@ class ImapPoller:
         self._key_prefix = f"imap:{account.name}:"
         self._last_ok_mono = time.monotonic()  # outage clock starts when the poller does
         self._warned_at: float | None = None
+        # How far the poller got beyond last_uid, which stops below the lowest message the
+        # server would not return (see _file): kept in memory only, for this UIDVALIDITY.
+        self._uidvalidity: int | None = None
+        self._passed = 0  # highest UID filed; all below it are done, except the skipped
+        self._skipped: dict[int, _Skipped] = {}
         if account.tls == "none" and account.host not in ("127.0.0.1", "::1", "localhost"):
             log.warning("imap %s: tls = \"none\" sends the password in clear to %s",
                         account.name, account.host)
@@ -538,12 +619,20 @@ class ImapPoller:
                 await session.create(folder)
         uidvalidity = await session.select(a.folder, readonly=a.shadow)
         await asyncio.to_thread(self._check_uidvalidity, uidvalidity)
+        if uidvalidity != self._uidvalidity:
+            self._uidvalidity, self._passed = uidvalidity, 0
+            self._skipped.clear()
 
     async def _drain(self, session: _Session, stop: asyncio.Event | None) -> int:
         accepted = 0
+        retry_due = True
         while True:
             _, last_uid = await asyncio.to_thread(self._position)
-            uids = await session.search_new(last_uid)
+            # Skipped messages whose retry is due: once per pass, however often the search repeats.
+            retry = self._due_retries(last_uid) if retry_due else []
+            retry_due = False
+            found = await session.search_new(max(last_uid, self._passed))
+            uids = sorted(set(retry) | set(found))
             if not uids:
                 return accepted
             # While the work process handles a batch, the next ones are fetched and stored
@@ -551,7 +640,6 @@ class ImapPoller:
             # are filed (moved) and last_uid advanced strictly in order, each only after
             # its own messages' outcomes are known.
             waiting: list[_Stored] = []
-            incomplete = False
             try:
                 for start in range(0, len(uids), self.account.batch_size):
                     try:
@@ -569,9 +657,8 @@ class ImapPoller:
                     waiting.append(stored)
                     if len(waiting) > LOOKAHEAD_BATCHES:
                         await self._file(session, waiting.pop(0))
-                    incomplete = stored.incomplete
-                    if incomplete or (stop is not None and stop.is_set()):
-                        break  # never pass over a message: the next pass starts at last_uid
+                    if stop is not None and stop.is_set():
+                        break  # the rest waits for the next pass
                 while waiting:
                     await self._file(session, waiting[0])
                     waiting.pop(0)
@@ -580,47 +667,104 @@ class ImapPoller:
                     if batch.outcomes is not None:
                         batch.outcomes.cancel()
                 raise
-            if incomplete or (stop is not None and stop.is_set()):
+            if stop is not None and stop.is_set():
                 return accepted
 
+    def _due_retries(self, last_uid: int) -> list[int]:
+        now = time.monotonic()
+        return sorted(uid for uid, skipped in self._skipped.items()
+                      if uid > last_uid and skipped.retry_at <= now)
+
     async def _store_batch(self, session: _Session, uids: list[int]) -> _Stored:
-        """FETCH a batch and store it with one commit (all or nothing: raises SpoolError)."""
-        a = self.account
+        """FETCH a batch and store it with one commit (all or nothing: raises SpoolError).
+
+        A message the spool already holds under this UID (a crash before the move, a pass
+        that starts again below a skipped message) is not fetched again. A message the
+        server would not return is left in place and reported; _file keeps last_uid below it.
+        """
         uv = session.uidvalidity
-        sizes = await session.sizes(uids)
-        fetchable = [u for u in uids if u in sizes and sizes[u] <= a.max_message_bytes]
-        for u in uids:
-            if u in sizes and sizes[u] > a.max_message_bytes:
-                await self._report_oversize(u, sizes[u])
-        bodies = await session.bodies(fetchable) if fetchable else {}
-        batch = _Stored(uidvalidity=uv)
-        fetched: list[tuple[int, bytes]] = []
-        position: int | None = None
-        for uid in uids:
-            raw = bodies.get(uid)
-            if raw is None and uid in fetchable:
-                # It had a size but no body came back (a partial NO, a parse miss):
-                # stop here so the next pass fetches it again, never pass over it.
-                log.warning("imap %s: UID %s: no body in the FETCH reply; will retry", a.name, uid)
-                batch.incomplete = True
-                break
-            if raw is not None:
-                fetched.append((uid, raw))
-            position = uid  # or oversize (reported), or expunged by someone else meanwhile
-        stored = await asyncio.to_thread(self._accept_batch, uv, fetched)
-        batch.items = stored
+        known = await asyncio.to_thread(self._known, uv, uids)
+        got = await self._fetch(session, [u for u in uids if u not in known])
+        for uid, size in got.oversize.items():
+            await self._report_oversize(uid, size)
+        for uid, why in got.failed.items():
+            await self._report_unfetchable(uid, why)
+        fetched = sorted(got.bodies.items())
+        stored = await asyncio.to_thread(self._accept_batch, uv, fetched) if fetched else []
+        batch = _Stored(uidvalidity=uv, position=uids[-1])
+        batch.items = sorted(stored + [(uid, inbound_id, outcome, True)
+                                       for uid, (inbound_id, outcome) in known.items()])
         batch.accepted = sum(1 for *_, duplicate in stored if not duplicate)
-        batch.position = position
+        batch.recovered = [u for u in uids if u in self._skipped and u not in got.failed]
         return batch
+
+    async def _fetch(self, session: _Session, uids: Sequence[int]) -> _Fetched:
+        """Sizes, then the bodies within max_message_bytes, in as few commands as possible.
+
+        Should that fail (a NO, a server that hangs up, as Dovecot does on a message file it
+        cannot read) or leave a body out, each message still without a result is fetched
+        alone: a message the server cannot return then costs only itself, never its batch.
+        """
+        got = _Fetched()
+        rest = list(uids)
+        if len(uids) > 1:
+            try:
+                sizes = await session.sizes(uids)
+                got.oversize = {u: n for u, n in sizes.items() if n > self.account.max_message_bytes}
+                fetchable = [u for u in uids if u in sizes and u not in got.oversize]
+                got.bodies = await session.bodies(fetchable) if fetchable else {}
+                rest = [u for u in fetchable if u not in got.bodies]  # no size: expunged meanwhile
+            except Exception as exc:  # noqa: BLE001 - narrowed down one message at a time below
+                log.warning("imap %s: fetching UIDs %s failed (%s); fetching them one at a time",
+                            self.account.name, uid_set(uids), _one_line(exc))
+                await self._recover(session, exc)
+                got.bodies = {}
+                rest = [u for u in uids if u not in got.oversize]
+        for uid in rest:
+            await self._fetch_one(session, uid, got)
+        return got
+
+    async def _fetch_one(self, session: _Session, uid: int, got: _Fetched) -> None:
+        try:
+            size = (await session.sizes([uid])).get(uid)
+            if size is None:
+                return  # expunged by someone else meanwhile: nothing left to fetch
+            if size > self.account.max_message_bytes:
+                got.oversize[uid] = size
+                return
+            raw = (await session.bodies([uid])).get(uid)
+        except Exception as exc:  # noqa: BLE001 - this message's failure, unless reopen fails too
+            got.failed[uid] = _one_line(exc)
+            await self._recover(session, exc)
+            return
+        if raw is None:
+            got.failed[uid] = "the FETCH reply had no body for it"
+        else:
+            got.bodies[uid] = raw
+
+    async def _recover(self, session: _Session, exc: BaseException) -> None:
+        """After a failed command: a NO leaves the connection usable; anything else (lost,
+        timed out, a library error) may leave it out of step, so it is replaced. If the
+        server is really gone, reopen raises and the pass ends as for any outage."""
+        if not isinstance(exc, ImapRefused):
+            await session.reopen()
 
     async def _file(self, session: _Session, batch: _Stored) -> None:
         """Move (or flag) a stored batch by its messages' outcomes, then advance last_uid."""
         assert batch.outcomes is not None
         done = await batch.outcomes
+        if batch.uidvalidity != session.uidvalidity:
+            return  # the folder was recreated meanwhile: these UIDs name other messages now
         if done and not self.account.shadow:
             await session.act(done)
-        if batch.position is not None:
-            await asyncio.to_thread(self._advance, batch.uidvalidity, batch.position)
+        for uid in batch.recovered:
+            self._skipped.pop(uid, None)
+        self._passed = max(self._passed, batch.position)
+        # last_uid stops just below the lowest message the server would not return, so that
+        # after a restart the poller starts there again and the message is never given up on.
+        # In this process the search goes on from _passed, so nothing above is searched twice.
+        position = min([self._passed, *(uid - 1 for uid in self._skipped)])
+        await asyncio.to_thread(self._advance, batch.uidvalidity, position)
 
     async def _outcomes(self, stored: list[tuple[int, int, str | None, bool]]) -> list[_Item]:
         """The action for each stored message, by its outcome. The whole batch is waited for
@@ -653,6 +797,20 @@ class ImapPoller:
             log.exception("imap %s: processing inbound %s failed; left to the worker",
                           self.account.name, inbound_id)
             return None
+
+    async def _report_unfetchable(self, uid: int, why: str) -> None:
+        """Record a message that the server would not return, and when to try it again.
+        It stays in the mailbox untouched (never flagged, moved or deleted)."""
+        a = self.account
+        before = self._skipped.get(uid)
+        tries = before.tries + 1 if before else 1
+        delay = min(a.poll_seconds * 2 ** min(tries - 1, 20), SKIPPED_RETRY_MAX_SECONDS)
+        self._skipped[uid] = _Skipped(tries=tries, retry_at=time.monotonic() + delay)
+        msg = (f"message UID {uid} in {a.folder} could not be fetched (attempt {tries}): {why}; "
+               f"it stays in the mailbox and is tried again later")
+        log.log(logging.ERROR if before is None else logging.WARNING,
+                "imap %s: %s (next try in %.0f s)", a.name, msg, delay)
+        await asyncio.to_thread(self._record, None, msg)
 
     async def _report_oversize(self, uid: int, size: int) -> None:
         a = self.account
@@ -726,7 +884,24 @@ class ImapPoller:
             # Guards against a concurrent UIDVALIDITY reset or a slower twin poller.
             if row.uidvalidity == uidvalidity and uid > row.last_uid:
                 row.last_uid = uid
+                unfetchable = _UNFETCHABLE_RE.match(row.last_error or "")
+                if unfetchable and int(unfetchable.group(1)) <= uid:
+                    # last_uid only passes a skipped message once it was fetched (or is
+                    # gone): the report is out of date, and doctor stops warning about it.
+                    row.last_error = row.last_error_at = None
                 s.add(row)
+
+    def _known(self, uidvalidity: int, uids: Sequence[int]) -> dict[int, tuple[int, str | None]]:
+        """The UIDs already in the spool under this UIDVALIDITY: (inbound id, outcome if known)."""
+        keys = {f"{self._key_prefix}{uidvalidity}:{uid}": uid for uid in uids}
+        out: dict[int, tuple[int, str | None]] = {}
+        with session_scope(self.engine) as s:
+            for part in _chunks(list(keys)):
+                for key, inbound_id, state, outcome in s.exec(
+                        select(Inbound.source_key, Inbound.id, Inbound.state, Inbound.outcome)
+                        .where(Inbound.source_key.in_(part))).all():  # type: ignore[union-attr]
+                    out[keys[key]] = (inbound_id, _stored_outcome(state, outcome))
+        return out
 
     def _accept_batch(self, uidvalidity: int,
                       fetched: list[tuple[int, bytes]]) -> list[tuple[int, int, str | None, bool]]:
@@ -759,8 +934,7 @@ class ImapPoller:
                 with session_scope(self.engine) as s:
                     prior = s.get(Inbound, res.inbound_id)
             assert prior is not None and prior.id is not None
-            outcome = "dead" if prior.state == "dead" else (prior.outcome or "done") if prior.state == "done" else None
-            out.append((uid, prior.id, outcome, True))
+            out.append((uid, prior.id, _stored_outcome(prior.state, prior.outcome), True))
         return out
 
     def _record(self, ok_at: datetime | None, error: str | None) -> dict[str, Any]:
@@ -773,6 +947,13 @@ class ImapPoller:
                 row.last_error_at = utcnow()
             s.add(row)
             return _health_of(self.account, row, utcnow())
+
+
+def _stored_outcome(state: str, outcome: str | None) -> str | None:
+    """What decides where an already stored message goes: None while it is not processed yet."""
+    if state == "dead":
+        return "dead"
+    return (outcome or "done") if state == "done" else None
 
 
 # ------------------------------------------------------------------ doctor
@@ -791,6 +972,9 @@ def _health_of(account: ImapAccount, row: ImapState | None, now: datetime) -> di
         minutes = int((now - ok_at).total_seconds() // 60)
         warning = (f"imap {account.name}: no successful fetch for {minutes} minutes"
                    + (f"; last error: {error}" if error and err_at and err_at >= ok_at else ""))
+    if warning is None and error and _UNFETCHABLE_RE.match(error):
+        # Passes succeed around it, yet the message waits; cleared once last_uid passes it.
+        warning = f"imap {account.name}: {error}"
     return {
         "name": account.name,
         "host": account.host,
