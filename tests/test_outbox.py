@@ -462,6 +462,27 @@ def test_only_a_failed_delivery_report_about_a_sent_mail_marks_it_bounced(workdi
         "carol@customer.org"]
 
 
+def test_a_bounce_holds_automatic_mail_to_the_address_until_it_writes_again(workdir: Path) -> None:
+    """threats.md 16: a DSN flags the address. Confirmations and status notices to a dead
+    address only bounce again; an agent's answer still goes (a person chose to send it)."""
+    config = write_config(workdir)
+    cli(config, "ingest", input=bytes(mail()))
+    confirmation = next(r for r in cli_json(config, "outbox", "list") if r["template"] == "requester/created")
+    with sqlite3.connect(workdir / "mailgate.db") as db:
+        db.execute("UPDATE outbox SET state = 'sent' WHERE id = ?", (confirmation["id"],))
+    cli(config, "ingest", input=delivery_report(confirmation["message_id"], "failed", "5.1.1"))
+
+    def templates_to_carol() -> list[str]:
+        return [r["template"] for r in cli_json(config, "outbox", "list") if r["to"] == "carol@customer.org"]
+
+    cli(config, "tickets", "update", "1", "--status", "pending")
+    assert templates_to_carol() == ["requester/created"]  # no status notice to the dead address
+    # Carol writes again (her mailbox works now): automatic mail to her resumes.
+    cli(config, "ingest", input=bytes(mail(subject="Re: [EXAMPLE #1] Printer on fire", body="Fixed my mailbox.")))
+    cli(config, "tickets", "update", "1", "--status", "solved")
+    assert "requester/status-solved" in templates_to_carol()
+
+
 def test_a_refusal_of_the_session_is_retried_and_one_of_the_mail_is_final(relay: CaptureRelay) -> None:
     s = settings({"url": f"smtp://127.0.0.1:{relay.port}", "timeout_seconds": 10})
     for refusal, permanent in (("530 5.7.0 Must issue a STARTTLS command first", False),  # at MAIL FROM

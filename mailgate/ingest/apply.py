@@ -66,6 +66,11 @@ _PARTICIPANT_EXISTS = select(Participant.id).where(
     Participant.role == bindparam("role")).limit(1)
 _PARTICIPANT_EMAILS = select(Participant.email).where(Participant.ticket_id == bindparam("ticket"))
 _CONTACT_BY_EMAIL = select(Contact).where(Contact.email == bindparam("email"))
+_CONTACT_TABLE = Contact.__table__  # type: ignore[attr-defined]
+_MARK_BOUNCED = update(_CONTACT_TABLE).where(_CONTACT_TABLE.c.email == bindparam("address")).values(
+    bounced_at=bindparam("at"))
+_CLEAR_BOUNCED = update(_CONTACT_TABLE).where(
+    _CONTACT_TABLE.c.email == bindparam("address"), _CONTACT_TABLE.c.bounced_at.is_not(None)).values(bounced_at=None)
 _TICKETS_OPENED_BY_SINCE = select(func.count()).select_from(Ticket).join(
     Contact, Contact.id == Ticket.requester_id).where(
     Contact.email == bindparam("email"), Ticket.created_at > bindparam("since"))
@@ -125,6 +130,9 @@ def store_message(ctx: Context, ticket: Ticket | None, *, kind: str, direction: 
     )
     insert_object(ctx.session, message)  # its rule_hits are written when the pipeline ends
     ctx.stored.append(message)
+    if direction == "in" and ctx.sender and not (ctx.verdict and ctx.verdict.is_automatic):
+        # They wrote, so the address works again: automatic mail to it resumes.
+        ctx.session.connection().execute(_CLEAR_BOUNCED, {"address": ctx.sender})
     for att in msg.attachments:
         digest = ctx.rt.blobs.put(att.data)
         ctx.session.add(Attachment(
@@ -946,6 +954,10 @@ def record_bounce(ctx: Context) -> None:
         recipients = ", ".join(failed)
         row.last_error = f"bounced: {recipients}"
         ctx.session.add(row)
+        # Only the row's own recipients: a report may name any address, and one flagged by
+        # mistake would get no more confirmations or notices.
+        for address in set(failed) & set(row.recipients.split(",")):
+            ctx.session.connection().execute(_MARK_BOUNCED, {"address": address, "at": ctx.now})
         ctx.hit("bounce", True, f"outbox {row.id} <{mid}> bounced for {recipients}")
         if row.ticket_id is not None:
             ticket = ctx.session.get(Ticket, row.ticket_id)

@@ -39,6 +39,8 @@ _REQUESTER_THREAD_IDS = select(Message.message_id, Message.created_at).where(
     Message.kind != "internal", Message.author_agent.is_(None))  # type: ignore[union-attr]
 _SENT_TO_REQUESTERS = select(Outbox.message_id, Outbox.created_at).where(
     Outbox.ticket_id == bindparam("ticket"), Outbox.template.startswith("requester/"))  # type: ignore[attr-defined]
+_BOUNCED_AT = select(Contact.bounced_at).where(Contact.email == bindparam("email"),
+                                               Contact.bounced_at.is_not(None))  # type: ignore[union-attr]
 _AUTO_REPLIES_SINCE = select(
     func.count(), func.coalesce(func.sum(case((AutoReplyLog.sent_at > bindparam("hour_ago"), 1), else_=0)), 0),
 ).where(AutoReplyLog.recipient == bindparam("recipient"), AutoReplyLog.sent_at > bindparam("day_ago"))
@@ -217,6 +219,13 @@ def send(rt: Runtime, session: Session, *, ticket: Ticket | None, template: str,
         log.warning("ticket %s: loop guard holds back %s to %s", ticket.number if ticket else "-", template, to)
         if hits is not None:
             hits.append({"step": "notify", "hit": True, "reason": f"loop guard: no {template} to {to}"})
+        return None
+    if guarded and (bounced_at := session.exec(_BOUNCED_AT, params={"email": to}).first()) is not None:
+        log.info("ticket %s: %s to %s held back: the address bounced", ticket.number if ticket else "-",
+                 template, to)
+        if hits is not None:
+            hits.append({"step": "notify", "hit": True,
+                         "reason": f"no {template} to {to}: mail to it bounced at {iso(bounced_at)}"})
         return None
     hd = rt.settings.helpdesk
     context = {

@@ -18,6 +18,9 @@ class Contact(SQLModel, table=True):
     name: str = Field(default="", max_length=200)
     tier: str | None = Field(default=None, max_length=50)
     created_at: datetime
+    # A delivery report said mail to this address failed; cleared when they write again.
+    # Automatic mail to them waits till then (threats.md 16: a DSN flags the address).
+    bounced_at: datetime | None = None
 
 
 class Ticket(SQLModel, table=True):
