@@ -54,3 +54,13 @@ def test_list_mail_gets_no_status_notices_until_a_person_writes(workdir: Path) -
     cli(cfg, "ingest", input=bytes(person))
     cli(cfg, "tickets", "update", "1", "--status", "solved")
     assert to_list() == ["requester/status-solved"]
+
+
+def test_mail_from_our_own_address_opens_no_ticket(workdir: Path) -> None:
+    """A ticket whose requester is the help desk would mail its answers to the help desk."""
+    cfg = write_config(workdir, helpdesk_extra='queues = ["billing@example.com"]')
+    for sender in ("support@example.com", "Billing <billing@example.com>", "support+7-abcd@example.com"):
+        out = cli(cfg, "ingest", input=mail(sender=sender, subject="Hello from myself").as_bytes())
+        assert out.stdout.decode().startswith("screened: from our own address"), out.stdout
+    assert cli_json(cfg, "tickets", "list") == []
+    assert len(cli_json(cfg, "screened", "--json")) == 3

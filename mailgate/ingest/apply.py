@@ -480,6 +480,10 @@ def new_ticket_from_message(ctx: Context) -> None:
         raise Stop("screened", f"{verdict.reason}; matches no ticket")
     if not ctx.sender:
         raise Stop("screened", "no sender address")
+    if base_address(ctx.sender) in ctx.rt.settings.helpdesk.all_addresses:
+        # Our own mail come back (a list, a forward rule) or a forgery: a ticket whose requester
+        # is the help desk itself would send its answers to us.
+        raise Stop("screened", f"from our own address {ctx.sender}; matches no ticket")
     if ctx.agent is not None and ctx.commands is not None and (
             ctx.commands.commands or ctx.commands.errors or ctx.release_only):
         open_on_behalf(ctx)
