@@ -118,6 +118,16 @@ def test_german_outlook_header_block_without_separator() -> None:
     assert visible_reply_text(text) == "Erledigt."
 
 
+def test_the_rule_above_an_outlook_header_block_goes_with_it() -> None:
+    """Outlook on the web draws an <hr> above its From/Sent block: the customer got "----"."""
+    text = ("Kind regards\nBob\n----\n\nFrom: Support <support@example.com>\nSent: Monday, 2 March 2026 10:00\n"
+            "To: Bob\nSubject: [EXAMPLE #1] Printer\n\nold notice")
+    assert visible_reply_text(text) == "Kind regards\nBob"
+    # A rule inside the answer stays.
+    steps = "Steps:\n----\n1. Turn it off.\n\nOn Mon, 2 Mar 2026 at 10:00, Support <support@example.com> wrote:\n> q"
+    assert visible_reply_text(steps) == "Steps:\n----\n1. Turn it off."
+
+
 def test_wrapped_gmail_header() -> None:
     text = "Fine.\n\nOn Tue, Mar 5, 2024 at 10:12 AM Someone With A Long Name <\nsomeone@example.com> wrote:\n\n> old"
     assert visible_reply_text(text) == "Fine."

@@ -214,6 +214,9 @@ def _classify(lines: list[str], index: int, last_text: int) -> tuple[str, int] |
     return None
 
 
+_RULE_LINE_RE = re.compile(r"[-_=*~\u2500\u2014]{3,}")
+
+
 def visible_reply_text(text: str, *, languages: Sequence[str] = ("en", "de", "fi", "ru"),
                        whole_if_empty: bool = True, keep_forwarded: bool = False) -> str:
     """The new text of a reply. whole_if_empty: when nothing new is left, the whole text
@@ -275,6 +278,11 @@ def visible_reply_text(text: str, *, languages: Sequence[str] = ("en", "de", "fi
             continue
         body.append(line.rstrip())
 
+    if cut < len(lines):
+        # The rule a client draws above its quote header (Outlook on the web's <hr>, which
+        # the HTML-to-text step writes as "----") belongs to the quote, not the answer.
+        while body and (not body[-1].strip() or _RULE_LINE_RE.fullmatch(body[-1].strip())):
+            body.pop()
     kept = "\n".join(lines[:head] + body).strip("\n")
     # Collapse the blank runs left where quoted blocks were removed.
     kept = re.sub(r"\n{3,}", "\n\n", kept).rstrip()
