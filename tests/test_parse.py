@@ -123,6 +123,15 @@ def test_eight_bit_header_is_decoded_with_defect() -> None:
     assert any("8-bit" in d for d in msg.defects)
 
 
+def test_a_utf8_message_id_is_read_as_utf8() -> None:
+    """RFC 6532: with SMTPUTF8 a Message-ID may hold UTF-8; it was stored as 'b\ufffd\ufffdcher'."""
+    raw = ("From: j\u00fcrgen@b\u00fccher.de\r\nMessage-ID: <u1@b\u00fccher.de>\r\n"
+           "In-Reply-To: <r1@b\u00fccher.de>\r\nSubject: s\r\n\r\nx\r\n").encode()
+    msg = parse_message(raw)
+    assert msg.message_id == "u1@b\u00fccher.de"
+    assert msg.in_reply_to == ("r1@b\u00fccher.de",)
+
+
 def test_duplicate_subject_uses_first() -> None:
     msg = parse_message(mail("From: a@b.example\nSubject: first\nSubject: second"))
     assert msg.subject == "first"

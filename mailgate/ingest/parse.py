@@ -640,7 +640,9 @@ _MSGID_RE = re.compile(r"<([^<>\s]+)>")
 
 
 def _parse_msgids(raw_value: str) -> list[str]:
-    value = _CRLF_RE.sub(" ", _FOLD_RE.sub("", raw_value))
+    # UTF-8 ids are legal where the mail came with SMTPUTF8 (RFC 6532): decoded, not turned
+    # into U+FFFD. The defect, if any, is noted where the header block is decoded.
+    value = _CRLF_RE.sub(" ", _FOLD_RE.sub("", _fix_8bit(raw_value, [], "message id")))
     ids = _MSGID_RE.findall(value)
     if not ids:
         # Some clients omit the brackets; accept bare tokens that look like ids.
