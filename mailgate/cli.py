@@ -91,14 +91,18 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 
 def queue_option(settings: Settings, queue: str | None, error_code: int) -> str | None:
-    """--queue, lower-cased; one that is not ours stops the command (a typo in an MTA's pipe
-    line would otherwise put a whole queue's mail in the default queue, unnoticed)."""
+    """--queue as the address it names (any of ours, a plus form such as Postfix's
+    ${recipient} included); one that is not ours stops the command: a typo in an MTA's pipe
+    line would otherwise put a whole queue's mail in the default queue, unnoticed."""
     if queue is None:
         return None
-    hd = settings.helpdesk
-    if queue.lower() not in (hd.address, *hd.queues):
-        fail(f"--queue {queue}: not helpdesk.address or one of helpdesk.queues", error_code)
-    return queue.lower()
+    from mailgate.domain import base_address
+
+    address = base_address(queue)
+    if address not in settings.helpdesk.all_addresses:
+        fail(f"--queue {queue}: not one of our addresses (helpdesk.address, comment_address, queues)",
+             error_code)
+    return address
 
 
 def settings_for(config: Path | None, *, error_code: int = 2) -> Settings:
@@ -335,15 +339,19 @@ def tickets_list(
         fail(f"--columns: unknown column {unknown[0]!r}")
     rt = runtime_for(config)
     hd = rt.settings.helpdesk
-    # A mistyped value would list nothing, which reads as "no such tickets".
-    if status is not None and hd.status(status) is None:
-        fail(f"--status {status}: not a configured status ({', '.join(s.name for s in hd.statuses)})")
-    if priority is not None and priority not in hd.priorities:
-        fail(f"--priority {priority}: not a configured priority ({', '.join(hd.priorities)})")
     f = TicketFilter(status=status, open=open_, closed=closed, overdue=overdue, owner=owner, queue=queue,
                      priority=priority, category=category, requester=requester,
                      since=as_utc(since) if since else None, text=text)
     with session_scope(rt.engine) as session:
+        # A mistyped value would list nothing, which reads as "no such tickets". A value
+        # dropped from the config that tickets still have is no typo.
+        if status is not None and hd.status(status) is None and not _some_ticket_has(session, "status", status):
+            fail(f"--status {status}: not a configured status ({', '.join(s.name for s in hd.statuses)}) "
+                 "and no ticket has it")
+        if priority is not None and priority not in hd.priorities and not _some_ticket_has(
+                session, "priority", priority):
+            fail(f"--priority {priority}: not a configured priority ({', '.join(hd.priorities)}) and no ticket "
+                 "has it")
         rows = [ticket_summary(session, t)
                 for t in list_tickets(session, f, sort, rt.settings.helpdesk.priorities)]
     if json_out:
@@ -355,6 +363,15 @@ def tickets_list(
     for r in rows:
         table.add_row(*[shown(r.get(c)) for c in cols], style=_row_style(r))
     text_console().print(table)
+
+
+def _some_ticket_has(session: Any, field: str, value: str) -> bool:
+    from sqlmodel import select
+
+    from mailgate.store.tables import Ticket
+
+    column = getattr(Ticket, field)
+    return session.exec(select(Ticket.number).where(column == value).limit(1)).first() is not None
 
 
 def _load_ticket(session: Any, number: int) -> Any:

@@ -329,13 +329,16 @@ def requeue(engine: Engine, ids: list[int] | None = None) -> list[int]:
     the ids of those requeued."""
     with session_scope(engine) as session:
         query = select(Inbound.id).where(Inbound.state == "dead")
+        stmt = update(Inbound).where(Inbound.state == "dead")  # type: ignore[arg-type]
         if ids:
+            # Only the ids named; all of them otherwise, by state alone: a list of every dead
+            # id would pass PostgreSQL's 65,535 parameters.
             query = query.where(Inbound.id.in_(ids))  # type: ignore[union-attr]
+            stmt = stmt.where(Inbound.id.in_(ids))  # type: ignore[union-attr]
         dead = [i for i in session.exec(query).all() if i is not None]
-        if dead:
-            session.exec(update(Inbound).where(Inbound.id.in_(dead), Inbound.state == "dead").values(  # type: ignore[call-overload,union-attr]
-                state="queued", attempts=0, next_attempt_at=None, claimed_by=None,
-                outcome=case((Inbound.outcome == RELEASED, RELEASED), else_=None)))
+        session.exec(stmt.values(  # type: ignore[call-overload]
+            state="queued", attempts=0, next_attempt_at=None, claimed_by=None,
+            outcome=case((Inbound.outcome == RELEASED, RELEASED), else_=None)))
         return dead
 
 

@@ -142,6 +142,18 @@ def test_import_keeps_history_as_it_was_and_sends_nothing(workdir: Path) -> None
     assert future["created_at"] > "2026-11-27" and future["created_at"] < "2099"  # a Date ahead of now: now
 
 
+def test_history_import_is_not_held_to_the_live_caps(workdir: Path) -> None:
+    """The per-sender cap on new tickets guards against a live flood; in an old mailbox stored
+    newest first, each older mail saw every newer ticket as "opened in the last hour"."""
+    config = write_config(workdir, helpdesk_extra="new_tickets_per_sender_per_hour = 1")
+    box = mailbox.mbox(str(workdir / "old.mbox"))
+    for day in (5, 4, 3):
+        box.add(mail(subject=f"Request of {day} Nov", message_id=f"<old-{day}@customer.org>",
+                     headers={"Date": f"Thu, {day:02d} Nov 2026 10:00:00 +0000"}).as_bytes())
+    box.close()
+    assert cli_json(config, "import", str(workdir / "old.mbox")) == {"ticket": 3}
+
+
 def test_import_notify_processes_old_mail_as_live_mail(workdir: Path) -> None:
     config = write_config(workdir)
     assert cli_json(config, "import", "--notify", str(_old_mailbox(workdir / "old.mbox"))) == {
@@ -252,10 +264,18 @@ def test_tickets_list_bad_options(desk: Path) -> None:
     # A mistyped filter value would list nothing, which reads as "no such tickets".
     status = invoke(desk, "tickets", "list", "--status", "nonesuch")
     assert status.exit_code == 2 and "--status nonesuch: not a configured status (new, open, pending" in status.stderr
+    assert "no ticket has it" in status.stderr
     priority = invoke(desk, "tickets", "list", "--priority", "critical")
     assert priority.exit_code == 2 and "(low, normal, high, urgent)" in priority.stderr
     both = invoke(desk, "tickets", "list", "--open", "--closed")
     assert both.exit_code == 2 and "give one of them" in both.stderr
+
+
+def test_a_status_dropped_from_the_config_can_still_be_listed(workdir: Path) -> None:
+    config = write_config(workdir)
+    cli(config, "ingest", input=mail().as_bytes())
+    sql(config, "update ticket set status = 'waiting-vendor' where number = 1")  # renamed since
+    assert numbers(config, "--status", "waiting-vendor") == [1]
 
 
 def test_a_table_through_a_pipe_keeps_whole_values_one_row_a_line(desk: Path) -> None:

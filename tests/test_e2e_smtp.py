@@ -361,12 +361,16 @@ def test_ingest_prints_the_ticket_of_a_redelivery_and_refuses_a_queue_not_ours(w
                check=False)
     assert typo.returncode == 75
     assert typo.stderr.decode().strip() == (
-        "mailgate: --queue bil1ing@example.com: not helpdesk.address or one of helpdesk.queues")
+        "mailgate: --queue bil1ing@example.com: not one of our addresses (helpdesk.address, comment_address, queues)")
     imported = cli(cfg, "import", "--queue", "sales@example.com", str(workdir), check=False)
-    assert imported.returncode == 2 and "not helpdesk.address" in imported.stderr.decode()
+    assert imported.returncode == 2 and "not one of our addresses" in imported.stderr.decode()
     con = sqlite3.connect(workdir / "mailgate.db")
     assert con.execute("select count(*) from inbound").fetchone() == (2,)
     con.close()
+    # Any of our addresses is fine: the comment address of a per-address pipe, and the plus
+    # form Postfix's ${recipient} gives.
+    for queue in ("support-comment@example.com", "support+1-abcd@example.com"):
+        assert cli(cfg, "ingest", "--queue", queue, input=mail(subject=queue).as_bytes()).returncode == 0
 
 
 def test_a_port_in_use_stops_the_daemon_with_one_line(workdir: Path) -> None:

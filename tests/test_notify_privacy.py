@@ -207,3 +207,38 @@ def test_notices_to_agents_carry_a_cut_text_and_answers_the_whole(workdir: Path)
         assert f"more characters: mailgate tickets show {ticket.number}]" in notice_text
         answer_text = message_from_bytes(answer.raw, policy=policy.default).get_body(("plain",)).get_content()
         assert "THE-LAST-LINE" in answer_text
+
+
+def test_requester_references_leave_out_mail_that_was_never_sent(workdir: Path) -> None:
+    """After `import` (history: its mail kept as shadow rows), the first live answer must
+    not name the confirmation the customer never got, nor one that failed."""
+    from mailgate.config import load_settings
+    from mailgate.ingest import notify
+    from mailgate.runtime import Runtime
+    from mailgate.store import migrate
+    from mailgate.store.engine import session_scope, utcnow
+    from mailgate.store.tables import Contact, Outbox, Ticket
+
+    rt = Runtime.build(load_settings(write_config(workdir)))
+    migrate.upgrade(rt.engine)
+    with session_scope(rt.engine) as session:
+        contact = Contact(email=CAROL, name="Carol", created_at=utcnow())
+        session.add(contact)
+        session.flush()
+        ticket = Ticket(subject="s", requester_id=contact.id, queue="support@example.com", priority="normal",
+                        status="open", status_kind="open", tier="customer", created_at=utcnow(),
+                        updated_at=utcnow())
+        session.add(ticket)
+        session.flush()
+        session.info["shadow"] = True
+        shadow = notify.send(rt, session, ticket=ticket, template="requester/created", to=CAROL,
+                             extra={"hijack_notice": None}, record_kind="system")
+        session.info["shadow"] = False
+        failed = notify.send(rt, session, ticket=ticket, template="requester/created", to=CAROL,
+                             extra={"hijack_notice": None}, record_kind="system")
+        sent = notify.send(rt, session, ticket=ticket, template="requester/created", to=CAROL,
+                           extra={"hijack_notice": None}, record_kind="system")
+        rows = {i: session.get(Outbox, i) for i in (shadow, failed, sent)}
+        rows[failed].state = "failed"  # type: ignore[union-attr]
+        session.flush()
+        assert notify.requester_thread_ids(session, ticket) == [rows[sent].message_id]  # type: ignore[union-attr]

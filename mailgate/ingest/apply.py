@@ -491,7 +491,10 @@ def new_ticket_from_message(ctx: Context) -> None:
     if ctx.quarantine_token and ctx.agent is None:
         refuse_list_reply_from_non_agent(ctx)
     cap = ctx.rt.settings.helpdesk.new_tickets_per_sender_per_hour
-    if new_tickets_from_sender_last_hour(ctx.session, ctx.sender, ctx.now) >= cap:
+    # Not for mail imported as history: the cap guards against a live flood, and an old
+    # mailbox holds what the operator chose to bring in (screening it would lose tickets).
+    history = ctx.session.info.get("as_of") is not None
+    if not history and new_tickets_from_sender_last_hour(ctx.session, ctx.sender, ctx.now) >= cap:
         raise Stop("screened", f"{ctx.sender} opened {cap} tickets in the last hour: rate limit")
     ticket = create_ticket(ctx, requester=ctx.sender, requester_name=ctx.sender_name,
                            subject=ctx.msg.subject, actor=ctx.sender)

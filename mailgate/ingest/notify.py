@@ -36,9 +36,11 @@ _THREAD_IDS = select(Message.message_id).where(
 # host, and the customer never received that message (they got our copy, in the outbox).
 _REQUESTER_THREAD_IDS = select(Message.message_id, Message.created_at).where(
     Message.ticket_id == bindparam("ticket"), Message.message_id.is_not(None),  # type: ignore[union-attr]
-    Message.kind != "internal", Message.author_agent.is_(None))  # type: ignore[union-attr]
+    Message.kind != "internal", Message.author_agent.is_(None),  # type: ignore[union-attr]
+    Message.direction == "in")  # what we sent them comes from the outbox: never shadow or failed mail
 _SENT_TO_REQUESTERS = select(Outbox.message_id, Outbox.created_at).where(
-    Outbox.ticket_id == bindparam("ticket"), Outbox.template.startswith("requester/"))  # type: ignore[attr-defined]
+    Outbox.ticket_id == bindparam("ticket"), Outbox.template.startswith("requester/"),  # type: ignore[attr-defined]
+    Outbox.state.not_in(("shadow", "failed")))  # type: ignore[attr-defined]
 _BOUNCED_AT = select(Contact.bounced_at).where(Contact.email == bindparam("email"),
                                                Contact.bounced_at.is_not(None))  # type: ignore[union-attr]
 _AUTO_REPLIES_SINCE = select(
@@ -214,7 +216,9 @@ def send(rt: Runtime, session: Session, *, ticket: Ticket | None, template: str,
         # Defence in depth: callers only ever pass public messages here; if one ever
         # does not, fail the transaction loudly rather than mail a note to a customer.
         raise PrivacyError(f"{template}: refusing to render a {message.kind} message for {to}")
-    guarded = guard if guard is not None else automatic and rt.settings.agent(to) is None
+    # Mail imported as history is never sent (shadow rows): no loop to guard against.
+    guarded = (guard if guard is not None else automatic and rt.settings.agent(to) is None) and not (
+        session.info.get("as_of") is not None)
     if guarded and not loop_guard_allows(rt, session, to):
         log.warning("ticket %s: loop guard holds back %s to %s", ticket.number if ticket else "-", template, to)
         if hits is not None:
