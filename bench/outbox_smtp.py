@@ -54,7 +54,7 @@ def main() -> int:
                 for i in range(args.mails):
                     fh.write(b"From bench@customer.org Sat Nov 28 00:00:00 2026\n")
                     fh.write(bytes(mail(sender=f"c{i}@customer.org", subject=f"bench {i}")) + b"\n")
-            cli(config, "import", str(mbox), timeout=600)
+            cli(config, "import", "--notify", str(mbox), timeout=600)  # live mail: its confirmations go out
             rt = Runtime.build(load_settings(config))
             with session_scope(rt.engine) as session:
                 rows = [(r.mail_from, r.recipients, r.raw) for r in session.exec(select(Outbox)).all()]
