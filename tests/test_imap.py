@@ -251,14 +251,7 @@ def test_a_message_the_server_cannot_return_does_not_block_the_others(
     assert health["ok"] and "UID 2" in (health["warning"] or "")
 
     # Still unreadable: only that message is tried again, and the others are not fetched again.
-    real_bodies = _Session.bodies
-    fetched: list[list[int]] = []
-
-    async def spy(self: _Session, uids: list[int]) -> dict[int, bytes]:
-        fetched.append(list(uids))
-        return await real_bodies(self, uids)
-
-    monkeypatch.setattr(_Session, "bodies", spy)
+    fetched = _spy_on_bodies(monkeypatch)
     time.sleep(0.3)  # its retry is due poll_seconds after it failed
     assert asyncio.run(poller.poll_once()) == 0
     assert fetched == [[2]]
@@ -277,6 +270,19 @@ def test_a_message_the_server_cannot_return_does_not_block_the_others(
     assert health["ok"] and health["warning"] is None
 
 
+def _spy_on_bodies(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """The UIDs of each body FETCH from now on."""
+    real_bodies = _Session.bodies
+    fetched: list[list[int]] = []
+
+    async def spy(self: _Session, uids: list[int]) -> dict[int, bytes]:
+        fetched.append(list(uids))
+        return await real_bodies(self, uids)
+
+    monkeypatch.setattr(_Session, "bodies", spy)
+    return fetched
+
+
 def test_after_a_restart_only_the_message_left_behind_is_fetched_again(
         dovecot: Dovecot, imap_user: str, engine: Engine, blobs: BlobStore, pipeline: Pipeline,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -286,14 +292,7 @@ def test_after_a_restart_only_the_message_left_behind_is_fetched_again(
         dovecot.append(imap_user, message(i))
     restore = _take_read_permission(dovecot, imap_user, b"Subject: help request t2\n")
     account = dovecot.account(imap_user, after="seen")
-    real_bodies = _Session.bodies
-    fetched: list[list[int]] = []
-
-    async def spy(self: _Session, uids: list[int]) -> dict[int, bytes]:
-        fetched.append(list(uids))
-        return await real_bodies(self, uids)
-
-    monkeypatch.setattr(_Session, "bodies", spy)
+    fetched = _spy_on_bodies(monkeypatch)
     poller = ImapPoller(account, engine, blobs, process=pipeline)
     assert asyncio.run(poller.poll_once()) == 5
     assert state(engine, imap_user).last_uid == 1

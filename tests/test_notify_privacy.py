@@ -16,7 +16,13 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
+from sqlmodel import Session
 
+from mailgate.config import load_settings
+from mailgate.runtime import Runtime
+from mailgate.store import migrate
+from mailgate.store.engine import session_scope, utcnow
+from mailgate.store.tables import Contact, Ticket
 from tests.conftest import mail, start_daemon, write_config
 from tests.test_agents_e2e import CAROL, Desk, reply, text, to
 
@@ -85,27 +91,33 @@ def test_internal_text_never_reaches_requesters(workdir: Path) -> None:
         desk.d.stop()
 
 
+def _runtime(workdir: Path) -> Runtime:
+    rt = Runtime.build(load_settings(write_config(workdir)))
+    migrate.upgrade(rt.engine)
+    return rt
+
+
+def _carol_ticket(session: Session) -> Ticket:
+    """An open ticket of Carol's, for the in-process tests below."""
+    contact = Contact(email=CAROL, name="Carol", created_at=utcnow())
+    session.add(contact)
+    session.flush()
+    ticket = Ticket(subject="s", requester_id=contact.id, queue="support@example.com", priority="normal",
+                    status="open", status_kind="open", tier="customer", created_at=utcnow(), updated_at=utcnow())
+    session.add(ticket)
+    session.flush()
+    return ticket
+
+
 def test_requester_templates_get_a_whitelist_and_refuse_internal_messages(workdir: Path) -> None:
     from sqlmodel import select
 
-    from mailgate.config import load_settings
     from mailgate.ingest import notify
-    from mailgate.runtime import Runtime
-    from mailgate.store import migrate
-    from mailgate.store.engine import session_scope, utcnow
-    from mailgate.store.tables import Contact, Message, Outbox, Ticket
+    from mailgate.store.tables import Message, Outbox
 
-    rt = Runtime.build(load_settings(write_config(workdir)))
-    migrate.upgrade(rt.engine)
+    rt = _runtime(workdir)
     with session_scope(rt.engine) as session:
-        contact = Contact(email=CAROL, name="Carol", created_at=utcnow())
-        session.add(contact)
-        session.flush()
-        ticket = Ticket(subject="s", requester_id=contact.id, queue="support@example.com", priority="normal",
-                        status="open", status_kind="open", tier="customer", created_at=utcnow(),
-                        updated_at=utcnow())
-        session.add(ticket)
-        session.flush()
+        ticket = _carol_ticket(session)
         note = Message(ticket_id=ticket.number, kind="internal", direction="in", from_addr="alice@example.com",
                        text="PRIV-MARKER secret", created_at=utcnow())
         session.add(note)
@@ -172,25 +184,13 @@ def test_requester_references_name_what_the_requester_got_never_an_agents_own_ma
 def test_notices_to_agents_carry_a_cut_text_and_answers_the_whole(workdir: Path) -> None:
     """A 25 MB mail made a 30 MB notice per agent: over relays' limits, and agents x its size
     in the outbox. An agent's answer to the customer is never cut."""
-    from mailgate.config import load_settings
     from mailgate.ingest import notify
-    from mailgate.runtime import Runtime
-    from mailgate.store import migrate
-    from mailgate.store.engine import session_scope, utcnow
-    from mailgate.store.tables import Contact, Message, Outbox, Ticket
+    from mailgate.store.tables import Message, Outbox
 
-    rt = Runtime.build(load_settings(write_config(workdir)))
-    migrate.upgrade(rt.engine)
+    rt = _runtime(workdir)
     long_text = "".join(f"log line {i:06d}: something happened\n" for i in range(20_000))  # ~720 KB
     with session_scope(rt.engine) as session:
-        contact = Contact(email=CAROL, name="Carol", created_at=utcnow())
-        session.add(contact)
-        session.flush()
-        ticket = Ticket(subject="s", requester_id=contact.id, queue="support@example.com", priority="normal",
-                        status="open", status_kind="open", tier="customer", created_at=utcnow(),
-                        updated_at=utcnow())
-        session.add(ticket)
-        session.flush()
+        ticket = _carol_ticket(session)
         message = Message(ticket_id=ticket.number, kind="public", direction="in", from_addr=CAROL,
                           text=long_text + "THE-LAST-LINE", created_at=utcnow())
         session.add(message)
@@ -212,24 +212,12 @@ def test_notices_to_agents_carry_a_cut_text_and_answers_the_whole(workdir: Path)
 def test_requester_references_leave_out_mail_that_was_never_sent(workdir: Path) -> None:
     """After `import` (history: its mail kept as shadow rows), the first live answer must
     not name the confirmation the customer never got, nor one that failed."""
-    from mailgate.config import load_settings
     from mailgate.ingest import notify
-    from mailgate.runtime import Runtime
-    from mailgate.store import migrate
-    from mailgate.store.engine import session_scope, utcnow
-    from mailgate.store.tables import Contact, Outbox, Ticket
+    from mailgate.store.tables import Outbox
 
-    rt = Runtime.build(load_settings(write_config(workdir)))
-    migrate.upgrade(rt.engine)
+    rt = _runtime(workdir)
     with session_scope(rt.engine) as session:
-        contact = Contact(email=CAROL, name="Carol", created_at=utcnow())
-        session.add(contact)
-        session.flush()
-        ticket = Ticket(subject="s", requester_id=contact.id, queue="support@example.com", priority="normal",
-                        status="open", status_kind="open", tier="customer", created_at=utcnow(),
-                        updated_at=utcnow())
-        session.add(ticket)
-        session.flush()
+        ticket = _carol_ticket(session)
         session.info["shadow"] = True
         shadow = notify.send(rt, session, ticket=ticket, template="requester/created", to=CAROL,
                              extra={"hijack_notice": None}, record_kind="system")
