@@ -90,19 +90,23 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def queue_option(settings: Settings, queue: str | None, error_code: int) -> str | None:
-    """--queue as the address it names (any of ours, a plus form such as Postfix's
-    ${recipient} included); one that is not ours stops the command: a typo in an MTA's pipe
-    line would otherwise put a whole queue's mail in the default queue, unnoticed."""
+def queue_option(settings: Settings, queue: str | None, error_code: int, *,
+                 any_of_ours: bool = False) -> str | None:
+    """--queue, lower-cased: helpdesk.address or one of helpdesk.queues, in a plus form too
+    (Postfix's ${recipient}); with any_of_ours, the comment address as well. Another address
+    stops the command: a typo in an MTA's pipe line would otherwise put a whole queue's mail
+    in the default queue, unnoticed."""
     if queue is None:
         return None
     from mailgate.domain import base_address
 
-    address = base_address(queue)
-    if address not in settings.helpdesk.all_addresses:
-        fail(f"--queue {queue}: not one of our addresses (helpdesk.address, comment_address, queues)",
-             error_code)
-    return address
+    hd = settings.helpdesk
+    allowed = hd.all_addresses if any_of_ours else (hd.address, *hd.queues)
+    if base_address(queue) not in allowed:
+        names = "helpdesk.address, comment_address, queues" if any_of_ours else "helpdesk.address, queues"
+        fail(f"--queue {queue}: not one of our addresses ({names})", error_code)
+    # As given for a pipe (its envelope recipient, see ingest); the queue itself otherwise.
+    return queue.lower() if any_of_ours else base_address(queue)
 
 
 def settings_for(config: Path | None, *, error_code: int = 2) -> Settings:
@@ -170,13 +174,15 @@ def ingest(config: ConfigOpt = None,
     raw = sys.stdin.buffer.read()
     # A broken config is the operator's to fix, not the sender's: an MTA must defer (75), not bounce.
     rt = runtime_for(config, config_error_code=EX_TEMPFAIL)
-    queue = queue_option(rt.settings, queue, EX_TEMPFAIL)  # the operator's to fix: defer, not bounce
+    # The operator's to fix: defer, not bounce. It is the envelope recipient of a pipe: the
+    # comment address makes a note, and a plus form keeps its reply token.
+    queue = queue_option(rt.settings, queue, EX_TEMPFAIL, any_of_ours=True)
     # An MTA pipe (Postfix) mails stderr back in its bounce: the worker's traceback stays in the
     # dead letter (`mailgate deadletter list`), and stderr gets only our one line below.
     logging.getLogger("mailgate.ingest").setLevel(logging.CRITICAL)
     try:
         accepted = spool.accept(rt.spool_engine, rt.blobs, raw, source="ingest",
-                                queue=queue, envelope_from=sender)
+                                queue=queue, envelope_from=sender, envelope_to=(queue,) if queue else ())
     except spool.SpoolError as exc:
         fail(f"temporary failure, message not stored: {exc}", EX_TEMPFAIL)
     try:

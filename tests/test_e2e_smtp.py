@@ -373,6 +373,22 @@ def test_ingest_prints_the_ticket_of_a_redelivery_and_refuses_a_queue_not_ours(w
         assert cli(cfg, "ingest", "--queue", queue, input=mail(subject=queue).as_bytes()).returncode == 0
 
 
+def test_ingest_queue_is_the_envelope_recipient_so_a_bcc_to_the_comment_address_is_a_note(
+        workdir: Path) -> None:
+    """An agent Bccs the comment address, whose pipe names it with --queue: a note. Read
+    from the headers alone, it was an answer, and the note went to the customer."""
+    cfg = write_config(workdir, helpdesk_extra='trusted_authserv_ids = ["mx.example.com"]')
+    cli(cfg, "ingest", input=mail(subject="Printer on fire").as_bytes())
+    note = mail(sender="Alice <alice@example.com>", to="alice@example.com", subject="Re: [EXAMPLE #1] Printer on fire",
+                body="Internal: NOTE-MARKER owes us three invoices.",
+                headers={"Authentication-Results": "mx.example.com; dkim=pass header.d=example.com"})
+    cli(cfg, "ingest", "--queue", "support-comment@example.com", input=note.as_bytes())
+    messages = cli_json(cfg, "tickets", "show", "1")["messages"]
+    assert [m["kind"] for m in messages if "NOTE-MARKER" in m["text"]] == ["internal"]
+    assert [r["template"] for r in cli_json(cfg, "outbox", "list") if r["to"] == "carol@customer.org"] == [
+        "requester/created"]
+
+
 def test_a_port_in_use_stops_the_daemon_with_one_line(workdir: Path) -> None:
     import socket
 

@@ -163,7 +163,7 @@ def test_requester_references_name_what_the_requester_got_never_an_agents_own_ma
     cfg = write_config(workdir)
     desk = Desk(start_daemon(cfg))
     try:
-        n, mails = desk.open("Refs")
+        n, mails = desk.open("Refs", headers={"Cc": "dave@customer.org"})
         confirmation = to(mails, CAROL)[0]
         notice = to(mails, "alice@example.com")[0]
         answers = []
@@ -172,7 +172,13 @@ def test_requester_references_name_what_the_requester_got_never_an_agents_own_ma
                        body=f"Answer {i}.", message_id=f"<agent-own-{i}@mailhost.internal.example>",
                        headers={"In-Reply-To": str(notice["Message-ID"])})
             desk.send(own, recipients=[str(notice["Reply-To"])])
-            answers.append(to(desk.take(), CAROL)[0])
+            sent = desk.take()
+            answers.append(to(sent, CAROL)[0])
+            # Dave, copied, is named only what he got: the ids of Carol's copies would let him
+            # forge a delivery report that flags her address.
+            dave_refs = str(to(sent, "dave@customer.org")[0]["References"])
+            assert str(confirmation["Message-ID"]) not in dave_refs
+            assert not any(str(m["Message-ID"]) in dave_refs for m in answers)
         second = answers[1]
         assert "mailhost.internal" not in str(second["References"]) + str(second["In-Reply-To"])
         refs = str(second["References"]).split()
@@ -229,4 +235,4 @@ def test_requester_references_leave_out_mail_that_was_never_sent(workdir: Path) 
         rows = {i: session.get(Outbox, i) for i in (shadow, failed, sent)}
         rows[failed].state = "failed"  # type: ignore[union-attr]
         session.flush()
-        assert notify.requester_thread_ids(session, ticket) == [rows[sent].message_id]  # type: ignore[union-attr]
+        assert notify.requester_thread_ids(session, ticket, CAROL) == [rows[sent].message_id]  # type: ignore[union-attr]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import mailbox
 import sqlite3
 import ssl
 from collections.abc import Iterator
@@ -424,15 +425,17 @@ def test_a_maildir_batch_lands_in_new_and_a_row_that_cannot_be_written_fails_alo
     assert all(isinstance(e, DeliveryError) for e in errors) and len(errors) == 3
 
 
-def delivery_report(message_id: str, action: str, status: str, attempt: int = 1) -> bytes:
+def delivery_report(message_id: str, action: str, status: str, attempt: int = 1, *,
+                    recipient: str = "carol@customer.org", original: str | None = None) -> bytes:
+    original_line = f"Original-Recipient: rfc822; {original}\r\n" if original else ""
     return (
         "From: Mail Delivery System <MAILER-DAEMON@mx.customer.org>\r\nTo: support@example.com\r\n"
         f"Subject: Delivery Status Notification ({action})\r\nMessage-ID: <{attempt}.{action}.{message_id}>\r\n"
         "MIME-Version: 1.0\r\n"
         'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
-        "--b\r\nContent-Type: text/plain\r\n\r\nAbout your message to carol@customer.org.\r\n"
+        f"--b\r\nContent-Type: text/plain\r\n\r\nAbout your message to {recipient}.\r\n"
         "--b\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.customer.org\r\n\r\n"
-        f"Final-Recipient: rfc822; carol@customer.org\r\nAction: {action}\r\nStatus: {status}\r\n\r\n"
+        f"{original_line}Final-Recipient: rfc822; {recipient}\r\nAction: {action}\r\nStatus: {status}\r\n\r\n"
         "--b\r\nContent-Type: text/rfc822-headers\r\n\r\nFrom: support@example.com\r\n"
         f"To: carol@customer.org\r\nMessage-ID: <{message_id}>\r\n\r\n--b--\r\n"
     ).encode()
@@ -477,6 +480,23 @@ def test_a_bounce_holds_automatic_mail_to_the_address_until_it_writes_again(work
 
     cli(config, "tickets", "update", "1", "--status", "pending")
     assert templates_to_carol() == ["requester/created"]  # no status notice to the dead address
+    # Old mail of hers imported as history says nothing of her address today.
+    box = mailbox.mbox(str(workdir / "old.mbox"))
+    box.add(mail(subject="Old question", headers={"Date": "Mon, 06 Mar 2023 10:00:00 +0000"}).as_bytes())
+    box.close()
+    cli(config, "import", str(workdir / "old.mbox"))
+    cli(config, "tickets", "update", "1", "--status", "open")
+    assert [t for t in templates_to_carol() if t.startswith("requester/status")] == []
+    # Nor does a report about an agent's notice flag the agent (their notices are not held),
+    # nor one about a member of an alias we mailed (the alias took it for the others).
+    with sqlite3.connect(workdir / "mailgate.db") as db:
+        db.execute("INSERT INTO contact (email, name, created_at) VALUES ('alice@example.com', '', '2026-01-01')")
+        db.execute("UPDATE outbox SET state = 'sent'")
+    notice = next(r for r in cli_json(config, "outbox", "list") if r["to"] == "alice@example.com")
+    cli(config, "ingest", input=delivery_report(notice["message_id"], "failed", "5.2.2",
+                                                recipient="alice@example.com"))
+    with sqlite3.connect(workdir / "mailgate.db") as db:
+        assert db.execute("SELECT bounced_at FROM contact WHERE email = 'alice@example.com'").fetchone() == (None,)
     # Carol writes again (her mailbox works now): automatic mail to her resumes.
     cli(config, "ingest", input=bytes(mail(subject="Re: [EXAMPLE #1] Printer on fire", body="Fixed my mailbox.")))
     cli(config, "tickets", "update", "1", "--status", "solved")

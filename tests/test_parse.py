@@ -123,6 +123,23 @@ def test_eight_bit_header_is_decoded_with_defect() -> None:
     assert any("8-bit" in d for d in msg.defects)
 
 
+def test_a_failed_alias_member_is_no_failure_of_the_alias() -> None:
+    """Original-Recipient team@ (what we mailed), Final-Recipient gone@ (one member): team@
+    took the mail for its other members, so it is not reported as failed."""
+    def report(final: str, original: str) -> bytes:
+        return ("From: MAILER-DAEMON@mx.customer.org\r\nSubject: Undelivered\r\nMIME-Version: 1.0\r\n"
+                'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
+                "--b\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx\r\n\r\n"
+                f"Original-Recipient: rfc822; {original}\r\nFinal-Recipient: rfc822; {final}\r\n"
+                "Action: failed\r\nStatus: 5.1.1\r\n\r\n"
+                "--b\r\nContent-Type: text/rfc822-headers\r\n\r\nMessage-ID: <m1@example.com>\r\n\r\n--b--\r\n"
+                ).encode()
+
+    assert parse_message(report("gone@customer.org", "team@customer.org")).dsn_failed_recipients == ()
+    assert parse_message(report("carol@customer.org", "carol@customer.org")).dsn_failed_recipients == (
+        "carol@customer.org",)
+
+
 def test_a_utf8_message_id_is_read_as_utf8() -> None:
     """RFC 6532: with SMTPUTF8 a Message-ID may hold UTF-8; it was stored as 'b\ufffd\ufffdcher'."""
     raw = ("From: j\u00fcrgen@b\u00fccher.de\r\nMessage-ID: <u1@b\u00fccher.de>\r\n"

@@ -130,8 +130,10 @@ def store_message(ctx: Context, ticket: Ticket | None, *, kind: str, direction: 
     )
     insert_object(ctx.session, message)  # its rule_hits are written when the pipeline ends
     ctx.stored.append(message)
-    if direction == "in" and ctx.sender and not (ctx.verdict and ctx.verdict.is_automatic):
-        # They wrote, so the address works again: automatic mail to it resumes.
+    if (direction == "in" and ctx.sender and not (ctx.verdict and ctx.verdict.is_automatic)
+            and ctx.session.info.get("as_of") is None):
+        # They wrote, so the address works again: automatic mail to it resumes. Not old mail
+        # imported as history: it says nothing of the address today.
         ctx.session.connection().execute(_CLEAR_BOUNCED, {"address": ctx.sender})
     for att in msg.attachments:
         digest = ctx.rt.blobs.put(att.data)
@@ -962,9 +964,11 @@ def record_bounce(ctx: Context) -> None:
         row.last_error = f"bounced: {recipients}"
         ctx.session.add(row)
         # Only the row's own recipients: a report may name any address, and one flagged by
-        # mistake would get no more confirmations or notices.
+        # mistake would get no more confirmations or notices. Never an agent's: their notices
+        # and warnings are not for the loop guard to hold.
         for address in set(failed) & set(row.recipients.split(",")):
-            ctx.session.connection().execute(_MARK_BOUNCED, {"address": address, "at": ctx.now})
+            if ctx.rt.settings.agent(address) is None:
+                ctx.session.connection().execute(_MARK_BOUNCED, {"address": address, "at": ctx.now})
         ctx.hit("bounce", True, f"outbox {row.id} <{mid}> bounced for {recipients}")
         if row.ticket_id is not None:
             ticket = ctx.session.get(Ticket, row.ticket_id)

@@ -38,9 +38,11 @@ _REQUESTER_THREAD_IDS = select(Message.message_id, Message.created_at).where(
     Message.ticket_id == bindparam("ticket"), Message.message_id.is_not(None),  # type: ignore[union-attr]
     Message.kind != "internal", Message.author_agent.is_(None),  # type: ignore[union-attr]
     Message.direction == "in")  # what we sent them comes from the outbox: never shadow or failed mail
-_SENT_TO_REQUESTERS = select(Outbox.message_id, Outbox.created_at).where(
+# Only mail sent to this recipient: each copy has its own Message-ID, and naming one sent to
+# another would let a CC forge a delivery report that flags the requester's address.
+_SENT_TO_RECIPIENT = select(Outbox.message_id, Outbox.created_at).where(
     Outbox.ticket_id == bindparam("ticket"), Outbox.template.startswith("requester/"),  # type: ignore[attr-defined]
-    Outbox.state.not_in(("shadow", "failed")))  # type: ignore[attr-defined]
+    Outbox.recipients == bindparam("to"), Outbox.state.not_in(("shadow", "failed")))  # type: ignore[attr-defined]
 _BOUNCED_AT = select(Contact.bounced_at).where(Contact.email == bindparam("email"),
                                                Contact.bounced_at.is_not(None))  # type: ignore[union-attr]
 _AUTO_REPLIES_SINCE = select(
@@ -127,12 +129,11 @@ def thread_ids(session: Session, ticket: Ticket) -> list[str]:
     return _first_and_latest([i for i in ids if i])
 
 
-def requester_thread_ids(session: Session, ticket: Ticket) -> list[str]:
+def requester_thread_ids(session: Session, ticket: Ticket, recipient: str) -> list[str]:
     """thread_ids for mail to a requester or CC: only mail they have seen (see
-    _REQUESTER_THREAD_IDS)."""
-    params = {"ticket": ticket.number}
-    rows = [*session.exec(_REQUESTER_THREAD_IDS, params=params).all(),
-            *session.exec(_SENT_TO_REQUESTERS, params=params).all()]
+    _REQUESTER_THREAD_IDS and _SENT_TO_RECIPIENT)."""
+    rows = [*session.exec(_REQUESTER_THREAD_IDS, params={"ticket": ticket.number}).all(),
+            *session.exec(_SENT_TO_RECIPIENT, params={"ticket": ticket.number, "to": recipient}).all()]
     rows.sort(key=lambda row: as_utc(row[1]))
     return _first_and_latest(list(dict.fromkeys(message_id for message_id, _ in rows if message_id)))
 
@@ -243,7 +244,8 @@ def send(rt: Runtime, session: Session, *, ticket: Ticket | None, template: str,
     }
     number = ticket.number if ticket is not None else None
     if references is None and ticket is not None:
-        references = (requester_thread_ids if is_requester_template(template) else thread_ids)(session, ticket)
+        references = (requester_thread_ids(session, ticket, to) if is_requester_template(template)
+                      else thread_ids(session, ticket))
     sender = queue_address(rt, ticket)
     outbox_id, mail = enqueue(session, rt.settings, rt.renderer, template=template, to=to, context=context,
                               ticket_number=number, in_reply_to=in_reply_to, references=references or (),

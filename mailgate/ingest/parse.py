@@ -797,14 +797,27 @@ def _dsn_status(part: Message, col: _Collector) -> None:
         action = str(block.get("action", "")).strip().lower()
         if not action.startswith("failed"):
             continue
-        for header_name in ("final-recipient", "original-recipient"):
-            for raw in _raw_header_values(block, header_name):
-                value = _FOLD_RE.sub("", raw).strip()
-                addr_type, sep, addr = value.partition(";")
-                candidate = addr if sep else addr_type
-                normalized = _normalize_addr(candidate.strip().strip("<>"))
-                if normalized and normalized not in col.dsn_failed:
-                    col.dsn_failed.append(normalized)
+        final = _dsn_recipients(block, "final-recipient")
+        original = _dsn_recipients(block, "original-recipient")
+        if original and final and not set(final) & set(original):
+            # One target of an alias or list we mailed failed (Original-Recipient team@,
+            # Final-Recipient gone@): the address we sent to took the mail for the others.
+            continue
+        for normalized in (*final, *original):
+            if normalized not in col.dsn_failed:
+                col.dsn_failed.append(normalized)
+
+
+def _dsn_recipients(block: Message, header_name: str) -> list[str]:
+    out: list[str] = []
+    for raw in _raw_header_values(block, header_name):
+        value = _FOLD_RE.sub("", raw).strip()
+        addr_type, sep, addr = value.partition(";")
+        candidate = addr if sep else addr_type
+        normalized = _normalize_addr(candidate.strip().strip("<>"))
+        if normalized:
+            out.append(normalized)
+    return out
 
 
 def _dsn_ids_from_headers(raw_values: Iterable[str], col: _Collector) -> None:
