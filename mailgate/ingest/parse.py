@@ -797,13 +797,11 @@ def _dsn_status(part: Message, col: _Collector) -> None:
         action = str(block.get("action", "")).strip().lower()
         if not action.startswith("failed"):
             continue
-        final = _dsn_recipients(block, "final-recipient")
-        original = _dsn_recipients(block, "original-recipient")
-        if original and final and not set(final) & set(original):
-            # One target of an alias or list we mailed failed (Original-Recipient team@,
-            # Final-Recipient gone@): the address we sent to took the mail for the others.
-            continue
-        for normalized in (*final, *original):
+        # Both: the address we mailed may have been forwarded (Original-Recipient carol@,
+        # Final-Recipient csmith@, a mailbox renamed and gone). A report cannot tell that
+        # from one failed member of a larger alias; counting it stops mail to a dead address.
+        for normalized in (*_dsn_recipients(block, "final-recipient"),
+                           *_dsn_recipients(block, "original-recipient")):
             if normalized not in col.dsn_failed:
                 col.dsn_failed.append(normalized)
 
