@@ -567,7 +567,8 @@ def deadletter_retry(ids: Annotated[list[int] | None, typer.Argument(
 
 def _fail_for_ids_not_done(asked: list[int] | None, done: list[int], why: str) -> None:
     """Ids the operator named that nothing was done for: each on stderr, and exit 1."""
-    missing = [i for i in dict.fromkeys(asked or []) if i not in set(done)]
+    acted_on = set(done)
+    missing = [i for i in dict.fromkeys(asked or []) if i not in acted_on]
     for inbound_id in missing:
         echo(f"mailgate: {inbound_id}: {why}", err=True)
     if missing:

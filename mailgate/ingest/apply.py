@@ -26,7 +26,7 @@ from mailgate.outbox import OutgoingFile
 from mailgate.quarantine import learn_released, take_out
 from mailgate.runtime import Runtime
 from mailgate.sla import add_business_time, business_time_between, tier_for_address
-from mailgate.store.engine import as_utc, insert_object, now_for
+from mailgate.store.engine import as_utc, insert_object, is_history, now_for
 from mailgate.store.tables import (
     Attachment,
     Contact,
@@ -131,7 +131,7 @@ def store_message(ctx: Context, ticket: Ticket | None, *, kind: str, direction: 
     insert_object(ctx.session, message)  # its rule_hits are written when the pipeline ends
     ctx.stored.append(message)
     if (direction == "in" and ctx.sender and not (ctx.verdict and ctx.verdict.is_automatic)
-            and ctx.session.info.get("as_of") is None):
+            and not is_history(ctx.session)):
         # They wrote, so the address works again: automatic mail to it resumes. Not old mail
         # imported as history: it says nothing of the address today.
         ctx.session.connection().execute(_CLEAR_BOUNCED, {"address": ctx.sender})
@@ -495,8 +495,7 @@ def new_ticket_from_message(ctx: Context) -> None:
     cap = ctx.rt.settings.helpdesk.new_tickets_per_sender_per_hour
     # Not for mail imported as history: the cap guards against a live flood, and an old
     # mailbox holds what the operator chose to bring in (screening it would lose tickets).
-    history = ctx.session.info.get("as_of") is not None
-    if not history and new_tickets_from_sender_last_hour(ctx.session, ctx.sender, ctx.now) >= cap:
+    if not is_history(ctx.session) and new_tickets_from_sender_last_hour(ctx.session, ctx.sender, ctx.now) >= cap:
         raise Stop("screened", f"{ctx.sender} opened {cap} tickets in the last hour: rate limit")
     ticket = create_ticket(ctx, requester=ctx.sender, requester_name=ctx.sender_name,
                            subject=ctx.msg.subject, actor=ctx.sender)

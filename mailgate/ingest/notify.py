@@ -20,7 +20,7 @@ from sqlmodel import Session, select
 from mailgate.domain import base_address, tagged_subject
 from mailgate.outbox import OutgoingFile, enqueue
 from mailgate.runtime import Runtime
-from mailgate.store.engine import as_utc, insert_object, iso, now_for
+from mailgate.store.engine import as_utc, insert_object, is_history, iso, now_for
 from mailgate.store.tables import Attachment, AutoReplyLog, Contact, Message, Outbox, Participant, Ticket
 
 log = logging.getLogger(__name__)
@@ -218,8 +218,8 @@ def send(rt: Runtime, session: Session, *, ticket: Ticket | None, template: str,
         # does not, fail the transaction loudly rather than mail a note to a customer.
         raise PrivacyError(f"{template}: refusing to render a {message.kind} message for {to}")
     # Mail imported as history is never sent (shadow rows): no loop to guard against.
-    guarded = (guard if guard is not None else automatic and rt.settings.agent(to) is None) and not (
-        session.info.get("as_of") is not None)
+    guarded = (guard if guard is not None else automatic and rt.settings.agent(to) is None) and not is_history(
+        session)
     if guarded and not loop_guard_allows(rt, session, to):
         log.warning("ticket %s: loop guard holds back %s to %s", ticket.number if ticket else "-", template, to)
         if hits is not None:

@@ -30,6 +30,12 @@ def now_for(session: Session) -> datetime:
     return as_of if as_of is not None else utcnow()
 
 
+def is_history(session: Session) -> bool:
+    """Whether the session applies mail imported as history (see now_for): nothing of it is
+    sent, and it says nothing of today (caps, loop guard, bounce flags)."""
+    return session.info.get("as_of") is not None
+
+
 def as_utc(value: datetime) -> datetime:
     """Naive values are taken as UTC."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
