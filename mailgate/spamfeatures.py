@@ -40,6 +40,7 @@ from __future__ import annotations
 import html
 import ipaddress
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email import message_from_bytes
@@ -68,7 +69,8 @@ _MAX_HEADER_CHARS = 2_000
 # A number is matched whole, % or not (bare numbers are then dropped): "\d[\d,.]*\s?%" made re
 # scan a run of digits to its end from each of its digits, 90 s for 100,000 of them.
 _RE_WORD = re.compile(r"[^\W\d_][\w'\-]*[^\W_]|\$\s?\d[\d,.]*|\d[\d,.]*(?:\s?%)?|!{2,}|\$", re.UNICODE)
-_RE_URL_HOST = re.compile(r"""(?:https?://|\bwww\.)([^\s/"'<>:?#\\)\]]+)""", re.IGNORECASE)
+# Matched on lowered text: a third faster than re.IGNORECASE on the same pattern.
+_RE_URL_HOST = re.compile(r"""(https?://|\bwww\.)([^\s/"'<>:?#\\)\]]+)""")
 _RE_IPV4 = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
 # Comments are removed without a space so "V<!-- x -->iagra" stays one word.
 _RE_HTML_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
@@ -217,9 +219,9 @@ def _html_to_text(markup: str) -> str:
 
 def _url_tokens(text: str, out: set[str]) -> int:
     hosts: set[str] = set()
-    for m in _RE_URL_HOST.finditer(text):
-        host = m.group(1).lower().rstrip(".,;")
-        if m.group(0).lower().startswith("www."):
+    for scheme, host in _RE_URL_HOST.findall(text.lower()):
+        host = host.rstrip(".,;")
+        if scheme == "www.":
             host = "www." + host
         host = host.rpartition("@")[2]  # http://user@host tricks
         if host:
@@ -236,14 +238,19 @@ def _url_tokens(text: str, out: set[str]) -> int:
 
 def _word_tokens(text: str, prefix: str, out: set[str]) -> tuple[int, int]:
     """Add word tokens; return (words, all-caps words) for the shouting signal."""
-    # findall and one batch update: per-match objects cost a third of the time here.
+    # Counted first: a message repeats its words, and the checks below cost less once
+    # per distinct word (a quarter of the scoring time) than per word.
+    n_words = n_caps = 0
     words: list[str] = []
-    for w in _RE_WORD.findall(text):
+    for w, n in Counter(_RE_WORD.findall(text)).items():
         if len(w) > 30:
             continue
         c = w[0]
         if c.isalpha() or not (c == "$" or c == "!" or c.isdigit()):
-            words.append(w)
+            words.append(prefix + w.lower())
+            n_words += n
+            if len(w) >= 3 and w.isupper():
+                n_caps += n
         elif c == "$":
             out.add(prefix + ("$" if len(w) == 1 else "$num"))
         elif c == "!":
@@ -253,8 +260,8 @@ def _word_tokens(text: str, prefix: str, out: set[str]) -> tuple[int, int]:
             # is dropped. A word that starts with a superscript digit ("³Bigfoot") has
             # always counted as num%, and the shipped models learned it so.
             out.add(prefix + "num%")
-    out.update([prefix + w.lower() for w in words])
-    return len(words), sum(1 for w in words if len(w) >= 3 and w.isupper())
+    out.update(words)
+    return n_words, n_caps
 
 
 def _header_text(msg: Message, name: str) -> str:
