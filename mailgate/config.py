@@ -59,6 +59,7 @@ class OutboundSettings:
     retry_max_seconds: float = 3600.0
     deadline_hours: float = 48.0
     poll_seconds: float = 1.0
+    verp: bool = False  # a per-mail envelope sender, support+bounce-TAG@, that bounces prove themselves by
 
     @property
     def scheme(self) -> str:
@@ -444,6 +445,7 @@ def _outbound(sec: _Section, base: Path) -> OutboundSettings:
         retry_max_seconds=sec.positive("retry_max_seconds", float, 3600.0),
         deadline_hours=sec.positive("deadline_hours", float, 48.0),
         poll_seconds=sec.positive("poll_seconds", float, 1.0),
+        verp=sec.get("verp", bool, False),
     )
     if bool(s.user) != bool(s.password):
         # A user without a password (or the reverse) is a half-done setup: the relay refuses

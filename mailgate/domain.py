@@ -56,6 +56,22 @@ def parse_plus_address(address: str) -> tuple[str, int, str] | None:
     return f"{m['local']}@{m['domain']}", number, m["token"]
 
 
+_BOUNCE_TAG = "bounce-"
+
+
+def bounce_address(base_address: str, tag: str) -> str:
+    """The envelope sender of one outgoing mail (VERP): 'support+bounce-TAG@x'. A delivery
+    report proves itself by coming back to it: only the mailbox that got the mail saw it
+    (as Return-Path), where the Message-ID is also known to whoever the recipient replied to."""
+    local, domain = base_address.split("@", 1)
+    return f"{local}+{_BOUNCE_TAG}{tag}@{domain}"
+
+
+def is_bounce_address(address: str) -> bool:
+    local = address.partition("@")[0]
+    return "+" in local and local.split("+", 1)[1].startswith(_BOUNCE_TAG)
+
+
 def base_address(address: str) -> str:
     """Strip any +detail: 'support+anything@x' -> 'support@x'."""
     local, _, domain = address.lower().partition("@")

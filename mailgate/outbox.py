@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import socket
 import uuid
 from collections.abc import Sequence
@@ -33,7 +34,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from mailgate.config import Settings
-from mailgate.domain import make_message_id, one_line, reply_address
+from mailgate.domain import bounce_address, make_message_id, one_line, reply_address
 from mailgate.render import Renderer
 from mailgate.store.blobs import FilesystemSync, can_sync_filesystem, fsync_dir
 from mailgate.store.engine import as_utc, due_ids, session_scope, utcnow
@@ -232,10 +233,13 @@ def enqueue(session: Session, settings: Settings, renderer: Renderer, *, templat
                   message_id=message_id, ticket_number=ticket_number, in_reply_to=in_reply_to,
                   references=references, automatic=automatic, from_name=from_name, reply_base=reply_base,
                   reply_number=reply_number, files=files, sender=sender)
+    mail_from = sender or settings.helpdesk.address
+    if settings.outbound.verp:
+        mail_from = bounce_address(mail_from, secrets.token_hex(8))
     now = utcnow()
     inserted = session.connection().execute(_INSERT_OUTBOX, {
         "ticket_id": ticket_number, "message_id": message_id, "template": template,
-        "mail_from": sender or settings.helpdesk.address, "recipients": to, "raw": raw,
+        "mail_from": mail_from, "recipients": to, "raw": raw,
         # An IMAP account in shadow mode (trialled beside the old system) sends nothing:
         # its mail is kept for inspection in `mailgate outbox list` and never claimed.
         "state": "shadow" if session.info.get("shadow") else "queued", "attempts": 0,

@@ -152,6 +152,7 @@ def test_missing_keys_are_named_exactly() -> None:
     ({"outbound__url": "smtp://relay:0"}, "outbound.url: port must be 1-65535"),
     ({"outbound__url": "ftp://relay"}, "outbound.url: must be maildir:PATH or smtp://host:port"),
     ({"outbound__starttls": 1}, "outbound.starttls: expected bool, got 1"),
+    ({"outbound__verp": "yes"}, "outbound.verp: expected bool, got 'yes'"),
     ({"database__url": "mysql://x"}, "database.url: must start with sqlite:/// or postgresql"),
     ({"agents": [{"email": "alice"}]}, "agents[0].email: not an email address: 'alice'"),
     ({"agents": [{"email": "a@example.com", "role": "boss"}]}, "agents[0].role: must be one of agent, admin"),
@@ -285,7 +286,7 @@ def test_minimal_config_has_documented_defaults(tmp_path: Path) -> None:
     assert s.smtp.host == "127.0.0.1" and s.smtp.port == 2525 and s.smtp.enabled and not s.smtp.lmtp
     assert s.smtp.max_message_bytes == 26214400 and s.smtp.hostname == "mailgate"
     ob = s.outbound
-    assert (ob.starttls, ob.user, ob.password, ob.ca_file) == (False, None, None, None)
+    assert (ob.starttls, ob.user, ob.password, ob.ca_file, ob.verp) == (False, None, None, None, False)
     assert (ob.timeout_seconds, ob.max_attempts, ob.retry_base_seconds, ob.retry_max_seconds,
             ob.deadline_hours, ob.poll_seconds) == (30.0, 12, 30.0, 3600.0, 48.0, 1.0)
     hd = s.helpdesk

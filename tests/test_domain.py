@@ -29,6 +29,16 @@ def test_reply_address_round_trip() -> None:
     assert domain.base_address("Support+42-xyz@Example.com") == "support@example.com"
 
 
+def test_bounce_address_is_no_reply_address() -> None:
+    addr = domain.bounce_address("support@example.com", "0123456789abcdef")
+    assert addr == "support+bounce-0123456789abcdef@example.com"
+    assert domain.is_bounce_address(addr) and domain.base_address(addr) == "support@example.com"
+    assert domain.parse_plus_address(addr) is None  # never read as a ticket's reply token
+    reply = domain.reply_address("support@example.com", SECRET, 42, "carol@customer.org")
+    assert not domain.is_bounce_address(reply) and not domain.is_bounce_address("support@example.com")
+    assert not domain.is_bounce_address("bounce-x@example.com")
+
+
 def test_subject_tags() -> None:
     assert domain.tagged_subject("EXAMPLE", 7, "Re: [EXAMPLE #7] Printer") == "[EXAMPLE #7] Re: Printer"
     assert domain.ticket_from_subject("EXAMPLE", "AW: [ example #12 ] x") == 12

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import mailbox
+import re
 import sqlite3
 import ssl
 from collections.abc import Iterator
@@ -22,7 +23,17 @@ from mailgate.outbox import ClaimedMail, DeliveryError, compose, deliver_by_smtp
 from mailgate.runtime import Runtime
 from mailgate.store.engine import utcnow
 from mailgate.store.tables import Outbox
-from tests.conftest import CaptureRelay, cli, cli_json, free_port, mail, start_daemon, wait_until, write_config
+from tests.conftest import (
+    CaptureRelay,
+    cli,
+    cli_json,
+    free_port,
+    mail,
+    query_json,
+    start_daemon,
+    wait_until,
+    write_config,
+)
 
 SECRET = "test-secret-key-0123456789"
 
@@ -463,6 +474,65 @@ def test_only_a_failed_delivery_report_about_a_sent_mail_marks_it_bounced(workdi
     assert (row()["state"], row()["last_error"]) == ("failed", "bounced: carol@customer.org")
     assert [e["new"] for e in cli_json(config, "tickets", "show", "1")["events"] if e["action"] == "bounce"] == [
         "carol@customer.org"]
+
+
+def test_with_verp_only_a_report_to_the_mails_own_envelope_sender_bounces_it(workdir: Path,
+                                                                             relay: CaptureRelay) -> None:
+    """threats.md 16, the forged report: a CC learns the Message-ID of the requester's mail
+    from her reply-all, and a report naming it and her address held back her notices. With
+    outbound.verp each mail leaves with its own envelope sender, which only her mailbox saw."""
+    config = write_config(workdir, outbound=f"smtp://127.0.0.1:{relay.port}", agents="")
+    config.write_text(config.read_text().replace("poll_seconds = 0.2\n", "poll_seconds = 0.2\nverp = true\n", 1))
+    d = start_daemon(config)
+    try:
+        d.send(mail())
+        row = wait_until(lambda: [r for r in outbox_rows(config) if r["state"] == "sent"])[0]
+        envelope_sender = relay.messages[0][0]
+        assert envelope_sender == row["mail_from"]
+        assert re.fullmatch(r"support\+bounce-[0-9a-f]{16}@example\.com", envelope_sender)
+        assert relay.parsed()[0]["From"] == "Example Support <support@example.com>"  # the header is unchanged
+
+        # The forged report, as the CC can write it: right Message-ID and recipient, sent to support@.
+        d.send(delivery_report(row["message_id"], "failed", "5.1.1"))
+        wait_until(lambda: query_json(config, "screened"))
+        assert outbox_rows(config)[0]["state"] == "sent"
+        with sqlite3.connect(workdir / "mailgate.db") as db:
+            assert db.execute("SELECT bounced_at FROM contact WHERE email = 'carol@customer.org'").fetchone() == (None,)
+
+        # The real one comes back to the envelope sender (here only in the envelope, as the MTA delivers it).
+        d.send(delivery_report(row["message_id"], "failed", "5.1.1", attempt=2), recipients=[envelope_sender])
+        wait_until(lambda: outbox_rows(config)[0]["state"] == "failed")
+        assert outbox_rows(config)[0]["last_error"] == "bounced: carol@customer.org"
+        with sqlite3.connect(workdir / "mailgate.db") as db:
+            assert db.execute("SELECT bounced_at FROM contact WHERE email = 'carol@customer.org'").fetchone() != (None,)
+    finally:
+        d.stop()
+
+
+def test_with_verp_a_report_proves_itself_by_its_to_header_through_ingest(workdir: Path) -> None:
+    # Through a pipe or IMAP there may be no envelope: the report's To (or Delivered-To) names
+    # the envelope sender, which a forger cannot know.
+    config = write_config(workdir)
+    config.write_text(config.read_text().replace("poll_seconds = 0.2\n", "poll_seconds = 0.2\nverp = true\n", 1))
+    cli(config, "ingest", input=bytes(mail()))
+    with sqlite3.connect(workdir / "mailgate.db") as db:
+        db.execute("UPDATE outbox SET state = 'sent'")
+        confirmation_id, message_id, envelope_sender = db.execute(
+            "SELECT id, message_id, mail_from FROM outbox WHERE template = 'requester/created'").fetchone()
+
+    def state() -> str:
+        with sqlite3.connect(workdir / "mailgate.db") as db:
+            return db.execute("SELECT state FROM outbox WHERE id = ?", (confirmation_id,)).fetchone()[0]
+
+    forged = delivery_report(message_id, "failed", "5.1.1")
+    cli(config, "ingest", input=forged)
+    # Nor does another mail's envelope sender.
+    cli(config, "ingest", input=delivery_report(message_id, "failed", "5.1.1", attempt=2).replace(
+        b"To: support@example.com", b"To: support+bounce-0123456789abcdef@example.com"))
+    assert state() == "sent"
+    cli(config, "ingest", input=delivery_report(message_id, "failed", "5.1.1", attempt=3).replace(
+        b"To: support@example.com", f"To: {envelope_sender}".encode()))
+    assert state() == "failed"
 
 
 def test_a_bounce_holds_automatic_mail_to_the_address_until_it_writes_again(workdir: Path) -> None:

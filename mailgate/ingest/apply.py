@@ -18,7 +18,7 @@ from sqlalchemy import bindparam, func, insert, update
 from sqlmodel import Session, select
 
 from mailgate.config import AssignmentRule, StatusDef
-from mailgate.domain import QUARANTINE_REPLY_NUMBER, base_address, one_line
+from mailgate.domain import QUARANTINE_REPLY_NUMBER, base_address, is_bounce_address, one_line
 from mailgate.ingest import notify
 from mailgate.ingest.commands import CommandRules, ParsedCommands, find_choice, merge_target, validate
 from mailgate.ingest.stop import Stop
@@ -948,11 +948,18 @@ def record_bounce(ctx: Context) -> None:
     Only a report that some recipient failed counts: "delayed", "delivered", "relayed" and
     "expanded" reports say the mail is still on its way or arrived. Only a row already
     sent can bounce; a report naming a queued one is forged (a requester knows the
-    Message-IDs of what we mailed them) and must not cancel it."""
+    Message-IDs of what we mailed them) and must not cancel it. A mail sent with its own
+    envelope sender (outbound.verp) bounces only by a report addressed to that sender: its
+    Message-ID is known to everyone its recipient replied to, the sender only to the
+    recipient's mailbox."""
     failed = ctx.msg.dsn_failed_recipients
     for mid in ctx.msg.dsn_original_message_ids:
         row = ctx.session.exec(select(Outbox).where(Outbox.message_id == mid)).first()
         if row is None:
+            continue
+        if is_bounce_address(row.mail_from) and row.mail_from.lower() not in ctx.recipients:
+            ctx.hit("bounce", False, f"<{mid}>: not addressed to <{row.mail_from}>, the envelope sender "
+                                     f"of outbox {row.id}: no proof that it bounced")
             continue
         if not failed or row.state != "sent":
             why = "no failed recipient in the report" if not failed else f"outbox {row.id} is {row.state}"
