@@ -32,6 +32,22 @@ def test_automatic_mail_per_recipient_and_new_tickets_per_sender_are_capped(work
     assert len(held) == 2 and all("loop guard" in h["reason"] for h in held)
 
 
+def test_the_loop_guard_counts_plus_addresses_as_their_mailbox(workdir: Path) -> None:
+    # carol+1@ ... carol+4@ are one mailbox: a forged From with a new +tag each time
+    # must not multiply the confirmations she gets.
+    cfg = write_config(workdir, helpdesk_extra="auto_reply_limit_per_hour = 2")
+    d = start_daemon(cfg)
+    try:
+        for i in range(4):
+            d.send(mail(sender=f"carol+{i}@customer.org", subject=f"Question {i}", message_id=f"<q{i}@customer.org>"))
+        wait_until(lambda: len(d.tickets()) == 4, timeout=30)
+        d.wait_idle()
+        confirmations = [r for r in query_json(cfg, "outbox", "list") if r["template"] == "requester/created"]
+    finally:
+        d.stop()
+    assert sorted(r["to"] for r in confirmations) == ["carol+0@customer.org", "carol+1@customer.org"]
+
+
 def d_ticket_messages(cfg: Path, number: int) -> list[dict]:
     return query_json(cfg, "tickets", "show", str(number))["messages"]
 
