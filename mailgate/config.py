@@ -140,6 +140,7 @@ class HelpdeskSettings:
     max_attempts: int = 5
     worker_poll_seconds: float = 0.5
     parse_processes: int = 1
+    parse_timeout_seconds: float = 300.0
     notify_group_on_new: bool = True
     ratings: tuple[str, ...] = ("1", "2", "3", "4", "5")
 
@@ -503,6 +504,7 @@ def _helpdesk(sec: _Section, base: Path) -> HelpdeskSettings:
         max_attempts=sec.positive("max_attempts", int, 5),
         worker_poll_seconds=sec.positive("worker_poll_seconds", float, 0.5),
         parse_processes=_parse_processes(sec),
+        parse_timeout_seconds=sec.positive("parse_timeout_seconds", float, 300.0),
         notify_group_on_new=sec.get("notify_group_on_new", bool, True),
         ratings=sec.str_list("ratings", ("1", "2", "3", "4", "5")),
     )

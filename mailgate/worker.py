@@ -114,9 +114,15 @@ class IngestWorker:
                 results = await asyncio.to_thread(self.next_messages)
             except asyncio.CancelledError:
                 raise
-            except BrokenProcessPool:
-                # A message may have crashed the helper. Exit: the main process restarts us
-                # and the messages we held are retried, one at a time (spool.claim_batch).
+            except BrokenProcessPool as exc:
+                # A message may have crashed the helper, or got it stuck. Exit: the main
+                # process restarts us and the messages we held are retried, one at a time
+                # (spool.claim_batch).
+                from mailgate.ingest.pipeline import ParseTimeout  # loaded: the work process ran it
+
+                if isinstance(exc, ParseTimeout) and self.ahead is not None:
+                    log.error("a parse-ahead helper is stuck: %s", exc)
+                    self.ahead.kill()
                 _helper_died()
             except Exception as exc:  # the database itself is failing: back off, never crash-loop
                 log.exception("ingest worker pass failed")

@@ -440,29 +440,53 @@ def test_a_killed_work_process_is_restarted_and_nothing_is_lost(daemon: Daemon) 
     assert daemon.alive() and work_pids() != first
 
 
+def work_and_helper_pids(daemon: Daemon) -> tuple[int, int] | None:
+    """(work process, its parse-ahead helper), once both are there."""
+    for task in Path(f"/proc/{daemon.proc.pid}/task").iterdir():
+        for work in (task / "children").read_text().split():
+            helpers = [c for t in Path(f"/proc/{work}/task").iterdir()
+                       for c in (t / "children").read_text().split()]
+            if helpers:
+                return int(work), int(helpers[0])
+    return None
+
+
 def test_a_killed_parse_helper_restarts_the_work_process_and_nothing_is_lost(daemon: Daemon) -> None:
     import os
     import signal as _signal
 
-    def pids() -> tuple[int, int] | None:
-        """(work process, its parse-ahead helper), once both are there."""
-        for task in Path(f"/proc/{daemon.proc.pid}/task").iterdir():
-            for work in (task / "children").read_text().split():
-                helpers = [c for t in Path(f"/proc/{work}/task").iterdir()
-                           for c in (t / "children").read_text().split()]
-                if helpers:
-                    return int(work), int(helpers[0])
-        return None
-
     # Once it is running (a helper that dies while the work process starts is the same
     # story, told from start-up instead).
     wait_until(lambda: "parse-ahead helper process(es) started" in daemon.log.read_text())
-    first = wait_until(pids)
+    first = wait_until(lambda: work_and_helper_pids(daemon))
     os.kill(first[1], _signal.SIGKILL)  # as a message that crashed the interpreter would
     for i in range(3):
         daemon.send(mail(subject=f"after the helper died {i}"))
     wait_until(lambda: len(daemon.tickets()) == 3, timeout=60)
     assert sorted(t["subject"] for t in daemon.tickets()) == [f"after the helper died {i}" for i in range(3)]
-    second = wait_until(pids)
+    second = wait_until(lambda: work_and_helper_pids(daemon))
     assert daemon.alive() and second[0] != first[0] and second[1] != first[1]
     assert "parse-ahead helper process died" in daemon.log.read_text()
+
+
+def test_a_stuck_parse_helper_is_killed_and_its_message_retried(workdir: Path) -> None:
+    import os
+    import signal as _signal
+
+    d = start_daemon(write_config(workdir, helpdesk_extra="parse_timeout_seconds = 2"))
+    try:
+        wait_until(lambda: "parse-ahead helper process(es) started" in d.log.read_text())
+        first = wait_until(lambda: work_and_helper_pids(d))
+        os.kill(first[1], _signal.SIGSTOP)  # as a parse that never ends would leave it
+        d.send(mail(subject="parsed by a stuck helper"))
+        wait_until(lambda: "parsing took longer than 2 s" in d.log.read_text(), timeout=30)
+        with sqlite3.connect(workdir / "mailgate.db") as db:
+            assert "parsing took longer than 2 s" in db.execute("SELECT last_error FROM inbound").fetchone()[0]
+        # The stuck helper is gone (killed, not waited for), a new pair works, and the
+        # message is retried: nothing lost.
+        wait_until(lambda: not Path(f"/proc/{first[1]}").exists(), timeout=30)
+        wait_until(lambda: [t["subject"] for t in d.tickets()] == ["parsed by a stuck helper"], timeout=60)
+        second = wait_until(lambda: work_and_helper_pids(d))
+        assert d.alive() and second[0] != first[0]
+    finally:
+        d.stop()

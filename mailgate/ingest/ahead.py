@@ -12,7 +12,9 @@ share its loaded code and spam model. They never touch the database. A helper th
 dies (a message that crashes the interpreter) breaks the pool; the work process then
 exits and the main process restarts it, exactly as if the work process itself had
 died on that message: the claims are released and counted, a message tried before is
-claimed alone next time, and one that keeps crashing ends as a dead letter.
+claimed alone next time, and one that keeps crashing ends as a dead letter. A helper
+that takes longer than helpdesk.parse_timeout_seconds over one message is killed and
+takes the same path (pipeline.ParseTimeout).
 """
 
 from __future__ import annotations
@@ -73,6 +75,13 @@ class ParseAhead:
 
     def submit(self, rows: list[Inbound]) -> dict[int, Future[Prepared]]:
         return {row.id: self.pool.submit(prepare_stored, row.raw_sha256) for row in rows if row.id is not None}
+
+    def kill(self) -> None:
+        """Kill the helpers (one is stuck: pipeline.ParseTimeout), so that close() does not
+        wait for it. The executor has no public way to do this before Python 3.14."""
+        for process in list(getattr(self.pool, "_processes", {}).values()):
+            with contextlib.suppress(OSError, ValueError):
+                process.kill()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

@@ -387,6 +387,20 @@ STEPS: tuple[tuple[str, Callable[[Context], None]], ...] = (
 
 # --- driver -------------------------------------------------------------------------
 
+class ParseTimeout(BrokenProcessPool):
+    """A parse-ahead helper spent longer than helpdesk.parse_timeout_seconds on one
+    message. Parsing is meant to be linear in the message's size, so the helper is taken
+    as stuck: the message's attempt is counted with this reason, and the work process kills
+    its helpers and restarts, as when a helper dies (mailgate.worker)."""
+
+
+def _prepared_ahead(ahead: Future[Prepared], timeout: float) -> Prepared:
+    try:
+        return ahead.result(timeout=timeout)
+    except TimeoutError:
+        raise ParseTimeout(f"parsing took longer than {timeout:g} s (helpdesk.parse_timeout_seconds)") from None
+
+
 @dataclass(frozen=True)
 class Result:
     inbound_id: int
@@ -399,7 +413,8 @@ def process_claimed(rt: Runtime, inbound: Inbound, ahead: Future[Prepared] | Non
     """Run every step for one claimed inbound row, in one transaction. ahead: its
     prepare() under way in a parse-ahead helper (see mailgate.ingest.ahead)."""
     raw = rt.blobs.get(inbound.raw_sha256)
-    prepared = ahead.result() if ahead is not None else prepare(rt, raw)
+    prepared = (_prepared_ahead(ahead, rt.settings.helpdesk.parse_timeout_seconds) if ahead is not None
+                else prepare(rt, raw))
     with session_scope(rt.engine) as session:
         history = inbound.source == spool.HISTORY_IMPORT
         session.info["shadow"] = history or from_shadow_mailbox(rt, inbound)
@@ -486,6 +501,10 @@ def process_one(rt: Runtime, inbound: Inbound, ahead: Future[Prepared] | None = 
     max_attempts = rt.settings.helpdesk.max_attempts
     try:
         return process_claimed(rt, inbound, ahead)
+    except ParseTimeout as exc:
+        dead = spool.fail(rt.engine, inbound.id, str(exc), max_attempts=max_attempts, **header_summary(rt, inbound))
+        log.error("inbound %s: %s (%s)", inbound.id, exc, "dead letter" if dead else "will retry")
+        raise
     except BrokenProcessPool:
         raise
     except spool.ClaimLost as exc:
