@@ -10,10 +10,40 @@ domain. Reply-To never identifies anyone.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import authres
+
+from mailgate.domain import base_address
+
+# "'Carol Smith' via Support": how Google Groups and Mailman name a sender whose From
+# they rewrote to the list's own address.
+_VIA_NAME_RE = re.compile(r"^\s*['\"]?(?P<name>.*?)['\"]?\s+via\s+\S.*$", re.IGNORECASE | re.DOTALL)
+
+
+def sender_behind_own_list(from_addr: str, from_name: str, original_from: tuple[str, str] | None,
+                           reply_to: Sequence[str], own_addresses: Collection[str]) -> tuple[str, str] | None:
+    """(name, address) of the person whose mail our own group or list (support@ as a Google
+    Group in front of the mailbox we read) sent on From our address, as it does for a
+    DMARC-strict sender; None for any other mail.
+
+    The person is X-Original-From, or the one Reply-To address of a From named "X via Y".
+    Trusting them is no more than trusting a From: whoever could forge these could forge
+    the From itself. Never one of our own addresses: that is our mail come back.
+    """
+    if base_address(from_addr) not in own_addresses:
+        return None
+    via = _VIA_NAME_RE.match(from_name)
+    if original_from is not None:
+        name, address = original_from
+    elif via is not None and len(reply_to) == 1:
+        name, address = "", reply_to[0]
+    else:
+        return None
+    if not address or base_address(address) in own_addresses:
+        return None
+    return (name or (via.group("name").strip() if via is not None else "")), address
 
 
 @dataclass(frozen=True)

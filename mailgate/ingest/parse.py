@@ -71,6 +71,9 @@ class ParsedMessage:
     is_dsn: bool
     dsn_original_message_ids: tuple[str, ...]
     dsn_failed_recipients: tuple[str, ...]
+    # X-Original-From, where a group or list put the sender when it rewrote From to its
+    # own address (Google Groups, for DMARC); exactly one mailbox, or None.
+    original_from: tuple[str, str] | None = None
     # The stdlib (compat32) tree it was read from, for the spam filter's features: one
     # parse serves both. Read it, never change it.
     mime: Message | None = field(default=None, repr=False, compare=False)
@@ -1070,6 +1073,12 @@ def parse_message(
     else:
         defects.append("missing From header")
 
+    original_from = None
+    original_from_values = [v for k, v in raw_items if k == "x-original-from"]
+    if len(original_from_values) == 1:
+        parsed_original = _parse_addresses(original_from_values[0], defects, "x-original-from")
+        original_from = parsed_original[0] if len(parsed_original) == 1 else None
+
     raw_mid = first_raw("message-id")
     mids = _parse_msgids(raw_mid) if raw_mid is not None else []
     message_id = mids[0] if mids else None
@@ -1144,5 +1153,6 @@ def parse_message(
         is_dsn=col.is_dsn,
         dsn_original_message_ids=tuple(col.dsn_ids or ()),
         dsn_failed_recipients=tuple(col.dsn_failed or ()),
+        original_from=original_from,
         mime=msg,
     )

@@ -8,11 +8,12 @@ first matching rule in the order bounce, auto_reply, list, bulk decides.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from mailgate.ingest.parse import ParsedMessage
 
-__all__ = ["ScreenVerdict", "screen_message"]
+__all__ = ["ScreenVerdict", "own_list_ids", "screen_message"]
 
 AUTO_REPLY = "auto_reply"
 BOUNCE = "bounce"
@@ -112,8 +113,25 @@ def _auto_reply_reason(msg: ParsedMessage, envelope_from: str | None) -> str | N
     return None
 
 
-def _list_reason(msg: ParsedMessage) -> str | None:
-    if msg.header_all("list-id"):
+def _list_id(value: str) -> str:
+    """'Support <support.example.com>' -> 'support.example.com' (RFC 2919)."""
+    m = re.search(r"<([^<>]*)>", value)
+    return (m.group(1) if m else value).strip().lower()
+
+
+def own_list_ids(addresses: Iterable[str]) -> frozenset[str]:
+    """The List-Id a group or list at one of our addresses stamps (Google Groups and
+    Mailman write support@example.com as support.example.com)."""
+    return frozenset(a.lower().replace("@", ".") for a in addresses)
+
+
+def _list_reason(msg: ParsedMessage, own_lists: Collection[str]) -> str | None:
+    list_ids = [_list_id(v) for v in msg.header_all("list-id")]
+    if list_ids and all(i in own_lists for i in list_ids):
+        # Our own group in front of the mailbox (support@ as a Google Group): it adds its
+        # list headers to every customer's mail, which says nothing about the sender.
+        return None
+    if list_ids:
         return "List-Id present"
     if msg.header_all("list-unsubscribe"):
         return "List-Unsubscribe present"
@@ -137,15 +155,17 @@ def _bulk_reason(msg: ParsedMessage) -> str | None:
     return None
 
 
-def screen_message(msg: ParsedMessage, *, envelope_from: str | None) -> ScreenVerdict:
-    """Classify ``msg``; ``envelope_from`` is the SMTP MAIL FROM ('' for '<>'), None if unknown."""
+def screen_message(msg: ParsedMessage, *, envelope_from: str | None,
+                   own_lists: Collection[str] = frozenset()) -> ScreenVerdict:
+    """Classify ``msg``; ``envelope_from`` is the SMTP MAIL FROM ('' for '<>'), None if unknown;
+    ``own_lists``: the List-Ids of groups at our own addresses (own_list_ids)."""
     reason = _bounce_reason(msg, envelope_from)
     if reason:
         return ScreenVerdict(BOUNCE, reason)
     reason = _auto_reply_reason(msg, envelope_from)
     if reason:
         return ScreenVerdict(AUTO_REPLY, reason)
-    reason = _list_reason(msg)
+    reason = _list_reason(msg, own_lists)
     if reason:
         return ScreenVerdict(LIST, reason)
     reason = _bulk_reason(msg)

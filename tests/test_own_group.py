@@ -1,0 +1,105 @@
+"""support@ as a Google Group (or Mailman list) in front of the mailbox mailgate reads.
+
+The group stamps its List-Id and Precedence: list on every customer's mail, and rewrites
+the From of a DMARC-strict sender to its own address ("'Carol Smith' via Support"), with
+the person in X-Original-From and Reply-To. The fixtures are written by hand after
+Google's documented behaviour, not captured from a real group.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mailgate.ingest.identify import sender_behind_own_list
+from mailgate.ingest.parse import parse_message
+from mailgate.ingest.screen import ScreenVerdict, own_list_ids, screen_message
+from tests.conftest import FIXTURES, cli, query_json, write_config
+
+OURS = ("support@example.com", "support-comment@example.com", "sales@example.com")
+REWRITTEN = (FIXTURES / "googlegroup_rewritten_from.eml").read_bytes()
+THROUGH_GROUP = (FIXTURES / "googlegroup_plain.eml").read_bytes()
+
+
+def test_our_own_groups_list_headers_do_not_make_a_customer_a_list() -> None:
+    own = own_list_ids(OURS)
+    assert screen_message(parse_message(THROUGH_GROUP), envelope_from=None, own_lists=own) == ScreenVerdict(None, "")
+    assert screen_message(parse_message(THROUGH_GROUP), envelope_from=None).kind == "list"  # without: a list
+    # Another list's mail stays list mail, and the sender's own Precedence: bulk still counts.
+    other = THROUGH_GROUP.replace(b"List-ID: <support.example.com>", b"List-ID: <dev.lists.customer.org>")
+    assert screen_message(parse_message(other), envelope_from=None, own_lists=own).kind == "list"
+    both = THROUGH_GROUP.replace(b"List-ID: <support.example.com>",
+                                 b"List-ID: <support.example.com>\r\nList-ID: <dev.lists.customer.org>")
+    assert screen_message(parse_message(both), envelope_from=None, own_lists=own).kind == "list"
+    bulk = THROUGH_GROUP.replace(b"Precedence: list", b"Precedence: bulk")
+    assert screen_message(parse_message(bulk), envelope_from=None, own_lists=own).kind == "bulk"
+
+
+@pytest.mark.parametrize(("from_addr", "from_name", "original", "reply_to", "expected"), [
+    # Google's rewrite: X-Original-From names the person.
+    ("support@example.com", "'Carol Smith' via Support", ("Carol Smith", "carol@customer.org"),
+     ("carol@customer.org",), ("Carol Smith", "carol@customer.org")),
+    # Mailman's: "X via List" with the person in Reply-To.
+    ("support@example.com", "Carol Smith via Support", None, ("carol@customer.org",),
+     ("Carol Smith", "carol@customer.org")),
+    # Not from our address: nothing to recover.
+    ("carol@customer.org", "Carol via Support", None, ("dave@customer.org",), None),
+    # From our address without a sign of a rewrite: our own mail come back, or a forgery.
+    ("support@example.com", "Example Support", None, ("carol@customer.org",), None),
+    # Two Reply-To addresses: no single person.
+    ("support@example.com", "Carol via Support", None, ("carol@customer.org", "dave@customer.org"), None),
+    # The person behind it is one of our addresses: our mail come back through the group.
+    ("support@example.com", "Support via Support", ("", "support+12-abcd@example.com"), (), None),
+    ("sales@example.com", "'Carol' via Sales", None, ("carol@customer.org",), ("Carol", "carol@customer.org")),
+])
+def test_the_person_behind_a_from_our_group_rewrote(from_addr: str, from_name: str,
+                                                     original: tuple[str, str] | None, reply_to: tuple[str, ...],
+                                                     expected: tuple[str, str] | None) -> None:
+    assert sender_behind_own_list(from_addr, from_name, original, reply_to, OURS) == expected
+
+
+def test_x_original_from_is_read_only_when_it_names_one_mailbox() -> None:
+    assert parse_message(REWRITTEN).original_from == ("Carol Smith", "carol@customer.org")
+    two = REWRITTEN.replace(b"X-Original-From: Carol Smith <carol@customer.org>",
+                            b"X-Original-From: Carol Smith <carol@customer.org>, dave@customer.org")
+    assert parse_message(two).original_from is None
+    twice = REWRITTEN.replace(b"X-Original-From: Carol Smith <carol@customer.org>",
+                              b"X-Original-From: carol@customer.org\r\nX-Original-From: dave@customer.org")
+    assert parse_message(twice).original_from is None
+
+
+def _requesters(config: Path) -> dict[str, str]:
+    return {t["subject"]: t["requester"] for t in query_json(config, "tickets", "list")}
+
+
+def test_mail_through_our_group_becomes_the_customers_ticket_and_is_confirmed(workdir: Path) -> None:
+    config = write_config(workdir, agents="", helpdesk_extra='trusted_authserv_ids = ["mx.example.com"]')
+    cli(config, "ingest", input=THROUGH_GROUP)
+    cli(config, "ingest", input=REWRITTEN)
+    assert _requesters(config) == {"VPN drops every hour": "dave@customer.org",
+                                   "Printer on fire": "carol@customer.org"}
+    confirmations = sorted(r["to"] for r in query_json(config, "outbox", "list")
+                           if r["template"] == "requester/created")
+    assert confirmations == ["carol@customer.org", "dave@customer.org"]
+    # Carol's later reply through the group lands on her ticket.
+    reply = REWRITTEN.replace(b"Subject: Printer on fire", b"Subject: Re: [EXAMPLE #2] Printer on fire").replace(
+        b"<CAHx1-carol-0001@", b"<CAHx1-carol-0002@")
+    cli(config, "ingest", input=reply)
+    assert len(query_json(config, "tickets", "list")) == 2
+    assert [m["from"] for m in query_json(config, "tickets", "show", "2")["messages"] if m["direction"] == "in"] == [
+        "carol@customer.org", "carol@customer.org"]
+
+
+def test_a_rewrite_that_our_mta_cannot_vouch_for_is_not_taken(workdir: Path) -> None:
+    # Anyone can write From: support@ and X-Original-From: a customer of ours. Where our MTA
+    # authenticates mail, the rewrite counts only with a pass for our own domain.
+    config = write_config(workdir, agents="", helpdesk_extra='trusted_authserv_ids = ["mx.example.com"]')
+    forged = REWRITTEN.replace(b"dkim=pass header.d=example.com; spf=pass", b"dkim=none; spf=fail")
+    result = cli(config, "ingest", input=forged)
+    assert b"screened" in result.stdout
+    assert query_json(config, "tickets", "list") == []
+    # Nor is an agent's address behind it ever taken (the group signs for our domain).
+    agents = write_config(workdir / "agents", helpdesk_extra='trusted_authserv_ids = ["mx.example.com"]')
+    as_agent = REWRITTEN.replace(b"carol@customer.org", b"alice@example.com")
+    assert b"screened" in cli(agents, "ingest", input=as_agent).stdout
