@@ -322,6 +322,15 @@ def _check_address(key: str, value: str) -> str:
     return value.lower()
 
 
+def _check_our_address(key: str, value: str) -> str:
+    """One of the help desk's own addresses: mail to its plus forms carries reply tokens and
+    bounce tags (support+12-tok@, support+bounce-tag@), so it must have no + of its own."""
+    value = _check_address(key, value)
+    if "+" in value.split("@", 1)[0]:
+        raise ConfigError(f"{key}: must not contain '+' (its plus forms carry reply tokens), got {value!r}")
+    return value
+
+
 def _resolve(base: Path, value: str) -> Path:
     p = Path(value).expanduser()
     return p if p.is_absolute() else (base / p)
@@ -365,7 +374,7 @@ def settings_from_dict(data: dict[str, Any], *, base: Path, path: Path | None = 
 def _comment_address(sec: _Section, address: str, queues: tuple[str, ...]) -> str:
     """Mail to the comment address is an internal note: if it were also a queue, every
     agent's answer would be kept as a note and never reach the customer."""
-    value = sec.address("comment_address")
+    value = _check_our_address(sec.key("comment_address"), sec.get("comment_address", str, ...))
     if base_address(value) in {base_address(a) for a in (address, *queues)}:
         raise ConfigError(f"helpdesk.comment_address: must differ from helpdesk.address and helpdesk.queues, "
                           f"got {value!r}")
@@ -470,7 +479,7 @@ def published_secret_key(settings: Settings) -> bool:
 
 
 def _helpdesk(sec: _Section, base: Path) -> HelpdeskSettings:
-    address = sec.address("address")
+    address = _check_our_address(sec.key("address"), sec.get("address", str, ...))
     tag = sec.get("subject_tag", str, required=True)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,30}", tag):
         raise ConfigError(f"helpdesk.subject_tag: letters, digits, '.', '_' or '-' only, got {tag!r}")
@@ -483,7 +492,7 @@ def _helpdesk(sec: _Section, base: Path) -> HelpdeskSettings:
     if default_priority not in priorities:
         raise ConfigError(f"helpdesk.default_priority: {default_priority!r} is not in helpdesk.priorities")
     templates_dir = sec.get("templates_dir", str, None)
-    queues = tuple(_check_address("helpdesk.queues", q) for q in sec.str_list("queues"))
+    queues = tuple(_check_our_address("helpdesk.queues", q) for q in sec.str_list("queues"))
     s = HelpdeskSettings(
         address=address,
         comment_address=_comment_address(sec, address, queues),

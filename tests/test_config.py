@@ -153,6 +153,8 @@ def test_missing_keys_are_named_exactly() -> None:
     ({"outbound__url": "ftp://relay"}, "outbound.url: must be maildir:PATH or smtp://host:port"),
     ({"outbound__starttls": 1}, "outbound.starttls: expected bool, got 1"),
     ({"outbound__verp": "yes"}, "outbound.verp: expected bool, got 'yes'"),
+    ({"helpdesk__address": "help+desk@example.com"}, "helpdesk.address: must not contain '+'"),
+    ({"helpdesk__queues": ["sales+x@example.com"]}, "helpdesk.queues: must not contain '+'"),
     ({"database__url": "mysql://x"}, "database.url: must start with sqlite:/// or postgresql"),
     ({"agents": [{"email": "alice"}]}, "agents[0].email: not an email address: 'alice'"),
     ({"agents": [{"email": "a@example.com", "role": "boss"}]}, "agents[0].role: must be one of agent, admin"),

@@ -530,9 +530,28 @@ def test_with_verp_a_report_proves_itself_by_its_to_header_through_ingest(workdi
     cli(config, "ingest", input=delivery_report(message_id, "failed", "5.1.1", attempt=2).replace(
         b"To: support@example.com", b"To: support+bounce-0123456789abcdef@example.com"))
     assert state() == "sent"
+    with sqlite3.connect(workdir / "mailgate.db") as db:
+        # The refusal is explained on the report without the secret address itself.
+        hits = " ".join(h for (h,) in db.execute("SELECT rule_hits FROM inbound"))
+    assert "no proof that it bounced" in hits and envelope_sender not in hits
     cli(config, "ingest", input=delivery_report(message_id, "failed", "5.1.1", attempt=3).replace(
         b"To: support@example.com", f"To: {envelope_sender}".encode()))
     assert state() == "failed"
+
+
+def test_mail_sent_before_verp_was_turned_on_no_longer_bounces_by_report(workdir: Path) -> None:
+    # Its Message-ID may be known to a CC, and it has no envelope sender of its own to prove
+    # a report by: once verp is on, no report about it counts.
+    config = write_config(workdir)
+    cli(config, "ingest", input=bytes(mail()))
+    with sqlite3.connect(workdir / "mailgate.db") as db:
+        db.execute("UPDATE outbox SET state = 'sent'")
+        (message_id,) = db.execute("SELECT message_id FROM outbox WHERE template = 'requester/created'").fetchone()
+    config.write_text(config.read_text().replace("poll_seconds = 0.2\n", "poll_seconds = 0.2\nverp = true\n", 1))
+    cli(config, "ingest", input=delivery_report(message_id, "failed", "5.1.1"))
+    with sqlite3.connect(workdir / "mailgate.db") as db:
+        assert db.execute("SELECT state FROM outbox WHERE message_id = ?", (message_id,)).fetchone() == ("sent",)
+        assert db.execute("SELECT bounced_at FROM contact WHERE email = 'carol@customer.org'").fetchone() == (None,)
 
 
 def test_a_bounce_holds_automatic_mail_to_the_address_until_it_writes_again(workdir: Path) -> None:

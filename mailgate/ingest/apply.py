@@ -957,9 +957,14 @@ def record_bounce(ctx: Context) -> None:
         row = ctx.session.exec(select(Outbox).where(Outbox.message_id == mid)).first()
         if row is None:
             continue
-        if is_bounce_address(row.mail_from) and row.mail_from.lower() not in ctx.recipients:
-            ctx.hit("bounce", False, f"<{mid}>: not addressed to <{row.mail_from}>, the envelope sender "
-                                     f"of outbox {row.id}: no proof that it bounced")
+        verp = is_bounce_address(row.mail_from)
+        if (verp or ctx.rt.settings.outbound.verp) and not (verp and row.mail_from.lower() in ctx.recipients):
+            # Not the address itself in the reason: it is kept on the report, where staff can
+            # read it, and it must stay known only to the recipient's mailbox. A mail sent
+            # before verp was turned on has no such address, and after that no proof at all.
+            why = ("the report is not addressed to its envelope sender" if verp
+                   else "it was sent before outbound.verp was turned on")
+            ctx.hit("bounce", False, f"<{mid}>: outbox {row.id}: {why}: no proof that it bounced")
             continue
         if not failed or row.state != "sent":
             why = "no failed recipient in the report" if not failed else f"outbox {row.id} is {row.state}"
