@@ -115,15 +115,16 @@ class IngestWorker:
             except asyncio.CancelledError:
                 raise
             except BrokenProcessPool as exc:
-                # A message may have crashed the helper, or got it stuck. Exit: the main
+                # A message may have crashed a helper, or got it stuck. Exit: the main
                 # process restarts us and the messages we held are retried, one at a time
-                # (spool.claim_batch).
+                # (spool.claim_batch). The helpers are killed first: they ignore SIGTERM,
+                # and one that is stuck would keep the pool's shutdown waiting for ever.
                 from mailgate.ingest.pipeline import ParseTimeout  # loaded: the work process ran it
 
-                if isinstance(exc, ParseTimeout) and self.ahead is not None:
-                    log.error("a parse-ahead helper is stuck: %s", exc)
+                if self.ahead is not None:
                     self.ahead.kill()
-                _helper_died()
+                _helper_died(f"a parse-ahead helper is stuck: {exc}" if isinstance(exc, ParseTimeout)
+                             else "a parse-ahead helper process died")
             except Exception as exc:  # the database itself is failing: back off, never crash-loop
                 log.exception("ingest worker pass failed")
                 results = []
@@ -183,8 +184,8 @@ async def _wait_any(event: asyncio.Event, stop: asyncio.Event, timeout: float) -
         w.cancel()
 
 
-def _helper_died() -> NoReturn:
-    log.error("a parse-ahead helper process died: the work process exits to be restarted")
+def _helper_died(what: str = "a parse-ahead helper process died") -> NoReturn:
+    log.error("%s: the work process exits to be restarted", what)
     raise SystemExit(HELPER_DIED_EXIT)
 
 

@@ -477,16 +477,55 @@ def test_a_stuck_parse_helper_is_killed_and_its_message_retried(workdir: Path) -
     try:
         wait_until(lambda: "parse-ahead helper process(es) started" in d.log.read_text())
         first = wait_until(lambda: work_and_helper_pids(d))
-        os.kill(first[1], _signal.SIGSTOP)  # as a parse that never ends would leave it
-        d.send(mail(subject="parsed by a stuck helper"))
+        # Three messages wait while the work process is paused, so that one batch claims them
+        # all; then its helper hangs on the first, as a parse that never ends would leave it.
+        os.kill(first[0], _signal.SIGSTOP)
+        os.kill(first[1], _signal.SIGSTOP)
+        for i in range(3):
+            d.send(mail(subject=f"parsed by a stuck helper {i}"))
+        os.kill(first[0], _signal.SIGCONT)
         wait_until(lambda: "parsing took longer than 2 s" in d.log.read_text(), timeout=30)
         with sqlite3.connect(workdir / "mailgate.db") as db:
-            assert "parsing took longer than 2 s" in db.execute("SELECT last_error FROM inbound").fetchone()[0]
-        # The stuck helper is gone (killed, not waited for), a new pair works, and the
-        # message is retried: nothing lost.
+            (error,) = db.execute("SELECT last_error FROM inbound WHERE id = 1").fetchone()
+        assert "parsing took longer than 2 s" in error
+        # The stuck helper is gone (killed, not waited for), a new pair works, and every
+        # message is processed: nothing lost.
         wait_until(lambda: not Path(f"/proc/{first[1]}").exists(), timeout=30)
-        wait_until(lambda: [t["subject"] for t in d.tickets()] == ["parsed by a stuck helper"], timeout=60)
+        wait_until(lambda: len(d.tickets()) == 3, timeout=60)
         second = wait_until(lambda: work_and_helper_pids(d))
         assert d.alive() and second[0] != first[0]
+        with sqlite3.connect(workdir / "mailgate.db") as db:
+            attempts = [n for (n,) in db.execute("SELECT attempts FROM inbound ORDER BY id")]
+        # Only the message it hung on is charged an attempt; the rest of its batch were given back.
+        assert attempts == [2, 1, 1]
+    finally:
+        d.stop()
+
+
+def test_a_pool_broken_beside_a_stuck_helper_does_not_hang_the_work_process(workdir: Path) -> None:
+    # Two helpers: one stuck, the other dies. The pool's shutdown would wait for the stuck
+    # one for ever (helpers ignore SIGTERM): the work process kills them and restarts.
+    import os
+    import signal as _signal
+
+    d = start_daemon(write_config(workdir, helpdesk_extra="parse_processes = 2"))
+    try:
+        wait_until(lambda: "2 parse-ahead helper process(es) started" in d.log.read_text())
+
+        def helpers() -> tuple[int, list[int]] | None:
+            for task in Path(f"/proc/{d.proc.pid}/task").iterdir():
+                for work in (task / "children").read_text().split():
+                    found = [int(c) for t in Path(f"/proc/{work}/task").iterdir()
+                             for c in (t / "children").read_text().split()]
+                    if len(found) == 2:
+                        return int(work), found
+            return None
+
+        work, (stuck, dying) = wait_until(helpers)
+        os.kill(stuck, _signal.SIGSTOP)
+        os.kill(dying, _signal.SIGKILL)
+        d.send(mail(subject="after the pool broke"))
+        wait_until(lambda: [t["subject"] for t in d.tickets()] == ["after the pool broke"], timeout=60)
+        assert not Path(f"/proc/{stuck}").exists() and d.alive()
     finally:
         d.stop()

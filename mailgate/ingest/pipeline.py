@@ -529,6 +529,10 @@ def process_one(rt: Runtime, inbound: Inbound, ahead: Future[Prepared] | None = 
     except ParseTimeout as exc:
         dead = spool.fail(rt.engine, inbound.id, str(exc), max_attempts=max_attempts, **header_summary(rt, inbound))
         log.error("inbound %s: %s (%s)", inbound.id, exc, "dead letter" if dead else "will retry")
+        if inbound.claimed_by:
+            # The rest of the batch waited behind it, unparsed: their attempts are given back
+            # (the crash path would count them, not knowing which message it was).
+            spool.give_back_claims(rt.engine, inbound.claimed_by)
         raise
     except BrokenProcessPool:
         raise
