@@ -22,18 +22,36 @@ REWRITTEN = (FIXTURES / "googlegroup_rewritten_from.eml").read_bytes()
 THROUGH_GROUP = (FIXTURES / "googlegroup_plain.eml").read_bytes()
 
 
+def kind(raw: bytes) -> str | None:
+    return screen_message(parse_message(raw), envelope_from=None, own_addresses=OURS).kind
+
+
 def test_our_own_groups_list_headers_do_not_make_a_customer_a_list() -> None:
-    own = own_list_ids(OURS)
-    assert screen_message(parse_message(THROUGH_GROUP), envelope_from=None, own_lists=own) == ScreenVerdict(None, "")
+    assert own_list_ids(OURS) == {"support.example.com", "support-comment.example.com", "sales.example.com"}
+    assert screen_message(parse_message(THROUGH_GROUP), envelope_from=None, own_addresses=OURS) == ScreenVerdict(
+        None, "")
     assert screen_message(parse_message(THROUGH_GROUP), envelope_from=None).kind == "list"  # without: a list
+    named = THROUGH_GROUP.replace(b"List-ID: <support.example.com>", b'List-ID: "Support" <Support.Example.COM>')
+    assert kind(named) is None
     # Another list's mail stays list mail, and the sender's own Precedence: bulk still counts.
     other = THROUGH_GROUP.replace(b"List-ID: <support.example.com>", b"List-ID: <dev.lists.customer.org>")
-    assert screen_message(parse_message(other), envelope_from=None, own_lists=own).kind == "list"
+    assert kind(other) == "list"
     both = THROUGH_GROUP.replace(b"List-ID: <support.example.com>",
                                  b"List-ID: <support.example.com>\r\nList-ID: <dev.lists.customer.org>")
-    assert screen_message(parse_message(both), envelope_from=None, own_lists=own).kind == "list"
-    bulk = THROUGH_GROUP.replace(b"Precedence: list", b"Precedence: bulk")
-    assert screen_message(parse_message(bulk), envelope_from=None, own_lists=own).kind == "bulk"
+    assert kind(both) == "list"
+    assert kind(THROUGH_GROUP.replace(b"Precedence: list", b"Precedence: bulk")) == "bulk"
+    # A newsletter sent to support@ through the group keeps its own List-Unsubscribe: still a list.
+    newsletter = THROUGH_GROUP.replace(
+        b"List-Unsubscribe: <mailto:googlegroups-manage",
+        b"List-Unsubscribe: <https://shop.example/u?x=1>\r\nList-Unsubscribe: <mailto:googlegroups-manage")
+    assert kind(newsletter) == "list"
+    # A Mailman list of ours (lists.example.com) is ours too.
+    mailman = THROUGH_GROUP.replace(
+        b"List-Unsubscribe: <mailto:googlegroups-manage+000000000000+unsubscribe@googlegroups.com>, "
+        b"<https://groups.google.com/a/example.com/group/support/subscribe>",
+        b"List-Unsubscribe: <https://lists.example.com/mailman/options/support>, "
+        b"<mailto:support-request@example.com?subject=unsubscribe>")
+    assert mailman != THROUGH_GROUP and kind(mailman) is None
 
 
 @pytest.mark.parametrize(("from_addr", "from_name", "original", "reply_to", "expected"), [
@@ -57,6 +75,13 @@ def test_the_person_behind_a_from_our_group_rewrote(from_addr: str, from_name: s
                                                      original: tuple[str, str] | None, reply_to: tuple[str, ...],
                                                      expected: tuple[str, str] | None) -> None:
     assert sender_behind_own_list(from_addr, from_name, original, reply_to, OURS) == expected
+
+
+def test_an_unusable_x_original_from_names_nobody() -> None:
+    # Two X-Original-From headers, or two mailboxes: not a fallback to Reply-To, which the
+    # poster chose.
+    assert sender_behind_own_list("support@example.com", "Carol via Support", None, ("victim@bigcorp.example",),
+                                  OURS, original_from_present=True) is None
 
 
 def test_x_original_from_is_read_only_when_it_names_one_mailbox() -> None:
@@ -96,8 +121,19 @@ def test_a_rewrite_that_our_mta_cannot_vouch_for_is_not_taken(workdir: Path) -> 
     # authenticates mail, the rewrite counts only with a pass for our own domain.
     config = write_config(workdir, agents="", helpdesk_extra='trusted_authserv_ids = ["mx.example.com"]')
     forged = REWRITTEN.replace(b"dkim=pass header.d=example.com; spf=pass", b"dkim=none; spf=fail")
-    result = cli(config, "ingest", input=forged)
-    assert b"screened" in result.stdout
+    assert b"screened" in cli(config, "ingest", input=forged).stdout
+    # A mail of ours, DKIM-signed for our domain, replayed with X-Original-From added: the
+    # signature does not cover that header, and a replay keeps it valid. Only SPF, which
+    # names the server that handed the mail to ours, counts.
+    replayed = REWRITTEN.replace(b"spf=pass smtp.mailfrom=support+bncBDEXAMPLE0000@example.com",
+                                 b"spf=fail smtp.mailfrom=x@attacker.example").replace(
+        b"<CAHx1-carol-0001@", b"<CAHx1-carol-0009@")
+    assert b"screened" in cli(config, "ingest", input=replayed).stdout
+    # Two X-Original-From headers name nobody, and Reply-To does not stand in for them.
+    twice = REWRITTEN.replace(b"X-Original-From: Carol Smith <carol@customer.org>",
+                              b"X-Original-From: mallory@evil.example\r\nX-Original-From: carol@customer.org").replace(
+        b"<CAHx1-carol-0001@", b"<CAHx1-carol-0010@")
+    assert b"screened" in cli(config, "ingest", input=twice).stdout
     assert query_json(config, "tickets", "list") == []
     # Nor is an agent's address behind it ever taken (the group signs for our domain).
     agents = write_config(workdir / "agents", helpdesk_extra='trusted_authserv_ids = ["mx.example.com"]')

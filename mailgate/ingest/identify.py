@@ -23,16 +23,21 @@ _VIA_NAME_RE = re.compile(r"^\s*['\"]?(?P<name>.*?)['\"]?\s+via\s+\S.*$", re.IGN
 
 
 def sender_behind_own_list(from_addr: str, from_name: str, original_from: tuple[str, str] | None,
-                           reply_to: Sequence[str], own_addresses: Collection[str]) -> tuple[str, str] | None:
+                           reply_to: Sequence[str], own_addresses: Collection[str], *,
+                           original_from_present: bool | None = None) -> tuple[str, str] | None:
     """(name, address) of the person whose mail our own group or list (support@ as a Google
     Group in front of the mailbox we read) sent on From our address, as it does for a
     DMARC-strict sender; None for any other mail.
 
     The person is X-Original-From, or the one Reply-To address of a From named "X via Y".
     Trusting them is no more than trusting a From: whoever could forge these could forge
-    the From itself. Never one of our own addresses: that is our mail come back.
+    the From itself. Never one of our own addresses: that is our mail come back. An
+    X-Original-From that is there but names no single mailbox (original_from None,
+    original_from_present True) names nobody: Reply-To is the poster's to choose.
     """
     if base_address(from_addr) not in own_addresses:
+        return None
+    if original_from is None and original_from_present:
         return None
     via = _VIA_NAME_RE.match(from_name)
     if original_from is not None:
@@ -127,11 +132,22 @@ def _authserv_id(value: str) -> str:
     return words[0].lower() if words else ""
 
 
-def _first_pass(parsed: authres.AuthenticationResultsHeader, from_domain: str) -> str | None:
+def spf_pass(headers: Sequence[str], trusted_ids: Sequence[str], domain: str) -> str | None:
+    """As auth_results_pass, but only an SPF pass counts: it says which server handed the
+    mail to ours. A DKIM signature of our domain can be replayed by anyone who got mail
+    from us, with headers the signature does not cover added."""
+    parsed = _topmost_trusted(headers, trusted_ids)
+    return _first_pass(parsed, domain, ("spf",)) if parsed is not None and domain else None
+
+
+def _first_pass(parsed: authres.AuthenticationResultsHeader, from_domain: str,
+                methods: tuple[str, ...] = ("dkim", "spf")) -> str | None:
     for result in parsed.results:
         if str(result.result).lower() != "pass":
             continue
         method = str(result.method).lower()
+        if method not in methods:
+            continue
         props = _properties(result)
         if method == "dkim":
             d = props.get("header.d") or props.get("header.i", "").rpartition("@")[2]

@@ -33,15 +33,15 @@ from mailgate.ingest import apply
 from mailgate.ingest.commands import ParsedCommands, parse_commands
 from mailgate.ingest.identify import (
     Identity,
-    auth_results_pass,
     dmarc_failed,
     identify_agent,
     sender_behind_own_list,
+    spf_pass,
 )
 from mailgate.ingest.parse import ParsedMessage, UnusableMessage, parse_message
 from mailgate.ingest.replytext import visible_reply_text
 from mailgate.ingest.route import RouteDecision, RouteFacts, decide_route
-from mailgate.ingest.screen import ScreenVerdict, own_list_ids, screen_message
+from mailgate.ingest.screen import ScreenVerdict, screen_message
 from mailgate.ingest.stop import Stop
 from mailgate.runtime import Runtime
 from mailgate.store.engine import is_postgres, session_scope, utcnow
@@ -175,7 +175,7 @@ def step_dedupe(ctx: Context) -> None:
 
 def step_screen(ctx: Context) -> None:
     ctx.verdict = screen_message(ctx.msg, envelope_from=ctx.inbound.envelope_from,
-                                 own_lists=own_list_ids(ctx.rt.settings.helpdesk.all_addresses))
+                                 own_addresses=ctx.rt.settings.helpdesk.all_addresses)
     ctx.hit("screen", ctx.verdict.kind is not None, ctx.verdict.reason or "written by a person")
 
 
@@ -184,15 +184,18 @@ def step_identify(ctx: Context) -> None:
     ctx.sender = ctx.msg.from_addr or (ctx.inbound.envelope_from or "").lower()
     ctx.sender_name = ctx.msg.from_name
     behind = sender_behind_own_list(ctx.msg.from_addr, ctx.msg.from_name, ctx.msg.original_from,
-                                    ctx.msg.reply_to, hd.all_addresses)
+                                    ctx.msg.reply_to, hd.all_addresses,
+                                    original_from_present=bool(ctx.msg.header_all("x-original-from")))
     if behind is not None:
-        if hd.trusted_authserv_ids and auth_results_pass(
+        if hd.trusted_authserv_ids and spf_pass(
                 ctx.msg.header_all("authentication-results"), hd.trusted_authserv_ids,
                 ctx.msg.from_addr.rpartition("@")[2]) is None:
-            # Where our MTA authenticates mail, the rewrite must be provably our group's
-            # (an aligned pass for our own domain): anyone can write our address in From,
-            # and the person named behind it would escape the DMARC check of their own From.
-            ctx.hit("sender", False, f"From our address without a trusted pass for it: {behind[1]} "
+            # Where our MTA authenticates mail, the rewrite must be provably our group's: an
+            # SPF pass for our own domain (the group's bounce address). Anyone can write our
+            # address in From, or replay a DKIM-signed mail of ours with X-Original-From
+            # added, and the person named behind it would escape the DMARC check of their
+            # own From and the spam filter as a known requester.
+            ctx.hit("sender", False, f"From our address without a trusted SPF pass for it: {behind[1]} "
                                      "not taken as the sender")
         elif ctx.rt.settings.agent(behind[1]) is None:
             ctx.sender_name, ctx.sender = behind

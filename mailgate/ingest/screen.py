@@ -125,11 +125,38 @@ def own_list_ids(addresses: Iterable[str]) -> frozenset[str]:
     return frozenset(a.lower().replace("@", ".") for a in addresses)
 
 
-def _list_reason(msg: ParsedMessage, own_lists: Collection[str]) -> str | None:
+# Where a Google Group's List-Unsubscribe points, besides the group's own domain.
+_GROUP_HOSTS = ("googlegroups.com", "groups.google.com")
+
+
+def _uri_hosts(value: str) -> list[str]:
+    """Hosts of the <mailto:...> and <https://...> URIs of a List-Unsubscribe value."""
+    hosts = []
+    for uri in re.findall(r"<([^<>]*)>", value):
+        uri = uri.strip().lower()
+        if uri.startswith("mailto:"):
+            hosts.append(uri[len("mailto:"):].split("?", 1)[0].rpartition("@")[2])
+        else:
+            authority = re.sub(r"^[a-z][a-z0-9+.-]*://", "", uri).split("/", 1)[0].split("?", 1)[0]
+            hosts.append(authority.rpartition("@")[2].split(":", 1)[0])
+    return hosts
+
+
+def _group_host(host: str, own_domains: Collection[str]) -> bool:
+    return bool(host) and any(host == d or host.endswith("." + d) for d in (*own_domains, *_GROUP_HOSTS))
+
+
+def _list_reason(msg: ParsedMessage, own_lists: Collection[str], own_domains: Collection[str]) -> str | None:
     list_ids = [_list_id(v) for v in msg.header_all("list-id")]
     if list_ids and all(i in own_lists for i in list_ids):
         # Our own group in front of the mailbox (support@ as a Google Group): it adds its
-        # list headers to every customer's mail, which says nothing about the sender.
+        # List-Id, Precedence: list and List-Unsubscribe to every customer's mail, which
+        # says nothing about the sender. A List-Unsubscribe pointing elsewhere is the
+        # sender's own: a newsletter sent to support@ through the group.
+        for value in msg.header_all("list-unsubscribe"):
+            hosts = _uri_hosts(value)
+            if not hosts or not all(_group_host(h, own_domains) for h in hosts):
+                return "List-Unsubscribe present (not our own group's)"
         return None
     if list_ids:
         return "List-Id present"
@@ -156,16 +183,17 @@ def _bulk_reason(msg: ParsedMessage) -> str | None:
 
 
 def screen_message(msg: ParsedMessage, *, envelope_from: str | None,
-                   own_lists: Collection[str] = frozenset()) -> ScreenVerdict:
+                   own_addresses: Collection[str] = ()) -> ScreenVerdict:
     """Classify ``msg``; ``envelope_from`` is the SMTP MAIL FROM ('' for '<>'), None if unknown;
-    ``own_lists``: the List-Ids of groups at our own addresses (own_list_ids)."""
+    ``own_addresses``: the help desk's addresses, where a group of our own may sit (own_list_ids)."""
     reason = _bounce_reason(msg, envelope_from)
     if reason:
         return ScreenVerdict(BOUNCE, reason)
     reason = _auto_reply_reason(msg, envelope_from)
     if reason:
         return ScreenVerdict(AUTO_REPLY, reason)
-    reason = _list_reason(msg, own_lists)
+    reason = _list_reason(msg, own_list_ids(own_addresses),
+                          {a.rpartition("@")[2].lower() for a in own_addresses})
     if reason:
         return ScreenVerdict(LIST, reason)
     reason = _bulk_reason(msg)
