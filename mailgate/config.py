@@ -558,7 +558,8 @@ def _agents(root: _Section, helpdesk: HelpdeskSettings) -> tuple[Agent, ...]:
         email = s.address("email")
         if email in seen:
             raise ConfigError(f"agents[{i}].email: {email} is listed twice")
-        if email in helpdesk.all_addresses:
+        if base_address(email) in helpdesk.all_addresses:
+            # A plus form too: mail to it reaches our own mailbox, and mail from it is ours.
             raise ConfigError(f"agents[{i}].email: {email} is one of the help desk's own addresses")
         seen.add(email)
         out.append(Agent(

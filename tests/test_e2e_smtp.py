@@ -466,6 +466,11 @@ def test_a_killed_parse_helper_restarts_the_work_process_and_nothing_is_lost(dae
     assert sorted(t["subject"] for t in daemon.tickets()) == [f"after the helper died {i}" for i in range(3)]
     second = wait_until(lambda: work_and_helper_pids(daemon))
     assert daemon.alive() and second[0] != first[0] and second[1] != first[1]
+    with sqlite3.connect(daemon.config.parent / "mailgate.db") as db:
+        attempts = [n for (n,) in db.execute("SELECT attempts FROM inbound ORDER BY id")]
+    # The helper died while idle: the batch that found the pool broken was never parsed,
+    # and gets its attempts back.
+    assert attempts == [1, 1, 1]
     assert "parse-ahead helper process died" in daemon.log.read_text()
 
 

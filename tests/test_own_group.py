@@ -53,6 +53,20 @@ def test_our_own_groups_list_headers_do_not_make_a_customer_a_list() -> None:
         b"<mailto:support-request@example.com?subject=unsubscribe>")
     assert mailman != THROUGH_GROUP and kind(mailman) is None
 
+    def unsubscribe(links: bytes) -> bytes:
+        return THROUGH_GROUP.replace(
+            b"List-Unsubscribe: <mailto:googlegroups-manage+000000000000+unsubscribe@googlegroups.com>, "
+            b"<https://groups.google.com/a/example.com/group/support/subscribe>", b"List-Unsubscribe: " + links)
+
+    # Only our domain's pages on Google Groups are ours; a link is read up to ?, # or \.
+    assert kind(unsubscribe(b"<https://groups.google.com/a/example.com/group/support/subscribe>")) is None
+    assert kind(unsubscribe(b"<https://Example.COM./unsubscribe>")) is None
+    for foreign in (b"<https://groups.google.com/g/some-other-newsletter/unsubscribe>",
+                    b"<https://attacker.org#@example.com>", b"<https://attacker.org\\@example.com/>",
+                    b"<https://attacker.org/?x=example.com>", b"<https://example.com.attacker.org/>",
+                    b"https://example.com/unsubscribe"):
+        assert kind(unsubscribe(foreign)) == "list", foreign
+
 
 @pytest.mark.parametrize(("from_addr", "from_name", "original", "reply_to", "expected"), [
     # Google's rewrite: X-Original-From names the person.

@@ -79,3 +79,27 @@ def test_a_process_that_keeps_dying_is_restarted_ever_more_slowly(caplog: pytest
         pauses = asyncio.run(scenario())
     delays = [float(m.rsplit("restarting in ", 1)[1].rstrip("s")) for m in pauses[:4]]
     assert delays == [0.01, 0.02, 0.04, 0.04]
+
+
+def test_a_parse_timeout_survives_a_database_error_while_it_is_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only the work process's exit kills the stuck helper; if recording the timeout failed
+    # and that error took its place, the next batch would wait behind the same helper.
+    from types import SimpleNamespace
+
+    from sqlalchemy.exc import OperationalError
+
+    from mailgate import spool
+    from mailgate.ingest import pipeline
+
+    def timed_out(*args: object) -> None:
+        raise pipeline.ParseTimeout("parsing took longer than 1 s (helpdesk.parse_timeout_seconds)")
+
+    def locked(*args: object, **kwargs: object) -> None:
+        raise OperationalError("UPDATE inbound", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(pipeline, "process_claimed", timed_out)
+    monkeypatch.setattr(spool, "fail", locked)
+    rt = SimpleNamespace(settings=SimpleNamespace(helpdesk=SimpleNamespace(max_attempts=5)), blobs=None, engine=None)
+    inbound = SimpleNamespace(id=7, raw_sha256="0" * 64, claimed_by="host:1")
+    with pytest.raises(pipeline.ParseTimeout):
+        pipeline.process_one(rt, inbound)  # type: ignore[arg-type]

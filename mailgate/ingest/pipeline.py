@@ -511,7 +511,13 @@ def run_batch(rt: Runtime, worker: str, limit: int = 10, ahead: ParseAhead | Non
     """Claim up to `limit` messages in one commit, then process each in its own transaction
     (with `ahead`, the helpers parse the batch while the first ones are applied)."""
     rows = spool.claim_batch(rt.engine, worker, max_attempts=rt.settings.helpdesk.max_attempts, limit=limit)
-    futures = ahead.submit(rows) if ahead is not None and rows else {}
+    try:
+        futures = ahead.submit(rows) if ahead is not None and rows else {}
+    except BrokenProcessPool:
+        # A helper died while idle: nothing of this batch was parsed, so it is not their
+        # failure (the work process restarts; mailgate.worker).
+        spool.give_back_claims(rt.engine, worker)
+        raise
     try:
         return [process_one(rt, inbound, futures.get(inbound.id or 0)) for inbound in rows]
     finally:
@@ -530,13 +536,19 @@ def process_one(rt: Runtime, inbound: Inbound, ahead: Future[Prepared] | None = 
     try:
         return process_claimed(rt, inbound, ahead)
     except ParseTimeout as exc:
-        dead = spool.fail(rt.engine, inbound.id, str(exc), max_attempts=max_attempts, **header_summary(rt, inbound))
-        log.error("inbound %s: %s (%s)", inbound.id, exc, "dead letter" if dead else "will retry")
-        if inbound.claimed_by:
-            # The rest of the batch waited behind it, unparsed: their attempts are given back
-            # (the crash path would count them, not knowing which message it was).
-            spool.give_back_claims(rt.engine, inbound.claimed_by)
-        raise
+        # Re-raised whatever the bookkeeping does: only the exit kills the stuck helper, and
+        # a database error in its place would keep the next batch waiting behind it.
+        try:
+            dead = spool.fail(rt.engine, inbound.id, str(exc), max_attempts=max_attempts,
+                              **header_summary(rt, inbound))
+            log.error("inbound %s: %s (%s)", inbound.id, exc, "dead letter" if dead else "will retry")
+            if inbound.claimed_by:
+                # The rest of the batch waited behind it, unparsed: their attempts are given
+                # back (the crash path would count them, not knowing which message it was).
+                spool.give_back_claims(rt.engine, inbound.claimed_by)
+        except Exception:
+            log.exception("inbound %s: %s, and recording it failed", inbound.id, exc)
+        raise exc from None
     except BrokenProcessPool:
         raise
     except spool.ClaimLost as exc:

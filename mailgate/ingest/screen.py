@@ -125,25 +125,26 @@ def own_list_ids(addresses: Iterable[str]) -> frozenset[str]:
     return frozenset(a.lower().replace("@", ".") for a in addresses)
 
 
-# Where a Google Group's List-Unsubscribe points, besides the group's own domain.
-_GROUP_HOSTS = ("googlegroups.com", "groups.google.com")
+def _ours(host: str, own_domains: Collection[str]) -> bool:
+    host = host.rstrip(".")
+    return bool(host) and any(host == d or host.endswith("." + d) for d in own_domains)
 
 
-def _uri_hosts(value: str) -> list[str]:
-    """Hosts of the <mailto:...> and <https://...> URIs of a List-Unsubscribe value."""
-    hosts = []
-    for uri in re.findall(r"<([^<>]*)>", value):
-        uri = uri.strip().lower()
-        if uri.startswith("mailto:"):
-            hosts.append(uri[len("mailto:"):].split("?", 1)[0].rpartition("@")[2])
-        else:
-            authority = re.sub(r"^[a-z][a-z0-9+.-]*://", "", uri).split("/", 1)[0].split("?", 1)[0]
-            hosts.append(authority.rpartition("@")[2].split(":", 1)[0])
-    return hosts
-
-
-def _group_host(host: str, own_domains: Collection[str]) -> bool:
-    return bool(host) and any(host == d or host.endswith("." + d) for d in (*own_domains, *_GROUP_HOSTS))
+def _group_link(uri: str, own_domains: Collection[str]) -> bool:
+    """A List-Unsubscribe link of a group of ours: at our domains (a Mailman list at
+    lists.example.com), Google's group manager address, or our domain's page on Google
+    Groups (https://groups.google.com/a/example.com/...)."""
+    uri = uri.strip().lower()
+    if uri.startswith("mailto:"):
+        host = uri[len("mailto:"):].split("?", 1)[0].rpartition("@")[2]
+        return _ours(host, own_domains) or host == "googlegroups.com"
+    m = re.match(r"^https?://([^/?#\\]*)([^?#\\]*)", uri)
+    if m is None:
+        return False
+    host = m.group(1).rpartition("@")[2].split(":", 1)[0]
+    if host.rstrip(".") == "groups.google.com":
+        return any(m.group(2).startswith(f"/a/{d}/") for d in own_domains)
+    return _ours(host, own_domains)
 
 
 def _list_reason(msg: ParsedMessage, own_lists: Collection[str], own_domains: Collection[str]) -> str | None:
@@ -154,8 +155,8 @@ def _list_reason(msg: ParsedMessage, own_lists: Collection[str], own_domains: Co
         # says nothing about the sender. A List-Unsubscribe pointing elsewhere is the
         # sender's own: a newsletter sent to support@ through the group.
         for value in msg.header_all("list-unsubscribe"):
-            hosts = _uri_hosts(value)
-            if not hosts or not all(_group_host(h, own_domains) for h in hosts):
+            links = re.findall(r"<([^<>]*)>", value)
+            if not links or not all(_group_link(uri, own_domains) for uri in links):
                 return "List-Unsubscribe present (not our own group's)"
         return None
     if list_ids:
