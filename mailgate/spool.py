@@ -95,12 +95,16 @@ def release_dead_claims(engine: Engine) -> int:
     return released
 
 
-def give_back_claims(engine: Engine, worker: str) -> int:
-    """Rows this worker holds in 'processing' go back to the queue with their attempt given
-    back: its pass failed on the database (a lock, an outage), not on the messages."""
+def give_back_claims(engine: Engine, worker: str, ids: Sequence[int] | None = None) -> int:
+    """Rows this worker holds in 'processing' (of `ids`, if given) go back to the queue with
+    their attempt given back: its pass failed on the database (a lock, an outage), or on a
+    parse helper, not on the messages."""
+    if ids is not None and not ids:
+        return 0
+    only = Inbound.id.in_(ids) if ids is not None else true()  # type: ignore[union-attr]
     with session_scope(engine) as session:
         given = session.exec(update(Inbound).where(  # type: ignore[call-overload]
-            Inbound.state == "processing", Inbound.claimed_by == worker).values(
+            only, Inbound.state == "processing", Inbound.claimed_by == worker).values(
             state="queued", claimed_by=None, next_attempt_at=utcnow(),
             attempts=case((Inbound.attempts > 0, Inbound.attempts - 1), else_=0)))
         return int(given.rowcount or 0)

@@ -64,7 +64,11 @@ def test_our_own_groups_list_headers_do_not_make_a_customer_a_list() -> None:
     for foreign in (b"<https://groups.google.com/g/some-other-newsletter/unsubscribe>",
                     b"<https://attacker.org#@example.com>", b"<https://attacker.org\\@example.com/>",
                     b"<https://attacker.org/?x=example.com>", b"<https://example.com.attacker.org/>",
-                    b"https://example.com/unsubscribe"):
+                    b"https://example.com/unsubscribe",
+                    b"<mailto:unsub@news.attacker.org,x@example.com>",
+                    b"<mailto:x@example.com?cc=unsub@news.attacker.org>",
+                    b"<https://groups.google.com/a/example.com/../../g/other-newsletter/unsubscribe>",
+                    b"<https://groups.google.com/a/example.com/%2e%2e/%2e%2e/g/other/unsubscribe>"):
         assert kind(unsubscribe(foreign)) == "list", foreign
 
 

@@ -389,3 +389,34 @@ def test_a_claim_that_went_stale_while_processing_keeps_nothing(rt: Runtime) -> 
         assert (row.state, row.claimed_by, row.attempts, row.outcome) == ("processing", "fresh:2", 2, None)
         assert session.exec(select(Ticket)).all() == []
     assert process_one(rt, fresh).outcome == "ticket"
+
+
+def test_a_batch_that_finds_the_parse_pool_broken_gives_back_only_its_own_claims(
+        rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A helper died while idle: nothing of the new batch was parsed, so its attempts come
+    # back. Rows an earlier failed pass kept on purpose (they may be what broke it) keep theirs.
+    from concurrent.futures.process import BrokenProcessPool
+
+    from mailgate.ingest import pipeline
+
+    kept = accept_n(rt, 1)
+    spool.claim_batch(rt.engine, "host:1", max_attempts=5, limit=10)
+    fresh = accept_n(rt, 2)
+
+    class BrokenPool:
+        def submit(self, rows: list) -> dict:
+            raise BrokenProcessPool("a helper died")
+
+    with pytest.raises(BrokenProcessPool):
+        pipeline.run_batch(rt, "host:1", ahead=BrokenPool())  # type: ignore[arg-type]
+    with session_scope(rt.engine) as session:
+        states = {i: (r.state, r.attempts) for i in kept + fresh if (r := session.get(Inbound, i))}
+    assert states == {kept[0]: ("processing", 1), fresh[0]: ("queued", 0), fresh[1]: ("queued", 0)}
+
+    # And if giving back fails on the database, the broken pool still reaches the worker.
+    def locked(*args: object, **kwargs: object) -> int:
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(spool, "give_back_claims", locked)
+    with pytest.raises(BrokenProcessPool):
+        pipeline.run_batch(rt, "host:1", ahead=BrokenPool())  # type: ignore[arg-type]

@@ -516,13 +516,31 @@ def run_batch(rt: Runtime, worker: str, limit: int = 10, ahead: ParseAhead | Non
     except BrokenProcessPool:
         # A helper died while idle: nothing of this batch was parsed, so it is not their
         # failure (the work process restarts; mailgate.worker).
-        spool.give_back_claims(rt.engine, worker)
+        _give_back(rt, worker, rows)
         raise
+    results: list[Result] = []
     try:
-        return [process_one(rt, inbound, futures.get(inbound.id or 0)) for inbound in rows]
+        for inbound in rows:
+            results.append(process_one(rt, inbound, futures.get(inbound.id or 0)))
+        return results
+    except ParseTimeout:
+        # The rest of the batch waited behind the stuck message, unparsed (the crash path
+        # would count their attempts, not knowing which message it was).
+        _give_back(rt, worker, rows[len(results) + 1:])
+        raise
     finally:
         for future in futures.values():  # a helper died: do not leave work queued for it
             future.cancel()
+
+
+def _give_back(rt: Runtime, worker: str, rows: list[Inbound]) -> None:
+    """Give back these claims with their attempts, never raising: the broken pool that
+    caused it must reach the worker, which restarts the work process."""
+    try:
+        spool.give_back_claims(rt.engine, worker, ids=[r.id for r in rows if r.id is not None])
+    except Exception:
+        log.exception("claims of inbound %s not given back; they wait for the stale-claim timeout",
+                      ", ".join(str(r.id) for r in rows))
 
 
 def process_one(rt: Runtime, inbound: Inbound, ahead: Future[Prepared] | None = None) -> Result:
@@ -542,10 +560,6 @@ def process_one(rt: Runtime, inbound: Inbound, ahead: Future[Prepared] | None = 
             dead = spool.fail(rt.engine, inbound.id, str(exc), max_attempts=max_attempts,
                               **header_summary(rt, inbound))
             log.error("inbound %s: %s (%s)", inbound.id, exc, "dead letter" if dead else "will retry")
-            if inbound.claimed_by:
-                # The rest of the batch waited behind it, unparsed: their attempts are given
-                # back (the crash path would count them, not knowing which message it was).
-                spool.give_back_claims(rt.engine, inbound.claimed_by)
         except Exception:
             log.exception("inbound %s: %s, and recording it failed", inbound.id, exc)
         raise exc from None

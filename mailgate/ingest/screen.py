@@ -136,14 +136,19 @@ def _group_link(uri: str, own_domains: Collection[str]) -> bool:
     Groups (https://groups.google.com/a/example.com/...)."""
     uri = uri.strip().lower()
     if uri.startswith("mailto:"):
-        host = uri[len("mailto:"):].split("?", 1)[0].rpartition("@")[2]
+        address, _, query = uri[len("mailto:"):].partition("?")
+        # One recipient only: "a@x,b@ours" and "?cc=" would also write elsewhere.
+        if "," in address or "%2c" in address or re.search(r"(?:^|&)(?:to|cc|bcc)=", query):
+            return False
+        host = address.rpartition("@")[2]
         return _ours(host, own_domains) or host == "googlegroups.com"
     m = re.match(r"^https?://([^/?#\\]*)([^?#\\]*)", uri)
     if m is None:
         return False
-    host = m.group(1).rpartition("@")[2].split(":", 1)[0]
+    host, path = m.group(1).rpartition("@")[2].split(":", 1)[0], m.group(2)
     if host.rstrip(".") == "groups.google.com":
-        return any(m.group(2).startswith(f"/a/{d}/") for d in own_domains)
+        # Our domain's pages only, and no way out of them ("/a/example.com/../../g/other").
+        return not re.search(r"\.\.|%2e|%2f", path) and any(path.startswith(f"/a/{d}/") for d in own_domains)
     return _ours(host, own_domains)
 
 
