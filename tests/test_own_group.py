@@ -67,6 +67,7 @@ def test_our_own_groups_list_headers_do_not_make_a_customer_a_list() -> None:
                     b"https://example.com/unsubscribe",
                     b"<mailto:unsub@news.attacker.org,x@example.com>",
                     b"<mailto:x@example.com?cc=unsub@news.attacker.org>",
+                    b"<mailto:x@example.com?%63c=unsub@news.attacker.org>",
                     b"<https://groups.google.com/a/example.com/../../g/other-newsletter/unsubscribe>",
                     b"<https://groups.google.com/a/example.com/%2e%2e/%2e%2e/g/other/unsubscribe>"):
         assert kind(unsubscribe(foreign)) == "list", foreign

@@ -420,3 +420,32 @@ def test_a_batch_that_finds_the_parse_pool_broken_gives_back_only_its_own_claims
     monkeypatch.setattr(spool, "give_back_claims", locked)
     with pytest.raises(BrokenProcessPool):
         pipeline.run_batch(rt, "host:1", ahead=BrokenPool())  # type: ignore[arg-type]
+
+
+def test_a_parse_timeout_mid_batch_gives_back_only_the_rows_behind_it(
+        rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+    from concurrent.futures import Future
+
+    from mailgate.ingest import pipeline
+
+    ids = accept_n(rt, 4)
+    monkeypatch.setattr(rt, "settings", dataclasses.replace(
+        rt.settings, helpdesk=dataclasses.replace(rt.settings.helpdesk, parse_timeout_seconds=0.2)))
+
+    class StuckOnTheSecond:
+        def submit(self, rows: list) -> dict:
+            futures: dict = {}
+            for position, row in enumerate(rows):
+                futures[row.id] = Future()
+                if position == 0:  # parsed; the helper then hangs on the second
+                    futures[row.id].set_result(pipeline.prepare(rt, rt.blobs.get(row.raw_sha256)))
+            return futures
+
+    with pytest.raises(pipeline.ParseTimeout):
+        pipeline.run_batch(rt, "host:1", ahead=StuckOnTheSecond())  # type: ignore[arg-type]
+    with session_scope(rt.engine) as session:
+        rows = [session.get(Inbound, i) for i in ids]
+        states = [(r.state, r.attempts) for r in rows if r]
+        assert "parsing took longer than 0.2 s" in (rows[1].last_error or "")  # type: ignore[union-attr]
+    assert states == [("done", 1), ("queued", 1), ("queued", 0), ("queued", 0)]

@@ -539,7 +539,7 @@ def _give_back(rt: Runtime, worker: str, rows: list[Inbound]) -> None:
     try:
         spool.give_back_claims(rt.engine, worker, ids=[r.id for r in rows if r.id is not None])
     except Exception:
-        log.exception("claims of inbound %s not given back; they wait for the stale-claim timeout",
+        log.exception("claims of inbound %s not given back: the restart releases them, attempts counted",
                       ", ".join(str(r.id) for r in rows))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from mailgate.ingest.parse import ParsedMessage
 
@@ -138,7 +139,7 @@ def _group_link(uri: str, own_domains: Collection[str]) -> bool:
     if uri.startswith("mailto:"):
         address, _, query = uri[len("mailto:"):].partition("?")
         # One recipient only: "a@x,b@ours" and "?cc=" would also write elsewhere.
-        if "," in address or "%2c" in address or re.search(r"(?:^|&)(?:to|cc|bcc)=", query):
+        if "," in address or "%2c" in address or re.search(r"(?:^|&)(?:to|cc|bcc)=", unquote(query)):
             return False
         host = address.rpartition("@")[2]
         return _ours(host, own_domains) or host == "googlegroups.com"
