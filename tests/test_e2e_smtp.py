@@ -440,15 +440,21 @@ def test_a_killed_work_process_is_restarted_and_nothing_is_lost(daemon: Daemon) 
     assert daemon.alive() and work_pids() != first
 
 
-def work_and_helper_pids(daemon: Daemon) -> tuple[int, int] | None:
-    """(work process, its parse-ahead helper), once both are there."""
+def work_and_helpers(daemon: Daemon, count: int = 1) -> tuple[int, list[int]] | None:
+    """(work process, its parse-ahead helpers), once it has `count` of them."""
     for task in Path(f"/proc/{daemon.proc.pid}/task").iterdir():
         for work in (task / "children").read_text().split():
-            helpers = [c for t in Path(f"/proc/{work}/task").iterdir()
+            helpers = [int(c) for t in Path(f"/proc/{work}/task").iterdir()
                        for c in (t / "children").read_text().split()]
-            if helpers:
-                return int(work), int(helpers[0])
+            if len(helpers) >= count:
+                return int(work), helpers
     return None
+
+
+def work_and_helper_pids(daemon: Daemon) -> tuple[int, int] | None:
+    """(work process, its parse-ahead helper), once both are there."""
+    found = work_and_helpers(daemon)
+    return (found[0], found[1][0]) if found is not None else None
 
 
 def test_a_killed_parse_helper_restarts_the_work_process_and_nothing_is_lost(daemon: Daemon) -> None:
@@ -516,17 +522,7 @@ def test_a_pool_broken_beside_a_stuck_helper_does_not_hang_the_work_process(work
     d = start_daemon(write_config(workdir, helpdesk_extra="parse_processes = 2"))
     try:
         wait_until(lambda: "2 parse-ahead helper process(es) started" in d.log.read_text())
-
-        def helpers() -> tuple[int, list[int]] | None:
-            for task in Path(f"/proc/{d.proc.pid}/task").iterdir():
-                for work in (task / "children").read_text().split():
-                    found = [int(c) for t in Path(f"/proc/{work}/task").iterdir()
-                             for c in (t / "children").read_text().split()]
-                    if len(found) == 2:
-                        return int(work), found
-            return None
-
-        work, (stuck, dying) = wait_until(helpers)
+        work, (stuck, dying) = wait_until(lambda: work_and_helpers(d, 2))
         os.kill(stuck, _signal.SIGSTOP)
         os.kill(dying, _signal.SIGKILL)
         d.send(mail(subject="after the pool broke"))

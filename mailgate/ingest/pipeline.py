@@ -179,31 +179,39 @@ def step_screen(ctx: Context) -> None:
     ctx.hit("screen", ctx.verdict.kind is not None, ctx.verdict.reason or "written by a person")
 
 
+def _take_sender_behind_own_group(ctx: Context) -> None:
+    """The person behind a From our own group rewrote to our address (docs/parsing.md), as
+    the sender, where that is safe."""
+    hd = ctx.rt.settings.helpdesk
+    behind = sender_behind_own_list(ctx.msg.from_addr, ctx.msg.from_name, ctx.msg.original_from,
+                                    ctx.msg.reply_to, hd.all_addresses,
+                                    original_from_present=bool(ctx.msg.header_all("x-original-from")))
+    if behind is None:
+        return
+    if hd.trusted_authserv_ids and spf_pass(
+            ctx.msg.header_all("authentication-results"), hd.trusted_authserv_ids,
+            ctx.msg.from_addr.rpartition("@")[2]) is None:
+        # Where our MTA authenticates mail, the rewrite must be provably our group's: an
+        # SPF pass for our own domain (the group's bounce address). Anyone can write our
+        # address in From, or replay a DKIM-signed mail of ours with X-Original-From
+        # added, and the person named behind it would escape the DMARC check of their
+        # own From and the spam filter as a known requester.
+        ctx.hit("sender", False, f"From our address without a trusted SPF pass for it: {behind[1]} "
+                                 "not taken as the sender")
+    elif ctx.rt.settings.agent(behind[1]) is None:
+        ctx.sender_name, ctx.sender = behind
+        ctx.hit("sender", True, f"From rewritten to our address by our own group: the sender is {behind[1]}")
+    else:
+        # An agent's address there proves nothing (the group signs for our domain), and an
+        # agent's mail needs proof: left as mail from our own address.
+        ctx.hit("sender", False, f"From rewritten by our own group for agent {behind[1]}: not taken")
+
+
 def step_identify(ctx: Context) -> None:
     hd = ctx.rt.settings.helpdesk
     ctx.sender = ctx.msg.from_addr or (ctx.inbound.envelope_from or "").lower()
     ctx.sender_name = ctx.msg.from_name
-    behind = sender_behind_own_list(ctx.msg.from_addr, ctx.msg.from_name, ctx.msg.original_from,
-                                    ctx.msg.reply_to, hd.all_addresses,
-                                    original_from_present=bool(ctx.msg.header_all("x-original-from")))
-    if behind is not None:
-        if hd.trusted_authserv_ids and spf_pass(
-                ctx.msg.header_all("authentication-results"), hd.trusted_authserv_ids,
-                ctx.msg.from_addr.rpartition("@")[2]) is None:
-            # Where our MTA authenticates mail, the rewrite must be provably our group's: an
-            # SPF pass for our own domain (the group's bounce address). Anyone can write our
-            # address in From, or replay a DKIM-signed mail of ours with X-Original-From
-            # added, and the person named behind it would escape the DMARC check of their
-            # own From and the spam filter as a known requester.
-            ctx.hit("sender", False, f"From our address without a trusted SPF pass for it: {behind[1]} "
-                                     "not taken as the sender")
-        elif ctx.rt.settings.agent(behind[1]) is None:
-            ctx.sender_name, ctx.sender = behind
-            ctx.hit("sender", True, f"From rewritten to our address by our own group: the sender is {behind[1]}")
-        else:
-            # An agent's address there proves nothing (the group signs for our domain), and an
-            # agent's mail needs proof: left as mail from our own address.
-            ctx.hit("sender", False, f"From rewritten by our own group for agent {behind[1]}: not taken")
+    _take_sender_behind_own_group(ctx)
     envelope = tuple(a for a in ctx.inbound.envelope_to.split(",") if a)
     ctx.recipients = tuple(dict.fromkeys(
         a.lower() for a in (*envelope, *ctx.msg.delivered_to, *ctx.msg.to, *ctx.msg.cc)))
