@@ -48,6 +48,29 @@ def test_the_loop_guard_counts_plus_addresses_as_their_mailbox(workdir: Path) ->
     assert sorted(r["to"] for r in confirmations) == ["carol+0@customer.org", "carol+1@customer.org"]
 
 
+def test_the_new_ticket_cap_counts_plus_addresses_as_their_mailbox(workdir: Path) -> None:
+    check_new_ticket_cap_per_mailbox(write_config(workdir, helpdesk_extra="new_tickets_per_sender_per_hour = 2"))
+
+
+def check_new_ticket_cap_per_mailbox(cfg: Path) -> None:
+    """carol+0@, carol+1@, carol+2@ and carol@ are one mailbox under a cap of two; the
+    mailbox a_b@ is not axb@ (LIKE would read '_' as any character), nor 100%@ 1000@."""
+    def ingest(sender: str) -> str:
+        out = cli(cfg, "ingest", input=mail(sender=sender, subject=f"from {sender}").as_bytes())
+        return out.stdout.decode().strip()
+
+    assert ingest("carol+0@customer.org").isdigit()
+    assert ingest("carol+1@customer.org").isdigit()
+    for sender in ("carol+2@customer.org", "Carol@customer.org"):
+        assert ingest(sender) == "screened: carol@customer.org opened 2 tickets in the last hour: rate limit"
+    for sender in ("axb+1@customer.org", "axb+2@customer.org", "1000+1@customer.org", "1000+2@customer.org"):
+        assert ingest(sender).isdigit()
+    assert ingest("a_b+1@customer.org").isdigit()
+    assert ingest("100%+1@customer.org").isdigit()
+    assert ingest("carol@other.example").isdigit()
+    assert len(cli_json(cfg, "tickets", "list")) == 2 + 4 + 3
+
+
 def d_ticket_messages(cfg: Path, number: int) -> list[dict]:
     return query_json(cfg, "tickets", "show", str(number))["messages"]
 

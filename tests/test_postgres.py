@@ -29,6 +29,7 @@ from tests.conftest import (
     wait_until,
     write_config,
 )
+from tests.test_loop_guard_e2e import check_new_ticket_cap_per_mailbox
 
 pytestmark = pytest.mark.e2e
 
@@ -111,6 +112,12 @@ def test_import_and_tickets_on_postgres(pg_url: str, workdir: Path) -> None:
     shown = cli_json(cfg, "tickets", "show", str(number))
     assert shown["subject"] == "on postgres" and shown["created_at"].endswith("Z")
     assert [m["kind"] for m in shown["messages"]] == ["public", "system"]
+
+
+def test_the_new_ticket_cap_counts_plus_addresses_on_postgres(pg_url: str, workdir: Path) -> None:
+    # The count is a LIKE with an ESCAPE clause: the same matches on both databases.
+    check_new_ticket_cap_per_mailbox(write_config(
+        workdir, database=pg_url, smtp_port=free_port(), helpdesk_extra="new_tickets_per_sender_per_hour = 2"))
 
 
 def test_a_release_during_the_purge_keeps_the_message(pg_url: str, workdir: Path,

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from sqlalchemy import bindparam, func, insert, update
+from sqlalchemy import bindparam, func, insert, or_, update
 from sqlmodel import Session, select
 
 from mailgate.config import AssignmentRule, StatusDef
@@ -71,9 +71,10 @@ _MARK_BOUNCED = update(_CONTACT_TABLE).where(_CONTACT_TABLE.c.email == bindparam
     bounced_at=bindparam("at"))
 _CLEAR_BOUNCED = update(_CONTACT_TABLE).where(
     _CONTACT_TABLE.c.email == bindparam("address"), _CONTACT_TABLE.c.bounced_at.is_not(None)).values(bounced_at=None)
-_TICKETS_OPENED_BY_SINCE = select(func.count()).select_from(Ticket).join(
+_TICKETS_OPENED_BY_MAILBOX_SINCE = select(func.count()).select_from(Ticket).join(
     Contact, Contact.id == Ticket.requester_id).where(
-    Contact.email == bindparam("email"), Ticket.created_at > bindparam("since"))
+    or_(Contact.email == bindparam("email"), Contact.email.like(bindparam("plus_forms"), escape="\\")),
+    Ticket.created_at > bindparam("since"))
 
 
 def add_event(session: Session, ticket: Ticket, actor: str, action: str, old: Any = None,
@@ -388,8 +389,19 @@ def create_ticket(ctx: Context, *, requester: str, requester_name: str, subject:
     return ticket
 
 
-def new_tickets_from_sender_last_hour(session: Session, sender: str, now: datetime) -> int:
-    return session.exec(_TICKETS_OPENED_BY_SINCE, params={"email": sender, "since": now - timedelta(hours=1)}).one()
+def new_tickets_from_mailbox_last_hour(session: Session, sender: str, now: datetime) -> int:
+    """Tickets opened in the last hour by the sender's mailbox: carol@ and every carol+tag@
+    count together, so a forged From with a new +tag each time cannot multiply the cap."""
+    mailbox = base_address(sender)
+    local, _, domain = mailbox.partition("@")
+    plus_forms = f"{_like_literal(local)}+%@{_like_literal(domain)}"
+    params = {"email": mailbox, "plus_forms": plus_forms, "since": now - timedelta(hours=1)}
+    return session.exec(_TICKETS_OPENED_BY_MAILBOX_SINCE, params=params).one()
+
+
+def _like_literal(text: str) -> str:
+    # '_' and '%' are legal in a local part and would match any character in LIKE.
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 # --- the message, by who sent it ----------------------------------------------------------
@@ -495,8 +507,8 @@ def new_ticket_from_message(ctx: Context) -> None:
     cap = ctx.rt.settings.helpdesk.new_tickets_per_sender_per_hour
     # Not for mail imported as history: the cap guards against a live flood, and an old
     # mailbox holds what the operator chose to bring in (screening it would lose tickets).
-    if not is_history(ctx.session) and new_tickets_from_sender_last_hour(ctx.session, ctx.sender, ctx.now) >= cap:
-        raise Stop("screened", f"{ctx.sender} opened {cap} tickets in the last hour: rate limit")
+    if not is_history(ctx.session) and new_tickets_from_mailbox_last_hour(ctx.session, ctx.sender, ctx.now) >= cap:
+        raise Stop("screened", f"{base_address(ctx.sender)} opened {cap} tickets in the last hour: rate limit")
     ticket = create_ticket(ctx, requester=ctx.sender, requester_name=ctx.sender_name,
                            subject=ctx.msg.subject, actor=ctx.sender)
     ctx.ticket = ticket
