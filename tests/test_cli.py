@@ -154,6 +154,45 @@ def test_history_import_is_not_held_to_the_live_caps(workdir: Path) -> None:
     assert cli_json(config, "import", str(workdir / "old.mbox")) == {"ticket": 3}
 
 
+def test_imported_answers_from_agents_and_our_address_join_the_customers_ticket(workdir: Path) -> None:
+    """An old support mailbox holds the agents' answers (copied to support@, or from the Sent
+    folder of support@ itself). They carry no reply token of ours, and before this they each
+    opened a ticket with the agent or the help desk as the requester."""
+    config = write_config(workdir)
+    box = mailbox.mbox(str(workdir / "old.mbox"))
+    box.add(mail(subject="Printer on fire", message_id="<c1@customer.org>",
+                 headers={"Date": "Mon, 02 Nov 2026 10:00:00 +0000"}).as_bytes())
+    box.add(mail(sender="Alice <alice@example.com>", to="carol@customer.org", subject="Re: Printer on fire",
+                 body="Unplug it first.\n\nOn Mon, Carol wrote:\n> Hello, my printer is on fire.\n",
+                 message_id="<a1@example.com>",
+                 headers={"Cc": "support@example.com", "In-Reply-To": "<c1@customer.org>",
+                          "References": "<c1@customer.org>", "Date": "Mon, 02 Nov 2026 11:00:00 +0000"}).as_bytes())
+    box.add(mail(sender="Support <support@example.com>", to="carol@customer.org", subject="Re: Printer on fire",
+                 body="Did that help?", message_id="<s1@example.com>",
+                 headers={"In-Reply-To": "<a1@example.com>", "Date": "Tue, 03 Nov 2026 09:00:00 +0000"}).as_bytes())
+    box.add(mail(subject="Re: Printer on fire", body="It did, thanks.", message_id="<c2@customer.org>",
+                 headers={"In-Reply-To": "<s1@example.com>", "Date": "Tue, 03 Nov 2026 10:00:00 +0000"}).as_bytes())
+    # Commands still need proof, in old mail as in live mail.
+    box.add(mail(sender="Alice <alice@example.com>", to="carol@customer.org", subject="Re: Printer on fire",
+                 body="#status closed", message_id="<a2@example.com>",
+                 headers={"In-Reply-To": "<c2@customer.org>", "Date": "Tue, 03 Nov 2026 11:00:00 +0000"}).as_bytes())
+    box.close()
+    assert cli_json(config, "import", str(workdir / "old.mbox")) == {"ticket": 1, "reply": 3, "screened": 1}
+    assert [t["number"] for t in query_json(config, "tickets", "list")] == [1]
+    shown = query_json(config, "tickets", "show", "1")
+    said = [(m["direction"], m["kind"], m["from"], m["author_agent"], m["text"].strip())
+            for m in shown["messages"] if m["kind"] != "system"]
+    assert said == [
+        ("in", "public", "carol@customer.org", None, "Hello, my printer is on fire."),
+        ("out", "public", "alice@example.com", "alice@example.com", "Unplug it first."),
+        ("out", "public", "support@example.com", None, "Did that help?"),
+        ("in", "public", "carol@customer.org", None, "It did, thanks."),
+    ]
+    assert shown["first_responded_at"] == "2026-11-02T11:00:00Z" and shown["status"] == "open"
+    to_carol = [r["template"] for r in query_json(config, "outbox", "list") if r["to"] == "carol@customer.org"]
+    assert to_carol == ["requester/created"]  # the answers reached her back then: not even a shadow copy
+
+
 def test_import_notify_processes_old_mail_as_live_mail(workdir: Path) -> None:
     config = write_config(workdir)
     assert cli_json(config, "import", "--notify", str(_old_mailbox(workdir / "old.mbox"))) == {

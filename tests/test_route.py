@@ -52,3 +52,15 @@ def test_bad_token_is_a_hijack_attempt() -> None:
 def test_tag_of_a_ticket_that_does_not_exist() -> None:
     d = decide_route(facts(tag_ticket=99))
     assert d.ticket is None and d.hijack_of is None
+
+
+def test_the_staffs_old_answer_joins_the_ticket_it_answered() -> None:
+    d = decide_route(facts(sender="alice@example.com", stored_reference_tickets=(2,), staff_in_history=True))
+    assert (d.ticket, d.answer_on_record, d.hijack_of) == (2, True, None)
+    live = decide_route(facts(sender="alice@example.com", stored_reference_tickets=(2,)))
+    assert (live.ticket, live.answer_on_record, live.hijack_of) == (None, False, 2)
+
+
+def test_the_staffs_old_mail_naming_no_ticket_is_no_answer() -> None:
+    d = decide_route(facts(sender="alice@example.com", stored_reference_tickets=(9,), staff_in_history=True))
+    assert (d.ticket, d.answer_on_record) == (None, False)

@@ -428,6 +428,9 @@ def apply_message(ctx: Context) -> None:
     if ctx.agent is not None:
         agent_message(ctx)
         return
+    if ctx.decision is not None and ctx.decision.answer_on_record:
+        answer_on_record(ctx)
+        return
     if ctx.ticket.from_spam:
         # An agent judged this ticket spam: whatever its sender writes next is kept on it
         # for the record, but it does not reopen the ticket or reach anyone (OTRS's junk queue).
@@ -436,6 +439,23 @@ def apply_message(ctx: Context) -> None:
         ctx.outcome = "reply"
         return
     requester_message(ctx)
+
+
+def answer_on_record(ctx: Context) -> None:
+    """Imported history: an answer the staff sent straight to the customer back then. It
+    joins the ticket as a public answer of its date, sends nothing (it was delivered then)
+    and runs no commands (it has no proof of identity)."""
+    ticket = ctx.ticket
+    assert ticket is not None
+    agent = ctx.rt.settings.agent(ctx.sender)
+    store_message(ctx, ticket, kind="public", direction="out", text=ctx.visible_text,
+                  author_agent=agent.email if agent is not None else None)
+    if ticket.first_responded_at is None:
+        ticket.first_responded_at = ctx.now
+    ticket.last_public_out_at = ctx.now
+    if ticket.status_kind == "new":
+        set_status(ctx.rt, ctx.session, ticket, first_status(ctx.rt, "open").name, ctx.sender)
+    ctx.outcome = "reply"
 
 
 def _spoofed_agent(ctx: Context) -> bool:

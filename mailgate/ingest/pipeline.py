@@ -44,7 +44,7 @@ from mailgate.ingest.route import RouteDecision, RouteFacts, decide_route
 from mailgate.ingest.screen import ScreenVerdict, screen_message
 from mailgate.ingest.stop import Stop
 from mailgate.runtime import Runtime
-from mailgate.store.engine import is_postgres, session_scope, utcnow
+from mailgate.store.engine import is_history, is_postgres, session_scope, utcnow
 from mailgate.store.tables import Contact, Inbound, Message, Outbox, Ticket
 
 if TYPE_CHECKING:
@@ -356,7 +356,8 @@ def step_route(ctx: Context) -> None:
         sender=ctx.sender, sender_is_verified_agent=ctx.agent is not None,
         token_ticket=ctx.token_ticket, bad_token_ticket=ctx.bad_token_ticket,
         our_reference_tickets=tuple(ours), stored_reference_tickets=tuple(stored),
-        tag_ticket=tag, members=members, existing=frozenset(existing))
+        tag_ticket=tag, members=members, existing=frozenset(existing),
+        staff_in_history=_staff_in_history(ctx))
     ctx.decision = decide_route(facts)
     ctx.ticket = _resolve_merges(ctx.session, ctx.decision.ticket)
     reason = ctx.decision.reason
@@ -365,6 +366,13 @@ def step_route(ctx: Context) -> None:
     ctx.hit("route", ctx.ticket is not None, reason)
     if ctx.decision.hijack_of is not None:
         log.warning("%s: %s", ctx.msg.message_id, reason)
+
+
+def _staff_in_history(ctx: Context) -> bool:
+    if not is_history(ctx.session) or ctx.from_forged or not ctx.sender:
+        return False
+    unverified_agent = ctx.identity is not None and not ctx.identity.verified
+    return unverified_agent or domain.base_address(ctx.sender) in ctx.rt.settings.helpdesk.all_addresses
 
 
 def step_commands(ctx: Context) -> None:

@@ -8,7 +8,10 @@ Evidence, strongest first:
    of that ticket;
 3. the subject tag, if the sender is a member of the ticket or a verified agent.
 A tag, token or reference that names a ticket the sender may not write to
-makes a new ticket and is recorded as a hijack attempt (threats.md 9-11).
+makes a new ticket and is recorded as a hijack attempt (threats.md 9-11),
+except in old mail imported as history, where the staff's own answers (an
+agent's address or ours, without proof) are kept on the ticket they answered
+as answers already sent.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ class RouteFacts:
     tag_ticket: int | None
     members: Mapping[int, frozenset[str]] = field(default_factory=dict)  # ticket -> addresses
     existing: frozenset[int] = frozenset()  # the candidate tickets that exist
+    # Imported history from an agent's address or ours, with no proof of identity: an old
+    # mailbox holds the answers the staff sent straight to the customer back then.
+    staff_in_history: bool = False
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,7 @@ class RouteDecision:
     ticket: int | None
     reason: str
     hijack_of: int | None = None  # the ticket a refused message tried to write into
+    answer_on_record: bool = False  # history: the staff's answer, stored as sent back then
 
 
 def _member(facts: RouteFacts, ticket: int) -> bool:
@@ -60,6 +67,10 @@ def decide_route(facts: RouteFacts) -> RouteDecision:
         refused = refused or tag
     if facts.bad_token_ticket is not None and facts.bad_token_ticket in facts.existing:
         refused = refused or facts.bad_token_ticket
+    if refused is not None and facts.staff_in_history:
+        return RouteDecision(refused, f"imported history: {facts.sender} answered #{refused} "
+                                      "(no proof of identity: kept as an answer sent then, no commands)",
+                             answer_on_record=True)
     if refused is not None:
         return RouteDecision(None, f"names #{refused} but sender {facts.sender} is not a participant "
                                    "and has no valid token: new ticket", hijack_of=refused)
