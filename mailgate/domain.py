@@ -78,6 +78,18 @@ def base_address(address: str) -> str:
     return f"{local.split('+', 1)[0]}@{domain}"
 
 
+def mailbox_of(address: str) -> str:
+    """The mailbox an address reaches, as far as the address tells: lowercased, without
+    +detail, the domain in its ASCII form (bücher.de and xn--bcher-kva.de are one domain).
+    Caps per sender count mailboxes: a new +tag or spelling must not buy a new count."""
+    local, _, domain = base_address(address).partition("@")
+    try:
+        ascii_domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:  # not a valid IDN: compared as written
+        ascii_domain = domain
+    return f"{local}@{ascii_domain}"
+
+
 def token_is_valid(secret: str, ticket_number: int, sender: str, token: str) -> bool:
     return hmac.compare_digest(reply_token(secret, ticket_number, sender), token.lower())
 

@@ -67,3 +67,11 @@ def test_numbers_beyond_a_32_bit_column_name_no_ticket() -> None:
     assert domain.ticket_from_subject("EXAMPLE", "Re: [EXAMPLE #2147483648] hi") is None
     assert domain.parse_plus_address("support+999999999999-abcdabcd@example.com") is None
     assert domain.parse_plus_address("support+0-abcdabcd@example.com") == ("support@example.com", 0, "abcdabcd")
+
+
+def test_mailbox_of_drops_the_tag_and_spells_the_domain_in_ascii() -> None:
+    assert domain.mailbox_of("Carol+7@Customer.ORG") == "carol@customer.org"
+    assert domain.mailbox_of("dora+x@BÜCHER.de") == "dora@xn--bcher-kva.de"
+    assert domain.mailbox_of("dora@xn--bcher-kva.de") == "dora@xn--bcher-kva.de"
+    bad = "x@" + "a" * 70 + ".de"  # a label over 63 characters is no IDN: kept as written
+    assert domain.mailbox_of(bad) == bad

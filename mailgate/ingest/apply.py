@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from sqlalchemy import bindparam, func, insert, or_, update
+from sqlalchemy import bindparam, func, insert, update
 from sqlmodel import Session, select
 
 from mailgate.config import AssignmentRule, StatusDef
-from mailgate.domain import QUARANTINE_REPLY_NUMBER, base_address, is_bounce_address, one_line
+from mailgate.domain import QUARANTINE_REPLY_NUMBER, base_address, is_bounce_address, mailbox_of, one_line
 from mailgate.ingest import notify
 from mailgate.ingest.commands import CommandRules, ParsedCommands, find_choice, merge_target, validate
 from mailgate.ingest.stop import Stop
@@ -73,8 +73,7 @@ _CLEAR_BOUNCED = update(_CONTACT_TABLE).where(
     _CONTACT_TABLE.c.email == bindparam("address"), _CONTACT_TABLE.c.bounced_at.is_not(None)).values(bounced_at=None)
 _TICKETS_OPENED_BY_MAILBOX_SINCE = select(func.count()).select_from(Ticket).join(
     Contact, Contact.id == Ticket.requester_id).where(
-    or_(Contact.email == bindparam("email"), Contact.email.like(bindparam("plus_forms"), escape="\\")),
-    Ticket.created_at > bindparam("since"))
+    Contact.mailbox == bindparam("mailbox"), Ticket.created_at > bindparam("since"))
 
 
 def add_event(session: Session, ticket: Ticket, actor: str, action: str, old: Any = None,
@@ -103,7 +102,7 @@ def ticket_members(session: Session, ticket: Ticket) -> set[str]:
 def contact_for(rt: Runtime, session: Session, email: str, name: str = "") -> Contact:
     contact = session.exec(_CONTACT_BY_EMAIL, params={"email": email}).first()
     if contact is None:
-        contact = Contact(email=email, name=name[:200], created_at=now_for(session))
+        contact = Contact(email=email, mailbox=mailbox_of(email), name=name[:200], created_at=now_for(session))
         insert_object(session, contact)
     elif name and not contact.name:
         contact.name = name[:200]
@@ -392,16 +391,8 @@ def create_ticket(ctx: Context, *, requester: str, requester_name: str, subject:
 def new_tickets_from_mailbox_last_hour(session: Session, sender: str, now: datetime) -> int:
     """Tickets opened in the last hour by the sender's mailbox: carol@ and every carol+tag@
     count together, so a forged From with a new +tag each time cannot multiply the cap."""
-    mailbox = base_address(sender)
-    local, _, domain = mailbox.partition("@")
-    plus_forms = f"{_like_literal(local)}+%@{_like_literal(domain)}"
-    params = {"email": mailbox, "plus_forms": plus_forms, "since": now - timedelta(hours=1)}
+    params = {"mailbox": mailbox_of(sender), "since": now - timedelta(hours=1)}
     return session.exec(_TICKETS_OPENED_BY_MAILBOX_SINCE, params=params).one()
-
-
-def _like_literal(text: str) -> str:
-    # '_' and '%' are legal in a local part and would match any character in LIKE.
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 # --- the message, by who sent it ----------------------------------------------------------
@@ -450,12 +441,14 @@ def answer_on_record(ctx: Context) -> None:
     agent = ctx.rt.settings.agent(ctx.sender)
     store_message(ctx, ticket, kind="public", direction="out", text=ctx.visible_text,
                   author_agent=agent.email if agent is not None else None)
+    ctx.outcome = "reply"
+    if ticket.from_spam:
+        return  # kept for the record; an answer to spam is no first response
     if ticket.first_responded_at is None:
         ticket.first_responded_at = ctx.now
     ticket.last_public_out_at = ctx.now
     if ticket.status_kind == "new":
         set_status(ctx.rt, ctx.session, ticket, first_status(ctx.rt, "open").name, ctx.sender)
-    ctx.outcome = "reply"
 
 
 def _spoofed_agent(ctx: Context) -> bool:
@@ -528,7 +521,7 @@ def new_ticket_from_message(ctx: Context) -> None:
     # Not for mail imported as history: the cap guards against a live flood, and an old
     # mailbox holds what the operator chose to bring in (screening it would lose tickets).
     if not is_history(ctx.session) and new_tickets_from_mailbox_last_hour(ctx.session, ctx.sender, ctx.now) >= cap:
-        raise Stop("screened", f"{base_address(ctx.sender)} opened {cap} tickets in the last hour: rate limit")
+        raise Stop("screened", f"{mailbox_of(ctx.sender)} opened {cap} tickets in the last hour: rate limit")
     ticket = create_ticket(ctx, requester=ctx.sender, requester_name=ctx.sender_name,
                            subject=ctx.msg.subject, actor=ctx.sender)
     ctx.ticket = ticket

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import bindparam, case, func, insert
 from sqlmodel import Session, select
 
-from mailgate.domain import base_address, tagged_subject
+from mailgate.domain import base_address, mailbox_of, tagged_subject
 from mailgate.outbox import OutgoingFile, enqueue
 from mailgate.runtime import Runtime
 from mailgate.store.engine import as_utc, insert_object, is_history, iso, now_for
@@ -158,7 +158,7 @@ def loop_guard_allows(rt: Runtime, session: Session, recipient: str) -> bool:
     # Counted per mailbox: carol+1@ to carol+25@ reach one person, and a forged From
     # with a new +tag each time must not multiply what she gets.
     last_day, last_hour = session.exec(_AUTO_REPLIES_SINCE, params={
-        "recipient": base_address(recipient), "day_ago": now - timedelta(days=1), "hour_ago": hour_ago}).one()
+        "recipient": mailbox_of(recipient), "day_ago": now - timedelta(days=1), "hour_ago": hour_ago}).one()
     return last_hour < hd.auto_reply_limit_per_hour and last_day < hd.auto_reply_limit_per_day
 
 
@@ -255,7 +255,7 @@ def send(rt: Runtime, session: Session, *, ticket: Ticket | None, template: str,
                               reply_number=reply_number, files=files, sender=sender)
     if guarded:
         # Appended with Core, like the outbox row: only ever counted, never an object.
-        session.connection().execute(_INSERT_AUTO_REPLY, {"recipient": base_address(to), "sent_at": now_for(session)})
+        session.connection().execute(_INSERT_AUTO_REPLY, {"recipient": mailbox_of(to), "sent_at": now_for(session)})
     if record_kind is not None and ticket is not None:
         insert_object(session, Message(
             ticket_id=ticket.number, outbox_id=outbox_id, kind=record_kind, direction="out",

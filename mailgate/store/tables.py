@@ -15,6 +15,8 @@ from sqlmodel import Field, SQLModel
 class Contact(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     email: str = Field(index=True, unique=True, max_length=320)
+    # domain.mailbox_of(email): carol@ and carol+tag@ share one; the new-ticket cap counts it.
+    mailbox: str = Field(default="", max_length=320, index=True)
     name: str = Field(default="", max_length=200)
     tier: str | None = Field(default=None, max_length=50)
     created_at: datetime
