@@ -14,7 +14,9 @@ import re
 import shutil
 import sqlite3
 import tempfile
+import time
 from collections.abc import Iterator
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +193,47 @@ def test_imported_answers_from_agents_and_our_address_join_the_customers_ticket(
     assert shown["first_responded_at"] == "2026-11-02T11:00:00Z" and shown["status"] == "open"
     to_carol = [r["template"] for r in query_json(config, "outbox", "list") if r["to"] == "carol@customer.org"]
     assert to_carol == ["requester/created"]  # the answers reached her back then: not even a shadow copy
+
+
+def test_imported_staff_mail_answers_only_tickets_of_the_import_and_after_them(workdir: Path) -> None:
+    """Without proof of identity, staff mail in an import may not answer a live ticket, answer
+    before the question, or pass for ours when our own group carried a stranger's mail."""
+    config = write_config(workdir, helpdesk_extra='trusted_authserv_ids = ["mx.example.com"]')
+    assert cli(config, "ingest", input=mail(subject="Live", message_id="<live@customer.org>").as_bytes()
+               ).stdout.decode().strip() == "1"
+
+    def import_(*messages: EmailMessage) -> dict[str, int]:
+        path = workdir / f"old-{time.time_ns()}.mbox"
+        box = mailbox.mbox(str(path))
+        for m in messages:
+            box.add(m.as_bytes())
+        box.close()
+        return cli_json(config, "import", str(path))
+
+    def alice(refers_to: str, date: str, body: str = "Unplug it.") -> EmailMessage:
+        return mail(sender="Alice <alice@example.com>", to="carol@customer.org", subject="Re: question",
+                    body=body, headers={"In-Reply-To": refers_to, "Date": date})
+
+    assert import_(mail(subject="Old question", message_id="<c1@customer.org>",
+                        headers={"Date": "Mon, 02 Nov 2026 10:00:00 +0000"}),
+                   mail(subject="Spam", message_id="<spam1@customer.org>",
+                        headers={"Date": "Mon, 02 Nov 2026 10:00:00 +0000"})) == {"ticket": 2}
+    sql(config, "update ticket set from_spam = 1 where number = 3")
+    assert import_(
+        alice("<live@customer.org>", "Mon, 02 Nov 2026 11:00:00 +0000"),  # a live ticket: #4
+        alice("<c1@customer.org>", "Sun, 01 Nov 2026 09:00:00 +0000"),  # before the question: #5
+        mail(sender='"Mallory via Support" <support@example.com>', subject="Re: Old question",
+             body="Refund approved", headers={"X-Original-From": "mallory@evil.org", "In-Reply-To": "<c1@customer.org>",
+                                              "Date": "Mon, 02 Nov 2026 11:00:00 +0000"}),
+        alice("<spam1@customer.org>", "Mon, 02 Nov 2026 11:00:00 +0000", "Not for us."),
+    ) == {"ticket": 2, "screened": 1, "reply": 1}
+    tickets = {t["number"]: t for t in query_json(config, "tickets", "list")}
+    assert sorted(tickets) == [1, 2, 3, 4, 5]
+    assert tickets[1]["status"] == tickets[2]["status"] == "new"
+    for number in (1, 2):
+        assert query_json(config, "tickets", "show", str(number))["first_responded_at"] is None
+    spam = query_json(config, "tickets", "show", "3")
+    assert spam["first_responded_at"] is None and spam["messages"][-1]["text"].strip() == "Not for us."
 
 
 def test_import_notify_processes_old_mail_as_live_mail(workdir: Path) -> None:
@@ -624,6 +667,34 @@ def test_db_upgrade_from_0001_keeps_the_rows(workdir: Path) -> None:
     assert run.returncode != 0 and "mailgate db upgrade" in run.stderr.decode()  # refuses the old schema
     assert cli(config, "db", "upgrade").stdout.decode().strip() == f"database at {migrate.head_revision()} (was 0001)"
     assert sql(config, "select outcome, reported_at from inbound") == [("quarantined", None)]
+
+
+def test_db_upgrade_from_0003_gives_every_contact_its_mailbox(workdir: Path) -> None:
+    from mailgate.config import load_settings
+    from mailgate.runtime import Runtime
+    from mailgate.store import migrate
+
+    config = write_config(workdir, helpdesk_extra="new_tickets_per_sender_per_hour = 2")
+    rt = Runtime.build(load_settings(config))
+    migrate.upgrade(rt.engine, "0003")
+    for n, email in enumerate(("carol+1@customer.org", "dora@bücher.de")):
+        sql(config, "insert into contact (email, name, created_at) values (?, '', '2026-11-01 00:00:00.000000')", email)
+        sql(config, "insert into ticket (subject, requester_id, queue, priority, status, status_kind, tier, "
+                    "created_at, updated_at, escalation_level, from_spam) values ('old', ?, 'support@example.com', "
+                    "'normal', 'new', 'new', 'customer', ?, ?, 0, 0)", n + 1, *[utcnow_text()] * 2)
+    cli(config, "db", "upgrade")
+    assert sql(config, "select email, mailbox from contact order by id") == [
+        ("carol+1@customer.org", "carol@customer.org"), ("dora@bücher.de", "dora@xn--bcher-kva.de")]
+    # The cap counts the tickets of the contacts the upgrade gave a mailbox.
+    assert cli(config, "ingest", input=mail(sender="carol+2@customer.org").as_bytes()).stdout.decode().strip() == "3"
+    assert cli(config, "ingest", input=mail(sender="carol@customer.org").as_bytes()).stdout.decode().startswith(
+        "screened: carol@customer.org opened 2 tickets")
+
+
+def utcnow_text() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 def test_doctor_warns_about_accepted_mail_that_nothing_moves(workdir: Path) -> None:

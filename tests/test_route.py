@@ -55,12 +55,20 @@ def test_tag_of_a_ticket_that_does_not_exist() -> None:
 
 
 def test_the_staffs_old_answer_joins_the_ticket_it_answered() -> None:
-    d = decide_route(facts(sender="alice@example.com", stored_reference_tickets=(2,), staff_in_history=True))
+    d = decide_route(facts(sender="alice@example.com", stored_reference_tickets=(2,),
+                           answerable_in_history=frozenset({2})))
     assert (d.ticket, d.answer_on_record, d.hijack_of) == (2, True, None)
     live = decide_route(facts(sender="alice@example.com", stored_reference_tickets=(2,)))
     assert (live.ticket, live.answer_on_record, live.hijack_of) == (None, False, 2)
 
 
-def test_the_staffs_old_mail_naming_no_ticket_is_no_answer() -> None:
-    d = decide_route(facts(sender="alice@example.com", stored_reference_tickets=(9,), staff_in_history=True))
+def test_the_staffs_old_answer_joins_only_a_ticket_it_may_answer() -> None:
+    d = decide_route(facts(sender="alice@example.com", stored_reference_tickets=(1, 2), tag_ticket=2,
+                           answerable_in_history=frozenset({2})))
+    assert (d.ticket, d.answer_on_record) == (2, True)
+    d = decide_route(facts(sender="alice@example.com", stored_reference_tickets=(1,),
+                           answerable_in_history=frozenset({2})))
+    assert (d.ticket, d.answer_on_record, d.hijack_of) == (None, False, 1)
+    d = decide_route(facts(sender="alice@example.com", stored_reference_tickets=(9,),
+                           answerable_in_history=frozenset({9})))  # no such ticket
     assert (d.ticket, d.answer_on_record) == (None, False)

@@ -44,7 +44,7 @@ from mailgate.ingest.route import RouteDecision, RouteFacts, decide_route
 from mailgate.ingest.screen import ScreenVerdict, screen_message
 from mailgate.ingest.stop import Stop
 from mailgate.runtime import Runtime
-from mailgate.store.engine import is_history, is_postgres, session_scope, utcnow
+from mailgate.store.engine import as_utc, is_history, is_postgres, session_scope, utcnow
 from mailgate.store.tables import Contact, Inbound, Message, Outbox, Ticket
 
 if TYPE_CHECKING:
@@ -73,6 +73,7 @@ class Context:
     # Our MTA's trusted Authentication-Results say the From domain disowns this mail (DMARC
     # fail): the From is forged, and being that address proves nothing (identify.dmarc_failed).
     from_forged: str | None = None
+    via_own_group: bool = False  # From rewritten to our address by our own group
     # A reply token of the quarantine list, valid for the sender: proof for #release only.
     quarantine_token: bool = False
     release_only: bool = False  # the agent is proven by that token: nothing but #release applies
@@ -147,6 +148,8 @@ _MESSAGE = Message.__table__  # type: ignore[attr-defined]
 _SET_RULE_HITS = update(_MESSAGE).where(_MESSAGE.c.id == bindparam("message")).values(
     rule_hits=bindparam("rule_hits"))
 _OUTBOX_RECIPIENTS = select(Outbox.recipients).where(Outbox.message_id == bindparam("mid"))
+_FIRST_MESSAGE_SOURCE = select(Inbound.source).join(Message, Message.inbound_id == Inbound.id).where(
+    Message.ticket_id == bindparam("ticket")).order_by(Message.id).limit(1)
 
 
 def step_dedupe(ctx: Context) -> None:
@@ -188,6 +191,7 @@ def _take_sender_behind_own_group(ctx: Context) -> None:
                                     original_from_present=bool(ctx.msg.header_all("x-original-from")))
     if behind is None:
         return
+    ctx.via_own_group = True
     if hd.trusted_authserv_ids and spf_pass(
             ctx.msg.header_all("authentication-results"), hd.trusted_authserv_ids,
             ctx.msg.from_addr.rpartition("@")[2]) is None:
@@ -357,7 +361,7 @@ def step_route(ctx: Context) -> None:
         token_ticket=ctx.token_ticket, bad_token_ticket=ctx.bad_token_ticket,
         our_reference_tickets=tuple(ours), stored_reference_tickets=tuple(stored),
         tag_ticket=tag, members=members, existing=frozenset(existing),
-        staff_in_history=_staff_in_history(ctx))
+        answerable_in_history=_answerable_in_history(ctx, existing))
     ctx.decision = decide_route(facts)
     ctx.ticket = _resolve_merges(ctx.session, ctx.decision.ticket)
     reason = ctx.decision.reason
@@ -368,11 +372,25 @@ def step_route(ctx: Context) -> None:
         log.warning("%s: %s", ctx.msg.message_id, reason)
 
 
-def _staff_in_history(ctx: Context) -> bool:
-    if not is_history(ctx.session) or ctx.from_forged or not ctx.sender:
-        return False
+def _answerable_in_history(ctx: Context, tickets: set[int]) -> frozenset[int]:
+    """The tickets that staff mail imported as history may join as an answer on record.
+
+    The mail has no proof of identity, so only where little can go wrong: not mail our MTA
+    found forged or our own group passed on (a stranger's, with our address in From); and
+    only tickets opened by such an import, no later than the mail's date (an import must
+    not answer a live ticket, or date an answer before its question)."""
+    if not is_history(ctx.session) or ctx.from_forged or ctx.via_own_group or not ctx.sender:
+        return frozenset()
     unverified_agent = ctx.identity is not None and not ctx.identity.verified
-    return unverified_agent or domain.base_address(ctx.sender) in ctx.rt.settings.helpdesk.all_addresses
+    if not unverified_agent and domain.base_address(ctx.sender) not in ctx.rt.settings.helpdesk.all_addresses:
+        return frozenset()
+    answerable = set()
+    for number in tickets:
+        ticket = ctx.session.get(Ticket, number)
+        source = ctx.session.exec(_FIRST_MESSAGE_SOURCE, params={"ticket": number}).first()
+        if ticket is not None and source == spool.HISTORY_IMPORT and as_utc(ticket.created_at) <= as_utc(ctx.now):
+            answerable.add(number)
+    return frozenset(answerable)
 
 
 def step_commands(ctx: Context) -> None:

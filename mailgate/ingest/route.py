@@ -31,9 +31,11 @@ class RouteFacts:
     tag_ticket: int | None
     members: Mapping[int, frozenset[str]] = field(default_factory=dict)  # ticket -> addresses
     existing: frozenset[int] = frozenset()  # the candidate tickets that exist
-    # Imported history from an agent's address or ours, with no proof of identity: an old
-    # mailbox holds the answers the staff sent straight to the customer back then.
-    staff_in_history: bool = False
+    # Imported history from an agent's address or ours, with no proof of identity: the
+    # candidate tickets it may answer on record (opened by the same kind of import, no
+    # later than the answer's date). An old mailbox holds the answers the staff sent
+    # straight to the customer back then.
+    answerable_in_history: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -54,24 +56,25 @@ def decide_route(facts: RouteFacts) -> RouteDecision:
     for t in facts.our_reference_tickets:
         if t in facts.existing:
             return RouteDecision(t, f"References names our Message-ID for #{t}")
-    refused: int | None = None
+    refused: list[int] = []
     for t in facts.stored_reference_tickets:
         if t in facts.existing:
             if _member(facts, t):
                 return RouteDecision(t, f"References names a stored message of #{t}")
-            refused = refused or t
+            refused.append(t)
     tag = facts.tag_ticket
     if tag is not None and tag in facts.existing:
         if _member(facts, tag):
             return RouteDecision(tag, f"subject tag #{tag}, sender is a participant")
-        refused = refused or tag
+        refused.append(tag)
     if facts.bad_token_ticket is not None and facts.bad_token_ticket in facts.existing:
-        refused = refused or facts.bad_token_ticket
-    if refused is not None and facts.staff_in_history:
-        return RouteDecision(refused, f"imported history: {facts.sender} answered #{refused} "
-                                      "(no proof of identity: kept as an answer sent then, no commands)",
+        refused.append(facts.bad_token_ticket)
+    answered = next((t for t in refused if t in facts.answerable_in_history), None)
+    if answered is not None:
+        return RouteDecision(answered, f"imported history: {facts.sender} answered #{answered} "
+                                       "(no proof of identity: kept as an answer sent then, no commands)",
                              answer_on_record=True)
-    if refused is not None:
-        return RouteDecision(None, f"names #{refused} but sender {facts.sender} is not a participant "
-                                   "and has no valid token: new ticket", hijack_of=refused)
+    if refused:
+        return RouteDecision(None, f"names #{refused[0]} but sender {facts.sender} is not a participant "
+                                   "and has no valid token: new ticket", hijack_of=refused[0])
     return RouteDecision(None, "no ticket matched: new ticket")
