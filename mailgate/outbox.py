@@ -61,7 +61,8 @@ class OutgoingMail:
 def _qp_part(subtype: str, text: str) -> bytes:
     """A text/SUBTYPE part in UTF-8, quoted-printable (readable in any mail source view, no
     line over 76): binascii's encoder in C, about ten times faster than email.quoprimime."""
-    body = binascii.b2a_qp(text.replace("\r\n", "\n").encode("utf-8"), istext=True)
+    # A CR is allowed only before LF (RFC 5322 2.3): a lone one from a customer's text is a break.
+    body = binascii.b2a_qp(text.replace("\r\n", "\n").replace("\r", "\n").encode("utf-8"), istext=True)
     return (f'Content-Type: text/{subtype}; charset="utf-8"\r\n'
             "Content-Transfer-Encoding: quoted-printable\r\n\r\n").encode() + body.replace(b"\n", b"\r\n")
 
@@ -88,18 +89,21 @@ def _file_part(f: OutgoingFile) -> bytes:
         else:
             ctype += "; charset=utf-8"
     name = one_line(f.filename, 200).replace("\\", "_").replace('"', "_") or "attachment"
-    if name.isascii() and len(name) <= 60:
+    if name.isascii() and len(name) <= 60 and not _ENCODED_WORD.search(name):
         param = f'filename="{name}"'
     else:
-        encoded = quote(name, safe="")
-        # Cut between %XX escapes only: a continuation may not split one.
-        pieces, rest = [], encoded
-        while rest:
-            cut = min(60, len(rest))
-            while cut < len(rest) and "%" in rest[max(0, cut - 2):cut]:
-                cut -= 1
-            pieces.append(rest[:cut])
-            rest = rest[cut:]
+        # RFC 2231, also for an ASCII name that looks like an RFC 2047 word: readers decode
+        # those in a quoted filename, into whatever the sender chose ("../x.sh").
+        # Continuations of whole characters: one cut inside a character's %XX escapes
+        # leaves undecodable bytes in each piece for a reader that decodes them one by one.
+        pieces, piece = [], ""
+        for char in name:
+            escaped = quote(char, safe="")
+            if piece and len(piece) + len(escaped) > 60:
+                pieces.append(piece)
+                piece = ""
+            piece += escaped
+        pieces.append(piece)
         param = ";\r\n ".join(f"filename*{i}*={'utf-8' + chr(39) * 2 if i == 0 else ''}{piece}"
                                for i, piece in enumerate(pieces))
     body = base64.encodebytes(f.data).replace(b"\n", b"\r\n")
@@ -127,19 +131,27 @@ def _mime_body(text: str, html: str | None, files: Sequence[OutgoingFile] = ()) 
 
 
 # A Message-ID we may repeat in In-Reply-To/References: printable ASCII only, so a CR or LF in
-# an id taken from inbound mail can never start a header of its own (header injection).
-_MSGID_RE = re.compile(r"^[\x21-\x3b\x3d\x3f-\x7e]+\Z")
+# an id taken from inbound mail can never start a header of its own (header injection); and
+# at most 250 characters, so that an id with no space to fold at keeps In-Reply-To under
+# the 998 characters a line may have (RFC 5322 2.1.1). Real ones are under 100.
+_MSGID_RE = re.compile(r"^[\x21-\x3b\x3d\x3f-\x7e]{1,250}\Z")
+# Text a reader would decode as an RFC 2047 word (RFC 2047 section 2).
+_ENCODED_WORD = re.compile(r"=\?[^?\s]*\?[bBqQ]\?")
 
 
 def _header_text(value: str, name: str) -> str:
     """ASCII as is; anything else as RFC 2047 encoded words on folded lines of at most 76
-    characters, the header's name included (RFC 2047 section 2)."""
-    return value if value.isascii() else Header(value, "utf-8", maxlinelen=76, header_name=name).encode()
+    characters, the header's name included (RFC 2047 section 2). So is ASCII that holds an
+    encoded word: a customer's subject that decoded to "=?utf-8?b?...?=" would be decoded
+    again by every reader, into any text, CR LF and a Bcc header included."""
+    if value.isascii() and not _ENCODED_WORD.search(value):
+        return value
+    return Header(value, "utf-8", maxlinelen=76, header_name=name).encode()
 
 
 def _from_header(name: str, address: str) -> str:
     """The From value: a display name that is not ASCII in short encoded words, as Subject."""
-    if name.isascii():
+    if name.isascii() and not _ENCODED_WORD.search(name):
         return formataddr((name, address))
     return f"{_header_text(name, 'From')} <{address}>"
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import AGENTS, Daemon, mail, query_json, start_daemon, wait_until, write_config
+from tests.test_parse import build_tnef
 
 pytestmark = pytest.mark.e2e
 
@@ -471,10 +472,14 @@ def test_attachments_are_listed_for_agents_and_an_agents_files_reach_the_custome
     original = mail(subject="the notice itself")  # a client set to attach the original
     answer.add_attachment(bytes(original), maintype="message", subtype="rfc822", filename="original.eml")
     answer.add_attachment(b"0\x82sig", maintype="application", subtype="pkcs7-signature", filename="smime.p7s")
+    # Outlook's winmail.dat holds the whole mail, the quoted notice too: only its files go on.
+    answer.add_attachment(build_tnef("fix.txt", b"reboot twice"), maintype="application", subtype="ms-tnef",
+                          filename="winmail.dat")
     desk.send(answer, recipients)
     sent = to(desk.take(), "ivo@customer.org")[0]
     files = [(p.get_filename(), p.get_content_type(), p.get_payload(decode=True)) for p in sent.iter_attachments()]
-    assert files == [("drivér-2.2.zip", "application/zip", b"PK\x03\x04driver")]
+    assert files == [("drivér-2.2.zip", "application/zip", b"PK\x03\x04driver"),
+                     ("fix.txt", "text/plain", b"reboot twice")]
     assert "Please install the driver attached." in text(sent)
 
     # Inline images: a pasted screenshot goes with the answer, a signature's small logo does not.

@@ -131,6 +131,29 @@ def test_a_references_line_over_998_characters_is_folded_between_ids() -> None:
     assert msg["References"].split() == [f"<{r}>" for r in refs]
 
 
+def test_ascii_that_readers_would_decode_as_an_encoded_word_is_encoded() -> None:
+    # A customer's subject "=?utf-8?b?<that>?=" decodes once, on intake, to the literal text
+    # below; written as is, every reader would decode it again, into CR LF and a Bcc.
+    lookalike = "Invoice =?utf-8?b?SW52b2ljZQ0KQmNjOiBhdHRhY2tlckBldmlsLm9yZw==?="
+    raw, msg = composed(subject=f"[EXAMPLE #7] {lookalike}", from_name=lookalike)
+    assert msg["Subject"] == f"[EXAMPLE #7] {lookalike}"  # read back as the literal text
+    assert next(line for line in header_lines(raw) if line.startswith("From: ")).startswith("From: =?utf-8?")
+    assert "\n" not in msg["From"].addresses[0].display_name
+    assert msg["Bcc"] is None and b"\r\nBcc" not in raw
+
+
+def test_a_message_id_too_long_for_a_line_is_not_repeated() -> None:
+    raw, msg = composed(in_reply_to="a" * 1200 + "@customer.org", references=["b" * 300 + "@x", "ok@x"])
+    assert msg["In-Reply-To"] is None and msg["References"] == "<ok@x>"
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+
+
+def test_a_lone_cr_in_the_text_is_a_line_break_on_the_wire() -> None:
+    raw, msg = composed(text="A\rsmuggle\r.\r\nend\n", html="<p>x\ry</p>")
+    assert b"\r" not in raw.replace(b"\r\n", b"")
+    assert msg.get_body(("plain",)).get_content().replace("\r\n", "\n") == "A\nsmuggle\n.\nend\n"
+
+
 @pytest.mark.parametrize("to", ["d\xe4ni\xa6l@customer.org", "josé@exämple.org"])
 def test_a_non_ascii_recipient_is_written_as_utf8(to: str) -> None:
     # RFC 6532: an address that is not ASCII stays UTF-8 (the relay is asked for SMTPUTF8);
@@ -695,3 +718,14 @@ def test_files_go_in_a_multipart_mixed_after_the_text() -> None:
     assert got == [("log.txt", "Grüße\n".encode() * 5000), ("na_me X: y.pdf", b"%PDF"), (long_name, b"%PDF")]
     assert next(msg.iter_attachments()).get_content_charset() == "utf-8"
     assert max(len(line) for line in raw.split(b"\r\n")) <= 998 and b"\nX: y" not in raw
+
+
+@pytest.mark.parametrize("name", ["отчёт по инциденту номер 12345 очень длинное имя файла.pdf",
+                                  "=?utf-8?q?=2E=2E=2Fx=2Esh?=", "🙂" * 30 + ".png"])
+def test_a_file_name_reads_back_as_written_with_no_defect(name: str) -> None:
+    from mailgate.outbox import OutgoingFile
+
+    _, msg = composed(files=[OutgoingFile(name, "application/pdf", b"%PDF")])
+    part = next(msg.iter_attachments())
+    assert part.get_filename() == name  # a lookalike encoded word is no "../x.sh"
+    assert not part["Content-Disposition"].defects  # no continuation splits a character

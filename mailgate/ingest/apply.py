@@ -57,9 +57,12 @@ INLINE_IMAGE_SENT_FROM = 10 * 1024
 # 10 MB a relay often takes (Postfix's message_size_limit is 10,240,000).
 ANSWER_FILES_MAX_BYTES = 7 * 1024 * 1024
 # Parts of the agent's mail that are no file of theirs: an S/MIME or PGP signature over
-# their mail (sent on, it signs nothing), and the headers of a returned message.
+# their mail (sent on, it signs nothing), the headers of a returned message, and Outlook's
+# winmail.dat, which holds the whole mail (the quoted notice, the signature) beside the
+# files parse_message takes out of it, which do go on.
 NOT_SENT_ON = frozenset({"application/pkcs7-signature", "application/x-pkcs7-signature",
-                         "application/pgp-signature", "text/rfc822-headers"})
+                         "application/pgp-signature", "text/rfc822-headers",
+                         "application/ms-tnef", "application/vnd.ms-tnef"})
 _INSERT_PARTICIPANT = insert(Participant.__table__)  # type: ignore[attr-defined]
 _PARTICIPANT_EXISTS = select(Participant.id).where(
     Participant.ticket_id == bindparam("ticket"), Participant.email == bindparam("email"),
@@ -1056,7 +1059,8 @@ def send_effects(ctx: Context) -> None:
             # with its ticket data, to the customer.
             files = [OutgoingFile(a.filename, a.content_type, a.data) for a in ctx.msg.attachments
                      if (not a.inline or len(a.data) >= INLINE_IMAGE_SENT_FROM)
-                     and not a.content_type.startswith("message/") and a.content_type not in NOT_SENT_ON]
+                     and not a.content_type.startswith("message/") and a.content_type not in NOT_SENT_ON
+                     and a.filename.lower() != "winmail.dat"]
             size = sum(len(f.data) for f in files)
             if size > ANSWER_FILES_MAX_BYTES:
                 # Each recipient's copy is an outbox row of its own: keep them small, and say so.
