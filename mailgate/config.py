@@ -54,7 +54,7 @@ class OutboundSettings:
     password: str | None = None
     ca_file: Path | None = None  # a private CA for the relay's certificate (default: the system store)
     timeout_seconds: float = 30.0
-    max_attempts: int = 12
+    max_attempts: int = 60
     retry_base_seconds: float = 30.0
     retry_max_seconds: float = 3600.0
     deadline_hours: float = 48.0
@@ -284,10 +284,12 @@ class _Section:
             raise ConfigError(f"{self.key(name)}: must be a finite number, got {value!r}")
         return value
 
-    def positive(self, name: str, kind: type, default: Any) -> Any:
+    def positive(self, name: str, kind: type, default: Any, *, at_most: float | None = None) -> Any:
         value = self.get(name, kind, default)
         if value <= 0:
             raise ConfigError(f"{self.key(name)}: must be greater than 0, got {value!r}")
+        if at_most is not None and value > at_most:
+            raise ConfigError(f"{self.key(name)}: must be at most {at_most:g}, got {value!r}")
         return value
 
     def address(self, name: str, default: Any = ...) -> str:
@@ -449,8 +451,9 @@ def _outbound(sec: _Section, base: Path) -> OutboundSettings:
         user=sec.get("user", str, None),
         password=_secret_from_env(sec, "password"),
         ca_file=_resolve(base, ca_file) if ca_file else None,
-        timeout_seconds=sec.positive("timeout_seconds", float, 30.0),
-        max_attempts=sec.positive("max_attempts", int, 12),
+        # At most 120: a row's whole send must end within outbox.STALE_SENDING.
+        timeout_seconds=sec.positive("timeout_seconds", float, 30.0, at_most=120),
+        max_attempts=sec.positive("max_attempts", int, 60),
         retry_base_seconds=sec.positive("retry_base_seconds", float, 30.0),
         retry_max_seconds=sec.positive("retry_max_seconds", float, 3600.0),
         deadline_hours=sec.positive("deadline_hours", float, 48.0),

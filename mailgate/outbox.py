@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -42,7 +43,14 @@ from mailgate.store.tables import Event, Outbox
 
 log = logging.getLogger(__name__)
 
-STALE_SENDING = timedelta(minutes=10)
+# RFC 5321 4.5.3.2.6: wait 10 minutes for the reply to the final dot. A relay's content
+# filter can take longer than a command's timeout, and giving up early is how one mail gets
+# delivered again on every retry (RFC 1047). The same time covers sending the body.
+DATA_TIMEOUT_SECONDS = 600.0
+# Longer than the longest send of one row: the commands before DATA (connect, EHLO,
+# STARTTLS, AUTH, MAIL, RCPT: outbound.timeout_seconds each, at most 120) and DATA. Until
+# then a row in `sending` is this sender's: another must not send it again meanwhile.
+STALE_SENDING = timedelta(minutes=30)
 # A claim's rows are held in memory together: an answer with 7 MB of files to twenty
 # recipients is twenty rows of ~10 MB each. A claim takes rows up to this size (at least one).
 CLAIM_MAX_BYTES = 48 * 2**20
@@ -333,6 +341,20 @@ def _deliver_batch(maildir: Path, rows: Sequence[ClaimedMail]) -> list[DeliveryE
     return results
 
 
+@functools.cache
+def _relay_class() -> type:
+    import aiosmtplib  # only to send by SMTP
+
+    class Relay(aiosmtplib.SMTP):
+        """aiosmtplib's client with RFC 5321's time for DATA; every other command keeps
+        outbound.timeout_seconds."""
+
+        async def data(self, message: str | bytes, /, **_: Any) -> Any:
+            return await super().data(message, timeout=DATA_TIMEOUT_SECONDS)
+
+    return Relay
+
+
 async def deliver_by_smtp(settings: Settings, row: ClaimedMail) -> None:
     import aiosmtplib
 
@@ -342,15 +364,16 @@ async def deliver_by_smtp(settings: Settings, row: ClaimedMail) -> None:
     recipients = row.recipients.split(",")
     # RFC 6531: an address that is not ASCII needs SMTPUTF8 (aiosmtplib asks only when told).
     needs_utf8 = not (row.mail_from.isascii() and all(r.isascii() for r in recipients))
+    client = _relay_class()(
+        hostname=host, port=int(port or (465 if scheme == "smtps" else 25)),
+        use_tls=scheme == "smtps", start_tls=ob.starttls,  # false: plain SMTP (a local relay); true: required
+        username=ob.user, password=ob.password, timeout=ob.timeout_seconds,
+        cert_bundle=str(ob.ca_file) if ob.ca_file else None,
+    )
     try:
-        await aiosmtplib.send(
-            row.raw, sender=row.mail_from, recipients=recipients,
-            mail_options=["SMTPUTF8"] if needs_utf8 else None,
-            hostname=host, port=int(port or (465 if scheme == "smtps" else 25)),
-            use_tls=scheme == "smtps", start_tls=ob.starttls,  # false: plain SMTP (a local relay); true: required
-            username=ob.user, password=ob.password, timeout=ob.timeout_seconds,
-            cert_bundle=str(ob.ca_file) if ob.ca_file else None,
-        )
+        async with client:
+            await client.sendmail(row.mail_from, recipients, row.raw,
+                                  mail_options=["SMTPUTF8"] if needs_utf8 else None)
     except aiosmtplib.SMTPRecipientsRefused as exc:
         permanent = all(_refuses_this_recipient(r.code, r.message) for r in exc.recipients)
         raise DeliveryError(f"recipients refused: {exc}", permanent=permanent) from exc
@@ -445,9 +468,41 @@ def _within_claim_size(sizes: Sequence[tuple[int, int]]) -> list[int]:
     return kept
 
 
+def _record_failure(session: Session, row: Outbox, now: datetime, error: str) -> None:
+    """Agents see on the ticket that a mail never reached its recipient."""
+    if row.ticket_id is not None:
+        session.add(Event(ticket_id=row.ticket_id, created_at=now, actor="system",
+                          action="delivery failed", new=row.recipients,
+                          detail=f"{row.template} <{row.message_id}>: {error[:500]}"))
+
+
+_PAST_DEADLINE = select(Outbox).where(
+    Outbox.deadline < bindparam("now"),  # type: ignore[arg-type]
+    (Outbox.state == "queued") | ((Outbox.state == "sending") & (Outbox.next_attempt_at <= bindparam("stale"))))
+_FAIL_IF_UNCHANGED = update(_OUTBOX).where(
+    _OUTBOX.c.id == bindparam("row_id"), _OUTBOX.c.state == bindparam("was")).values(
+    state="failed", last_error=bindparam("error"))
+
+
+def _fail_past_deadline(session: Session, now: datetime, limit: int) -> None:
+    """Rows whose deadline passed while nothing sent them (the daemon or the relay was
+    down) fail, as a mail server returns mail it could not deliver in time: a
+    confirmation or a status notice days late says what is no longer true.
+    `mailgate outbox retry` sends one anyway."""
+    rows = session.exec(_PAST_DEADLINE.limit(limit), params={"now": now, "stale": now - STALE_SENDING}).all()
+    for row in rows:
+        error = f"deadline passed before it could be sent (queued {row.created_at:%Y-%m-%d %H:%M} UTC)"
+        # Only if no other sender changed it meanwhile: one event per failure.
+        if session.connection().execute(_FAIL_IF_UNCHANGED, {"row_id": row.id, "was": row.state,
+                                                             "error": error}).rowcount:
+            log.error("outbox %s <%s>: failed for good: %s", row.id, row.message_id, error)
+            _record_failure(session, row, now, error)
+
+
 def claim_due(engine: Engine, worker: str, limit: int = 20) -> list[ClaimedMail]:
     now = utcnow()
     with session_scope(engine) as session:
+        _fail_past_deadline(session, now, limit)
         ids = due_ids(session, engine, Outbox.id, [  # type: ignore[arg-type]
             (Outbox.state == "queued") & (Outbox.next_attempt_at <= now),  # type: ignore[operator]
             # a sender died between claim and result: send again (same Message-ID)
@@ -481,16 +536,14 @@ def record_results(engine: Engine, settings: Settings, results: Sequence[tuple[i
             if row is None or row.state != "sending" or row.claimed_by != worker:
                 continue
             row.last_error = str(error)[:2000]
-            nxt = now + retry_delay(settings, row.attempts)
-            if error.permanent or row.attempts >= settings.outbound.max_attempts or nxt > as_utc(row.deadline):
+            deadline = as_utc(row.deadline)
+            if error.permanent or row.attempts >= settings.outbound.max_attempts or now >= deadline:
                 row.state = "failed"
                 log.error("outbox %s <%s>: failed for good: %s", row.id, row.message_id, error)
-                if row.ticket_id is not None:
-                    session.add(Event(ticket_id=row.ticket_id, created_at=now, actor="system",
-                                      action="delivery failed", new=row.recipients,
-                                      detail=f"{row.template} <{row.message_id}>: {str(error)[:500]}"))
+                _record_failure(session, row, now, str(error))
             else:
-                row.state, row.next_attempt_at = "queued", nxt
+                # The last try is at the deadline itself, not one backoff step before it.
+                row.state, row.next_attempt_at = "queued", min(now + retry_delay(settings, row.attempts), deadline)
                 log.warning("outbox %s <%s>: will retry: %s", row.id, row.message_id, error)
             session.add(row)
     return held

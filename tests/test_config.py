@@ -182,6 +182,8 @@ def test_missing_keys_are_named_exactly() -> None:
     ({"assignment": [{"target": "group:L9"}]}, "assignment[0].target: no agent is in group 'L9'"),
     # TOML has nan and inf, and every comparison with them is false: they passed every check.
     ({"outbound__timeout_seconds": float("nan")}, "outbound.timeout_seconds: must be a finite number, got nan"),
+    # A row's whole send must end before another sender may take it over (outbox.STALE_SENDING).
+    ({"outbound__timeout_seconds": 300}, "outbound.timeout_seconds: must be at most 120, got 300"),
     ({"spam": {"digest_hours": float("inf")}}, "spam.digest_hours: must be a finite number, got inf"),
     # Mail to the comment address is a note: as the support address, every answer was kept as one.
     ({"helpdesk__comment_address": "Support@example.com"}, "helpdesk.comment_address: must differ from"),
@@ -293,7 +295,7 @@ def test_minimal_config_has_documented_defaults(tmp_path: Path) -> None:
     ob = s.outbound
     assert (ob.starttls, ob.user, ob.password, ob.ca_file, ob.verp) == (False, None, None, None, False)
     assert (ob.timeout_seconds, ob.max_attempts, ob.retry_base_seconds, ob.retry_max_seconds,
-            ob.deadline_hours, ob.poll_seconds) == (30.0, 12, 30.0, 3600.0, 48.0, 1.0)
+            ob.deadline_hours, ob.poll_seconds) == (30.0, 60, 30.0, 3600.0, 48.0, 1.0)
     hd = s.helpdesk
     assert hd.name == "Support" and hd.queues == () and hd.templates_dir is None
     assert [(st.name, st.kind) for st in hd.statuses] == [

@@ -264,22 +264,50 @@ def _state(engine: Any, row_id: int) -> tuple[str, int, str | None]:
 
 def test_record_results(engine: Any) -> None:
     s = settings({"url": "smtp://relay", "retry_base_seconds": 60, "max_attempts": 3})
-    ok, soft, hard, late, spent = (_row(engine), _row(engine), _row(engine),
-                                   _row(engine, deadline_in=timedelta(seconds=30)), _row(engine, attempts=3))
+    ok, soft, hard, late, expired, spent = (
+        _row(engine), _row(engine), _row(engine), _row(engine, deadline_in=timedelta(seconds=30)),
+        _row(engine, deadline_in=timedelta(seconds=-1)), _row(engine, attempts=3))
     taken_over = _row(engine, claimed_by="other")  # re-claimed as stale by another sender: theirs
     record_results(engine, s, [(taken_over, None), (taken_over, DeliveryError("550 no", permanent=True))], "w")
     assert _state(engine, taken_over) == ("sending", 1, None)
     record_results(engine, s, [
         (ok, None), (soft, DeliveryError("451 4.3.0 try later")),
         (hard, DeliveryError("550 5.1.1 no such user", permanent=True)),
-        (late, DeliveryError("451 4.3.0 try later")),  # next try (~60 s) would be after the deadline
+        (late, DeliveryError("451 4.3.0 try later")),  # the next try (~60 s) would be after the deadline
+        (expired, DeliveryError("451 4.3.0 try later")),
         (spent, DeliveryError("451 4.3.0 try later")),  # third attempt of three
     ], "w")
     assert _state(engine, ok) == ("sent", 1, None)
     assert _state(engine, soft) == ("queued", 1, "451 4.3.0 try later")
     assert _state(engine, hard) == ("failed", 1, "550 5.1.1 no such user")
-    assert _state(engine, late) == ("failed", 1, "451 4.3.0 try later")
+    assert _state(engine, late) == ("queued", 1, "451 4.3.0 try later")  # one last try, at the deadline
+    assert _state(engine, expired) == ("failed", 1, "451 4.3.0 try later")
     assert _state(engine, spent) == ("failed", 3, "451 4.3.0 try later")
+    from mailgate.store.engine import session_scope
+
+    with session_scope(engine) as session:
+        row = session.get(Outbox, late)
+        assert row is not None and row.next_attempt_at == row.deadline
+
+
+def test_a_row_whose_deadline_passed_unsent_fails_and_is_not_sent(engine: Any) -> None:
+    """The daemon or the relay was down past a row's deadline: a confirmation days late says
+    what is no longer true. Failed as a mail server returns what it could not deliver in time."""
+    stale = utcnow() - outbox.STALE_SENDING - timedelta(minutes=1)
+    expired = _row(engine, state="queued", deadline_in=timedelta(seconds=-1))
+    expired_claim = _row(engine, state="sending", deadline_in=timedelta(seconds=-1))  # its sender died
+    due = _row(engine, state="queued")
+    from sqlalchemy import update
+
+    from mailgate.store.engine import session_scope
+
+    with session_scope(engine) as session:
+        session.exec(update(Outbox).where(Outbox.id == expired_claim).values(next_attempt_at=stale))
+    assert [m.id for m in outbox.claim_due(engine, "w")] == [due]
+    for row_id in (expired, expired_claim):
+        state, _, error = _state(engine, row_id)
+        assert state == "failed" and error is not None and error.startswith("deadline passed before it could be sent")
+    assert [m.id for m in outbox.claim_due(engine, "w")] == []
 
 
 def test_a_claim_holds_rows_up_to_a_size_and_always_one(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -673,6 +701,15 @@ def test_a_non_ascii_recipient_is_sent_with_smtputf8() -> None:
         assert exc.value.permanent and "SMTPUTF8" in str(exc.value)
     finally:
         controller.stop()
+
+
+def test_a_relay_slow_to_answer_the_final_dot_is_waited_for(relay: CaptureRelay) -> None:
+    """RFC 5321 4.5.3.2.6: 10 minutes for the reply to DATA. Giving up after the command
+    timeout while the relay's filter still works is how one mail is delivered on every try."""
+    relay.data_seconds = 2.5
+    s = settings({"url": f"smtp://127.0.0.1:{relay.port}", "timeout_seconds": 1})
+    asyncio.run(deliver_by_smtp(s, _outbox_row()))  # no DeliveryError: it waited
+    assert len(relay.messages) == 1
 
 
 def test_two_senders_on_a_slow_relay_send_each_mail_once(workdir: Path, relay: CaptureRelay,
