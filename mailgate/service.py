@@ -32,6 +32,9 @@ from mailgate.worker import SENT_SIGNAL, WorkProcess, journal_for, limit_malloc_
 
 log = logging.getLogger(__name__)
 DRAIN_SECONDS = 20.0
+# At stop, how long a client may take to finish the message it is sending (within
+# systemd's TimeoutStopSec=45, before the drains above).
+LISTENER_GRACE_SECONDS = 10.0
 
 
 def sd_notify(state: str) -> None:
@@ -168,8 +171,7 @@ async def serve(settings: Settings) -> int:
     sd_notify("STOPPING=1")
     log.info("stopping")
     if server is not None:
-        server.close()
-        await server.wait_closed()
+        await server.close(LISTENER_GRACE_SECONDS)
     for task in pollers:
         task.cancel()
     await asyncio.gather(*pollers, return_exceptions=True)

@@ -331,6 +331,21 @@ def test_sigterm_stops_cleanly(daemon: Daemon) -> None:
     assert time.monotonic() - t0 < 30
 
 
+def test_sigterm_with_an_idle_client_connected_answers_it_421_and_stops(daemon: Daemon) -> None:
+    """An MTA keeps idle connections (Postfix caches LMTP ones). From Python 3.12 on, waiting
+    for the server to close waited for them too, and systemd killed the daemon mid-drain."""
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=20) as sock:
+        f = sock.makefile("rwb")
+        assert f.readline().startswith(b"220")
+        f.write(b"EHLO client.example\r\n")
+        f.flush()
+        while f.readline()[3:4] == b"-":
+            pass
+        assert daemon.stop() == 0
+        assert f.readline() == b"421 4.3.2 Service shutting down\r\n"
+    assert "stopped" in daemon.log.read_text()
+
+
 def test_ingest_exit_codes(workdir: Path) -> None:
     cfg = write_config(workdir)
     ok = cli(cfg, "ingest", input=mail(subject="by pipe").as_bytes())

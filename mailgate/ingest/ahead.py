@@ -22,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
+import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -72,6 +74,21 @@ class ParseAhead:
         # caller has one thread, and fail here rather than on the first message.
         if not self.pool.submit(_started).result():
             raise RuntimeError("parse-ahead helper did not start")
+        self._closing = threading.Event()
+        threading.Thread(target=self._kill_all_when_one_dies, name="parse-ahead-watch", daemon=True).start()
+
+    def _kill_all_when_one_dies(self) -> None:
+        """Once a helper dies, the executor takes the pool as broken and joins the others
+        before anything else; from Python 3.12 on it holds the lock submit() needs while it
+        waits. A helper busy or stuck on a message (they ignore SIGTERM) then hung the work
+        process in submit() for good. Killing the rest at once lets the executor finish and
+        submit() raise BrokenProcessPool, as in 3.11."""
+        sentinels = [process.sentinel for process in list(getattr(self.pool, "_processes", {}).values())]
+        while sentinels and not self._closing.is_set():
+            if multiprocessing.connection.wait(sentinels, timeout=1.0):
+                if not self._closing.is_set():
+                    self.kill()
+                return
 
     def submit(self, rows: list[Inbound]) -> dict[int, Future[Prepared]]:
         return {row.id: self.pool.submit(prepare_stored, row.raw_sha256) for row in rows if row.id is not None}
@@ -84,4 +101,5 @@ class ParseAhead:
                 process.kill()
 
     def close(self) -> None:
+        self._closing.set()
         self.pool.shutdown(wait=True, cancel_futures=True)

@@ -32,16 +32,72 @@ log = logging.getLogger(__name__)
 LONG_LINE_LIMIT = 1024 * 1024
 
 
-class LenientSMTP(SMTP):
+class _TrackedSession:
+    """A session the Listener can find at shutdown (it leaves the set when its connection
+    ends)."""
+
+    sessions: set[Any] | None = None
+    envelope: Envelope | None
+    transport: Any
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self.sessions is not None:
+            self.sessions.discard(self)
+        super().connection_lost(error)  # type: ignore[misc]
+
+    @property
+    def in_transaction(self) -> bool:
+        """Between MAIL and the reply to DATA: a message may be under way."""
+        return self.envelope is not None and self.envelope.mail_from is not None
+
+
+class LenientSMTP(_TrackedSession, SMTP):
     line_length_limit = LONG_LINE_LIMIT
 
 
-class LenientLMTP(LMTP):
+# RFC 2033 section 5: an LMTP server MUST implement PIPELINING and ENHANCEDSTATUSCODES.
+# aiosmtpd's own replies carry no enhanced code (RFC 3463); these are the ones it sends.
+_ENHANCED_CODE = re.compile(r"^[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}(\s|$)")
+_ENHANCED_FOR = {"500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
+                 "552": "5.3.4", "553": "5.1.3", "555": "5.5.4"}
+
+
+def with_enhanced_code(reply: str) -> str:
+    """A 2xx, 4xx or 5xx reply line with an enhanced status code: its own, or the one for
+    aiosmtpd's reply, or the class's X.0.0."""
+    code = reply[:3]
+    if not code.isdigit() or code[0] not in "245" or _ENHANCED_CODE.match(reply):
+        return reply
+    enhanced = _ENHANCED_FOR.get(code, f"{code[0]}.0.0")
+    return f"{reply[:4]}{enhanced} {reply[4:]}".rstrip()
+
+
+class LenientLMTP(_TrackedSession, LMTP):
     line_length_limit = LONG_LINE_LIMIT
     # Replies owed for the DATA under way: set when 354 goes out, paid by the next reply.
     _owed_after_data = 0
+    _answering_lhlo = False
+
+    async def smtp_LHLO(self, arg: str) -> None:
+        self._answering_lhlo = True
+        try:
+            await super().smtp_LHLO(arg)
+        finally:
+            self._answering_lhlo = False
 
     async def push(self, status: str | bytes) -> None:
+        if isinstance(status, bytes):  # aiosmtpd pushes text; nothing of ours pushes bytes
+            await self._push_lmtp(status)
+        elif self._answering_lhlo:
+            # The LHLO reply lists extensions and carries no enhanced codes (RFC 2034 3).
+            if status == "250 HELP":
+                await self._push_lmtp("250-PIPELINING")
+                await self._push_lmtp("250-ENHANCEDSTATUSCODES")
+            await self._push_lmtp(status)
+        else:
+            await self._push_lmtp(with_enhanced_code(status))
+
+    async def _push_lmtp(self, status: str | bytes) -> None:
         """After the final dot, answer once per accepted recipient (RFC 2033 4.2).
 
         aiosmtpd's smtp_DATA reads to the dot and then refuses by itself with one
@@ -151,13 +207,59 @@ class IngestHandler:
         return "451 4.3.0 Temporary failure, please try again later"
 
 
+class Listener:
+    """The listening socket and its sessions, so that a stop ends them itself: from
+    Python 3.12 on, Server.wait_closed() waits for every client, and an idle one (Postfix
+    keeps LMTP connections cached) held `mailgate run` until systemd killed it."""
+
+    def __init__(self, server: asyncio.base_events.Server, sessions: set[Any]) -> None:
+        self.server = server
+        self.sessions = sessions
+
+    @property
+    def sockets(self) -> Sequence[Any]:
+        return self.server.sockets
+
+    async def close(self, grace_seconds: float) -> None:
+        """Stop listening and end every session with 421 (RFC 5321 3.8): an idle one at
+        once, one with a message under way once its DATA is answered, or after
+        grace_seconds. aiosmtpd answers DATA right after it resets the envelope, with no
+        wait between, so a 421 can never come before a message's own reply."""
+        self.server.close()
+        loop = asyncio.get_running_loop()
+        until = loop.time() + grace_seconds
+        while True:
+            for session in list(self.sessions):
+                if not session.in_transaction or loop.time() >= until:
+                    _end_session(session)
+            if not any(not s.transport.is_closing() for s in self.sessions if s.transport is not None):
+                break
+            await asyncio.sleep(0.05)
+        try:
+            await asyncio.wait_for(self.server.wait_closed(), 5)
+        except TimeoutError:
+            log.warning("SMTP connections still open after stop: %d", len(self.sessions))
+
+
+def _end_session(session: Any) -> None:
+    transport = session.transport
+    if transport is not None and not transport.is_closing():
+        transport.write(b"421 4.3.2 Service shutting down\r\n")
+        transport.close()
+
+
 async def start_server(handler: IngestHandler, host: str, port: int, *, hostname: str,
-                       max_message_bytes: int) -> asyncio.base_events.Server:
+                       max_message_bytes: int) -> Listener:
     loop = asyncio.get_running_loop()
     protocol = LenientLMTP if handler.lmtp else LenientSMTP
+    sessions: set[Any] = set()
 
     def factory() -> SMTP:
-        return protocol(handler, hostname=hostname, data_size_limit=max_message_bytes,
-                        enable_SMTPUTF8=True, decode_data=False, ident="mailgate ESMTP")
+        session = protocol(handler, hostname=hostname, data_size_limit=max_message_bytes,
+                           enable_SMTPUTF8=True, decode_data=False, ident="mailgate ESMTP")
+        session.sessions = sessions
+        sessions.add(session)
+        return session
 
-    return await loop.create_server(factory, host=host, port=port, reuse_address=True)
+    server = await loop.create_server(factory, host=host, port=port, reuse_address=True)
+    return Listener(server, sessions)
