@@ -270,6 +270,37 @@ def test_a_message_the_server_cannot_return_does_not_block_the_others(
     assert health["ok"] and health["warning"] is None
 
 
+def test_a_folder_that_refuses_the_move_does_not_stop_new_mail(
+        dovecot: Dovecot, imap_user: str, engine: Engine, blobs: BlobStore, pipeline: Pipeline) -> None:
+    """Filing is not spooling: a Processed folder the server cannot write to (NO on MOVE)
+    used to end every pass at the first batch, so mail past the look-ahead never came in."""
+    for i in range(4):
+        dovecot.append(imap_user, message(i))
+    dovecot.create_folder(imap_user, "Processed", "Failed")
+    processed = dovecot.root / "home" / imap_user / "Maildir" / ".Processed"
+    modes = {d: d.stat().st_mode & 0o777 for d in (processed, *(processed / s for s in ("tmp", "new", "cur")))}
+    for d in modes:
+        d.chmod(0o555)
+    poller = ImapPoller(dovecot.account(imap_user, batch_size=2, poll_seconds=0.1), engine, blobs,
+                        process=pipeline)
+    assert asyncio.run(poller.poll_once()) == 4
+    st = state(engine, imap_user)
+    assert st.last_uid == 0 and "could not be filed" in (st.last_error or "")
+    for i in range(4, 10):  # more than the look-ahead of batches
+        dovecot.append(imap_user, message(i))
+    time.sleep(0.2)
+    assert asyncio.run(poller.poll_once()) == 6
+    assert stored_uids(engine) == list(range(1, 11)) and len(pipeline.calls) == 10
+    assert dovecot.count(imap_user, "INBOX") == 10 and state(engine, imap_user).last_uid == 0
+
+    for d, mode in modes.items():
+        d.chmod(mode)
+    time.sleep(1.0)  # the retries back off: 0.1 s, 0.2 s, ...
+    assert asyncio.run(poller.poll_once()) == 0  # filed from the spool, nothing fetched again
+    assert dovecot.count(imap_user, "INBOX") == 0 and dovecot.count(imap_user, "Processed") == 10
+    assert len(pipeline.calls) == 10 and state(engine, imap_user).last_uid == 10
+
+
 def _spy_on_bodies(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
     """The UIDs of each body FETCH from now on."""
     real_bodies = _Session.bodies

@@ -432,7 +432,7 @@ class _Session:
             if attempt == 1 and b"TRYCREATE" in b" ".join(bytes(x) for x in resp.lines):
                 await self.create(folder)
                 continue
-            raise ImapError(f"moving UIDs {uid_set(uids)} to {folder} failed: {_text(resp)}")
+            raise ImapRefused(f"moving UIDs {uid_set(uids)} to {folder} failed: {_text(resp)}")
 
     async def delete(self, uids: Sequence[int]) -> None:
         await self.ok(self.c.uid("store", uid_set(uids), "+FLAGS.SILENT", r"(\Deleted)"),
@@ -755,10 +755,19 @@ class ImapPoller:
         done = await batch.outcomes
         if batch.uidvalidity != session.uidvalidity:
             return  # the folder was recreated meanwhile: these UIDs name other messages now
+        filed = True
         if done and not self.account.shadow:
-            await session.act(done)
-        for uid in batch.recovered:
-            self._skipped.pop(uid, None)
+            try:
+                await session.act(done)
+            except ImapRefused as exc:
+                # The server would not file them (a read-only or full folder, a quota). They
+                # are spooled and handled; they stay below last_uid, filing is tried again on
+                # later passes, and mail above them goes on being fetched meanwhile.
+                filed = False
+                await self._report_unfiled([item.uid for item in done], _one_line(exc))
+        if filed:
+            for uid in batch.recovered:
+                self._skipped.pop(uid, None)
         self._passed = max(self._passed, batch.position)
         # last_uid stops just below the lowest message the server would not return, so that
         # after a restart the poller starts there again and the message is never given up on.
@@ -810,6 +819,20 @@ class ImapPoller:
                f"it stays in the mailbox and is tried again later")
         log.log(logging.ERROR if before is None else logging.WARNING,
                 "imap %s: %s (next try in %.0f s)", a.name, msg, delay)
+        await asyncio.to_thread(self._record, None, msg)
+
+    async def _report_unfiled(self, uids: Sequence[int], why: str) -> None:
+        """Record stored messages that the server would not move, flag or delete, and when
+        to file them again (they are in the spool: a later pass files them from there)."""
+        a = self.account
+        tries = 1 + max((self._skipped[u].tries for u in uids if u in self._skipped), default=0)
+        delay = min(a.poll_seconds * 2 ** min(tries - 1, 20), SKIPPED_RETRY_MAX_SECONDS)
+        for uid in uids:
+            self._skipped[uid] = _Skipped(tries=tries, retry_at=time.monotonic() + delay)
+        msg = (f"UIDs {uid_set(uids)} in {a.folder} are stored but could not be filed (attempt {tries}): "
+               f"{why}; they stay in the mailbox and filing is tried again later")
+        log.log(logging.ERROR if tries == 1 else logging.WARNING, "imap %s: %s (next try in %.0f s)",
+                a.name, msg, delay)
         await asyncio.to_thread(self._record, None, msg)
 
     async def _report_oversize(self, uid: int, size: int) -> None:
