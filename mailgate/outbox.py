@@ -476,9 +476,15 @@ def _record_failure(session: Session, row: Outbox, now: datetime, error: str) ->
                           detail=f"{row.template} <{row.message_id}>: {error[:500]}"))
 
 
-_PAST_DEADLINE = select(Outbox).where(
-    Outbox.deadline < bindparam("now"),  # type: ignore[arg-type]
-    (Outbox.state == "queued") | ((Outbox.state == "sending") & (Outbox.next_attempt_at <= bindparam("stale"))))
+# Each the claim's own condition plus the deadline, so that the (state, next_attempt_at)
+# index finds the few rows: an OR of the two states, or the state alone, read the whole
+# table on every pass. (A queued row is due by its deadline: record_results caps it.)
+_QUEUED_PAST_DEADLINE = select(Outbox).where(
+    Outbox.state == "queued", Outbox.next_attempt_at <= bindparam("now"),  # type: ignore[operator]
+    Outbox.deadline < bindparam("now"))  # type: ignore[arg-type]
+_STALE_PAST_DEADLINE = select(Outbox).where(
+    Outbox.state == "sending", Outbox.next_attempt_at <= bindparam("stale"),  # type: ignore[operator]
+    Outbox.deadline < bindparam("now"))  # type: ignore[arg-type]
 _FAIL_IF_UNCHANGED = update(_OUTBOX).where(
     _OUTBOX.c.id == bindparam("row_id"), _OUTBOX.c.state == bindparam("was")).values(
     state="failed", last_error=bindparam("error"))
@@ -489,7 +495,9 @@ def _fail_past_deadline(session: Session, now: datetime, limit: int) -> None:
     down) fail, as a mail server returns mail it could not deliver in time: a
     confirmation or a status notice days late says what is no longer true.
     `mailgate outbox retry` sends one anyway."""
-    rows = session.exec(_PAST_DEADLINE.limit(limit), params={"now": now, "stale": now - STALE_SENDING}).all()
+    params = {"now": now, "stale": now - STALE_SENDING}
+    rows = [*session.exec(_QUEUED_PAST_DEADLINE.limit(limit), params=params).all(),
+            *session.exec(_STALE_PAST_DEADLINE.limit(limit), params=params).all()]
     for row in rows:
         error = f"deadline passed before it could be sent (queued {row.created_at:%Y-%m-%d %H:%M} UTC)"
         # Only if no other sender changed it meanwhile: one event per failure.

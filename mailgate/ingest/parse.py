@@ -883,6 +883,15 @@ def _handle_tnef(data: bytes, col: _Collector, where: str) -> None:
         col.tnef_bodies.append(str(body))
 
 
+def _param_bytes(value: str) -> bytes:
+    """The bytes of a decoded RFC 2231 value: the stdlib unquotes %XX to Latin-1 characters,
+    and raw 8-bit bytes in the header come as surrogate escapes."""
+    try:
+        return value.encode("latin-1", "surrogateescape")
+    except UnicodeEncodeError:  # characters beyond Latin-1: the header was already text
+        return value.encode("utf-8", "surrogateescape")
+
+
 def _walk(msg: Message, col: _Collector) -> None:
     # (part, index path, inside a delivery report)
     stack: list[tuple[Message, str, bool]] = [(msg, "1", False)]
@@ -947,16 +956,17 @@ def _visit(
 
     disposition = view.get_content_disposition()
     filename: str | None = None
-    try:
-        raw_name = view.get_filename() or view.get_param("name")
-    except (UnicodeError, LookupError):
-        # An RFC 2231 name in a charset that Python's codec refuses (mime_header_view
-        # failed on it too): its bytes, decoded as an unknown charset.
-        param = view.get_param("filename", header="content-disposition") or view.get_param("name")
-        raw_name = None
-        if isinstance(param, tuple):
-            raw_name = _decode_bytes(bytes(param[2], "raw-unicode-escape"), param[0], col.defects,
-                                     "attachment name")
+    param = view.get_param("filename", header="content-disposition") or view.get_param("name")
+    if isinstance(param, tuple):
+        # An RFC 2231 name: its bytes decoded here, by the same charset rules as a body. The
+        # stdlib would use any Python codec the name gives, and some (punycode, idna) turn
+        # a name into other text, or raise on it, depending on the Python version.
+        raw_name = _decode_bytes(_param_bytes(param[2]), param[0], col.defects, "attachment name")
+    else:
+        try:
+            raw_name = view.get_filename() or view.get_param("name")
+        except (UnicodeError, LookupError):
+            raw_name = None
     if raw_name:
         if isinstance(raw_name, tuple):
             raw_name = raw_name[2]
