@@ -225,8 +225,15 @@ def test_imported_staff_mail_answers_only_tickets_of_the_import_and_after_them(w
         mail(sender='"Mallory via Support" <support@example.com>', subject="Re: Old question",
              body="Refund approved", headers={"X-Original-From": "mallory@evil.org", "In-Reply-To": "<c1@customer.org>",
                                               "Date": "Mon, 02 Nov 2026 11:00:00 +0000"}),
+        # Our group's marks where nobody can be named behind them: still no mail of ours.
+        mail(sender='"Mallory via Support" <support@example.com>', subject="Re: Old question",
+             body="Refund approved", headers={"In-Reply-To": "<c1@customer.org>",
+                                              "Date": "Mon, 02 Nov 2026 11:00:00 +0000"}),
+        mail(sender="Support <support@example.com>", subject="Re: Old question", body="Refund approved",
+             headers={"X-Original-From": '"x,y"@evil.org', "In-Reply-To": "<c1@customer.org>",
+                      "Date": "Mon, 02 Nov 2026 11:00:00 +0000"}),
         alice("<spam1@customer.org>", "Mon, 02 Nov 2026 11:00:00 +0000", "Not for us."),
-    ) == {"ticket": 2, "screened": 1, "reply": 1}
+    ) == {"ticket": 2, "screened": 3, "reply": 1}
     tickets = {t["number"]: t for t in query_json(config, "tickets", "list")}
     assert sorted(tickets) == [1, 2, 3, 4, 5]
     assert tickets[1]["status"] == tickets[2]["status"] == "new"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mailgate.ingest.identify import sender_behind_own_list
+from mailgate.ingest.identify import rewritten_by_own_list, sender_behind_own_list
 from mailgate.ingest.parse import parse_message
 from mailgate.ingest.screen import ScreenVerdict, own_list_ids, screen_message
 from tests.conftest import FIXTURES, cli, query_json, write_config
@@ -158,3 +158,15 @@ def test_a_rewrite_that_our_mta_cannot_vouch_for_is_not_taken(workdir: Path) -> 
     agents = write_config(workdir / "agents", helpdesk_extra='trusted_authserv_ids = ["mx.example.com"]')
     as_agent = REWRITTEN.replace(b"carol@customer.org", b"alice@example.com")
     assert b"screened" in cli(agents, "ingest", input=as_agent).stdout
+
+
+@pytest.mark.parametrize(("from_addr", "from_name", "original_present", "expected"), [
+    ("support@example.com", "'Mallory' via Support", False, True),  # nobody behind it to name
+    ("support@example.com", "Support", True, True),  # an X-Original-From we could not read
+    ("support@example.com", "Support", False, False),  # our own mail, as our Sent folder holds it
+    ("carol@customer.org", "Carol via Support", True, False),  # not From our address
+])
+def test_our_groups_marks_are_seen_whether_or_not_someone_is_named(
+        from_addr: str, from_name: str, original_present: bool, expected: bool) -> None:
+    assert rewritten_by_own_list(from_addr, from_name, original_from_present=original_present,
+                                 own_addresses=OURS) is expected

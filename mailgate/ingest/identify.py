@@ -51,6 +51,15 @@ def sender_behind_own_list(from_addr: str, from_name: str, original_from: tuple[
     return (name or (via.group("name").strip() if via is not None else "")), address
 
 
+def rewritten_by_own_list(from_addr: str, from_name: str, *, original_from_present: bool,
+                          own_addresses: Collection[str]) -> bool:
+    """Whether mail From our address bears the marks of our own group passing someone's
+    mail on (X-Original-From, or a From named "X via Y"), whether or not that someone
+    can be named (sender_behind_own_list)."""
+    return base_address(from_addr) in own_addresses and (
+        original_from_present or _VIA_NAME_RE.match(from_name) is not None)
+
+
 @dataclass(frozen=True)
 class Identity:
     verified: bool

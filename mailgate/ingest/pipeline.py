@@ -35,6 +35,7 @@ from mailgate.ingest.identify import (
     Identity,
     dmarc_failed,
     identify_agent,
+    rewritten_by_own_list,
     sender_behind_own_list,
     spf_pass,
 )
@@ -186,12 +187,16 @@ def _take_sender_behind_own_group(ctx: Context) -> None:
     """The person behind a From our own group rewrote to our address (docs/parsing.md), as
     the sender, where that is safe."""
     hd = ctx.rt.settings.helpdesk
+    original_from_present = bool(ctx.msg.header_all("x-original-from"))
+    # Also where nobody can be named behind it: such mail is no mail of ours all the same.
+    ctx.via_own_group = rewritten_by_own_list(ctx.msg.from_addr, ctx.msg.from_name,
+                                              original_from_present=original_from_present,
+                                              own_addresses=hd.all_addresses)
     behind = sender_behind_own_list(ctx.msg.from_addr, ctx.msg.from_name, ctx.msg.original_from,
                                     ctx.msg.reply_to, hd.all_addresses,
-                                    original_from_present=bool(ctx.msg.header_all("x-original-from")))
+                                    original_from_present=original_from_present)
     if behind is None:
         return
-    ctx.via_own_group = True
     if hd.trusted_authserv_ids and spf_pass(
             ctx.msg.header_all("authentication-results"), hd.trusted_authserv_ids,
             ctx.msg.from_addr.rpartition("@")[2]) is None:
