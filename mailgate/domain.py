@@ -80,14 +80,22 @@ def base_address(address: str) -> str:
 
 def mailbox_of(address: str) -> str:
     """The mailbox an address reaches, as far as the address tells: lowercased, without
-    +detail, the domain in its ASCII form (bücher.de and xn--bcher-kva.de are one domain).
-    Caps per sender count mailboxes: a new +tag or spelling must not buy a new count."""
+    +detail, the domain in Unicode (NFC) whether it came as bücher.de or xn--bcher-kva.de.
+    Caps per sender count mailboxes: a new +tag or spelling must not buy a new count.
+
+    Not through Python's idna codec: that is IDNA 2003, which maps straße.de to
+    strasse.de, another domain, where IDNA 2008 (what registries and mail use) keeps ß.
+    """
     local, _, domain = base_address(address).partition("@")
+    labels = [_u_label(label) if label.startswith("xn--") else label for label in domain.split(".")]
+    return f"{local}@{unicodedata.normalize('NFC', '.'.join(labels)).lower()}"
+
+
+def _u_label(a_label: str) -> str:
     try:
-        ascii_domain = domain.encode("idna").decode("ascii")
-    except UnicodeError:  # not a valid IDN: compared as written
-        ascii_domain = domain
-    return f"{local}@{ascii_domain}"
+        return a_label[4:].encode("ascii").decode("punycode")
+    except (UnicodeError, ValueError):  # no valid A-label: compared as written
+        return a_label
 
 
 def token_is_valid(secret: str, ticket_number: int, sender: str, token: str) -> bool:

@@ -20,6 +20,7 @@ depends_on: str | Sequence[str] | None = None
 
 _CONTACT = sa.table('contact', sa.column('id', sa.Integer), sa.column('email', sa.String),
                     sa.column('mailbox', sa.String))
+_AUTO_REPLY_LOG = sa.table('autoreplylog', sa.column('recipient', sa.String))
 
 
 def upgrade() -> None:
@@ -35,6 +36,12 @@ def upgrade() -> None:
             [{'contact_id': id_, 'new_mailbox': mailbox_of(email)} for id_, email in rows])
     with op.batch_alter_table('contact', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_contact_mailbox'), ['mailbox'], unique=False)
+    # The loop guard counts by the same key now: its rows of the last day keep counting.
+    recipients = conn.execute(sa.select(_AUTO_REPLY_LOG.c.recipient).distinct()).scalars().all()
+    renamed = [{'old': r, 'new': mailbox_of(r)} for r in recipients if mailbox_of(r) != r]
+    if renamed:
+        conn.execute(_AUTO_REPLY_LOG.update().where(_AUTO_REPLY_LOG.c.recipient == sa.bindparam('old')).values(
+            recipient=sa.bindparam('new')), renamed)
 
 
 def downgrade() -> None:
