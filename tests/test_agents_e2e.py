@@ -495,6 +495,15 @@ def test_attachments_are_listed_for_agents_and_an_agents_files_reach_the_custome
     sent = to(desk.take(), "ivo@customer.org")[0]
     assert [p.get_filename() for p in sent.iter_attachments()] == ["shot.png"]
 
+    # A winmail.dat mailgate cannot unpack is not sent on either (it holds the quoted
+    # notice), and the agent is told to attach the files again.
+    outlook, recipients = reply(notice, "alice@example.com", "The log is attached.")
+    outlook.add_attachment(b"not tnef at all", maintype="application", subtype="ms-tnef", filename="winmail.dat")
+    desk.send(outlook, recipients)
+    mails = desk.take()
+    assert list(to(mails, "ivo@customer.org")[0].iter_attachments()) == []
+    assert "winmail.dat was not sent on" in text(to(mails, "alice@example.com")[0])
+
     # Over 7 MB of files: the answer goes without them, and the agent is told.
     big, recipients = reply(notice, "alice@example.com", "Here is the full dump.")
     big.add_attachment(os.urandom(11 * 2**20), maintype="application", subtype="octet-stream", filename="dump.bin")

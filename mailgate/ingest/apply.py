@@ -1062,16 +1062,22 @@ def send_effects(ctx: Context) -> None:
                      and not a.content_type.startswith("message/") and a.content_type not in NOT_SENT_ON
                      and a.filename.lower() != "winmail.dat"]
             size = sum(len(f.data) for f in files)
+            left_out: list[str] = []
             if size > ANSWER_FILES_MAX_BYTES:
                 # Each recipient's copy is an outbox row of its own: keep them small, and say so.
                 files = []
+                left_out.append(f"answer sent without its files: {math.ceil(size / 2**20 * 100) / 100:.2f} MB is "
+                                f"over the {ANSWER_FILES_MAX_BYTES / 2**20:.0f} MB mailgate sends with an answer; "
+                                "share them another way")
+            if any(d.startswith(("winmail.dat not unpacked", "winmail.dat could not be decoded"))
+                   for d in ctx.msg.defects):
+                left_out.append("winmail.dat was not sent on: mailgate could not unpack the files in it, and it "
+                                "holds your whole mail, the quoted notice too; attach the files again as ordinary "
+                                "attachments (in Outlook, send as HTML or plain text, not Rich Text)")
+            if left_out:
                 notify.send(rt, session, ticket=ticket, template="agent/result", to=ctx.agent.email,
                             in_reply_to=ctx.msg.message_id, extra={
-                                "errors": [], "collision": None, "subject": ctx.msg.subject,
-                                "changes": [f"answer sent without its files: {math.ceil(size / 2**20 * 100) / 100:.2f}"
-                                            " MB is over the "
-                                            f"{ANSWER_FILES_MAX_BYTES / 2**20:.0f} MB mailgate sends with an "
-                                            "answer; share them another way"]})
+                                "errors": [], "collision": None, "subject": ctx.msg.subject, "changes": left_out})
             for to in notify.requester_and_cc(session, ticket):
                 notify.send(rt, session, ticket=ticket, template="requester/answer", to=to,
                             message=message, in_reply_to=last_in, automatic=False,
