@@ -47,10 +47,15 @@ log = logging.getLogger(__name__)
 # filter can take longer than a command's timeout, and giving up early is how one mail gets
 # delivered again on every retry (RFC 1047). The same time covers sending the body.
 DATA_TIMEOUT_SECONDS = 600.0
-# Longer than the longest send of one row: the commands before DATA (connect, EHLO,
-# STARTTLS, AUTH, MAIL, RCPT: outbound.timeout_seconds each, at most 120) and DATA. Until
-# then a row in `sending` is this sender's: another must not send it again meanwhile.
+# One row's whole send, connection to QUIT, ends within this (each command has its own
+# timeout too); then it is a failed try, retried later.
+SEND_LIMIT_SECONDS = 25 * 60
+# Longer than SEND_LIMIT_SECONDS: until then a row in `sending` is its sender's, and
+# another sender must not send it again meanwhile.
 STALE_SENDING = timedelta(minutes=30)
+# A row is tried until its deadline, the last time at the deadline itself; one found unsent
+# this long after it (the daemon or the relay was down) fails instead of going out late.
+DEADLINE_GRACE = timedelta(minutes=5)
 # A claim's rows are held in memory together: an answer with 7 MB of files to twenty
 # recipients is twenty rows of ~10 MB each. A claim takes rows up to this size (at least one).
 CLAIM_MAX_BYTES = 48 * 2**20
@@ -371,7 +376,7 @@ async def deliver_by_smtp(settings: Settings, row: ClaimedMail) -> None:
         cert_bundle=str(ob.ca_file) if ob.ca_file else None,
     )
     try:
-        async with client:
+        async with asyncio.timeout(SEND_LIMIT_SECONDS), client:
             await client.sendmail(row.mail_from, recipients, row.raw,
                                   mail_options=["SMTPUTF8"] if needs_utf8 else None)
     except aiosmtplib.SMTPRecipientsRefused as exc:
@@ -481,13 +486,15 @@ def _record_failure(session: Session, row: Outbox, now: datetime, error: str) ->
 # table on every pass. (A queued row is due by its deadline: record_results caps it.)
 _QUEUED_PAST_DEADLINE = select(Outbox).where(
     Outbox.state == "queued", Outbox.next_attempt_at <= bindparam("now"),  # type: ignore[operator]
-    Outbox.deadline < bindparam("now"))  # type: ignore[arg-type]
+    Outbox.deadline < bindparam("expired"))  # type: ignore[arg-type]
 _STALE_PAST_DEADLINE = select(Outbox).where(
     Outbox.state == "sending", Outbox.next_attempt_at <= bindparam("stale"),  # type: ignore[operator]
-    Outbox.deadline < bindparam("now"))  # type: ignore[arg-type]
+    Outbox.deadline < bindparam("expired"))  # type: ignore[arg-type]
+# Unless another sender claimed it meanwhile (a claim counts an attempt; a stale row
+# stays `sending` when taken over): then it is theirs to send and record.
 _FAIL_IF_UNCHANGED = update(_OUTBOX).where(
-    _OUTBOX.c.id == bindparam("row_id"), _OUTBOX.c.state == bindparam("was")).values(
-    state="failed", last_error=bindparam("error"))
+    _OUTBOX.c.id == bindparam("row_id"), _OUTBOX.c.state == bindparam("was"),
+    _OUTBOX.c.attempts == bindparam("attempts_seen")).values(state="failed", last_error=bindparam("error"))
 
 
 def _fail_past_deadline(session: Session, now: datetime, limit: int) -> None:
@@ -495,14 +502,14 @@ def _fail_past_deadline(session: Session, now: datetime, limit: int) -> None:
     down) fail, as a mail server returns mail it could not deliver in time: a
     confirmation or a status notice days late says what is no longer true.
     `mailgate outbox retry` sends one anyway."""
-    params = {"now": now, "stale": now - STALE_SENDING}
+    params = {"now": now, "stale": now - STALE_SENDING, "expired": now - DEADLINE_GRACE}
     rows = [*session.exec(_QUEUED_PAST_DEADLINE.limit(limit), params=params).all(),
             *session.exec(_STALE_PAST_DEADLINE.limit(limit), params=params).all()]
     for row in rows:
         error = f"deadline passed before it could be sent (queued {row.created_at:%Y-%m-%d %H:%M} UTC)"
         # Only if no other sender changed it meanwhile: one event per failure.
-        if session.connection().execute(_FAIL_IF_UNCHANGED, {"row_id": row.id, "was": row.state,
-                                                             "error": error}).rowcount:
+        if session.connection().execute(_FAIL_IF_UNCHANGED, {
+                "row_id": row.id, "was": row.state, "attempts_seen": row.attempts, "error": error}).rowcount:
             log.error("outbox %s <%s>: failed for good: %s", row.id, row.message_id, error)
             _record_failure(session, row, now, error)
 
@@ -511,10 +518,12 @@ def claim_due(engine: Engine, worker: str, limit: int = 20) -> list[ClaimedMail]
     now = utcnow()
     with session_scope(engine) as session:
         _fail_past_deadline(session, now, limit)
+        in_time = Outbox.deadline >= now - DEADLINE_GRACE  # the rest fails in later passes, never goes late
         ids = due_ids(session, engine, Outbox.id, [  # type: ignore[arg-type]
-            (Outbox.state == "queued") & (Outbox.next_attempt_at <= now),  # type: ignore[operator]
+            (Outbox.state == "queued") & (Outbox.next_attempt_at <= now) & in_time,  # type: ignore[operator]
             # a sender died between claim and result: send again (same Message-ID)
-            (Outbox.state == "sending") & (Outbox.next_attempt_at <= now - STALE_SENDING),  # type: ignore[operator]
+            (Outbox.state == "sending") & (Outbox.next_attempt_at <= now - STALE_SENDING)  # type: ignore[operator]
+            & in_time,
         ], limit)
         if not ids:
             return []

@@ -293,9 +293,11 @@ def test_record_results(engine: Any) -> None:
 def test_a_row_whose_deadline_passed_unsent_fails_and_is_not_sent(engine: Any) -> None:
     """The daemon or the relay was down past a row's deadline: a confirmation days late says
     what is no longer true. Failed as a mail server returns what it could not deliver in time."""
+    long_ago = -outbox.DEADLINE_GRACE - timedelta(minutes=1)
     stale = utcnow() - outbox.STALE_SENDING - timedelta(minutes=1)
-    expired = _row(engine, state="queued", deadline_in=timedelta(seconds=-1))
-    expired_claim = _row(engine, state="sending", deadline_in=timedelta(seconds=-1))  # its sender died
+    expired = [_row(engine, state="queued", deadline_in=long_ago) for _ in range(25)]  # over one pass's 20
+    expired_claim = _row(engine, state="sending", deadline_in=long_ago)  # its sender died
+    last_try = _row(engine, state="queued", deadline_in=timedelta(seconds=-1))  # scheduled at the deadline
     due = _row(engine, state="queued")
     from sqlalchemy import update
 
@@ -303,11 +305,11 @@ def test_a_row_whose_deadline_passed_unsent_fails_and_is_not_sent(engine: Any) -
 
     with session_scope(engine) as session:
         session.exec(update(Outbox).where(Outbox.id == expired_claim).values(next_attempt_at=stale))
-    assert [m.id for m in outbox.claim_due(engine, "w")] == [due]
-    for row_id in (expired, expired_claim):
+    assert [m.id for m in outbox.claim_due(engine, "w")] == [last_try, due]
+    assert [m.id for m in outbox.claim_due(engine, "w")] == []  # the rest of the expired: failed, not sent
+    for row_id in (*expired, expired_claim):
         state, _, error = _state(engine, row_id)
         assert state == "failed" and error is not None and error.startswith("deadline passed before it could be sent")
-    assert [m.id for m in outbox.claim_due(engine, "w")] == []
 
 
 def test_a_claim_holds_rows_up_to_a_size_and_always_one(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -710,6 +712,18 @@ def test_a_relay_slow_to_answer_the_final_dot_is_waited_for(relay: CaptureRelay)
     s = settings({"url": f"smtp://127.0.0.1:{relay.port}", "timeout_seconds": 1})
     asyncio.run(deliver_by_smtp(s, _outbox_row()))  # no DeliveryError: it waited
     assert len(relay.messages) == 1
+
+
+def test_one_send_ends_within_its_limit_whatever_the_relay_does(relay: CaptureRelay,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each command has its timeout, but a relay slow at each of them adds up: the whole send
+    must end before STALE_SENDING, when another sender may take the row over."""
+    assert outbox.SEND_LIMIT_SECONDS < outbox.STALE_SENDING.total_seconds()
+    monkeypatch.setattr(outbox, "SEND_LIMIT_SECONDS", 1.0)
+    relay.data_seconds = 3.0  # within DATA's own 10 minutes
+    with pytest.raises(DeliveryError) as exc:
+        asyncio.run(deliver_by_smtp(settings({"url": f"smtp://127.0.0.1:{relay.port}"}), _outbox_row()))
+    assert not exc.value.permanent and "Timeout" in str(exc.value)
 
 
 def test_two_senders_on_a_slow_relay_send_each_mail_once(workdir: Path, relay: CaptureRelay,
