@@ -73,7 +73,8 @@ class Client:
         # Short timeout: a reply that never comes fails the test in seconds, not minutes.
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         self.f = self.sock.makefile("rwb")
-        assert self.reply().startswith(b"220")
+        self.greeting = self.reply()
+        assert self.greeting.startswith(b"220")
 
     def reply(self) -> bytes:
         lines = [self.f.readline()]
@@ -253,6 +254,7 @@ def test_lhlo_lists_pipelining_and_enhanced_status_codes_and_every_reply_has_one
     """RFC 2033 section 5: an LMTP server MUST implement both; RFC 2034: a code on every
     2xx, 4xx and 5xx reply but the greeting and the LHLO reply."""
     c = Client(lmtp.port)
+    assert c.greeting == b"220 help.example.com mailgate ESMTP"  # no enhanced code here
     c.send(b"LHLO mx.example.com\r\n")
     lines = [c.f.readline().rstrip(b"\r\n")]
     while lines[-1][3:4] == b"-":

@@ -718,7 +718,7 @@ def test_one_send_ends_within_its_limit_whatever_the_relay_does(relay: CaptureRe
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Each command has its timeout, but a relay slow at each of them adds up: the whole send
     must end before STALE_SENDING, when another sender may take the row over."""
-    assert outbox.SEND_LIMIT_SECONDS < outbox.STALE_SENDING.total_seconds()
+    assert outbox.STALE_SENDING.total_seconds() > outbox.SEND_LIMIT_SECONDS
     monkeypatch.setattr(outbox, "SEND_LIMIT_SECONDS", 1.0)
     relay.data_seconds = 3.0  # within DATA's own 10 minutes
     with pytest.raises(DeliveryError) as exc:

@@ -77,6 +77,7 @@ class LenientLMTP(_TrackedSession, LMTP):
     # Replies owed for the DATA under way: set when 354 goes out, paid by the next reply.
     _owed_after_data = 0
     _answering_lhlo = False
+    _greeted = False
 
     async def smtp_LHLO(self, arg: str) -> None:
         self._answering_lhlo = True
@@ -87,6 +88,10 @@ class LenientLMTP(_TrackedSession, LMTP):
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, bytes):  # aiosmtpd pushes text; nothing of ours pushes bytes
+            await self._push_lmtp(status)
+        elif not self._greeted:
+            # The greeting is `220 <domain>` and has no enhanced code (RFC 2034 3).
+            self._greeted = True
             await self._push_lmtp(status)
         elif self._answering_lhlo:
             # The LHLO reply lists extensions and carries no enhanced codes (RFC 2034 3).
