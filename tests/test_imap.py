@@ -283,9 +283,12 @@ def test_a_folder_that_refuses_the_move_does_not_stop_new_mail(
         d.chmod(0o555)
     poller = ImapPoller(dovecot.account(imap_user, batch_size=2, poll_seconds=0.1), engine, blobs,
                         process=pipeline)
+    account = poller.account
     assert asyncio.run(poller.poll_once()) == 4
     st = state(engine, imap_user)
     assert st.last_uid == 0 and "could not be filed" in (st.last_error or "")
+    [health] = imap_health(engine, [account], utcnow())
+    assert "could not be filed" in (health["warning"] or "")  # doctor says so while passes succeed
     for i in range(4, 10):  # more than the look-ahead of batches
         dovecot.append(imap_user, message(i))
     time.sleep(0.2)
@@ -299,6 +302,8 @@ def test_a_folder_that_refuses_the_move_does_not_stop_new_mail(
     assert asyncio.run(poller.poll_once()) == 0  # filed from the spool, nothing fetched again
     assert dovecot.count(imap_user, "INBOX") == 0 and dovecot.count(imap_user, "Processed") == 10
     assert len(pipeline.calls) == 10 and state(engine, imap_user).last_uid == 10
+    [health] = imap_health(engine, [account], utcnow())
+    assert health["ok"] and health["warning"] is None
 
 
 def _spy_on_bodies(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:

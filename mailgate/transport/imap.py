@@ -83,6 +83,17 @@ _SIZE_RE = re.compile(rb"\bRFC822\.SIZE (\d+)")
 _LITERAL_RE = re.compile(rb"\{(\d+)\}$")
 # imap_state.last_error of a message left in place because the server would not return it.
 _UNFETCHABLE_RE = re.compile(r"message UID (\d+) in .* could not be fetched")
+_UNFILED_RE = re.compile(r"UIDs ([\d:,]+) in .* are stored but could not be filed")
+
+
+def _waiting_uid(error: str | None) -> int | None:
+    """The highest UID a standing report is about (a message left unfetched or unfiled while
+    passes succeed around it), None for any other error."""
+    if (unfetchable := _UNFETCHABLE_RE.match(error or "")) is not None:
+        return int(unfetchable.group(1))
+    if (unfiled := _UNFILED_RE.match(error or "")) is not None:
+        return max(int(n) for n in re.split(r"[:,]", unfiled.group(1)))
+    return None
 
 
 class ImapError(Exception):
@@ -907,10 +918,10 @@ class ImapPoller:
             # Guards against a concurrent UIDVALIDITY reset or a slower twin poller.
             if row.uidvalidity == uidvalidity and uid > row.last_uid:
                 row.last_uid = uid
-                unfetchable = _UNFETCHABLE_RE.match(row.last_error or "")
-                if unfetchable and int(unfetchable.group(1)) <= uid:
-                    # last_uid only passes a skipped message once it was fetched (or is
-                    # gone): the report is out of date, and doctor stops warning about it.
+                waiting = _waiting_uid(row.last_error)
+                if waiting is not None and waiting <= uid:
+                    # last_uid only passes a message left behind once it was fetched and
+                    # filed (or is gone): the report is out of date, and doctor stops warning.
                     row.last_error = row.last_error_at = None
                 s.add(row)
 
@@ -995,7 +1006,7 @@ def _health_of(account: ImapAccount, row: ImapState | None, now: datetime) -> di
         minutes = int((now - ok_at).total_seconds() // 60)
         warning = (f"imap {account.name}: no successful fetch for {minutes} minutes"
                    + (f"; last error: {error}" if error and err_at and err_at >= ok_at else ""))
-    if warning is None and error and _UNFETCHABLE_RE.match(error):
+    if warning is None and _waiting_uid(error) is not None:
         # Passes succeed around it, yet the message waits; cleared once last_uid passes it.
         warning = f"imap {account.name}: {error}"
     return {
