@@ -47,12 +47,13 @@ log = logging.getLogger(__name__)
 # filter can take longer than a command's timeout, and giving up early is how one mail gets
 # delivered again on every retry (RFC 1047). The same time covers sending the body.
 DATA_TIMEOUT_SECONDS = 600.0
-# One row's whole send, connection to QUIT, ends within this (each command has its own
-# timeout too); then it is a failed try, retried later.
-SEND_LIMIT_SECONDS = 25 * 60
-# Longer than SEND_LIMIT_SECONDS: until then a row in `sending` is its sender's, and
-# another sender must not send it again meanwhile.
-STALE_SENDING = timedelta(minutes=30)
+# Longer than the longest send of one row: connect, EHLO, STARTTLS, EHLO, AUTH (two
+# replies), MAIL, RCPT and QUIT at outbound.timeout_seconds each (at most 120 s), and DATA's
+# two replies (354, then the final one) at DATA_TIMEOUT_SECONDS each: 9 x 120 + 2 x 600 s =
+# 38 minutes. Until then a row in `sending` is its sender's, and another must not send it
+# again meanwhile. No overall cut-off instead: one could fire while the relay, which has
+# the mail, is still answering the final dot.
+STALE_SENDING = timedelta(minutes=45)
 # A row is tried until its deadline, the last time at the deadline itself; one found unsent
 # this long after it (the daemon or the relay was down) fails instead of going out late.
 DEADLINE_GRACE = timedelta(minutes=5)
@@ -376,7 +377,7 @@ async def deliver_by_smtp(settings: Settings, row: ClaimedMail) -> None:
         cert_bundle=str(ob.ca_file) if ob.ca_file else None,
     )
     try:
-        async with asyncio.timeout(SEND_LIMIT_SECONDS), client:
+        async with client:
             await client.sendmail(row.mail_from, recipients, row.raw,
                                   mail_options=["SMTPUTF8"] if needs_utf8 else None)
     except aiosmtplib.SMTPRecipientsRefused as exc:

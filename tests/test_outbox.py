@@ -714,18 +714,6 @@ def test_a_relay_slow_to_answer_the_final_dot_is_waited_for(relay: CaptureRelay)
     assert len(relay.messages) == 1
 
 
-def test_one_send_ends_within_its_limit_whatever_the_relay_does(relay: CaptureRelay,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each command has its timeout, but a relay slow at each of them adds up: the whole send
-    must end before STALE_SENDING, when another sender may take the row over."""
-    assert outbox.STALE_SENDING.total_seconds() > outbox.SEND_LIMIT_SECONDS
-    monkeypatch.setattr(outbox, "SEND_LIMIT_SECONDS", 1.0)
-    relay.data_seconds = 3.0  # within DATA's own 10 minutes
-    with pytest.raises(DeliveryError) as exc:
-        asyncio.run(deliver_by_smtp(settings({"url": f"smtp://127.0.0.1:{relay.port}"}), _outbox_row()))
-    assert not exc.value.permanent and "Timeout" in str(exc.value)
-
-
 def test_two_senders_on_a_slow_relay_send_each_mail_once(workdir: Path, relay: CaptureRelay,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch that outlasts STALE_SENDING (scaled down here to 2 s, against 1 s per mail)
