@@ -87,8 +87,13 @@ def mailbox_of(address: str) -> str:
     strasse.de, another domain, where IDNA 2008 (what registries and mail use) keeps ß.
     """
     local, _, domain = base_address(address).partition("@")
+    # IDNA's other full stops (。．｡) separate labels too (RFC 3490 3.1).
+    domain = domain.translate(_IDNA_DOTS)
     labels = [_u_label(label) if label.startswith("xn--") else label for label in domain.split(".")]
     return f"{local}@{unicodedata.normalize('NFC', '.'.join(labels)).lower()}"
+
+
+_IDNA_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
 
 
 def _u_label(a_label: str) -> str:
@@ -150,6 +155,12 @@ def make_message_id(secret: str, domain: str, ticket_number: int | None) -> str:
 
 
 _OUR_MID = re.compile(r"^mg\.(\d{1,12})\.([0-9a-f]{16})\.([a-z2-7]{12})@")
+
+
+def is_our_message_id(secret: str, message_id: str) -> bool:
+    """Whether we made message_id (HMAC checked), for a ticket or not (a digest's is 0)."""
+    m = _OUR_MID.match(message_id.lower())
+    return m is not None and hmac.compare_digest(_mac(secret, "mid", m.group(1), m.group(2)), m.group(3))
 
 
 def ticket_from_our_message_id(secret: str, message_id: str) -> int | None:

@@ -77,5 +77,7 @@ def test_mailbox_of_drops_the_tag_and_spells_the_domain_in_unicode() -> None:
     # IDNA 2008 keeps ß: straße.de is xn--strae-oqa.de, and strasse.de another domain.
     assert domain.mailbox_of("dan@xn--strae-oqa.de") == domain.mailbox_of("dan@straße.de") == "dan@straße.de"
     assert domain.mailbox_of("dan@strasse.de") == "dan@strasse.de"
+    for dot in "\u3002\uff0e\uff61":  # IDNA's other full stops
+        assert domain.mailbox_of(f"victim@bücher{dot}de") == "victim@bücher.de"
     bad = "x@xn--9.de"  # no valid A-label: kept as written
     assert domain.mailbox_of(bad) == bad

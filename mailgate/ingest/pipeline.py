@@ -189,9 +189,10 @@ def _take_sender_behind_own_group(ctx: Context) -> None:
     hd = ctx.rt.settings.helpdesk
     original_from_present = bool(ctx.msg.header_all("x-original-from"))
     # Also where nobody can be named behind it: such mail is no mail of ours all the same.
-    ctx.via_own_group = rewritten_by_own_list(ctx.msg.from_addr, ctx.msg.from_name,
-                                              original_from_present=original_from_present,
-                                              own_addresses=hd.all_addresses)
+    ctx.via_own_group = rewritten_by_own_list(
+        ctx.msg.from_addr, ctx.msg.from_name, original_from_present=original_from_present,
+        own_addresses=hd.all_addresses,
+        our_message_id=domain.is_our_message_id(hd.secret_key, ctx.msg.message_id or ""))
     behind = sender_behind_own_list(ctx.msg.from_addr, ctx.msg.from_name, ctx.msg.original_from,
                                     ctx.msg.reply_to, hd.all_addresses,
                                     original_from_present=original_from_present)

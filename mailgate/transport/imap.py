@@ -83,7 +83,7 @@ _SIZE_RE = re.compile(rb"\bRFC822\.SIZE (\d+)")
 _LITERAL_RE = re.compile(rb"\{(\d+)\}$")
 # imap_state.last_error of a message left in place because the server would not return it.
 _UNFETCHABLE_RE = re.compile(r"message UID (\d+) in .* could not be fetched")
-_UNFILED_RE = re.compile(r"UIDs ([\d:,]+) in .* are stored but could not be filed")
+_UNFILED_RE = re.compile(r"stored mail up to UID (\d+) in .* could not be filed")
 
 
 def _waiting_uid(error: str | None) -> int | None:
@@ -92,7 +92,7 @@ def _waiting_uid(error: str | None) -> int | None:
     if (unfetchable := _UNFETCHABLE_RE.match(error or "")) is not None:
         return int(unfetchable.group(1))
     if (unfiled := _UNFILED_RE.match(error or "")) is not None:
-        return max(int(n) for n in re.split(r"[:,]", unfiled.group(1)))
+        return int(unfiled.group(1))
     return None
 
 
@@ -840,8 +840,9 @@ class ImapPoller:
         delay = min(a.poll_seconds * 2 ** min(tries - 1, 20), SKIPPED_RETRY_MAX_SECONDS)
         for uid in uids:
             self._skipped[uid] = _Skipped(tries=tries, retry_at=time.monotonic() + delay)
-        msg = (f"UIDs {uid_set(uids)} in {a.folder} are stored but could not be filed (attempt {tries}): "
-               f"{why}; they stay in the mailbox and filing is tried again later")
+        # The highest UID first: last_error keeps 2000 characters, and a long set would push it out.
+        msg = (f"stored mail up to UID {max(uids)} in {a.folder} could not be filed (attempt {tries}): "
+               f"{why}; it stays in the mailbox and filing is tried again later (UIDs {uid_set(uids)})")
         log.log(logging.ERROR if tries == 1 else logging.WARNING, "imap %s: %s (next try in %.0f s)",
                 a.name, msg, delay)
         await asyncio.to_thread(self._record, None, msg)
