@@ -157,12 +157,6 @@ def make_message_id(secret: str, domain: str, ticket_number: int | None) -> str:
 _OUR_MID = re.compile(r"^mg\.(\d{1,12})\.([0-9a-f]{16})\.([a-z2-7]{12})@")
 
 
-def is_our_message_id(secret: str, message_id: str) -> bool:
-    """Whether we made message_id (HMAC checked), for a ticket or not (a digest's is 0)."""
-    m = _OUR_MID.match(message_id.lower())
-    return m is not None and hmac.compare_digest(_mac(secret, "mid", m.group(1), m.group(2)), m.group(3))
-
-
 def ticket_from_our_message_id(secret: str, message_id: str) -> int | None:
     """The ticket number if message_id is one we made (HMAC checked); else None."""
     m = _OUR_MID.match(message_id.lower())

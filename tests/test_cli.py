@@ -24,7 +24,6 @@ import pytest
 from typer.testing import CliRunner
 
 from mailgate.cli import STATE_STYLE, _row_style, app
-from mailgate.domain import make_message_id
 from tests.conftest import FIXTURES, cli, cli_json, free_port, mail, query_json, write_config
 
 MBOX = FIXTURES / "cli_tickets.mbox"
@@ -175,18 +174,12 @@ def test_imported_answers_from_agents_and_our_address_join_the_customers_ticket(
                  headers={"In-Reply-To": "<a1@example.com>", "Date": "Tue, 03 Nov 2026 09:00:00 +0000"}).as_bytes())
     box.add(mail(subject="Re: Printer on fire", body="It did, thanks.", message_id="<c2@customer.org>",
                  headers={"In-Reply-To": "<s1@example.com>", "Date": "Tue, 03 Nov 2026 10:00:00 +0000"}).as_bytes())
-    # mailgate's own answer, kept in an old mailbox: "Agent via Desk" as our group would write
-    # it, but with a Message-ID only we can make.
-    ours = make_message_id("test-secret-key-0123456789", "example.com", 1)
-    box.add(mail(sender='"Alice via Example Support" <support@example.com>', to="carol@customer.org",
-                 subject="Re: Printer on fire", body="Glad to hear it.", message_id=f"<{ours}>",
-                 headers={"In-Reply-To": "<c2@customer.org>", "Date": "Tue, 03 Nov 2026 10:30:00 +0000"}).as_bytes())
     # Commands still need proof, in old mail as in live mail.
     box.add(mail(sender="Alice <alice@example.com>", to="carol@customer.org", subject="Re: Printer on fire",
                  body="#status closed", message_id="<a2@example.com>",
                  headers={"In-Reply-To": "<c2@customer.org>", "Date": "Tue, 03 Nov 2026 11:00:00 +0000"}).as_bytes())
     box.close()
-    assert cli_json(config, "import", str(workdir / "old.mbox")) == {"ticket": 1, "reply": 4, "screened": 1}
+    assert cli_json(config, "import", str(workdir / "old.mbox")) == {"ticket": 1, "reply": 3, "screened": 1}
     assert [t["number"] for t in query_json(config, "tickets", "list")] == [1]
     shown = query_json(config, "tickets", "show", "1")
     said = [(m["direction"], m["kind"], m["from"], m["author_agent"], m["text"].strip())
@@ -196,11 +189,22 @@ def test_imported_answers_from_agents_and_our_address_join_the_customers_ticket(
         ("out", "public", "alice@example.com", "alice@example.com", "Unplug it first."),
         ("out", "public", "support@example.com", None, "Did that help?"),
         ("in", "public", "carol@customer.org", None, "It did, thanks."),
-        ("out", "public", "support@example.com", None, "Glad to hear it."),
     ]
     assert shown["first_responded_at"] == "2026-11-02T11:00:00Z" and shown["status"] == "open"
-    to_carol = [r["template"] for r in query_json(config, "outbox", "list") if r["to"] == "carol@customer.org"]
-    assert to_carol == ["requester/created"]  # the answers reached her back then: not even a shadow copy
+    to_carol = [r for r in query_json(config, "outbox", "list") if r["to"] == "carol@customer.org"]
+    assert [r["template"] for r in to_carol] == ["requester/created"]  # the answers reached her back then
+
+    # Copies of mail mailgate sent (archived, or kept by a customer who puts its Message-ID on
+    # a mail of their own through our group) were recorded when sent: never an answer again.
+    sent_id = to_carol[0]["message_id"]
+    again = mailbox.mbox(str(workdir / "again.mbox"))
+    again.add(mail(sender='"Alice via Example Support" <support@example.com>', to="carol@customer.org",
+                   subject="Re: Printer on fire", body="Refund approved.", message_id=f"<{sent_id}>",
+                   headers={"In-Reply-To": "<c2@customer.org>", "Date": "Tue, 03 Nov 2026 10:30:00 +0000"}).as_bytes())
+    again.close()
+    assert cli_json(config, "import", str(workdir / "again.mbox")) == {"screened": 1}
+    assert any(r["reason"].startswith("a copy of mail mailgate sent") for r in cli_json(config, "screened"))
+    assert len(query_json(config, "tickets", "show", "1")["messages"]) == len(shown["messages"])
 
 
 def test_imported_staff_mail_answers_only_tickets_of_the_import_and_after_them(workdir: Path) -> None:

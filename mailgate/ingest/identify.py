@@ -52,13 +52,14 @@ def sender_behind_own_list(from_addr: str, from_name: str, original_from: tuple[
 
 
 def rewritten_by_own_list(from_addr: str, from_name: str, *, original_from_present: bool,
-                          own_addresses: Collection[str], our_message_id: bool) -> bool:
+                          own_addresses: Collection[str]) -> bool:
     """Whether mail From our address bears the marks of our own group passing someone's
     mail on (X-Original-From, or a From named "X via Y"), whether or not that someone
-    can be named (sender_behind_own_list). Our own answers are From "Agent via Desk" too:
-    with a Message-ID we made (our_message_id), such a name is ours, not the group's."""
+    can be named (sender_behind_own_list). Our own answers are From "Agent via Desk" too,
+    and are taken for such mail: a Message-ID of ours proves nothing of who sent a copy
+    (a customer has the ones of the mail we sent them)."""
     return base_address(from_addr) in own_addresses and (
-        original_from_present or (_VIA_NAME_RE.match(from_name) is not None and not our_message_id))
+        original_from_present or _VIA_NAME_RE.match(from_name) is not None)
 
 
 @dataclass(frozen=True)

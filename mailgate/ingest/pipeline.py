@@ -191,8 +191,7 @@ def _take_sender_behind_own_group(ctx: Context) -> None:
     # Also where nobody can be named behind it: such mail is no mail of ours all the same.
     ctx.via_own_group = rewritten_by_own_list(
         ctx.msg.from_addr, ctx.msg.from_name, original_from_present=original_from_present,
-        own_addresses=hd.all_addresses,
-        our_message_id=domain.is_our_message_id(hd.secret_key, ctx.msg.message_id or ""))
+        own_addresses=hd.all_addresses)
     behind = sender_behind_own_list(ctx.msg.from_addr, ctx.msg.from_name, ctx.msg.original_from,
                                     ctx.msg.reply_to, hd.all_addresses,
                                     original_from_present=original_from_present)
@@ -332,6 +331,11 @@ def _resolve_merges(session: Session, number: int | None) -> Ticket | None:
 
 def step_route(ctx: Context) -> None:
     hd = ctx.rt.settings.helpdesk
+    if is_history(ctx.session) and ctx.msg.message_id and ctx.session.exec(
+            _OUTBOX_RECIPIENTS, params={"mid": ctx.msg.message_id}).first() is not None:
+        # A copy of mail we sent (an archived answer, a notice in an agent's mailbox): it
+        # was recorded when it was sent, and as an answer it would be recorded twice.
+        raise Stop("screened", f"a copy of mail mailgate sent (<{ctx.msg.message_id}>): recorded when it was sent")
     # The newest ids only: a thread never needs more, and tens of thousands of forged ones
     # made a query with more parameters than a database takes.
     refs = list(dict.fromkeys([*ctx.msg.references[-MAX_THREAD_IDS:], *ctx.msg.in_reply_to[-10:]]))
