@@ -47,12 +47,14 @@ log = logging.getLogger(__name__)
 # filter can take longer than a command's timeout, and giving up early is how one mail gets
 # delivered again on every retry (RFC 1047). The same time covers sending the body.
 DATA_TIMEOUT_SECONDS = 600.0
-# Longer than the longest send of one row: connect, EHLO, STARTTLS, EHLO, AUTH (two
-# replies), MAIL, RCPT and QUIT at outbound.timeout_seconds each (at most 120 s), and DATA's
-# two replies (354, then the final one) at DATA_TIMEOUT_SECONDS each: 9 x 120 + 2 x 600 s =
-# 38 minutes. Until then a row in `sending` is its sender's, and another must not send it
-# again meanwhile. No overall cut-off instead: one could fire while the relay, which has
-# the mail, is still answering the final dot.
+# Everything before DATA (connect, TLS, EHLO, STARTTLS, AUTH's tries, MAIL, RCPT) ends
+# within this, whatever each step's own timeout: cut off there, the relay has nothing yet.
+# DATA is never cut off (its replies have DATA_TIMEOUT_SECONDS each), and QUIT after it is
+# given QUIT_SECONDS and its answer ignored: the relay has the mail by then.
+BEFORE_DATA_SECONDS = 10 * 60
+QUIT_SECONDS = 30.0
+# Longer than the longest send of one row (10 + 2 x 10 minutes + QUIT): until then a row in
+# `sending` is its sender's, and another must not send it again meanwhile.
 STALE_SENDING = timedelta(minutes=45)
 # A row is tried until its deadline, the last time at the deadline itself; one found unsent
 # this long after it (the daemon or the relay was down) fails instead of going out late.
@@ -353,9 +355,14 @@ def _relay_class() -> type:
 
     class Relay(aiosmtplib.SMTP):
         """aiosmtplib's client with RFC 5321's time for DATA; every other command keeps
-        outbound.timeout_seconds."""
+        outbound.timeout_seconds. before_data: the limit on the steps before DATA, lifted
+        when DATA starts."""
+
+        before_data: asyncio.Timeout | None = None
 
         async def data(self, message: str | bytes, /, **_: Any) -> Any:
+            if self.before_data is not None:
+                self.before_data.reschedule(None)
             return await super().data(message, timeout=DATA_TIMEOUT_SECONDS)
 
     return Relay
@@ -377,9 +384,15 @@ async def deliver_by_smtp(settings: Settings, row: ClaimedMail) -> None:
         cert_bundle=str(ob.ca_file) if ob.ca_file else None,
     )
     try:
-        async with client:
-            await client.sendmail(row.mail_from, recipients, row.raw,
-                                  mail_options=["SMTPUTF8"] if needs_utf8 else None)
+        async with asyncio.timeout(BEFORE_DATA_SECONDS) as before_data:
+            client.before_data = before_data
+            await client.connect()
+            try:
+                await client.sendmail(row.mail_from, recipients, row.raw,
+                                      mail_options=["SMTPUTF8"] if needs_utf8 else None)
+            except BaseException:
+                client.close()
+                raise
     except aiosmtplib.SMTPRecipientsRefused as exc:
         permanent = all(_refuses_this_recipient(r.code, r.message) for r in exc.recipients)
         raise DeliveryError(f"recipients refused: {exc}", permanent=permanent) from exc
@@ -390,6 +403,10 @@ async def deliver_by_smtp(settings: Settings, row: ClaimedMail) -> None:
         raise DeliveryError(f"{exc.code} {exc.message}", permanent=_refuses_this_mail(exc)) from exc
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
+    # Delivered: how the relay takes QUIT is no reason to send the mail again.
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(client.quit(), QUIT_SECONDS)
+    client.close()
 
 
 # A refusal at RCPT that is about our session, not the recipient: Postfix's "554 5.7.1

@@ -8,6 +8,7 @@ import re
 import sqlite3
 import ssl
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from email import message_from_bytes, message_from_string, policy
 from email.message import EmailMessage
@@ -712,6 +713,52 @@ def test_a_relay_slow_to_answer_the_final_dot_is_waited_for(relay: CaptureRelay)
     s = settings({"url": f"smtp://127.0.0.1:{relay.port}", "timeout_seconds": 1})
     asyncio.run(deliver_by_smtp(s, _outbox_row()))  # no DeliveryError: it waited
     assert len(relay.messages) == 1
+
+
+@dataclass
+class _SlowRelay(CaptureRelay):
+    """Slow at MAIL (before DATA: cut off there, nothing delivered) and at QUIT (after DATA:
+    the mail is delivered, and that is what counts)."""
+
+    mail_seconds: float = 0.0
+    quit_seconds: float = 0.0
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
+                          mail_options: list[str]) -> str:
+        await asyncio.sleep(self.mail_seconds)
+        return await super().handle_MAIL(server, session, envelope, address, mail_options)
+
+    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+        await asyncio.sleep(self.quit_seconds)
+        return "221 Bye"
+
+
+@pytest.fixture
+def slow_relay() -> Iterator[_SlowRelay]:
+    from aiosmtpd.controller import Controller
+
+    relay = _SlowRelay(port=free_port())
+    controller = Controller(relay, hostname="127.0.0.1", port=relay.port)
+    controller.start()
+    yield relay
+    controller.stop()
+
+
+def test_one_send_is_cut_off_only_before_data(slow_relay: _SlowRelay, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A send must end before its claim goes stale, yet never be cut off while the relay,
+    which may have the mail, answers DATA (RFC 1047)."""
+    longest_send = outbox.BEFORE_DATA_SECONDS + 2 * outbox.DATA_TIMEOUT_SECONDS + outbox.QUIT_SECONDS
+    assert outbox.STALE_SENDING.total_seconds() > longest_send
+    monkeypatch.setattr(outbox, "BEFORE_DATA_SECONDS", 1.0)
+    monkeypatch.setattr(outbox, "QUIT_SECONDS", 0.5)
+    s = settings({"url": f"smtp://127.0.0.1:{slow_relay.port}", "timeout_seconds": 10})
+    slow_relay.mail_seconds = 2.0  # each step in time, the steps before DATA too slow together
+    with pytest.raises(DeliveryError) as exc:
+        asyncio.run(deliver_by_smtp(s, _outbox_row()))
+    assert "TimeoutError" in str(exc.value) and slow_relay.messages == []
+    slow_relay.mail_seconds, slow_relay.data_seconds, slow_relay.quit_seconds = 0.0, 2.0, 5.0
+    asyncio.run(deliver_by_smtp(s, _outbox_row()))  # DATA over the limit, QUIT hanging: delivered
+    assert len(slow_relay.messages) == 1
 
 
 def test_two_senders_on_a_slow_relay_send_each_mail_once(workdir: Path, relay: CaptureRelay,
