@@ -362,6 +362,10 @@ def _relay_class() -> type:
 
         async def data(self, message: str | bytes, /, **_: Any) -> Any:
             if self.before_data is not None:
+                if self.before_data.expired():
+                    # Due in the same loop pass as RCPT's reply (3.11's wait_for can swallow
+                    # its cancel): too late, and DATA has not gone out.
+                    raise TimeoutError("the steps before DATA took too long")
                 self.before_data.reschedule(None)
             return await super().data(message, timeout=DATA_TIMEOUT_SECONDS)
 
@@ -403,10 +407,22 @@ async def deliver_by_smtp(settings: Settings, row: ClaimedMail) -> None:
         raise DeliveryError(f"{exc.code} {exc.message}", permanent=_refuses_this_mail(exc)) from exc
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
-    # Delivered: how the relay takes QUIT is no reason to send the mail again.
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(client.quit(), QUIT_SECONDS)
-    client.close()
+    # Delivered, and the caller records it now: QUIT goes on by itself, since how the relay
+    # takes it (or a stop of the daemon meanwhile) is no reason to send the mail again.
+    goodbye = asyncio.get_running_loop().create_task(_say_goodbye(client))
+    _saying_goodbye.add(goodbye)
+    goodbye.add_done_callback(_saying_goodbye.discard)
+
+
+_saying_goodbye: set[asyncio.Task[None]] = set()  # referenced until done (asyncio keeps weak ones)
+
+
+async def _say_goodbye(client: Any) -> None:
+    try:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.quit(), QUIT_SECONDS)
+    finally:
+        client.close()
 
 
 # A refusal at RCPT that is about our session, not the recipient: Postfix's "554 5.7.1
