@@ -233,12 +233,10 @@ class Listener:
         self.server.close()
         loop = asyncio.get_running_loop()
         until = loop.time() + grace_seconds
-        while True:
-            for session in list(self.sessions):
+        while open_sessions := [s for s in self.sessions if s.transport is not None and not s.transport.is_closing()]:
+            for session in open_sessions:
                 if not session.in_transaction or loop.time() >= until:
                     _end_session(session)
-            if not any(not s.transport.is_closing() for s in self.sessions if s.transport is not None):
-                break
             await asyncio.sleep(0.05)
         try:
             await asyncio.wait_for(self.server.wait_closed(), 5)
@@ -247,10 +245,8 @@ class Listener:
 
 
 def _end_session(session: Any) -> None:
-    transport = session.transport
-    if transport is not None and not transport.is_closing():
-        transport.write(b"421 4.3.2 Service shutting down\r\n")
-        transport.close()
+    session.transport.write(b"421 4.3.2 Service shutting down\r\n")
+    session.transport.close()
 
 
 async def start_server(handler: IngestHandler, host: str, port: int, *, hostname: str,
