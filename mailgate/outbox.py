@@ -408,12 +408,18 @@ async def deliver_by_smtp(settings: Settings, row: ClaimedMail) -> None:
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
     # Delivered, and the caller records it now: QUIT goes on by itself, since how the relay
-    # takes it (or a stop of the daemon meanwhile) is no reason to send the mail again.
+    # takes it (or a stop of the daemon meanwhile) is no reason to send the mail again. A
+    # relay that never answers QUIT would pile up open connections, one per mail, until the
+    # daemon ran out of file descriptors: past a few, the connection is just closed.
+    if len(_saying_goodbye) >= MAX_WAITING_QUITS:
+        client.close()
+        return
     goodbye = asyncio.get_running_loop().create_task(_say_goodbye(client))
     _saying_goodbye.add(goodbye)
     goodbye.add_done_callback(_saying_goodbye.discard)
 
 
+MAX_WAITING_QUITS = 8
 _saying_goodbye: set[asyncio.Task[None]] = set()  # referenced until done (asyncio keeps weak ones)
 
 

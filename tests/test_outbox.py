@@ -766,6 +766,16 @@ def test_one_send_is_cut_off_only_before_data(slow_relay: _SlowRelay, monkeypatc
     asyncio.run(deliver_and_stop())
     assert len(slow_relay.messages) == 1
 
+    # A relay that never answers QUIT: a few connections wait for it, the rest are closed.
+    async def deliver_many() -> int:
+        for _ in range(outbox.MAX_WAITING_QUITS + 5):
+            await deliver_by_smtp(s, _outbox_row())
+        return len(outbox._saying_goodbye)
+
+    slow_relay.data_seconds = 0.0
+    assert asyncio.run(deliver_many()) == outbox.MAX_WAITING_QUITS
+    assert len(slow_relay.messages) == 1 + outbox.MAX_WAITING_QUITS + 5
+
 
 def test_two_senders_on_a_slow_relay_send_each_mail_once(workdir: Path, relay: CaptureRelay,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
