@@ -132,7 +132,9 @@ DEFAULT_MIN_KNOWN_WORDS = 0.3
 _MAX_MEMBER_BYTES = 512 * 2**20
 _MAX_HEADER_BYTES = 64 * 2**10  # the real one is about 300 bytes of JSON
 _ZIP_MAGIC = b"PK\x03\x04"
-_MIN_FEATURES, _MAX_FEATURES = 2**10, 2**24
+# Four times the shipped 2^18 at most: a file of 2^24 columns compresses to 131 KB of zeros
+# and cost 1-2 GB in every process that scores or learns with it.
+_MIN_FEATURES, _MAX_FEATURES = 2**10, 2**20
 
 _HAM, _SPAM = 0, 1
 # Feedback lessons remembered (see the module docstring); the oldest are forgotten first.

@@ -335,6 +335,9 @@ def test_garbage_and_wrong_shapes_are_refused(tmp_path: Path) -> None:
         variant("hdr_features_bool", header=with_header(feature_version=True)),
         variant("hdr_alpha", header=with_header(alpha=-1)),
         variant("hdr_nfeat", header=with_header(n_features=1000)),
+        # 2^24 columns of zeros compress to 131 KB and cost 1-2 GB once loaded.
+        variant("hdr_nfeat_huge", header=with_header(n_features=2**24),
+                feature_count=np.zeros((2, 2**24), dtype=np.float32)),
         variant("lesson_class", lesson_classes=np.array([2], dtype=np.uint8),
                 lesson_keys=np.array([7], dtype=np.uint64)),
         variant("lesson_lengths", lesson_keys=np.array([7, 8], dtype=np.uint64)),
