@@ -120,7 +120,11 @@ class Runtime:
                 return None, None
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                SpamModel.load(shipped).save(path)
+                with _file_lock(path):
+                    # Again under the lock: `spam train` may have saved one meanwhile, and the
+                    # shipped copy must not replace it.
+                    if not path.exists():
+                        SpamModel.load(shipped).save(path)
             except (ModelError, OSError) as exc:
                 log.error("cannot seed spam model %s from %s: %s: spam filter off", path, shipped, exc)
                 return None, None

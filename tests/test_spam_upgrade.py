@@ -92,3 +92,22 @@ def test_an_older_shipped_copy_that_cannot_be_replaced_still_scores(workdir: Pat
     model = rt.spam_model()
     assert model is not None and model.meta["trained_at"] == OLDER
     assert rt.spam_model() is model  # not tried again on every message
+
+
+def test_the_first_start_seeds_the_shipped_model_only_where_spam_train_saved_none(workdir: Path) -> None:
+    """`spam train` saves under the learners' lock; a daemon seeding the shipped copy at the
+    same moment must wait for it and then keep the trained model, not write over it."""
+    from mailgate.runtime import _file_lock, save_spam_model
+
+    rt = runtime_for(workdir)
+    path = rt.settings.spam_model_path
+    trained = SpamModel.empty(n_features=2**10)
+    trained.fit([(b"Subject: hello\n\nmeeting notes", False), (b"Subject: WIN\n\ncasino prize", True)])
+    with _file_lock(path):  # spam train, about to save
+        seeding = threading.Thread(target=rt.spam_model)
+        seeding.start()
+        seeding.join(1.0)
+        assert not path.exists()  # the seed waits for the lock
+        save_spam_model(trained, path)
+    seeding.join(30)
+    assert SpamModel.load(path).meta["n_features"] == 2**10  # the trained one, kept
