@@ -51,7 +51,10 @@ def held_message(rt: Runtime, inbound_id: int) -> tuple[dict[str, Any], bytes] |
             return "no such message"
         if row.outcome != QUARANTINED:
             return f"not in quarantine (outcome {row.outcome or row.state})"
-        raw = rt.blobs.get(row.raw_sha256)
+        try:
+            raw = rt.blobs.get(row.raw_sha256)
+        except OSError as exc:
+            return _bytes_missing(exc)
         shown: dict[str, Any] = {
             "id": row.id, "received_at": iso(row.received_at), "from": row.from_addr, "subject": row.subject,
             "spam_score": None if row.spam_score is None else round(row.spam_score, 4),
@@ -113,8 +116,17 @@ def learn_released(rt: Runtime, released: dict[int, str]) -> bool:
 def release(rt: Runtime, inbound_id: int) -> Released:
     """Take one message out of the quarantine: learn it as ham and queue it for ticketing."""
     with session_scope(rt.engine) as session:
+        row = session.get(Inbound, inbound_id)
+        if row is not None and row.outcome == QUARANTINED and not rt.blobs.path_for(row.raw_sha256).is_file():
+            # Damage (the data folder restored without it): a release would ticket nothing and
+            # teach nothing. It stays held, and listed, for whoever can bring the bytes back.
+            return Released(inbound_id, False, _bytes_missing(FileNotFoundError(rt.blobs.path_for(row.raw_sha256))))
         row, why_not = take_out(session, inbound_id)
         if row is None:
             return Released(inbound_id, False, why_not)
         sha = row.raw_sha256
     return Released(inbound_id, True, "", learn_released(rt, {inbound_id: sha}))
+
+
+def _bytes_missing(exc: OSError) -> str:
+    return f"its stored bytes cannot be read ({type(exc).__name__}: {exc.filename or exc})"

@@ -201,6 +201,24 @@ def test_quarantine_show_prints_why_text_and_raw_bytes(workdir: Path, corpus: Pa
         assert (proc.returncode, proc.stderr.decode().strip()) == (code, f"mailgate: {error}")
 
 
+def test_held_mail_whose_bytes_are_gone_is_refused_in_one_line_and_stays_held(workdir: Path,
+                                                                             corpus: Path) -> None:
+    """Damage (a data folder restored without the raw file): no traceback, and a release
+    must not mark it released with nothing to ticket."""
+    cfg = write_config(workdir, spam_enabled=True)
+    cli(cfg, "ingest", input=sorted((corpus / "spam-1").iterdir())[0].read_bytes())
+    [held] = cli_json(cfg, "spam", "quarantine", "list")
+    for raw_file in (workdir / "data" / "raw").rglob("*"):
+        if raw_file.is_file():
+            raw_file.unlink()
+    for command in ("show", "release"):
+        proc = cli(cfg, "spam", "quarantine", command, str(held["id"]), check=False)
+        err = proc.stderr.decode().strip()
+        assert proc.returncode == 1 and err.startswith(f"mailgate: {held['id']}: its stored bytes cannot be read")
+        assert "Traceback" not in err
+    assert [r["id"] for r in cli_json(cfg, "spam", "quarantine", "list")] == [held["id"]]
+
+
 def test_quarantine_show_prints_no_terminal_sequences_from_the_mail(workdir: Path) -> None:
     from mailgate.store.engine import session_scope, utcnow
     from mailgate.store.tables import Inbound
