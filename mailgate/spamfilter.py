@@ -60,12 +60,15 @@ Design notes (why, not what):
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import mailbox
 import math
 import os
 import tempfile
+import time
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -414,6 +417,7 @@ class SpamModel:
             tmp.unlink(missing_ok=True)
             raise
         _fsync_dir(path.parent)
+        _remove_stale_temporaries(path)
 
     # -- properties -------------------------------------------------------
 
@@ -649,6 +653,19 @@ def _rows_to_csr(rows: Sequence[np.ndarray], n_features: int) -> sp.csr_matrix:
     indices = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
     data = np.ones(len(indices), dtype=np.float64)
     return sp.csr_matrix((data, indices, indptr), shape=(len(rows), n_features))
+
+
+# A save takes well under a minute; a temporary file this old was left by a process killed
+# while it saved (the model itself stays whole: it is replaced only when complete).
+_STALE_TEMPORARY_SECONDS = 3600
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    cutoff = time.time() - _STALE_TEMPORARY_SECONDS
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if leftover.stat().st_mtime < cutoff:
+                leftover.unlink()
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -572,3 +572,18 @@ def test_a_message_the_parser_gives_up_on_is_still_scored(monkeypatch: pytest.Mo
     monkeypatch.setattr(spamfilter, "message_from_bytes", give_up)
     assert model.score_bytes(SPAM_MAIL, 0.9, min_known_words=0).is_spam
     assert model.features(SPAM_MAIL).columns.size == model.vectorize(SPAM_MAIL).size
+
+
+def test_a_save_removes_what_a_save_killed_midway_left(tmp_path: Path) -> None:
+    import os
+    import time
+
+    path = tmp_path / "spam-model.npz"
+    left = tmp_path / ".spam-model.npz.k1ll3d.tmp"  # a process killed inside save()
+    fresh = tmp_path / ".spam-model.npz.s4v1ng.tmp"  # another save, right now
+    for f in (left, fresh):
+        f.write_bytes(b"half a model")
+    hour_ago = time.time() - 3700
+    os.utime(left, (hour_ago, hour_ago))
+    SpamModel.empty(n_features=2**10).save(path)
+    assert not left.exists() and fresh.exists() and SpamModel.load(path).meta["n_features"] == 2**10
