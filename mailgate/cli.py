@@ -639,6 +639,12 @@ def _count_sources(paths: list[Path]) -> int | None:
     return total
 
 
+def _report_skipped(skipped: list[str]) -> None:
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        echo(f"mailgate: skipped {len(skipped)} file(s) that are not mail: {shown}", err=True)
+
+
 def _check_sources(paths: list[Path], option: str) -> None:
     if not paths:
         fail(f"{option}: give at least one folder, maildir or mbox")
@@ -671,9 +677,10 @@ def spam_train(
     except ValueError as exc:
         fail(f"--alpha: {exc}")
     counts = {"ham": 0, "spam": 0}
+    skipped: list[str] = []
 
     def labelled(paths: list[Path], kind: str) -> Any:
-        for raw in read_mail_sources(paths):
+        for raw in read_mail_sources(paths, skipped):
             counts[kind] += 1
             yield raw, kind == "spam"
 
@@ -689,6 +696,7 @@ def spam_train(
         fail(f"cannot read training mail: {exc}")
     if not model.ready:
         fail(f"need both ham and spam to train (read {counts['ham']} ham, {counts['spam']} spam)")
+    _report_skipped(skipped)
     try:
         save_spam_model(model, target)
     except OSError as exc:
@@ -722,8 +730,10 @@ def spam_eval(
         fail(f"--threshold: must be in (0, 1], got {cut}")
     if not 0.0 <= known <= 1.0:
         fail(f"--min-known-words: must be in [0, 1], got {known}")
+    skipped: list[str] = []
     try:
-        result = evaluate(model, read_mail_sources(ham), read_mail_sources(spam), cut, known)
+        result = evaluate(model, read_mail_sources(ham, skipped), read_mail_sources(spam, skipped), cut, known)
+        _report_skipped(skipped)
     except OSError as exc:
         fail(f"cannot read mail: {exc}")
     for option, paths, key in (("--ham", ham, "n_ham"), ("--spam", spam, "n_spam")):

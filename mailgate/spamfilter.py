@@ -67,6 +67,7 @@ import json
 import mailbox
 import math
 import os
+import re
 import tempfile
 import time
 import zipfile
@@ -687,8 +688,26 @@ def _fsync_dir(directory: Path) -> None:
 # --------------------------------------------------------------------------
 
 
-def read_mail_sources(paths: Sequence[Path]) -> Iterator[bytes]:
-    """Raw messages from folders of files, maildirs or mbox files, in name order."""
+def read_mail_sources(paths: Sequence[Path], skipped: list[str] | None = None) -> Iterator[bytes]:
+    """Raw messages from folders of files, maildirs or mbox files, in name order. A file
+    that is no mail (empty, compressed, a stray note) is left out, and its name added to
+    `skipped`: learned, it would teach the model its bytes as a message."""
+    for name, raw in _mail_source_items(paths):
+        if looks_like_mail(raw):
+            yield raw
+        elif skipped is not None:
+            skipped.append(name)
+
+
+# A header line's start (RFC 5322 2.2: printable ASCII but ':' as the name), or an mbox From_ line.
+_HEADER_START = re.compile(rb"(From |[!-9;-~]+[ \t]*:)")
+
+
+def looks_like_mail(raw: bytes) -> bool:
+    return _HEADER_START.match(raw.lstrip(b"\r\n")) is not None
+
+
+def _mail_source_items(paths: Sequence[Path]) -> Iterator[tuple[str, bytes]]:
     for path in map(Path, paths):
         if path.is_dir():
             subdirs = [path / "cur", path / "new"]
@@ -705,21 +724,21 @@ def read_mail_sources(paths: Sequence[Path]) -> Iterator[bytes]:
                 box = mailbox.mbox(path, create=False)
                 try:
                     for key in box.iterkeys():
-                        yield box.get_bytes(key)
+                        yield f"{path} message {key}", box.get_bytes(key)
                 finally:
                     box.close()
             else:
-                yield path.read_bytes()  # a lone .eml
+                yield str(path), path.read_bytes()  # a lone .eml
         else:
             raise FileNotFoundError(f"no such mail source: {path}")
 
 
-def _read_files(directory: Path) -> Iterator[bytes]:
+def _read_files(directory: Path) -> Iterator[tuple[str, bytes]]:
     for entry in sorted(directory.iterdir()):
         # Dot files are editor/maildir bookkeeping, never messages.
         if entry.name.startswith(".") or not entry.is_file():
             continue
-        yield entry.read_bytes()
+        yield str(entry), entry.read_bytes()
 
 
 def evaluate(

@@ -88,6 +88,17 @@ def test_train_reads_mbox_and_maildir_and_writes_out(workdir: Path, slices: dict
     assert SpamModel.load(out_path).meta["n_spam"] == 20
     assert not (workdir / "data" / "spam-model.npz").exists()
 
+    # Files that are no mail are left out, by name, not learned as messages.
+    import gzip
+
+    (slices["eval_ham"] / "empty").write_bytes(b"")
+    (slices["eval_ham"] / "old.mbox.gz").write_bytes(gzip.compress(b"From x\nSubject: hi\n\nhello\n"))
+    proc = cli(cfg, "spam", "train", "--ham", str(slices["eval_ham"]), "--spam", str(workdir / "spam-maildir"),
+               "--out", str(out_path))
+    assert proc.stdout.decode().startswith("trained on 100 ham and 20 spam")
+    assert proc.stderr.decode().startswith("mailgate: skipped 2 file(s) that are not mail: ")
+    assert "old.mbox.gz" in proc.stderr.decode()
+
 
 def test_train_usage_errors_are_one_line(workdir: Path, slices: dict[str, Path]) -> None:
     cfg = write_config(workdir)
