@@ -694,9 +694,9 @@ def spam_train(
                       progress=lambda n: progress.update(task, completed=n))
     except OSError as exc:
         fail(f"cannot read training mail: {exc}")
+    _report_skipped(skipped)
     if not model.ready:
         fail(f"need both ham and spam to train (read {counts['ham']} ham, {counts['spam']} spam)")
-    _report_skipped(skipped)
     try:
         save_spam_model(model, target)
     except OSError as exc:

@@ -21,6 +21,7 @@ from sqlmodel import Session, select
 from mailgate.ingest.parse import UnusableMessage, parse_message
 from mailgate.runtime import Runtime
 from mailgate.spool import RELEASED
+from mailgate.store.blobs import BlobStore
 from mailgate.store.engine import iso, session_scope
 from mailgate.store.tables import Inbound
 from mailgate.views import stop_reason
@@ -84,7 +85,7 @@ class Released:
     learned: bool = False
 
 
-def take_out(session: Session, inbound_id: int) -> tuple[Inbound | None, str]:
+def take_out(session: Session, blobs: BlobStore, inbound_id: int) -> tuple[Inbound | None, str]:
     """Mark one held message released and queue it, in the caller's transaction: the row,
     or None and why not. One conditional UPDATE, so two people releasing the same message
     at once (the CLI, or an admin's #release by mail) release it once."""
@@ -93,6 +94,10 @@ def take_out(session: Session, inbound_id: int) -> tuple[Inbound | None, str]:
         return None, "no such message"
     if row.outcome != QUARANTINED:
         return None, f"not in quarantine (outcome {row.outcome or row.state})"
+    if not blobs.path_for(row.raw_sha256).is_file():
+        # Damage (the data folder restored without it): a release would ticket nothing and
+        # teach nothing. It stays held, and listed, for whoever can bring the bytes back.
+        return None, _bytes_missing(FileNotFoundError(2, "No such file", str(blobs.path_for(row.raw_sha256))))
     changed = session.exec(update(Inbound).where(  # type: ignore[call-overload]
         Inbound.id == inbound_id, Inbound.outcome == QUARANTINED).values(
         outcome=RELEASED, state="queued", attempts=0, next_attempt_at=None, claimed_by=None,
@@ -116,12 +121,7 @@ def learn_released(rt: Runtime, released: dict[int, str]) -> bool:
 def release(rt: Runtime, inbound_id: int) -> Released:
     """Take one message out of the quarantine: learn it as ham and queue it for ticketing."""
     with session_scope(rt.engine) as session:
-        row = session.get(Inbound, inbound_id)
-        if row is not None and row.outcome == QUARANTINED and not rt.blobs.path_for(row.raw_sha256).is_file():
-            # Damage (the data folder restored without it): a release would ticket nothing and
-            # teach nothing. It stays held, and listed, for whoever can bring the bytes back.
-            return Released(inbound_id, False, _bytes_missing(FileNotFoundError(rt.blobs.path_for(row.raw_sha256))))
-        row, why_not = take_out(session, inbound_id)
+        row, why_not = take_out(session, rt.blobs, inbound_id)
         if row is None:
             return Released(inbound_id, False, why_not)
         sha = row.raw_sha256

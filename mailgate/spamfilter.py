@@ -633,7 +633,10 @@ def _parsed(raw: bytes) -> Message | None:
 
 
 def _check_params(n_features: int, alpha: float) -> None:
-    if not (_MIN_FEATURES <= n_features <= _MAX_FEATURES) or n_features & (n_features - 1):
+    if n_features > _MAX_FEATURES:
+        raise ValueError(f"{n_features} hash columns is more than mailgate loads ({_MAX_FEATURES}); "
+                         "build the model again with `mailgate spam train`")
+    if n_features < _MIN_FEATURES or n_features & (n_features - 1):
         raise ValueError(f"n_features must be a power of two in [{_MIN_FEATURES}, {_MAX_FEATURES}], got {n_features}")
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"alpha must be a positive finite number, got {alpha}")
@@ -663,9 +666,12 @@ _STALE_TEMPORARY_SECONDS = 3600
 
 def _remove_stale_temporaries(path: Path) -> None:
     cutoff = time.time() - _STALE_TEMPORARY_SECONDS
+    # Exactly save()'s own names (mkstemp adds 8 characters): not those of another model
+    # file whose name starts with this one's, which its own lock guards.
+    own = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
     for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         with contextlib.suppress(OSError):
-            if leftover.stat().st_mtime < cutoff:
+            if own.fullmatch(leftover.name) and leftover.stat().st_mtime < cutoff:
                 leftover.unlink()
 
 

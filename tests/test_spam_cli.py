@@ -98,6 +98,10 @@ def test_train_reads_mbox_and_maildir_and_writes_out(workdir: Path, slices: dict
     assert proc.stdout.decode().startswith("trained on 100 ham and 20 spam")
     assert proc.stderr.decode().startswith("mailgate: skipped 2 file(s) that are not mail: ")
     assert "old.mbox.gz" in proc.stderr.decode()
+    # Named also when nothing usable is left of one kind, which is when it matters most.
+    failed = cli(cfg, "spam", "train", "--ham", str(slices["eval_ham"]), "--spam", str(slices["eval_ham"] / "empty"),
+                 "--out", str(out_path), check=False)
+    assert failed.returncode == 2 and "skipped 3 file(s) that are not mail" in failed.stderr.decode()
 
 
 def test_train_usage_errors_are_one_line(workdir: Path, slices: dict[str, Path]) -> None:
@@ -228,6 +232,24 @@ def test_held_mail_whose_bytes_are_gone_is_refused_in_one_line_and_stays_held(wo
         assert proc.returncode == 1 and err.startswith(f"mailgate: {held['id']}: its stored bytes cannot be read")
         assert "Traceback" not in err
     assert [r["id"] for r in cli_json(cfg, "spam", "quarantine", "list")] == [held["id"]]
+
+
+def test_a_release_by_mail_refuses_held_mail_whose_bytes_are_gone_too(workdir: Path) -> None:
+    # The CLI and an admin's #release reply both take a message out through take_out.
+    from mailgate.quarantine import take_out
+    from mailgate.store.engine import session_scope, utcnow
+    from mailgate.store.tables import Inbound
+
+    rt = _runtime(workdir, spam_enabled=True)
+    with session_scope(rt.engine) as session:
+        held = Inbound(source="smtp", raw_sha256="ab" * 32, received_at=utcnow(), state="done",
+                       outcome="quarantined", spam_score=0.99, subject="gone")
+        session.add(held)
+        session.flush()
+        row, why_not = take_out(session, rt.blobs, held.id)
+        assert row is None and why_not.startswith("its stored bytes cannot be read (FileNotFoundError")
+    with session_scope(rt.engine) as session:
+        assert session.get(Inbound, held.id).outcome == "quarantined"
 
 
 def test_quarantine_show_prints_no_terminal_sequences_from_the_mail(workdir: Path) -> None:

@@ -579,11 +579,14 @@ def test_a_save_removes_what_a_save_killed_midway_left(tmp_path: Path) -> None:
     import time
 
     path = tmp_path / "spam-model.npz"
-    left = tmp_path / ".spam-model.npz.k1ll3d.tmp"  # a process killed inside save()
-    fresh = tmp_path / ".spam-model.npz.s4v1ng.tmp"  # another save, right now
-    for f in (left, fresh):
+    left = tmp_path / ".spam-model.npz.k1ll3d_x.tmp"  # a process killed inside save()
+    fresh = tmp_path / ".spam-model.npz.s4v1ng_x.tmp"  # another save, right now
+    other = tmp_path / ".spam-model.npz.new.abcdefgh.tmp"  # spam-model.npz.new's, under its own lock
+    for f in (left, fresh, other):
         f.write_bytes(b"half a model")
     hour_ago = time.time() - 3700
-    os.utime(left, (hour_ago, hour_ago))
+    for f in (left, other):
+        os.utime(f, (hour_ago, hour_ago))
     SpamModel.empty(n_features=2**10).save(path)
-    assert not left.exists() and fresh.exists() and SpamModel.load(path).meta["n_features"] == 2**10
+    assert not left.exists() and fresh.exists() and other.exists()
+    assert SpamModel.load(path).meta["n_features"] == 2**10

@@ -637,7 +637,7 @@ def release_by_mail(ctx: Context) -> NoReturn:
     changes: list[str] = []
     released: dict[int, str] = {}
     for inbound_id in ids:
-        row, why_not = take_out(ctx.session, inbound_id)
+        row, why_not = take_out(ctx.session, ctx.rt.blobs, inbound_id)
         if row is None:  # validated a moment ago: released by someone else since
             changes.append(f"#{inbound_id}: {why_not}")
             continue
