@@ -146,3 +146,19 @@ def test_no_ratings_configured_no_rating_asked_for() -> None:
         for text in (silent.text, silent.html):
             assert "rate" not in text and "with one of" not in text
             assert "If it did not, just reply and the ticket opens again." in text
+
+
+def test_an_agents_result_says_done_and_not_done_apart() -> None:
+    # An admin's #release: one message released, another refused (its bytes are gone).
+    def result(changes: list[str], not_done: list[str]) -> str:
+        values = context(ticket=None, errors=[], collision=None, changes=changes, not_done=not_done)
+        return Renderer().render_mail("agent/result", values | {"subject": "Re: held mail"}).text
+
+    both = result(["released #1 from a@b.example (hi)"], ["#2: its stored bytes cannot be read"])
+    assert both.index("Done:") < both.index("released #1") < both.index("Not done:") < both.index("#2: its")
+    refused = result([], ["#2: its stored bytes cannot be read"])
+    assert "Done:" not in refused.replace("Not done:", "") and "Not done:" in refused
+    # Other results do not pass not_done at all.
+    plain = Renderer().render_mail("agent/result", context(errors=[], collision=None,
+                                                            changes=["status: open -> solved"])).text
+    assert plain.lstrip().startswith("Done on ticket #7:") and "Not done" not in plain

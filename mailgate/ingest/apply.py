@@ -635,11 +635,12 @@ def release_by_mail(ctx: Context) -> NoReturn:
     assert agent is not None and cmds is not None
     ids = cmds.ids_to_release()
     changes: list[str] = []
+    not_done: list[str] = []
     released: dict[int, str] = {}
     for inbound_id in ids:
         row, why_not = take_out(ctx.session, ctx.rt.blobs, inbound_id)
-        if row is None:  # validated a moment ago: released by someone else since
-            changes.append(f"#{inbound_id}: {why_not}")
+        if row is None:  # validated a moment ago: released by someone else since, or damaged
+            not_done.append(f"#{inbound_id}: {why_not}")
             continue
         changes.append(f"released #{inbound_id} from {one_line(row.from_addr or '', 320) or 'an unknown sender'} "
                        f"({one_line(row.subject or '', 80) or 'no subject'}): it becomes a ticket as usual, "
@@ -649,7 +650,8 @@ def release_by_mail(ctx: Context) -> NoReturn:
         ctx.after_commit.append(lambda: learn_released(ctx.rt, released))
     notify.send(ctx.rt, ctx.session, ticket=None, template="agent/result", to=agent.email,
                 in_reply_to=ctx.msg.message_id, reply_number=QUARANTINE_REPLY_NUMBER,
-                extra={"errors": [], "changes": changes, "collision": None, "subject": ctx.msg.subject})
+                extra={"errors": [], "changes": changes, "not_done": not_done, "collision": None,
+                       "subject": ctx.msg.subject})
     raise Stop("screened", f"{agent.email}: #release {' '.join(map(str, ids))}")
 
 
