@@ -677,6 +677,16 @@ def _parse_hours(key: str, value: str) -> tuple[time, time] | None:
     return start, end
 
 
+# Business hours to the first response and to resolution, by priority (config.example.toml's
+# `customer` tier); a priority a site adds gets the normal one's.
+_DEFAULT_TARGETS = {"low": SlaTarget(16.0, 80.0), "normal": SlaTarget(8.0, 40.0),
+                    "high": SlaTarget(4.0, 16.0), "urgent": SlaTarget(1.0, 8.0)}
+
+
+def _default_target(priority: str) -> SlaTarget:
+    return _DEFAULT_TARGETS.get(priority, _DEFAULT_TARGETS["normal"])
+
+
 def _sla(sec: _Section, helpdesk: HelpdeskSettings) -> SlaSettings:
     tz = sec.get("timezone", str, "UTC")
     try:
@@ -699,17 +709,17 @@ def _sla(sec: _Section, helpdesk: HelpdeskSettings) -> SlaSettings:
         targets: dict[str, SlaTarget] = {}
         for prio in helpdesk.priorities:
             p = targets_sec.sub(prio)
+            default = _default_target(prio)
             targets[prio] = SlaTarget(
-                first_response_hours=p.positive("first_response_hours", float, 8.0),
-                resolution_hours=p.positive("resolution_hours", float, 40.0),
+                first_response_hours=p.positive("first_response_hours", float, default.first_response_hours),
+                resolution_hours=p.positive("resolution_hours", float, default.resolution_hours),
             )
             p.finish()
         targets_sec.finish()
         tiers.append(SlaTier(name=name, targets=targets, always_on=t.get("always_on", bool, False)))
         t.finish()
     if not tiers:
-        tiers.append(SlaTier(name="customer", targets={
-            p: SlaTarget(8.0, 40.0) for p in helpdesk.priorities}))
+        tiers.append(SlaTier(name="customer", targets={p: _default_target(p) for p in helpdesk.priorities}))
     if all(h is None for h in hours.values()) and not all(t.always_on for t in tiers):
         # No due time could ever be computed: every new ticket would fail.
         raise ConfigError("sla.hours: every day is closed; open at least one, or make every tier always_on")

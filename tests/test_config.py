@@ -316,7 +316,10 @@ def test_minimal_config_has_documented_defaults(tmp_path: Path) -> None:
     assert sla.hours["mon"] == (time(9), time(17)) and sla.hours["fri"] == (time(9), time(17))
     assert sla.hours["sat"] is None and sla.hours["sun"] is None
     assert [t.name for t in sla.tiers] == ["customer"] and sla.default_tier == "customer"
-    assert sla.tiers[0].targets["normal"].first_response_hours == 8.0
+    # The example's customer tier is the default: priority sets the targets out of the box.
+    example = load_settings(REPO / "config.example.toml").sla.tiers[0]
+    assert example.name == "customer" and sla.tiers[0] == example
+    assert sla.tiers[0].targets["urgent"] != sla.tiers[0].targets["low"]
     assert sla.escalation_groups == ("L1", "L2", "L3")
     assert (sla.warn_before_minutes, sla.auto_close_solved_days, sla.pending_reminder_days,
             sla.pending_close_days) == (60.0, 7.0, 3.0, 10.0)
