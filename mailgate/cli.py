@@ -328,7 +328,8 @@ def tickets_list(
     sort: Annotated[str, typer.Option(help="One of: " + ", ".join(
         ("number", "created_at", "updated_at", "priority", "status", "owner", "first_response_due",
          "resolution_due")))] = "number",
-    columns: Annotated[str, typer.Option(help="Comma-separated columns for the table.")] = DEFAULT_COLUMNS,
+    columns: Annotated[list[str] | None, typer.Option(
+        help="Columns for the table: comma-separated, several after the flag, or the flag repeated.")] = None,
 ) -> None:
     """List tickets (colours: red overdue, yellow unanswered, green answered, cyan pending, dim closed)."""
     from mailgate.store.engine import as_utc, session_scope
@@ -338,7 +339,7 @@ def tickets_list(
         fail(f"--sort: one of {', '.join(SORT_FIELDS)}")
     if open_ and closed:
         fail("--open and --closed: give one of them (each excludes the other's tickets)")
-    cols = [c.strip() for c in columns.split(",") if c.strip()]
+    cols = [c.strip() for given in (columns or [DEFAULT_COLUMNS]) for c in given.split(",") if c.strip()]
     # Checked before the query, so a wrong name is reported even when no ticket matches.
     unknown = [c for c in cols if c not in SUMMARY_FIELDS]
     if unknown:
@@ -500,7 +501,7 @@ def outbox_list(config: ConfigOpt = None, json_out: JsonOpt = False,
     for c in ("id", "ticket", "to", "template", "state", "attempts", "last_error"):
         table.add_column(c)
     for r in rows:
-        table.add_row(*[shown(r[c] or "") for c in ("id", "ticket", "to", "template", "state", "attempts",
+        table.add_row(*[shown(r[c]) for c in ("id", "ticket", "to", "template", "state", "attempts",
                                                    "last_error")])
     text_console().print(table)
 
@@ -881,9 +882,9 @@ def quarantine_release(ids: Annotated[list[int], typer.Argument(
 
 
 # Options that take several values after one flag, as DESIGN.md writes them
-# (`--ham DIR...`). Click gives an option one value per occurrence, so
+# (`--ham DIR...`, `--columns ...`). Click gives an option one value per occurrence, so
 # `--ham a b` becomes `--ham a --ham b` before it parses.
-MULTI_VALUE_OPTIONS = frozenset({"--ham", "--spam"})
+MULTI_VALUE_OPTIONS = frozenset({"--ham", "--spam", "--columns"})
 
 
 def expand_multi_value_options(argv: list[str]) -> list[str]:

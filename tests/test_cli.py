@@ -354,6 +354,25 @@ def test_tickets_list_json_has_no_messages(desk: Path) -> None:
         assert set(row) >= TICKET_FIELDS and "messages" not in row
 
 
+def test_tickets_list_columns_in_any_of_the_three_forms(desk: Path) -> None:
+    # DESIGN.md writes `--columns ...`; a repeated flag lost the earlier columns without a word.
+    def header(*columns: str) -> list[str]:
+        table = cli(desk, "tickets", "list", *columns).stdout.decode()
+        return [w for w in table.splitlines()[1].replace("┃", " ").split()]
+
+    expected = ["number", "subject"]
+    assert header("--columns", "number,subject") == expected
+    assert header("--columns", "number", "subject") == expected
+    assert header("--columns", "number", "--columns", "subject") == expected
+
+
+def test_outbox_list_shows_zero_attempts_as_zero(workdir: Path) -> None:
+    config = write_config(workdir)
+    cli(config, "ingest", input=mail().as_bytes())
+    rows = [line.split("│") for line in cli(config, "outbox", "list").stdout.decode().splitlines() if "queued" in line]
+    assert rows and all(cells[6].strip() == "0" for cells in rows)  # not a blank cell
+
+
 def test_tickets_list_bad_options(desk: Path) -> None:
     bad_sort = invoke(desk, "tickets", "list", "--sort", "colour")
     assert bad_sort.exit_code == 2 and "--sort: one of number" in bad_sort.stderr
