@@ -86,7 +86,8 @@ def text_console(*, stderr: bool = False) -> Console:
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    echo(f"mailgate: {message}", err=True)
+    # One line, whatever a library's exception text holds (psycopg's run over three).
+    echo("mailgate: " + re.sub(r"\s*\n\s*", " ", message.strip()), err=True)
     raise typer.Exit(code)
 
 

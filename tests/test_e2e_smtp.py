@@ -362,6 +362,11 @@ def test_ingest_exit_codes(workdir: Path) -> None:
     finally:
         con.execute("ROLLBACK")
         con.close()
+    # A database that is not there: 75, in one line (an MTA mails stderr back in its bounce),
+    # though psycopg's own text runs over three.
+    down = write_config(workdir / "down", database="postgresql+psycopg://nobody@127.0.0.1:9/none")
+    gone = cli(down, "ingest", input=mail(subject="db down").as_bytes(), check=False)
+    assert gone.returncode == 75 and len(gone.stderr.decode().strip().splitlines()) == 1, gone.stderr
 
 
 def test_ingest_prints_the_ticket_of_a_redelivery_and_refuses_a_queue_not_ours(workdir: Path) -> None:
