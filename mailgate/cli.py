@@ -330,7 +330,8 @@ def tickets_list(
         ("number", "created_at", "updated_at", "priority", "status", "owner", "first_response_due",
          "resolution_due")))] = "number",
     columns: Annotated[list[str] | None, typer.Option(
-        help="Columns for the table: comma-separated, several after the flag, or the flag repeated.")] = None,
+        help="Columns for the table: comma-separated, several after the flag, or the flag repeated "
+             f"(default {DEFAULT_COLUMNS}).")] = None,
 ) -> None:
     """List tickets (colours: red overdue, yellow unanswered, green answered, cyan pending, dim closed)."""
     from mailgate.store.engine import as_utc, session_scope

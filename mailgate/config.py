@@ -684,7 +684,7 @@ _DEFAULT_TARGETS = {"low": SlaTarget(16.0, 80.0), "normal": SlaTarget(8.0, 40.0)
 
 
 def _default_target(priority: str) -> SlaTarget:
-    return _DEFAULT_TARGETS.get(priority, _DEFAULT_TARGETS["normal"])
+    return _DEFAULT_TARGETS.get(priority.lower(), _DEFAULT_TARGETS["normal"])
 
 
 def _sla(sec: _Section, helpdesk: HelpdeskSettings) -> SlaSettings:
@@ -710,10 +710,13 @@ def _sla(sec: _Section, helpdesk: HelpdeskSettings) -> SlaSettings:
         for prio in helpdesk.priorities:
             p = targets_sec.sub(prio)
             default = _default_target(prio)
-            targets[prio] = SlaTarget(
-                first_response_hours=p.positive("first_response_hours", float, default.first_response_hours),
-                resolution_hours=p.positive("resolution_hours", float, default.resolution_hours),
-            )
+            resolution = p.positive("resolution_hours", float, default.resolution_hours)
+            # A tier that sets only the resolution time: the first response is due no later.
+            first = p.positive("first_response_hours", float, min(default.first_response_hours, resolution))
+            if first > resolution:
+                raise ConfigError(f"{p.key('first_response_hours')}: {first:g} h is more than resolution_hours "
+                                  f"{resolution:g} h")
+            targets[prio] = SlaTarget(first_response_hours=first, resolution_hours=resolution)
             p.finish()
         targets_sec.finish()
         tiers.append(SlaTier(name=name, targets=targets, always_on=t.get("always_on", bool, False)))

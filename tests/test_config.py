@@ -171,6 +171,9 @@ def test_missing_keys_are_named_exactly() -> None:
     ({"sla": {"hours": {d: "closed" for d in ("mon", "tue", "wed", "thu", "fri")}}},
      "sla.hours: every day is closed; open at least one, or make every tier always_on"),
     ({"sla": {"holidays_country": "XX"}}, "sla.holidays_country: unknown country code 'XX'"),
+    ({"sla": {"tiers": [{"name": "customer", "targets": {"low": {"first_response_hours": 20,
+                                                                "resolution_hours": 10}}}]}},
+     "sla.tiers[0].targets.low.first_response_hours: 20 h is more than resolution_hours 10 h"),
     ({"sla": {"extra_holidays": ["2026-13-01"]}}, "sla.extra_holidays: not a date (YYYY-MM-DD): '2026-13-01'"),
     ({"sla": {"default_tier": "gold"}}, "sla.default_tier: 'gold' is not one of the sla.tiers"),
     ({"sla": {"tier_rules": {"@big.com": "gold"}}}, "sla.tier_rules.@big.com: 'gold' is not one of the sla.tiers"),
@@ -320,6 +323,11 @@ def test_minimal_config_has_documented_defaults(tmp_path: Path) -> None:
     example = load_settings(REPO / "config.example.toml").sla.tiers[0]
     assert example.name == "customer" and sla.tiers[0] == example
     assert sla.tiers[0].targets["urgent"] != sla.tiers[0].targets["low"]
+    # A tier that sets only a resolution time: the first response is due no later than that.
+    partial = _write(tmp_path / "partial.toml", MINIMAL + '[[sla.tiers]]\nname = "customer"\n'
+                     "[sla.tiers.targets.low]\nresolution_hours = 10.0\n")
+    low = load_settings(partial).sla.tiers[0].targets["low"]
+    assert (low.first_response_hours, low.resolution_hours) == (10.0, 10.0)
     assert sla.escalation_groups == ("L1", "L2", "L3")
     assert (sla.warn_before_minutes, sla.auto_close_solved_days, sla.pending_reminder_days,
             sla.pending_close_days) == (60.0, 7.0, 3.0, 10.0)
