@@ -94,10 +94,12 @@ def take_out(session: Session, blobs: BlobStore, inbound_id: int) -> tuple[Inbou
         return None, "no such message"
     if row.outcome != QUARANTINED:
         return None, f"not in quarantine (outcome {row.outcome or row.state})"
-    if not blobs.path_for(row.raw_sha256).is_file():
+    try:
+        blobs.path_for(row.raw_sha256).stat()
+    except OSError as exc:
         # Damage (the data folder restored without it): a release would ticket nothing and
         # teach nothing. It stays held, and listed, for whoever can bring the bytes back.
-        return None, _bytes_missing(FileNotFoundError(2, "No such file", str(blobs.path_for(row.raw_sha256))))
+        return None, _bytes_missing(exc)
     changed = session.exec(update(Inbound).where(  # type: ignore[call-overload]
         Inbound.id == inbound_id, Inbound.outcome == QUARANTINED).values(
         outcome=RELEASED, state="queued", attempts=0, next_attempt_at=None, claimed_by=None,
