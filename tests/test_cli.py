@@ -364,6 +364,11 @@ def test_tickets_list_columns_in_any_of_the_three_forms(desk: Path) -> None:
     assert header("--columns", "number,subject") == expected
     assert header("--columns", "number", "subject") == expected
     assert header("--columns", "number", "--columns", "subject") == expected
+    default = ["number", "status", "priority", "owner", "requester", "subject", "created_at"]
+    assert header() == default
+    # The default is in the help, which Typer shows as nothing for a list option without one.
+    helptext = CliRunner().invoke(app, ["tickets", "list", "--help"], env={"COLUMNS": "300"}).stdout
+    assert ",".join(default) in re.sub(r"[\s│]+", "", helptext)
 
 
 def test_outbox_list_shows_zero_attempts_as_zero(workdir: Path) -> None:

@@ -328,6 +328,13 @@ def test_minimal_config_has_documented_defaults(tmp_path: Path) -> None:
                      "[sla.tiers.targets.low]\nresolution_hours = 10.0\n")
     low = load_settings(partial).sla.tiers[0].targets["low"]
     assert (low.first_response_hours, low.resolution_hours) == (10.0, 10.0)
+    # Priorities spelt another way get the same defaults; one a site adds gets normal's.
+    capitals = load_settings(_write(tmp_path / "capitals.toml", MINIMAL.replace(
+        "[helpdesk]\n", '[helpdesk]\npriorities = ["Low", "Normal", "URGENT", "blocker"]\n'
+        'default_priority = "Normal"\n', 1))).sla.tiers[0].targets
+    assert capitals["URGENT"] == sla.tiers[0].targets["urgent"]
+    assert capitals["Low"] == sla.tiers[0].targets["low"]
+    assert capitals["blocker"] == capitals["Normal"] == sla.tiers[0].targets["normal"]
     assert sla.escalation_groups == ("L1", "L2", "L3")
     assert (sla.warn_before_minutes, sla.auto_close_solved_days, sla.pending_reminder_days,
             sla.pending_close_days) == (60.0, 7.0, 3.0, 10.0)
