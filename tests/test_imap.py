@@ -724,6 +724,20 @@ def test_unreachable_mailbox_logs_a_warning(engine: Engine, blobs: BlobStore,
     assert state(engine, "dead").last_ok_at is None
 
 
+def test_a_long_unfiled_report_still_names_its_highest_uid(engine: Engine, blobs: BlobStore) -> None:
+    """last_error keeps 2000 characters: the UID that doctor's warning and last_uid wait on
+    must not be in the part cut off when the server refused a long, gappy set of UIDs."""
+    account = ImapAccount(name="box", host="127.0.0.1", port=1, tls="none", username="x",
+                          password="x", queue="support@example.com")
+    poller = ImapPoller(account, engine, blobs)
+    poller._record(utcnow(), None)  # passes succeed: only a waiting UID makes a warning
+    uids = list(range(1, 3001, 2))
+    asyncio.run(poller._report_unfiled(uids, "NO [SERVERBUG] Internal error"))
+    assert len(state(engine, "box").last_error or "") == 2000
+    [health] = imap_health(engine, [account], utcnow())
+    assert "stored mail up to UID 2999 in INBOX could not be filed" in (health["warning"] or "")
+
+
 # ------------------------------------------------- the daemon (`mailgate run`)
 
 
