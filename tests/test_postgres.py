@@ -166,6 +166,53 @@ def test_a_release_during_the_purge_keeps_the_message(pg_url: str, workdir: Path
         assert session.get(Inbound, inbound_id).outcome == "ticket"  # type: ignore[union-attr]
 
 
+def test_a_row_another_instance_takes_over_is_not_failed_for_its_deadline(pg_url: str) -> None:
+    """Between the deadline check's SELECT and its UPDATE, another instance takes over a
+    stale claim (PostgreSQL, READ COMMITTED): the row is theirs to send and record; failing
+    it here would record a failure for mail that may be on its way."""
+    from datetime import timedelta
+
+    from sqlalchemy import event, update
+
+    from mailgate import outbox
+    from mailgate.store import migrate
+    from mailgate.store.engine import make_engine, session_scope, utcnow
+    from mailgate.store.tables import Outbox
+
+    engine = make_engine(pg_url)
+    migrate.upgrade(engine)
+    now = utcnow()
+    with session_scope(engine) as session:
+        row = Outbox(message_id="late@example.com", template="t", mail_from="support@example.com",
+                     recipients="a@example.org", raw=b"x", state="sending", attempts=1, claimed_by="dead",
+                     next_attempt_at=now - outbox.STALE_SENDING - timedelta(minutes=1),
+                     deadline=now - outbox.DEADLINE_GRACE - timedelta(minutes=1), created_at=now)
+        session.add(row)
+        session.flush()
+        row_id = row.id
+    assert row_id is not None
+
+    taken: list[int] = []
+    other_instance = make_engine(pg_url)
+
+    def take_over_after_the_select(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if taken or not (statement.startswith("SELECT") and "%(stale)s" in statement):
+            return
+        with session_scope(other_instance) as other:  # its claim, committed before our UPDATE
+            taken.append(other.connection().execute(update(Outbox).where(Outbox.id == row_id).values(
+                claimed_by="other", next_attempt_at=utcnow(), attempts=Outbox.attempts + 1)).rowcount)
+
+    event.listen(engine, "after_cursor_execute", take_over_after_the_select)
+    outbox.claim_due(engine, "this")
+    assert taken == [1]
+    with session_scope(engine) as session:
+        after = session.get(Outbox, row_id)
+        assert after is not None
+        assert (after.state, after.claimed_by, after.attempts) == ("sending", "other", 2)
+    engine.dispose()
+    other_instance.dispose()
+
+
 def test_two_instances_send_one_quarantine_digest(pg_url: str, workdir: Path) -> None:
     from sqlmodel import select
 
