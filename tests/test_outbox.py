@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import mailbox
 import re
 import sqlite3
@@ -775,6 +776,24 @@ def test_one_send_is_cut_off_only_before_data(slow_relay: _SlowRelay, monkeypatc
     slow_relay.data_seconds = 0.0
     assert asyncio.run(deliver_many()) == outbox.MAX_WAITING_QUITS
     assert len(slow_relay.messages) == 1 + outbox.MAX_WAITING_QUITS + 5
+
+
+def test_data_after_the_before_data_limit_expired_is_a_timeout() -> None:
+    """The limit can fire in the same loop pass as RCPT's reply, and Python 3.11's wait_for
+    may swallow its cancel: DATA then starts on an expired limit. It must not go out, and
+    the send is a timeout to retry (lifting the expired limit raised RuntimeError)."""
+    relay = outbox._relay_class()(hostname="127.0.0.1", port=1)
+
+    async def data_on_an_expired_limit() -> None:
+        async with asyncio.timeout(0) as before_data:
+            relay.before_data = before_data
+            with contextlib.suppress(asyncio.CancelledError):  # swallowed, as 3.11's wait_for can
+                await asyncio.sleep(1)
+            assert before_data.expired()
+            await relay.data(b"Subject: x\r\n\r\nnot sent\r\n")
+
+    with pytest.raises(TimeoutError, match="before DATA"):
+        asyncio.run(data_on_an_expired_limit())
 
 
 def test_two_senders_on_a_slow_relay_send_each_mail_once(workdir: Path, relay: CaptureRelay,
