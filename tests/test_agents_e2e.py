@@ -258,6 +258,23 @@ def test_spoofed_agent_and_authentication_results(desk: Desk) -> None:
     assert d.ticket(n)["status"] == "closed"
 
 
+def test_an_answer_threads_under_the_mail_that_opened_an_automatic_ticket(desk: Desk) -> None:
+    """Mail that asks for no auto-reply (Outlook's X-Auto-Response-Suppress, a list) may open a
+    ticket, stored as automatic: the answer is still a reply to it in the customer's client,
+    and not to the out-of-office that came after it."""
+    n, notices = desk.open("Quota question", sender="Gina <gina@customer.org>",
+                           headers={"X-Auto-Response-Suppress": "All"})
+    assert [str(m["To"]) for m in notices if "gina" in str(m["To"])] == []  # no confirmation
+    opening = desk.d.ticket(n)["messages"][0]
+    assert opening["kind"] == "auto"
+    desk.send(mail(sender="gina@customer.org", subject=f"Out of office: [EXAMPLE #{n}] Quota question",
+                   body="I am away until Monday.", headers={"Auto-Submitted": "auto-replied"}))
+    wait_until(lambda: len(desk.d.ticket(n)["messages"]) == 2)
+    desk.send(*reply(to(notices, "bob@example.com")[0], "bob@example.com", "Your quota is 10 GB."))
+    answer = to(desk.take(), "gina@customer.org")[0]
+    assert str(answer["In-Reply-To"]) == f"<{opening['message_id']}>"
+
+
 def test_requester_command_opens_a_ticket_for_a_customer(desk: Desk) -> None:
     d = desk.d
     before = desk.numbers()

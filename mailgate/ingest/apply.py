@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from sqlalchemy import bindparam, func, insert, update
+from sqlalchemy import bindparam, case, func, insert, update
 from sqlmodel import Session, select
 
 from mailgate.config import AssignmentRule, StatusDef
@@ -1052,9 +1052,16 @@ def send_effects(ctx: Context) -> None:
         elif name == "answer":
             assert message is not None and ctx.agent is not None
             # The customer's latest mail, never an agent's own (see notify.requester_thread_ids).
+            # A ticket that list or auto-generated mail opened has no such mail: then the one
+            # that opened it, not a later out-of-office or bounce.
+            requester = session.get(Contact, ticket.requester_id)
+            requester_email = requester.email if requester is not None else ""
             last_in = session.exec(select(Message.message_id).where(
-                Message.ticket_id == ticket.number, Message.direction == "in", Message.kind == "public",
-                Message.author_agent.is_(None)).order_by(Message.id.desc())).first()  # type: ignore[union-attr]
+                Message.ticket_id == ticket.number, Message.direction == "in",
+                (Message.kind == "public") | ((Message.kind == "auto") & (Message.from_addr == requester_email)),
+                Message.author_agent.is_(None)).order_by(  # type: ignore[union-attr]
+                case((Message.kind == "public", 0), else_=1),
+                case((Message.kind == "public", -Message.id), else_=Message.id))).first()  # type: ignore[operator]
             # The agent's files go on with the answer, and so do inline images of some size (a
             # screenshot pasted into the text) but not small ones (a signature's logo, icons).
             # Never attached mail: a client set to attach the original would send our notice,
