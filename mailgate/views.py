@@ -51,7 +51,10 @@ def list_tickets(session: Session, f: TicketFilter, sort: str = "number",
                  priorities: Sequence[str] = ()) -> list[Ticket]:
     """priorities: helpdesk.priorities, least urgent first (--sort priority puts the most
     urgent first); the default four when not given."""
-    query = select(Ticket).where(Ticket.merged_into.is_(None))  # type: ignore[union-attr]
+    query = select(Ticket)
+    if not (f.closed or f.status):
+        # A merged ticket lives on in the one it went into; closed, it is listed with those.
+        query = query.where(Ticket.merged_into.is_(None))  # type: ignore[union-attr]
     if f.status:
         query = query.where(Ticket.status == f.status)
     if f.open:

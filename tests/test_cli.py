@@ -347,6 +347,17 @@ def test_tickets_list_filters(desk: Path, args: tuple[str, ...], expected: list[
     assert numbers(desk, *args) == expected
 
 
+def test_a_merged_ticket_is_listed_with_the_closed_ones(workdir: Path) -> None:
+    config = write_config(workdir)
+    for subject in ("Printer jam", "Printer jam again"):
+        cli(config, "ingest", input=mail(subject=subject).as_bytes())
+    sql(config, "update ticket set merged_into = 1, status = 'closed', status_kind = 'closed' where number = 2")
+    assert numbers(config) == [1]  # the open work: #2 goes on in #1
+    assert numbers(config, "--closed") == numbers(config, "--status", "closed") == [2]
+    [merged] = json.loads(ok(config, "tickets", "list", "--json", "--closed"))
+    assert merged["merged_into"] == 1
+
+
 def test_tickets_list_json_has_no_messages(desk: Path) -> None:
     rows = json.loads(ok(desk, "tickets", "list", "--json"))
     assert len(rows) == 5
