@@ -16,6 +16,11 @@ def facts(**kw) -> RouteFacts:
 def test_nothing_matches() -> None:
     d = decide_route(facts())
     assert d.ticket is None and d.hijack_of is None
+    assert d.reason == "no ticket matched: new ticket"
+    # A bounce or an out-of-office opens none: the record must not say it did.
+    assert decide_route(facts(automatic=True)).reason == "no ticket matched: automatic mail opens none"
+    hijack = decide_route(facts(tag_ticket=2, automatic=True))
+    assert hijack.hijack_of == 2 and hijack.reason.endswith(": automatic mail opens none")
 
 
 def test_valid_token_wins_over_everything() -> None:

@@ -371,7 +371,8 @@ def step_route(ctx: Context) -> None:
         token_ticket=ctx.token_ticket, bad_token_ticket=ctx.bad_token_ticket,
         our_reference_tickets=tuple(ours), stored_reference_tickets=tuple(stored),
         tag_ticket=tag, members=members, existing=frozenset(existing),
-        answerable_in_history=_answerable_in_history(ctx, existing))
+        answerable_in_history=_answerable_in_history(ctx, existing),
+        automatic=ctx.verdict is not None and ctx.verdict.is_automatic)
     ctx.decision = decide_route(facts)
     ctx.ticket = _resolve_merges(ctx.session, ctx.decision.ticket)
     reason = ctx.decision.reason

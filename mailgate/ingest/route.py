@@ -36,6 +36,9 @@ class RouteFacts:
     # later than the answer's date). An old mailbox holds the answers the staff sent
     # straight to the customer back then.
     answerable_in_history: frozenset[int] = frozenset()
+    # Automatic mail (a bounce, an out-of-office) opens no ticket; a delivery report goes
+    # with the mail it reports on, if that is ours (apply.record_bounce).
+    automatic: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,8 @@ def decide_route(facts: RouteFacts) -> RouteDecision:
         return RouteDecision(answered, f"imported history: {facts.sender} answered #{answered} "
                                        "(no proof of identity: kept as an answer sent then, no commands)",
                              answer_on_record=True)
+    then = "automatic mail opens none" if facts.automatic else "new ticket"
     if refused:
         return RouteDecision(None, f"names #{refused[0]} but sender {facts.sender} is not a participant "
-                                   "and has no valid token: new ticket", hijack_of=refused[0])
-    return RouteDecision(None, "no ticket matched: new ticket")
+                                   f"and has no valid token: {then}", hijack_of=refused[0])
+    return RouteDecision(None, f"no ticket matched: {then}")
