@@ -139,13 +139,18 @@ def test_no_ratings_configured_no_rating_asked_for() -> None:
         ctx = context(old_status="open")
         ctx["ticket"] = {**ctx["ticket"], "status": "solved", "status_kind": "solved"}
         asked = r.render_mail(name, ctx)
-        assert "with one of 1, 2, 3, 4, 5 on the first line" in asked.text
+        assert asked.html is not None
+        for text in (" ".join(asked.text.split()), " ".join(asked.html.split())):
+            assert "with one of 1, 2, 3, 4, 5 on the first line" in text
+            assert "If it did not, just reply and the ticket opens again." in text
         ctx["helpdesk"] = {**ctx["helpdesk"], "ratings": []}
         silent = r.render_mail(name, ctx)
         assert silent.html is not None
         for text in (silent.text, silent.html):
             assert "rate" not in text and "with one of" not in text
-            assert "If it did not, just reply and the ticket opens again." in text
+            # Not "If it did not": there is no answer before it to refer to.
+            assert "If it did not" not in text
+            assert "If your problem is not solved, just reply and the ticket opens again." in text
 
 
 def test_an_agents_result_says_done_and_not_done_apart() -> None:
