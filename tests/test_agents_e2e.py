@@ -275,6 +275,39 @@ def test_an_answer_threads_under_the_mail_that_opened_an_automatic_ticket(desk: 
     assert str(answer["In-Reply-To"]) == f"<{opening['message_id']}>"
 
 
+def test_an_answer_never_threads_under_an_out_of_office(desk: Desk) -> None:
+    """A ticket an agent opened for a customer has no mail of theirs: their out-of-office
+    answer to it is stored as automatic, and the next answer must not reply to that."""
+    before = desk.numbers()
+    desk.send(mail(sender="Alice <alice@example.com>", subject="Your order 4711",
+                   body="#requester frank@customer.org\nHello Frank, your order is delayed.",
+                   headers={"Authentication-Results": DKIM_PASS}))
+    first = to(desk.take(), "frank@customer.org")[0]
+    (n,) = desk.numbers() - before
+    away = mail(sender="frank@customer.org", subject="Automatic reply: " + str(first["Subject"]),
+                body="I am away until Monday.",
+                headers={"Auto-Submitted": "auto-replied", "In-Reply-To": str(first["Message-ID"])})
+    desk.send(away)
+    wait_until(lambda: len(desk.d.ticket(n)["messages"]) >= 2)
+    desk.take()
+    desk.send(mail(sender="Alice <alice@example.com>", subject=f"[EXAMPLE #{n}] Your order 4711",
+                   body="It ships tomorrow.", headers={"Authentication-Results": DKIM_PASS}))
+    answer = to(desk.take(), "frank@customer.org")[0]
+    assert str(answer["In-Reply-To"]) != str(away["Message-ID"])
+
+
+def test_an_answer_after_a_merge_replies_to_the_requesters_own_mail(desk: Desk) -> None:
+    """Another customer's mail, merged in, is not what this requester has in their mailbox."""
+    a, mails_a = desk.open("Login broken", sender="ivy@customer.org", body="Login broken.")
+    b, mails_b = desk.open("Quota", sender="Jack <jack@customer.org>", headers={"X-Auto-Response-Suppress": "All"})
+    opening_b = desk.d.ticket(b)["messages"][0]
+    desk.send(*reply(to(mails_a, "bob@example.com")[0], "bob@example.com", f"#merge {b}"))
+    desk.take()
+    desk.send(*reply(to(mails_b, "bob@example.com")[0], "bob@example.com", "Your quota is 10 GB."))
+    answer = to(desk.take(), "jack@customer.org")[0]
+    assert str(answer["In-Reply-To"]) == f"<{opening_b['message_id']}>"
+
+
 def test_requester_command_opens_a_ticket_for_a_customer(desk: Desk) -> None:
     d = desk.d
     before = desk.numbers()

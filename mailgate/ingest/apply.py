@@ -15,12 +15,13 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from sqlalchemy import bindparam, case, func, insert, update
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from mailgate.config import AssignmentRule, StatusDef
 from mailgate.domain import QUARANTINE_REPLY_NUMBER, base_address, is_bounce_address, mailbox_of, one_line
 from mailgate.ingest import notify
 from mailgate.ingest.commands import CommandRules, ParsedCommands, find_choice, merge_target, validate
+from mailgate.ingest.screen import BULK, LIST
 from mailgate.ingest.stop import Stop
 from mailgate.outbox import OutgoingFile
 from mailgate.quarantine import learn_released, take_out
@@ -1051,17 +1052,20 @@ def send_effects(ctx: Context) -> None:
                                  message=message)
         elif name == "answer":
             assert message is not None and ctx.agent is not None
-            # The customer's latest mail, never an agent's own (see notify.requester_thread_ids).
-            # A ticket that list or auto-generated mail opened has no such mail: then the one
-            # that opened it, not a later out-of-office or bounce.
+            # The mail answered: the requester's latest, which they have for sure; where they
+            # wrote none as a person (list or bulk mail opened the ticket, or an agent did), the
+            # list or bulk mail that opened it, never an out-of-office or bounce; else, as on a
+            # ticket merged into this one, the latest of anyone else but an agent (see
+            # notify.requester_thread_ids).
             requester = session.get(Contact, ticket.requester_id)
-            requester_email = requester.email if requester is not None else ""
+            from_requester = Message.from_addr == (requester.email if requester is not None else "")
+            public = Message.kind == "public"
             last_in = session.exec(select(Message.message_id).where(
                 Message.ticket_id == ticket.number, Message.direction == "in",
-                (Message.kind == "public") | ((Message.kind == "auto") & (Message.from_addr == requester_email)),
+                public | (from_requester & col(Message.screen_kind).in_((LIST, BULK))),
                 Message.author_agent.is_(None)).order_by(  # type: ignore[union-attr]
-                case((Message.kind == "public", 0), else_=1),
-                case((Message.kind == "public", -Message.id), else_=Message.id))).first()  # type: ignore[operator]
+                case((from_requester, 0), else_=1), case((public, 0), else_=1),
+                case((public, -Message.id), else_=Message.id))).first()  # type: ignore[operator]
             # The agent's files go on with the answer, and so do inline images of some size (a
             # screenshot pasted into the text) but not small ones (a signature's logo, icons).
             # Never attached mail: a client set to attach the original would send our notice,
