@@ -6,6 +6,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from sqlmodel import Session
+
 from mailgate.ingest import notify
 from mailgate.ingest.apply import (
     add_event,
@@ -41,9 +43,7 @@ def update_ticket(rt: Runtime, number: int, *, status: str | None = None, priori
     changes: list[str] = []
     lesson: Callable[[], bool] | None = None
     with session_scope(rt.engine) as session:
-        ticket = session.get(Ticket, number)
-        if ticket is None:
-            raise ValueError(f"no ticket #{number}")
+        ticket = _live_ticket(session, number)
         if status is not None:
             lines, lesson, tell_old = change_status(rt, session, ticket, status, actor)
             changes += lines
@@ -77,11 +77,20 @@ def update_ticket(rt: Runtime, number: int, *, status: str | None = None, priori
     return {"number": number, "changes": changes}
 
 
+def _live_ticket(session: Session, number: int) -> Ticket:
+    """The ticket to change; not one merged into another, which lives on there (its mail
+    goes there, and a status or note on it would be seen by nobody)."""
+    ticket = session.get(Ticket, number)
+    if ticket is None:
+        raise ValueError(f"no ticket #{number}")
+    if ticket.merged_into is not None:
+        raise ValueError(f"#{number} was merged into #{ticket.merged_into}: change that one")
+    return ticket
+
+
 def add_note(rt: Runtime, number: int, text: str, author: str) -> None:
     with session_scope(rt.engine) as session:
-        ticket = session.get(Ticket, number)
-        if ticket is None:
-            raise ValueError(f"no ticket #{number}")
+        ticket = _live_ticket(session, number)
         message = Message(ticket_id=number, kind="internal", direction="in", from_addr=author,
                           from_name=author, subject=ticket.subject, text=text.strip(), full_text=text,
                           author_agent=author if rt.settings.agent(author) else None, created_at=utcnow())

@@ -51,10 +51,11 @@ def list_tickets(session: Session, f: TicketFilter, sort: str = "number",
                  priorities: Sequence[str] = ()) -> list[Ticket]:
     """priorities: helpdesk.priorities, least urgent first (--sort priority puts the most
     urgent first); the default four when not given."""
-    query = select(Ticket)
-    if not (f.closed or f.status):
-        # A merged ticket lives on in the one it went into; closed, it is listed with those.
-        query = query.where(Ticket.merged_into.is_(None))  # type: ignore[union-attr]
+    # A merged ticket lives on in the one it went into: listed only among closed tickets.
+    shown = Ticket.merged_into.is_(None)  # type: ignore[union-attr]
+    if f.closed or f.status:
+        shown = shown | col(Ticket.status_kind).in_(("solved", "closed"))
+    query = select(Ticket).where(shown)
     if f.status:
         query = query.where(Ticket.status == f.status)
     if f.open:

@@ -356,6 +356,12 @@ def test_a_merged_ticket_is_listed_with_the_closed_ones(workdir: Path) -> None:
     assert numbers(config, "--closed") == numbers(config, "--status", "closed") == [2]
     [merged] = json.loads(ok(config, "tickets", "list", "--json", "--closed"))
     assert merged["merged_into"] == 1
+    # Its mail goes to #1: changing it would change nothing anyone sees.
+    for args in (("update", "2", "--status", "open"), ("note", "2", "--text", "lost?")):
+        refused = invoke(config, "tickets", *args)
+        assert refused.exit_code == 1 and "#2 was merged into #1: change that one" in refused.stderr
+    sql(config, "update ticket set status = 'open', status_kind = 'open' where number = 2")  # as before that
+    assert numbers(config, "--status", "open") == [] and numbers(config, "--open") == [1]
 
 
 def test_tickets_list_json_has_no_messages(desk: Path) -> None:
