@@ -8,8 +8,9 @@ import random
 from datetime import timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from sqlalchemy import func, or_, update
+from sqlalchemy import exists, func, or_, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import aliased
 from sqlmodel import select
 
 from mailgate.domain import QUARANTINE_REPLY_NUMBER, one_line
@@ -53,32 +54,50 @@ BLOB_IDLE_SECONDS = 3600.0
 
 def purge_quarantine(rt: Runtime) -> int:
     """Quarantined messages older than spam.retention_days are dropped from the listing, and
-    their raw bytes from the blob store unless another row still names the same content."""
+    their raw bytes from the blob store unless another row still names the same content.
+    So are later deliveries of them (`duplicate`): the listener writes a Received line
+    into each, so each has a raw file of its own, which retention must not outlive."""
     cutoff = utcnow() - timedelta(days=rt.settings.spam.retention_days)
     with session_scope(rt.engine) as session:
         expired = session.exec(select(Inbound.id, Inbound.raw_sha256).where(
             Inbound.outcome == "quarantined", Inbound.received_at < cutoff)).all()
-        if not expired:
-            return 0
-        # Still quarantined: a release between the SELECT and here keeps its row and bytes
-        # (PostgreSQL runs the two at once; the raw file of a released row is named below).
-        purged = session.exec(update(Inbound).where(  # type: ignore[call-overload]
-            Inbound.id.in_([i for i, _ in expired]), Inbound.outcome == "quarantined")  # type: ignore[union-attr]
-            .values(outcome="purged")).rowcount
-    digests = sorted({d for _, d in expired})
+        purged = 0
+        if expired:
+            # Still quarantined: a release between the SELECT and here keeps its row and bytes
+            # (PostgreSQL runs the two at once; the raw file of a released row is named below).
+            purged = session.exec(update(Inbound).where(  # type: ignore[call-overload]
+                Inbound.id.in_([i for i, _ in expired]), Inbound.outcome == "quarantined")  # type: ignore[union-attr]
+                .values(outcome="purged")).rowcount
+        # Copies of purged mail, unless the same mail also lives on in another row (it came
+        # again after the purge, and that delivery was held or became a ticket).
+        other = aliased(Inbound)
+        same_mail = (other.message_id_header == Inbound.message_id_header) & (other.body_hash == Inbound.body_hash)
+        copies = session.exec(select(Inbound.id, Inbound.raw_sha256).where(
+            Inbound.outcome == "duplicate",
+            exists().where(same_mail, other.outcome == "purged"),
+            ~exists().where(same_mail, other.outcome.not_in(("purged", "duplicate"))))).all()  # type: ignore[union-attr]
+        if copies:
+            session.exec(update(Inbound).where(  # type: ignore[call-overload]
+                Inbound.id.in_([i for i, _ in copies]), Inbound.outcome == "duplicate")  # type: ignore[union-attr]
+                .values(outcome="purged"))
+    if not expired and not copies:
+        return 0
+    digests = sorted({d for _, d in (*expired, *copies)})
     removed = 0
     for start in range(0, len(digests), 500):
         chunk = digests[start:start + 500]
         with session_scope(rt.engine) as session:
             named = set(session.exec(select(Inbound.raw_sha256).where(
                 Inbound.raw_sha256.in_(chunk),  # type: ignore[attr-defined]
-                # A second delivery of held spam ('duplicate') does not keep its bytes alive.
+                # A second delivery of held spam ('duplicate') does not keep its bytes alive
+                # (it is purged here too, unless it repeats a message that is still held).
                 or_(Inbound.outcome.is_(None),
                     Inbound.outcome.not_in(("purged", "duplicate"))))).all())  # type: ignore[union-attr]
             named |= set(session.exec(select(Message.raw_sha256).where(Message.raw_sha256.in_(chunk))).all())  # type: ignore[union-attr]
             named |= set(session.exec(select(Attachment.sha256).where(Attachment.sha256.in_(chunk))).all())  # type: ignore[attr-defined]
         removed += sum(rt.blobs.remove_if_idle(d, BLOB_IDLE_SECONDS) for d in chunk if d not in named)
-    log.info("purged %d quarantined message(s), %d raw file(s) removed", purged, removed)
+    log.info("purged %d quarantined message(s) and %d later copies of them, %d raw file(s) removed",
+             purged, len(copies), removed)
     return purged
 
 

@@ -466,6 +466,49 @@ def test_purge_removes_raw_bytes_no_row_still_needs(workdir: Path) -> None:
     assert BLOB_IDLE_SECONDS >= 60
 
 
+def test_purge_takes_the_later_copies_of_held_spam_with_it(workdir: Path) -> None:
+    """Over SMTP each delivery gets a Received line of its own, so a second delivery of held
+    spam is a `duplicate` row with a raw file of its own: it must go when the spam goes."""
+    from mailgate.jobs import purge_quarantine
+    from mailgate.store.engine import session_scope, utcnow
+    from mailgate.store.tables import Inbound
+
+    rt = _runtime(workdir, spam_enabled=True)
+    long_ago = utcnow().timestamp() - 40 * 86400
+    now = utcnow()
+    # name: (outcome, age in days, Message-ID)
+    rows = {
+        "held-old": ("quarantined", 31, "<a@spam.example>"), "held-old-again": ("duplicate", 20, "<a@spam.example>"),
+        "held-young": ("quarantined", 10, "<b@spam.example>"), "held-young-again": ("duplicate", 5, "<b@spam.example>"),
+        # purged before, then it came again and became a ticket; a copy of that ticket's mail
+        "purged-before": ("purged", 60, "<c@x.example>"), "came-back": ("ticket", 3, "<c@x.example>"),
+        "came-back-again": ("duplicate", 2, "<c@x.example>"),
+    }
+    ids: dict[str, int] = {}
+    digests: dict[str, str] = {}
+    with session_scope(rt.engine) as session:
+        for name, (outcome, age, mid) in rows.items():
+            digests[name] = rt.blobs.put(mail(subject=name).as_bytes())
+            os.utime(rt.blobs.path_for(digests[name]), (long_ago, long_ago))
+            row = Inbound(source="smtp", raw_sha256=digests[name], received_at=now - timedelta(days=age),
+                          state="done", outcome=outcome, message_id_header=mid, body_hash="h" + mid)
+            session.add(row)
+            session.flush()
+            assert row.id is not None
+            ids[name] = row.id
+    rt.blobs.path_for(digests["purged-before"]).unlink()
+
+    assert purge_quarantine(rt) == 1
+    with session_scope(rt.engine) as session:
+        outcomes = {name: session.get(Inbound, i).outcome for name, i in ids.items()}  # type: ignore[union-attr]
+    assert outcomes == {
+        "held-old": "purged", "held-old-again": "purged", "held-young": "quarantined",
+        "held-young-again": "duplicate", "purged-before": "purged", "came-back": "ticket",
+        "came-back-again": "duplicate"}
+    kept = {name for name in rows if name != "purged-before" and rt.blobs.path_for(digests[name]).exists()}
+    assert kept == {"held-young", "held-young-again", "came-back", "came-back-again"}
+
+
 def test_several_values_after_one_folder_option() -> None:
     from mailgate.cli import expand_multi_value_options as expand
 
