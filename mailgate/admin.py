@@ -43,7 +43,9 @@ def update_ticket(rt: Runtime, number: int, *, status: str | None = None, priori
     changes: list[str] = []
     lesson: Callable[[], bool] | None = None
     with session_scope(rt.engine) as session:
-        ticket = _live_ticket(session, number)
+        only_closing = (status is not None and s.helpdesk.status(status).kind in ("solved", "closed")  # type: ignore[union-attr]
+                        and (priority, category, owner, assist, tier) == (None,) * 5)
+        ticket = _live_ticket(session, number, may_close=only_closing)
         if status is not None:
             lines, lesson, tell_old = change_status(rt, session, ticket, status, actor)
             changes += lines
@@ -77,13 +79,15 @@ def update_ticket(rt: Runtime, number: int, *, status: str | None = None, priori
     return {"number": number, "changes": changes}
 
 
-def _live_ticket(session: Session, number: int) -> Ticket:
+def _live_ticket(session: Session, number: int, *, may_close: bool = False) -> Ticket:
     """The ticket to change; not one merged into another, which lives on there (its mail
-    goes there, and a status or note on it would be seen by nobody)."""
+    goes there, and a status or note on it would be seen by nobody). may_close: the change
+    only closes it, which one reopened by an earlier version needs (listed nowhere else,
+    and counted as its owner's open work)."""
     ticket = session.get(Ticket, number)
     if ticket is None:
         raise ValueError(f"no ticket #{number}")
-    if ticket.merged_into is not None:
+    if ticket.merged_into is not None and not may_close:
         raise ValueError(f"#{number} was merged into #{ticket.merged_into}: change that one")
     return ticket
 

@@ -308,6 +308,19 @@ def test_an_answer_after_a_merge_replies_to_the_requesters_own_mail(desk: Desk) 
     assert str(answer["In-Reply-To"]) == f"<{opening_b['message_id']}>"
 
 
+def test_an_answer_replies_to_the_latest_mail_that_has_a_message_id(desk: Desk) -> None:
+    """Postfix adds no Message-ID to remote mail: the reply without one cannot be named."""
+    n, notices = desk.open("Printer jam", message_id="<jam1@customer.org>")
+    again = mail(subject=f"Re: [EXAMPLE #{n}] Printer jam", body="Still jammed.")
+    del again["Message-ID"]
+    desk.send(again)
+    wait_until(lambda: len(desk.d.ticket(n)["messages"]) >= 3)
+    desk.take()
+    desk.send(*reply(to(notices, "bob@example.com")[0], "bob@example.com", "Open tray 2."))
+    answer = to(desk.take(), CAROL)[0]
+    assert str(answer["In-Reply-To"]) == "<jam1@customer.org>"
+
+
 def test_requester_command_opens_a_ticket_for_a_customer(desk: Desk) -> None:
     d = desk.d
     before = desk.numbers()

@@ -348,7 +348,8 @@ def test_tickets_list_filters(desk: Path, args: tuple[str, ...], expected: list[
 
 
 def test_a_merged_ticket_is_listed_with_the_closed_ones(workdir: Path) -> None:
-    config = write_config(workdir)
+    least_open = '[[assignment]]\nsubject_keywords = ["hardware"]\ntarget = "group:L1"\nstrategy = "least-open"\n'
+    config = write_config(workdir, extra=least_open)
     for subject in ("Printer jam", "Printer jam again"):
         cli(config, "ingest", input=mail(subject=subject).as_bytes())
     sql(config, "update ticket set merged_into = 1, status = 'closed', status_kind = 'closed' where number = 2")
@@ -360,8 +361,14 @@ def test_a_merged_ticket_is_listed_with_the_closed_ones(workdir: Path) -> None:
     for args in (("update", "2", "--status", "open"), ("note", "2", "--text", "lost?")):
         refused = invoke(config, "tickets", *args)
         assert refused.exit_code == 1 and "#2 was merged into #1: change that one" in refused.stderr
-    sql(config, "update ticket set status = 'open', status_kind = 'open' where number = 2")  # as before that
+    # Reopened, as `tickets update` allowed before: not open work of its owner's, and it can be closed.
+    sql(config, "update ticket set status = 'open', status_kind = 'open', owner = 'alice@example.com' "
+                "where number = 2")
     assert numbers(config, "--status", "open") == [] and numbers(config, "--open") == [1]
+    cli(config, "ingest", input=mail(sender="dan@customer.org", subject="hardware fault").as_bytes())
+    assert sql(config, "select owner from ticket where number = 3") == [("alice@example.com",)]
+    assert "open -> closed" in ok(config, "tickets", "update", "2", "--status", "closed")
+    assert numbers(config, "--closed") == [2]
 
 
 def test_tickets_list_json_has_no_messages(desk: Path) -> None:

@@ -535,6 +535,27 @@ def test_only_a_failed_delivery_report_about_a_sent_mail_marks_it_bounced(workdi
     assert hits["bounce"].endswith("bounced for carol@customer.org")
 
 
+def test_a_bounce_of_mail_about_a_merged_ticket_goes_to_the_ticket_it_went_into(workdir: Path) -> None:
+    """As mail by tag or token does: the merged ticket is listed nowhere open, and its
+    successor's agents would never see that the customer's address bounced."""
+    config = write_config(workdir, helpdesk_extra='trusted_authserv_ids = ["mx.example.com"]')
+    cli(config, "ingest", input=bytes(mail(sender="ivy@customer.org", subject="Login broken")))
+    cli(config, "ingest", input=bytes(mail(subject="Quota")))
+    [confirmation] = [r for r in cli_json(config, "outbox", "list")
+                      if r["template"] == "requester/created" and r["ticket"] == 2]
+    with sqlite3.connect(workdir / "mailgate.db") as db:
+        db.execute("UPDATE outbox SET state = 'sent' WHERE id = ?", (confirmation["id"],))
+    cli(config, "ingest", input=bytes(mail(
+        sender="Alice <alice@example.com>", subject="[EXAMPLE #2] Quota", body="#merge 1",
+        headers={"Authentication-Results": "mx.example.com; dkim=pass header.d=example.com"})))
+    assert cli_json(config, "tickets", "show", "2")["merged_into"] == 1
+    cli(config, "ingest", input=delivery_report(confirmation["message_id"], "failed", "5.1.1"))
+    merged, kept = cli_json(config, "tickets", "show", "2"), cli_json(config, "tickets", "show", "1")
+    assert [m for m in merged["messages"] if m["kind"] == "auto"] == []
+    assert [e["new"] for e in kept["events"] if e["action"] == "bounce"] == ["carol@customer.org"]
+    assert [m["kind"] for m in kept["messages"]][-1] == "auto"
+
+
 def test_with_verp_only_a_report_to_the_mails_own_envelope_sender_bounces_it(workdir: Path,
                                                                              relay: CaptureRelay) -> None:
     """threats.md 16, the forged report: a CC learns the Message-ID of the requester's mail

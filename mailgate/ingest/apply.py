@@ -339,7 +339,7 @@ def pick_owner(rt: Runtime, session: Session, ticket: Ticket) -> tuple[str | Non
         def open_count(email: str) -> int:
             return session.exec(select(func.count()).select_from(Ticket).where(
                 # (not yet inserted, the new ticket has no number: IS NOT NULL leaves none out)
-                Ticket.owner == email, Ticket.number != ticket.number,
+                Ticket.owner == email, Ticket.number != ticket.number, Ticket.merged_into.is_(None),  # type: ignore[union-attr]
                 Ticket.status_kind.in_(("new", "open", "pending")))).one()  # type: ignore[attr-defined]
         return min(members, key=lambda e: (open_count(e), members.index(e))), why
     last = session.exec(select(Event.new).where(
@@ -973,6 +973,18 @@ def unmark_spam(rt: Runtime, session: Session, ticket: Ticket,
     return "no longer marked as spam; " + said, lesson
 
 
+def ticket_after_merges(session: Session, number: int | None) -> Ticket | None:
+    """The ticket that mail for #number goes to: the one it was merged into, if it was."""
+    seen: set[int] = set()
+    while number is not None and number not in seen:
+        seen.add(number)
+        ticket = session.get(Ticket, number)
+        if ticket is None or ticket.merged_into is None:
+            return ticket
+        number = ticket.merged_into
+    return None
+
+
 def record_bounce(ctx: Context) -> None:
     """A DSN about a mail we sent: mark that outbox row failed and note it on its ticket.
 
@@ -1013,7 +1025,7 @@ def record_bounce(ctx: Context) -> None:
                 ctx.session.connection().execute(_MARK_BOUNCED, {"address": address, "at": ctx.now})
         ctx.hit("bounce", True, f"outbox {row.id} <{mid}> bounced for {recipients}")
         if row.ticket_id is not None:
-            ticket = ctx.session.get(Ticket, row.ticket_id)
+            ticket = ticket_after_merges(ctx.session, row.ticket_id)
             if ticket is not None:
                 add_event(ctx.session, ticket, "system", "bounce", None, recipients,
                           f"our message <{mid}> bounced")
@@ -1062,6 +1074,7 @@ def send_effects(ctx: Context) -> None:
             public = Message.kind == "public"
             last_in = session.exec(select(Message.message_id).where(
                 Message.ticket_id == ticket.number, Message.direction == "in",
+                Message.message_id.is_not(None),  # type: ignore[union-attr]
                 public | (from_requester & col(Message.screen_kind).in_((LIST, BULK))),
                 Message.author_agent.is_(None)).order_by(  # type: ignore[union-attr]
                 case((from_requester, 0), else_=1), case((public, 0), else_=1),

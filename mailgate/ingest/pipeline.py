@@ -318,17 +318,6 @@ def _ticket_numbers_for_ids(session: Session, ids: list[str]) -> list[int]:
     return [found[i] for i in reversed(ids) if i in found]
 
 
-def _resolve_merges(session: Session, number: int | None) -> Ticket | None:
-    seen: set[int] = set()
-    while number is not None and number not in seen:
-        seen.add(number)
-        ticket = session.get(Ticket, number)
-        if ticket is None or ticket.merged_into is None:
-            return ticket
-        number = ticket.merged_into
-    return None
-
-
 def step_route(ctx: Context) -> None:
     hd = ctx.rt.settings.helpdesk
     if is_history(ctx.session) and ctx.msg.message_id and ctx.session.exec(
@@ -374,7 +363,7 @@ def step_route(ctx: Context) -> None:
         answerable_in_history=_answerable_in_history(ctx, existing),
         automatic=ctx.verdict is not None and ctx.verdict.is_automatic)
     ctx.decision = decide_route(facts)
-    ctx.ticket = _resolve_merges(ctx.session, ctx.decision.ticket)
+    ctx.ticket = apply.ticket_after_merges(ctx.session, ctx.decision.ticket)
     reason = ctx.decision.reason
     if ctx.ticket is not None and ctx.ticket.number != ctx.decision.ticket:
         reason += f"; #{ctx.decision.ticket} was merged into #{ctx.ticket.number}"
