@@ -310,14 +310,14 @@ def test_an_answer_after_a_merge_replies_to_the_requesters_own_mail(desk: Desk) 
 
 def test_an_answer_replies_to_the_latest_mail_that_has_a_message_id(desk: Desk) -> None:
     """Postfix adds no Message-ID to remote mail: the reply without one cannot be named."""
-    n, notices = desk.open("Printer jam", message_id="<jam1@customer.org>")
-    again = mail(subject=f"Re: [EXAMPLE #{n}] Printer jam", body="Still jammed.")
+    n, notices = desk.open("Printer jam", sender="Hana <hana@customer.org>", message_id="<jam1@customer.org>")
+    again = mail(sender="hana@customer.org", subject=f"Re: [EXAMPLE #{n}] Printer jam", body="Still jammed.")
     del again["Message-ID"]
     desk.send(again)
     wait_until(lambda: len(desk.d.ticket(n)["messages"]) >= 3)
     desk.take()
     desk.send(*reply(to(notices, "bob@example.com")[0], "bob@example.com", "Open tray 2."))
-    answer = to(desk.take(), CAROL)[0]
+    answer = to(desk.take(), "hana@customer.org")[0]
     assert str(answer["In-Reply-To"]) == "<jam1@customer.org>"
 
 
