@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import logging
 import random
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from sqlalchemy import exists, func, or_, update
+from sqlalchemy import func, or_, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import aliased
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from mailgate.domain import QUARANTINE_REPLY_NUMBER, one_line
 from mailgate.runtime import Runtime
@@ -59,30 +58,20 @@ def purge_quarantine(rt: Runtime) -> int:
     into each, so each has a raw file of its own, which retention must not outlive."""
     cutoff = utcnow() - timedelta(days=rt.settings.spam.retention_days)
     with session_scope(rt.engine) as session:
-        expired = session.exec(select(Inbound.id, Inbound.raw_sha256).where(
+        expired = session.exec(select(Inbound.id, Inbound.raw_sha256, Inbound.message_id_header,
+                                      Inbound.body_hash).where(
             Inbound.outcome == "quarantined", Inbound.received_at < cutoff)).all()
         purged = 0
         if expired:
             # Still quarantined: a release between the SELECT and here keeps its row and bytes
             # (PostgreSQL runs the two at once; the raw file of a released row is named below).
             purged = session.exec(update(Inbound).where(  # type: ignore[call-overload]
-                Inbound.id.in_([i for i, _ in expired]), Inbound.outcome == "quarantined")  # type: ignore[union-attr]
+                Inbound.id.in_([i for i, *_ in expired]), Inbound.outcome == "quarantined")  # type: ignore[union-attr]
                 .values(outcome="purged")).rowcount
-        # Copies of purged mail, unless the same mail also lives on in another row (it came
-        # again after the purge, and that delivery was held or became a ticket).
-        other = aliased(Inbound)
-        same_mail = (other.message_id_header == Inbound.message_id_header) & (other.body_hash == Inbound.body_hash)
-        copies = session.exec(select(Inbound.id, Inbound.raw_sha256).where(
-            Inbound.outcome == "duplicate",
-            exists().where(same_mail, other.outcome == "purged"),
-            ~exists().where(same_mail, other.outcome.not_in(("purged", "duplicate"))))).all()  # type: ignore[union-attr]
-        if copies:
-            session.exec(update(Inbound).where(  # type: ignore[call-overload]
-                Inbound.id.in_([i for i, _ in copies]), Inbound.outcome == "duplicate")  # type: ignore[union-attr]
-                .values(outcome="purged"))
+        copies = _copies_of_purged_mail(session, cutoff, {(mid, body) for _, _, mid, body in expired})
     if not expired and not copies:
         return 0
-    digests = sorted({d for _, d in (*expired, *copies)})
+    digests = sorted({d for _, d, *_ in expired} | {d for _, d in copies})
     removed = 0
     for start in range(0, len(digests), 500):
         chunk = digests[start:start + 500]
@@ -99,6 +88,37 @@ def purge_quarantine(rt: Runtime) -> int:
     log.info("purged %d quarantined message(s) and %d later copies of them, %d raw file(s) removed",
              purged, len(copies), removed)
     return purged
+
+
+# Purges of the last days are looked at again: a copy accepted while one ran was then still
+# a copy of held mail. Older purged mail cannot get copies (dedupe skips purged rows).
+RECENT_PURGES = timedelta(days=2)
+
+
+def _copies_of_purged_mail(session: Session, cutoff: datetime,
+                           purged_now: set[tuple[str | None, str | None]]) -> list[tuple[int, str]]:
+    """The `duplicate` rows of mail purged now (purged_now: Message-ID and body hash) or
+    lately, marked purged; not where the same mail lives on in another row (it came again
+    after a purge and was held or ticketed). Read by Message-ID, through its index:
+    duplicates of ticket mail are never purged and pile up, so no query here may walk them."""
+    mails = purged_now | set(session.exec(select(Inbound.message_id_header, Inbound.body_hash).where(
+        Inbound.outcome == "purged", Inbound.received_at < cutoff,
+        Inbound.received_at >= cutoff - RECENT_PURGES)).all())
+    mids = sorted({mid for mid, _ in mails if mid})
+    copies: list[tuple[int, str]] = []
+    for start in range(0, len(mids), 500):
+        rows = session.exec(select(Inbound.id, Inbound.raw_sha256, Inbound.message_id_header, Inbound.body_hash,
+                                   Inbound.outcome).where(
+            Inbound.message_id_header.in_(mids[start:start + 500]))).all()  # type: ignore[union-attr]
+        # A row still in work (no outcome yet) counts as living on: the next run decides.
+        living = {(mid, body) for _, _, mid, body, outcome in rows if outcome not in ("purged", "duplicate")}
+        copies += [(i, digest) for i, digest, mid, body, outcome in rows
+                   if outcome == "duplicate" and (mid, body) in mails and (mid, body) not in living]
+    if copies:
+        session.exec(update(Inbound).where(  # type: ignore[call-overload]
+            Inbound.id.in_([i for i, _ in copies]), Inbound.outcome == "duplicate")  # type: ignore[union-attr]
+            .values(outcome="purged"))
+    return copies
 
 
 FIRST_RUN_WITHIN = timedelta(minutes=5)

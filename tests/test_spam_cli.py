@@ -479,7 +479,13 @@ def test_purge_takes_the_later_copies_of_held_spam_with_it(workdir: Path) -> Non
     # name: (outcome, age in days, Message-ID)
     rows = {
         "held-old": ("quarantined", 31, "<a@spam.example>"), "held-old-again": ("duplicate", 20, "<a@spam.example>"),
+        # the daemon was down for weeks: purged now, long after its time
+        "held-older": ("quarantined", 90, "<d@spam.example>"),
+        "held-older-again": ("duplicate", 80, "<d@spam.example>"),
         "held-young": ("quarantined", 10, "<b@spam.example>"), "held-young-again": ("duplicate", 5, "<b@spam.example>"),
+        # purged by the last run while its copy was being accepted
+        "purged-lately": ("purged", 31, "<e@spam.example>"),
+        "purged-lately-again": ("duplicate", 0, "<e@spam.example>"),
         # purged before, then it came again and became a ticket; a copy of that ticket's mail
         "purged-before": ("purged", 60, "<c@x.example>"), "came-back": ("ticket", 3, "<c@x.example>"),
         "came-back-again": ("duplicate", 2, "<c@x.example>"),
@@ -496,16 +502,18 @@ def test_purge_takes_the_later_copies_of_held_spam_with_it(workdir: Path) -> Non
             session.flush()
             assert row.id is not None
             ids[name] = row.id
-    rt.blobs.path_for(digests["purged-before"]).unlink()
+    for gone in ("purged-before", "purged-lately"):
+        rt.blobs.path_for(digests[gone]).unlink()
 
-    assert purge_quarantine(rt) == 1
+    assert purge_quarantine(rt) == 2
     with session_scope(rt.engine) as session:
         outcomes = {name: session.get(Inbound, i).outcome for name, i in ids.items()}  # type: ignore[union-attr]
     assert outcomes == {
-        "held-old": "purged", "held-old-again": "purged", "held-young": "quarantined",
+        "held-old": "purged", "held-old-again": "purged", "held-older": "purged", "held-older-again": "purged",
+        "purged-lately": "purged", "purged-lately-again": "purged", "held-young": "quarantined",
         "held-young-again": "duplicate", "purged-before": "purged", "came-back": "ticket",
         "came-back-again": "duplicate"}
-    kept = {name for name in rows if name != "purged-before" and rt.blobs.path_for(digests[name]).exists()}
+    kept = {name for name in rows if rt.blobs.path_for(digests[name]).exists()} - {"purged-lately"}
     assert kept == {"held-young", "held-young-again", "came-back", "came-back-again"}
 
 
