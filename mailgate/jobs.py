@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import func, or_, update
@@ -15,7 +15,7 @@ from sqlmodel import Session, select
 from mailgate.domain import QUARANTINE_REPLY_NUMBER, one_line
 from mailgate.runtime import Runtime
 from mailgate.spool import holder_is_dead
-from mailgate.store.engine import as_utc, iso, session_scope, utcnow
+from mailgate.store.engine import as_utc, iso, lock_message_ids, session_scope, utcnow
 from mailgate.store.tables import Attachment, Inbound, Lease, Message, Outbox, Ticket
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,9 @@ def drop_lease(rt: Runtime, name: str, holder: str) -> None:
 BLOB_IDLE_SECONDS = 3600.0
 
 
+PURGE_CHUNK = 500  # rows per transaction: a backlog of any size, under every parameter limit
+
+
 def purge_quarantine(rt: Runtime) -> int:
     """Quarantined messages older than spam.retention_days are dropped from the listing, and
     their raw bytes from the blob store unless another row still names the same content.
@@ -58,65 +61,57 @@ def purge_quarantine(rt: Runtime) -> int:
     into each, so each has a raw file of its own, which retention must not outlive."""
     cutoff = utcnow() - timedelta(days=rt.settings.spam.retention_days)
     with session_scope(rt.engine) as session:
-        expired = session.exec(select(Inbound.id, Inbound.raw_sha256, Inbound.message_id_header,
-                                      Inbound.body_hash).where(
-            Inbound.outcome == "quarantined", Inbound.received_at < cutoff)).all()
-        purged = 0
-        if expired:
+        expired = list(session.exec(select(Inbound.id).where(
+            Inbound.outcome == "quarantined", Inbound.received_at < cutoff)).all())
+    purged = 0
+    gone: list[tuple[int, str]] = []  # (row, raw file) of every row purged, copies too
+    for start in range(0, len(expired), PURGE_CHUNK):
+        with session_scope(rt.engine) as session:
+            ids = expired[start:start + PURGE_CHUNK]
             # Still quarantined: a release between the SELECT and here keeps its row and bytes
             # (PostgreSQL runs the two at once; the raw file of a released row is named below).
-            purged = session.exec(update(Inbound).where(  # type: ignore[call-overload]
-                Inbound.id.in_([i for i, *_ in expired]), Inbound.outcome == "quarantined")  # type: ignore[union-attr]
-                .values(outcome="purged")).rowcount
-        copies = _copies_of_purged_mail(session, cutoff, {(mid, body) for _, _, mid, body in expired})
-    if not expired and not copies:
+            session.exec(update(Inbound).where(  # type: ignore[call-overload]
+                Inbound.id.in_(ids), Inbound.outcome == "quarantined").values(outcome="purged"))  # type: ignore[union-attr]
+            held = session.exec(select(Inbound.id, Inbound.raw_sha256, Inbound.message_id_header,
+                                       Inbound.body_hash).where(
+                Inbound.id.in_(ids), Inbound.outcome == "purged")).all()  # type: ignore[union-attr]
+            purged += len(held)
+            gone += [(i, digest) for i, digest, _, _ in held]
+            gone += _purge_copies(rt, session, {(mid, body) for _, _, mid, body in held if mid})
+    if not gone:
         return 0
-    digests = sorted({d for _, d, *_ in expired} | {d for _, d in copies})
+    digests = sorted({d for _, d in gone})
     removed = 0
     for start in range(0, len(digests), 500):
         chunk = digests[start:start + 500]
         with session_scope(rt.engine) as session:
             named = set(session.exec(select(Inbound.raw_sha256).where(
                 Inbound.raw_sha256.in_(chunk),  # type: ignore[attr-defined]
-                # A second delivery of held spam ('duplicate') does not keep its bytes alive
-                # (it is purged here too, unless it repeats a message that is still held).
+                # A copy ('duplicate') of mail no longer held does not keep its bytes alive.
                 or_(Inbound.outcome.is_(None),
                     Inbound.outcome.not_in(("purged", "duplicate"))))).all())  # type: ignore[union-attr]
             named |= set(session.exec(select(Message.raw_sha256).where(Message.raw_sha256.in_(chunk))).all())  # type: ignore[union-attr]
             named |= set(session.exec(select(Attachment.sha256).where(Attachment.sha256.in_(chunk))).all())  # type: ignore[attr-defined]
         removed += sum(rt.blobs.remove_if_idle(d, BLOB_IDLE_SECONDS) for d in chunk if d not in named)
     log.info("purged %d quarantined message(s) and %d later copies of them, %d raw file(s) removed",
-             purged, len(copies), removed)
+             purged, len(gone) - purged, removed)
     return purged
 
 
-# Purges of the last days are looked at again: a copy accepted while one ran was then still
-# a copy of held mail. Older purged mail cannot get copies (dedupe skips purged rows).
-RECENT_PURGES = timedelta(days=2)
-
-
-def _copies_of_purged_mail(session: Session, cutoff: datetime,
-                           purged_now: set[tuple[str | None, str | None]]) -> list[tuple[int, str]]:
-    """The `duplicate` rows of mail purged now (purged_now: Message-ID and body hash) or
-    lately, marked purged; not where the same mail lives on in another row (it came again
-    after a purge and was held or ticketed). Read by Message-ID, through its index:
-    duplicates of ticket mail are never purged and pile up, so no query here may walk them."""
-    mails = purged_now | set(session.exec(select(Inbound.message_id_header, Inbound.body_hash).where(
-        Inbound.outcome == "purged", Inbound.received_at < cutoff,
-        Inbound.received_at >= cutoff - RECENT_PURGES)).all())
-    mids = sorted({mid for mid, _ in mails if mid})
-    copies: list[tuple[int, str]] = []
-    for start in range(0, len(mids), 500):
-        rows = session.exec(select(Inbound.id, Inbound.raw_sha256, Inbound.message_id_header, Inbound.body_hash,
-                                   Inbound.outcome).where(
-            Inbound.message_id_header.in_(mids[start:start + 500]))).all()  # type: ignore[union-attr]
-        # A row still in work (no outcome yet) counts as living on: the next run decides.
-        living = {(mid, body) for _, _, mid, body, outcome in rows if outcome not in ("purged", "duplicate")}
-        copies += [(i, digest) for i, digest, mid, body, outcome in rows
-                   if outcome == "duplicate" and (mid, body) in mails and (mid, body) not in living]
-    if copies:
+def _purge_copies(rt: Runtime, session: Session, mails: set[tuple[str, str | None]]) -> list[tuple[int, str]]:
+    """Mark purged the `duplicate` rows of mails (Message-ID, body hash) being purged in this
+    transaction; their (row, raw file). Under the Message-IDs' locks (step_dedupe takes them
+    too), so a copy being accepted meanwhile is either committed before this reads, or sees
+    its mail purged and is no copy (dedupe skips purged rows)."""
+    mids = sorted({mid for mid, _ in mails})
+    lock_message_ids(session, rt.engine, mids)
+    copies = [(i, digest) for i, digest, mid, body in session.exec(
+        select(Inbound.id, Inbound.raw_sha256, Inbound.message_id_header, Inbound.body_hash).where(
+            Inbound.message_id_header.in_(mids), Inbound.outcome == "duplicate")).all()  # type: ignore[union-attr]
+        if (mid, body) in mails]
+    for start in range(0, len(copies), PURGE_CHUNK):
         session.exec(update(Inbound).where(  # type: ignore[call-overload]
-            Inbound.id.in_([i for i, _ in copies]), Inbound.outcome == "duplicate")  # type: ignore[union-attr]
+            Inbound.id.in_([i for i, _ in copies[start:start + PURGE_CHUNK]]))  # type: ignore[union-attr]
             .values(outcome="purged"))
     return copies
 

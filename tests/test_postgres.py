@@ -213,6 +213,78 @@ def test_a_row_another_instance_takes_over_is_not_failed_for_its_deadline(pg_url
     other_instance.dispose()
 
 
+def test_a_copy_of_held_spam_accepted_during_the_purge_is_no_copy_left_behind(
+        pg_url: str, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The purge holds the Message-IDs' locks that step_dedupe takes: a copy being processed
+    meanwhile waits, then finds its mail purged and is no copy. Without that it could read
+    the mail as held before the purge committed, and commit as a `duplicate` after the
+    purge had looked for copies: kept for good, raw bytes and all."""
+    from datetime import timedelta
+
+    from mailgate import jobs, spool
+    from mailgate.config import load_settings
+    from mailgate.ingest.pipeline import run_one
+    from mailgate.runtime import Runtime
+    from mailgate.store import migrate
+    from mailgate.store.engine import session_scope, utcnow
+    from mailgate.store.tables import Inbound
+
+    rt = Runtime.build(load_settings(write_config(workdir, database=pg_url, spam_enabled=True)))
+    migrate.upgrade(rt.engine)
+    raw = mail(subject="Cheap pills", message_id="<s1@spam.example>").as_bytes()
+    with session_scope(rt.engine) as session:
+        session.add(Inbound(source="smtp", raw_sha256=rt.blobs.put(raw), received_at=utcnow() - timedelta(days=40),
+                            state="done", outcome="quarantined", message_id_header="s1@spam.example",
+                            body_hash=spool.body_hash(raw)))
+    copy = spool.accept(rt.engine, rt.blobs, b"Received: from x by y; later\r\n" + raw, source="smtp")
+    real_lock = jobs.lock_message_ids
+    waiting: list[bool] = []
+    processing: list[threading.Thread] = []
+
+    def copy_arrives_meanwhile(session: object, engine: object, mids: list[str]) -> None:
+        real_lock(session, engine, mids)  # type: ignore[arg-type]
+        worker = threading.Thread(target=run_one, args=(rt, "other-worker"), kwargs={"only_id": copy.inbound_id})
+        worker.start()
+        worker.join(2)
+        waiting.append(worker.is_alive())  # at the Message-ID's lock, until the purge commits
+        processing.append(worker)
+
+    monkeypatch.setattr(jobs, "lock_message_ids", copy_arrives_meanwhile)
+    assert jobs.purge_quarantine(rt) == 1
+    processing[0].join(60)
+    assert waiting == [True] and not processing[0].is_alive()
+    with session_scope(rt.engine) as session:
+        row = session.get(Inbound, copy.inbound_id)
+        assert row is not None and row.state == "done" and row.outcome not in ("duplicate", None)
+        assert rt.blobs.path_for(row.raw_sha256).exists()  # what it became keeps its bytes
+
+
+def test_a_purge_backlog_over_the_parameter_limit(pg_url: str, workdir: Path) -> None:
+    """psycopg takes at most 65,535 parameters a statement: a backlog of more (a daemon down
+    for weeks, retention_days lowered) failed every hourly run, and so never shrank."""
+    from datetime import timedelta
+
+    from sqlalchemy import insert
+
+    from mailgate import jobs
+    from mailgate.config import load_settings
+    from mailgate.runtime import Runtime
+    from mailgate.store import migrate
+    from mailgate.store.engine import session_scope, utcnow
+    from mailgate.store.tables import Inbound
+
+    rt = Runtime.build(load_settings(write_config(workdir, database=pg_url, spam_enabled=True)))
+    migrate.upgrade(rt.engine)
+    old, n = utcnow() - timedelta(days=31), 66_000
+    with session_scope(rt.engine) as session:
+        session.connection().execute(insert(Inbound.__table__), [  # type: ignore[attr-defined]
+            {"source": "smtp", "raw_sha256": f"{i:064x}", "received_at": old, "state": "done",
+             "outcome": "quarantined", "message_id_header": f"m{i}@spam.example", "body_hash": "h", "size": 1,
+             "attempts": 0, "envelope_to": ""} for i in range(n)])
+        session.connection().exec_driver_sql("ANALYZE inbound")  # as autovacuum would have by then
+    assert jobs.purge_quarantine(rt) == n
+
+
 def test_two_instances_send_one_quarantine_digest(pg_url: str, workdir: Path) -> None:
     from sqlmodel import select
 

@@ -23,7 +23,7 @@ from email.policy import compat32
 from email.utils import parseaddr
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, text, update
+from sqlalchemy import bindparam, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlmodel import Session, select
 
@@ -45,7 +45,7 @@ from mailgate.ingest.route import RouteDecision, RouteFacts, decide_route
 from mailgate.ingest.screen import ScreenVerdict, screen_message
 from mailgate.ingest.stop import Stop
 from mailgate.runtime import Runtime
-from mailgate.store.engine import as_utc, is_history, is_postgres, session_scope, utcnow
+from mailgate.store.engine import as_utc, is_history, lock_message_ids, session_scope, utcnow
 from mailgate.store.tables import Contact, Inbound, Message, Outbox, Ticket
 
 if TYPE_CHECKING:
@@ -158,10 +158,9 @@ def step_dedupe(ctx: Context) -> None:
     if not mid:
         ctx.hit("dedupe", False, "no Message-ID")
         return
-    if is_postgres(ctx.rt.engine):
-        # Two instances may hold the same message at once (sent to both): serialise them on
-        # its Message-ID so that the second one sees the first one's outcome.
-        ctx.session.exec(text("SELECT pg_advisory_xact_lock(hashtextextended(:mid, 0))").bindparams(mid=mid))
+    # Two instances may hold the same message at once (sent to both): serialised on its
+    # Message-ID, the second one sees the first one's outcome.
+    lock_message_ids(ctx.session, ctx.rt.engine, [mid])
     # Message-ID alone is not enough: an attacker could reuse one to suppress a real mail.
     # Only the Message-ID goes to the database, so that its index is used: with the other
     # conditions SQLite chose the state index and read every done row (slower each day).

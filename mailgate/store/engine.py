@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Insert, Table, event, insert
+from sqlalchemy import ColumnElement, Insert, Table, event, insert, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import InstrumentedAttribute, make_transient_to_detached
 from sqlalchemy.orm import Session as OrmSession
@@ -80,6 +80,17 @@ def make_engine(url: str, *, echo: bool = False, busy_timeout: float = 30.0, dur
 
 def is_postgres(engine: Engine) -> bool:
     return engine.dialect.name == "postgresql"
+
+
+def lock_message_ids(session: Session, engine: Engine, message_ids: Sequence[str]) -> None:
+    """On PostgreSQL, hold each Message-ID's lock until the transaction ends: the dedupe step
+    and the quarantine purge take it, so neither decides on what the other has yet to
+    commit. (SQLite's BEGIN IMMEDIATE serialises every writer anyway.) Taken in sorted
+    order, so that two holders of several cannot wait on each other."""
+    if is_postgres(engine) and message_ids:
+        session.exec(text("SELECT count(pg_advisory_xact_lock(hashtextextended(mid, 0))) FROM "
+                          "(SELECT unnest(CAST(:mids AS text[])) AS mid ORDER BY 1) AS sorted_ids")
+                     .bindparams(mids=sorted(set(message_ids))))
 
 
 def due_ids(session: Session, engine: Engine, id_column: InstrumentedAttribute[Any],
