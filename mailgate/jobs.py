@@ -63,8 +63,7 @@ def purge_quarantine(rt: Runtime) -> int:
     with session_scope(rt.engine) as session:
         expired = list(session.exec(select(Inbound.id).where(
             Inbound.outcome == "quarantined", Inbound.received_at < cutoff)).all())
-    purged = 0
-    gone: list[tuple[int, str]] = []  # (row, raw file) of every row purged, copies too
+    purged = copies = removed = 0
     for start in range(0, len(expired), PURGE_CHUNK):
         with session_scope(rt.engine) as session:
             ids = expired[start:start + PURGE_CHUNK]
@@ -75,15 +74,24 @@ def purge_quarantine(rt: Runtime) -> int:
             held = session.exec(select(Inbound.id, Inbound.raw_sha256, Inbound.message_id_header,
                                        Inbound.body_hash).where(
                 Inbound.id.in_(ids), Inbound.outcome == "purged")).all()  # type: ignore[union-attr]
-            purged += len(held)
-            gone += [(i, digest) for i, digest, _, _ in held]
-            gone += _purge_copies(rt, session, {(mid, body) for _, _, mid, body in held if mid})
-    if not gone:
-        return 0
-    digests = sorted({d for _, d in gone})
+            copied = _purge_copies(rt, session, {(mid, body) for _, _, mid, body in held if mid})
+        # Each chunk's files once it is committed: a later chunk that fails (a lock timeout,
+        # a stop) must not leave them behind, as no later run finds purged rows again.
+        removed += _remove_unnamed_files(rt, {digest for _, digest, *_ in (*held, *copied)})
+        purged += len(held)
+        copies += len(copied)
+    if purged or copies:
+        log.info("purged %d quarantined message(s) and %d later copies of them, %d raw file(s) removed",
+                 purged, copies, removed)
+    return purged
+
+
+def _remove_unnamed_files(rt: Runtime, digests: set[str]) -> int:
+    """Remove the raw files that no row needs any more; how many were removed."""
     removed = 0
-    for start in range(0, len(digests), 500):
-        chunk = digests[start:start + 500]
+    ordered = sorted(digests)
+    for start in range(0, len(ordered), 500):
+        chunk = ordered[start:start + 500]
         with session_scope(rt.engine) as session:
             named = set(session.exec(select(Inbound.raw_sha256).where(
                 Inbound.raw_sha256.in_(chunk),  # type: ignore[attr-defined]
@@ -93,9 +101,7 @@ def purge_quarantine(rt: Runtime) -> int:
             named |= set(session.exec(select(Message.raw_sha256).where(Message.raw_sha256.in_(chunk))).all())  # type: ignore[union-attr]
             named |= set(session.exec(select(Attachment.sha256).where(Attachment.sha256.in_(chunk))).all())  # type: ignore[attr-defined]
         removed += sum(rt.blobs.remove_if_idle(d, BLOB_IDLE_SECONDS) for d in chunk if d not in named)
-    log.info("purged %d quarantined message(s) and %d later copies of them, %d raw file(s) removed",
-             purged, len(gone) - purged, removed)
-    return purged
+    return removed
 
 
 def _purge_copies(rt: Runtime, session: Session, mails: set[tuple[str, str | None]]) -> list[tuple[int, str]]:

@@ -259,6 +259,48 @@ def test_a_copy_of_held_spam_accepted_during_the_purge_is_no_copy_left_behind(
         assert rt.blobs.path_for(row.raw_sha256).exists()  # what it became keeps its bytes
 
 
+def test_a_purge_that_fails_midway_leaves_no_raw_file_behind(
+        pg_url: str, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks commit one by one, and no later run finds a purged row again: the files of
+    the chunks done must go before a later one fails (here at a Message-ID lock that an
+    ingest holds past lock_timeout)."""
+    from datetime import timedelta
+
+    from sqlalchemy import text
+
+    from mailgate import jobs, spool
+    from mailgate.config import load_settings
+    from mailgate.runtime import Runtime
+    from mailgate.store import migrate
+    from mailgate.store.engine import make_engine, session_scope, utcnow
+    from mailgate.store.tables import Inbound
+
+    rt = Runtime.build(load_settings(write_config(workdir, database=pg_url, spam_enabled=True)))
+    migrate.upgrade(rt.engine)
+    object.__setattr__(rt, "engine", make_engine(pg_url, busy_timeout=1))  # lock_timeout 1 s
+    monkeypatch.setattr(jobs, "PURGE_CHUNK", 2)
+    long_ago = utcnow().timestamp() - 40 * 86400
+    digests = []
+    with session_scope(rt.engine) as session:
+        for i in range(4):
+            raw = mail(subject=f"spam {i}", message_id=f"<s{i}@spam.example>").as_bytes()
+            digests.append(rt.blobs.put(raw))
+            os.utime(rt.blobs.path_for(digests[-1]), (long_ago, long_ago))
+            session.add(Inbound(source="smtp", raw_sha256=digests[-1], received_at=utcnow() - timedelta(days=40),
+                                state="done", outcome="quarantined", message_id_header=f"s{i}@spam.example",
+                                body_hash=spool.body_hash(raw)))
+    ingest = make_engine(pg_url)
+    with ingest.connect() as other, other.begin():  # a slow ingest of the mail in the second chunk
+        other.execute(text("SELECT pg_advisory_xact_lock(hashtextextended('s3@spam.example', 0))"))
+        with pytest.raises(Exception, match="lock timeout"):
+            jobs.purge_quarantine(rt)
+        assert [rt.blobs.path_for(d).exists() for d in digests] == [False, False, True, True]
+    assert jobs.purge_quarantine(rt) == 2
+    assert not any(rt.blobs.path_for(d).exists() for d in digests)
+    ingest.dispose()
+    rt.engine.dispose()
+
+
 def test_a_purge_backlog_over_the_parameter_limit(pg_url: str, workdir: Path) -> None:
     """psycopg takes at most 65,535 parameters a statement: a backlog of more (a daemon down
     for weeks, retention_days lowered) failed every hourly run, and so never shrank."""
