@@ -61,8 +61,24 @@ class Renderer:
         return self.env.get_template(name).render(**context)
 
     def render_mail(self, name: str, context: dict[str, Any]) -> RenderedMail:
-        """`name` like 'requester/created': .subject.j2 and .txt.j2 required, .html.j2 optional."""
+        """`name` like 'requester/created': .subject.j2 and .txt.j2 required, .html.j2 optional.
+
+        The HTML version is sent only from the directory the plain text came from: a
+        site that rewrites the .txt.j2 must not have the packaged HTML, which most
+        clients show instead, say what the site's text no longer says."""
         subject = one_line(self.render_text(f"{name}.subject.j2", context), limit=250)
-        text = self.render_text(f"{name}.txt.j2", context)
-        html = self.render_text(f"{name}.html.j2", context) if self.exists(f"{name}.html.j2") else None
+        text_template = self.env.get_template(f"{name}.txt.j2")
+        text = text_template.render(**context)
+        html = None
+        try:
+            html_template = self.env.get_template(f"{name}.html.j2")
+        except TemplateNotFound:
+            pass
+        else:
+            if _directory_of(html_template.filename) == _directory_of(text_template.filename):
+                html = html_template.render(**context)
         return RenderedMail(subject=subject, text=text, html=html)
+
+
+def _directory_of(filename: str | None) -> Path | None:
+    return Path(filename).resolve().parent if filename else None

@@ -84,6 +84,20 @@ def test_site_directory_overrides_packaged_template(tmp_path: Path) -> None:
     # The other parts still come from the package.
     assert rendered.text == Renderer().render_mail("requester/created", context()).text
     assert (packaged_dir("templates") / "requester" / "created.txt.j2").is_file()
+    assert rendered.html is not None  # both versions of the body are still the package's
+
+
+def test_a_site_text_override_is_not_sent_beside_the_packaged_html(tmp_path: Path) -> None:
+    """Most clients show the HTML version: the package's must not contradict the site's text."""
+    r = Renderer(site(tmp_path, {"requester/created.txt.j2": "Ticket {{ ticket.number }} opened.\n"}))
+    rendered = r.render_mail("requester/created", context())
+    assert rendered.text == "Ticket 7 opened.\n" and rendered.html is None
+
+    both = Renderer(site(tmp_path, {"requester/created.html.j2": "<p>Ticket {{ ticket.number }}</p>\n"}))
+    assert both.render_mail("requester/created", context()).html == "<p>Ticket 7</p>\n"
+    # An HTML override without its text beside it is not sent beside the packaged text.
+    html_only = Renderer(site(tmp_path / "other", {"requester/created.html.j2": "<p>site</p>\n"}))
+    assert html_only.render_mail("requester/created", context()).html is None
 
 
 def test_subject_is_one_line_whatever_the_template_makes() -> None:
@@ -102,7 +116,8 @@ def test_html_autoescapes_subject_text_does_not() -> None:
 def test_daemon_uses_site_templates_and_escapes_html(workdir: Path) -> None:
     config = write_config(workdir, helpdesk_extra='templates_dir = "site"', agents="")
     site(workdir, {"requester/created.subject.j2": "Site says: {{ tagged_subject }}",
-                   "requester/created.txt.j2": "Site text for #{{ ticket.number }}\n"})
+                   "requester/created.txt.j2": "Site text for #{{ ticket.number }}\n",
+                   "requester/created.html.j2": "<p>Site HTML about {{ ticket.subject }}</p>\n"})
     out = cli(config, "ingest", input=mail(subject=HOSTILE).as_bytes())
     assert out.stdout.decode().strip() == "1"
     con = sqlite3.connect(workdir / "mailgate.db")
@@ -115,7 +130,7 @@ def test_daemon_uses_site_templates_and_escapes_html(workdir: Path) -> None:
     assert msg["Subject"] == f"Site says: [EXAMPLE #1] {HOSTILE}"
     assert msg.get_body(("plain",)).get_content().strip() == "Site text for #1"  # type: ignore[union-attr]
     html = msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
-    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert html.startswith("<p>Site HTML about ") and "<script>" not in html and "&lt;script&gt;" in html
 
 
 def test_a_sender_without_a_display_name_shows_as_the_bare_address() -> None:
