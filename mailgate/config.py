@@ -7,6 +7,7 @@ A bad key or value raises ConfigError with one line that names the key.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -60,6 +61,7 @@ class OutboundSettings:
     deadline_hours: float = 48.0
     poll_seconds: float = 1.0
     verp: bool = False  # a per-mail envelope sender, support+bounce-TAG@, that bounces prove themselves by
+    helo_name: str | None = None  # EHLO name; None: smtp.hostname if it has a dot, else this host's FQDN
 
     @property
     def scheme(self) -> str:
@@ -459,13 +461,36 @@ def _outbound(sec: _Section, base: Path) -> OutboundSettings:
         deadline_hours=sec.positive("deadline_hours", float, 48.0),
         poll_seconds=sec.positive("poll_seconds", float, 1.0),
         verp=sec.get("verp", bool, False),
+        helo_name=sec.get("helo_name", str, None),
     )
+    if s.helo_name is not None and not _HELO_NAME_RE.fullmatch(s.helo_name):
+        raise ConfigError(f"outbound.helo_name: must be a host name such as mail.example.com or an "
+                          f"address literal such as [192.0.2.1], got {s.helo_name!r}")
     if bool(s.user) != bool(s.password):
         # A user without a password (or the reverse) is a half-done setup: the relay refuses
         # the login, or the password is never used, and mail waits in the outbox.
         raise ConfigError("outbound.user and outbound.password: give both or neither")
+    if s.user and s.scheme == "smtp" and not s.starttls and not _is_loopback(s.url.split("://", 1)[1]):
+        raise ConfigError("outbound.user: the password would cross the network in clear text: "
+                          "use smtps://, or starttls = true (plain smtp:// with a login only to this host)")
     sec.finish()
     return s
+
+
+# RFC 5321 4.1.1.1: the EHLO argument is a domain or an address literal.
+_HELO_NAME_RE = re.compile(
+    r"\[[0-9A-Fa-f:.]+\]|(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
+def _is_loopback(host_port: str) -> bool:
+    host = host_port.rstrip("/").partition(":")[0]  # outbound.url has no IPv6 literal
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # secret_key values printed in DESIGN.md and config.example.toml: anyone can compute reply

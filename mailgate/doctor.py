@@ -7,6 +7,7 @@ import ssl
 from typing import Any
 
 from mailgate.config import SECRET_KEY_PUBLISHED, Settings, published_secret_key
+from mailgate.outbox import helo_name
 from mailgate.runtime import Runtime
 
 
@@ -106,8 +107,9 @@ def _outbound(settings: Settings) -> dict[str, Any]:
     host, _, port = rest.rstrip("/").partition(":")
     try:
         context = ssl.create_default_context(cafile=str(ob.ca_file) if ob.ca_file else None)
-        smtp_conn = (smtplib.SMTP_SSL(host, int(port or 465), timeout=10, context=context) if scheme == "smtps"
-                     else smtplib.SMTP(host, int(port or 25), timeout=10))
+        helo = helo_name(settings)
+        smtp_conn = (smtplib.SMTP_SSL(host, int(port or 465), local_hostname=helo, timeout=10, context=context)
+                     if scheme == "smtps" else smtplib.SMTP(host, int(port or 25), local_hostname=helo, timeout=10))
         with smtp_conn as smtp:
             smtp.ehlo()
             if ob.starttls:
@@ -119,7 +121,10 @@ def _outbound(settings: Settings) -> dict[str, Any]:
             code, _ = smtp.noop()
     except (OSError, smtplib.SMTPException) as exc:
         return _check("outbound", "error", f"{ob.url}: {type(exc).__name__}: {exc}")
-    return _check("outbound", "ok", f"{ob.url} answered {code}")
+    if not helo.startswith("[") and "." not in helo:
+        return _check("outbound", "warning", f"{ob.url} answered {code}, but our EHLO name {helo!r} is no domain: "
+                      "many relays refuse it; set outbound.helo_name")
+    return _check("outbound", "ok", f"{ob.url} answered {code} (EHLO {helo})")
 
 
 def _imap(settings: Settings, rt: Runtime) -> list[dict[str, Any]]:

@@ -96,6 +96,22 @@ def mailbox_of(address: str) -> str:
 _IDNA_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
 
 
+def wire_address(address: str) -> str:
+    """The address as sent: an internationalised domain after an ASCII local part as its
+    A-label (carol@bücher.de -> carol@xn--bcher-kva.de, IDNA 2008 with UTS 46 mapping),
+    which any relay takes; SMTPUTF8 is needed only for a local part that is not ASCII.
+    Anything else, and a domain IDNA refuses, as written."""
+    local, at, domain = address.rpartition("@")
+    if not at or domain.isascii() or not local.isascii():
+        return address
+    import idna  # only for the rare address that needs it
+
+    try:
+        return f"{local}@{idna.encode(domain.translate(_IDNA_DOTS), uts46=True).decode('ascii')}"
+    except (idna.IDNAError, UnicodeError):
+        return address
+
+
 def _u_label(a_label: str) -> str:
     try:
         return a_label[4:].encode("ascii").decode("punycode")

@@ -35,7 +35,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from mailgate.config import Settings
-from mailgate.domain import bounce_address, make_message_id, one_line, reply_address
+from mailgate.domain import bounce_address, make_message_id, one_line, reply_address, wire_address
 from mailgate.render import Renderer
 from mailgate.store.blobs import FilesystemSync, can_sync_filesystem, fsync_dir
 from mailgate.store.engine import as_utc, due_ids, session_scope, utcnow
@@ -92,16 +92,22 @@ class OutgoingFile:
     data: bytes
 
 
+_MEDIA_TYPE_RE = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+")
+
+
 def _file_part(f: OutgoingFile) -> bytes:
     """One attachment, base64 in lines of 76, its name RFC 2231-encoded when not ASCII (in
     continuations of at most 60 characters, so that no header line grows past 998)."""
-    ctype = f.content_type if re.fullmatch(r"[\w.+-]+/[\w.+-]+", f.content_type) else "application/octet-stream"
+    # RFC 6838's characters only: a parsed type may hold any Unicode letter ("image/pñg").
+    ctype = f.content_type if _MEDIA_TYPE_RE.fullmatch(f.content_type) else "application/octet-stream"
     if ctype.startswith("text/"):
-        # The charset parameter is not kept with a stored attachment; most text is UTF-8.
+        # The charset parameter is not kept with a stored attachment. Text in UTF-8 (or
+        # ASCII) says so; any other text goes as bytes, which a client saves unchanged,
+        # instead of text/plain without a charset, which it would show as US-ASCII.
         try:
             f.data.decode("utf-8")
         except UnicodeDecodeError:
-            pass
+            ctype = "application/octet-stream"
         else:
             ctype += "; charset=utf-8"
     name = one_line(f.filename, 200).replace("\\", "_").replace('"', "_") or "attachment"
@@ -192,10 +198,10 @@ def compose(settings: Settings, *, to: str, subject: str, text: str, html: str |
     sender = sender or hd.address
     headers: list[tuple[str, str]] = [
         ("From", _from_header(one_line(from_name or hd.name, 100), sender)),
-        ("To", to),
+        ("To", wire_address(to)),
     ]
     if cc:
-        headers.append(("Cc", ", ".join(cc)))
+        headers.append(("Cc", ", ".join(wire_address(a) for a in cc)))
     headers += [
         ("Subject", _header_text(one_line(subject, 250), "Subject")),
         ("Date", format_datetime(utcnow())),
@@ -349,6 +355,14 @@ def _deliver_batch(maildir: Path, rows: Sequence[ClaimedMail]) -> list[DeliveryE
     return results
 
 
+@dataclass
+class RelayAttempt:
+    """How far one send got: from DATA on, the relay may have the mail, and a send cut off
+    there (the daemon stopping) must not go again before STALE_SENDING (RFC 1047)."""
+
+    data_started: bool = False
+
+
 @functools.cache
 def _relay_class() -> type:
     import aiosmtplib  # only to send by SMTP
@@ -359,6 +373,7 @@ def _relay_class() -> type:
         when DATA starts."""
 
         before_data: asyncio.Timeout | None = None
+        attempt: RelayAttempt | None = None
 
         async def data(self, message: str | bytes, /, **_: Any) -> Any:
             if self.before_data is not None:
@@ -367,29 +382,50 @@ def _relay_class() -> type:
                     # its cancel): too late, and DATA has not gone out.
                     raise TimeoutError("the steps before DATA took too long")
                 self.before_data.reschedule(None)
+            if self.attempt is not None:
+                self.attempt.data_started = True
             return await super().data(message, timeout=DATA_TIMEOUT_SECONDS)
 
     return Relay
 
 
-async def deliver_by_smtp(settings: Settings, row: ClaimedMail) -> None:
+def helo_name(settings: Settings) -> str:
+    """The name we give in EHLO: outbound.helo_name, else smtp.hostname if it is a domain
+    (it has a dot), else this host's FQDN. Relays refuse a name without a dot, and in a
+    container the FQDN is often "localhost": `mailgate doctor` warns of that."""
+    if settings.outbound.helo_name:
+        return settings.outbound.helo_name
+    if "." in settings.smtp.hostname:
+        return settings.smtp.hostname
+    return _fqdn()
+
+
+@functools.cache
+def _fqdn() -> str:
+    return socket.getfqdn()  # a DNS lookup: once a process
+
+
+async def deliver_by_smtp(settings: Settings, row: ClaimedMail, attempt: RelayAttempt | None = None) -> None:
     import aiosmtplib
 
     ob = settings.outbound
     scheme, rest = ob.url.split("://", 1)
     host, _, port = rest.rstrip("/").partition(":")
-    recipients = row.recipients.split(",")
+    # The row keeps the address as the customer wrote it (bounces and threading compare it);
+    # the envelope has its domain as an A-label where that makes it ASCII.
+    recipients = [wire_address(r) for r in row.recipients.split(",")]
     # RFC 6531: an address that is not ASCII needs SMTPUTF8 (aiosmtplib asks only when told).
     needs_utf8 = not (row.mail_from.isascii() and all(r.isascii() for r in recipients))
     client = _relay_class()(
         hostname=host, port=int(port or (465 if scheme == "smtps" else 25)),
         use_tls=scheme == "smtps", start_tls=ob.starttls,  # false: plain SMTP (a local relay); true: required
         username=ob.user, password=ob.password, timeout=ob.timeout_seconds,
-        cert_bundle=str(ob.ca_file) if ob.ca_file else None,
+        cert_bundle=str(ob.ca_file) if ob.ca_file else None, local_hostname=helo_name(settings),
     )
     try:
         async with asyncio.timeout(BEFORE_DATA_SECONDS) as before_data:
             client.before_data = before_data
+            client.attempt = attempt
             await client.connect()
             try:
                 await client.sendmail(row.mail_from, recipients, row.raw,
@@ -497,6 +533,13 @@ _RENEW_CLAIM = update(_OUTBOX).where(
     _OUTBOX.c.claimed_by == bindparam("worker")).values(next_attempt_at=bindparam("now"))
 
 
+# A claimed row never offered to the relay: due again now, and its claim was no attempt.
+_RELEASE_CLAIM = update(_OUTBOX).where(
+    _OUTBOX.c.id.in_(bindparam("ids", expanding=True)), _OUTBOX.c.state == "sending",
+    _OUTBOX.c.claimed_by == bindparam("worker")).values(
+    state="queued", next_attempt_at=bindparam("now"), attempts=_OUTBOX.c.attempts - 1)
+
+
 _ROW_SIZES = select(_OUTBOX.c.id, func.length(_OUTBOX.c.raw)).where(
     _OUTBOX.c.id.in_(bindparam("ids", expanding=True))).order_by(_OUTBOX.c.id)
 
@@ -574,13 +617,16 @@ def claim_due(engine: Engine, worker: str, limit: int = 20) -> list[ClaimedMail]
 
 
 def record_results(engine: Engine, settings: Settings, results: Sequence[tuple[int, DeliveryError | None]],
-                   worker: str, *, renew: int | None = None) -> bool:
+                   worker: str, *, renew: int | None = None, untried: Sequence[int] = ()) -> bool:
     """One transaction: each row sent, retried later, or failed for good. A failure for
     good is also recorded on the row's ticket, so that agents see that an answer never
     reached its recipient. renew: a row whose claim to renew in the same transaction (the
-    next one to send); whether this sender still holds it."""
+    next one to send); whether this sender still holds it. untried: claimed rows that were
+    never offered to the relay, queued again as they were."""
     with session_scope(engine) as session:
         now = utcnow()
+        if untried:
+            session.connection().execute(_RELEASE_CLAIM, {"ids": list(untried), "worker": worker, "now": now})
         held = renew is not None and bool(session.connection().execute(
             _RENEW_CLAIM, {"row_id": renew, "worker": worker, "now": now}).rowcount)
         sent = [row_id for row_id, error in results if error is None]
@@ -606,9 +652,9 @@ def record_results(engine: Engine, settings: Settings, results: Sequence[tuple[i
     return held
 
 
-async def send_one(settings: Settings, row: ClaimedMail) -> DeliveryError | None:
+async def send_one(settings: Settings, row: ClaimedMail, attempt: RelayAttempt | None = None) -> DeliveryError | None:
     try:
-        await deliver_by_smtp(settings, row)
+        await deliver_by_smtp(settings, row, attempt)
     except DeliveryError as exc:
         return exc
     except Exception as exc:  # recorded per row: one odd failure must not void the batch's results
@@ -616,8 +662,9 @@ async def send_one(settings: Settings, row: ClaimedMail) -> DeliveryError | None
     return None
 
 
-async def send_due(engine: Engine, settings: Settings, worker: str) -> int:
-    """One pass: claim what is due and try each once. Returns the number sent."""
+async def send_due(engine: Engine, settings: Settings, worker: str, *, until: float | None = None) -> int:
+    """One pass: claim what is due and try each once. Returns the number sent. until: the
+    event loop time after which no further mail is begun (the daemon is stopping)."""
     rows = await asyncio.to_thread(claim_due, engine, worker)
     if not rows:
         return 0
@@ -630,18 +677,35 @@ async def send_due(engine: Engine, settings: Settings, worker: str) -> int:
     # after (one transaction does both): a batch on a slow relay can outlast STALE_SENDING,
     # and another sender must not take over a row this one is still to send, or has sent
     # and not yet recorded.
+    # Whatever ends the pass (the stop's time running out cancels it), what was sent is
+    # recorded and what the relay never got is handed back at once, not left claimed
+    # until STALE_SENDING.
     sent = 0
     done: list[tuple[int, DeliveryError | None]] = []
-    for row in rows:
-        held = await asyncio.to_thread(record_results, engine, settings, done, worker, renew=row.id)
-        done = []
-        if not held:
-            continue
-        error = await send_one(settings, row)
-        done = [(row.id, error)]
-        sent += error is None
-    if done:
-        await asyncio.to_thread(record_results, engine, settings, done, worker)
+    untried = {row.id for row in rows}
+    loop = asyncio.get_running_loop()
+    try:
+        for row in rows:
+            if until is not None and loop.time() >= until:
+                break
+            held = await asyncio.to_thread(record_results, engine, settings, done, worker, renew=row.id)
+            done = []
+            if not held:
+                untried.discard(row.id)
+                continue
+            attempt = RelayAttempt()
+            try:
+                error = await send_one(settings, row, attempt)
+            finally:
+                if attempt.data_started:  # the relay may have it: never sent twice at once
+                    untried.discard(row.id)
+            untried.discard(row.id)
+            done = [(row.id, error)]
+            sent += error is None
+    finally:
+        if done or untried:
+            await asyncio.shield(asyncio.to_thread(record_results, engine, settings, done, worker,
+                                                   untried=sorted(untried)))
     return sent
 
 
@@ -670,9 +734,12 @@ class OutboxSender:
             for w in waits:
                 w.cancel()
 
-    async def drain(self) -> None:
-        """At shutdown: send what is due now, pass after pass, until nothing is left to try."""
-        while await send_due(self.engine, self.settings, self.worker):
+    async def drain(self, seconds: float) -> None:
+        """At shutdown: send what is due now, pass after pass, until nothing is left to try
+        or no mail is begun after `seconds` (the caller cancels one still going later)."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        while loop.time() < until and await send_due(self.engine, self.settings, self.worker, until=until):
             pass
 
 

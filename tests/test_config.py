@@ -206,9 +206,23 @@ def test_missing_keys_are_named_exactly() -> None:
                                                                   "queue": "sales@example.com"}]},
      "assignment[0].queue: 'sales@example.com' is not helpdesk.address or one of helpdesk.queues"),
     ({"outbound": {"url": "smtp://relay", "user": "mg"}}, "outbound.user and outbound.password: give both"),
+    ({"outbound": {"url": "smtp://relay.example.net:587", "user": "mg", "password": "pw"}},
+     "outbound.user: the password would cross the network in clear text"),
+    ({"outbound__helo_name": "mail server"}, "outbound.helo_name: must be a host name"),
+    ({"outbound__helo_name": "-bad-.example"}, "outbound.helo_name: must be a host name"),
 ])
 def test_bad_values_name_their_key(changes: dict[str, Any], message: str) -> None:
     assert message in error(data(**changes))
+
+
+def test_a_relay_login_needs_tls_unless_the_relay_is_on_this_host() -> None:
+    login = {"user": "mg", "password": "pw"}
+    for url, extra in (("smtps://relay.example.net", {}), ("smtp://relay.example.net:587", {"starttls": True}),
+                       ("smtp://127.0.0.1:25", {}), ("smtp://localhost", {})):
+        s = settings_from_dict(data(outbound={"url": url, **login, **extra}), base=BASE)
+        assert s.outbound.user == "mg"
+    s = settings_from_dict(data(outbound={"url": "smtp://relay", "helo_name": "mx1.example.com"}), base=BASE)
+    assert s.outbound.helo_name == "mx1.example.com"
 
 
 def test_first_line_of_error_names_the_key() -> None:

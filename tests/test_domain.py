@@ -81,3 +81,13 @@ def test_mailbox_of_drops_the_tag_and_spells_the_domain_in_unicode() -> None:
         assert domain.mailbox_of(f"victim@bücher{dot}de") == "victim@bücher.de"
     bad = "x@xn--9.de"  # no valid A-label: kept as written
     assert domain.mailbox_of(bad) == bad
+
+
+def test_wire_address_sends_an_idn_domain_as_its_a_label() -> None:
+    """Any relay takes carol@xn--bcher-kva.de; carol@bücher.de needs SMTPUTF8, which many lack."""
+    assert domain.wire_address("carol@bücher.de") == "carol@xn--bcher-kva.de"
+    assert domain.wire_address("dan@straße.de") == "dan@xn--strae-oqa.de"  # IDNA 2008, not strasse.de
+    assert domain.wire_address("Dora@BÜCHER\u3002de") == "Dora@xn--bcher-kva.de"  # the local part as written
+    for unchanged in ("carol@customer.org", "josé@exämple.org", "josé@example.org", "x@-ä-.de", "no-at-sign"):
+        assert domain.wire_address(unchanged) == unchanged  # SMTPUTF8's, or not ours to fix
+    assert domain.mailbox_of(domain.wire_address("carol@bücher.de")) == "carol@bücher.de"

@@ -9,7 +9,7 @@ import re
 import sqlite3
 import ssl
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from email import message_from_bytes, message_from_string, policy
 from email.message import EmailMessage
@@ -431,8 +431,11 @@ def _outbox_row() -> ClaimedMail:
                        recipients="carol@customer.org", raw=raw, created_at=utcnow(), attempts=1)
 
 
-def test_starttls_and_auth_with_configured_ca(tmp_path: Path, tls_relay: tuple[_TlsRelay, int, Path]) -> None:
+def test_starttls_and_auth_with_configured_ca(tmp_path: Path, tls_relay: tuple[_TlsRelay, int, Path],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from mailgate.doctor import _outbound
+
+    monkeypatch.setattr(outbox, "_fqdn", lambda: "mailgate.example.net")
 
     handler, port, ca_file = tls_relay
     ob = {"url": f"smtp://127.0.0.1:{port}", "starttls": True, "user": "mailgate", "password": "s3cret",
@@ -446,6 +449,8 @@ def test_starttls_and_auth_with_configured_ca(tmp_path: Path, tls_relay: tuple[_
     assert (sender, rcpts) == ("support@example.com", ["carol@customer.org"])
     assert b"Message-ID: <mg.7.abc@example.com>" in raw
     assert _outbound(s)["status"] == "ok"  # doctor trusts the same CA
+    monkeypatch.setattr(outbox, "_fqdn", lambda: "localhost")  # as in many containers
+    assert _outbound(s)["status"] == "warning" and "outbound.helo_name" in _outbound(s)["detail"]
 
     # Without the CA the certificate is not trusted: a temporary failure (the operator can fix it).
     untrusted = settings({k: v for k, v in ob.items() if k != "ca_file"}, base=tmp_path)
@@ -875,3 +880,131 @@ def test_a_file_name_reads_back_as_written_with_no_defect(name: str) -> None:
     part = next(msg.iter_attachments())
     assert part.get_filename() == name  # a lookalike encoded word is no "../x.sh"
     assert not part["Content-Disposition"].defects  # no continuation splits a character
+
+
+def test_text_files_keep_their_bytes_and_types_are_ascii() -> None:
+    """A stored attachment keeps no charset: Latin-1 text labelled text/plain would be read
+    as US-ASCII, so it goes as bytes; a parsed type may hold any letter ("image/pñg")."""
+    from mailgate.outbox import OutgoingFile
+
+    latin1 = "Grüße aus Köln\n".encode("latin-1")
+    raw, msg = composed(files=[OutgoingFile("notes.txt", "text/plain", latin1),
+                               OutgoingFile("a.png", "image/pñg", b"\x89PNG"),
+                               OutgoingFile("ascii.csv", "text/csv", b"a,b\n")])
+    parts = list(msg.iter_attachments())
+    assert [p.get_content_type() for p in parts] == ["application/octet-stream", "application/octet-stream",
+                                                     "text/csv"]
+    assert parts[0].get_payload(decode=True) == latin1 and parts[2].get_content_charset() == "utf-8"
+    assert raw.isascii()
+
+
+def test_an_idn_domain_goes_as_its_a_label_to_a_relay_without_smtputf8() -> None:
+    from aiosmtpd.controller import Controller
+
+    capture = CaptureRelay(port=free_port())
+    controller = Controller(capture, hostname="127.0.0.1", port=capture.port, enable_SMTPUTF8=False)
+    controller.start()
+    try:
+        to = "carol@bücher.de"
+        raw, _ = composed(to=to)
+        assert "\r\nTo: carol@xn--bcher-kva.de\r\n" in raw.decode("ascii")
+        row = ClaimedMail(id=1, message_id="mg.7.abc@example.com", mail_from="support@example.com",
+                          recipients=to, raw=raw, created_at=utcnow(), attempts=1)
+        asyncio.run(deliver_by_smtp(settings({"url": f"smtp://127.0.0.1:{capture.port}", "timeout_seconds": 10}),
+                                    row))
+        assert [(sender, rcpts) for sender, rcpts, _ in capture.messages] == [
+            ("support@example.com", ["carol@xn--bcher-kva.de"])]
+    finally:
+        controller.stop()
+
+
+@dataclass
+class _HeloRelay(CaptureRelay):
+    helo_names: list[str] = field(default_factory=list)
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
+                          mail_options: list[str]) -> str:
+        self.helo_names.append(session.host_name)
+        return await super().handle_MAIL(server, session, envelope, address, mail_options)
+
+
+def test_the_ehlo_name_is_outbound_helo_name_else_a_dotted_smtp_hostname() -> None:
+    """socket.getfqdn() is "localhost" in many containers, which relays refuse."""
+    from aiosmtpd.controller import Controller
+
+    from mailgate.outbox import helo_name
+
+    relay = _HeloRelay(port=free_port())
+    controller = Controller(relay, hostname="127.0.0.1", port=relay.port)
+    controller.start()
+    try:
+        url = f"smtp://127.0.0.1:{relay.port}"
+        asyncio.run(deliver_by_smtp(settings({"url": url, "helo_name": "mx1.example.com"}), _outbox_row()))
+        dotted = settings_from_dict({**_base_config(), "outbound": {"url": url},
+                                     "smtp": {"hostname": "helpdesk.example.com"}}, base=Path("/nonexistent"))
+        asyncio.run(deliver_by_smtp(dotted, _outbox_row()))
+        assert relay.helo_names == ["mx1.example.com", "helpdesk.example.com"]
+        assert helo_name(settings({"url": url})) == outbox._fqdn()  # smtp.hostname "mailgate": no domain
+    finally:
+        controller.stop()
+
+
+def _base_config() -> dict[str, Any]:
+    return {"database": {"url": "sqlite:///mailgate.db"},
+            "helpdesk": {"address": "support@example.com", "comment_address": "support-comment@example.com",
+                         "subject_tag": "EXAMPLE", "secret_key": SECRET, "data_dir": "data"}}
+
+
+def test_a_stop_hands_back_the_mail_the_relay_never_got(engine: Any, relay: CaptureRelay) -> None:
+    """The stop's time runs out while the relay answers the first mail's DATA: that one may
+    be delivered and stays claimed (never sent twice at once); the rest of the batch, which
+    the relay never saw, is due again at once, its claim no attempt (it waited 45 minutes)."""
+    raw, _ = composed()
+    ids = [_row(engine, state="queued", attempts=0, raw=raw) for _ in range(3)]
+    relay.data_seconds = 3.0
+    s = settings({"url": f"smtp://127.0.0.1:{relay.port}", "timeout_seconds": 10})
+
+    async def stop_during_data() -> None:
+        sender = outbox.OutboxSender(engine, s, "w")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(sender.drain(0.5), 1.0)
+
+    asyncio.run(stop_during_data())
+    assert [_state(engine, i)[:2] for i in ids] == [("sending", 1), ("queued", 0), ("queued", 0)]
+    assert [r.id for r in outbox.claim_due(engine, "next")] == ids[1:]
+
+    # No mail is begun after the drain's time: the second row waits for the next start.
+    for i in ids[1:]:
+        _release(engine, i)
+    relay.data_seconds = 0.6
+
+    async def drain_in_time() -> None:
+        await asyncio.wait_for(outbox.OutboxSender(engine, s, "w").drain(0.3), 5.0)
+
+    asyncio.run(drain_in_time())
+    assert [_state(engine, i)[:2] for i in ids[1:]] == [("sent", 1), ("queued", 0)]
+
+
+def _release(engine: Any, row_id: int) -> None:
+    from mailgate.store.engine import session_scope
+
+    with session_scope(engine) as session:
+        row = session.get(Outbox, row_id)
+        assert row is not None
+        row.state, row.attempts, row.next_attempt_at = "queued", 0, utcnow()
+        session.add(row)
+
+
+def test_a_report_naming_the_a_label_flags_the_address_as_the_customer_wrote_it(workdir: Path) -> None:
+    """carol@bücher.de is sent to as carol@xn--bcher-kva.de, and a report names that form."""
+    config = write_config(workdir)
+    cli(config, "ingest", input=mail(sender="Carol <carol@bücher.de>").as_bytes(policy=policy.SMTPUTF8))
+    confirmation = next(r for r in cli_json(config, "outbox", "list") if r["template"] == "requester/created")
+    assert confirmation["to"] == "carol@bücher.de"
+    with sqlite3.connect(workdir / "mailgate.db") as db:
+        db.execute("UPDATE outbox SET state = 'sent' WHERE id = ?", (confirmation["id"],))
+    cli(config, "ingest", input=delivery_report(confirmation["message_id"], "failed", "5.1.1",
+                                                recipient="carol@xn--bcher-kva.de"))
+    with sqlite3.connect(workdir / "mailgate.db") as db:
+        flagged = db.execute("SELECT email FROM contact WHERE bounced_at IS NOT NULL").fetchall()
+    assert flagged == [("carol@bücher.de",)]

@@ -18,7 +18,14 @@ from sqlalchemy import bindparam, case, func, insert, update
 from sqlmodel import Session, col, select
 
 from mailgate.config import AssignmentRule, StatusDef
-from mailgate.domain import QUARANTINE_REPLY_NUMBER, base_address, is_bounce_address, mailbox_of, one_line
+from mailgate.domain import (
+    QUARANTINE_REPLY_NUMBER,
+    base_address,
+    is_bounce_address,
+    mailbox_of,
+    one_line,
+    wire_address,
+)
 from mailgate.ingest import notify
 from mailgate.ingest.commands import CommandRules, ParsedCommands, find_choice, merge_target, validate
 from mailgate.ingest.screen import BULK, LIST
@@ -1020,7 +1027,9 @@ def record_bounce(ctx: Context) -> None:
         # Only the row's own recipients: a report may name any address, and one flagged by
         # mistake would get no more confirmations or notices. Never an agent's: their notices
         # and warnings are not for the loop guard to hold.
-        for address in set(failed) & set(row.recipients.split(",")):
+        # A report names the address as it was sent: an internationalised domain as its A-label.
+        as_stored = {form: r for r in row.recipients.split(",") for form in (r, wire_address(r))}
+        for address in {as_stored[f] for f in failed if f in as_stored}:
             if ctx.rt.settings.agent(address) is None:
                 ctx.session.connection().execute(_MARK_BOUNCED, {"address": address, "at": ctx.now})
         ctx.hit("bounce", True, f"outbox {row.id} <{mid}> bounced for {recipients}")
