@@ -165,9 +165,14 @@ def accept_batch(engine: Engine, blobs: BlobStore, items: Sequence[tuple[str, by
 
     claimed_by (a worker_id): new rows are stored already claimed by it, as `claim` would,
     so that it processes them in order (`mailgate import`) and a daemon's worker does not
-    take some of them first. Messages stored one at a time after a key conflict are not."""
+    take some of them first. Messages stored one at a time after a key conflict are not.
+
+    queue (an IMAP account's, `import --queue`) is also each message's envelope recipient,
+    as `ingest --queue` stores it: a mailbox that only the comment address reaches gets
+    notes Bcc'd to it, and without a Delivered-To header nothing else says they were."""
     if not items:
         return []
+    envelope_to = envelope_text(queue) if queue is not None else ""
     now = utcnow()
     claim: dict[str, object] = {} if claimed_by is None else {
         "state": "processing", "claimed_by": claimed_by, "claimed_at": now, "next_attempt_at": now, "attempts": 1}
@@ -182,7 +187,7 @@ def accept_batch(engine: Engine, blobs: BlobStore, items: Sequence[tuple[str, by
                 if key in existing:
                     rows.append(existing[key])
                     continue
-                row = Inbound(source=source, source_key=key, envelope_to="", queue=queue,
+                row = Inbound(source=source, source_key=key, envelope_to=envelope_to, queue=queue,
                               raw_sha256=digest, size=len(raw), received_at=now, **claim)
                 session.add(row)
                 rows.append(row)
@@ -191,7 +196,8 @@ def accept_batch(engine: Engine, blobs: BlobStore, items: Sequence[tuple[str, by
                     else Accepted(r.id or 0, duplicate=False, claimed=r if claimed_by else None) for r in rows]
     except IntegrityError:
         # Another instance's poller stored some of them meanwhile: one at a time, it sorts out.
-        return [accept(engine, blobs, raw, source=source, queue=queue, source_key=key) for key, raw in items]
+        return [accept(engine, blobs, raw, source=source, queue=queue, source_key=key,
+                       envelope_to=(queue,) if queue is not None else ()) for key, raw in items]
     except Exception as exc:
         log.error("spool accept failed: %s: %s", type(exc).__name__, exc)
         raise SpoolError("could not store message") from exc

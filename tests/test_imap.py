@@ -787,6 +787,34 @@ def test_daemon_turns_imap_mail_into_tickets(dovecot: Dovecot, imap_user: str,
     assert _inbound_count(config) == n
 
 
+def test_a_note_bccd_to_an_imap_mailbox_of_the_comment_address_stays_internal(
+        dovecot: Dovecot, imap_user: str, workdir: Path) -> None:
+    """The account's queue is the envelope recipient, as for `ingest --queue`: a host that
+    adds no Delivered-To leaves nothing else saying the note went to the comment address,
+    and it was sent to the customer as an answer."""
+    from tests.conftest import cli, cli_json, mail, start_daemon, wait_until, write_config
+
+    config = write_config(workdir, helpdesk_extra='trusted_authserv_ids = ["mx.example.com"]', extra=(
+        f'[[imap]]\nname = "comments"\nhost = "{dovecot.host}"\nport = {dovecot.port}\ntls = "none"\n'
+        f'username = "{imap_user}"\npassword = "{dovecot.password}"\nqueue = "support-comment@example.com"\n'
+        'poll_seconds = 1.0\n'))
+    cli(config, "ingest", input=mail(subject="Printer on fire").as_bytes())
+    note = mail(sender="Alice <alice@example.com>", to="alice@example.com", subject="Re: [EXAMPLE #1] Printer on fire",
+                body="Internal: NOTE-MARKER owes us three invoices.",
+                headers={"Authentication-Results": "mx.example.com; dkim=pass header.d=example.com"})
+    daemon = start_daemon(config)
+    try:
+        dovecot.append(imap_user, note.as_bytes())
+        wait_until(lambda: dovecot.count(imap_user, "Processed") == 1, timeout=30)
+        daemon.wait_idle()
+    finally:
+        daemon.stop()
+    messages = cli_json(config, "tickets", "show", "1")["messages"]
+    assert [m["kind"] for m in messages if "NOTE-MARKER" in m["text"]] == ["internal"]
+    assert [r["template"] for r in cli_json(config, "outbox", "list") if r["to"] == "carol@customer.org"] == [
+        "requester/created"]
+
+
 def test_daemon_shadow_mode_tickets_but_sends_nothing(dovecot: Dovecot, imap_user: str,
                                                       workdir: Path) -> None:
     from tests.conftest import cli_json, start_daemon, wait_until
