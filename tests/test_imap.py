@@ -22,6 +22,7 @@ from mailgate.store.blobs import BlobStore
 from mailgate.store.engine import make_engine, session_scope, utcnow
 from mailgate.store.migrate import upgrade
 from mailgate.store.tables import ImapState, Inbound
+from mailgate.transport import imap
 from mailgate.transport.imap import (
     ImapError,
     ImapPoller,
@@ -866,3 +867,55 @@ def test_daemon_kill_9_mid_batch_then_restart_gives_exactly_n_tickets(
     assert len(tickets) == n
     assert _inbound_count(config) == n
     assert dovecot.count(imap_user, "INBOX") == 0
+
+
+class _StallingProxy:
+    """Between the poller and Dovecot: from the first client bytes holding `stall_on` on,
+    nothing more is passed either way and the sockets stay open (a hung server, or a
+    network that drops packets silently)."""
+
+    def __init__(self, target_port: int, stall_on: bytes) -> None:
+        self.target_port, self.stall_on, self.stalled = target_port, stall_on, False
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _connection(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, from_client: bool) -> None:
+            while data := await r.read(65536):
+                self.stalled = self.stalled or (from_client and self.stall_on in data)
+                if not self.stalled:
+                    w.write(data)
+                    await w.drain()
+
+        await asyncio.gather(pipe(client_r, server_w, True), pipe(server_r, client_w, False),
+                             return_exceptions=True)
+
+
+@pytest.mark.parametrize(("after", "stall_on"), [("move", b"UID MOVE"), ("seen", b"UID STORE")])
+def test_a_server_that_stalls_on_the_after_action_times_out(
+        dovecot: Dovecot, imap_user: str, engine: Engine, blobs: BlobStore, monkeypatch: pytest.MonkeyPatch,
+        after: str, stall_on: bytes) -> None:
+    """aioimaplib gives MOVE, STORE, COPY and EXPUNGE no time limit: the pass hung for good,
+    reporting nothing, its lease renewed so that no other instance took the mailbox over."""
+    monkeypatch.setattr(imap._Session.__init__, "__defaults__", (2.0,))  # COMMAND_TIMEOUT, scaled down
+    dovecot.append(imap_user, message(1))
+
+    async def poll_through_stalling_proxy() -> BaseException | None:
+        proxy = _StallingProxy(dovecot.port, stall_on)
+        port = await proxy.start()
+        try:
+            poller = ImapPoller(dovecot.account(imap_user, port=port, after=after), engine, blobs)
+            task = asyncio.ensure_future(poller.poll_once())
+            done, _ = await asyncio.wait({task}, timeout=30)
+            assert done, "the pass still hangs"
+            return task.exception()
+        finally:
+            proxy.server.close()
+
+    error = asyncio.run(poll_through_stalling_proxy())
+    assert isinstance(error, imap.ImapError) and "timed out" in str(error)
+    assert stored_uids(engine) == [1]  # stored before the after-action: filed on the next pass

@@ -270,8 +270,9 @@ class _Session:
         said = f" ({self.farewell})" if self.farewell else ""
         return ImapError(f"connection to {self.account.host}:{self.account.port} lost{said}")
 
-    async def ok(self, aw: Awaitable[aioimaplib.Response], what: str) -> aioimaplib.Response:
-        resp = await self.call(aw)
+    async def ok(self, aw: Awaitable[aioimaplib.Response], what: str,
+                 timeout: float | None = None) -> aioimaplib.Response:
+        resp = await self.call(aw, timeout)
         if resp.result != "OK":
             raise ImapRefused(f"{what} failed: {_text(resp)}")
         return resp
@@ -379,7 +380,7 @@ class _Session:
         raise ImapError(f"SELECT {folder}: server sent no UIDVALIDITY")
 
     async def create(self, folder: str) -> None:
-        resp = await self.call(self.c.create(_quote(folder)))
+        resp = await self.call(self.c.create(_quote(folder)), self.timeout)
         if resp.result != "OK" and b"ALREADYEXISTS" not in b" ".join(bytes(x) for x in resp.lines):
             # Not every server says [ALREADYEXISTS]; the MOVE/COPY that follows tells the truth.
             log.debug("CREATE %s: %s", folder, _text(resp))
@@ -426,16 +427,17 @@ class _Session:
                     await self.move(uids, a.failed_folder)
                 elif action == "seen":
                     await self.ok(self.c.uid("store", uid_set(uids), "+FLAGS.SILENT", r"(\Seen)"),
-                                  "UID STORE \\Seen")
+                                  "UID STORE \\Seen", self.timeout)
                 elif action == "delete":
                     await self.delete(uids)
 
     async def move(self, uids: Sequence[int], folder: str) -> None:
         for attempt in (1, 2):
             if self.has("MOVE"):
-                resp = await self.call(self.c.uid("move", uid_set(uids), _quote(folder)))
+                # aioimaplib gives these no time limit: a stalled server held the poller for good.
+                resp = await self.call(self.c.uid("move", uid_set(uids), _quote(folder)), self.timeout)
             else:
-                resp = await self.call(self.c.uid("copy", uid_set(uids), _quote(folder)))
+                resp = await self.call(self.c.uid("copy", uid_set(uids), _quote(folder)), self.timeout)
                 if resp.result == "OK":
                     await self.delete(uids)
             if resp.result == "OK":
@@ -447,9 +449,9 @@ class _Session:
 
     async def delete(self, uids: Sequence[int]) -> None:
         await self.ok(self.c.uid("store", uid_set(uids), "+FLAGS.SILENT", r"(\Deleted)"),
-                      "UID STORE \\Deleted")
+                      "UID STORE \\Deleted", self.timeout)
         if self.has("UIDPLUS"):
-            await self.ok(self.c.uid("expunge", uid_set(uids)), "UID EXPUNGE")
+            await self.ok(self.c.uid("expunge", uid_set(uids)), "UID EXPUNGE", self.timeout)
         else:
             # Without UIDPLUS a plain EXPUNGE would also remove messages someone
             # else flagged \Deleted; leave ours flagged, the server's cleanup or
