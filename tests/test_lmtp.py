@@ -272,3 +272,26 @@ def test_lhlo_lists_pipelining_and_enhanced_status_codes_and_every_reply_has_one
     assert c.say(b"HELO x").startswith(b"500 5.5.2 ")
     assert c.say(b"QUIT").startswith(b"221 2.0.0 ")
     c.close()
+
+
+def test_a_slow_but_steady_data_transfer_is_not_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session timeout is an idle timeout: aiosmtpd restarted it only at a command, and a
+    DATA transfer longer than it was dropped (25 MB below 85 kB/s) whatever arrived."""
+    import time
+
+    from mailgate.transport import smtp
+
+    monkeypatch.setattr(smtp, "SESSION_TIMEOUT_SECONDS", 1.0)
+    with listener(lmtp=False) as it:
+        client = Client(it.port)
+        client.envelope(b"EHLO client.example", [b"support@example.com"])
+        client.send(MESSAGE)
+        for _ in range(6):  # 2.4 s of DATA, more than twice the timeout, a line each 0.4 s
+            time.sleep(0.4)
+            client.send(b"more of the message\r\n")
+        assert client.say(b".").startswith(b"250")
+        assert len(it.accepted) == 1 and it.accepted[0]["raw"].count(b"more of the message") == 6
+        time.sleep(1.5)  # silent: then it is cut off
+        with pytest.raises((OSError, AssertionError)):
+            client.say(b"NOOP")
+        client.close()

@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 LONG_LINE_LIMIT = 1024 * 1024
 
 
+# A client silent this long is disconnected (aiosmtpd's default, Postfix's smtpd_timeout).
+SESSION_TIMEOUT_SECONDS = 300.0
+
+
 class _TrackedSession:
     """A session the Listener can find at shutdown (it leaves the set when its connection
     ends)."""
@@ -39,6 +43,13 @@ class _TrackedSession:
     sessions: set[Any] | None = None
     envelope: Envelope | None
     transport: Any
+
+    def data_received(self, data: bytes) -> None:
+        # aiosmtpd restarts its idle timeout only when a command arrives, so a message whose
+        # DATA took longer than SESSION_TIMEOUT_SECONDS, however steadily its bytes came (25 MB
+        # below 85 kB/s), was cut off and never stored. Any bytes show the client is there.
+        self._reset_timeout()  # type: ignore[attr-defined]
+        super().data_received(data)  # type: ignore[misc]
 
     def connection_lost(self, error: Exception | None) -> None:
         if self.sessions is not None:
@@ -257,7 +268,8 @@ async def start_server(handler: IngestHandler, host: str, port: int, *, hostname
 
     def factory() -> SMTP:
         session = protocol(handler, hostname=hostname, data_size_limit=max_message_bytes,
-                           enable_SMTPUTF8=True, decode_data=False, ident="mailgate ESMTP")
+                           enable_SMTPUTF8=True, decode_data=False, ident="mailgate ESMTP",
+                           timeout=SESSION_TIMEOUT_SECONDS)
         session.sessions = sessions
         sessions.add(session)
         return session
