@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import subprocess
 import sys
@@ -653,6 +654,17 @@ def test_oversize_message_left_in_place_and_reported_once(
     reports = [r for r in caplog.records if "over max_message_bytes" in r.getMessage()]
     assert len(reports) == 1
     assert "\\Seen" not in dovecot.flags(imap_user)[big_uid]  # never fetched, not even partly
+    # Neither stored nor a dead letter: doctor warns until someone takes it out of the folder.
+    dovecot.append(imap_user, message(4))
+    assert asyncio.run(poller.poll_once()) == 1  # passes go on around it, the warning stays
+    [health] = imap_health(engine, [poller.account], utcnow())
+    assert f"UID {big_uid} in INBOX is " in (health["warning"] or "") and "by hand" in health["warning"]
+    with contextlib.closing(dovecot.connect(imap_user)) as client:
+        client.select("INBOX")
+        client.uid("STORE", str(big_uid), "+FLAGS", "(\\Deleted)")
+        client.expunge()
+    asyncio.run(poller.poll_once())
+    assert imap_health(engine, [poller.account], utcnow())[0]["warning"] is None
 
 
 def test_shadow_mode_leaves_mailbox_untouched(dovecot: Dovecot, imap_user: str, engine: Engine,

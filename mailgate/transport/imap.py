@@ -84,6 +84,7 @@ _LITERAL_RE = re.compile(rb"\{(\d+)\}$")
 # imap_state.last_error of a message left in place because the server would not return it.
 _UNFETCHABLE_RE = re.compile(r"message UID (\d+) in .* could not be fetched")
 _UNFILED_RE = re.compile(r"stored mail up to UID (\d+) in .* could not be filed")
+_OVERSIZE_RE = re.compile(r"message UID (\d+) in .* is \d+ bytes, over max_message_bytes")
 
 
 def _waiting_uid(error: str | None) -> int | None:
@@ -385,6 +386,10 @@ class _Session:
             # Not every server says [ALREADYEXISTS]; the MOVE/COPY that follows tells the truth.
             log.debug("CREATE %s: %s", folder, _text(resp))
 
+    async def has_uid(self, uid: int) -> bool:
+        resp = await self.ok(self.c.uid_search("UID", str(uid), charset=None), "UID SEARCH", self.timeout)
+        return any(str(uid).encode() in bytes(line).split() for line in resp.lines[:-1])
+
     async def search_new(self, last_uid: int) -> list[int]:
         resp = await self.ok(self.c.uid_search("UID", f"{last_uid + 1}:*", charset=None),
                              "UID SEARCH")
@@ -635,6 +640,12 @@ class ImapPoller:
         if uidvalidity != self._uidvalidity:
             self._uidvalidity, self._passed = uidvalidity, 0
             self._skipped.clear()
+        # A message too large to fetch is left in place and stays a warning until someone
+        # has taken it out of the folder (after forwarding it by hand, say).
+        report = await asyncio.to_thread(self._standing_error)
+        oversize = _OVERSIZE_RE.match(report or "")
+        if report and oversize and not await session.has_uid(int(oversize.group(1))):
+            await asyncio.to_thread(self._clear_error, report)
 
     async def _drain(self, session: _Session, stop: asyncio.Event | None) -> int:
         accepted = 0
@@ -974,6 +985,17 @@ class ImapPoller:
             out.append((uid, prior.id, _stored_outcome(prior.state, prior.outcome), True))
         return out
 
+    def _standing_error(self) -> str | None:
+        with session_scope(self.engine) as s:
+            return self._state(s).last_error
+
+    def _clear_error(self, error: str) -> None:
+        with session_scope(self.engine) as s:
+            row = self._state(s)
+            if row.last_error == error:  # not a newer report meanwhile
+                row.last_error = row.last_error_at = None
+                s.add(row)
+
     def _record(self, ok_at: datetime | None, error: str | None) -> dict[str, Any]:
         with session_scope(self.engine) as s:
             row = self._state(s)
@@ -1012,6 +1034,10 @@ def _health_of(account: ImapAccount, row: ImapState | None, now: datetime) -> di
     if warning is None and _waiting_uid(error) is not None:
         # Passes succeed around it, yet the message waits; cleared once last_uid passes it.
         warning = f"imap {account.name}: {error}"
+    elif warning is None and _OVERSIZE_RE.match(error or ""):
+        # Never fetched, so neither stored nor a dead letter: only someone can pass it on.
+        warning = (f"imap {account.name}: {error}: pass it on by hand (`mailgate ingest`) and take it out "
+                   "of the folder; this warning ends then")
     return {
         "name": account.name,
         "host": account.host,
