@@ -136,8 +136,14 @@ def runtime_for(config: Path | None, *, upgrade: bool = True, config_error_code:
         if upgrade and migrate.current_revision(rt.engine) is None:
             migrate.upgrade(rt.engine)
     except Exception as exc:
-        fail(f"database {settings.database.url}: {type(exc).__name__}: {exc}", EX_TEMPFAIL)
+        fail(database_failure(settings, exc), EX_TEMPFAIL)
     return rt
+
+
+def database_failure(settings: Settings, exc: BaseException) -> str:
+    """One line: drivers and SQLAlchemy add lines (the server's detail, a link to their docs)."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"database {settings.database.url}: {type(exc).__name__}: {first}"
 
 
 def print_json(data: Any) -> None:
@@ -151,12 +157,16 @@ def print_json(data: Any) -> None:
 @app.command()
 def run(config: ConfigOpt = None) -> None:
     """Run the daemon: SMTP/LMTP listener, IMAP pollers, ingest worker, outbox, scheduler."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from mailgate.service import serve
 
     settings = settings_for(config)
     setup_logging(settings)
     try:
         code = asyncio.run(serve(settings))
+    except (SQLAlchemyError, ImportError) as exc:  # down, refused, no driver: one line, systemd restarts us
+        fail(f"cannot start: {database_failure(settings, exc)}", 1)
     except OSError as exc:
         fail(f"cannot start: {exc}", 1)
     except RuntimeError as exc:
@@ -479,7 +489,7 @@ def tickets_note(number: TicketNumber, config: ConfigOpt = None,
 @outbox_app.command("list")
 def outbox_list(config: ConfigOpt = None, json_out: JsonOpt = False,
                 state: Annotated[str | None, typer.Option(help="queued, sending, sent or failed")] = None,
-                limit: Annotated[int, typer.Option()] = 100) -> None:
+                limit: Annotated[int, typer.Option(min=1)] = 100) -> None:
     """Outgoing mail, newest first."""
     from sqlmodel import select
 
@@ -547,7 +557,7 @@ def _print_inbound(rows: list[dict[str, Any]], json_out: bool, line: str) -> Non
 
 @dead_app.command("list")
 def deadletter_list(config: ConfigOpt = None, json_out: JsonOpt = False,
-                    limit: Annotated[int, typer.Option()] = 100) -> None:
+                    limit: Annotated[int, typer.Option(min=1)] = 100) -> None:
     """Messages kept aside after failing, with the reason."""
     from mailgate.store.tables import Inbound
 
@@ -580,7 +590,7 @@ def _fail_for_ids_not_done(asked: list[int] | None, done: list[int], why: str) -
 
 @app.command("screened")
 def screened_list(config: ConfigOpt = None, json_out: JsonOpt = False,
-                  limit: Annotated[int, typer.Option()] = 100) -> None:
+                  limit: Annotated[int, typer.Option(min=1)] = 100) -> None:
     """Automatic mail (bounces, auto-replies) that matched no ticket, and rate-limited mail."""
     from mailgate.store.tables import Inbound
 
@@ -596,9 +606,13 @@ def db_upgrade(config: ConfigOpt = None) -> None:
     from mailgate.store import migrate
 
     rt = runtime_for(config, upgrade=False)
-    before = migrate.current_revision(rt.engine)
-    migrate.upgrade(rt.engine)
-    echo(f"database at {migrate.current_revision(rt.engine)} (was {before or 'empty'})")
+    try:
+        before = migrate.current_revision(rt.engine)
+        migrate.upgrade(rt.engine)
+        now = migrate.current_revision(rt.engine)
+    except Exception as exc:
+        fail(database_failure(rt.settings, exc), EX_TEMPFAIL)
+    echo(f"database at {now} (was {before or 'empty'})")
 
 
 @app.command()
@@ -786,7 +800,7 @@ def spam_score(
 
 @quarantine_app.command("list")
 def quarantine_list(config: ConfigOpt = None, json_out: JsonOpt = False,
-                    limit: Annotated[int, typer.Option()] = 1000) -> None:
+                    limit: Annotated[int, typer.Option(min=1)] = 1000) -> None:
     """Messages held as spam (no ticket, no answer), newest first."""
     from mailgate.quarantine import list_quarantine
 

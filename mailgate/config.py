@@ -14,7 +14,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import date, time
+from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,14 @@ DEFAULT_CONFIG_PATH = Path("/etc/mailgate/config.toml")
 
 _ADDRESS_RE = re.compile(r"^[^@\s<>()\[\],;:\"]+@[A-Za-z0-9.-]+\.[A-Za-z0-9-]+$|^[^@\s]+@localhost$")
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+# Upper bounds of durations, in seconds. A duration must stay a date when added to now
+# (deadline_hours = 1e8 made every mail fail with OverflowError), and beyond these a value
+# is a typo rather than a policy.
+HOUR = 3600.0
+DAY = 24 * HOUR
+YEAR = 365 * DAY
 
 
 class ConfigError(Exception):
@@ -353,7 +361,24 @@ def load_settings(path: Path | str) -> Settings:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return settings_from_dict(data, base=path.resolve().parent, path=path.resolve())
+    settings = settings_from_dict(data, base=path.resolve().parent, path=path.resolve())
+    _check_paths(settings)
+    return settings
+
+
+def _check_paths(s: Settings) -> None:
+    """Paths the file names that cannot be what they are for. Here, not in settings_from_dict:
+    that one describes a configuration, and this machine may not be where it runs."""
+    if s.helpdesk.data_dir.exists() and not s.helpdesk.data_dir.is_dir():
+        raise ConfigError(f"helpdesk.data_dir: not a directory: {s.helpdesk.data_dir}")
+    if s.helpdesk.templates_dir is not None and not s.helpdesk.templates_dir.is_dir():
+        # Skipped quietly, the site's templates would never be used.
+        raise ConfigError(f"helpdesk.templates_dir: not a directory: {s.helpdesk.templates_dir}")
+    ca_files = [("outbound.ca_file", s.outbound.ca_file)] + [
+        (f"imap[{i}].ca_file", a.ca_file) for i, a in enumerate(s.imap)]
+    for key, ca_file in ca_files:
+        if ca_file is not None and not ca_file.is_file():
+            raise ConfigError(f"{key}: no such file: {ca_file}")
 
 
 def settings_from_dict(data: dict[str, Any], *, base: Path, path: Path | None = None) -> Settings:
@@ -397,11 +422,15 @@ def _database(sec: _Section, base: Path) -> DatabaseSettings:
     try:
         from sqlalchemy.engine import make_url
 
-        make_url(url)
+        parsed = make_url(url)
     except Exception as exc:
         raise ConfigError(f"database.url: not a database URL ({exc}), got {url!r}") from None
+    try:
+        parsed.get_dialect()  # names a dialect SQLAlchemy has (the driver is imported at connect)
+    except Exception as exc:
+        raise ConfigError(f"database.url: {exc}, got {url!r}") from None
     echo = sec.get("echo", bool, False)
-    busy = sec.positive("busy_timeout_seconds", float, 30.0)
+    busy = sec.positive("busy_timeout_seconds", float, 30.0, at_most=HOUR)
     sec.finish()
     return DatabaseSettings(url=url, echo=echo, busy_timeout_seconds=busy)
 
@@ -456,10 +485,10 @@ def _outbound(sec: _Section, base: Path) -> OutboundSettings:
         # At most 120: a row's whole send must end within outbox.STALE_SENDING.
         timeout_seconds=sec.positive("timeout_seconds", float, 30.0, at_most=120),
         max_attempts=sec.positive("max_attempts", int, 60),
-        retry_base_seconds=sec.positive("retry_base_seconds", float, 30.0),
-        retry_max_seconds=sec.positive("retry_max_seconds", float, 3600.0),
-        deadline_hours=sec.positive("deadline_hours", float, 48.0),
-        poll_seconds=sec.positive("poll_seconds", float, 1.0),
+        retry_base_seconds=sec.positive("retry_base_seconds", float, 30.0, at_most=DAY),
+        retry_max_seconds=sec.positive("retry_max_seconds", float, 3600.0, at_most=DAY),
+        deadline_hours=sec.positive("deadline_hours", float, 48.0, at_most=YEAR / HOUR),
+        poll_seconds=sec.positive("poll_seconds", float, 1.0, at_most=HOUR),
         verp=sec.get("verp", bool, False),
         helo_name=sec.get("helo_name", str, None),
     )
@@ -539,9 +568,9 @@ def _helpdesk(sec: _Section, base: Path) -> HelpdeskSettings:
         auto_reply_limit_per_day=sec.positive("auto_reply_limit_per_day", int, 40),
         new_tickets_per_sender_per_hour=sec.positive("new_tickets_per_sender_per_hour", int, 20),
         max_attempts=sec.positive("max_attempts", int, 5),
-        worker_poll_seconds=sec.positive("worker_poll_seconds", float, 0.5),
+        worker_poll_seconds=sec.positive("worker_poll_seconds", float, 0.5, at_most=HOUR),
         parse_processes=_parse_processes(sec),
-        parse_timeout_seconds=sec.positive("parse_timeout_seconds", float, 300.0),
+        parse_timeout_seconds=sec.positive("parse_timeout_seconds", float, 300.0, at_most=DAY),
         notify_group_on_new=sec.get("notify_group_on_new", bool, True),
         ratings=sec.str_list("ratings", ("1", "2", "3", "4", "5")),
     )
@@ -637,10 +666,10 @@ def _imap(root: _Section, helpdesk: HelpdeskSettings, base: Path) -> tuple[ImapA
             move_to=s.get("move_to", str, "Processed"),
             failed_folder=s.get("failed_folder", str, "Failed"),
             batch_size=s.positive("batch_size", int, 50),
-            poll_seconds=s.positive("poll_seconds", float, 60.0),
+            poll_seconds=s.positive("poll_seconds", float, 60.0, at_most=DAY),
             idle=s.get("idle", bool, True),
             max_message_bytes=s.positive("max_message_bytes", int, 25 * 1024 * 1024),
-            unreachable_warning_minutes=s.positive("unreachable_warning_minutes", float, 30.0),
+            unreachable_warning_minutes=s.positive("unreachable_warning_minutes", float, 30.0, at_most=YEAR / 60),
             ca_file=_resolve(base, ca_file) if ca_file else None,
             shadow=s.get("shadow", bool, False),
         )
@@ -666,13 +695,13 @@ def _spam(sec: _Section, base: Path, helpdesk: HelpdeskSettings) -> SpamSettings
     if not 0.0 <= min_known_words <= 1.0:
         raise ConfigError(f"spam.min_known_words: must be in [0, 1], got {min_known_words}")
     digest_hours = sec.get("digest_hours", float, 24.0)
-    if digest_hours < 0:
-        raise ConfigError(f"spam.digest_hours: must be 0 (no digest) or more, got {digest_hours}")
+    if not 0 <= digest_hours <= YEAR / HOUR:
+        raise ConfigError(f"spam.digest_hours: must be 0 (no digest) to {YEAR / HOUR:g}, got {digest_hours}")
     s = SpamSettings(
         enabled=sec.get("enabled", bool, True),
         threshold=threshold,
         model_path=_resolve(base, model_path) if model_path else None,
-        retention_days=sec.positive("retention_days", int, 30),
+        retention_days=sec.positive("retention_days", int, 30, at_most=10 * YEAR / DAY),
         min_known_words=min_known_words,
         digest_hours=digest_hours,
         digest_to=tuple(_check_address("spam.digest_to", a) for a in sec.str_list("digest_to")),
@@ -726,10 +755,15 @@ def _sla(sec: _Section, helpdesk: HelpdeskSettings) -> SlaSettings:
         default = "09:00-17:00" if day not in ("sat", "sun") else "closed"
         hours[day] = _parse_hours(hours_sec.key(day), hours_sec.get(day, str, default))
     hours_sec.finish()
+    # sla.add_business_time looks ten years ahead (522 weeks); holidays close some of them.
+    weekly_open_hours = sum((datetime.combine(date.min, h[1]) - datetime.combine(date.min, h[0])).total_seconds()
+                            for h in hours.values() if h is not None) / HOUR
+    reachable_hours = min(YEAR / HOUR, weekly_open_hours * 500)
     tiers: list[SlaTier] = []
     for i, item in enumerate(sec.get("tiers", list, [])):
         t = _Section(item, f"sla.tiers[{i}]")
         name = t.get("name", str, required=True)
+        always_on = t.get("always_on", bool, False)
         targets_sec = t.sub("targets")
         targets: dict[str, SlaTarget] = {}
         for prio in helpdesk.priorities:
@@ -741,10 +775,14 @@ def _sla(sec: _Section, helpdesk: HelpdeskSettings) -> SlaSettings:
             if first > resolution:
                 raise ConfigError(f"{p.key('first_response_hours')}: {first:g} h is more than resolution_hours "
                                   f"{resolution:g} h")
+            limit = YEAR / HOUR if always_on else reachable_hours
+            if resolution > limit:
+                raise ConfigError(f"{p.key('resolution_hours')}: {resolution:g} business hours is more than "
+                                  f"{limit:g}, as far ahead as due times are computed with sla.hours")
             targets[prio] = SlaTarget(first_response_hours=first, resolution_hours=resolution)
             p.finish()
         targets_sec.finish()
-        tiers.append(SlaTier(name=name, targets=targets, always_on=t.get("always_on", bool, False)))
+        tiers.append(SlaTier(name=name, targets=targets, always_on=always_on))
         t.finish()
     if not tiers:
         tiers.append(SlaTier(name="customer", targets={p: _default_target(p) for p in helpdesk.priorities}))
@@ -784,11 +822,11 @@ def _sla(sec: _Section, helpdesk: HelpdeskSettings) -> SlaSettings:
         default_tier=default_tier,
         tiers=tuple(tiers),
         tier_rules=rules,
-        warn_before_minutes=sec.positive("warn_before_minutes", float, 60.0),
+        warn_before_minutes=sec.positive("warn_before_minutes", float, 60.0, at_most=YEAR / 60),
         escalation_groups=sec.str_list("escalation_groups", ("L1", "L2", "L3")),
-        auto_close_solved_days=sec.positive("auto_close_solved_days", float, 7.0),
-        pending_reminder_days=sec.positive("pending_reminder_days", float, 3.0),
-        pending_close_days=sec.positive("pending_close_days", float, 10.0),
+        auto_close_solved_days=sec.positive("auto_close_solved_days", float, 7.0, at_most=10 * YEAR / DAY),
+        pending_reminder_days=sec.positive("pending_reminder_days", float, 3.0, at_most=10 * YEAR / DAY),
+        pending_close_days=sec.positive("pending_close_days", float, 10.0, at_most=10 * YEAR / DAY),
     )
     sec.finish()
     return s

@@ -848,13 +848,15 @@ def test_quarantine_list_prints_hostile_subjects_as_text(workdir: Path) -> None:
     assert "[/x]" in out and "\ufffd]52;c;aGk=\ufffdx" in out
 
 
-def test_doctor_reports_a_runtime_that_cannot_be_built_in_one_line(workdir: Path) -> None:
+def test_a_data_dir_that_is_a_file_is_a_config_error_naming_it(workdir: Path) -> None:
+    """It was blamed on the database, with exit 75, by every command."""
     config = write_config(workdir)
     (workdir / "data").write_text("a file where the data directory should be")
-    proc = cli(config, "doctor", check=False)
-    out = proc.stdout.decode() + proc.stderr.decode()
-    assert proc.returncode != 0 and "Traceback" not in out
-    assert "[FAIL] runtime: FileExistsError" in out
+    for command in (["doctor"], ["tickets", "list"]):
+        proc = cli(config, *command, check=False)
+        assert proc.returncode == 2 and proc.stdout == b""
+        expected = f"mailgate: config error: helpdesk.data_dir: not a directory: {workdir / 'data'}\n"
+        assert proc.stderr.decode() == expected
 
 
 def test_sort_by_priority_follows_the_configured_priorities(workdir: Path) -> None:
@@ -875,3 +877,11 @@ def test_update_owner_tells_the_former_owner_as_by_mail(workdir: Path) -> None:
     cli(config, "tickets", "update", "1", "--owner", "bob@example.com")
     new = [(r["to"], r["template"]) for r in query_json(config, "outbox", "list") if r["id"] not in before]
     assert sorted(new) == [("alice@example.com", "agent/assigned"), ("bob@example.com", "agent/assigned")]
+
+
+def test_a_limit_below_one_is_a_usage_error(workdir: Path) -> None:
+    """On PostgreSQL a negative LIMIT was a traceback; on SQLite it meant no limit."""
+    config = write_config(workdir)
+    for command in (["outbox", "list"], ["deadletter", "list"], ["screened"], ["spam", "quarantine", "list"]):
+        proc = cli(config, *command, "--limit", "-1", check=False)
+        assert proc.returncode == 2 and "Invalid value for '--limit'" in proc.stderr.decode(), command

@@ -94,6 +94,13 @@ BAD_AT_START = [
     (MINIMAL.replace("[smtp]", "[smtp]\nhots = 'x'"), "mailgate: config error: smtp.hots: unknown key"),
     (MINIMAL.replace('url = "maildir:var/sent"', 'url = "smtp://relay:99999"'),
      "mailgate: config error: outbound.url: port must be 1-65535, got 'smtp://relay:99999'"),
+    # Paths that cannot be what they are for: the site's templates were skipped quietly.
+    (MINIMAL.replace('data_dir = "var"', 'data_dir = "var"\ntemplates_dir = "no-such-dir"'),
+     "mailgate: config error: helpdesk.templates_dir: not a directory: "),
+    (MINIMAL.replace('data_dir = "var"', 'data_dir = "config.toml"'),
+     "mailgate: config error: helpdesk.data_dir: not a directory: "),
+    (MINIMAL.replace('url = "maildir:var/sent"', 'url = "smtps://relay"\nca_file = "relay-ca.pem"'),
+     "mailgate: config error: outbound.ca_file: no such file: "),
 ]
 
 
@@ -121,6 +128,20 @@ def test_mailgate_run_refuses_bad_config_with_one_line_exit_2(tmp_path: Path) ->
     assert missing_file.returncode == 2
     assert err.startswith(f"mailgate: config error: cannot read config file {tmp_path / 'nope.toml'}")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_database_it_cannot_reach_is_one_line_for_run_and_db_upgrade(tmp_path: Path) -> None:
+    """The two commands the systemd unit runs printed 130-160 lines of traceback."""
+    url = "postgresql+psycopg://u@127.0.0.1:1/x"
+    config = _write(tmp_path / "config.toml", MINIMAL.replace('"sqlite:///var/mailgate.db"', f'"{url}"').replace(
+        '"change-me"', '"a-secret-nobody-published"'))
+    for command, prefix, code in ((["run"], "mailgate: cannot start: ", 1), (["db", "upgrade"], "mailgate: ", 75)):
+        proc = subprocess.run([*MAILGATE, *command, "--config", str(config)], cwd=tmp_path, text=True,
+                              capture_output=True, timeout=120)
+        assert proc.returncode == code and proc.stdout == "", proc.stderr
+        assert proc.stderr.startswith(f"{prefix}database {url}: OperationalError: (psycopg.OperationalError) "
+                                      "connection failed"), proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_missing_keys_are_named_exactly() -> None:
@@ -209,6 +230,17 @@ def test_missing_keys_are_named_exactly() -> None:
     ({"outbound": {"url": "smtp://relay.example.net:587", "user": "mg", "password": "pw"}},
      "outbound.user: the password would cross the network in clear text"),
     ({"outbound__helo_name": "mail server"}, "outbound.helo_name: must be a host name"),
+    # A duration must stay a date when added to now (1e8 hours failed every mail).
+    ({"database__url": "postgresql+nosuchdriver://db/x"},
+     "database.url: Can't load plugin: sqlalchemy.dialects:postgresql.nosuchdriver"),
+    ({"outbound__deadline_hours": 1e8}, "outbound.deadline_hours: must be at most 8760, got 100000000.0"),
+    ({"sla": {"auto_close_solved_days": 1e6}}, "sla.auto_close_solved_days: must be at most 3650"),
+    ({"spam": {"digest_hours": 1e9}}, "spam.digest_hours: must be 0 (no digest) to 8760"),
+    ({"sla": {"tiers": [{"name": "t", "targets": {"normal": {"resolution_hours": 30000.0}}}]}},
+     "sla.tiers[0].targets.normal.resolution_hours: 30000 business hours is more than 8760"),
+    ({"sla": {"hours": {d: "closed" for d in ("mon", "tue", "wed", "thu", "sat", "sun")} | {"fri": "09:00-10:00"},
+              "tiers": [{"name": "t", "targets": {"normal": {"resolution_hours": 600.0}}}]}},
+     "sla.tiers[0].targets.normal.resolution_hours: 600 business hours is more than 500"),
     ({"outbound__helo_name": "-bad-.example"}, "outbound.helo_name: must be a host name"),
 ])
 def test_bad_values_name_their_key(changes: dict[str, Any], message: str) -> None:
@@ -238,7 +270,9 @@ def test_settings_are_frozen() -> None:
 
 
 def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
-    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "site").mkdir(parents=True)  # load_settings checks they are there
+    (tmp_path / "etc" / "ca.pem").write_text("")
+    (tmp_path / "imap-ca.pem").write_text("")
     path = tmp_path / "etc" / "mailgate.toml"
     path.write_text(MINIMAL.replace('data_dir = "var"', 'data_dir = "var"\ntemplates_dir = "site"')
                     .replace('url = "maildir:var/sent"', 'url = "smtp://relay:25"\nca_file = "ca.pem"')
