@@ -144,6 +144,16 @@ def test_a_utf8_message_id_is_read_as_utf8() -> None:
     assert msg.in_reply_to == ("r1@b\u00fccher.de",)
 
 
+def test_a_message_id_with_a_quoted_local_part_is_read_whole() -> None:
+    """It was read as `local"@c.org`, an id no one sent, which the confirmation then named."""
+    msg = parse_message(b'From: a@c.org\r\nMessage-ID: <"quoted local"@c.org>\r\n'
+                        b'References: <r1@c.org> <"x y"@c.org>\r\nSubject: s\r\n\r\nx\r\n')
+    assert msg.message_id == '"quoted local"@c.org'
+    assert msg.references == ("r1@c.org", '"x y"@c.org')
+    bare = parse_message(b'From: a@c.org\r\nMessage-ID: "quoted local"@c.org\r\nSubject: s\r\n\r\nx\r\n')
+    assert bare.message_id is None  # no id rather than half of one
+
+
 def test_duplicate_subject_uses_first() -> None:
     msg = parse_message(mail("From: a@b.example\nSubject: first\nSubject: second"))
     assert msg.subject == "first"

@@ -639,7 +639,8 @@ def _parse_addresses(raw_value: str, defects: list[str], what: str, *, lenient: 
     return result
 
 
-_MSGID_RE = re.compile(r"<([^<>\s]+)>")
+# A quoted local part (RFC 5322's obs-id-left, `<"a b"@host>`) is one id, not `b"@host`.
+_MSGID_RE = re.compile(r'<((?:"[^"\r\n]*"|[^<>\s"])+)>')
 
 
 def _parse_msgids(raw_value: str) -> list[str]:
@@ -649,7 +650,7 @@ def _parse_msgids(raw_value: str) -> list[str]:
     ids = _MSGID_RE.findall(value)
     if not ids:
         # Some clients omit the brackets; accept bare tokens that look like ids.
-        ids = [token.strip("<>,;") for token in value.split() if "@" in token]
+        ids = [token.strip("<>,;") for token in value.split() if "@" in token and '"' not in token]
     return [_clean_str(i) for i in ids if i]
 
 
