@@ -12,7 +12,8 @@ from mailgate.runtime import Runtime
 
 
 def _check(name: str, status: str, detail: str) -> dict[str, Any]:
-    return {"name": name, "status": status, "detail": detail}
+    # One line each: drivers put the server's detail and a link to their docs on lines of their own.
+    return {"name": name, "status": status, "detail": " ".join(line.strip() for line in detail.splitlines())}
 
 
 def run_checks(settings: Settings) -> list[dict[str, Any]]:
