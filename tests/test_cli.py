@@ -885,3 +885,11 @@ def test_a_limit_below_one_is_a_usage_error(workdir: Path) -> None:
     for command in (["outbox", "list"], ["deadletter", "list"], ["screened"], ["spam", "quarantine", "list"]):
         proc = cli(config, *command, "--limit", "-1", check=False)
         assert proc.returncode == 2 and "Invalid value for '--limit'" in proc.stderr.decode(), command
+
+
+def test_a_doctor_check_is_one_line_whatever_the_driver_said() -> None:
+    from mailgate.doctor import _check
+
+    said = 'connection failed: connection to server at "127.0.0.1", port 9 failed: Connection refused\n\t' \
+           "Is the server running on that host and accepting TCP/IP connections?\n(Background on this error at: x)"
+    assert "\n" not in _check("database", "error", said)["detail"]
