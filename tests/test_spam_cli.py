@@ -678,7 +678,7 @@ def test_a_reply_to_the_list_from_a_recipient_who_is_no_agent_makes_no_ticket(wo
 
 
 @pytest.mark.parametrize(("line", "message"), [
-    ("digest_hours = -1", "spam.digest_hours: must be 0 (no digest) or more, got -1.0"),
+    ("digest_hours = -1", "spam.digest_hours: must be 0 (no digest) to 8760, got -1.0"),
     ('digest_to = ["not an address"]', "spam.digest_to: not an email address: 'not an address'"),
     ('digest_to = "alice@example.com"', "spam.digest_to: expected list, got 'alice@example.com'"),
     ('digest_to = ["Support@Example.com"]',
