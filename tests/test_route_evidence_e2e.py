@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+from email import message_from_bytes
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,25 @@ def test_a_requester_from_that_our_mta_found_forged_is_a_stranger_s(workdir: Pat
         assert daemon.ticket(number)["participants"] == ["boss@customer.org"]
     finally:
         daemon.stop()
+
+
+def test_a_reply_by_subject_tag_alone_adds_no_reader(workdir: Path) -> None:
+    """From and a subject tag are anyone's to write: a forger's Cc got every later answer.
+    The requester's own reply, to the token address we gave them, still copies people in."""
+    from tests.conftest import cli_json
+
+    config = write_config(workdir)
+    cli(config, "ingest", input=mail(subject="Invoice dispute", body="Card 4242 charged twice.").as_bytes())
+    forged = mail(subject="Re: [EXAMPLE #1] Invoice dispute", body="Adding my colleague.",
+                  headers={"Cc": "mallory@evil.example"})
+    cli(config, "ingest", input=forged.as_bytes())
+    shown = cli_json(config, "tickets", "show", "1")
+    assert shown["participants"] == []
+    assert any(h["step"] == "cc" and "not added" in h["reason"] for h in shown["messages"][-1]["rule_hits"])
+    with sqlite3.connect(workdir / "mailgate.db") as db:
+        [(raw,)] = db.execute("SELECT raw FROM outbox WHERE template = 'requester/created'").fetchall()
+    token_address = str(message_from_bytes(raw)["Reply-To"])
+    own = mail(to=token_address, subject="Re: [EXAMPLE #1] Invoice dispute", body="My boss should see this.",
+               headers={"Cc": "boss@customer.org"})
+    cli(config, "ingest", input=own.as_bytes())
+    assert cli_json(config, "tickets", "show", "1")["participants"] == ["boss@customer.org"]

@@ -28,6 +28,7 @@ from mailgate.domain import (
 )
 from mailgate.ingest import notify
 from mailgate.ingest.commands import CommandRules, ParsedCommands, find_choice, merge_target, validate
+from mailgate.ingest.identify import from_authenticated
 from mailgate.ingest.screen import BULK, LIST
 from mailgate.ingest.stop import Stop
 from mailgate.outbox import OutgoingFile
@@ -488,9 +489,14 @@ def refuse_spoofed(ctx: Context) -> None:
                            "nothing applied, agent warned")
 
 
-def add_ccs_from_headers(ctx: Context, ticket: Ticket) -> None:
+def add_ccs_from_headers(ctx: Context, ticket: Ticket, *, first_message: bool = False) -> None:
     """People the requester copied on their mail become CC participants,
-    so they get the public answers, as the requester would expect of a reply-all."""
+    so they get the public answers, as the requester would expect of a reply-all.
+
+    On a reply, only where the mail proves it is the requester's: its reply token, one of
+    our Message-IDs sent to them, or our MTA's DKIM/SPF/DMARC pass for their domain. A From and
+    a subject tag are anyone's to write, and a forger's CC would get every later answer.
+    The first message needs none: whoever writes it is the requester of a new ticket."""
     s = ctx.rt.settings
     own = set(s.helpdesk.all_addresses)
     requester = ctx.session.get(Contact, ticket.requester_id)
@@ -499,10 +505,18 @@ def add_ccs_from_headers(ctx: Context, ticket: Ticket) -> None:
         # a mail in the requester's name that our MTA found forged (DMARC fail).
         return
     skip = {ctx.sender, requester.email}
+    copied = [a for a in dict.fromkeys(a.lower() for a in (*ctx.msg.to, *ctx.msg.cc))
+              if a not in skip and base_address(a) not in own and s.agent(a) is None and "@" in a]
+    if not copied:
+        return
+    if not first_message and not (ctx.decision is not None and ctx.decision.proven) and not from_authenticated(
+            ctx.msg.header_all("authentication-results"), s.helpdesk.trusted_authserv_ids,
+            ctx.sender.rpartition("@")[2]):
+        ctx.hit("cc", False, f"{len(copied)} copied address(es) not added: no reply token, Message-ID of ours "
+                             "or trusted DKIM/SPF/DMARC pass shows the requester sent this")
+        return
     added = 0
-    for addr in dict.fromkeys(a.lower() for a in (*ctx.msg.to, *ctx.msg.cc)):
-        if addr in skip or base_address(addr) in own or s.agent(addr) is not None or "@" not in addr:
-            continue
+    for addr in copied:
         if added >= MAX_CC_FROM_HEADERS:
             ctx.hit("cc", True, f"more than {MAX_CC_FROM_HEADERS} copied addresses: the rest ignored")
             break
@@ -539,7 +553,7 @@ def new_ticket_from_message(ctx: Context) -> None:
     kind = "auto" if verdict.kind is not None else "public"
     message = store_message(ctx, ticket, kind=kind, direction="in", text=ctx.msg.text)
     if verdict.kind is None:
-        add_ccs_from_headers(ctx, ticket)
+        add_ccs_from_headers(ctx, ticket, first_message=True)
     assert ctx.decision is not None
     ctx.effects.append(("new_ticket", {
         "message": message, "confirm": verdict.may_answer,

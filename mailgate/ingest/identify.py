@@ -94,16 +94,25 @@ def dmarc_failed(headers: Sequence[str], trusted_ids: Sequence[str], from_domain
     """The trusted DMARC fail for from_domain, described; None if none (no verdict is no fail).
 
     Our MTA saying that the From domain's owner disowns this mail: the From is forged."""
+    return _dmarc(headers, trusted_ids, from_domain, "fail")
+
+
+def from_authenticated(headers: Sequence[str], trusted_ids: Sequence[str], from_domain: str) -> str | None:
+    """Our MTA's word that the From domain sent this: an aligned DKIM/SPF pass or a DMARC pass."""
+    return auth_results_pass(headers, trusted_ids, from_domain) or _dmarc(headers, trusted_ids, from_domain, "pass")
+
+
+def _dmarc(headers: Sequence[str], trusted_ids: Sequence[str], from_domain: str, wanted: str) -> str | None:
     parsed = _topmost_trusted(headers, trusted_ids)
     if parsed is None or not from_domain:
         return None
     for result in parsed.results:
-        if str(result.method).lower() != "dmarc" or str(result.result).lower() != "fail":
+        if str(result.method).lower() != "dmarc" or str(result.result).lower() != wanted:
             continue
         props = _properties(result)
         header_from = props.get("header.from", from_domain).lower().rstrip(".")
         if header_from == from_domain.lower().rstrip("."):
-            return f"Authentication-Results {parsed.authserv_id}: dmarc=fail header.from={header_from}"
+            return f"Authentication-Results {parsed.authserv_id}: dmarc={wanted} header.from={header_from}"
     return None
 
 

@@ -47,6 +47,9 @@ class RouteDecision:
     reason: str
     hijack_of: int | None = None  # the ticket a refused message tried to write into
     answer_on_record: bool = False  # history: the staff's answer, stored as sent back then
+    # Matched by something only the sender's mailbox holds (a reply token valid for the
+    # sender, one of our Message-IDs sent to them), not by what anyone can write.
+    proven: bool = False
 
 
 def _member(facts: RouteFacts, ticket: int) -> bool:
@@ -55,10 +58,10 @@ def _member(facts: RouteFacts, ticket: int) -> bool:
 
 def decide_route(facts: RouteFacts) -> RouteDecision:
     if facts.token_ticket is not None and facts.token_ticket in facts.existing:
-        return RouteDecision(facts.token_ticket, f"reply token for #{facts.token_ticket}")
+        return RouteDecision(facts.token_ticket, f"reply token for #{facts.token_ticket}", proven=True)
     for t in facts.our_reference_tickets:
         if t in facts.existing:
-            return RouteDecision(t, f"References names our Message-ID for #{t}")
+            return RouteDecision(t, f"References names our Message-ID for #{t}", proven=True)
     refused: list[int] = []
     for t in facts.stored_reference_tickets:
         if t in facts.existing:
