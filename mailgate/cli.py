@@ -25,7 +25,7 @@ from rich.text import Text
 
 # sqlmodel and the rest of the package are imported inside the commands: a config error or
 # --help then answers without paying for SQLAlchemy's import.
-from mailgate.config import ConfigError, Settings, config_path, load_settings
+from mailgate.config import ConfigError, Settings, config_path, load_settings, safe_url
 from mailgate.domain import MAX_ID
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ def runtime_for(config: Path | None, *, upgrade: bool = True, config_error_code:
 def database_failure(settings: Settings, exc: BaseException) -> str:
     """One line: drivers and SQLAlchemy add lines (the server's detail, a link to their docs)."""
     first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    return f"database {settings.database.url}: {type(exc).__name__}: {first}"
+    return f"database {safe_url(settings.database.url)}: {type(exc).__name__}: {first}"
 
 
 def print_json(data: Any) -> None:

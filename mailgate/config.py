@@ -428,11 +428,21 @@ def _database(sec: _Section, base: Path) -> DatabaseSettings:
     try:
         parsed.get_dialect()  # names a dialect SQLAlchemy has (the driver is imported at connect)
     except Exception as exc:
-        raise ConfigError(f"database.url: {exc}, got {url!r}") from None
+        raise ConfigError(f"database.url: {exc}, got {safe_url(url)!r}") from None
     echo = sec.get("echo", bool, False)
     busy = sec.positive("busy_timeout_seconds", float, 30.0, at_most=HOUR)
     sec.finish()
     return DatabaseSettings(url=url, echo=echo, busy_timeout_seconds=busy)
+
+
+def safe_url(url: str) -> str:
+    """A database URL to print: its password, if any, as ***."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy reads: no password part it could hide either
+        return url
 
 
 def _port(sec: _Section, name: str, default: int, *, lowest: int = 0) -> int:
@@ -492,9 +502,9 @@ def _outbound(sec: _Section, base: Path) -> OutboundSettings:
         verp=sec.get("verp", bool, False),
         helo_name=sec.get("helo_name", str, None),
     )
-    if s.helo_name is not None and not _HELO_NAME_RE.fullmatch(s.helo_name):
+    if s.helo_name is not None and not valid_helo_name(s.helo_name):
         raise ConfigError(f"outbound.helo_name: must be a host name such as mail.example.com or an "
-                          f"address literal such as [192.0.2.1], got {s.helo_name!r}")
+                          f"address literal such as [192.0.2.1] or [IPv6:2001:db8::1], got {s.helo_name!r}")
     if bool(s.user) != bool(s.password):
         # A user without a password (or the reverse) is a half-done setup: the relay refuses
         # the login, or the password is never used, and mail waits in the outbox.
@@ -506,10 +516,24 @@ def _outbound(sec: _Section, base: Path) -> OutboundSettings:
     return s
 
 
-# RFC 5321 4.1.1.1: the EHLO argument is a domain or an address literal.
-_HELO_NAME_RE = re.compile(
-    r"\[[0-9A-Fa-f:.]+\]|(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_DOMAIN_RE = re.compile(
+    r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
+def valid_helo_name(name: str) -> bool:
+    """RFC 5321 4.1.1.1: the EHLO argument is a domain or an address literal, [192.0.2.1]
+    or [IPv6:2001:db8::1]."""
+    if name.startswith("[") and name.endswith("]"):
+        literal = name[1:-1]
+        try:
+            if literal[:5].lower() == "ipv6:":
+                ipaddress.IPv6Address(literal[5:])
+            else:
+                ipaddress.IPv4Address(literal)
+        except ValueError:
+            return False
+        return True
+    return bool(_DOMAIN_RE.fullmatch(name))
 
 
 def _is_loopback(host_port: str) -> bool:

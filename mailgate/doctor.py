@@ -6,7 +6,7 @@ import smtplib
 import ssl
 from typing import Any
 
-from mailgate.config import SECRET_KEY_PUBLISHED, Settings, published_secret_key
+from mailgate.config import SECRET_KEY_PUBLISHED, Settings, published_secret_key, valid_helo_name
 from mailgate.outbox import helo_name
 from mailgate.runtime import Runtime
 
@@ -120,9 +120,9 @@ def _outbound(settings: Settings) -> dict[str, Any]:
             if ob.user and ob.password:
                 smtp.login(ob.user, ob.password)
             code, _ = smtp.noop()
-    except (OSError, smtplib.SMTPException) as exc:
+    except (OSError, smtplib.SMTPException, ValueError, UnicodeError) as exc:
         return _check("outbound", "error", f"{ob.url}: {type(exc).__name__}: {exc}")
-    if not helo.startswith("[") and "." not in helo:
+    if not valid_helo_name(helo) or (not helo.startswith("[") and "." not in helo):
         return _check("outbound", "warning", f"{ob.url} answered {code}, but our EHLO name {helo!r} is no domain: "
                       "many relays refuse it; set outbound.helo_name")
     return _check("outbound", "ok", f"{ob.url} answered {code} (EHLO {helo})")

@@ -34,7 +34,7 @@ from sqlalchemy import bindparam, func, insert, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from mailgate.config import Settings
+from mailgate.config import Settings, valid_helo_name
 from mailgate.domain import bounce_address, make_message_id, one_line, reply_address, wire_address
 from mailgate.render import Renderer
 from mailgate.store.blobs import FilesystemSync, can_sync_filesystem, fsync_dir
@@ -395,7 +395,8 @@ def helo_name(settings: Settings) -> str:
     container the FQDN is often "localhost": `mailgate doctor` warns of that."""
     if settings.outbound.helo_name:
         return settings.outbound.helo_name
-    if "." in settings.smtp.hostname:
+    # smtp.hostname is only our greeting's text: any words, any letters.
+    if "." in settings.smtp.hostname and valid_helo_name(settings.smtp.hostname):
         return settings.smtp.hostname
     return _fqdn()
 

@@ -132,9 +132,10 @@ def test_mailgate_run_refuses_bad_config_with_one_line_exit_2(tmp_path: Path) ->
 
 def test_a_database_it_cannot_reach_is_one_line_for_run_and_db_upgrade(tmp_path: Path) -> None:
     """The two commands the systemd unit runs printed 130-160 lines of traceback."""
-    url = "postgresql+psycopg://u@127.0.0.1:1/x"
+    url = "postgresql+psycopg://u:Sup3rS3cret@127.0.0.1:1/x"
     config = _write(tmp_path / "config.toml", MINIMAL.replace('"sqlite:///var/mailgate.db"', f'"{url}"').replace(
         '"change-me"', '"a-secret-nobody-published"'))
+    url = url.replace("Sup3rS3cret", "***")  # never printed: systemd keeps stderr in the journal
     for command, prefix, code in ((["run"], "mailgate: cannot start: ", 1), (["db", "upgrade"], "mailgate: ", 75)):
         proc = subprocess.run([*MAILGATE, *command, "--config", str(config)], cwd=tmp_path, text=True,
                               capture_output=True, timeout=120)
@@ -242,6 +243,8 @@ def test_missing_keys_are_named_exactly() -> None:
               "tiers": [{"name": "t", "targets": {"normal": {"resolution_hours": 600.0}}}]}},
      "sla.tiers[0].targets.normal.resolution_hours: 600 business hours is more than 500"),
     ({"outbound__helo_name": "-bad-.example"}, "outbound.helo_name: must be a host name"),
+    ({"outbound__helo_name": "[1.2]"}, "outbound.helo_name: must be a host name"),
+    ({"outbound__helo_name": "[IPv6:2001:db8::zz]"}, "outbound.helo_name: must be a host name"),
 ])
 def test_bad_values_name_their_key(changes: dict[str, Any], message: str) -> None:
     assert message in error(data(**changes))
@@ -253,8 +256,9 @@ def test_a_relay_login_needs_tls_unless_the_relay_is_on_this_host() -> None:
                        ("smtp://127.0.0.1:25", {}), ("smtp://localhost", {})):
         s = settings_from_dict(data(outbound={"url": url, **login, **extra}), base=BASE)
         assert s.outbound.user == "mg"
-    s = settings_from_dict(data(outbound={"url": "smtp://relay", "helo_name": "mx1.example.com"}), base=BASE)
-    assert s.outbound.helo_name == "mx1.example.com"
+    for name in ("mx1.example.com", "[192.0.2.1]", "[IPv6:2001:db8::1]"):
+        s = settings_from_dict(data(outbound={"url": "smtp://relay", "helo_name": name}), base=BASE)
+        assert s.outbound.helo_name == name
 
 
 def test_first_line_of_error_names_the_key() -> None:

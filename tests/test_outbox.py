@@ -945,6 +945,10 @@ def test_the_ehlo_name_is_outbound_helo_name_else_a_dotted_smtp_hostname() -> No
         asyncio.run(deliver_by_smtp(dotted, _outbox_row()))
         assert relay.helo_names == ["mx1.example.com", "helpdesk.example.com"]
         assert helo_name(settings({"url": url})) == outbox._fqdn()  # smtp.hostname "mailgate": no domain
+        for greeting in ("Example Corp. Help Desk", "hilfe.bücher.example"):  # only our greeting's text
+            words = settings_from_dict({**_base_config(), "outbound": {"url": url}, "smtp": {"hostname": greeting}},
+                                       base=Path("/nonexistent"))
+            assert helo_name(words) == outbox._fqdn()
     finally:
         controller.stop()
 
