@@ -600,3 +600,22 @@ def test_a_queue_s_tickets_are_answered_from_the_queue_s_address(workdir: Path) 
         assert str(to(mails, CAROL)[0]["From"]).endswith("<support@example.com>")
     finally:
         desk.d.stop()
+
+
+def test_a_reply_to_the_result_of_a_note_is_a_note_again(desk: Desk) -> None:
+    """The result of a #note answered to the public address: an agent's second thought on
+    the note, sent by replying to it, went to the customer."""
+    number, mails = desk.open("Contract question", sender="Ivy <ivy@customer.org>")
+    notice = to(mails, "alice@example.com")[0]
+    first, rcpts = reply(notice, "alice@example.com", "#note\nNOTE1 they owe us 5000 EUR",
+                         headers={"Authentication-Results": DKIM_PASS})
+    desk.send(first, rcpts)
+    result = to(desk.take(), "alice@example.com")
+    [done] = [m for m in result if "internal note stored" in text(m)]
+    assert str(done["Reply-To"]).startswith("support-comment+")
+    second, rcpts = reply(done, "alice@example.com", "NOTE2 do not mention the lawsuit",
+                          headers={"Authentication-Results": DKIM_PASS})
+    desk.send(second, rcpts)
+    assert not to(desk.take(), "ivy@customer.org")
+    kinds = desk.query("select kind, text from message where ticket_id = ? and text like 'NOTE%'", number)
+    assert [k for k, body in kinds] == ["internal", "internal"], kinds

@@ -1152,7 +1152,10 @@ def send_effects(ctx: Context) -> None:
                                  extra={"by": data["by"], "role": data.get("role", "owner")})
         elif name == "result":
             assert ctx.agent is not None
+            # The result of a note answers to the comment address: a reply to it, such as a
+            # second thought on the note, must be a note again, never mail to the requester.
             notify.send(rt, session, ticket=ticket, template="agent/result", to=ctx.agent.email,
                         in_reply_to=ctx.msg.message_id,
+                        reply_base=hd.comment_address if ctx.outcome == "note" else None,
                         extra={"errors": data["errors"], "changes": data["changes"],
                                "collision": data.get("collision"), "subject": ctx.msg.subject})
