@@ -619,3 +619,20 @@ def test_a_reply_to_the_result_of_a_note_is_a_note_again(desk: Desk) -> None:
     assert not to(desk.take(), "ivy@customer.org")
     kinds = desk.query("select kind, text from message where ticket_id = ? and text like 'NOTE%'", number)
     assert [k for k, body in kinds] == ["internal", "internal"], kinds
+
+
+def test_an_answer_to_a_notice_of_a_ticket_merged_since_is_not_sent(desk: Desk) -> None:
+    """#b merged into #a of another requester: a reply to #b's old notice, meant for #b's
+    requester, went to #a's requester too (and its commands acted on #a)."""
+    a, mails_a = desk.open("Password reset", sender="Kim <kim@customer.org>")
+    b, mails_b = desk.open("Password reset too", sender="Lea <lea@other.example>")
+    old_notice = to(mails_b, "bob@example.com")[0]
+    desk.send(*reply(to(mails_b, "alice@example.com")[0], "alice@example.com", f"#merge {a}"))
+    desk.take()
+    desk.send(*reply(old_notice, "bob@example.com", "#status closed\nHi Lea, your reset code is 884211."))
+    mails = desk.take()
+    assert [str(m["To"]) for m in mails] == ["bob@example.com"]
+    assert f"#{b} was merged into #{a}: nothing was sent and no command applied" in text(mails[0])
+    assert desk.d.ticket(a)["status"] != "closed"
+    notes = desk.query("select kind from message where ticket_id = ? and text like '%884211%'", a)
+    assert notes == [("internal",)]

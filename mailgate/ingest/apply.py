@@ -730,6 +730,19 @@ def agent_message(ctx: Context, *, validated: bool = False) -> None:
     ticket, agent = ctx.ticket, ctx.agent
     assert ticket is not None and agent is not None
     cmds = ctx.commands or ParsedCommands((), ctx.visible_text, ())
+    if ctx.merged_from is not None and not ctx.to_comment_address and (cmds.commands or cmds.body.strip()):
+        # A reply to a notice of a ticket merged since: its words were for that ticket's
+        # requester, and its commands for that ticket. The surviving ticket has other
+        # participants (another requester, the CCs of both), so nothing is sent or changed.
+        store_message(ctx, ticket, kind="internal", direction="in", text=ctx.visible_text,
+                      author_agent=agent.email)
+        ctx.effects.append(("result", {"errors": [
+            f"#{ctx.merged_from} was merged into #{ticket.number}: nothing was sent and no command applied; "
+            f"your words are kept as an internal note on #{ticket.number}. Its mail goes to "
+            + ", ".join(notify.requester_and_cc(ctx.session, ticket))
+            + f"; to answer them, reply to a mail of #{ticket.number}"], "changes": []}))
+        ctx.outcome = "note"
+        return
     errors = [] if validated else validate(cmds, command_rules(ctx, ticket), has_ticket=True)
     canned: dict[str, str] = {}
     if not errors:

@@ -83,6 +83,7 @@ class Context:
     spam_score: float | None = None
     decision: RouteDecision | None = None
     ticket: Ticket | None = None
+    merged_from: int | None = None  # the ticket the route named, merged into ctx.ticket
     visible_text: str = ""
     commands: ParsedCommands | None = None
     body_hash: str = ""
@@ -365,6 +366,7 @@ def step_route(ctx: Context) -> None:
     ctx.ticket = apply.ticket_after_merges(ctx.session, ctx.decision.ticket)
     reason = ctx.decision.reason
     if ctx.ticket is not None and ctx.ticket.number != ctx.decision.ticket:
+        ctx.merged_from = ctx.decision.ticket
         reason += f"; #{ctx.decision.ticket} was merged into #{ctx.ticket.number}"
     ctx.hit("route", ctx.ticket is not None, reason)
     if ctx.decision.hijack_of is not None:
