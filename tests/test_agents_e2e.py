@@ -636,3 +636,26 @@ def test_an_answer_to_a_notice_of_a_ticket_merged_since_is_not_sent(desk: Desk) 
     assert desk.d.ticket(a)["status"] != "closed"
     notes = desk.query("select kind from message where ticket_id = ? and text like '%884211%'", a)
     assert notes == [("internal",)]
+
+
+def test_an_owner_removed_from_the_agents_gets_no_more_customer_mail(workdir: Path) -> None:
+    """ticket_agents took the owner as they were: the requester's mail went to someone no
+    longer on the desk, and to nobody who is."""
+    config = write_config(workdir, helpdesk_extra=TRUSTED)
+    desk = Desk(start_daemon(config))
+    try:
+        n, mails = desk.open("VPN down", sender="Mia <mia@customer.org>")
+        desk.send(*reply(to(mails, "bob@example.com")[0], "bob@example.com", "#assign me"))
+        desk.take()
+    finally:
+        desk.d.stop()
+    without_bob = AGENTS[:AGENTS.index('[[agents]]\nemail = "bob@example.com"')]
+    config.write_text(config.read_text().replace(AGENTS, without_bob))
+    seen = desk.seen
+    desk = Desk(start_daemon(config))
+    desk.seen = seen
+    try:
+        desk.send(mail(sender="mia@customer.org", subject=f"Re: [EXAMPLE #{n}] VPN down", body="Still down."))
+        assert [str(m["To"]) for m in desk.take()] == ["alice@example.com"]
+    finally:
+        desk.d.stop()

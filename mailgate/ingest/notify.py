@@ -275,9 +275,12 @@ def requester_and_cc(session: Session, ticket: Ticket) -> list[str]:
 
 def ticket_agents(rt: Runtime, session: Session, ticket: Ticket, *,
                   unowned: Sequence[str] = ()) -> list[str]:
-    """Owner and assistants; without either, `unowned` (the queue's group, see apply)."""
+    """Owner and assistants who are agents still; without any, `unowned` (the queue's group,
+    see apply). Someone removed from [[agents]] keeps the field until it is changed, but no
+    customer mail: it went to them alone, and no agent heard of it."""
     out: list[str] = [ticket.owner] if ticket.owner else []
     out += session.exec(_PARTICIPANTS_IN_ROLE, params={"ticket": ticket.number, "role": "assistant"}).all()
+    out = [a for a in out if rt.settings.agent(a) is not None]
     if not out:
         out = list(unowned)
     return list(dict.fromkeys(out))
