@@ -107,6 +107,10 @@ def test_roles_for_assignment() -> None:
     unowned = CommandRules(**{**RULES.__dict__, "owner": None})
     assert errors("#assign me", unowned) == []
     assert "only an admin may assign a ticket to another agent" in errors("#assign alice@example.com", unowned)[0]
+    # An assistant on a ticket nobody owns takes its notices from the group: as #assign.
+    assert "only an admin may add another agent" in errors("#assist alice@example.com", unowned)[0]
+    assert errors("#assist bob@example.com", unowned) == []
+    assert errors("#assist bob@example.com", CommandRules(**{**ADMIN.__dict__, "owner": None})) == []
     admin_others = CommandRules(**{**ADMIN.__dict__, "owner": "bob@example.com"})
     assert errors("#assign alice@example.com\n#tier enterprise", admin_others) == []
     assert errors("#assign bob@example.com", RULES) == []  # the owner hands off (or keeps) their own ticket

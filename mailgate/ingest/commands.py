@@ -193,10 +193,15 @@ def validate(parsed: ParsedCommands, rules: CommandRules, *, has_ticket: bool) -
             elif not rules.author_is_admin and target != rules.author and rules.owner is None:
                 errors.append(f"{c.line}: only an admin may assign a ticket to another agent")
         elif c.name == "assist":
-            if arg.lower() not in agents:
+            target = arg.lower()
+            if target not in agents:
                 errors.append(f"{c.line}: {arg} is not an agent")
             elif not rules.author_is_admin and rules.owner not in (None, rules.author):
                 errors.append(f"{c.line}: only the owner or an admin may add assistants")
+            elif not rules.author_is_admin and rules.owner is None and target != rules.author:
+                # With an assistant the group hears no more of the ticket: as #assign, only an
+                # admin hands an unowned ticket to someone else.
+                errors.append(f"{c.line}: only an admin may add another agent to a ticket nobody owns")
         elif c.name in ("cc", "uncc", "requester"):
             if not _EMAIL.match(arg):
                 errors.append(f"{c.line}: not an email address")
