@@ -659,3 +659,21 @@ def test_an_owner_removed_from_the_agents_gets_no_more_customer_mail(workdir: Pa
         assert [str(m["To"]) for m in desk.take()] == ["alice@example.com"]
     finally:
         desk.d.stop()
+
+
+def test_no_merge_into_a_closed_or_spam_ticket_and_an_unchanged_status_is_said(desk: Desk) -> None:
+    """A merge into a ticket closed as spam was taken: the requester's next mail landed there
+    unseen, and the spammer was its requester. And `#status new` on a new ticket sent an
+    empty result."""
+    n, mails = desk.open("Broken screen", sender="Ned <ned@customer.org>")
+    notice = to(mails, "alice@example.com")[0]
+    s, spam_mails = desk.open("Cheap pills now", sender="pills@junk.example")
+    desk.send(*reply(to(spam_mails, "alice@example.com")[0], "alice@example.com", "#spam"))
+    desk.take()
+    desk.send(*reply(notice, "alice@example.com", f"#merge {s}"))
+    [result] = desk.take()
+    assert f"there is no open ticket #{s} to merge into" in text(result) and "NOT applied" in text(result)
+    assert desk.d.ticket(n)["status"] == "new"
+    desk.send(*reply(notice, "alice@example.com", "#status new"))
+    [result] = desk.take()
+    assert "status: new (unchanged)" in text(result)

@@ -689,7 +689,10 @@ def command_rules(ctx: Context, ticket: Ticket | None) -> CommandRules:
         number = merge_target(c.arg) if c.name == "merge" else None
         if number is not None:
             target = session.get(Ticket, number)
-            if target is not None and target.merged_into is None:
+            # Not into a closed or solved ticket, nor spam: the merged requester's next mail
+            # would land there unseen (a spam ticket also has the spammer as its requester).
+            if (target is not None and target.merged_into is None and not target.from_spam
+                    and target.status_kind not in ("solved", "closed")):
                 merge_targets.add(target.number)  # type: ignore[arg-type]
     asked = cmds.ids_to_release() if cmds else []
     held = session.exec(select(Inbound.id).where(
@@ -834,7 +837,7 @@ def apply_commands(ctx: Context, ticket: Ticket, cmds: ParsedCommands,
         if c.name == "status":
             name = find_choice(c.arg, [st.name for st in hd.statuses]) or c.arg
             lines, lesson, tell_old = change_status(rt, session, ticket, name, actor)
-            changes += lines
+            changes += lines or [f"status: {name} (unchanged)"]
             if lesson is not None:
                 ctx.after_commit.append(lesson)
             status = hd.status(name)

@@ -221,7 +221,8 @@ def validate(parsed: ParsedCommands, rules: CommandRules, *, has_ticket: bool) -
             elif rules.ticket is not None and target == rules.ticket:
                 errors.append(f"{c.line}: a ticket cannot be merged into itself")
             elif target not in rules.merge_targets:
-                errors.append(f"{c.line}: there is no open ticket #{target} to merge into")
+                errors.append(f"{c.line}: there is no open ticket #{target} to merge into "
+                              "(it does not exist, or it is solved, closed, merged or spam)")
         elif c.name == "release":
             ids = release_ids(arg)
             if ids is None:
