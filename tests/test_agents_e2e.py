@@ -304,8 +304,12 @@ def test_an_answer_after_a_merge_replies_to_the_requesters_own_mail(desk: Desk) 
     desk.send(*reply(to(mails_a, "bob@example.com")[0], "bob@example.com", f"#merge {b}"))
     desk.take()
     desk.send(*reply(to(mails_b, "bob@example.com")[0], "bob@example.com", "Your quota is 10 GB."))
-    answer = to(desk.take(), "jack@customer.org")[0]
+    answers = desk.take()
+    answer = to(answers, "jack@customer.org")[0]
     assert str(answer["In-Reply-To"]) == f"<{opening_b['message_id']}>"
+    # Ivy, merged in, never had Jack's mail: her copy names none of it.
+    ivy = to(answers, "ivy@customer.org")[0]
+    assert opening_b["message_id"] not in str(ivy["In-Reply-To"]) + str(ivy["References"])
 
 
 def test_an_answer_replies_to_the_latest_mail_that_has_a_message_id(desk: Desk) -> None:

@@ -1144,8 +1144,11 @@ def send_effects(ctx: Context) -> None:
                             in_reply_to=ctx.msg.message_id, extra={
                                 "errors": [], "collision": None, "subject": ctx.msg.subject, "changes": left_out})
             for to in notify.requester_and_cc(session, ticket):
+                # Only mail they have: a requester merged in from another ticket never had
+                # this one's requester's mail, nor its Message-ID (References still thread it).
+                replied = last_in if last_in in notify.seen_by(session, ticket, to) else None
                 notify.send(rt, session, ticket=ticket, template="requester/answer", to=to,
-                            message=message, in_reply_to=last_in, automatic=False,
+                            message=message, in_reply_to=replied, automatic=False,
                             from_name=f"{ctx.agent.name} via {hd.name}", files=files)
         elif name == "note":
             # Reply-To is the comment address: answering a note is a note again, so the

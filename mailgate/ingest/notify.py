@@ -31,13 +31,17 @@ _INSERT_AUTO_REPLY = insert(AutoReplyLog.__table__)  # type: ignore[attr-defined
 _THREAD_IDS = select(Message.message_id).where(
     Message.ticket_id == bindparam("ticket"), Message.message_id.is_not(None),  # type: ignore[union-attr]
     Message.kind != "internal").order_by(Message.id)  # type: ignore[arg-type]
-# What a requester or CC has seen of the thread: the mail of requesters and participants and
-# what we sent them. Never an agent's own mail to us: its Message-ID names the agent's mail
-# host, and the customer never received that message (they got our copy, in the outbox).
+# What a requester or CC has seen of the thread: the mail they wrote or were sent (To, Cc:
+# a colleague copied on the requester's mail has it), and what we sent them. Not the mail of
+# another ticket's requester merged into this one, which they never had. Never an agent's
+# own mail to us: its Message-ID names the agent's mail host, and the customer never
+# received that message (they got our copy, in the outbox).
 _REQUESTER_THREAD_IDS = select(Message.message_id, Message.created_at).where(
     Message.ticket_id == bindparam("ticket"), Message.message_id.is_not(None),  # type: ignore[union-attr]
     Message.kind != "internal", Message.author_agent.is_(None),  # type: ignore[union-attr]
-    Message.direction == "in")  # what we sent them comes from the outbox: never shadow or failed mail
+    Message.direction == "in",  # what we sent them comes from the outbox: never shadow or failed mail
+    (Message.from_addr == bindparam("to"))
+    | ("," + Message.to_addrs + ",").like("%," + bindparam("to_pattern") + ",%", escape="\\"))
 # Only mail sent to this recipient: each copy has its own Message-ID, and naming one sent to
 # another would let a CC forge a delivery report that flags the requester's address.
 _SENT_TO_RECIPIENT = select(Outbox.message_id, Outbox.created_at).where(
@@ -130,12 +134,19 @@ def thread_ids(session: Session, ticket: Ticket) -> list[str]:
 
 
 def requester_thread_ids(session: Session, ticket: Ticket, recipient: str) -> list[str]:
-    """thread_ids for mail to a requester or CC: only mail they have seen (see
+    """thread_ids for mail to a requester or CC: only mail they have seen."""
+    return _first_and_latest(seen_by(session, ticket, recipient))
+
+
+def seen_by(session: Session, ticket: Ticket, recipient: str) -> list[str]:
+    """The Message-IDs of the ticket's mail that `recipient` has, oldest first (see
     _REQUESTER_THREAD_IDS and _SENT_TO_RECIPIENT)."""
-    rows = [*session.exec(_REQUESTER_THREAD_IDS, params={"ticket": ticket.number}).all(),
+    pattern = recipient.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    rows = [*session.exec(_REQUESTER_THREAD_IDS, params={"ticket": ticket.number, "to": recipient,
+                                                          "to_pattern": pattern}).all(),
             *session.exec(_SENT_TO_RECIPIENT, params={"ticket": ticket.number, "to": recipient}).all()]
     rows.sort(key=lambda row: as_utc(row[1]))
-    return _first_and_latest(list(dict.fromkeys(message_id for message_id, _ in rows if message_id)))
+    return list(dict.fromkeys(message_id for message_id, _ in rows if message_id))
 
 
 def _first_and_latest(ids: list[str]) -> list[str]:
