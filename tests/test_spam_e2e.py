@@ -231,7 +231,8 @@ def test_agent_hash_spam_learns_and_closes_without_mailing_the_requester(spam_da
 def test_a_first_mail_in_a_language_the_model_never_learned_becomes_a_ticket(
         spam_daemon: Daemon) -> None:
     """The shipped corpus is English: its only Czech mail is spam. A Czech customer's first
-    mail scores as spam, and is still not held, because the model knows few of its words."""
+    mail scores as spam, and is still not held, because the model knows few of its words;
+    it is not answered by itself either."""
     d = spam_daemon
     eml = FIXTURES / "spamprobe" / "ham-2" / "seznam_cs_refund.eml"
     verdict = cli_json(d.config, "spam", "score", str(eml))
@@ -244,8 +245,11 @@ def test_a_first_mail_in_a_language_the_model_never_learned_becomes_a_ticket(
     first = d.ticket(d.tickets()[0]["number"])["messages"][0]
     assert first["spam_score"] >= 0.9
     reasons = [h["reason"] for h in first["rule_hits"] if h["step"] == "spam"]
-    assert len(reasons) == 1 and "but the model knows only" in reasons[0] and reasons[0].endswith("not held")
-    assert d.sent_to("petr.dvorak71@seznam.cz")  # the customer gets the confirmation
+    assert len(reasons) == 1 and "but the model knows only" in reasons[0]
+    assert reasons[0].endswith("not held, and no confirmation is sent")
+    # A ticket the agents see, but no confirmation: were it spam after all (a spammer can
+    # pad with words the model never saw), that would be backscatter.
+    assert d.sent_to("alice@example.com") and not d.sent_to("petr.dvorak71@seznam.cz")
 
 
 def test_reopening_a_ticket_closed_as_spam_undoes_the_lesson(spam_daemon: Daemon, workdir: Path) -> None:

@@ -556,7 +556,7 @@ def new_ticket_from_message(ctx: Context) -> None:
         add_ccs_from_headers(ctx, ticket, first_message=True)
     assert ctx.decision is not None
     ctx.effects.append(("new_ticket", {
-        "message": message, "confirm": verdict.may_answer,
+        "message": message, "confirm": verdict.may_answer and not ctx.unsure_spam,
         "hijack_of": ctx.decision.hijack_of}))
     ctx.outcome = "ticket"
 

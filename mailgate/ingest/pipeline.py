@@ -81,6 +81,9 @@ class Context:
     agent: Agent | None = None  # a verified agent
     identity: Identity | None = None
     spam_score: float | None = None
+    # Scored as spam, but let through by spam.min_known_words: ticketed, never answered by
+    # itself (a confirmation to a spammer is backscatter).
+    unsure_spam: bool = False
     decision: RouteDecision | None = None
     ticket: Ticket | None = None
     merged_from: int | None = None  # the ticket the route named, merged into ctx.ticket
@@ -302,9 +305,10 @@ def step_spam(ctx: Context) -> None:
     if spam.is_spam:
         raise Stop("quarantined", f"spam score {spam.score:.3f} >= {settings.threshold}")
     if spam.score >= settings.threshold:
+        ctx.unsure_spam = True
         ctx.hit("spam", False, f"spam score {spam.score:.3f}, but the model knows only "
                                f"{spam.known_words:.1%} of its words (spam.min_known_words "
-                               f"{settings.min_known_words:.1%}): not held")
+                               f"{settings.min_known_words:.1%}): not held, and no confirmation is sent")
         return
     ctx.hit("spam", False, f"spam score {spam.score:.3f}")
 
