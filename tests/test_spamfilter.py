@@ -345,6 +345,12 @@ def test_garbage_and_wrong_shapes_are_refused(tmp_path: Path) -> None:
         variant("lesson_2d", lesson_keys=np.zeros((1, 1), dtype=np.uint64),
                 lesson_classes=np.zeros((1, 1), dtype=np.uint8)),
     ]
+    # Each member is refused by its declared size over its largest valid content, before it
+    # is unpacked: a member of deflated zeros could claim 512 MiB (1.6 GB to refuse).
+    for name, array in (("header", np.zeros(20 * 2**20, dtype=np.uint8)),
+                        ("class_count", np.zeros(10_000, dtype=np.float64))):
+        with pytest.raises(ModelError, match=f"{name}.npy is implausibly large"):
+            SpamModel.load(variant(f"bomb_{name}", **{name: array}))
     # Refused by its declared size, before 8 MB of keys are unpacked.
     with pytest.raises(ModelError, match="lesson_keys.npy is implausibly large"):
         SpamModel.load(variant("lesson_many", lesson_keys=np.zeros(10**6, dtype=np.uint64),
