@@ -63,7 +63,9 @@ def _spam_model(settings: Settings, rt: Runtime) -> dict[str, Any]:
         return _check("spam model", "ok", "disabled")
     model = rt.spam_model()
     if model is None:
-        return _check("spam model", "warning", "no usable model: filter off")
+        # spam.enabled, yet spam is ticketed and answered: the operator must know.
+        return _check("spam model", "error", f"{settings.spam_model_path}: no usable model (the log says why): "
+                      "filter off; replace the file or run `mailgate spam train`")
     detail = f"{settings.spam_model_path} (feature set {model.meta['feature_version']})"
     if model.meta["feature_version"] < FEATURE_VERSION:
         # Still correct, only weaker: it scores and learns its own set until retrained.

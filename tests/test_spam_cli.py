@@ -165,6 +165,11 @@ def test_hostile_model_file_is_refused_with_one_line(workdir: Path) -> None:
         assert err.startswith("mailgate: ") and "spam-model.npz" in err
         assert proc.stdout == b""
     assert not marker.exists()
+    # With the filter on, doctor fails: spam would be ticketed and answered.
+    enabled = write_config(workdir, spam_enabled=True)
+    doctor = cli(enabled, "doctor", check=False)
+    assert doctor.returncode == 1 and "[FAIL] spam model: " in doctor.stdout.decode()
+    assert not marker.exists()
 
 
 def test_score_without_a_trained_file_uses_the_shipped_model(workdir: Path) -> None:
