@@ -55,9 +55,13 @@ except UnusableMessage:
         "b'\\\"\\r\\n\\r\\nxx\\r\\n--b--\\r\\n'); assert m.attachments[0].filename.startswith('aaa')",
     "header comment never closed (7 s)":
         "from mailgate.ingest.screen import _first_token as f; f('(' * 400_000)",
+    "a Message-ID of 200,000 quotes (80 s: a lookahead at each quote)":
+        "from mailgate.ingest.parse import parse_message as f; "
+        "f(b'From: c@d.org\\r\\nMessage-ID: <' + b'\"' * 200_000 + b'\\r\\nSubject: x\\r\\n\\r\\nhi\\r\\n')",
 }
 
 
 @pytest.mark.parametrize("code", CASES.values(), ids=CASES.keys())
 def test_one_pass(code: str) -> None:
     subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30, check=True)
+

@@ -152,6 +152,10 @@ def test_a_message_id_with_a_quoted_local_part_is_read_whole() -> None:
     assert msg.references == ("r1@c.org", '"x y"@c.org')
     bare = parse_message(b'From: a@c.org\r\nMessage-ID: "quoted local"@c.org\r\nSubject: s\r\n\r\nx\r\n')
     assert bare.message_id is None  # no id rather than half of one
+    # Ids with a quoted pair or a stray quote, and no space, are read as they are.
+    odd = parse_message(b'From: a@c.org\r\nMessage-ID: <"a\\"b"@host.example>\r\n'
+                        b'References: <abc"def@host.example>\r\nSubject: s\r\n\r\nx\r\n')
+    assert (odd.message_id, odd.references) == ('"a\\"b"@host.example', ('abc"def@host.example',))
 
 
 def test_duplicate_subject_uses_first() -> None:

@@ -639,8 +639,10 @@ def _parse_addresses(raw_value: str, defects: list[str], what: str, *, lenient: 
     return result
 
 
-# A quoted local part (RFC 5322's obs-id-left, `<"a b"@host>`) is one id, not `b"@host`.
-_MSGID_RE = re.compile(r'<((?:"[^"\r\n]*"|[^<>\s"])+)>')
+# An id without spaces as it is (a stray quote included), or one whose local part is quoted
+# (RFC 5322's obs-id-left, `<"a b"@host>`, quoted pairs allowed), which has spaces: that was
+# read as `b"@host`. Each alternative stops at a quote or bracket: linear on hostile input.
+_MSGID_RE = re.compile(r'<("(?:[^"\\\r\n]|\\.)*"@[^<>\s"]+|[^<>\s]+)>')
 
 
 def _parse_msgids(raw_value: str) -> list[str]:
