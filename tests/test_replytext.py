@@ -243,3 +243,21 @@ def test_spanish_italian_dutch_quote_headers_end_the_answer(header: str) -> None
 ])
 def test_prose_that_resembles_a_quote_header_is_kept(text: str) -> None:
     assert visible_reply_text(text) == text
+
+
+@pytest.mark.parametrize("fields", [("Från", "Skickat", "Till", "Ämne"), ("Od", "Wysłano", "Do", "Temat"),
+                                    ("差出人", "送信日時", "宛先", "件名"), ("Kimden", "Gönderildi", "Kime", "Konu")])
+def test_outlook_header_block_in_any_language_under_its_underscores(fields: tuple[str, ...]) -> None:
+    """Only the languages listed were known: in Swedish, Polish or Japanese the quoted
+    notice, ticket data and all, went on to the customer as the agent's answer."""
+    sender, sent, to, subject = fields
+    text = (f"Answer in your language.\n\n________________________________\n"
+            f"{sender}: Example Support <support@example.com>\n{sent}: 1 december 2026 10:00\n"
+            f"{to}: Bob <bob@example.com>\n{subject}: [EXAMPLE #1] VPN down\n\n"
+            "New ticket #1 in support@example.com\nFrom:     Carol <carol@customer.org>\n")
+    assert visible_reply_text(text, whole_if_empty=False) == "Answer in your language."
+
+
+def test_underscores_above_text_with_colons_are_not_a_header_block() -> None:
+    text = "Steps:\n\n____________________\nOpen the settings: then VPN.\nThat is all.\n"
+    assert visible_reply_text(text, whole_if_empty=False).endswith("That is all.")

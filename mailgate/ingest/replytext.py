@@ -99,6 +99,9 @@ _OUTLOOK_FIELD_RE = re.compile(
 _OUTLOOK_SUBJECT_RE = re.compile(
     r"^\s*\*?(?:subject|betreff|aihe|тема|objet|asunto|assunto|oggetto|onderwerp)\*?\s*:", re.IGNORECASE)
 _UNDERSCORE_RE = re.compile(r"^\s*_{10,}\s*$")
+# Under Outlook's line of underscores, its header block in any language (Swedish "Från:",
+# Polish "Od:", Japanese "差出人:"): a field that names an address, then two more fields.
+_ANY_FIELD_RE = re.compile(r"^\s*\*?[^\W\d_][^\W\d_ .'-]{0,20}(?:[ .'-][^\W\d_]{1,20}){0,2}\*?\s*[:：]")
 _QUOTED_RE = re.compile(r"^\s*>")
 _SIG_DASH_RE = re.compile(r"^-- ?$")
 _MAX_FOOTER_LINE = 80  # the longest footer above is about 60 characters
@@ -152,6 +155,16 @@ def _is_outlook_block(lines: list[str], index: int) -> bool:
                                  or any(_OUTLOOK_SUBJECT_RE.match(line) for line in fields))
 
 
+def _is_any_language_block(lines: list[str], index: int) -> bool:
+    """A header block of a language _OUTLOOK_FROM_RE does not know, taken only under
+    Outlook's underscores: a field with an address, and two more fields below it."""
+    first = lines[index][:_MAX_SCAN_LINE]
+    if not _ANY_FIELD_RE.match(first) or not ("@" in first or "<" in first):
+        return False
+    fields = [line for line in lines[index + 1 : index + 6] if _ANY_FIELD_RE.match(line[:_MAX_SCAN_LINE])]
+    return len(fields) >= 2
+
+
 def _next_nonblank(lines: list[str], index: int) -> int | None:
     for j in range(index, min(index + 3, len(lines))):
         if lines[j].strip():
@@ -186,7 +199,7 @@ def _classify(lines: list[str], index: int, last_text: int) -> tuple[str, int] |
         return ("hard", 1)
     if _UNDERSCORE_RE.match(line):
         j = _next_nonblank(lines, index + 1)
-        if j is not None and _is_outlook_block(lines, j):
+        if j is not None and (_is_outlook_block(lines, j) or _is_any_language_block(lines, j)):
             return ("hard", 1)
         return None
     span = 0
