@@ -9,6 +9,7 @@ packaged templates. Callers pass a whitelisted context built by
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -81,4 +82,5 @@ class Renderer:
 
 
 def _directory_of(filename: str | None) -> Path | None:
-    return Path(filename).resolve().parent if filename else None
+    # Where the loader found it, not where a symlink points: a site may link its files in.
+    return Path(os.path.abspath(filename)).parent if filename else None

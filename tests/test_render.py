@@ -95,6 +95,12 @@ def test_a_site_text_override_is_not_sent_beside_the_packaged_html(tmp_path: Pat
 
     both = Renderer(site(tmp_path, {"requester/created.html.j2": "<p>Ticket {{ ticket.number }}</p>\n"}))
     assert both.render_mail("requester/created", context()).html == "<p>Ticket 7</p>\n"
+    # A site's file may be a link to a shared one: it is the site's all the same.
+    shared = tmp_path / "shared.html.j2"
+    shared.write_text("<p>Shared {{ ticket.number }}</p>\n")
+    (tmp_path / "site" / "requester" / "created.html.j2").unlink()
+    (tmp_path / "site" / "requester" / "created.html.j2").symlink_to(shared)
+    assert Renderer(tmp_path / "site").render_mail("requester/created", context()).html == "<p>Shared 7</p>\n"
     # An HTML override without its text beside it is not sent beside the packaged text.
     html_only = Renderer(site(tmp_path / "other", {"requester/created.html.j2": "<p>site</p>\n"}))
     assert html_only.render_mail("requester/created", context()).html is None
