@@ -666,11 +666,30 @@ async def send_one(settings: Settings, row: ClaimedMail, attempt: RelayAttempt |
 async def send_due(engine: Engine, settings: Settings, worker: str, *, until: float | None = None) -> int:
     """One pass: claim what is due and try each once. Returns the number sent. until: the
     event loop time after which no further mail is begun (the daemon is stopping)."""
-    rows = await asyncio.to_thread(claim_due, engine, worker)
+    claiming = asyncio.ensure_future(asyncio.to_thread(claim_due, engine, worker))
+    try:
+        rows = await asyncio.shield(claiming)
+    except asyncio.CancelledError:
+        # The claim commits in its thread all the same: hand its rows back, untried, rather
+        # than leave them claimed until STALE_SENDING.
+        claimed = await claiming
+        if claimed:
+            await asyncio.to_thread(record_results, engine, settings, [], worker,
+                                    untried=[row.id for row in claimed])
+        raise
     if not rows:
         return 0
     if settings.outbound.scheme == "maildir":
-        errors = await asyncio.to_thread(deliver_batch_to_maildir, settings.outbound.maildir, rows)
+        # A batch of files takes milliseconds: finished and recorded even when cancelled.
+        delivering = asyncio.ensure_future(
+            asyncio.to_thread(deliver_batch_to_maildir, settings.outbound.maildir, rows))
+        try:
+            errors = await asyncio.shield(delivering)
+        except asyncio.CancelledError:
+            errors = await delivering
+            await asyncio.to_thread(record_results, engine, settings,
+                                    list(zip((row.id for row in rows), errors, strict=True)), worker)
+            raise
         results = list(zip((row.id for row in rows), errors, strict=True))
         await asyncio.to_thread(record_results, engine, settings, results, worker)
         return sum(error is None for error in errors)

@@ -1012,3 +1012,29 @@ def test_a_report_naming_the_a_label_flags_the_address_as_the_customer_wrote_it(
     with sqlite3.connect(workdir / "mailgate.db") as db:
         flagged = db.execute("SELECT email FROM contact WHERE bounced_at IS NOT NULL").fetchall()
     assert flagged == [("carol@bücher.de",)]
+
+
+def test_a_stop_during_the_claim_hands_the_claimed_rows_back(engine: Any, relay: CaptureRelay,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The claim commits in its thread even when the stop cancels the pass meanwhile (a
+    database slow to answer at the stop): its rows sat claimed for 45 minutes."""
+    import time
+
+    raw, _ = composed()
+    ids = [_row(engine, state="queued", attempts=0, raw=raw) for _ in range(3)]
+    real_claim = outbox.claim_due
+
+    def slow_claim(*args: Any, **kw: Any) -> Any:
+        time.sleep(1.0)
+        return real_claim(*args, **kw)
+
+    monkeypatch.setattr(outbox, "claim_due", slow_claim)
+    s = settings({"url": f"smtp://127.0.0.1:{relay.port}", "timeout_seconds": 10})
+
+    async def stop_during_the_claim() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(outbox.OutboxSender(engine, s, "w").drain(0.4), 0.6)
+
+    asyncio.run(stop_during_the_claim())
+    assert [_state(engine, i)[:2] for i in ids] == [("queued", 0)] * 3
+    assert relay.messages == []
