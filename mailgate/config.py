@@ -779,10 +779,6 @@ def _sla(sec: _Section, helpdesk: HelpdeskSettings) -> SlaSettings:
         default = "09:00-17:00" if day not in ("sat", "sun") else "closed"
         hours[day] = _parse_hours(hours_sec.key(day), hours_sec.get(day, str, default))
     hours_sec.finish()
-    # sla.add_business_time looks ten years ahead (522 weeks); holidays close some of them.
-    weekly_open_hours = sum((datetime.combine(date.min, h[1]) - datetime.combine(date.min, h[0])).total_seconds()
-                            for h in hours.values() if h is not None) / HOUR
-    reachable_hours = min(YEAR / HOUR, weekly_open_hours * 500)
     tiers: list[SlaTier] = []
     for i, item in enumerate(sec.get("tiers", list, [])):
         t = _Section(item, f"sla.tiers[{i}]")
@@ -799,10 +795,8 @@ def _sla(sec: _Section, helpdesk: HelpdeskSettings) -> SlaSettings:
             if first > resolution:
                 raise ConfigError(f"{p.key('first_response_hours')}: {first:g} h is more than resolution_hours "
                                   f"{resolution:g} h")
-            limit = YEAR / HOUR if always_on else reachable_hours
-            if resolution > limit:
-                raise ConfigError(f"{p.key('resolution_hours')}: {resolution:g} business hours is more than "
-                                  f"{limit:g}, as far ahead as due times are computed with sla.hours")
+            if resolution > YEAR / HOUR:
+                raise ConfigError(f"{p.key('resolution_hours')}: must be at most {YEAR / HOUR:g}, got {resolution:g}")
             targets[prio] = SlaTarget(first_response_hours=first, resolution_hours=resolution)
             p.finish()
         targets_sec.finish()
@@ -853,7 +847,35 @@ def _sla(sec: _Section, helpdesk: HelpdeskSettings) -> SlaSettings:
         pending_close_days=sec.positive("pending_close_days", float, 10.0, at_most=10 * YEAR / DAY),
     )
     sec.finish()
+    _check_targets_reachable(s)
     return s
+
+
+def _check_targets_reachable(s: SlaSettings) -> None:
+    """Due times are computed up to ten years ahead (sla.add_business_time): a target that
+    the business hours, less the holidays, do not reach by then failed every new ticket of
+    its priority. Checked with the calendar the runtime builds (the holidays package costs a
+    fifth of a second to load), only for targets over 300 weeks of open hours: holidays
+    never close the 222 weeks more that ten years have."""
+    from datetime import UTC, timedelta
+
+    from mailgate.sla import BusinessCalendar, add_business_time, holiday_dates
+
+    weekly = sum((datetime.combine(date.min, h[1]) - datetime.combine(date.min, h[0])).total_seconds()
+                 for h in s.hours.values() if h is not None) / HOUR
+    large = [(i, prio, target.resolution_hours) for i, tier in enumerate(s.tiers) if not tier.always_on
+             for prio, target in tier.targets.items() if target.resolution_hours > weekly * 300]
+    if not large:
+        return
+    now = datetime.now(UTC)
+    calendar = BusinessCalendar(timezone=s.timezone, hours=s.hours, holidays=holiday_dates(
+        s.holidays_country, s.extra_holidays, range(now.year - 1, now.year + 3)))
+    for i, prio, hours in large:
+        try:
+            add_business_time(calendar, now, timedelta(hours=hours))
+        except ValueError:
+            raise ConfigError(f"sla.tiers[{i}].targets.{prio}.resolution_hours: {hours:g} business hours are not "
+                              "reached within ten years of sla.hours, holidays taken out") from None
 
 
 def _assignment(root: _Section, helpdesk: HelpdeskSettings,
