@@ -654,17 +654,24 @@ def test_oversize_message_left_in_place_and_reported_once(
     reports = [r for r in caplog.records if "over max_message_bytes" in r.getMessage()]
     assert len(reports) == 1
     assert "\\Seen" not in dovecot.flags(imap_user)[big_uid]  # never fetched, not even partly
-    # Neither stored nor a dead letter: doctor warns until someone takes it out of the folder.
-    dovecot.append(imap_user, message(4))
-    assert asyncio.run(poller.poll_once()) == 1  # passes go on around it, the warning stays
-    [health] = imap_health(engine, [poller.account], utcnow())
-    assert f"UID {big_uid} in INBOX is " in (health["warning"] or "") and "by hand" in health["warning"]
+    # Neither stored nor a dead letter: doctor warns until someone takes it out of the folder,
+    # whatever else is reported meanwhile, and about each such message.
+    second_big = dovecot.append(imap_user, message(4, pad=6000))
+    assert asyncio.run(poller.poll_once()) == 0  # passes go on around them, the warning stays
+    poller._record(None, "ConnectionRefusedError: a later failure")
+
+    def warning() -> str | None:
+        return imap_health(engine, [poller.account], utcnow())[0]["warning"]
+
+    assert f"2 message(s) over max_message_bytes (3000) wait in INBOX, never fetched (UIDs {big_uid}, " \
+           f"{second_big})" in (warning() or "")
     with contextlib.closing(dovecot.connect(imap_user)) as client:
         client.select("INBOX")
         client.uid("STORE", str(big_uid), "+FLAGS", "(\\Deleted)")
         client.expunge()
     asyncio.run(poller.poll_once())
-    assert imap_health(engine, [poller.account], utcnow())[0]["warning"] is None
+    assert f"1 message(s) over max_message_bytes (3000) wait in INBOX, never fetched (UIDs {second_big})" \
+        in (warning() or "")
 
 
 def test_shadow_mode_leaves_mailbox_untouched(dovecot: Dovecot, imap_user: str, engine: Engine,
@@ -931,3 +938,31 @@ def test_a_server_that_stalls_on_the_after_action_times_out(
     error = asyncio.run(poll_through_stalling_proxy())
     assert isinstance(error, imap.ImapError) and "timed out" in str(error)
     assert stored_uids(engine) == [1]  # stored before the after-action: filed on the next pass
+
+
+def test_the_daemon_poller_ends_the_oversize_warning_on_its_open_connection(
+        dovecot: Dovecot, imap_user: str, engine: Engine, blobs: BlobStore) -> None:
+    """run() keeps one connection for pass after pass: the check is made each pass, not at
+    connecting only (which could be days away)."""
+    big = dovecot.append(imap_user, message(1, pad=6000))
+    account = dovecot.account(imap_user, max_message_bytes=3000, poll_seconds=0.5)
+    poller = ImapPoller(account, engine, blobs)
+
+    def warning() -> str | None:
+        return imap_health(engine, [account], utcnow())[0]["warning"]
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(poller.run(stop))
+        try:
+            await wait_until(lambda: bool(warning()), what="the oversize warning")
+            with contextlib.closing(dovecot.connect(imap_user)) as client:
+                client.select("INBOX")
+                client.uid("STORE", str(big), "+FLAGS", "(\\Deleted)")
+                client.expunge()
+            await wait_until(lambda: warning() is None, what="the warning to end")
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+
+    asyncio.run(scenario())

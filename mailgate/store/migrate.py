@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-HEAD_REVISION = "0004"  # the newest file in migrations/versions
+HEAD_REVISION = "0005"  # the newest file in migrations/versions
 
 
 def _alembic_config() -> Config:

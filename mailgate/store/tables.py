@@ -176,6 +176,9 @@ class ImapState(SQLModel, table=True):
     last_ok_at: datetime | None = None
     last_error: str | None = Field(default=None, sa_type=Text)
     last_error_at: datetime | None = None
+    # Messages over max_message_bytes left in the folder, as JSON [[uidvalidity, uid, size], ...]:
+    # a doctor warning until they are gone from it.
+    oversize: str | None = Field(default=None, sa_type=Text)
 
 
 class Lease(SQLModel, table=True):

@@ -34,6 +34,7 @@ import base64
 import concurrent.futures
 import contextlib
 import hashlib
+import json
 import logging
 import random
 import re
@@ -84,7 +85,6 @@ _LITERAL_RE = re.compile(rb"\{(\d+)\}$")
 # imap_state.last_error of a message left in place because the server would not return it.
 _UNFETCHABLE_RE = re.compile(r"message UID (\d+) in .* could not be fetched")
 _UNFILED_RE = re.compile(r"stored mail up to UID (\d+) in .* could not be filed")
-_OVERSIZE_RE = re.compile(r"message UID (\d+) in .* is \d+ bytes, over max_message_bytes")
 
 
 def _waiting_uid(error: str | None) -> int | None:
@@ -386,9 +386,11 @@ class _Session:
             # Not every server says [ALREADYEXISTS]; the MOVE/COPY that follows tells the truth.
             log.debug("CREATE %s: %s", folder, _text(resp))
 
-    async def has_uid(self, uid: int) -> bool:
-        resp = await self.ok(self.c.uid_search("UID", str(uid), charset=None), "UID SEARCH", self.timeout)
-        return any(str(uid).encode() in bytes(line).split() for line in resp.lines[:-1])
+    async def present(self, uids: Sequence[int]) -> set[int]:
+        """Which of these UIDs the folder still holds."""
+        resp = await self.ok(self.c.uid_search("UID", uid_set(uids), charset=None), "UID SEARCH", self.timeout)
+        found = {int(x) for line in resp.lines[:-1] for x in bytes(line).split() if x.isdigit()}
+        return found & set(uids)
 
     async def search_new(self, last_uid: int) -> list[int]:
         resp = await self.ok(self.c.uid_search("UID", f"{last_uid + 1}:*", charset=None),
@@ -571,6 +573,7 @@ class ImapPoller:
         self._uidvalidity: int | None = None
         self._passed = 0  # highest UID filed; all below it are done, except the skipped
         self._skipped: dict[int, _Skipped] = {}
+        self._oversize_checked_empty = False  # none waits: no query each pass
         if account.tls == "none" and account.host not in ("127.0.0.1", "::1", "localhost"):
             log.warning("imap %s: tls = \"none\" sends the password in clear to %s",
                         account.name, account.host)
@@ -640,14 +643,9 @@ class ImapPoller:
         if uidvalidity != self._uidvalidity:
             self._uidvalidity, self._passed = uidvalidity, 0
             self._skipped.clear()
-        # A message too large to fetch is left in place and stays a warning until someone
-        # has taken it out of the folder (after forwarding it by hand, say).
-        report = await asyncio.to_thread(self._standing_error)
-        oversize = _OVERSIZE_RE.match(report or "")
-        if report and oversize and not await session.has_uid(int(oversize.group(1))):
-            await asyncio.to_thread(self._clear_error, report)
 
     async def _drain(self, session: _Session, stop: asyncio.Event | None) -> int:
+        await self._forget_oversize_gone(session)
         accepted = 0
         retry_due = True
         while True:
@@ -710,7 +708,8 @@ class ImapPoller:
         known = await asyncio.to_thread(self._known, uv, uids)
         got = await self._fetch(session, [u for u in uids if u not in known])
         for uid, size in got.oversize.items():
-            await self._report_oversize(uid, size)
+            self._oversize_checked_empty = False
+            await self._report_oversize(uv, uid, size)
         for uid, why in got.failed.items():
             await self._report_unfetchable(uid, why)
         fetched = sorted(got.bodies.items())
@@ -860,12 +859,30 @@ class ImapPoller:
                 a.name, msg, delay)
         await asyncio.to_thread(self._record, None, msg)
 
-    async def _report_oversize(self, uid: int, size: int) -> None:
+    async def _report_oversize(self, uidvalidity: int, uid: int, size: int) -> None:
         a = self.account
         msg = (f"message UID {uid} in {a.folder} is {size} bytes, over max_message_bytes "
                f"({a.max_message_bytes}); left in place")
         log.error("imap %s: %s", a.name, msg)
+        # Never stored, so no dead letter either: a standing warning until it is gone.
+        await asyncio.to_thread(self._set_oversize, lambda waiting: [
+            *[w for w in waiting if w[:2] != [uidvalidity, uid]], [uidvalidity, uid, size]])
         await asyncio.to_thread(self._record, None, msg)
+
+    async def _forget_oversize_gone(self, session: _Session) -> None:
+        """Each pass: messages too large to fetch that someone took out of the folder (after
+        passing them on by hand) are no longer warned about. After a UIDVALIDITY change
+        the rescan reports again those still there."""
+        if self._oversize_checked_empty:
+            return
+        waiting = await asyncio.to_thread(self._oversize_waiting)
+        current = [w for w in waiting if w[0] == session.uidvalidity]
+        present = await session.present([w[1] for w in current]) if current else set()
+        kept = [w for w in current if w[1] in present]
+        if kept != waiting:
+            await asyncio.to_thread(self._set_oversize, lambda now: [
+                w for w in now if w[0] == session.uidvalidity and (w[1] in present or w not in current)])
+        self._oversize_checked_empty = not kept
 
     # -- health -------------------------------------------------------------
     async def _ok(self) -> None:
@@ -985,16 +1002,16 @@ class ImapPoller:
             out.append((uid, prior.id, _stored_outcome(prior.state, prior.outcome), True))
         return out
 
-    def _standing_error(self) -> str | None:
+    def _oversize_waiting(self) -> list[list[int]]:
         with session_scope(self.engine) as s:
-            return self._state(s).last_error
+            return _oversize_of(self._state(s))
 
-    def _clear_error(self, error: str) -> None:
+    def _set_oversize(self, change: Callable[[list[list[int]]], list[list[int]]]) -> None:
         with session_scope(self.engine) as s:
             row = self._state(s)
-            if row.last_error == error:  # not a newer report meanwhile
-                row.last_error = row.last_error_at = None
-                s.add(row)
+            waiting = change(_oversize_of(row))
+            row.oversize = json.dumps(waiting) if waiting else None
+            s.add(row)
 
     def _record(self, ok_at: datetime | None, error: str | None) -> dict[str, Any]:
         with session_scope(self.engine) as s:
@@ -1006,6 +1023,14 @@ class ImapPoller:
                 row.last_error_at = utcnow()
             s.add(row)
             return _health_of(self.account, row, utcnow())
+
+
+def _oversize_of(row: ImapState) -> list[list[int]]:
+    try:
+        waiting = json.loads(row.oversize or "[]")
+    except ValueError:
+        return []
+    return [w for w in waiting if isinstance(w, list) and len(w) == 3 and all(type(x) is int for x in w)]
 
 
 def _stored_outcome(state: str, outcome: str | None) -> str | None:
@@ -1034,10 +1059,13 @@ def _health_of(account: ImapAccount, row: ImapState | None, now: datetime) -> di
     if warning is None and _waiting_uid(error) is not None:
         # Passes succeed around it, yet the message waits; cleared once last_uid passes it.
         warning = f"imap {account.name}: {error}"
-    elif warning is None and _OVERSIZE_RE.match(error or ""):
-        # Never fetched, so neither stored nor a dead letter: only someone can pass it on.
-        warning = (f"imap {account.name}: {error}: pass it on by hand (`mailgate ingest`) and take it out "
-                   "of the folder; this warning ends then")
+    waiting = _oversize_of(row) if row is not None else []
+    if warning is None and waiting:
+        # Never fetched, so neither stored nor a dead letter: only someone can pass them on.
+        warning = (f"imap {account.name}: {len(waiting)} message(s) over max_message_bytes "
+                   f"({account.max_message_bytes}) wait in {account.folder}, never fetched (UIDs "
+                   f"{', '.join(str(w[1]) for w in waiting[:20])}): pass them on by hand (`mailgate ingest`) "
+                   "and take them out of the folder; this warning ends then")
     return {
         "name": account.name,
         "host": account.host,
