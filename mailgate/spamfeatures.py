@@ -92,6 +92,7 @@ _RE_HTML_HIDDEN = re.compile(
     re.IGNORECASE,
 )
 _RE_HTML_WHITE = re.compile(r"""color\s*[:=]\s*["']?(?:#fff(?:fff)?|white)\b""", re.IGNORECASE)
+_RE_HTML_TITLE = re.compile(r"<title\b", re.IGNORECASE)
 _RE_AUTH = re.compile(r"\b(spf|dkim|dmarc|arc)\s*=\s*([a-z]+)", re.IGNORECASE)
 _RE_ALPHA_WORD = re.compile(r"[a-z]+", re.IGNORECASE)
 _SECOND_LEVEL = frozenset({"co", "com", "net", "org", "ac", "gov", "edu", "ne", "or", "go"})
@@ -453,6 +454,29 @@ def html_twin_words(raw: bytes, msg: Message | None = None) -> set[str]:
         words: set[str] = set()
         if has_plain and markup:
             _word_tokens(_html_to_text("\n".join(markup))[:MAX_TEXT_CHARS], "", words)
+        return {w for w in words if is_visible_word(w)}
+    except Exception:
+        return set()
+
+
+def shown_html_words(raw: bytes, msg: Message | None = None) -> set[str]:
+    """The words of a message's HTML without what no reader sees (display:none, 0-1 px
+    fonts, white text, the <title>); empty when its HTML hides nothing. Never raises.
+    Not tokens: read only for the known-words share, which hidden padding in words the
+    model never saw pulled under spam.min_known_words."""
+    from mailgate.ingest.htmltext import html_to_text
+
+    try:
+        if msg is None:
+            msg = message_from_bytes(raw)
+        markup = [_part_text(part)[:MAX_TEXT_CHARS] for part in _leaf_parts(msg)
+                  if _is_body_text(part, part.get_filename()) and part.get_content_type() == "text/html"]
+        html_text = "\n".join(markup)
+        if not (_RE_HTML_HIDDEN.search(html_text) or _RE_HTML_WHITE.search(html_text)
+                or _RE_HTML_TITLE.search(html_text)):
+            return set()
+        words: set[str] = set()
+        _word_tokens(html_to_text(html_text, unseen_hidden=True)[:MAX_TEXT_CHARS], "", words)
         return {w for w in words if is_visible_word(w)}
     except Exception:
         return set()

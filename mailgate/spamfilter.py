@@ -73,7 +73,7 @@ import time
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email import message_from_bytes
 from email.message import Message
@@ -82,7 +82,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mailgate.spamfeatures import FEATURE_VERSION, extract_tokens, html_twin_words
+from mailgate.spamfeatures import FEATURE_VERSION, extract_tokens, html_twin_words, shown_html_words
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -168,12 +168,14 @@ class SpamScore:
 
 @dataclass(frozen=True)
 class Features:
-    """One message's hashed tokens: every column, the columns of its visible words, and
-    those of the words of an HTML twin of its plain text (empty when there is none)."""
+    """One message's hashed tokens: every column, the columns of its visible words, those
+    of the words of an HTML twin of its plain text (empty when there is none), and those of
+    its HTML's words without hidden text (empty when it hides none)."""
 
     columns: np.ndarray
     words: np.ndarray
     twin_words: np.ndarray
+    shown_words: np.ndarray = field(default_factory=lambda: _NO_COLUMNS)
 
 
 def _hash_tokens(tokens: Iterable[str], n_features: int) -> np.ndarray:
@@ -450,7 +452,8 @@ class SpamModel:
     def features(self, raw: bytes, msg: Message | None = None) -> Features:
         """The hashed features of one message, twin words included (msg: see extract_tokens)."""
         msg = msg if msg is not None else _parsed(raw)
-        return replace(self._features(raw, msg), twin_words=self._twin_columns(raw, msg))
+        return replace(self._features(raw, msg), twin_words=self._twin_columns(raw, msg),
+                       shown_words=_hash_tokens(shown_html_words(raw, msg), self._n_features))
 
     def _features(self, raw: bytes, msg: Message | None) -> Features:
         tokens = extract_tokens(raw, msg, feature_version=self._feature_version)
@@ -465,9 +468,11 @@ class SpamModel:
 
     def known_words(self, features: Features) -> float:
         """Share of the visible words seen in KNOWN_WORD_MESSAGES or more training messages;
-        of the plain text or of its HTML twin, whichever the model knows better (a junk
-        plain part must not hide the HTML that the reader sees). 1.0 without words."""
-        shares = [float(self._known[w].mean()) for w in (features.words, features.twin_words) if len(w)]
+        of the plain text, of its HTML twin or of the HTML without its hidden text, whichever
+        the model knows best (junk in a plain part or in hidden HTML must not hide the words
+        that the reader sees). 1.0 without words."""
+        shares = [float(self._known[w].mean()) for w in (features.words, features.twin_words, features.shown_words)
+                  if len(w)]
         return max(shares, default=1.0)
 
     def log_odds(self, columns: np.ndarray) -> float:
@@ -490,8 +495,10 @@ class SpamModel:
         features = self._features(raw, msg)
         verdict = self.score_features(features, threshold, min_known_words=min_known_words)
         if verdict.score >= threshold and not verdict.is_spam:
-            # Few known words: does the model know the HTML twin better? Rare, so read only now.
-            features = replace(features, twin_words=self._twin_columns(raw, msg))
+            # Few known words: does the model know the HTML twin, or the HTML without its hidden
+            # text, better? Rare, so read only now.
+            features = replace(features, twin_words=self._twin_columns(raw, msg),
+                               shown_words=_hash_tokens(shown_html_words(raw, msg), self._n_features))
             verdict = self.score_features(features, threshold, min_known_words=min_known_words)
         return verdict
 

@@ -32,7 +32,6 @@ KNOWN_WRONG = {
     "spam-2/spam_zh_led_supplier": "Chinese supplier pitch: 0.497",
     "spam-3/leadgen_contact_list": "B2B contact-list pitch: 0.001",
     "spam-3/phish_meta_suspended": "social-network phishing: 0.000",
-    "spam-3/phish_pt_notafiscal": "Portuguese phishing: 1.000, but known 0.29: not held",
     "spam-3/phish_tr_kargo": "Turkish phishing: 1.000, but known 0.15: not held",
     "spam-3/seo_guest_post": "guest-post request: 0.000",
     "spam-3/spam_vi_loan": "Vietnamese loan spam: 0.000, known 0.22",

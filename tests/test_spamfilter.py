@@ -535,6 +535,30 @@ def test_the_model_does_not_hold_mail_in_words_it_does_not_know() -> None:
     assert blank.known_words == 1.0 and blank.is_spam == (blank.score >= 0.9)
 
 
+def test_words_nobody_sees_do_not_switch_the_known_words_rule_off() -> None:
+    """Held spam padded with 400 made-up words in hidden HTML (display:none, white or 1 px
+    text, the title) got under spam.min_known_words, and through."""
+    import random
+
+    model = SpamModel.empty(n_features=2**16)
+    model.fit([(SPAM_MAIL, True)] * 3 + [(HAM_MAIL, False)] * 3)
+    rng = random.Random(4)
+    padding = " ".join("".join(rng.choice("bcdfgklmnprstvz") for _ in range(8)) for _ in range(400)).encode()
+    head, html = SPAM_MAIL.split(b"<html>")
+    for hide in (b'<div style="display:none">%s</div>', b'<p style="color:#ffffff">%s</p>',
+                 b'<span style="font-size:1px">%s</span>', b"<head><title>%s</title></head>"):
+        padded = head + b"<html>" + hide % padding + html
+        assert model.features(padded).words.size > 300  # the padding is there as tokens
+        verdict = model.score_bytes(padded, 0.9)
+        assert verdict.is_spam and verdict.known_words >= 0.3, (hide, verdict)
+    # Words shown in the open are the reader's: a message in a language the model never saw
+    # is still not held (test above), nor is it when part of its HTML is hidden.
+    foreign = head + (b'<html><body><div style="display:none">preheader</div>Tilaa nyt halvat l\xe4\xe4kkeet '
+                      b"ilman reseptia, laihdu nopeasti ja ansaitse rahaa kotoa, takuu, rajoitettu tarjous!!!"
+                      b'<a href="http://cheap-meds-online.biz/order">Tilaa</a></body></html>\n')
+    assert not model.score_bytes(foreign, 0.9).is_spam
+
+
 def test_known_words_counts_messages_not_occurrences() -> None:
     model = SpamModel.empty(n_features=2**16)
     model.fit([(SPAM_MAIL, True), (HAM_MAIL, False)])

@@ -136,13 +136,27 @@ def _tail(pieces: list[str], n: int) -> str:
     return "".join(reversed(tail))[-n:]
 
 
-def _hidden(el: etree._Element) -> bool:
-    return el.get("hidden") is not None or bool(_HIDDEN_STYLE_RE.search(el.get("style") or ""))
+# What the spam filter also takes for unseen: 0-1 px fonts and white or transparent text,
+# which spammers pad with (an agent's view keeps them: a dark background may show them).
+_UNSEEN_STYLE_RE = re.compile(
+    r"display\s*:\s*none|visibility\s*:\s*hidden|font-size\s*:\s*[01](?:\.\d+)?\s*(?:px|pt)?\b"
+    r"|opacity\s*:\s*0(?:\.0+)?\s*(?:;|$)|(?<![-\w])color\s*:\s*(?:#fff(?:fff)?|white)\b", re.IGNORECASE)
+_WHITE_RE = re.compile(r"#fff(?:fff)?|white", re.IGNORECASE)
 
 
-def html_to_text(html: str) -> str:
+def _hidden(el: etree._Element, unseen: bool = False) -> bool:
+    if el.get("hidden") is not None:
+        return True
+    if unseen:
+        return bool(_UNSEEN_STYLE_RE.search(el.get("style") or "") or _WHITE_RE.fullmatch(el.get("color") or "")
+                    or (el.tag == "font" and (el.get("size") or "").strip() in ("0", "1")))
+    return bool(_HIDDEN_STYLE_RE.search(el.get("style") or ""))
+
+
+def html_to_text(html: str, *, unseen_hidden: bool = False) -> str:
     """Text of HTML as a reader sees it. Give it the HTML as received, not the sanitised
-    copy: sanitising drops the style and hidden attributes that say what is invisible."""
+    copy: sanitising drops the style and hidden attributes that say what is invisible.
+    unseen_hidden: also leave out tiny and white text (the spam filter's view)."""
     # Plain etree elements: lxml.html's element classes cost a lookup each. huge_tree lifts
     # libxml2's depth limit from 256 to 2048; deeper (hostile) markup loses its layout.
     parser = etree.HTMLParser(huge_tree=True, no_network=True)
@@ -160,7 +174,7 @@ def html_to_text(html: str) -> str:
     for event, el in walker:
         tag = el.tag.lower() if isinstance(el.tag, str) else ""  # comments: a function
         if event == "start":
-            if not tag or tag in _INVISIBLE or _hidden(el):
+            if not tag or tag in _INVISIBLE or _hidden(el, unseen_hidden):
                 walker.skip_subtree()  # its "end" still comes, and writes the tail
                 continue
             if tag in _PARAGRAPH:
@@ -191,7 +205,7 @@ def html_to_text(html: str) -> str:
                 links.append((w.written, (el.get("href") or "").strip()))
             w.text(el.text)
         else:
-            if not tag or tag in _INVISIBLE or _hidden(el):
+            if not tag or tag in _INVISIBLE or _hidden(el, unseen_hidden):
                 pass
             elif tag == "a" and links:
                 start, href = links.pop()
