@@ -681,3 +681,14 @@ def test_no_merge_into_a_closed_or_spam_ticket_and_an_unchanged_status_is_said(d
     desk.send(*reply(notice, "alice@example.com", "#status new"))
     [result] = desk.take()
     assert "status: new (unchanged)" in text(result)
+
+
+def test_a_reply_to_the_result_of_commands_alone_is_an_answer(desk: Desk) -> None:
+    """Only a note's result answers to the comment address: an agent who took a ticket with
+    `#assign me` and answered by replying to its result had the answer kept as a note."""
+    n, mails = desk.open("Printer offline", sender="Olga <olga@customer.org>")
+    desk.send(*reply(to(mails, "bob@example.com")[0], "bob@example.com", "#assign me"))
+    [done] = to(desk.take(), "bob@example.com")
+    assert str(done["Reply-To"]).startswith("support+")
+    desk.send(*reply(done, "bob@example.com", "Please switch it off and on again."))
+    assert [str(m["To"]) for m in desk.take()] == ["olga@customer.org"]

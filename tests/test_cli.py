@@ -16,6 +16,7 @@ import sqlite3
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -758,6 +759,27 @@ def test_db_upgrade_from_0003_gives_every_contact_its_mailbox(workdir: Path) -> 
     assert cli(config, "ingest", input=mail(sender="carol+2@customer.org").as_bytes()).stdout.decode().strip() == "3"
     assert cli(config, "ingest", input=mail(sender="carol@customer.org").as_bytes()).stdout.decode().startswith(
         "screened: carol@customer.org opened 2 tickets")
+
+
+def test_db_upgrade_from_0004_keeps_a_waiting_oversize_report_as_a_warning(workdir: Path) -> None:
+    """Before 0005 the report lived in last_error alone; last_uid is past the message, and
+    nothing would report it again."""
+    from mailgate.config import load_settings
+    from mailgate.runtime import Runtime
+    from mailgate.store import migrate
+    from mailgate.transport.imap import imap_health
+
+    config = write_config(workdir, extra='[[imap]]\nname = "inbox"\nhost = "127.0.0.1"\nusername = "u"\n'
+                                         'password = "p"\nmax_message_bytes = 3000\n')
+    rt = Runtime.build(load_settings(config))
+    migrate.upgrade(rt.engine, "0004")
+    sql(config, "insert into imapstate (account, uidvalidity, last_uid, last_ok_at, last_error, last_error_at) "
+                "values ('inbox', 77, 9, ?, 'message UID 4 in INBOX is 6129 bytes, over max_message_bytes (3000); "
+                "left in place', ?)", *[utcnow_text()] * 2)
+    cli(config, "db", "upgrade")
+    assert sql(config, "select oversize from imapstate") == [("[[77, 4, 6129]]",)]
+    [health] = imap_health(rt.engine, rt.settings.imap, datetime.now(UTC))
+    assert "1 message(s) over max_message_bytes (3000) wait in INBOX, never fetched (UIDs 4)" in health["warning"]
 
 
 def utcnow_text() -> str:

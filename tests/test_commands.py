@@ -110,6 +110,7 @@ def test_roles_for_assignment() -> None:
     # An assistant on a ticket nobody owns takes its notices from the group: as #assign.
     assert "only an admin may add another agent" in errors("#assist alice@example.com", unowned)[0]
     assert errors("#assist bob@example.com", unowned) == []
+    assert errors("#assign me\n#assist alice@example.com", unowned) == []  # taking it in the same mail
     assert errors("#assist bob@example.com", CommandRules(**{**ADMIN.__dict__, "owner": None})) == []
     admin_others = CommandRules(**{**ADMIN.__dict__, "owner": "bob@example.com"})
     assert errors("#assign alice@example.com\n#tier enterprise", admin_others) == []

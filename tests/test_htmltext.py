@@ -90,3 +90,25 @@ def test_html_only_mail_is_read_as_received_not_as_sanitised() -> None:
     msg = parse_message(raw)
     assert msg.text.strip() == "Real words."
     assert "Template" not in (msg.html or "")  # the stored, sanitised copy drops the <title> too
+
+
+def test_the_spam_filters_view_leaves_out_only_what_nobody_sees() -> None:
+    """unseen_hidden: 0-1 px fonts, transparent text and white text on no background go;
+    '1.1em' is no tiny font (it read as '1' and a word boundary), and a white label on a
+    coloured button is read."""
+    unseen = {
+        '<p style="font-size:1px">pad</p>ok': "ok",
+        '<p style="font-size:0">pad</p>ok': "ok",
+        '<p style="opacity:0">pad</p>ok': "ok",
+        '<p style="color:#ffffff">pad</p>ok': "ok",
+        '<p><font color="white">pad</font></p>ok': "ok",
+        '<p style="font-size:1.1em">Thanks a lot</p>': "Thanks a lot",
+        '<p style="font-size:10px">ten</p>': "ten",
+        '<table bgcolor="#336699"><tr><td><font color="#ffffff">Click me</font></td></tr></table>': "Click me",
+        '<div style="background:#000"><span style="color:white">light</span></div>': "light",
+        '<font size="1">small print</font>': "small print",
+    }
+    for html, text in unseen.items():
+        assert html_to_text(html, unseen_hidden=True) == text, html
+    # An agent's view keeps what a dark background may show.
+    assert html_to_text('<p style="color:#fff">kept</p>') == "kept"

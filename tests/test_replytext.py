@@ -261,3 +261,14 @@ def test_outlook_header_block_in_any_language_under_its_underscores(fields: tupl
 def test_underscores_above_text_with_colons_are_not_a_header_block() -> None:
     text = "Steps:\n\n____________________\nOpen the settings: then VPN.\nThat is all.\n"
     assert visible_reply_text(text, whole_if_empty=False).endswith("That is all.")
+
+
+def test_settings_under_underscores_are_text_not_an_outlook_block() -> None:
+    """Outlook's block carries the time it was sent; "Login: ...", "Server:", "Port:" do not."""
+    answer = ("Hi Carol, set your mail client up like this:\n\n____________________\n"
+              "Login: carol@customer.org\nServer: imap.example.com\nPort: 993\nSecurity: SSL/TLS\n\n"
+              "After that it should work again.\n")
+    assert visible_reply_text(answer, whole_if_empty=False).endswith("After that it should work again.")
+    details = ("Here are the details you asked for.\n\n____________\nContact: Carol Smith <carol@customer.org>\n"
+               "Order: 12345\nSerial number: SN-88\nModel: X2\n\nIt stopped working on Monday.\n")
+    assert visible_reply_text(details).endswith("It stopped working on Monday.")

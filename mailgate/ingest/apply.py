@@ -1173,8 +1173,11 @@ def send_effects(ctx: Context) -> None:
             assert ctx.agent is not None
             # The result of a note answers to the comment address: a reply to it, such as a
             # second thought on the note, must be a note again, never mail to the requester.
+            # Not other results kept as notes (refused commands, commands alone, a ticket
+            # merged since): a reply to those is the agent's answer, sent on.
+            wrote_note = ctx.to_comment_address or (ctx.commands is not None and ctx.commands.has("note"))
             notify.send(rt, session, ticket=ticket, template="agent/result", to=ctx.agent.email,
                         in_reply_to=ctx.msg.message_id,
-                        reply_base=hd.comment_address if ctx.outcome == "note" else None,
+                        reply_base=hd.comment_address if wrote_note else None,
                         extra={"errors": data["errors"], "changes": data["changes"],
                                "collision": data.get("collision"), "subject": ctx.msg.subject})

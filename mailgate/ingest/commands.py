@@ -170,6 +170,8 @@ def validate(parsed: ParsedCommands, rules: CommandRules, *, has_ticket: bool) -
         for c in parsed.commands:
             if c.name in ("assign", "assist"):
                 errors.append(f"{c.line}: #{c.name} cannot come with #merge; send it in a reply after the merge")
+    # "#assign me" in the same mail: the author owns the ticket when #assist applies.
+    takes_it = any(c.name == "assign" and c.arg.lower() in ("me", rules.author) for c in parsed.commands)
     for c in parsed.commands:
         arg = c.arg
         if c.name == "status" and find_choice(arg, rules.statuses) is None:
@@ -198,7 +200,8 @@ def validate(parsed: ParsedCommands, rules: CommandRules, *, has_ticket: bool) -
                 errors.append(f"{c.line}: {arg} is not an agent")
             elif not rules.author_is_admin and rules.owner not in (None, rules.author):
                 errors.append(f"{c.line}: only the owner or an admin may add assistants")
-            elif not rules.author_is_admin and rules.owner is None and target != rules.author:
+            elif (not rules.author_is_admin and rules.owner is None and target != rules.author
+                  and not takes_it):
                 # With an assistant the group hears no more of the ticket: as #assign, only an
                 # admin hands an unowned ticket to someone else.
                 errors.append(f"{c.line}: only an admin may add another agent to a ticket nobody owns")

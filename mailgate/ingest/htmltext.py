@@ -136,21 +136,32 @@ def _tail(pieces: list[str], n: int) -> str:
     return "".join(reversed(tail))[-n:]
 
 
-# What the spam filter also takes for unseen: 0-1 px fonts and white or transparent text,
-# which spammers pad with (an agent's view keeps them: a dark background may show them).
+# What the spam filter also takes for unseen, which spammers pad with: fonts of 0-1 px or pt
+# ("1.1em" is no such size), transparent text, and white text on no background of its own or
+# an ancestor's (a white button label on a coloured button is read). An agent's view keeps
+# them all.
 _UNSEEN_STYLE_RE = re.compile(
-    r"display\s*:\s*none|visibility\s*:\s*hidden|font-size\s*:\s*[01](?:\.\d+)?\s*(?:px|pt)?\b"
-    r"|opacity\s*:\s*0(?:\.0+)?\s*(?:;|$)|(?<![-\w])color\s*:\s*(?:#fff(?:fff)?|white)\b", re.IGNORECASE)
+    r"display\s*:\s*none|visibility\s*:\s*hidden"
+    r"|font-size\s*:\s*(?:0+(?:\.\d+)?|1(?:\.0+)?)\s*(?:px|pt)?(?![\w.%])"
+    r"|opacity\s*:\s*0(?:\.0+)?\s*(?:;|$)", re.IGNORECASE)
+_WHITE_STYLE_RE = re.compile(r"(?<![-\w])color\s*:\s*(?:#fff(?:fff)?|white)\b", re.IGNORECASE)
 _WHITE_RE = re.compile(r"#fff(?:fff)?|white", re.IGNORECASE)
+_BACKGROUND_STYLE_RE = re.compile(r"background", re.IGNORECASE)
 
 
-def _hidden(el: etree._Element, unseen: bool = False) -> bool:
+def _hidden(el: etree._Element, unseen: bool = False, on_background: bool = False) -> bool:
     if el.get("hidden") is not None:
         return True
+    style = el.get("style") or ""
     if unseen:
-        return bool(_UNSEEN_STYLE_RE.search(el.get("style") or "") or _WHITE_RE.fullmatch(el.get("color") or "")
-                    or (el.tag == "font" and (el.get("size") or "").strip() in ("0", "1")))
-    return bool(_HIDDEN_STYLE_RE.search(el.get("style") or ""))
+        white = bool(_WHITE_STYLE_RE.search(style) or _WHITE_RE.fullmatch(el.get("color") or ""))
+        return bool(_UNSEEN_STYLE_RE.search(style)) or (white and not on_background)
+    return bool(_HIDDEN_STYLE_RE.search(style))
+
+
+def _has_background(el: etree._Element) -> bool:
+    return el.get("bgcolor") is not None or el.get("background") is not None or bool(
+        _BACKGROUND_STYLE_RE.search(el.get("style") or ""))
 
 
 def html_to_text(html: str, *, unseen_hidden: bool = False) -> str:
@@ -170,11 +181,14 @@ def html_to_text(html: str, *, unseen_hidden: bool = False) -> str:
     w = _Writer()
     links: list[tuple[int, str]] = []  # (characters written at <a>, href)
     list_counters: list[int | None] = []
+    backgrounds = [False]  # open elements that set a background, the innermost last (unseen_hidden)
     walker = etree.iterwalk(root, events=("start", "end"))
     for event, el in walker:
         tag = el.tag.lower() if isinstance(el.tag, str) else ""  # comments: a function
         if event == "start":
-            if not tag or tag in _INVISIBLE or _hidden(el, unseen_hidden):
+            if unseen_hidden:
+                backgrounds.append(backgrounds[-1] or _has_background(el))
+            if not tag or tag in _INVISIBLE or _hidden(el, unseen_hidden, backgrounds[-1]):
                 walker.skip_subtree()  # its "end" still comes, and writes the tail
                 continue
             if tag in _PARAGRAPH:
@@ -205,7 +219,10 @@ def html_to_text(html: str, *, unseen_hidden: bool = False) -> str:
                 links.append((w.written, (el.get("href") or "").strip()))
             w.text(el.text)
         else:
-            if not tag or tag in _INVISIBLE or _hidden(el, unseen_hidden):
+            hidden = not tag or tag in _INVISIBLE or _hidden(el, unseen_hidden, backgrounds[-1])
+            if unseen_hidden:
+                backgrounds.pop()
+            if hidden:
                 pass
             elif tag == "a" and links:
                 start, href = links.pop()

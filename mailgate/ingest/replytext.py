@@ -101,6 +101,7 @@ _OUTLOOK_SUBJECT_RE = re.compile(
 _UNDERSCORE_RE = re.compile(r"^\s*_{10,}\s*$")
 # Under Outlook's line of underscores, its header block in any language (Swedish "Från:",
 # Polish "Od:", Japanese "差出人:"): a field that names an address, then two more fields.
+_SENT_AT_RE = re.compile(r"\d{1,2}[:.]\d{2}|\b(?:19|20)\d{2}\b")  # a time, or a year
 _ANY_FIELD_RE = re.compile(r"^\s*\*?[^\W\d_][^\W\d_ .'-]{0,20}(?:[ .'-][^\W\d_]{1,20}){0,2}\*?\s*[:：]")
 _QUOTED_RE = re.compile(r"^\s*>")
 _SIG_DASH_RE = re.compile(r"^-- ?$")
@@ -157,12 +158,16 @@ def _is_outlook_block(lines: list[str], index: int) -> bool:
 
 def _is_any_language_block(lines: list[str], index: int) -> bool:
     """A header block of a language _OUTLOOK_FROM_RE does not know, taken only under
-    Outlook's underscores: a field with an address, and two more fields below it."""
+    Outlook's underscores and only in Outlook's shape: a field with an address, the date
+    and time sent on one of the two lines below, four fields in all. "Login: carol@...",
+    "Server: ...", "Port: 993" in an answer is text."""
     first = lines[index][:_MAX_SCAN_LINE]
     if not _ANY_FIELD_RE.match(first) or not ("@" in first or "<" in first):
         return False
-    fields = [line for line in lines[index + 1 : index + 6] if _ANY_FIELD_RE.match(line[:_MAX_SCAN_LINE])]
-    return len(fields) >= 2
+    below = [line[:_MAX_SCAN_LINE] for line in lines[index + 1 : index + 6]]
+    fields = [line for line in below if _ANY_FIELD_RE.match(line)]
+    sent = any(_ANY_FIELD_RE.match(line) and _SENT_AT_RE.search(line) for line in below[:2])
+    return len(fields) >= 3 and sent
 
 
 def _next_nonblank(lines: list[str], index: int) -> int | None:

@@ -573,7 +573,6 @@ class ImapPoller:
         self._uidvalidity: int | None = None
         self._passed = 0  # highest UID filed; all below it are done, except the skipped
         self._skipped: dict[int, _Skipped] = {}
-        self._oversize_checked_empty = False  # none waits: no query each pass
         if account.tls == "none" and account.host not in ("127.0.0.1", "::1", "localhost"):
             log.warning("imap %s: tls = \"none\" sends the password in clear to %s",
                         account.name, account.host)
@@ -708,7 +707,6 @@ class ImapPoller:
         known = await asyncio.to_thread(self._known, uv, uids)
         got = await self._fetch(session, [u for u in uids if u not in known])
         for uid, size in got.oversize.items():
-            self._oversize_checked_empty = False
             await self._report_oversize(uv, uid, size)
         for uid, why in got.failed.items():
             await self._report_unfetchable(uid, why)
@@ -873,8 +871,7 @@ class ImapPoller:
         """Each pass: messages too large to fetch that someone took out of the folder (after
         passing them on by hand) are no longer warned about. After a UIDVALIDITY change
         the rescan reports again those still there."""
-        if self._oversize_checked_empty:
-            return
+        # Read each pass (one row): another instance may have held the lease meanwhile.
         waiting = await asyncio.to_thread(self._oversize_waiting)
         current = [w for w in waiting if w[0] == session.uidvalidity]
         present = await session.present([w[1] for w in current]) if current else set()
@@ -882,7 +879,6 @@ class ImapPoller:
         if kept != waiting:
             await asyncio.to_thread(self._set_oversize, lambda now: [
                 w for w in now if w[0] == session.uidvalidity and (w[1] in present or w not in current)])
-        self._oversize_checked_empty = not kept
 
     # -- health -------------------------------------------------------------
     async def _ok(self) -> None:
