@@ -107,8 +107,24 @@ def test_the_spam_filters_view_leaves_out_only_what_nobody_sees() -> None:
         '<table bgcolor="#336699"><tr><td><font color="#ffffff">Click me</font></td></tr></table>': "Click me",
         '<div style="background:#000"><span style="color:white">light</span></div>': "light",
         '<font size="1">small print</font>': "small print",
+        # White on a white or unset background is unseen, wherever the background is set.
+        '<table bgcolor="#ffffff"><tr><td><font color="#ffffff">pad</font></td></tr></table>ok': "ok",
+        '<div style="background:#fff"><p style="color:#ffffff">pad</p></div>ok': "ok",
+        '<p style="color:#fff;background-color:#fff">pad</p>ok': "ok",
+        '<p style="color:#fff;background:none">pad</p>ok': "ok",
+        '<span style="font-size:1.5px">pad</span>ok': "ok",
+        '<p style="font-size:0.9em">normal</p>': "normal",
     }
     for html, text in unseen.items():
         assert html_to_text(html, unseen_hidden=True) == text, html
     # An agent's view keeps what a dark background may show.
     assert html_to_text('<p style="color:#fff">kept</p>') == "kept"
+
+
+def test_text_after_a_comment_is_kept() -> None:
+    """The Windows clipboard's <!--StartFragment--> cut the customer's sentence: iterwalk
+    gives comments as events of their own, and their tails were never written."""
+    html = ('<p>Hello,<!--StartFragment--> the VPN fails with error 809.<!--EndFragment--></p>'
+            "<p>Regards<!-- sig --> Carol</p>")
+    assert html_to_text(html) == "Hello, the VPN fails with error 809.\n\nRegards Carol"
+    assert html_to_text("<div><?php x ?>a</div>") == "a"

@@ -272,3 +272,8 @@ def test_settings_under_underscores_are_text_not_an_outlook_block() -> None:
     details = ("Here are the details you asked for.\n\n____________\nContact: Carol Smith <carol@customer.org>\n"
                "Order: 12345\nSerial number: SN-88\nModel: X2\n\nIt stopped working on Monday.\n")
     assert visible_reply_text(details).endswith("It stopped working on Monday.")
+    # Nor an address, an IP, a price or a version after it: none is the time it was sent.
+    for second in ("Server: 192.168.10.25", "Price: 12.50 EUR", "Version: 10.15.7"):
+        text = (f"Details:\n\n____________\nCustomer: Carol <carol@customer.org>\n{second}\n"
+                "Quantity: 3\nDelivery: Friday\n\nThe rest of the answer.\n")
+        assert visible_reply_text(text, whole_if_empty=False).endswith("The rest of the answer."), second

@@ -547,9 +547,10 @@ How often the held-out figures were looked at, and what was decided before:
    look.
    A review then found that view too wide ("font-size:1.1em" read as 1
    px, a white label on a coloured button as hidden: a Polish customer was
-   held), and it now leaves out only 0-1 px or pt fonts and white text on no
-   background. Checked on validation (the same to the digit again) and the
-   probes (unchanged) only; the held-out part was not scored again.
+   held), and it now leaves out only fonts of size zero or under 2 px or pt,
+   and white text on a white or unset background. Checked on validation
+   (the same to the digit again) and the probes (unchanged) only; the
+   held-out part was not scored again.
 
 ## Tried between the eighth and ninth looks (validation only; nothing changed)
 

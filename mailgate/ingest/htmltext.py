@@ -136,32 +136,38 @@ def _tail(pieces: list[str], n: int) -> str:
     return "".join(reversed(tail))[-n:]
 
 
-# What the spam filter also takes for unseen, which spammers pad with: fonts of 0-1 px or pt
-# ("1.1em" is no such size), transparent text, and white text on no background of its own or
-# an ancestor's (a white button label on a coloured button is read). An agent's view keeps
+# What the spam filter also takes for unseen, which spammers pad with: a font size of zero,
+# or under 2 px or pt ("1.1em" is no such size), transparent text, and white text unless a
+# background colour that is not white is set on it or an ancestor (a white label on a blue
+# button is read; on <body bgcolor="#ffffff">, or none, it is not). An agent's view keeps
 # them all.
 _UNSEEN_STYLE_RE = re.compile(
     r"display\s*:\s*none|visibility\s*:\s*hidden"
-    r"|font-size\s*:\s*(?:0+(?:\.\d+)?|1(?:\.0+)?)\s*(?:px|pt)?(?![\w.%])"
+    r"|font-size\s*:\s*(?:0+(?:\.0+)?(?:[a-z%]+)?|[01](?:\.\d+)?\s*(?:px|pt))(?![\w.%])"
     r"|opacity\s*:\s*0(?:\.0+)?\s*(?:;|$)", re.IGNORECASE)
 _WHITE_STYLE_RE = re.compile(r"(?<![-\w])color\s*:\s*(?:#fff(?:fff)?|white)\b", re.IGNORECASE)
 _WHITE_RE = re.compile(r"#fff(?:fff)?|white", re.IGNORECASE)
-_BACKGROUND_STYLE_RE = re.compile(r"background", re.IGNORECASE)
+_BACKGROUND_COLOR_RE = re.compile(r"background(?:-color)?\s*:\s*([#\w(),. %]+)", re.IGNORECASE)
+# Backgrounds that leave white text unseen: white, or none set at all.
+_NO_BACKGROUND = frozenset({"", "#fff", "#ffffff", "white", "transparent", "none", "inherit", "initial"})
 
 
-def _hidden(el: etree._Element, unseen: bool = False, on_background: bool = False) -> bool:
+def _hidden(el: etree._Element, unseen: bool = False, background: str = "") -> bool:
     if el.get("hidden") is not None:
         return True
     style = el.get("style") or ""
     if unseen:
         white = bool(_WHITE_STYLE_RE.search(style) or _WHITE_RE.fullmatch(el.get("color") or ""))
-        return bool(_UNSEEN_STYLE_RE.search(style)) or (white and not on_background)
+        return bool(_UNSEEN_STYLE_RE.search(style)) or (white and background in _NO_BACKGROUND)
     return bool(_HIDDEN_STYLE_RE.search(style))
 
 
-def _has_background(el: etree._Element) -> bool:
-    return el.get("bgcolor") is not None or el.get("background") is not None or bool(
-        _BACKGROUND_STYLE_RE.search(el.get("style") or ""))
+def _background(el: etree._Element, outer: str) -> str:
+    """The background colour the element's text is on: its own if it sets one, else outer."""
+    found = _BACKGROUND_COLOR_RE.search(el.get("style") or "")
+    own = found.group(1).strip().split()[0].lower() if found and found.group(1).strip() else ""
+    own = own or (el.get("bgcolor") or "").strip().lower()
+    return own or outer
 
 
 def html_to_text(html: str, *, unseen_hidden: bool = False) -> str:
@@ -181,13 +187,18 @@ def html_to_text(html: str, *, unseen_hidden: bool = False) -> str:
     w = _Writer()
     links: list[tuple[int, str]] = []  # (characters written at <a>, href)
     list_counters: list[int | None] = []
-    backgrounds = [False]  # open elements that set a background, the innermost last (unseen_hidden)
-    walker = etree.iterwalk(root, events=("start", "end"))
+    backgrounds = [""]  # the background colour of each open element, innermost last (unseen_hidden)
+    # Comments and processing instructions come as events of their own: the text after them
+    # (`Hello,<!--StartFragment--> the VPN fails`) is their tail, and was lost.
+    walker = etree.iterwalk(root, events=("start", "end", "comment", "pi"))
     for event, el in walker:
-        tag = el.tag.lower() if isinstance(el.tag, str) else ""  # comments: a function
+        if event in ("comment", "pi"):
+            w.text(el.tail)
+            continue
+        tag = el.tag.lower() if isinstance(el.tag, str) else ""
         if event == "start":
             if unseen_hidden:
-                backgrounds.append(backgrounds[-1] or _has_background(el))
+                backgrounds.append(_background(el, backgrounds[-1]))
             if not tag or tag in _INVISIBLE or _hidden(el, unseen_hidden, backgrounds[-1]):
                 walker.skip_subtree()  # its "end" still comes, and writes the tail
                 continue

@@ -101,7 +101,8 @@ _OUTLOOK_SUBJECT_RE = re.compile(
 _UNDERSCORE_RE = re.compile(r"^\s*_{10,}\s*$")
 # Under Outlook's line of underscores, its header block in any language (Swedish "Från:",
 # Polish "Od:", Japanese "差出人:"): a field that names an address, then two more fields.
-_SENT_AT_RE = re.compile(r"\d{1,2}[:.]\d{2}|\b(?:19|20)\d{2}\b")  # a time, or a year
+# The sent field's time (10:00) or year, not part of a dotted number (an IP, a price, a version).
+_SENT_AT_RE = re.compile(r"(?<![\d.:])(?:\d{1,2}:\d{2}|(?:19|20)\d{2})(?![\d.:])")
 _ANY_FIELD_RE = re.compile(r"^\s*\*?[^\W\d_][^\W\d_ .'-]{0,20}(?:[ .'-][^\W\d_]{1,20}){0,2}\*?\s*[:：]")
 _QUOTED_RE = re.compile(r"^\s*>")
 _SIG_DASH_RE = re.compile(r"^-- ?$")
