@@ -166,6 +166,25 @@ def test_a_release_during_the_purge_keeps_the_message(pg_url: str, workdir: Path
         assert session.get(Inbound, inbound_id).outcome == "ticket"  # type: ignore[union-attr]
 
 
+def test_imap_positions_up_to_2_to_the_32_fit_on_postgres(pg_url: str) -> None:
+    """UIDVALIDITY and UIDs are 32-bit unsigned (RFC 3501): 4294967295 did not fit an integer."""
+    from sqlmodel import select
+
+    from mailgate.store import migrate
+    from mailgate.store.engine import make_engine, session_scope
+    from mailgate.store.tables import ImapState
+
+    engine = make_engine(pg_url)
+    migrate.upgrade(engine, "0004")
+    migrate.upgrade(engine)  # from a database made before
+    with session_scope(engine) as session:
+        session.add(ImapState(account="inbox", uidvalidity=2**32 - 1, last_uid=2**32 - 1))
+    with session_scope(engine) as session:
+        row = session.exec(select(ImapState)).one()
+        assert (row.uidvalidity, row.last_uid) == (2**32 - 1, 2**32 - 1)
+    engine.dispose()
+
+
 def test_a_row_another_instance_takes_over_is_not_failed_for_its_deadline(pg_url: str) -> None:
     """Between the deadline check's SELECT and its UPDATE, another instance takes over a
     stale claim (PostgreSQL, READ COMMITTED): the row is theirs to send and record; failing

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Column, Index, LargeBinary, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Index, LargeBinary, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -171,8 +171,9 @@ class ImapState(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     account: str = Field(max_length=320, unique=True)
-    uidvalidity: int | None = None
-    last_uid: int = 0
+    # IMAP's UIDVALIDITY and UIDs run to 2^32 - 1: over PostgreSQL's integer (2^31 - 1).
+    uidvalidity: int | None = Field(default=None, sa_type=BigInteger)
+    last_uid: int = Field(default=0, sa_type=BigInteger)
     last_ok_at: datetime | None = None
     last_error: str | None = Field(default=None, sa_type=Text)
     last_error_at: datetime | None = None

@@ -1,4 +1,4 @@
-"""imap oversize
+"""imap oversize, 64-bit UIDVALIDITY and UIDs
 
 Revision ID: 0005
 Revises: 0004
@@ -29,6 +29,11 @@ def upgrade() -> None:
     # until it is gone (last_error alone was overwritten by the next report).
     with op.batch_alter_table('imapstate', schema=None) as batch_op:
         batch_op.add_column(sa.Column('oversize', sa.Text(), nullable=True))
+        # IMAP's UIDVALIDITY and UIDs run to 2^32 - 1: over PostgreSQL's integer.
+        batch_op.alter_column('uidvalidity', type_=sa.BigInteger(), existing_type=sa.Integer(),
+                              existing_nullable=True)
+        batch_op.alter_column('last_uid', type_=sa.BigInteger(), existing_type=sa.Integer(),
+                              existing_nullable=False)
     # One that was waiting at the upgrade is kept: last_uid is past it, and nothing would
     # report it again. The next pass forgets it if it is gone.
     conn = op.get_bind()
@@ -42,4 +47,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     with op.batch_alter_table('imapstate', schema=None) as batch_op:
+        batch_op.alter_column('last_uid', type_=sa.Integer(), existing_type=sa.BigInteger(),
+                              existing_nullable=False)
+        batch_op.alter_column('uidvalidity', type_=sa.Integer(), existing_type=sa.BigInteger(),
+                              existing_nullable=True)
         batch_op.drop_column('oversize')
