@@ -114,6 +114,16 @@ def test_the_spam_filters_view_leaves_out_only_what_nobody_sees() -> None:
         '<p style="color:#fff;background:none">pad</p>ok': "ok",
         '<span style="font-size:1.5px">pad</span>ok': "ok",
         '<p style="font-size:0.9em">normal</p>': "normal",
+        # See-through keywords show the colour beneath (Google Docs sets transparent on every span).
+        '<table bgcolor="#073763"><tr><td><span style="background-color:transparent;color:#ffffff">'
+        'Invoice number</span></td></tr></table>': "Invoice number",
+        '<td style="background-image:url(x.png)"><span style="color:#fff">hero text</span></td>': "hero text",
+        '<table><tr><td background="img.png"><font color="white">hero</font></td></tr></table>': "hero",
+        '<p style="color:rgb(255,255,255)">pad</p>ok': "ok",
+        '<table bgcolor="ffffff"><tr><td><font color="#ffffff">pad</font></td></tr></table>ok': "ok",
+        # A layout's font-size:0 wrapper hides only the text that does not set its own size.
+        '<div style="font-size:0px"><div style="font-size:14px">Column text</div></div>': "Column text",
+        '<p style="mso-bidi-font-size:1.0pt">Body</p>': "Body",
     }
     for html, text in unseen.items():
         assert html_to_text(html, unseen_hidden=True) == text, html

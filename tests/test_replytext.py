@@ -273,7 +273,16 @@ def test_settings_under_underscores_are_text_not_an_outlook_block() -> None:
                "Order: 12345\nSerial number: SN-88\nModel: X2\n\nIt stopped working on Monday.\n")
     assert visible_reply_text(details).endswith("It stopped working on Monday.")
     # Nor an address, an IP, a price or a version after it: none is the time it was sent.
-    for second in ("Server: 192.168.10.25", "Price: 12.50 EUR", "Version: 10.15.7"):
+    for second in ("Server: 192.168.10.25", "Price: 12.50 EUR", "Version: 10.15.7", "Resolution: 1920x1080",
+                   "Model: X2000", "Printer: HP2055dn", "Error code: 0x2003"):
         text = (f"Details:\n\n____________\nCustomer: Carol <carol@customer.org>\n{second}\n"
                 "Quantity: 3\nDelivery: Friday\n\nThe rest of the answer.\n")
         assert visible_reply_text(text, whole_if_empty=False).endswith("The rest of the answer."), second
+
+
+@pytest.mark.parametrize("sent", ["Sent: 01.12.2026 10:00:00", "Lähetetty: 1.12.2026 10.00",
+                                  "送信日時: 2026年12月1日 10:00"])
+def test_the_sent_line_in_its_local_forms(sent: str) -> None:
+    text = (f"Answer.\n\n________________________________\nFrom: Example Support <support@example.com>\n{sent}\n"
+            "To: Bob <bob@example.com>\nSubject: [EXAMPLE #1] VPN down\n\nNew ticket #1\n")
+    assert visible_reply_text(text.replace("From:", "Frm:"), whole_if_empty=False) == "Answer."

@@ -547,10 +547,12 @@ How often the held-out figures were looked at, and what was decided before:
    look.
    A review then found that view too wide ("font-size:1.1em" read as 1
    px, a white label on a coloured button as hidden: a Polish customer was
-   held), and it now leaves out only fonts of size zero or under 2 px or pt,
-   and white text on a white or unset background. Checked on validation
-   (the same to the digit again) and the probes (unchanged) only; the
-   held-out part was not scored again.
+   held), and after two more review rounds it leaves out only text whose
+   own or inherited font size is zero or under 2 px or pt, and white text
+   on a white or unset background (a see-through keyword shows the colour
+   beneath; an image counts as a background). Checked on validation (the
+   same to the digit again) and the probes (unchanged) only; the held-out
+   part was not scored again.
 
 ## Tried between the eighth and ninth looks (validation only; nothing changed)
 

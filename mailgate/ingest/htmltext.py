@@ -136,20 +136,24 @@ def _tail(pieces: list[str], n: int) -> str:
     return "".join(reversed(tail))[-n:]
 
 
-# What the spam filter also takes for unseen, which spammers pad with: a font size of zero,
-# or under 2 px or pt ("1.1em" is no such size), transparent text, and white text unless a
-# background colour that is not white is set on it or an ancestor (a white label on a blue
-# button is read; on <body bgcolor="#ffffff">, or none, it is not). An agent's view keeps
-# them all.
-_UNSEEN_STYLE_RE = re.compile(
-    r"display\s*:\s*none|visibility\s*:\s*hidden"
-    r"|font-size\s*:\s*(?:0+(?:\.0+)?(?:[a-z%]+)?|[01](?:\.\d+)?\s*(?:px|pt))(?![\w.%])"
-    r"|opacity\s*:\s*0(?:\.0+)?\s*(?:;|$)", re.IGNORECASE)
-_WHITE_STYLE_RE = re.compile(r"(?<![-\w])color\s*:\s*(?:#fff(?:fff)?|white)\b", re.IGNORECASE)
-_WHITE_RE = re.compile(r"#fff(?:fff)?|white", re.IGNORECASE)
-_BACKGROUND_COLOR_RE = re.compile(r"background(?:-color)?\s*:\s*([#\w(),. %]+)", re.IGNORECASE)
-# Backgrounds that leave white text unseen: white, or none set at all.
-_NO_BACKGROUND = frozenset({"", "#fff", "#ffffff", "white", "transparent", "none", "inherit", "initial"})
+# What the spam filter also takes for unseen, which spammers pad with: transparent text; text
+# whose font size, its own or inherited, is zero or under 2 px or pt ("1.1em" is no such
+# size, and a layout's font-size:0 wrapper hides only what does not set its own size); and
+# white text unless a background that is not white (a colour or an image) is set on it or an
+# ancestor: a white label on a blue button is read, on <body bgcolor="#ffffff"> or on
+# nothing it is not. An agent's view keeps them all.
+_UNSEEN_STYLE_RE = re.compile(r"display\s*:\s*none|visibility\s*:\s*hidden|opacity\s*:\s*0(?:\.0+)?\s*(?:;|$)",
+                              re.IGNORECASE)
+_FONT_SIZE_RE = re.compile(r"(?<![-\w])font-size\s*:\s*([^;]*)", re.IGNORECASE)
+_TINY_SIZE_RE = re.compile(r"\s*(?:0+(?:\.0+)?(?:[a-z%]+)?|[01](?:\.\d+)?\s*(?:px|pt))\s*(?:!important\s*)?$",
+                           re.IGNORECASE)
+_WHITE_STYLE_RE = re.compile(r"(?<![-\w])color\s*:\s*(?:#fff(?:fff)?|white|rgb\(\s*255\s*,\s*255\s*,\s*255\s*\))",
+                             re.IGNORECASE)
+_WHITE_RE = re.compile(r"#?fff(?:fff)?|white|rgb\(\s*255\s*,\s*255\s*,\s*255\s*\)", re.IGNORECASE)
+_BACKGROUND_DECL_RE = re.compile(r"(?<![-\w])background(-color|-image)?\s*:\s*([^;]*)", re.IGNORECASE)
+_COLOR_TOKEN_RE = re.compile(r"#[0-9a-f]{3,8}\b|rgba?\([^)]*\)|\b[a-z]+\b", re.IGNORECASE)
+# Keywords that set no colour of their own: the one beneath shows through.
+_SEE_THROUGH = frozenset({"transparent", "none", "inherit", "initial", "unset", "currentcolor"})
 
 
 def _hidden(el: etree._Element, unseen: bool = False, background: str = "") -> bool:
@@ -157,17 +161,32 @@ def _hidden(el: etree._Element, unseen: bool = False, background: str = "") -> b
         return True
     style = el.get("style") or ""
     if unseen:
-        white = bool(_WHITE_STYLE_RE.search(style) or _WHITE_RE.fullmatch(el.get("color") or ""))
-        return bool(_UNSEEN_STYLE_RE.search(style)) or (white and background in _NO_BACKGROUND)
+        white = bool(_WHITE_STYLE_RE.search(style) or _WHITE_RE.fullmatch((el.get("color") or "").strip()))
+        return bool(_UNSEEN_STYLE_RE.search(style)) or (white and (not background or _WHITE_RE.fullmatch(background)
+                                                                   is not None))
     return bool(_HIDDEN_STYLE_RE.search(style))
 
 
 def _background(el: etree._Element, outer: str) -> str:
-    """The background colour the element's text is on: its own if it sets one, else outer."""
-    found = _BACKGROUND_COLOR_RE.search(el.get("style") or "")
-    own = found.group(1).strip().split()[0].lower() if found and found.group(1).strip() else ""
-    own = own or (el.get("bgcolor") or "").strip().lower()
+    """What the element's text is on: a colour, "image", or "" for nothing set."""
+    own = ""
+    for kind, value in _BACKGROUND_DECL_RE.findall(el.get("style") or ""):
+        if kind.lower() == "-image" or "url(" in value.lower():
+            return "image"
+        colours = [c for c in _COLOR_TOKEN_RE.findall(value) if c.lower() not in _SEE_THROUGH
+                   and (c.startswith("#") or c.lower().startswith("rgb") or c.isalpha())]
+        own = colours[-1].lower() if colours else own
+    if el.get("background"):
+        return "image"
+    attr = (el.get("bgcolor") or "").strip().lower()
+    own = own or ("" if attr in _SEE_THROUGH else attr)
     return own or outer
+
+
+def _tiny(el: etree._Element, outer: bool) -> bool:
+    """Whether the element's text is too small to read: its own font size, else outer."""
+    found = _FONT_SIZE_RE.search(el.get("style") or "")
+    return bool(_TINY_SIZE_RE.match(found.group(1))) if found else outer
 
 
 def html_to_text(html: str, *, unseen_hidden: bool = False) -> str:
@@ -187,18 +206,23 @@ def html_to_text(html: str, *, unseen_hidden: bool = False) -> str:
     w = _Writer()
     links: list[tuple[int, str]] = []  # (characters written at <a>, href)
     list_counters: list[int | None] = []
-    backgrounds = [""]  # the background colour of each open element, innermost last (unseen_hidden)
+    # For unseen_hidden, of each open element, innermost last: what its text is on, and
+    # whether its font is too small to read.
+    backgrounds = [""]
+    tiny = [False]
     # Comments and processing instructions come as events of their own: the text after them
     # (`Hello,<!--StartFragment--> the VPN fails`) is their tail, and was lost.
     walker = etree.iterwalk(root, events=("start", "end", "comment", "pi"))
     for event, el in walker:
         if event in ("comment", "pi"):
-            w.text(el.tail)
+            if not tiny[-1]:
+                w.text(el.tail)
             continue
         tag = el.tag.lower() if isinstance(el.tag, str) else ""
         if event == "start":
             if unseen_hidden:
                 backgrounds.append(_background(el, backgrounds[-1]))
+                tiny.append(_tiny(el, tiny[-1]))
             if not tag or tag in _INVISIBLE or _hidden(el, unseen_hidden, backgrounds[-1]):
                 walker.skip_subtree()  # its "end" still comes, and writes the tail
                 continue
@@ -228,11 +252,13 @@ def html_to_text(html: str, *, unseen_hidden: bool = False) -> str:
                 w.line_break()
             elif tag == "a":
                 links.append((w.written, (el.get("href") or "").strip()))
-            w.text(el.text)
+            if not tiny[-1]:
+                w.text(el.text)
         else:
             hidden = not tag or tag in _INVISIBLE or _hidden(el, unseen_hidden, backgrounds[-1])
             if unseen_hidden:
                 backgrounds.pop()
+                tiny.pop()
             if hidden:
                 pass
             elif tag == "a" and links:
@@ -256,5 +282,6 @@ def html_to_text(html: str, *, unseen_hidden: bool = False) -> str:
                 w.brk(2)
             elif tag in _LINE:
                 w.brk(1)
-            w.text(el.tail)
+            if not tiny[-1]:  # the tail is the parent's text, in the parent's size
+                w.text(el.tail)
     return w.result()

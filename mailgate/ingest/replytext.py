@@ -101,8 +101,11 @@ _OUTLOOK_SUBJECT_RE = re.compile(
 _UNDERSCORE_RE = re.compile(r"^\s*_{10,}\s*$")
 # Under Outlook's line of underscores, its header block in any language (Swedish "Från:",
 # Polish "Od:", Japanese "差出人:"): a field that names an address, then two more fields.
-# The sent field's time (10:00) or year, not part of a dotted number (an IP, a price, a version).
-_SENT_AT_RE = re.compile(r"(?<![\d.:])(?:\d{1,2}:\d{2}|(?:19|20)\d{2})(?![\d.:])")
+# The sent field's time (10:00, 10:00:00), year or dotted date (1.12.2026), standing alone:
+# not part of a dotted number (an IP, a price, a version) nor of a word (X2000, 1920x1080,
+# 0x2003). ASCII boundaries, as "2026年" has its year before a word character.
+_SENT_AT_RE = re.compile(r"(?<![0-9A-Za-z.:])(?:\d{1,2}:\d{2}(?::\d{2})?|(?:19|20)\d{2}"
+                         r"|\d{1,2}\.\d{1,2}\.(?:19|20)\d{2})(?![0-9A-Za-z.:])")
 _ANY_FIELD_RE = re.compile(r"^\s*\*?[^\W\d_][^\W\d_ .'-]{0,20}(?:[ .'-][^\W\d_]{1,20}){0,2}\*?\s*[:：]")
 _QUOTED_RE = re.compile(r"^\s*>")
 _SIG_DASH_RE = re.compile(r"^-- ?$")
