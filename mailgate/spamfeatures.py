@@ -92,7 +92,10 @@ _RE_HTML_HIDDEN = re.compile(
     re.IGNORECASE,
 )
 _RE_HTML_WHITE = re.compile(r"""color\s*[:=]\s*["']?(?:#fff(?:fff)?|white)\b""", re.IGNORECASE)
-_RE_HTML_TITLE = re.compile(r"<title\b", re.IGNORECASE)
+# Whatever htmltext's unseen view could leave out (not tokens: the model's own are above).
+_RE_MAY_HIDE = re.compile(
+    r"display\s*:\s*none|visibility\s*:\s*hidden|opacity\s*:\s*0|font-size\s*:\s*[01]|<title\b"
+    r"|color\s*[:=]\s*[\"']?(?:#fff|white|rgb\(\s*255)", re.IGNORECASE)
 _RE_AUTH = re.compile(r"\b(spf|dkim|dmarc|arc)\s*=\s*([a-z]+)", re.IGNORECASE)
 _RE_ALPHA_WORD = re.compile(r"[a-z]+", re.IGNORECASE)
 _SECOND_LEVEL = frozenset({"co", "com", "net", "org", "ac", "gov", "edu", "ne", "or", "go"})
@@ -473,8 +476,7 @@ def shown_html_words(raw: bytes, msg: Message | None = None) -> set[str]:
                   if _is_body_text(part, part.get_filename()) and part.get_content_type() == "text/html"]
         # Bounded as the other views are: lxml on 64 parts of 100,000 characters took seconds.
         html_text = "\n".join(markup)[: 2 * MAX_TEXT_CHARS]
-        if not (_RE_HTML_HIDDEN.search(html_text) or _RE_HTML_WHITE.search(html_text)
-                or _RE_HTML_TITLE.search(html_text)):
+        if not _RE_MAY_HIDE.search(html_text):
             return set()
         words: set[str] = set()
         _word_tokens(html_to_text(html_text, unseen_hidden=True)[:MAX_TEXT_CHARS], "", words)

@@ -124,6 +124,16 @@ def test_the_spam_filters_view_leaves_out_only_what_nobody_sees() -> None:
         # A layout's font-size:0 wrapper hides only the text that does not set its own size.
         '<div style="font-size:0px"><div style="font-size:14px">Column text</div></div>': "Column text",
         '<p style="mso-bidi-font-size:1.0pt">Body</p>': "Body",
+        # Only colour words count in a background shorthand; "none" is no image; #fff200 is yellow.
+        '<div style="background:#ffffff none repeat scroll 0% 0%"><p style="color:#ffffff">pad</p></div>ok': "ok",
+        '<div style="background-color:#ffffff !important"><p style="color:#fff">pad</p></div>ok': "ok",
+        '<td style="background-image:none"><span style="color:#fff">pad</span></td>ok': "ok",
+        '<p style="color:#fff200">Sale ends today</p>': "Sale ends today",
+        # Inside a tiny block: no link address, bullet or rule either; the last size declared
+        # counts, and a relative one stays tiny.
+        '<div style="font-size:0"><a href="https://spam.example/x">pad</a><ul><li>pad</li></ul><hr></div>ok': "ok",
+        '<p style="font-size:14px;font-size:0">pad</p>ok': "ok",
+        '<td style="font-size:0"><span style="font-size:100%">pad</span></td>ok': "ok",
     }
     for html, text in unseen.items():
         assert html_to_text(html, unseen_hidden=True) == text, html

@@ -546,6 +546,7 @@ def test_words_nobody_sees_do_not_switch_the_known_words_rule_off() -> None:
     padding = " ".join("".join(rng.choice("bcdfgklmnprstvz") for _ in range(8)) for _ in range(400)).encode()
     head, html = SPAM_MAIL.split(b"<html>")
     for hide in (b'<div style="display:none">%s</div>', b'<p style="color:#ffffff">%s</p>',
+                 b'<p style="color:rgb(255,255,255)">%s</p>', b'<p style="opacity:0">%s</p>',
                  b'<span style="font-size:1px">%s</span>', b"<head><title>%s</title></head>"):
         padded = head + b"<html>" + hide % padding + html
         assert model.features(padded).words.size > 300  # the padding is there as tokens

@@ -147,13 +147,28 @@ _UNSEEN_STYLE_RE = re.compile(r"display\s*:\s*none|visibility\s*:\s*hidden|opaci
 _FONT_SIZE_RE = re.compile(r"(?<![-\w])font-size\s*:\s*([^;]*)", re.IGNORECASE)
 _TINY_SIZE_RE = re.compile(r"\s*(?:0+(?:\.0+)?(?:[a-z%]+)?|[01](?:\.\d+)?\s*(?:px|pt))\s*(?:!important\s*)?$",
                            re.IGNORECASE)
-_WHITE_STYLE_RE = re.compile(r"(?<![-\w])color\s*:\s*(?:#fff(?:fff)?|white|rgb\(\s*255\s*,\s*255\s*,\s*255\s*\))",
-                             re.IGNORECASE)
+# A size relative to the parent's (100%, 1em, inherit): tiny inside a tiny one.
+_RELATIVE_SIZE_RE = re.compile(r"\s*(?:[\d.]+\s*(?:%|em|ex|ch)|inherit|unset|smaller|larger)\s*(?:!important\s*)?$",
+                               re.IGNORECASE)
+_WHITE = r"(?:#fff(?:fff)?|white|rgb\(\s*255\s*,\s*255\s*,\s*255\s*\))(?![\w-])"  # not #fff200, whitesmoke
+_WHITE_STYLE_RE = re.compile(r"(?<![-\w])color\s*:\s*" + _WHITE, re.IGNORECASE)
 _WHITE_RE = re.compile(r"#?fff(?:fff)?|white|rgb\(\s*255\s*,\s*255\s*,\s*255\s*\)", re.IGNORECASE)
 _BACKGROUND_DECL_RE = re.compile(r"(?<![-\w])background(-color|-image)?\s*:\s*([^;]*)", re.IGNORECASE)
-_COLOR_TOKEN_RE = re.compile(r"#[0-9a-f]{3,8}\b|rgba?\([^)]*\)|\b[a-z]+\b", re.IGNORECASE)
+_COLOR_TOKEN_RE = re.compile(r"#[0-9a-f]{3,8}(?![\w-])|rgba?\([^)]*\)|hsla?\([^)]*\)|\b[a-z]+\b", re.IGNORECASE)
 # Keywords that set no colour of their own: the one beneath shows through.
 _SEE_THROUGH = frozenset({"transparent", "none", "inherit", "initial", "unset", "currentcolor"})
+# The CSS colour names mail uses; the other words of a background shorthand (repeat, scroll,
+# center, important) are no colour.
+_COLOUR_NAMES = frozenset({
+    "black", "white", "red", "green", "blue", "yellow", "orange", "purple", "pink", "brown", "gray", "grey",
+    "silver", "gold", "navy", "teal", "maroon", "olive", "lime", "aqua", "cyan", "magenta", "fuchsia", "beige",
+    "ivory", "khaki", "lavender", "linen", "azure", "coral", "crimson", "indigo", "violet", "salmon", "tan",
+    "turquoise", "chocolate", "tomato", "orchid", "plum", "wheat", "snow", "honeydew", "mintcream", "aliceblue",
+    "ghostwhite", "whitesmoke", "seashell", "oldlace", "floralwhite", "cornsilk", "lemonchiffon", "lightyellow",
+    "lightgray", "lightgrey", "lightblue", "lightgreen", "lightpink", "darkgray", "darkgrey", "darkblue",
+    "darkgreen", "darkred", "dimgray", "dimgrey", "gainsboro", "slategray", "slategrey", "steelblue", "royalblue",
+    "skyblue", "midnightblue", "firebrick", "forestgreen", "seagreen", "darkslategray", "darkslategrey"
+})
 
 
 def _hidden(el: etree._Element, unseen: bool = False, background: str = "") -> bool:
@@ -170,11 +185,11 @@ def _hidden(el: etree._Element, unseen: bool = False, background: str = "") -> b
 def _background(el: etree._Element, outer: str) -> str:
     """What the element's text is on: a colour, "image", or "" for nothing set."""
     own = ""
-    for kind, value in _BACKGROUND_DECL_RE.findall(el.get("style") or ""):
-        if kind.lower() == "-image" or "url(" in value.lower():
+    for _kind, value in _BACKGROUND_DECL_RE.findall(el.get("style") or ""):
+        if "url(" in value.lower() or "gradient(" in value.lower():
             return "image"
-        colours = [c for c in _COLOR_TOKEN_RE.findall(value) if c.lower() not in _SEE_THROUGH
-                   and (c.startswith("#") or c.lower().startswith("rgb") or c.isalpha())]
+        colours = [c for c in _COLOR_TOKEN_RE.findall(value)
+                   if c.startswith("#") or c.lower().startswith(("rgb", "hsl")) or c.lower() in _COLOUR_NAMES]
         own = colours[-1].lower() if colours else own
     if el.get("background"):
         return "image"
@@ -184,9 +199,12 @@ def _background(el: etree._Element, outer: str) -> str:
 
 
 def _tiny(el: etree._Element, outer: bool) -> bool:
-    """Whether the element's text is too small to read: its own font size, else outer."""
-    found = _FONT_SIZE_RE.search(el.get("style") or "")
-    return bool(_TINY_SIZE_RE.match(found.group(1))) if found else outer
+    """Whether the element's text is too small to read: its own font size (the last one
+    declared, as CSS takes it), else outer; a relative size keeps the outer verdict."""
+    sizes = _FONT_SIZE_RE.findall(el.get("style") or "")
+    if not sizes or _RELATIVE_SIZE_RE.match(sizes[-1]):
+        return outer
+    return bool(_TINY_SIZE_RE.match(sizes[-1]))
 
 
 def html_to_text(html: str, *, unseen_hidden: bool = False) -> str:
@@ -240,14 +258,14 @@ def html_to_text(html: str, *, unseen_hidden: bool = False) -> str:
             elif tag == "li":
                 counter = list_counters[-1] if list_counters else None
                 if counter is None:
-                    w.text("- ")
+                    w.text("" if tiny[-1] else "- ")
                 else:
                     list_counters[-1] = counter + 1
-                    w.text(f"{counter + 1}. ")
+                    w.text("" if tiny[-1] else f"{counter + 1}. ")
             elif tag in ("td", "th"):
                 w.cell_gap()
             elif tag == "hr":
-                w.text("----")
+                w.text("" if tiny[-1] else "----")
             elif tag == "br":
                 w.line_break()
             elif tag == "a":
@@ -264,7 +282,7 @@ def html_to_text(html: str, *, unseen_hidden: bool = False) -> str:
             elif tag == "a" and links:
                 start, href = links.pop()
                 shown = _tail(w.current, w.written - start)
-                if href.startswith(_LINK_SCHEMES) and href.removeprefix("mailto:") not in shown:
+                if href.startswith(_LINK_SCHEMES) and href.removeprefix("mailto:") not in shown and not tiny[-1]:
                     w.text(f" <{href.removeprefix('mailto:')}>" if shown.strip() else href.removeprefix("mailto:"))
             elif tag == "blockquote":
                 w.end_line()  # the quote's last line, still quoted
