@@ -1146,9 +1146,10 @@ def send_effects(ctx: Context) -> None:
             for to in notify.requester_and_cc(session, ticket):
                 # Only mail they have: a requester merged in from another ticket never had
                 # this one's requester's mail, nor its Message-ID (References still thread it).
-                replied = last_in if last_in in notify.seen_by(session, ticket, to) else None
+                seen = notify.seen_by(session, ticket, to)
                 notify.send(rt, session, ticket=ticket, template="requester/answer", to=to,
-                            message=message, in_reply_to=replied, automatic=False,
+                            message=message, in_reply_to=last_in if last_in in seen else None,
+                            references=notify.first_and_latest(seen), automatic=False,
                             from_name=f"{ctx.agent.name} via {hd.name}", files=files)
         elif name == "note":
             # Reply-To is the comment address: answering a note is a note again, so the

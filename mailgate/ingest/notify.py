@@ -130,12 +130,12 @@ def thread_ids(session: Session, ticket: Ticket) -> list[str]:
     """Message-IDs for References in mail to agents: the ticket's first message and its
     latest ones."""
     ids = session.exec(_THREAD_IDS, params={"ticket": ticket.number}).all()
-    return _first_and_latest([i for i in ids if i])
+    return first_and_latest([i for i in ids if i])
 
 
 def requester_thread_ids(session: Session, ticket: Ticket, recipient: str) -> list[str]:
     """thread_ids for mail to a requester or CC: only mail they have seen."""
-    return _first_and_latest(seen_by(session, ticket, recipient))
+    return first_and_latest(seen_by(session, ticket, recipient))
 
 
 def seen_by(session: Session, ticket: Ticket, recipient: str) -> list[str]:
@@ -149,7 +149,7 @@ def seen_by(session: Session, ticket: Ticket, recipient: str) -> list[str]:
     return list(dict.fromkeys(message_id for message_id, _ in rows if message_id))
 
 
-def _first_and_latest(ids: list[str]) -> list[str]:
+def first_and_latest(ids: list[str]) -> list[str]:
     return ids[:1] + ids[-8:] if len(ids) > 9 else ids
 
 
